@@ -3,13 +3,27 @@
 Owns the scenario format of DESIGN.md section 6 and `ScenarioError`, whose message names the
 file and the key path (`devices[1].memory_mib: must be > 0`). Pure: reads one file, no
 asyncio, no torch. The runner prints a ScenarioError on one line and exits with status 2.
+
+Entry points: `load(path)`, `loads(text)`, `parse(mapping, file)`. `Scenario.to_dict()` gives
+the resolved scenario back as plain data (`parse(s.to_dict(), f) == s`, written to meta.json)
+and `Scenario.with_overrides()` applies the runner's `--seed/--tokens/--algorithm`.
+Validation stops at the first problem. What events do at run time is not owned here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
-from .model.spec import ModelSpec
+import yaml
+
+from .model import cost
+from .model.spec import PRESETS, ModelSpec
+from .placement import ALGORITHM_NAMES
 
 MIB = 1024 * 1024
 
@@ -43,6 +57,15 @@ class DeviceSpec:
     def memory_high_bytes(self) -> int:
         return int(self.memory_high_mib * MIB)
 
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "compute_gflops": self.compute_gflops,
+            "memory_mib": self.memory_mib,
+            "memory_high_mib": self.memory_high_mib,
+            "host_blocks": self.host_blocks,
+        }
+
 
 @dataclass(frozen=True)
 class LinkSpec:
@@ -63,6 +86,16 @@ class LinkSpec:
     def burst_bytes(self) -> float:
         return self.burst_kib * 1024
 
+    def to_dict(self) -> dict:
+        return {
+            "bandwidth_mbps": self.bandwidth_mbps,
+            "latency_ms": self.latency_ms,
+            "burst_kib": self.burst_kib,
+        }
+
+
+DEFAULT_LINK = LinkSpec(bandwidth_mbps=100.0, latency_ms=2.0, burst_kib=0.0)
+
 
 @dataclass(frozen=True)
 class NetworkSpec:
@@ -73,6 +106,12 @@ class NetworkSpec:
     def link(self, a: str, b: str) -> LinkSpec:
         return self.links.get((a, b) if a <= b else (b, a), self.default)
 
+    def to_dict(self) -> dict:
+        return {
+            "default": self.default.to_dict(),
+            "links": [{"between": list(k), **v.to_dict()} for k, v in self.links.items()],
+        }
+
 
 @dataclass(frozen=True)
 class GenerationSpec:
@@ -80,12 +119,32 @@ class GenerationSpec:
     prompt_tokens: int = 0  # length of a seeded random prompt
     prompt: str | None = None  # text, for models that carry a tokenizer
 
+    @property
+    def prompt_len_estimate(self) -> int:
+        """Prompt length in tokens; for a text prompt a conservative bound (one token per
+        UTF-8 byte), used for checks made before a tokenizer is loaded."""
+        if self.prompt is not None:
+            return max(1, len(self.prompt.encode("utf-8")))
+        return self.prompt_tokens
+
+    def to_dict(self) -> dict:
+        if self.prompt is not None:
+            return {"new_tokens": self.new_tokens, "prompt": self.prompt}
+        return {"new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens}
+
 
 @dataclass(frozen=True)
 class ControllerSpec:
     algorithm: str = "resource_aware"
     interval_tokens: int = 4
     telemetry: str = "measured"  # measured | oracle
+
+    def to_dict(self) -> dict:
+        return {
+            "algorithm": self.algorithm,
+            "interval_tokens": self.interval_tokens,
+            "telemetry": self.telemetry,
+        }
 
 
 @dataclass(frozen=True)
@@ -115,6 +174,20 @@ class Event:
             return f"{self.between[0]}<->{self.between[1]}"
         return self.device or ""
 
+    def to_dict(self) -> dict:
+        out: dict = {"at_token": self.at_token} if self.at_token is not None else {"at_s": self.at_s}
+        out["action"] = self.action
+        if self.action == "join_device":
+            assert self.join is not None
+            out["device"] = self.join.to_dict()
+            out["links"] = [{"to": k, **v.to_dict()} for k, v in (self.join_links or {}).items()]
+            return out
+        for key in _ACTIONS[self.action]:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if key == "between" else value
+        return out
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -141,3 +214,540 @@ class Scenario:
     @property
     def device_names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.devices)
+
+    @property
+    def final_length(self) -> int:
+        """Sequence length after the last generated token (text prompts: an upper bound)."""
+        return _final_length(self.model, self.generation)
+
+    def to_dict(self) -> dict:
+        """The resolved scenario as plain data (defaults filled in, the model as explicit
+        sizes plus its preset name). A scenario shortened by `with_overrides(new_tokens=...)`
+        keeps its events past the end (they never fire), which a file may not have, so only
+        an un-shortened scenario parses back."""
+        model = {f: getattr(self.model, f) for f in _MODEL_FIELDS}
+        if self.model.name in PRESETS:
+            model = {"preset": self.model.name, **model}
+        return {
+            "version": self.version,
+            "name": self.name,
+            "description": self.description,
+            "seed": self.seed,
+            "model": model,
+            "generation": self.generation.to_dict(),
+            "devices": [d.to_dict() for d in self.devices],
+            "source": self.source,
+            "network": self.network.to_dict(),
+            "controller": self.controller.to_dict(),
+            "events": [e.to_dict() for e in self.events],
+        }
+
+    def with_overrides(
+        self, *, seed: int | None = None, new_tokens: int | None = None, algorithm: str | None = None
+    ) -> Scenario:
+        """The runner's command-line overrides; None leaves a field alone. Events past a
+        shortened run are kept and simply never fire."""
+        r = _Reader(self.file)
+        out = self
+        if seed is not None:
+            out = replace(out, seed=r.int_(seed, "--seed", ge=0))
+        if new_tokens is not None:
+            gen = replace(out.generation, new_tokens=r.int_(new_tokens, "--tokens", ge=1))
+            _check_context(r, out.model, gen, "--tokens")
+            _check_fits(r, out.model, gen, out.devices, out.source, "--tokens")
+            out = replace(out, generation=gen)
+        if algorithm is not None:
+            algo = r.choice(algorithm, "--algorithm", ALGORITHM_NAMES, "algorithm")
+            out = replace(out, controller=replace(out.controller, algorithm=algo))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the format
+
+_TOP_KEYS = ("version", "name", "description", "seed", "model", "generation", "devices",
+             "source", "network", "controller", "events")
+_TOP_REQUIRED = ("version", "name", "model", "generation", "devices")
+_MODEL_FIELDS = ("layers", "heads", "d_model", "d_ff", "vocab", "dtype", "kv_heads", "context")
+_DEVICE_KEYS = ("name", "compute_gflops", "memory_mib", "memory_high_mib", "host_blocks")
+_LINK_KEYS = ("bandwidth_mbps", "latency_ms", "burst_kib")
+_TRIGGERS = ("at_token", "at_s")
+# action -> the keys it takes besides the trigger and `action`, then the required ones
+_ACTIONS: dict[str, tuple[str, ...]] = {
+    "set_link": ("between", "bandwidth_mbps", "latency_ms", "burst_kib"),
+    "set_compute": ("device", "factor"),
+    "memory_pressure": ("device", "take_mib"),
+    "memory_release": ("device", "mib"),
+    "fail_device": ("device",),
+    "join_device": ("device", "links"),
+}
+_ACTION_REQUIRED: dict[str, tuple[str, ...]] = {
+    "set_link": ("between",),
+    "set_compute": ("device", "factor"),
+    "memory_pressure": ("device", "take_mib"),
+    "memory_release": ("device",),
+    "fail_device": ("device",),
+    "join_device": ("device",),
+}
+_TELEMETRY = ("measured", "oracle")
+_SCENARIO_NAME = re.compile(r"[a-z0-9_-]+")
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def load(path: str | os.PathLike) -> Scenario:
+    """Read and validate a scenario file; every problem is a ScenarioError."""
+    file = os.fspath(path)
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ScenarioError(file, "", "no such file") from None
+    except IsADirectoryError:
+        raise ScenarioError(file, "", "is a directory, not a scenario file") from None
+    except UnicodeDecodeError as e:
+        raise ScenarioError(file, "", f"not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ScenarioError(file, "", f"cannot read: {e.strerror or e}") from None
+    return loads(text, file)
+
+
+def loads(text: str, file: str = "<string>") -> Scenario:
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ScenarioError(file, "", f"not valid YAML: {_yaml_problem(e)}") from None
+    return parse(data, file)
+
+
+def parse(data: object, file: str = "<data>") -> Scenario:
+    """Validate an already-loaded mapping (the YAML document) and resolve defaults."""
+    r = _Reader(file)
+    if not isinstance(data, dict):
+        r.fail("", f"the top level must be a mapping, got {_type_name(data)}")
+    if "version" not in data:
+        r.fail("version", "is required (this testbed reads version 1)")
+    version = r.int_(data["version"], "version")
+    if version != 1:
+        r.fail("version", f"unsupported version {version} (this testbed reads version 1)")
+    top = r.mapping(data, "", _TOP_KEYS, _TOP_REQUIRED)
+    name = r.string(top["name"], "name", pattern=_SCENARIO_NAME)
+    description = r.string(top.get("description", ""), "description")
+    seed = r.int_(top.get("seed", 0), "seed", ge=0)
+    model = _model(r, top["model"])
+    gen = _generation(r, top["generation"], model)
+    devices = _devices(r, top["devices"])
+    names = [d.name for d in devices]
+    source = r.string(top.get("source", names[0]), "source")
+    if source not in names:
+        r.fail("source", f"unknown device {source!r} (devices: {', '.join(names)})")
+    network = _network(r, top.get("network", {}), names)
+    controller = _controller(r, top.get("controller", {}))
+    events = _events(r, top.get("events", []), names, source, gen, network.default)
+    _check_fits(r, model, gen, devices, source, "model")
+    return Scenario(
+        name=name, file=file, version=version, seed=seed, model=model, generation=gen,
+        devices=devices, source=source, network=network, controller=controller,
+        events=events, description=description, raw=data,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def _model(r: _Reader, value: object) -> ModelSpec:
+    m = r.mapping(value, "model", ("preset", *_MODEL_FIELDS))
+    fields: dict[str, object] = {}
+    for f in _MODEL_FIELDS:
+        if f in m:
+            p = f"model.{f}"
+            fields[f] = r.string(m[f], p) if f == "dtype" else r.int_(m[f], p)
+    if "preset" in m:
+        preset = r.choice(m["preset"], "model.preset", tuple(PRESETS), "preset")
+        base = PRESETS[preset]
+        if base.weights != "random":
+            for f, v in fields.items():
+                if getattr(base, f) != v:
+                    r.fail(f"model.{f}", f"preset {preset} has real weights ({base.weights}); "
+                           f"its {f} is {getattr(base, f)} and cannot be overridden")
+        # sizes that the preset derives (d_ff = 4*d_model, MHA kv_heads = heads) follow the
+        # overridden size unless they are given too
+        if "d_model" in fields and "d_ff" not in fields and base.d_ff == 4 * base.d_model:
+            fields["d_ff"] = 0
+        if "heads" in fields and "kv_heads" not in fields and base.kv_heads == base.heads:
+            fields["kv_heads"] = 0
+        spec = replace(base, **fields)
+    else:
+        for f in ("layers", "heads", "d_model", "vocab"):
+            if f not in fields:
+                r.fail(f"model.{f}", f"is required without a preset (presets: {', '.join(PRESETS)})")
+        spec = ModelSpec(name="custom", **fields)  # type: ignore[arg-type]
+    for f, msg in spec.problems():
+        r.fail(f"model.{f}", msg)
+    return spec
+
+
+def _generation(r: _Reader, value: object, model: ModelSpec) -> GenerationSpec:
+    g = r.mapping(value, "generation", ("new_tokens", "prompt_tokens", "prompt"), ("new_tokens",))
+    new_tokens = r.int_(g["new_tokens"], "generation.new_tokens", ge=1)
+    if "prompt_tokens" in g and "prompt" in g:
+        r.fail("generation", "give exactly one of prompt_tokens or prompt, not both")
+    if "prompt" in g:
+        prompt = r.string(g["prompt"], "generation.prompt")
+        if not prompt:
+            r.fail("generation.prompt", "must not be empty")
+        if model.weights == "random":
+            r.fail("generation.prompt",
+                   "text prompts need a model with a tokenizer, e.g. preset smollm2-135m")
+        gen = GenerationSpec(new_tokens=new_tokens, prompt=prompt)
+    elif "prompt_tokens" in g:
+        prompt_tokens = r.int_(g["prompt_tokens"], "generation.prompt_tokens", ge=1)
+        gen = GenerationSpec(new_tokens=new_tokens, prompt_tokens=prompt_tokens)
+    else:
+        r.fail("generation", "needs prompt_tokens (a seeded random prompt) or prompt (text)")
+    _check_context(r, model, gen, "generation.new_tokens")
+    return gen
+
+
+def _check_context(r: _Reader, model: ModelSpec, gen: GenerationSpec, path: str) -> None:
+    if gen.prompt is None:
+        total = gen.prompt_tokens + gen.new_tokens
+        if total > model.context:
+            r.fail(path, f"prompt_tokens + new_tokens = {total} exceeds the context of "
+                   f"{model.name} ({model.context} tokens)")
+    elif gen.new_tokens >= model.context:
+        r.fail(path, f"new_tokens = {gen.new_tokens} leaves no room for the prompt in the "
+               f"context of {model.name} ({model.context} tokens)")
+
+
+def _device(r: _Reader, value: object, path: str) -> DeviceSpec:
+    d = r.mapping(value, path, _DEVICE_KEYS, ("name", "compute_gflops", "memory_mib"))
+    name = r.string(d["name"], f"{path}.name", pattern=_DEVICE_NAME)
+    gflops = r.number(d["compute_gflops"], f"{path}.compute_gflops", gt=0)
+    memory = r.number(d["memory_mib"], f"{path}.memory_mib", gt=0)
+    if "memory_high_mib" in d:
+        high = r.number(d["memory_high_mib"], f"{path}.memory_high_mib", gt=0)
+        if high > memory:
+            r.fail(f"{path}.memory_high_mib", f"must be <= memory_mib ({memory:g}), got {high:g}")
+    else:
+        high = 0.9 * memory
+    host = r.boolean(d.get("host_blocks", True), f"{path}.host_blocks")
+    return DeviceSpec(name=name, compute_gflops=gflops, memory_mib=memory,
+                      memory_high_mib=high, host_blocks=host)
+
+
+def _devices(r: _Reader, value: object) -> tuple[DeviceSpec, ...]:
+    items = r.list_(value, "devices")
+    if not items:
+        r.fail("devices", "must list at least one device")
+    devices: list[DeviceSpec] = []
+    for i, item in enumerate(items):
+        d = _device(r, item, f"devices[{i}]")
+        for j, other in enumerate(devices):
+            if other.name == d.name:
+                r.fail(f"devices[{i}].name", f"duplicate device name {d.name!r} (also devices[{j}])")
+        devices.append(d)
+    if not any(d.host_blocks for d in devices):
+        r.fail("devices", "no device may host model blocks: at least one needs host_blocks: true")
+    return tuple(devices)
+
+
+def _link(r: _Reader, m: dict, path: str, base: LinkSpec) -> LinkSpec:
+    """Link values from an already-checked mapping; missing ones come from `base`."""
+    def get(key: str, fallback: float, **bound: float) -> float:
+        return r.number(m[key], f"{path}.{key}", **bound) if key in m else fallback
+    return LinkSpec(
+        bandwidth_mbps=get("bandwidth_mbps", base.bandwidth_mbps, gt=0),
+        latency_ms=get("latency_ms", base.latency_ms, ge=0),
+        burst_kib=get("burst_kib", base.burst_kib, ge=0),
+    )
+
+
+def _network(r: _Reader, value: object, names: list[str]) -> NetworkSpec:
+    net = r.mapping(value, "network", ("default", "links"))
+    default = DEFAULT_LINK
+    if "default" in net:
+        default = _link(r, r.mapping(net["default"], "network.default", _LINK_KEYS),
+                        "network.default", DEFAULT_LINK)
+    links: dict[tuple[str, str], LinkSpec] = {}
+    where: dict[tuple[str, str], int] = {}
+    for i, item in enumerate(r.list_(net.get("links", []), "network.links")):
+        p = f"network.links[{i}]"
+        m = r.mapping(item, p, ("between", *_LINK_KEYS), ("between",))
+        a, b = _pair(r, m["between"], f"{p}.between", names)
+        key = (a, b) if a <= b else (b, a)
+        if key in links:
+            r.fail(f"{p}.between", f"link {a}<->{b} is already set by network.links[{where[key]}]")
+        links[key], where[key] = _link(r, m, p, default), i
+    return NetworkSpec(default=default, links=links)
+
+
+def _pair(r: _Reader, value: object, path: str, known: Iterable[str]) -> tuple[str, str]:
+    items = r.list_(value, path)
+    if len(items) != 2:
+        r.fail(path, f"must name two devices, got {len(items)}")
+    a, b = (_known_device(r, v, f"{path}[{k}]", known) for k, v in enumerate(items))
+    if a == b:
+        r.fail(path, f"a link joins two different devices, got {a!r} twice")
+    return a, b
+
+
+def _known_device(r: _Reader, value: object, path: str, known: Iterable[str]) -> str:
+    name = r.string(value, path)
+    known = list(known)
+    if name not in known:
+        r.fail(path, f"unknown device {name!r} (known: {', '.join(known)})")
+    return name
+
+
+def _controller(r: _Reader, value: object) -> ControllerSpec:
+    c = r.mapping(value, "controller", ("algorithm", "interval_tokens", "telemetry"))
+    d = ControllerSpec()
+    return ControllerSpec(
+        algorithm=r.choice(c.get("algorithm", d.algorithm), "controller.algorithm",
+                           ALGORITHM_NAMES, "algorithm"),
+        interval_tokens=r.int_(c.get("interval_tokens", d.interval_tokens),
+                               "controller.interval_tokens", ge=1),
+        telemetry=r.choice(c.get("telemetry", d.telemetry), "controller.telemetry",
+                           _TELEMETRY, "telemetry"),
+    )
+
+
+def _events(r: _Reader, value: object, names: list[str], source: str, gen: GenerationSpec,
+            default_link: LinkSpec) -> tuple[Event, ...]:
+    known = list(names)  # declared devices, then devices joined by earlier events
+    joined: dict[str, tuple[str, float, int]] = {}  # name -> (trigger kind, value, event index)
+    events: list[Event] = []
+    for i, item in enumerate(r.list_(value, "events")):
+        p = f"events[{i}]"
+        e = r.mapping(item, p, None)
+        if "action" not in e:
+            r.fail(f"{p}.action", f"is required (one of {', '.join(_ACTIONS)})")
+        action = r.choice(e["action"], f"{p}.action", tuple(_ACTIONS), "action")
+        r.mapping(e, p, (*_TRIGGERS, "action", *_ACTIONS[action]), _ACTION_REQUIRED[action])
+        if "at_token" in e and "at_s" in e:
+            r.fail(p, "give exactly one of at_token or at_s, not both")
+        if "at_token" in e:
+            at_token = r.int_(e["at_token"], f"{p}.at_token", ge=0)
+            if at_token >= gen.new_tokens:
+                r.fail(f"{p}.at_token",
+                       f"never fires: the run generates {gen.new_tokens} tokens (0..{gen.new_tokens - 1})")
+            trigger: tuple[str, float] = ("at_token", at_token)
+        elif "at_s" in e:
+            trigger = ("at_s", r.number(e["at_s"], f"{p}.at_s", ge=0))
+        else:
+            r.fail(p, "needs a trigger: at_token (before token N) or at_s (emulated seconds)")
+
+        kw: dict = {"at_token" if trigger[0] == "at_token" else "at_s": trigger[1]}
+        if action == "set_link":
+            kw["between"] = _pair(r, e["between"], f"{p}.between", known)
+            for k, name in enumerate(kw["between"]):
+                _check_joined_before(r, name, f"{p}.between[{k}]", trigger, joined)
+            for key in _LINK_KEYS:
+                if key in e:
+                    kw[key] = r.number(e[key], f"{p}.{key}", ge=0)
+            if not any(key in e for key in _LINK_KEYS):
+                r.fail(p, "set_link needs at least one of bandwidth_mbps, latency_ms, burst_kib")
+        elif action == "join_device":
+            kw["join"] = new = _device(r, e["device"], f"{p}.device")
+            if new.name in known:
+                r.fail(f"{p}.device.name", f"device {new.name!r} already exists")
+            kw["device"] = new.name
+            kw["join_links"] = links = {}
+            for j, item_link in enumerate(r.list_(e.get("links", []), f"{p}.links")):
+                lp = f"{p}.links[{j}]"
+                m = r.mapping(item_link, lp, ("to", *_LINK_KEYS), ("to",))
+                to = _event_device(r, m["to"], f"{lp}.to", known, trigger, joined)
+                if to in links:
+                    r.fail(f"{lp}.to", f"a link to {to!r} is already given")
+                links[to] = _link(r, m, lp, default_link)
+            known.append(new.name)
+            joined[new.name] = (*trigger, i)
+        else:
+            kw["device"] = name = _event_device(r, e["device"], f"{p}.device", known, trigger, joined)
+            if action == "fail_device" and name == source:
+                r.fail(f"{p}.device", "the source device runs the controller and cannot fail")
+            if action == "set_compute":
+                kw["factor"] = r.number(e["factor"], f"{p}.factor", gt=0)
+            elif action == "memory_pressure":
+                kw["take_mib"] = r.number(e["take_mib"], f"{p}.take_mib", gt=0)
+            elif action == "memory_release" and "mib" in e:
+                kw["mib"] = r.number(e["mib"], f"{p}.mib", gt=0)
+        events.append(Event(index=i, action=action, **kw))
+    return tuple(events)
+
+
+def _event_device(r: _Reader, value: object, path: str, known: list[str],
+                  trigger: tuple[str, float], joined: dict[str, tuple[str, float, int]]) -> str:
+    name = _known_device(r, value, path, known)
+    _check_joined_before(r, name, path, trigger, joined)
+    return name
+
+
+def _check_joined_before(r: _Reader, name: str, path: str, trigger: tuple[str, float],
+                         joined: dict[str, tuple[str, float, int]]) -> None:
+    """An event on a joining device must not be due before the join (when comparable)."""
+    if name in joined:
+        kind, at, index = joined[name]
+        if kind == trigger[0] and trigger[1] < at:
+            unit = f"token {at}" if kind == "at_token" else f"{at:g} s"
+            r.fail(path, f"device {name!r} only joins at {unit} (events[{index}])")
+
+
+def _final_length(model: ModelSpec, gen: GenerationSpec) -> int:
+    return min(gen.prompt_len_estimate + gen.new_tokens, model.context)
+
+
+def _check_fits(r: _Reader, model: ModelSpec, gen: GenerationSpec,
+                devices: tuple[DeviceSpec, ...], source: str, path: str) -> None:
+    """The model must fit at the final sequence length: the source's pinned share on the
+    source, the largest block on some host device, all blocks and caches on all of them."""
+    n = _final_length(model, gen)
+    pinned = cost.source_weight_bytes(model)
+    room: dict[str, int] = {}
+    for i, d in enumerate(devices):
+        free = d.memory_bytes - (pinned if d.name == source else 0)
+        if free < 0:
+            r.fail(f"devices[{i}].memory_mib" if path == "model" else path,
+                   f"the source device {d.name!r} has {_mib(d.memory_bytes)} but {model.name}'s "
+                   f"embedding, LM head and final norm need {_mib(pinned)}")
+        if d.host_blocks:
+            room[d.name] = free
+    sizes = {kind: cost.block_bytes(model, kind, n) for kind in ("head", "proj", "ffn")}
+    kind = max(sizes, key=lambda k: sizes[k])
+    best = max(room, key=lambda k: room[k])
+    if sizes[kind] > room[best]:
+        r.fail(path, f"{model.name}'s largest block ({kind}, {_mib(sizes[kind])} at {n} tokens) "
+               f"fits on no host device (the most room is {_mib(room[best])} on {best!r})")
+    need = cost.model_weight_bytes(model) + cost.model_cache_bytes(model, n)
+    have = sum(room.values())
+    if need > have:
+        r.fail(path, f"{model.name} needs {_mib(need)} of blocks and caches at {n} tokens "
+               f"but the host devices hold {_mib(have)}")
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / MIB:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# typed access with key paths
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
+
+
+class _Reader:
+    """Checks one value at a time and raises ScenarioError naming the file and key path."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, path: str, message: str) -> NoReturn:
+        raise ScenarioError(self.file, path, " ".join(message.split()))
+
+    def _wrong(self, value: object, path: str, what: str) -> NoReturn:
+        hint = ""
+        if what == "a number" and isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads 1e3 as text: write 1.0e3)"
+            except ValueError:
+                pass
+        self.fail(path, f"must be {what}, got {_type_name(value)}{hint}")
+
+    def mapping(self, value: object, path: str, allowed: tuple[str, ...] | None,
+                required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            self._wrong(value, path, "a mapping")
+        prefix = f"{path}." if path else ""
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    self.fail(f"{prefix}{key}", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
+        for key in required:
+            if key not in value:
+                self.fail(f"{prefix}{key}", "is required")
+        return value
+
+    def list_(self, value: object, path: str) -> list:
+        if not isinstance(value, list):
+            self._wrong(value, path, "a list")
+        return value
+
+    def int_(self, value: object, path: str, ge: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._wrong(value, path, "an integer")
+        if ge is not None and value < ge:
+            self.fail(path, f"must be >= {ge}, got {value}")
+        return value
+
+    def number(self, value: object, path: str, gt: float | None = None,
+               ge: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self._wrong(value, path, "a number")
+        if not math.isfinite(value):
+            self.fail(path, f"must be a finite number, got {value}")
+        if gt is not None and value <= gt:
+            self.fail(path, f"must be > {gt:g}, got {value:g}")
+        if ge is not None and value < ge:
+            self.fail(path, f"must be >= {ge:g}, got {value:g}")
+        return float(value)
+
+    def string(self, value: object, path: str, pattern: re.Pattern | None = None) -> str:
+        if not isinstance(value, str):
+            self._wrong(value, path, "a string")
+        if pattern is not None and not pattern.fullmatch(value):
+            self.fail(path, f"{value!r} must match {pattern.pattern}")
+        return value
+
+    def boolean(self, value: object, path: str) -> bool:
+        if not isinstance(value, bool):
+            self._wrong(value, path, "a boolean (true or false)")
+        return value
+
+    def choice(self, value: object, path: str, options: tuple[str, ...], what: str) -> str:
+        name = self.string(value, path)
+        if name not in options:
+            self.fail(path, f"unknown {what} {name!r} (known: {', '.join(options)})")
+        return name
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is not None and problem:
+        context = getattr(e, "context", None)
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        return " ".join((f"{text} ({context})" if context else text).split())
+    return " ".join(str(e).split())

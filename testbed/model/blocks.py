@@ -115,6 +115,18 @@ def tensors_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.nbytes for t in tensors)
 
 
+def weights_for(spec: ModelSpec, seed: int = 0) -> WeightSource:
+    """The weight source a spec names: seeded random weights, or a checkpoint loader
+    (imported only when asked for, so random models never touch gguf/numpy IO)."""
+    if spec.weights == "random":
+        return RandomWeights(spec, seed)
+    if spec.weights == "smollm2":
+        from .smollm2 import SmolLM2Weights
+
+        return SmolLM2Weights(spec)
+    raise ValueError(f"unknown weights {spec.weights!r} for spec {spec.name!r} (random | smollm2)")
+
+
 # ---------------------------------------------------------------------------- building blocks
 
 
@@ -301,14 +313,15 @@ class Reference:
         self.pos = 0
 
     def forward(self, tokens: list[int]) -> torch.Tensor:
-        """Feed tokens at the current position; returns [T, V] logits."""
+        """Feed tokens at the current position; returns the [V] logits of the last one
+        (the LM head runs on the last position only, as on the source device)."""
         x = self.source.embed(tokens, self.pos)
         for l in range(self.spec.layers):
             outs = {g: h.forward(x, self.pos) for g, h in enumerate(self.heads[l])}
             x = self.proj[l].forward(concat_heads(outs, self.spec.groups), x)
             x = self.ffn[l].forward(x)
         self.pos += len(tokens)
-        return self.source.logits(x)
+        return self.source.logits(x[-1:])[0]
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
@@ -316,10 +329,10 @@ class Reference:
         (row i is the distribution that chose token i)."""
         if len(prompt) + new_tokens > self.spec.context:
             raise ValueError(f"prompt + new tokens exceed the context of {self.spec.context}")
-        rows = [self.forward(prompt)[-1]]
+        rows = [self.forward(prompt)]
         ids = [int(rows[-1].argmax())]
         while len(ids) < new_tokens:
-            rows.append(self.forward([ids[-1]])[-1])
+            rows.append(self.forward([ids[-1]]))
             ids.append(int(rows[-1].argmax()))
         return ids, torch.stack(rows)
 

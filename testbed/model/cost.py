@@ -15,7 +15,7 @@ Extensions of the design formulas, so that the numbers equal the real tensors:
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from .spec import Block, ModelSpec
 
@@ -29,7 +29,7 @@ def _norm_elems(spec: ModelSpec) -> int:
     return 2 * spec.d_model if spec.norm == "layernorm" else spec.d_model
 
 
-@lru_cache(maxsize=None)
+@cache
 def block_weight_elems(spec: ModelSpec, kind: str) -> int:
     D, d, q, F = spec.d_model, spec.d_head, spec.q_per_group, spec.d_ff
     bias = 1 if spec.attn_bias else 0
@@ -86,6 +86,16 @@ def prefill_flops(spec: ModelSpec, block: Block | str, p: int) -> float:
         D, d, q = spec.d_model, spec.d_head, spec.q_per_group
         return p * 2.0 * D * d * (q + 2) + 2.0 * p * (p + 1) * d * q
     return p * decode_flops(spec, kind, 1)
+
+
+def span_flops(spec: ModelSpec, block: Block | str, pos: int, tokens: int) -> float:
+    """FLOPs for `tokens` new positions pos .. pos+tokens-1 (0-based) in one job: a prefill
+    chunk or (tokens = 1) a decode step. Position i attends over i + 1 keys."""
+    kind = block if isinstance(block, str) else block.kind
+    if kind == "head":
+        D, d, q = spec.d_model, spec.d_head, spec.q_per_group
+        return tokens * 2.0 * D * d * (q + 2) + 4.0 * d * q * (tokens * pos + tokens * (tokens + 1) / 2)
+    return tokens * decode_flops(spec, kind, 1)
 
 
 def source_weight_bytes(spec: ModelSpec) -> int:

@@ -1,0 +1,172 @@
+"""`python -m runners.run SCENARIO.yaml [options]`: run a scenario, write result files.
+
+Exit status: 0 every run completed, 1 a run failed (its meta.json says why), 2 bad input
+(one line on stderr naming the file and key path; no run directory is created).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from testbed import experiment
+from testbed.agents.cluster import UnsupportedEvent
+from testbed.emulation.clock import CLOCKS
+from testbed.placement import ALGORITHM_NAMES
+from testbed.scenario import Scenario, ScenarioError, load
+
+DEFAULT_OUT = Path("results")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m runners.run",
+        description="Run an edge-partitioning scenario on the emulated cluster and write its results.")
+    p.add_argument("scenario", help="scenario YAML file (see scenarios/)")
+    p.add_argument("--algorithm", help="placement algorithm(s), comma-separated "
+                   f"({', '.join(ALGORITHM_NAMES)}); default: the scenario's")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: results/)")
+    p.add_argument("--seed", type=int, help="override the scenario's seed")
+    p.add_argument("--tokens", type=int, help="override generation.new_tokens (short runs)")
+    p.add_argument("--clock", choices=CLOCKS, default="real",
+                   help="real (default) or virtual: fast, deterministic emulated time")
+    p.add_argument("--transport", choices=("inproc", "ws"), default="inproc")
+    p.add_argument("--processes", action="store_true", help="one OS process per device agent (ws only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary, only the run directories")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str]]:
+    """Scenario with overrides, and the algorithms to run; ScenarioError on bad input."""
+    scen = load(args.scenario)
+    scen = scen.with_overrides(seed=args.seed, new_tokens=args.tokens)
+    names = [a.strip() for a in args.algorithm.split(",")] if args.algorithm else [scen.controller.algorithm]
+    for name in names:
+        if name not in ALGORITHM_NAMES:
+            raise ScenarioError(scen.file, "--algorithm",
+                                f"unknown algorithm {name!r} (known: {', '.join(ALGORITHM_NAMES)})")
+    if len(set(names)) != len(names):
+        raise ScenarioError(scen.file, "--algorithm", "an algorithm is listed twice")
+    if args.transport != "inproc" or args.processes:
+        raise ScenarioError(scen.file, "--transport", "only the inproc transport is available in this build")
+    return scen, names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = Console(highlight=False)
+    if not out.is_terminal:  # logs and pipes: wide enough for the comparison table
+        out = Console(highlight=False, width=140)
+    try:
+        scen, algorithms = resolve(args)
+        experiment.check_runnable(scen)
+    except (ScenarioError, UnsupportedEvent) as e:
+        err.print(f"error: {e}", markup=False)
+        return 2
+    if not args.quiet:
+        out.print(f"[bold]{scen.name}[/]: {scen.model.name}, {len(scen.devices)} devices, "
+                  f"{scen.generation.new_tokens} tokens, seed {scen.seed}, {args.clock} clock; "
+                  f"computing the reference...")
+    prep = experiment.prepare(scen)
+    outcomes = []
+    for alg in algorithms:
+        run_dir = experiment.run_dir_for(args.out, scen, alg, scen.seed)
+        show = out.is_terminal and not args.quiet
+        with _progress(out, show, alg, scen.generation.new_tokens) as progress:
+            outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
+                                     progress=progress)
+        outcomes.append(outcome)
+        if args.quiet:
+            out.print(f"{outcome.status} {outcome.run_dir}", markup=False)
+        else:
+            print_summary(out, scen, args.clock, outcome)
+    if len(outcomes) > 1 and not args.quiet:
+        print_comparison(out, scen, outcomes)
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, console: Console, show: bool, alg: str, total: int) -> None:
+        self.show, self.total = show, total
+        self.bar = Progress(TextColumn(f"[bold]{alg}[/]"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("tokens"), TimeElapsedColumn(), console=console, transient=True)
+        self.task = None
+
+    def __enter__(self) -> Any:
+        if not self.show:
+            return None
+        self.bar.start()
+        self.task = self.bar.add_task("run", total=self.total)
+        return lambda k: self.bar.update(self.task, completed=k + 1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.show:
+            self.bar.stop()
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f} ms"
+
+
+def print_summary(out: Console, scen: Scenario, clock: str, o: experiment.Outcome) -> None:
+    s = o.summary
+    lat, pred, corr = s["latency_ms"], s["predicted_ms"], s["correctness"]
+    ok = "[green]completed[/]" if o.ok else f"[red]{o.status}[/]"
+    out.print(f"\n[bold]{scen.name}[/] · [bold]{o.algorithm}[/] · seed {scen.seed} · {clock} clock: {ok}")
+    out.print(f"  tokens        {s['tokens']} (prefill {_ms(s['prefill_ms'])})")
+    out.print(f"  latency       mean {_ms(lat['mean'])}  p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}  "
+              f"max {_ms(lat['max'])}   predicted p50 {_ms(pred['p50'])}")
+    if len(s["windows"]) > 1:
+        parts = [f"tokens {w['from_token']}-{w['to_token']}: mean {_ms(w['mean'])}" for w in s["windows"]]
+        out.print("  by event      " + " | ".join(parts))
+    out.print(f"  migrations    {s['migrations']} ({s['migrated_bytes'] / 2**20:.2f} MiB), "
+              f"stall {s['stall_ms']:.2f} ms, replans {s['replans']}, oom {s['oom']}")
+    if corr["tokens_match"]:
+        out.print(f"  correctness   [green]tokens equal the reference[/] "
+                  f"(max |logit diff| {corr['max_abs_logit_diff']:.1e})")
+    else:
+        out.print(f"  correctness   [red]{corr['mismatches']} token(s) differ from the reference[/] "
+                  f"({corr['tokens_compared']} compared, max |logit diff| {corr['max_abs_logit_diff']})")
+    if "generated_text" in s:
+        out.print(f"  text          {s['prompt_text']!r} -> {s['generated_text']!r}", markup=False)
+    out.print(f"  run directory {o.run_dir}", markup=False)
+
+
+def print_comparison(out: Console, scen: Scenario, outcomes: list[experiment.Outcome]) -> None:
+    cuts = sorted({e.at_token for e in scen.events if e.at_token is not None})
+    t = Table(title=f"{scen.name}: per-token latency by algorithm (seed {scen.seed})")
+    t.add_column("algorithm")
+    t.add_column("status")
+    t.add_column("mean", justify="right")
+    t.add_column("p50", justify="right")
+    t.add_column("p95", justify="right")
+    if cuts:
+        t.add_column(f"mean after token {cuts[0]}", justify="right")
+    for col in ("migrations", "stall", "oom", "tokens ok"):
+        t.add_column(col, justify="right")
+    for o in outcomes:
+        s = o.summary
+        row = [o.algorithm, "completed" if o.ok else o.status[:40], _ms(s["latency_ms"]["mean"]),
+               _ms(s["latency_ms"]["p50"]), _ms(s["latency_ms"]["p95"])]
+        if cuts:
+            after = [w for w in s["windows"] if w["from_token"] >= cuts[0]]
+            n = sum(w["tokens"] for w in after)
+            row.append(_ms(sum(w["mean"] * w["tokens"] for w in after) / n) if n else "-")
+        row += [str(s["migrations"]), f"{s['stall_ms']:.1f} ms", str(s["oom"]),
+                "yes" if s["correctness"]["tokens_match"] else "no"]
+        t.add_row(*row)
+    out.print(t)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

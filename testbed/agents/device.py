@@ -1,0 +1,379 @@
+"""Device agent: holds blocks and their caches, computes on request, accounts memory,
+reports telemetry, sends and receives migrated blocks. It never decides placement.
+
+A thin asyncio shell: the arithmetic is in the model blocks, the memory budget, the compute
+unit and the cost model; messages are listed in `protocol.py`. Compute runs as tasks that
+the device's `ComputeUnit` serialises (one job at a time, FIFO).
+
+Data path per token and layer (routing comes from the controller's `route` message):
+`x` -> the heads of the layer held here run as one job -> `h` to proj's device; proj's
+device waits for the residual and every group's output -> `y` to ffn's device -> `x` for
+the next layer to its head devices and proj device, or `z` back to the source.
+Every data message carries `seq` (one attempt at one token); after an `abort` the agent
+drops anything at or below it, so a retried token never mixes with a stale attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..emulation.compute import ComputeUnit
+from ..emulation.link import EmulatedLink
+from ..emulation.memory import MemoryBudget, MemoryRefused
+from ..model import cost
+from ..model.blocks import (
+    FfnBlock,
+    HeadBlock,
+    KVCache,
+    ProjBlock,
+    WeightSource,
+    concat_heads,
+    make_block,
+)
+from ..model.spec import ModelSpec
+from ..scenario import DeviceSpec
+from . import protocol as P
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, dict[str, Any]], int]  # (destination device, message) -> bytes charged
+Outgoing = Callable[[], dict[str, EmulatedLink]]  # peer -> this device's link to it
+
+AnyBlock = HeadBlock | ProjBlock | FfnBlock
+
+
+class DeviceAgent:
+    def __init__(self, spec: DeviceSpec, model: ModelSpec, weights: WeightSource, send: Send,
+                 source: str, outgoing: Outgoing | None = None, fixed_bytes: int = 0) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.model = model
+        self.weights = weights
+        self._send = send
+        self._outgoing = outgoing or dict
+        self.source = source  # where the controller runs
+        self.budget = MemoryBudget(spec.name, spec.memory_bytes, spec.memory_high_bytes)
+        if fixed_bytes:
+            self.budget.charge("fixed", fixed_bytes)
+        self.compute = ComputeUnit(spec.name, spec.flops)
+        self.blocks: dict[str, AnyBlock] = {}
+        self.reserved: dict[str, int] = {}
+        self.route_version = -1
+        self._my_heads: dict[int, list[int]] = {}
+        self._head_devs: dict[int, list[str]] = {}
+        self._proj: dict[int, str] = {}
+        self._ffn: dict[int, str] = {}
+        self.floor = -1  # attempts <= floor are stale
+        self._proj_buf: dict[tuple[int, int], dict[str, Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.controller: Callable[[str, dict[str, Any]], None] | None = None  # on the source only
+        self._tel_since = -math.inf
+        self._jobs_at_tel = (0.0, 0.0)  # (flops, busy seconds) at the last report
+
+    # ------------------------------------------------------------------ plumbing
+
+    def send(self, dst: str, msg: dict[str, Any]) -> int:
+        return self._send(dst, msg)
+
+    def _reply(self, m: dict[str, Any], **payload: Any) -> None:
+        self.send(self.source, {"t": P.ACK, "rid": m["rid"], "device": self.name, **payload})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s: task failed", self.name, exc_info=exc)
+            self.send(self.source, {"t": P.ERROR, "kind": "agent", "device": self.name,
+                                    "detail": f"{type(exc).__name__}: {exc}"})
+
+    def handle(self, sender: str, msg: dict[str, Any]) -> None:
+        """Entry point for every message addressed to this device."""
+        t = msg["t"]
+        if t in P.TO_CONTROLLER:
+            if self.controller is None:
+                raise P.ProtocolError(f"{self.name} got controller message {t!r} but runs no controller")
+            self.controller(sender, msg)
+            return
+        fn = _HANDLERS.get(t)
+        if fn is None:
+            raise P.ProtocolError(f"unknown message type {t!r}")
+        fn(self, sender, msg)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ state
+
+    def kv_bytes(self) -> int:
+        return sum(b.cache.nbytes for b in self.blocks.values() if isinstance(b, HeadBlock))
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for b in self.blocks.values() for t in b.w.values())
+
+    def cache_lengths(self) -> dict[str, int]:
+        return {n: b.cache.n for n, b in self.blocks.items() if isinstance(b, HeadBlock)}
+
+    def _install(self, name: str, w: dict[str, torch.Tensor], cache: KVCache | None = None) -> int:
+        """Charge and install a block; MemoryRefused leaves nothing installed."""
+        block = make_block(self.model, name, w)
+        if cache is not None and isinstance(block, HeadBlock):
+            block.cache = cache
+        wbytes = sum(t.nbytes for t in w.values())
+        kbytes = cache.nbytes if cache is not None else 0
+        self.budget.charge("weights", wbytes)
+        try:
+            self.budget.charge("kv", kbytes)
+        except MemoryRefused:
+            self.budget.release("weights", wbytes)
+            raise
+        self.blocks[name] = block
+        return wbytes + kbytes
+
+    def _free(self, name: str) -> None:
+        block = self.blocks.pop(name)
+        self.budget.release("weights", sum(t.nbytes for t in block.w.values()))
+        if isinstance(block, HeadBlock):
+            self.budget.release("kv", block.cache.nbytes)
+
+    def _set_route(self, devices: list[str], assign: list[int]) -> None:
+        self._my_heads, self._head_devs, self._proj, self._ffn = {}, {}, {}, {}
+        for b, j in zip(self.model.blocks, assign, strict=True):
+            dev = devices[j]
+            if b.kind == "head":
+                if dev == self.name:
+                    self._my_heads.setdefault(b.layer, []).append(b.index)
+                devs = self._head_devs.setdefault(b.layer, [])
+                if dev not in devs:
+                    devs.append(dev)
+            elif b.kind == "proj":
+                self._proj[b.layer] = dev
+            else:
+                self._ffn[b.layer] = dev
+
+    def layer_targets(self, layer: int) -> list[str]:
+        """Devices that need the input of `layer`: its head devices, then its proj device."""
+        out = list(self._head_devs[layer])
+        if self._proj[layer] not in out:
+            out.append(self._proj[layer])
+        return out
+
+    # ------------------------------------------------------------------ data path
+
+    def _on_x(self, sender: str, m: dict[str, Any]) -> None:
+        seq, layer = m["seq"], m["layer"]
+        if seq <= self.floor:
+            return
+        groups = self._my_heads.get(layer)
+        if groups:
+            self._spawn(self._heads(seq, layer, m["pos"], m["x"], groups))
+        if self._proj.get(layer) == self.name:
+            self._buf(seq, layer)["x"] = m["x"]
+            self._check_proj(seq, layer, m["pos"])
+
+    async def _heads(self, seq: int, layer: int, pos: int, x: torch.Tensor, groups: list[int]) -> None:
+        s = self.model
+        T = x.shape[0]
+        heads = [self.blocks[f"head.{layer}.{g}"] for g in groups]
+        grow = sum(max(0, pos + T - h.cache.n) for h in heads) * cost.cache_bytes_per_token(s)  # type: ignore[union-attr]
+        try:
+            self.budget.charge("kv", grow)
+        except MemoryRefused as e:
+            self.send(self.source, {"t": P.ERROR, "kind": "oom", "device": self.name, "seq": seq,
+                                    "layer": layer, "bytes": e.nbytes, "detail": str(e)})
+            return
+
+        def work() -> torch.Tensor:
+            with torch.inference_mode():
+                return torch.cat([h.forward(x, pos) for h in heads], dim=-1)  # type: ignore[union-attr]
+
+        out = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), work)
+        if seq > self.floor:
+            self._forward(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
+                                              "groups": groups, "out": out})
+
+    def _buf(self, seq: int, layer: int) -> dict[str, Any]:
+        return self._proj_buf.setdefault((seq, layer), {"x": None, "outs": {}})
+
+    def _on_h(self, sender: str, m: dict[str, Any]) -> None:
+        seq, layer = m["seq"], m["layer"]
+        if seq <= self.floor:
+            return
+        outs = self._buf(seq, layer)["outs"]
+        w = self.model.q_per_group * self.model.d_head
+        for i, g in enumerate(m["groups"]):
+            outs[g] = m["out"][:, i * w:(i + 1) * w]
+        self._check_proj(seq, layer, m["pos"])
+
+    def _check_proj(self, seq: int, layer: int, pos: int) -> None:
+        buf = self._proj_buf[(seq, layer)]
+        if buf["x"] is None or len(buf["outs"]) < self.model.groups:
+            return
+        del self._proj_buf[(seq, layer)]
+        self._spawn(self._run_block(seq, layer, pos, "proj", buf["x"], buf["outs"]))
+
+    def _on_y(self, sender: str, m: dict[str, Any]) -> None:
+        if m["seq"] > self.floor:
+            self._spawn(self._run_block(m["seq"], m["layer"], m["pos"], "ffn", m["x"], None))
+
+    async def _run_block(self, seq: int, layer: int, pos: int, kind: str, x: torch.Tensor,
+                         outs: dict[int, torch.Tensor] | None) -> None:
+        s = self.model
+        block = self.blocks[f"{kind}.{layer}"]
+
+        def work() -> torch.Tensor:
+            with torch.inference_mode():
+                if isinstance(block, ProjBlock):
+                    assert outs is not None
+                    return block.forward(concat_heads(outs, s.groups), x)
+                return block.forward(x)  # type: ignore[union-attr,call-arg]
+
+        y = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), work)
+        if seq <= self.floor:
+            return
+        if kind == "proj":
+            self._forward(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y})
+        elif layer + 1 < s.layers:
+            msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": y}
+            for dst in self.layer_targets(layer + 1):
+                self._forward(dst, msg)
+        else:
+            self._forward(self.source, {"t": P.OUT, "seq": seq, "x": y})
+
+    def _forward(self, dst: str, msg: dict[str, Any]) -> None:
+        if dst == self.name:
+            self.handle(self.name, msg)
+        else:
+            self.send(dst, msg)
+
+    # ------------------------------------------------------------------ control
+
+    def _on_load(self, sender: str, m: dict[str, Any]) -> None:
+        ok, refused = [], {}
+        for name in m["blocks"]:
+            try:
+                self._install(name, self.weights.block(name))
+                ok.append(name)
+            except MemoryRefused as e:
+                refused[name] = str(e)
+        self._reply(m, ok=not refused, loaded=ok, refused=refused)
+
+    def _on_route(self, sender: str, m: dict[str, Any]) -> None:
+        devices, assign = m["devices"], m["assign"]
+        self._set_route(devices, assign)
+        self.route_version = m["version"]
+        freed = []
+        for b, j in zip(self.model.blocks, assign, strict=True):
+            if devices[j] != self.name and b.name in self.blocks:
+                self._free(b.name)
+                freed.append(b.name)
+        self._reply(m, ok=True, freed=freed)
+
+    def _on_reserve(self, sender: str, m: dict[str, Any]) -> None:
+        ok, refused = [], []
+        for name, nbytes in m["blocks"].items():
+            if name in self.reserved or name in self.blocks or not self.budget.fits(nbytes):
+                refused.append(name)
+                continue
+            self.budget.charge("reserved", nbytes)
+            self.reserved[name] = nbytes
+            ok.append(name)
+        self._reply(m, ok=not refused, reserved=ok, refused=refused,
+                    available=self.budget.available)
+
+    def _on_cancel(self, sender: str, m: dict[str, Any]) -> None:
+        for name in m["blocks"]:
+            nbytes = self.reserved.pop(name, 0)
+            if nbytes:
+                self.budget.release("reserved", nbytes)
+        self._reply(m, ok=True)
+
+    def _on_migrate(self, sender: str, m: dict[str, Any]) -> None:
+        name, dst = m["block"], m["to"]
+        block = self.blocks.get(name)
+        if block is None:
+            self._reply(m, ok=False, detail=f"{self.name} does not hold {name}")
+            return
+        msg: dict[str, Any] = {"t": P.BLOCK, "rid": m["rid"], "block": name, "w": block.w}
+        if isinstance(block, HeadBlock):
+            msg["k"], msg["v"] = block.cache.k, block.cache.v
+        nbytes = self.send(dst, msg)
+        log.debug("%s: sent %s to %s (%d B)", self.name, name, dst, nbytes)
+
+    def _on_block(self, sender: str, m: dict[str, Any]) -> None:
+        name = m["block"]
+        nbytes = self.reserved.pop(name, None)
+        if nbytes is None:
+            self._reply(m, ok=False, block=name, detail=f"{self.name} has no reservation for {name}")
+            return
+        self.budget.release("reserved", nbytes)
+        cache = KVCache.from_state(m["k"], m["v"]) if "k" in m else None
+        try:
+            installed = self._install(name, m["w"], cache)
+        except (MemoryRefused, KeyError, ValueError) as e:
+            self._reply(m, ok=False, block=name, detail=f"install failed: {e}")
+            return
+        self._reply(m, ok=True, block=name, bytes=installed)
+
+    def _on_abort(self, sender: str, m: dict[str, Any]) -> None:
+        self.floor = max(self.floor, m["seq"])
+        for key in [k for k in self._proj_buf if k[0] <= self.floor]:
+            del self._proj_buf[key]
+        self._spawn(self._abort_ack(m))
+
+    async def _abort_ack(self, m: dict[str, Any]) -> None:
+        me = asyncio.current_task()
+        pending = [t for t in self._tasks if t is not me]
+        if pending:  # stale jobs finish (their results are dropped) before we answer
+            await asyncio.wait(pending)
+        self._reply(m, ok=True)
+
+    def _on_telemetry(self, sender: str, m: dict[str, Any]) -> None:
+        since = self._tel_since
+        self._tel_since = asyncio.get_running_loop().time()
+        links = {}
+        for peer, link in self._outgoing().items():
+            links[peer] = {"rate": link.observed_rate(since), "latency": link.observed_latency(since),
+                           "bytes": link.bytes_sent}
+        f0, s0 = self._jobs_at_tel
+        c = self.compute
+        self._jobs_at_tel = (c.flops_done, c.busy_s)
+        df, ds = c.flops_done - f0, c.busy_s - s0
+        for peer in m.get("probe", []):
+            self.send(peer, {"t": P.PROBE, "pad": bytes(int(m.get("probe_bytes", 0)))})
+        self._reply(m, ok=True, memory=self.budget.counters(), kv=self.kv_bytes(),
+                    weights=self.weight_bytes(), flops=df / ds if df > 0 and ds > 0 else c.rate,
+                    links=links)
+
+    def _on_probe(self, sender: str, m: dict[str, Any]) -> None:
+        pass
+
+
+_HANDLERS: dict[str, Callable[[DeviceAgent, str, dict[str, Any]], None]] = {
+    P.LAYER_IN: DeviceAgent._on_x,
+    P.HEADS: DeviceAgent._on_h,
+    P.FFN_IN: DeviceAgent._on_y,
+    P.LOAD: DeviceAgent._on_load,
+    P.ROUTE: DeviceAgent._on_route,
+    P.RESERVE: DeviceAgent._on_reserve,
+    P.CANCEL: DeviceAgent._on_cancel,
+    P.MIGRATE: DeviceAgent._on_migrate,
+    P.BLOCK: DeviceAgent._on_block,
+    P.ABORT: DeviceAgent._on_abort,
+    P.TELEMETRY: DeviceAgent._on_telemetry,
+    P.PROBE: DeviceAgent._on_probe,
+}

@@ -1,0 +1,68 @@
+"""Compute-time emulation: a device with rate C FLOP/s finishes `flops` of work `flops / C`
+after it starts, one job at a time (FIFO). The real torch computation runs inside that
+window; when it takes longer than the emulated time (real clock: it really does delay the
+device), the job is counted as an overrun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+from .clock import sleep_until
+
+T = TypeVar("T")
+
+
+class ComputeUnit:
+    HISTORY = 32
+
+    def __init__(self, name: str, flops: float) -> None:
+        if flops <= 0:
+            raise ValueError(f"{name}: compute rate must be > 0")
+        self.name = name
+        self.base_flops = float(flops)
+        self.factor = 1.0  # scenario slowdowns multiply the base rate
+        self._lock = asyncio.Lock()  # FIFO among waiters: one job at a time
+        self.jobs = 0
+        self.overruns = 0
+        self.overrun_s = 0.0
+        self.busy_s = 0.0
+        self.flops_done = 0.0
+        self.recent: deque[tuple[float, float]] = deque(maxlen=self.HISTORY)  # (flops, seconds)
+
+    @property
+    def rate(self) -> float:
+        """Effective FLOP/s now."""
+        return self.base_flops * self.factor
+
+    def duration(self, flops: float) -> float:
+        return flops / self.rate
+
+    async def run(self, flops: float, fn: Callable[..., T], *args: object) -> T:
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            emulated = self.duration(flops)
+            w0 = time.perf_counter()
+            result = fn(*args)
+            wall = time.perf_counter() - w0
+            self.jobs += 1
+            if wall > emulated:
+                self.overruns += 1
+                self.overrun_s += wall - emulated
+            await sleep_until(start + emulated)
+            took = loop.time() - start
+            self.busy_s += took
+            self.flops_done += flops
+            self.recent.append((flops, took))
+            return result
+
+    def observed_rate(self) -> float:
+        """FLOP/s over the recent jobs (what the device can report), else the nominal rate."""
+        f = sum(x for x, _ in self.recent)
+        s = sum(y for _, y in self.recent)
+        return f / s if f > 0 and s > 0 else self.rate

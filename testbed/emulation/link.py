@@ -1,0 +1,140 @@
+"""An emulated directed link: the token bucket plus latency, driven by the loop's timers.
+
+`EmulatedLink.send(frame)` queues the frame's bytes in the bucket, computes when its last
+byte leaves, and schedules delivery `latency` later with `loop.call_at` (pipelined: a second
+frame does not wait for the first one's latency). Deliveries keep FIFO order. A rate or
+latency change re-projects the frames still being sent and moves their timers; frames
+already on the wire keep their arrival time. Nothing is polled, so timer rounding can make
+a delivery slightly late in real time but never costs credit or throughput.
+
+The link also keeps what a sender can observe about its own transfers (bytes, send
+durations, delivery delays) for measured telemetry. It does not know what the bytes mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .bucket import Sent, TokenBucket
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What the sender observed of one delivered frame."""
+
+    size: int
+    enqueued: float
+    start: float  # reached the head of the queue
+    finish: float  # last byte left
+    arrival: float
+    streamed: float  # bytes not covered by burst credit
+
+    @property
+    def tx_time(self) -> float:
+        return self.finish - self.start
+
+
+class EmulatedLink:
+    HISTORY = 64  # transfers kept for measurement (bounded)
+
+    def __init__(self, src: str, dst: str, bandwidth_mbps: float, latency_ms: float,
+                 burst_kib: float = 0.0, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.src, self.dst = src, dst
+        self.loop = loop or asyncio.get_running_loop()
+        self.bandwidth_mbps = float(bandwidth_mbps)
+        self.latency = latency_ms / 1e3
+        self.bucket = TokenBucket(self.bandwidth_mbps * 1e6 / 8, burst_kib * 1024, self.loop.time())
+        # id -> (frame, callback, enqueued time, timer handle or None)
+        self._pending: dict[int, list] = {}
+        self._sent: dict[int, Sent] = {}
+        self._last_arrival = -math.inf
+        self.bytes_sent = 0
+        self.frames_sent = 0
+        self.history: deque[Transfer] = deque(maxlen=self.HISTORY)
+
+    @property
+    def latency_ms(self) -> float:
+        return self.latency * 1e3
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def send(self, frame: bytes, deliver: Callable[[bytes], None]) -> None:
+        now = self.loop.time()
+        mid, done = self.bucket.enqueue(now, len(frame))
+        self._record_sent(done)
+        self._pending[mid] = [frame, deliver, now, None]
+        self.bytes_sent += len(frame)
+        self.frames_sent += 1
+        finish = self.bucket.projection()[-1][1]
+        self._schedule(mid, finish)
+
+    def set(self, bandwidth_mbps: float | None = None, latency_ms: float | None = None,
+            burst_kib: float | None = None) -> None:
+        """Apply a rate/latency/burst change from now on (scenario `set_link`)."""
+        now = self.loop.time()
+        rate = None if bandwidth_mbps is None else bandwidth_mbps * 1e6 / 8
+        burst = None if burst_kib is None else burst_kib * 1024
+        self._record_sent(self.bucket.set_rate(now, rate, burst))
+        if bandwidth_mbps is not None:
+            self.bandwidth_mbps = float(bandwidth_mbps)
+        if latency_ms is not None:
+            self.latency = latency_ms / 1e3
+        # frames still being sent get new departure times (and the new latency)
+        for mid, _ in self.bucket.projection():
+            entry = self._pending.get(mid)
+            if entry is not None and entry[3] is not None:
+                entry[3].cancel()
+                entry[3] = None
+        # FIFO order is kept against the frames already on the wire
+        self._last_arrival = max((e[3].when() for e in self._pending.values() if e[3] is not None),
+                                 default=-math.inf)
+        for mid, finish in self.bucket.projection():
+            if mid in self._pending:
+                self._schedule(mid, finish)
+
+    def _schedule(self, mid: int, finish: float) -> None:
+        if math.isinf(finish):
+            return  # held by a link that is down; rescheduled when a rate is set
+        arrival = max(finish + self.latency, self._last_arrival)
+        self._last_arrival = arrival
+        self._pending[mid][3] = self.loop.call_at(arrival, self._deliver, mid)
+
+    def _record_sent(self, done: list[Sent]) -> None:
+        for s in done:
+            if s.id in self._pending:
+                self._sent[s.id] = s
+        if len(self._sent) > 4 * self.HISTORY:  # bounded: drop records nobody will collect
+            for k in list(self._sent)[: len(self._sent) - self.HISTORY]:
+                del self._sent[k]
+
+    def _deliver(self, mid: int) -> None:
+        frame, deliver, enqueued, _ = self._pending.pop(mid)
+        self._record_sent(self.bucket.advance(self.loop.time()))
+        s = self._sent.pop(mid, None)
+        if s is not None:
+            self.history.append(Transfer(len(frame), enqueued, s.start, s.finish,
+                                         self.loop.time(), s.streamed))
+        deliver(frame)
+
+    # ---------------------------------------------------------------- observations
+
+    def observed_rate(self, since: float = -math.inf) -> float | None:
+        """Bytes/s the sender saw its frames stream at (frames finished after `since`,
+        ignoring those covered by burst credit); None without such frames."""
+        streamed = tx = 0.0
+        for t in self.history:
+            if t.finish > since and t.tx_time > 0:
+                streamed += t.streamed
+                tx += t.tx_time
+        return streamed / tx if tx > 0 else None
+
+    def observed_latency(self, since: float = -math.inf) -> float | None:
+        """The smallest finish-to-arrival delay seen (the propagation latency)."""
+        lat = [t.arrival - t.finish for t in self.history if t.finish > since]
+        return min(lat) if lat else None

@@ -1,0 +1,272 @@
+"""The placement problem (pure): snapshot, placement, per-token latency estimate, objective.
+
+Owns what every algorithm shares:
+- `Snapshot`: what the controller believes at a decision epoch (device compute rates and
+  memory, link rates and latencies, the current placement, sequence length, interval);
+- `Placement`: a device index per block of `spec.blocks`;
+- `LatencyModel`: the critical path of the per-token dataflow of DESIGN.md section 2 under
+  the cost model, per layer, so algorithms can re-evaluate one layer after moving a block;
+- memory need per device, migration delay and the epoch objective
+  `interval x per-token latency + migration delay`.
+No asyncio, no torch, no IO: times and states come in as arguments.
+
+Dataflow per token and layer l (u = device of ffn(l-1), the source for l = 0):
+x goes u -> every head device of l and u -> proj(l) (one message per device); a head device
+computes all its heads of l as one job and sends their outputs to proj(l); proj(l) starts
+when every output and the residual have arrived, then sends to ffn(l). After the last layer
+the hidden state returns to the source, which runs the LM head. Co-located transfers are
+free; distinct ordered pairs are independent links.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..model import cost
+from ..model.spec import Block, ModelSpec
+
+
+class Infeasible(Exception):
+    """No placement satisfies the memory constraints."""
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    name: str
+    flops: float  # effective FLOP/s now
+    capacity: int  # bytes available to blocks: max minus the source share and co-tenants
+    host_blocks: bool = True
+    alive: bool = True
+
+    @property
+    def usable(self) -> bool:
+        return self.host_blocks and self.alive
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    spec: ModelSpec
+    devices: tuple[DeviceState, ...]
+    rate: np.ndarray  # [V, V] bytes/s of the directed link i -> j (inf on the diagonal)
+    latency: np.ndarray  # [V, V] seconds (0 on the diagonal)
+    burst: np.ndarray  # [V, V] bytes of burst credit
+    source: int
+    seq_len: int  # positions held in every cache now
+    interval: int = 1  # tokens until the next decision epoch
+    current: Placement | None = None
+    context: dict = field(default_factory=dict, compare=False)  # free-form (e.g. memory in use)
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.devices)
+
+    def index(self, name: str) -> int:
+        for i, d in enumerate(self.devices):
+            if d.name == name:
+                return i
+        raise KeyError(name)
+
+    @property
+    def n_end(self) -> int:
+        """Cache length at the end of the coming interval (what must fit)."""
+        return self.seq_len + self.interval
+
+    @property
+    def n_mid(self) -> float:
+        """Mean sequence length over the coming interval (for the latency estimate)."""
+        return self.seq_len + (self.interval + 1) / 2
+
+    def with_(self, **kw: object) -> Snapshot:
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Device index for every block of `spec.blocks` (same order)."""
+
+    spec: ModelSpec
+    assign: tuple[int, ...]
+
+    @classmethod
+    def from_names(cls, spec: ModelSpec, mapping: dict[str, int]) -> Placement:
+        return cls(spec, tuple(mapping[b.name] for b in spec.blocks))
+
+    def device_of(self, block: Block | str) -> int:
+        name = block if isinstance(block, str) else block.name
+        return self.assign[block_index(self.spec)[name]]
+
+    def items(self) -> Iterable[tuple[Block, int]]:
+        return zip(self.spec.blocks, self.assign, strict=True)
+
+    def moves(self, new: Placement) -> list[tuple[Block, int, int]]:
+        """(block, from, to) for every block that `new` puts elsewhere."""
+        return [(b, a, c) for b, a, c in zip(self.spec.blocks, self.assign, new.assign, strict=True) if a != c]
+
+    def names(self, devices: Sequence[DeviceState] | Sequence[str]) -> dict[str, str]:
+        dn = [d if isinstance(d, str) else d.name for d in devices]
+        return {b.name: dn[i] for b, i in self.items()}
+
+
+_BLOCK_INDEX: dict[ModelSpec, dict[str, int]] = {}
+
+
+def block_index(spec: ModelSpec) -> dict[str, int]:
+    idx = _BLOCK_INDEX.get(spec)
+    if idx is None:
+        idx = _BLOCK_INDEX[spec] = {b.name: i for i, b in enumerate(spec.blocks)}
+    return idx
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """Where the blocks of one layer sit: head group counts per device, proj, ffn."""
+
+    heads: dict[int, int]  # device -> number of head blocks of this layer
+    proj: int
+    ffn: int
+
+
+def layer_views(p: Placement) -> list[LayerView]:
+    s = p.spec
+    per = s.groups + 2
+    out = []
+    for l in range(s.layers):
+        a = p.assign[l * per:(l + 1) * per]
+        heads: dict[int, int] = {}
+        for j in a[: s.groups]:
+            heads[j] = heads.get(j, 0) + 1
+        out.append(LayerView(heads, a[s.groups], a[s.groups + 1]))
+    return out
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+def xfer_time(nbytes: float, rate: float, latency: float, burst: float = 0.0) -> float:
+    """Seconds for a message on an idle link (full burst credit); inf if the link is down."""
+    if rate <= 0:
+        return math.inf
+    return max(0.0, nbytes - burst) / rate + latency
+
+
+class LatencyModel:
+    """Per-token latency of a placement: the critical path of the dataflow, per layer.
+    `tokens` > 1 models a prefill chunk (T positions in one pass)."""
+
+    def __init__(self, snap: Snapshot, tokens: int = 1) -> None:
+        s = self.spec = snap.spec
+        self.snap = snap
+        self.tokens = tokens
+        self.flops = np.array([d.flops for d in snap.devices], dtype=float)
+        self.rate, self.lat, self.burst = snap.rate, snap.latency, snap.burst
+        self.hidden = cost.hidden_bytes(s, tokens)
+        self.out_per_group = tokens * s.q_per_group * s.d_head * s.bytes_per_elem
+        # transfer time of one hidden-state frame on every link
+        self.hidden_t = self._xfer_matrix(self.hidden)
+        self.proj_flops = cost.span_flops(s, "proj", 0, tokens)
+        self.ffn_flops = cost.span_flops(s, "ffn", 0, tokens)
+        self.src = snap.source
+
+    def _xfer_matrix(self, nbytes: float) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.maximum(0.0, nbytes - self.burst) / self.rate + self.lat
+        np.fill_diagonal(t, 0.0)
+        return t
+
+    def xfer(self, a: int, b: int, nbytes: float) -> float:
+        if a == b:
+            return 0.0
+        return xfer_time(nbytes, self.rate[a, b], self.lat[a, b], self.burst[a, b])
+
+    def head_flops(self, n: float) -> float:
+        """One head block's FLOPs for the step that ends at sequence length n."""
+        return cost.span_flops(self.spec, "head", n - self.tokens, self.tokens)
+
+    def layer_time(self, u: int, heads: dict[int, int], proj: int, ffn: int, n: float) -> float:
+        """Time from x being ready on device u to the layer's output being ready on ffn."""
+        hf = self.head_flops(n)
+        ready = self.hidden_t[u, proj]  # the residual
+        for j, k in heads.items():
+            done = self.hidden_t[u, j] + k * hf / self.flops[j]
+            ready = max(ready, done + self.xfer(j, proj, k * self.out_per_group + cost.FRAME_OVERHEAD))
+        return ready + self.proj_flops / self.flops[proj] + self.hidden_t[proj, ffn] + self.ffn_flops / self.flops[ffn]
+
+    def tail_time(self, last_ffn: int) -> float:
+        """Last hidden state back to the source, then the LM head there."""
+        return self.hidden_t[last_ffn, self.src] + cost.source_flops(self.spec) / self.flops[self.src]
+
+    def token_time(self, p: Placement, n: float) -> float:
+        """Per-token latency (s) when the new token is position n (1-based)."""
+        u, total = self.src, 0.0
+        for v in layer_views(p):
+            total += self.layer_time(u, v.heads, v.proj, v.ffn, n)
+            u = v.ffn
+        return total + self.tail_time(u)
+
+    def breakdown(self, p: Placement, n: float) -> list[float]:
+        """Per-layer times, then the tail (for reports and debugging)."""
+        u, out = self.src, []
+        for v in layer_views(p):
+            out.append(self.layer_time(u, v.heads, v.proj, v.ffn, n))
+            u = v.ffn
+        return out + [self.tail_time(u)]
+
+
+def estimate_token_latency(snap: Snapshot, p: Placement, n: float | None = None) -> float:
+    """Seconds per token for placement p (the next token by default)."""
+    return LatencyModel(snap).token_time(p, snap.seq_len + 1 if n is None else n)
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def memory_need(snap: Snapshot, p: Placement, n: int | None = None) -> np.ndarray:
+    """Bytes each device needs for its blocks with caches of n positions (default n_end)."""
+    s, n = snap.spec, snap.n_end if n is None else n
+    need = np.zeros(snap.n_devices, dtype=np.int64)
+    sizes = {k: cost.block_bytes(s, k, n) for k in ("head", "proj", "ffn")}
+    for b, j in p.items():
+        need[j] += sizes[b.kind]
+    return need
+
+
+def violations(snap: Snapshot, p: Placement, n: int | None = None) -> list[str]:
+    """Why p is not allowed (memory over capacity, unusable devices); empty if it is."""
+    out = []
+    need = memory_need(snap, p, n)
+    for j, d in enumerate(snap.devices):
+        if need[j] and not d.usable:
+            out.append(f"{d.name} cannot host blocks")
+        elif need[j] > d.capacity:
+            out.append(f"{d.name} needs {need[j]} B > {d.capacity} B")
+    return out
+
+
+# ---------------------------------------------------------------------------- migration
+
+
+def migration_delay(snap: Snapshot, moves: Sequence[tuple[Block, int, int]], n: int | None = None) -> float:
+    """Time to apply moves: each moves weights + cache of n positions; moves on one link
+    go one after another, different links in parallel."""
+    if not moves:
+        return 0.0
+    s, n = snap.spec, snap.seq_len if n is None else n
+    per_link: dict[tuple[int, int], float] = {}
+    for b, a, c in moves:
+        per_link[(a, c)] = per_link.get((a, c), 0.0) + cost.block_bytes(s, b, n) + cost.FRAME_OVERHEAD
+    return max(xfer_time(nbytes, snap.rate[a, c], snap.latency[a, c], snap.burst[a, c])
+               for (a, c), nbytes in per_link.items())
+
+
+def epoch_objective(snap: Snapshot, p: Placement, model: LatencyModel | None = None) -> float:
+    """interval x per-token latency (at the interval's mean length) + migration delay."""
+    model = model or LatencyModel(snap)
+    mig = migration_delay(snap, snap.current.moves(p)) if snap.current is not None else 0.0
+    return snap.interval * model.token_time(p, snap.n_mid) + mig

@@ -1,0 +1,192 @@
+"""`resource_aware`: the paper's myopic head-level algorithm (PAPER.md), and `static`. Pure.
+
+At every decision epoch, with the snapshot's view of devices and links:
+1. blocks are taken in decreasing normalised demand
+   `memory / max device memory + FLOPs / max device rate` (ties: model order);
+2. a block may go only where it fits: weights + its cache grown to the end of the coming
+   interval, within what the device has left after the blocks already taken;
+3. among those devices it takes the one with the smallest bottleneck score
+   `S(i,j) = max(F_i / C_j, M_i / M_j_available, comm_time_ij)`;
+4. on later epochs a placed block moves to that device only if the inference delay it
+   saves over the coming interval exceeds its migration delay; it must move when its
+   device can no longer hold it.
+Complexity O(|B| log |B| + |B| |V|) per epoch.
+
+Our reading of the open points (PAPER.md "what the paper leaves open"):
+- compute is time, not capacity: for a head, F_i / C_j counts the head work of the same
+  layer already given to j, since those heads run one after another on j (this is what
+  makes heads spread out and run in parallel); proj and ffn use F_i / C_j as written;
+- comm_time_ij is the time of the block's input and output transfers given the devices of
+  its dataflow neighbours already placed (current positions when re-planning);
+- the saving of a move is measured with the latency model (layer-local critical path),
+  the migration delay with `problem.migration_delay` (weights + cache over the link).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..model import cost
+from .problem import Infeasible, LatencyModel, Placement, Snapshot, migration_delay
+
+
+class _Layout:
+    """Tentative positions (-1: not placed) with per-layer neighbourhood queries."""
+
+    def __init__(self, snap: Snapshot, model: LatencyModel) -> None:
+        s = self.spec = snap.spec
+        self.per = s.groups + 2
+        self.model = model
+        self.src = snap.source
+        V = snap.n_devices
+        cur = snap.current.assign if snap.current is not None else None
+        self.pos = np.array(cur if cur is not None else [-1] * len(s.blocks), dtype=np.int64)
+        out_bytes = model.out_per_group + cost.FRAME_OVERHEAD
+        self.out_t = model._xfer_matrix(out_bytes)  # one group's output j -> k
+        self.zero = np.zeros(V)
+
+    def idx(self, kind: str, layer: int, g: int = 0) -> int:
+        base = layer * self.per
+        return base + (g if kind == "head" else self.spec.groups + (0 if kind == "proj" else 1))
+
+    def upstream(self, layer: int) -> int:
+        """Device holding x before the layer (-1 unknown)."""
+        return self.src if layer == 0 else int(self.pos[self.idx("ffn", layer - 1)])
+
+    def comm(self, i: int) -> np.ndarray:
+        """comm_time_ij for every device j, from the neighbours already placed."""
+        s, m = self.spec, self.model
+        layer, r = divmod(i, self.per)
+        t = self.zero.copy()
+        if r < s.groups:  # a head: x in, its output to proj
+            u, p = self.upstream(layer), self.pos[self.idx("proj", layer)]
+            if u >= 0:
+                t += m.hidden_t[u, :]
+            if p >= 0:
+                t += self.out_t[:, p]
+        elif r == s.groups:  # proj: residual in, head outputs in, hidden out to ffn
+            u, f = self.upstream(layer), self.pos[self.idx("ffn", layer)]
+            if u >= 0:
+                t += m.hidden_t[u, :]
+            heads = self.pos[layer * self.per: layer * self.per + s.groups]
+            placed = np.unique(heads[heads >= 0])
+            if placed.size:
+                t += self.out_t[placed, :].max(axis=0)
+            if f >= 0:
+                t += m.hidden_t[:, f]
+        else:  # ffn: hidden in from proj, out to the next layer's heads and proj (or source)
+            p = self.pos[self.idx("proj", layer)]
+            if p >= 0:
+                t += m.hidden_t[p, :]
+            if layer + 1 < s.layers:
+                nxt = self.pos[(layer + 1) * self.per: (layer + 1) * self.per + s.groups + 1]
+                placed = np.unique(nxt[nxt >= 0])
+                if placed.size:
+                    t += m.hidden_t[:, placed].max(axis=1)
+            else:
+                t += m.hidden_t[:, self.src]
+        return t
+
+    def local_time(self, i: int, n: float) -> float | None:
+        """Latency of the layers whose critical path depends on block i, with every block
+        at its tentative position; None while one of them has no position."""
+        s, m = self.spec, self.model
+        layer, r = divmod(i, self.per)
+        layers = [layer] if r <= s.groups else [layer, layer + 1]
+        lo = max(0, layer * self.per - 1)
+        if (self.pos[lo: min(len(self.pos), (layers[-1] + 1) * self.per)] < 0).any():
+            return None
+        total = 0.0
+        for l in layers:
+            if l >= s.layers:
+                total += m.tail_time(int(self.pos[self.idx("ffn", s.layers - 1)]))
+                continue
+            heads: dict[int, int] = {}
+            for j in self.pos[l * self.per: l * self.per + s.groups]:
+                heads[int(j)] = heads.get(int(j), 0) + 1
+            total += m.layer_time(self.upstream(l), heads, int(self.pos[self.idx("proj", l)]),
+                                  int(self.pos[self.idx("ffn", l)]), n)
+        return total
+
+
+def plan(snap: Snapshot) -> Placement:
+    """One decision epoch of the paper's algorithm (initial placement when
+    `snap.current` is None)."""
+    s = snap.spec
+    model = LatencyModel(snap)
+    lay = _Layout(snap, model)
+    V = snap.n_devices
+    usable = np.array([d.usable for d in snap.devices])
+    if not usable.any():
+        raise Infeasible("no device may host blocks")
+    capacity = np.array([d.capacity for d in snap.devices], dtype=float)
+    rate = model.flops
+    kinds = [b.kind for b in s.blocks]
+    mem_of = {k: float(cost.block_bytes(s, k, snap.n_end)) for k in ("head", "proj", "ffn")}
+    flops_of = {"head": model.head_flops(snap.n_mid), "proj": model.proj_flops, "ffn": model.ffn_flops}
+    mem = np.array([mem_of[k] for k in kinds])
+    flops = np.array([flops_of[k] for k in kinds])
+    demand = mem / capacity[usable].max() + flops / rate[usable].max()
+    order = np.argsort(-demand, kind="stable")
+
+    current = snap.current.assign if snap.current is not None else None
+    if current is not None:
+        # a block on a device that is gone or may no longer host blocks has no position
+        for i, j in enumerate(current):
+            if not usable[j]:
+                lay.pos[i] = -1
+    used = np.zeros(V)
+    layer_load = np.zeros((s.layers, V))
+    per = s.groups + 2
+    for i in order:
+        i = int(i)
+        layer, r = divmod(i, per)
+        is_head = r < s.groups
+        avail = capacity - used
+        feasible = usable & (avail >= mem[i])
+        if not feasible.any():
+            raise Infeasible(f"{s.blocks[i].name} ({int(mem[i])} B) fits on no device "
+                             f"(largest free: {int(avail[usable].max())} B)")
+        compute = ((layer_load[layer] if is_head else 0.0) + flops[i]) / rate
+        with np.errstate(divide="ignore"):
+            memratio = np.where(avail > 0, mem[i] / avail, math.inf)
+        score = np.maximum(np.maximum(compute, memratio), lay.comm(i))
+        score[~feasible] = math.inf
+        j = int(np.argmin(score))
+        c = int(lay.pos[i]) if current is not None else -1
+        if c >= 0 and j != c and feasible[c]:
+            # stay unless the delay saved over the interval pays for the migration
+            lay.pos[i] = c
+            t_stay = lay.local_time(i, snap.n_mid)
+            lay.pos[i] = j
+            t_move = lay.local_time(i, snap.n_mid)
+            if t_stay is None or t_move is None:  # neighbours being re-placed: no basis to move
+                j = c
+            elif snap.interval * (t_stay - t_move) <= migration_delay(snap, [(s.blocks[i], c, j)]):
+                j = c
+        lay.pos[i] = j
+        used[j] += mem[i]
+        if is_head:
+            layer_load[layer, j] += flops[i]
+    return Placement(s, tuple(int(x) for x in lay.pos))
+
+
+class ResourceAware:
+    name = "resource_aware"
+    dynamic = True
+
+    def place(self, snap: Snapshot) -> Placement:
+        return plan(snap)
+
+
+class Static:
+    """The resource-aware initial placement, never re-planned: the reference for what
+    re-partitioning buys."""
+
+    name = "static"
+    dynamic = False
+
+    def place(self, snap: Snapshot) -> Placement:
+        return plan(snap.with_(current=None))

@@ -1,0 +1,172 @@
+"""Result files of a run (DESIGN.md section 7): writers and the summary statistics.
+
+Owns the column lists (public contract: columns may be added, never renamed or removed),
+the run directory's files, and `summarize`, a pure function of the token rows. CSV rows
+are flushed as they are written, so a crash leaves readable partial results; JSON files
+are replaced atomically (write to a temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+
+TOKENS = ["token", "t_start_s", "latency_ms", "predicted_ms", "stall_ms", "migrations",
+          "migrated_bytes", "token_id", "ref_token_id", "phase"]
+EVENTS = ["t_s", "token", "kind", "subject", "detail"]
+PLACEMENTS = ["token", "block", "device"]
+TELEMETRY = ["t_s", "token", "device", "mem_current", "mem_high", "mem_max", "kv_bytes",
+             "weights_bytes", "pressure_bytes", "compute_gflops", "mem_peak", "over_high",
+             "high_events", "oom_events", "reserved_bytes"]
+LINKS = ["t_s", "token", "src", "dst", "bandwidth_mbps", "measured_mbps", "latency_ms", "bytes"]
+
+FILES = {"tokens.csv": TOKENS, "events.csv": EVENTS, "placements.csv": PLACEMENTS,
+         "telemetry.csv": TELEMETRY, "links.csv": LINKS}
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN/inf: write null instead."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_clean(data), f, indent=2, sort_keys=True, default=str, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class _Csv:
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.columns = columns
+        self._f = open(path, "w", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="raise")
+        self._w.writeheader()
+        self._f.flush()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._w.writerow({k: _fmt(v) for k, v in row.items()})
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return f"{v:.9g}"
+    return v
+
+
+class RunWriter:
+    """Owns one run directory. The directory must not exist yet (runs never overwrite)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=False)
+        self._csv = {name: _Csv(self.dir / name, cols) for name, cols in FILES.items()}
+        self.token_rows: list[dict[str, Any]] = []
+        self.event_rows: list[dict[str, Any]] = []
+
+    def token(self, row: dict[str, Any]) -> None:
+        self.token_rows.append(row)
+        self._csv["tokens.csv"].write(row)
+
+    def event(self, t_s: float, token: int, kind: str, subject: str, detail: str) -> None:
+        row = {"t_s": round(t_s, 9), "token": token, "kind": kind, "subject": subject, "detail": detail}
+        self.event_rows.append(row)
+        self._csv["events.csv"].write(row)
+
+    def placement(self, token: int, changes: Sequence[tuple[str, str]]) -> None:
+        for block, device in changes:
+            self._csv["placements.csv"].write({"token": token, "block": block, "device": device})
+
+    def telemetry(self, row: dict[str, Any]) -> None:
+        self._csv["telemetry.csv"].write(row)
+
+    def link(self, row: dict[str, Any]) -> None:
+        self._csv["links.csv"].write(row)
+
+    def meta(self, meta: dict[str, Any]) -> None:
+        write_json(self.dir / "meta.json", meta)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.dir / "summary.json", summary)
+
+    def close(self) -> None:
+        for c in self._csv.values():
+            c.close()
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), NaN for no samples."""
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def latency_stats(xs: Sequence[float]) -> dict[str, float]:
+    if not xs:
+        return {k: math.nan for k in ("mean", "p50", "p95", "p99", "max")}
+    return {"mean": sum(xs) / len(xs), "p50": percentile(xs, 50), "p95": percentile(xs, 95),
+            "p99": percentile(xs, 99), "max": max(xs)}
+
+
+def decode_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-token statistics cover decode steps; the prefill (token 0) is reported apart."""
+    return [r for r in rows if r.get("phase", "decode") == "decode"]
+
+
+def windows(rows: Sequence[dict[str, Any]], cuts: Sequence[int]) -> list[dict[str, Any]]:
+    """Latency of decode tokens between consecutive cut points (scenario event tokens)."""
+    dec = decode_rows(rows)
+    if not dec:
+        return []
+    edges = sorted({c for c in cuts if 0 < c <= dec[-1]["token"]})
+    bounds = [dec[0]["token"], *edges, dec[-1]["token"] + 1]
+    out = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        xs = [float(r["latency_ms"]) for r in dec if lo <= int(r["token"]) < hi]
+        if xs:
+            out.append({"from_token": lo, "to_token": hi - 1, "tokens": len(xs), **latency_stats(xs)})
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    dec = decode_rows(rows)
+    lat = [float(r["latency_ms"]) for r in dec]
+    pre = [r for r in rows if r.get("phase") == "prefill"]
+    out: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "tokens": len(rows),
+        "latency_ms": latency_stats(lat),
+        "prefill_ms": float(pre[0]["latency_ms"]) if pre else math.nan,
+        "predicted_ms": latency_stats([float(r["predicted_ms"]) for r in dec if r["predicted_ms"] == r["predicted_ms"]]),
+        "stall_ms": sum(float(r["stall_ms"]) for r in rows),
+        "migrations": sum(int(r["migrations"]) for r in rows),
+        "migrated_bytes": sum(int(r["migrated_bytes"]) for r in rows),
+    }
+    out.update(extra)
+    return out
