@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                      progress=progress)
         outcomes.append(outcome)
         if args.quiet:
-            out.print(f"{outcome.status} {outcome.run_dir}", markup=False)
+            out.print(f"{outcome.status} {outcome.run_dir}", markup=False, soft_wrap=True)
         else:
             print_summary(out, scen, args.clock, outcome)
     if len(outcomes) > 1 and not args.quiet:
@@ -139,7 +139,7 @@ def print_summary(out: Console, scen: Scenario, clock: str, o: experiment.Outcom
                   f"({corr['tokens_compared']} compared, max |logit diff| {corr['max_abs_logit_diff']})")
     if "generated_text" in s:
         out.print(f"  text          {s['prompt_text']!r} -> {s['generated_text']!r}", markup=False)
-    out.print(f"  run directory {o.run_dir}", markup=False)
+    out.print(f"  run directory {o.run_dir}", markup=False, soft_wrap=True)
 
 
 def print_comparison(out: Console, scen: Scenario, outcomes: list[experiment.Outcome]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import socket
 import subprocess
@@ -33,6 +34,8 @@ from .results import RunWriter, summarize, windows
 from .scenario import Event, Scenario
 
 log = logging.getLogger(__name__)
+
+TORCH_THREADS = int(os.environ.get("TESTBED_TORCH_THREADS", "1"))
 
 
 class CachedWeights:
@@ -206,8 +209,10 @@ class _Hooks:
                          "latency_ms": lk.latency_ms, "bytes": lk.bytes_sent})
 
 
-async def _run_async(prep: Prepared, algorithm: str, writer: RunWriter,
-                     progress: Callable[[int], None] | None, state: dict[str, Any]) -> None:
+async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
+                     progress: Callable[[int], None] | None, state: dict[str, Any],
+                     setup: Callable[[Cluster], None] | None = None,
+                     on_finish: Callable[[Cluster, Controller], None] | None = None) -> None:
     scen = prep.scenario
     faults: list[str] = []
     controller: Controller | None = None
@@ -220,7 +225,7 @@ async def _run_async(prep: Prepared, algorithm: str, writer: RunWriter,
 
     cluster = Cluster(scen, prep.model, prep.weights, on_fault)
     hooks = _Hooks(cluster, writer, scen.events, progress)
-    alg = get_algorithm(algorithm)
+    alg = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
     ctl = scen.controller
     controller = Controller(scen, prep.model, alg, cluster.source_agent, prep.weights, list(cluster.names),
                             (prep.ref_ids, prep.ref_logits), prep.prompt, writer, hooks,
@@ -228,6 +233,8 @@ async def _run_async(prep: Prepared, algorithm: str, writer: RunWriter,
                             cluster.oracle)
     hooks.controller = controller
     state["controller"], state["cluster"] = controller, cluster
+    if setup is not None:
+        setup(cluster)
     try:
         await controller.deploy()
         controller.t0 = cluster.loop.time()
@@ -238,19 +245,29 @@ async def _run_async(prep: Prepared, algorithm: str, writer: RunWriter,
             writer.token(row)
             hooks.after_token(k)
         state["total_s"] = cluster.loop.time() - controller.t0
+        if on_finish is not None:
+            on_finish(cluster, controller)
     finally:
         await controller.stop()
         await cluster.stop()
 
 
-def run(prep: Prepared, algorithm: str, run_dir: Path, clock: str = "real", transport: str = "inproc",
-        progress: Callable[[int], None] | None = None) -> Outcome:
-    """Run one algorithm on a prepared scenario; always leaves meta.json and summary.json."""
+def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real", transport: str = "inproc",
+        progress: Callable[[int], None] | None = None,
+        setup: Callable[[Cluster], None] | None = None,
+        on_finish: Callable[[Cluster, Controller], None] | None = None) -> Outcome:
+    """Run one algorithm (a registered name, or any object with `name`, `dynamic` and
+    `place`) on a prepared scenario; always leaves meta.json and summary.json."""
     scen = prep.scenario
+    alg_name = algorithm if isinstance(algorithm, str) else algorithm.name
+    # per-head work is a few tiny matrix products: one thread avoids OpenMP spin and
+    # contention (several agents share this process; on a shared machine, other processes)
+    torch.set_num_threads(TORCH_THREADS)
+    # `setup` and `on_finish` let tests and tools inject faults and inspect the final state
     writer = RunWriter(run_dir)
     meta: dict[str, Any] = {
         "format_version": 1, "scenario": scen.to_dict(), "scenario_file": scen.file,
-        "algorithm": algorithm, "seed": scen.seed, "clock": clock, "transport": transport,
+        "algorithm": alg_name, "seed": scen.seed, "clock": clock, "transport": transport,
         "git_revision": git_revision(), "python": sys.version.split()[0], "torch": torch.__version__,
         "host": socket.gethostname(), "platform": platform.platform(), "start": utc_now(), "end": None,
         "status": "running", "prompt_tokens": len(prep.prompt),
@@ -259,7 +276,7 @@ def run(prep: Prepared, algorithm: str, run_dir: Path, clock: str = "real", tran
     state: dict[str, Any] = {}
     status = "completed"
     try:
-        clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, state), clock)
+        clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, state, setup, on_finish), clock)
     except RunFailed as e:
         status = f"failed: {e}"
     except KeyboardInterrupt:
@@ -275,7 +292,7 @@ def run(prep: Prepared, algorithm: str, run_dir: Path, clock: str = "real", tran
     writer.close()
     if status == "failed: interrupted":
         raise KeyboardInterrupt
-    return Outcome(algorithm, run_dir, status, summary)
+    return Outcome(alg_name, run_dir, status, summary)
 
 
 def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[str, Any],

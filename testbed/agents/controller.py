@@ -133,6 +133,8 @@ class Controller:
         self._probe: dict[str, list[str]] = {}
         self._states: tuple[DeviceState, ...] | None = None
         self._tel_task: asyncio.Task[None] | None = None
+        self._urgent: str | None = None  # a pressure signal asks for a re-plan before the next token
+        self._state_at = [-math.inf] * len(devices)  # device clock time of each device's last report
 
     # ------------------------------------------------------------------ messages
 
@@ -146,8 +148,12 @@ class Controller:
             fut = self._token_fut
             if fut is not None and not fut.done() and m["seq"] == self._seq:
                 fut.set_result(m["x"])
+        elif t == P.PRESSURE:
+            self._urgent = self._urgent or f"memory_pressure@{m['device']}"
+            self._update_memory(m["device"], m["memory"], m["at"])
         elif t == P.ERROR:
             if m["kind"] == "oom":
+                self._update_memory(m["device"], m["memory"], m["at"])
                 self.stats.oom += 1
                 self.rec.event(self.now(), self.k, "oom", m["device"],
                                f"layer={m.get('layer')} bytes={m.get('bytes')} {m.get('detail', '')}")
@@ -158,6 +164,19 @@ class Controller:
                 self.fault(f"{m['device']}: {m.get('detail')}")
         else:
             raise P.ProtocolError(f"controller got unexpected message {t!r}")
+
+    def _update_memory(self, device: str, mem: dict[str, int], at: float) -> None:
+        """Fresh memory numbers from a device (pressure signal, refused allocation) replace
+        the measured belief at once, without waiting for the next telemetry round; a
+        report older than what we hold (by the device's own clock) is ignored."""
+        i = self.devices.index(device)
+        if self._states is None or at < self._state_at[i]:
+            return
+        self._state_at[i] = at
+        st = self._states[i]
+        cap = mem["max_bytes"] - mem["fixed_bytes"] - mem["pressure_bytes"] - mem["reserved_bytes"]
+        self._states = (*self._states[:i], DeviceState(st.name, st.flops, int(cap), st.host_blocks),
+                        *self._states[i + 1:])
 
     def fault(self, why: str) -> None:
         """An agent or the transport failed: stop the run at the next await."""
@@ -174,11 +193,17 @@ class Controller:
         self.agent.send(dev, {**msg, "rid": rid})
         return fut
 
-    async def _gather(self, futs: list[asyncio.Future[dict[str, Any]]], timeout: float, what: str) -> list[dict[str, Any]]:
-        try:
-            return list(await asyncio.wait_for(asyncio.gather(*futs), timeout))
-        except TimeoutError:
-            raise RunFailed(f"{what}: no answer within {timeout:g} s") from None
+    async def _gather(self, futs: list[asyncio.Future[dict[str, Any]]], timeout: float,
+                      what: str) -> list[dict[str, Any]]:
+        """Answers to requests, in order; RunFailed if one is missing after `timeout`."""
+        if not futs:
+            return []
+        _, pending = await asyncio.wait(futs, timeout=timeout)
+        if pending:
+            for f in pending:
+                f.cancel()
+            raise RunFailed(f"{what}: {len(pending)} of {len(futs)} answers missing after {timeout:g} s")
+        return [f.result() for f in futs]
 
     def now(self) -> float:
         return self.loop.time() - self.t0
@@ -225,11 +250,9 @@ class Controller:
         except RunFailed as e:
             self.fault(str(e))
             return
-        states, self._probe = [], {}
+        states = list(self._states) if self._states is not None else [None] * V
+        self._probe = {}
         for i, (d, r) in enumerate(zip(self.devices, replies, strict=True)):
-            mem = r["memory"]
-            capacity = mem["max_bytes"] - mem["fixed_bytes"] - mem["pressure_bytes"] - mem["reserved_bytes"]
-            states.append(DeviceState(d, float(r["flops"]), int(capacity), self.scenario.device(d).host_blocks))
             for peer, obs in r["links"].items():
                 j = self.devices.index(peer)
                 if obs["rate"] is not None:
@@ -238,7 +261,13 @@ class Controller:
                     self._est_lat[i, j] = obs["latency"]
                 if obs["rate"] is None:  # nothing crossed this link lately: probe it
                     self._probe.setdefault(d, []).append(peer)
-        self._states = tuple(states)
+            if r["at"] < self._state_at[i]:
+                continue  # a pressure signal or oom report since then is fresher
+            self._state_at[i] = r["at"]
+            mem = r["memory"]
+            capacity = mem["max_bytes"] - mem["fixed_bytes"] - mem["pressure_bytes"] - mem["reserved_bytes"]
+            states[i] = DeviceState(d, float(r["flops"]), int(capacity), self.scenario.device(d).host_blocks)
+        self._states = tuple(states)  # type: ignore[arg-type]
 
     def _measured(self, n: int, interval: int) -> Snapshot:
         assert self._states is not None and self._est_rate is not None and self._est_lat is not None
@@ -334,7 +363,8 @@ class Controller:
         # phase 2: snapshots over the links; the destination acknowledges the install
         starts = {b.name: self.loop.time() for b, _, _ in go}
         futs = [self._request(names[a], {"t": P.MIGRATE, "block": b.name, "to": names[c]}) for b, a, c in go]
-        done, _ = await asyncio.wait(futs, timeout=self.opt.migration_timeout_s) if futs else (set(), set())
+        timeout = self._migration_timeout(go, n)
+        done, _ = await asyncio.wait(futs, timeout=timeout) if futs else (set(), set())
         assign = list(self.placement.assign)
         count = nbytes = 0
         failed: dict[int, list[str]] = {}
@@ -365,6 +395,18 @@ class Controller:
         self.stats.migrations += count
         self.stats.migrated_bytes += nbytes
         return count, nbytes
+
+    def _migration_timeout(self, moves: list[tuple[Block, int, int]], n: int) -> float:
+        """How long to wait for installs: generous against the believed link rates (a
+        transfer that takes far longer has failed, e.g. on a link that went down)."""
+        snap = self._belief
+        if snap is None or not moves:
+            return self.opt.migration_timeout_s
+        from ..placement.problem import migration_delay
+
+        expected = migration_delay(snap.with_(seq_len=n), moves)
+        rtt = 2 * float(snap.latency.max())
+        return min(self.opt.migration_timeout_s, 5.0 + 4.0 * expected + 4.0 * rtt)
 
     async def stop(self) -> None:
         """Cancel background telemetry; answer nothing more."""
@@ -417,8 +459,11 @@ class Controller:
         t_start = self.loop.time()
         stall = 0.0
         migrations = mbytes = 0
-        if k > 0 and self.alg.dynamic and k % self.opt.interval == 0:
-            m, b = await self.epoch("interval")
+        urgent, self._urgent = self._urgent, None
+        if k > 0 and self.alg.dynamic and (k % self.opt.interval == 0 or urgent):
+            if urgent:
+                self.stats.emergencies += 1
+            m, b = await self.epoch(f"emergency:{urgent}" if urgent else "interval")
             migrations, mbytes = migrations + m, mbytes + b
             stall += self.loop.time() - t_start
         if k == 0:

@@ -61,6 +61,7 @@ class DeviceAgent:
         self.budget = MemoryBudget(spec.name, spec.memory_bytes, spec.memory_high_bytes)
         if fixed_bytes:
             self.budget.charge("fixed", fixed_bytes)
+        self.budget.on_high = self.budget.on_pressure = self._pressure
         self.compute = ComputeUnit(spec.name, spec.flops)
         self.blocks: dict[str, AnyBlock] = {}
         self.reserved: dict[str, int] = {}
@@ -98,6 +99,12 @@ class DeviceAgent:
             log.error("%s: task failed", self.name, exc_info=exc)
             self.send(self.source, {"t": P.ERROR, "kind": "agent", "device": self.name,
                                     "detail": f"{type(exc).__name__}: {exc}"})
+
+    def _pressure(self) -> None:
+        """Crossing high, or a co-tenant taking or returning memory, is a pressure signal:
+        tell the controller at once (as memory.high / PSI notifications would)."""
+        self.send(self.source, {"t": P.PRESSURE, "device": self.name, "memory": self.budget.counters(),
+                                "at": asyncio.get_running_loop().time()})
 
     def handle(self, sender: str, msg: dict[str, Any]) -> None:
         """Entry point for every message addressed to this device."""
@@ -194,7 +201,8 @@ class DeviceAgent:
             self.budget.charge("kv", grow)
         except MemoryRefused as e:
             self.send(self.source, {"t": P.ERROR, "kind": "oom", "device": self.name, "seq": seq,
-                                    "layer": layer, "bytes": e.nbytes, "detail": str(e)})
+                                    "layer": layer, "bytes": e.nbytes, "detail": str(e),
+                                    "memory": self.budget.counters(), "at": asyncio.get_running_loop().time()})
             return
 
         def work() -> torch.Tensor:
@@ -355,7 +363,7 @@ class DeviceAgent:
         df, ds = c.flops_done - f0, c.busy_s - s0
         for peer in m.get("probe", []):
             self.send(peer, {"t": P.PROBE, "pad": bytes(int(m.get("probe_bytes", 0)))})
-        self._reply(m, ok=True, memory=self.budget.counters(), kv=self.kv_bytes(),
+        self._reply(m, ok=True, at=self._tel_since, memory=self.budget.counters(), kv=self.kv_bytes(),
                     weights=self.weight_bytes(), flops=df / ds if df > 0 and ds > 0 else c.rate,
                     links=links)
 

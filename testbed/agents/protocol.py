@@ -18,14 +18,15 @@ Control (controller -> device; every request has `rid` and is answered by an ACK
 To the controller:
   ack      {rid, ok, ...}                answer to a request
   err      {kind, device, ...}           oom (a refused cache append) or agent failure
+  press    {device, memory}              unsolicited: usage crossed the device's high limit
 """
 
 LAYER_IN, HEADS, FFN_IN, OUT = "x", "h", "y", "z"
 LOAD, ROUTE, RESERVE, CANCEL, MIGRATE, BLOCK, ABORT, TELEMETRY, PROBE = (
     "load", "route", "reserve", "cancel", "migrate", "block", "abort", "tel", "probe")
-ACK, ERROR = "ack", "err"
+ACK, ERROR, PRESSURE = "ack", "err", "press"
 
-TO_CONTROLLER = frozenset((OUT, ACK, ERROR))
+TO_CONTROLLER = frozenset((OUT, ACK, ERROR, PRESSURE))
 DATA = frozenset((LAYER_IN, HEADS, FFN_IN, OUT))
 
 

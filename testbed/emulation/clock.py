@@ -6,7 +6,9 @@ modes:
 - `real`: asyncio's default loop; time is the monotonic clock.
 - `virtual`: `VirtualEventLoop`, whose time jumps to the next timer whenever nothing is
   ready to run, so a run takes only as long as its Python work and is deterministic for a
-  given seed (timers with equal deadlines keep their scheduling order).
+  given seed. (Timers with equal deadlines fire in heap order, not necessarily in the
+  order they were set, but always in the same order for the same sequence of calls; code
+  that needs FIFO order among equal deadlines, like a link's deliveries, enforces it.)
 
 We use a tiny custom loop rather than the `looptime` package: looptime quantises time to
 its resolution and spins dozens of no-op cycles before each jump, while here a deadline is

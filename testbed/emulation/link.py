@@ -67,11 +67,14 @@ class EmulatedLink:
     def send(self, frame: bytes, deliver: Callable[[bytes], None]) -> None:
         now = self.loop.time()
         mid, done = self.bucket.enqueue(now, len(frame))
+        self._pending[mid] = [frame, deliver, now, None]  # before recording: it may be done
         self._record_sent(done)
-        self._pending[mid] = [frame, deliver, now, None]
         self.bytes_sent += len(frame)
         self.frames_sent += 1
-        finish = self.bucket.projection()[-1][1]
+        # a frame covered by burst credit (or empty) has already left: it is not queued
+        finish = next((s.finish for s in done if s.id == mid), None)
+        if finish is None:
+            finish = self.bucket.projection()[-1][1]
         self._schedule(mid, finish)
 
     def set(self, bandwidth_mbps: float | None = None, latency_ms: float | None = None,
@@ -114,13 +117,34 @@ class EmulatedLink:
                 del self._sent[k]
 
     def _deliver(self, mid: int) -> None:
-        frame, deliver, enqueued, _ = self._pending.pop(mid)
+        # advance first: a frame's own finish may only be seen now, and it is recorded only
+        # while it is still pending
         self._record_sent(self.bucket.advance(self.loop.time()))
-        s = self._sent.pop(mid, None)
-        if s is not None:
-            self.history.append(Transfer(len(frame), enqueued, s.start, s.finish,
-                                         self.loop.time(), s.streamed))
-        deliver(frame)
+        # Timers due at the same instant do not fire in scheduling order (asyncio's timer
+        # heap is not stable), and FIFO often makes arrivals equal (a frame held behind one
+        # still on the wire). Arrivals never decrease along the queue, so every frame sent
+        # before `mid` is due too: deliver those first, in order. `_pending` is in send order.
+        due = []
+        while self._pending:
+            first = next(iter(self._pending))
+            frame, deliver, enqueued, handle = self._pending.pop(first)
+            if first != mid and handle is not None:
+                handle.cancel()
+            due.append((first, frame, deliver, enqueued))
+            if first == mid:
+                break
+        now = self.loop.time()
+        for i, frame, deliver, enqueued in due:
+            s = self._sent.pop(i, None)
+            if s is not None:
+                self.history.append(Transfer(len(frame), enqueued, s.start, s.finish, now,
+                                             s.streamed))
+            try:
+                deliver(frame)
+            except Exception as exc:  # as a timer callback would: report, deliver the rest
+                self.loop.call_exception_handler({
+                    "message": f"link {self.src}->{self.dst}: delivery callback failed",
+                    "exception": exc})
 
     # ---------------------------------------------------------------- observations
 

@@ -14,6 +14,7 @@ devices that share one process. The budget charges exactly the bytes of the live
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 CATEGORIES = ("fixed", "weights", "kv", "reserved", "pressure")
@@ -40,6 +41,10 @@ class MemoryBudget:
     events_high: int = 0  # times usage crossed high upwards
     events_max: int = 0  # times an allocation hit max
     events_oom: int = 0  # allocations refused
+    # signals (the device reports them at once): usage crossed high upwards; a co-tenant
+    # took or gave back memory
+    on_high: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    on_pressure: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or not 0 < self.high_bytes <= self.max_bytes:
@@ -74,12 +79,18 @@ class MemoryBudget:
         self.peak = max(self.peak, after)
         if before <= self.high_bytes < after:
             self.events_high += 1
+            if self.on_high is not None:
+                self.on_high()
+        if category == "pressure" and nbytes and self.on_pressure is not None:
+            self.on_pressure()
 
     def release(self, category: str, nbytes: int) -> None:
         if nbytes < 0 or nbytes > self.by_category[category]:
             raise ValueError(f"{self.device}: cannot release {nbytes} B of {category} "
                              f"(holding {self.by_category[category]} B)")
         self.by_category[category] -= nbytes
+        if category == "pressure" and nbytes and self.on_pressure is not None:
+            self.on_pressure()
 
     def take_up_to(self, category: str, nbytes: int) -> int:
         """Charge as much of nbytes as fits (a co-tenant grabbing memory); returns it."""

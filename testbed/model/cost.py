@@ -22,7 +22,7 @@ from .spec import Block, ModelSpec
 # Encoded size of an activation frame beyond its payload (msgpack map with the message
 # type, token, layer, dtype, shape and a bin header). Checked against the real codec by
 # tests/test_transport.py; a few bytes either way do not matter for latency.
-FRAME_OVERHEAD = 96
+FRAME_OVERHEAD = 60
 
 
 def _norm_elems(spec: ModelSpec) -> int:

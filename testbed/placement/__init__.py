@@ -6,4 +6,5 @@ ALGORITHM_NAMES = (
     "greedy",
     "round_robin",
     "resource_aware",
+    "resource_aware_ls",
 )

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import ALGORITHM_NAMES
 from .baselines import Greedy, RoundRobin
+from .local_search import ResourceAwareLS
 from .resource_aware import ResourceAware, Static
 
 _FACTORIES: dict[str, Callable[[], Any]] = {
@@ -15,6 +16,7 @@ _FACTORIES: dict[str, Callable[[], Any]] = {
     "greedy": Greedy,
     "round_robin": RoundRobin,
     "resource_aware": ResourceAware,
+    "resource_aware_ls": ResourceAwareLS,
 }
 assert set(_FACTORIES) == set(ALGORITHM_NAMES), "registry and ALGORITHM_NAMES disagree"
 

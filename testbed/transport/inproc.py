@@ -31,6 +31,8 @@ class InprocNetwork:
         self.links: dict[tuple[str, str], EmulatedLink] = {}
         self.handlers: dict[str, Handler] = {}
         self.on_fault = on_fault or (lambda where, what: log.warning("%s: %s", where, what))
+        # fault injection (tests, scenarios): a frame for which this returns True is lost
+        self.drop: Callable[[str, str, dict[str, Any]], bool] | None = None
 
     def add_link(self, src: str, dst: str, spec: LinkSpec) -> EmulatedLink:
         link = EmulatedLink(src, dst, spec.bandwidth_mbps, spec.latency_ms, spec.burst_kib, self.loop)
@@ -52,6 +54,9 @@ class InprocNetwork:
             self.loop.call_soon(self._call, src, dst, msg)
             return 0
         frame = encode(msg)
+        if self.drop is not None and self.drop(src, dst, msg):
+            self.links[(src, dst)].send(frame, lambda f: None)  # it costs the link, then vanishes
+            return len(frame)
         self.links[(src, dst)].send(frame, lambda f: self._deliver(src, dst, f))
         return len(frame)
 

@@ -1,0 +1,195 @@
+"""`resource_aware_ls`: the paper's algorithm followed by a local search on the full epoch
+objective `interval x per-token latency + migration delay` (our improvement). Pure.
+
+Neighbourhood, tried in this order until no step improves (or the time budget is spent):
+- move one block to another device;
+- move every head of a layer that sits on one device to another device (a group move,
+  which single moves cannot find when one head alone gains nothing);
+- swap two blocks of one layer that sit on different devices (frees a full device).
+Every step keeps memory feasible (caches grown to the end of the interval). The per-token
+latency is separable by layer, so a step re-evaluates only the layers it touches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from ..model import cost
+from .problem import LatencyModel, Placement, Snapshot, xfer_time
+from .resource_aware import plan
+
+EPS = 1e-12
+
+
+class _State:
+    def __init__(self, snap: Snapshot, start: Placement) -> None:
+        s = self.spec = snap.spec
+        self.snap = snap
+        self.model = LatencyModel(snap)
+        self.per = s.groups + 2
+        self.a = list(start.assign)
+        self.cur = list(snap.current.assign) if snap.current is not None else None
+        self.usable = [d.usable for d in snap.devices]
+        self.cap = np.array([d.capacity for d in snap.devices], dtype=float)
+        kinds = [b.kind for b in s.blocks]
+        self.kind = kinds
+        self.mem = np.array([float(cost.block_bytes(s, k, snap.n_end)) for k in kinds])
+        self.mig_bytes = np.array([float(cost.block_bytes(s, k, snap.seq_len) + cost.FRAME_OVERHEAD) for k in kinds])
+        self.used = np.zeros(snap.n_devices)
+        for i, j in enumerate(self.a):
+            self.used[j] += self.mem[i]
+        self.n = snap.n_mid
+        self.layer_t = [self._layer(l) for l in range(s.layers)]
+        self.tail = self.model.tail_time(self.a[self._ffn(s.layers - 1)])
+        self.links: dict[tuple[int, int], float] = {}
+        if self.cur is not None:
+            for i, (c, j) in enumerate(zip(self.cur, self.a, strict=True)):
+                if c != j:
+                    self.links[(c, j)] = self.links.get((c, j), 0.0) + self.mig_bytes[i]
+
+    def _ffn(self, l: int) -> int:
+        return l * self.per + self.spec.groups + 1
+
+    def _layer(self, l: int, a: list[int] | None = None) -> float:
+        a = a or self.a
+        s, base = self.spec, l * self.per
+        heads: dict[int, int] = {}
+        for j in a[base: base + s.groups]:
+            heads[j] = heads.get(j, 0) + 1
+        u = self.snap.source if l == 0 else a[self._ffn(l - 1)]
+        return self.model.layer_time(u, heads, a[base + s.groups], a[base + s.groups + 1], self.n)
+
+    def _mig(self, links: dict[tuple[int, int], float]) -> float:
+        r, lat, b = self.snap.rate, self.snap.latency, self.snap.burst
+        return max((xfer_time(v, r[a, c], lat[a, c], b[a, c]) for (a, c), v in links.items() if v > 0), default=0.0)
+
+    def objective(self) -> float:
+        return self.snap.interval * (sum(self.layer_t) + self.tail) + self._mig(self.links)
+
+    def _affected(self, blocks: Iterable[int]) -> list[int]:
+        out: set[int] = set()
+        for i in blocks:
+            l, r = divmod(i, self.per)
+            out.add(l)
+            if r == self.per - 1:  # an ffn feeds the next layer (or the tail)
+                out.add(l + 1)
+        return sorted(out)
+
+    def delta(self, changes: dict[int, int]) -> float | None:
+        """Objective change if blocks move as `changes` says; None if infeasible."""
+        used = self.used.copy()
+        for i, j in changes.items():
+            if not self.usable[j]:
+                return None
+            used[self.a[i]] -= self.mem[i]
+            used[j] += self.mem[i]
+        if (used > self.cap + 0.5).any():
+            return None
+        a = self.a.copy()
+        for i, j in changes.items():
+            a[i] = j
+        d_time = 0.0
+        L = self.spec.layers
+        for l in self._affected(changes):
+            if l < L:
+                d_time += self._layer(l, a) - self.layer_t[l]
+            else:
+                d_time += self.model.tail_time(a[self._ffn(L - 1)]) - self.tail
+        d_mig = 0.0
+        if self.cur is not None:
+            links = dict(self.links)
+            for i, j in changes.items():
+                c = self.cur[i]
+                if c != self.a[i]:
+                    links[(c, self.a[i])] -= self.mig_bytes[i]
+                if c != j:
+                    links[(c, j)] = links.get((c, j), 0.0) + self.mig_bytes[i]
+            d_mig = self._mig(links) - self._mig(self.links)
+        return self.snap.interval * d_time + d_mig
+
+    def apply(self, changes: dict[int, int]) -> None:
+        for i, j in changes.items():
+            old = self.a[i]
+            self.used[old] -= self.mem[i]
+            self.used[j] += self.mem[i]
+            if self.cur is not None:
+                c = self.cur[i]
+                if c != old:
+                    self.links[(c, old)] -= self.mig_bytes[i]
+                if c != j:
+                    self.links[(c, j)] = self.links.get((c, j), 0.0) + self.mig_bytes[i]
+            self.a[i] = j
+        L = self.spec.layers
+        for l in self._affected(changes):
+            if l < L:
+                self.layer_t[l] = self._layer(l)
+            else:
+                self.tail = self.model.tail_time(self.a[self._ffn(L - 1)])
+
+
+def improve(snap: Snapshot, start: Placement, budget_s: float = 0.25, max_rounds: int = 50) -> Placement:
+    """Hill-climb from `start` on the epoch objective; never returns a worse placement."""
+    st = _State(snap, start)
+    s = snap.spec
+    V, per = snap.n_devices, st.per
+    devices = [j for j in range(V) if st.usable[j]]
+    deadline = time.perf_counter() + budget_s
+    for _ in range(max_rounds):
+        improved = False
+        # single moves: best device for each block
+        for i in range(len(st.a)):
+            best, arg = -EPS, None
+            for j in devices:
+                if j != st.a[i]:
+                    d = st.delta({i: j})
+                    if d is not None and d < best:
+                        best, arg = d, j
+            if arg is not None:
+                st.apply({i: arg})
+                improved = True
+            if time.perf_counter() > deadline:
+                return Placement(s, tuple(st.a))
+        # group moves: all heads of a layer on one device to another device
+        for l in range(s.layers):
+            heads = range(l * per, l * per + s.groups)
+            for a in sorted({st.a[i] for i in heads}):
+                group = [i for i in heads if st.a[i] == a]
+                best, arg = -EPS, None
+                for j in devices:
+                    if j != a:
+                        d = st.delta(dict.fromkeys(group, j))
+                        if d is not None and d < best:
+                            best, arg = d, j
+                if arg is not None:
+                    st.apply(dict.fromkeys(group, arg))
+                    improved = True
+        # swaps within a layer
+        for l in range(s.layers):
+            idx = range(l * per, (l + 1) * per)
+            for i in idx:
+                for k in idx:
+                    if k <= i or st.a[i] == st.a[k]:
+                        continue
+                    d = st.delta({i: st.a[k], k: st.a[i]})
+                    if d is not None and d < -EPS:
+                        st.apply({i: st.a[k], k: st.a[i]})
+                        improved = True
+            if time.perf_counter() > deadline:
+                return Placement(s, tuple(st.a))
+        if not improved:
+            break
+    return Placement(s, tuple(st.a))
+
+
+class ResourceAwareLS:
+    name = "resource_aware_ls"
+    dynamic = True
+
+    def __init__(self, budget_s: float = 0.25) -> None:
+        self.budget_s = budget_s
+
+    def place(self, snap: Snapshot) -> Placement:
+        return improve(snap, plan(snap), self.budget_s)

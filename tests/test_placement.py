@@ -1,0 +1,123 @@
+"""Placement algorithms and the latency estimate (pure)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from testbed.model import cost
+from testbed.model.spec import from_name
+from testbed.placement.problem import (
+    DeviceState,
+    Infeasible,
+    LatencyModel,
+    Placement,
+    Snapshot,
+    memory_need,
+    migration_delay,
+    violations,
+)
+from testbed.placement.registry import get_algorithm
+
+ALGS = ["static", "greedy", "round_robin", "resource_aware"]
+
+
+def snapshot(spec_name: str = "gpt-mini", flops: list[float] | None = None, mem: list[int] | None = None,
+             rate_mbps: float = 100.0, lat_ms: float = 1.0, seq_len: int = 16, interval: int = 4,
+             current: Placement | None = None) -> Snapshot:
+    spec = from_name(spec_name)
+    flops = flops or [8e9, 20e9, 3e9, 5e9]
+    mem = mem or [64 << 20] * len(flops)
+    V = len(flops)
+    rate = np.full((V, V), rate_mbps * 1e6 / 8)
+    np.fill_diagonal(rate, np.inf)
+    lat = np.full((V, V), lat_ms / 1e3)
+    np.fill_diagonal(lat, 0.0)
+    devs = tuple(DeviceState(f"d{i}", f, m) for i, (f, m) in enumerate(zip(flops, mem, strict=True)))
+    return Snapshot(spec, devs, rate, lat, np.zeros((V, V)), 0, seq_len, interval, current)
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_algorithms_respect_memory(alg: str) -> None:
+    spec = from_name("gpt-mini")
+    total = sum(cost.block_bytes(spec, b, 20) for b in spec.blocks)
+    snap = snapshot(mem=[total // 3, total // 2, total // 3, total // 4])
+    p = get_algorithm(alg).place(snap)
+    assert violations(snap, p) == []
+    assert memory_need(snap, p).sum() == sum(cost.block_bytes(spec, b, snap.n_end) for b in spec.blocks)
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_infeasible_is_reported(alg: str) -> None:
+    with pytest.raises(Infeasible):
+        get_algorithm(alg).place(snapshot(mem=[1000, 1000, 1000, 1000]))
+
+
+def test_non_hosting_devices_get_nothing() -> None:
+    snap = snapshot()
+    devs = list(snap.devices)
+    devs[1] = DeviceState("d1", 20e9, 64 << 20, host_blocks=False)
+    snap = snap.with_(devices=tuple(devs))
+    for alg in ALGS:
+        assert 1 not in get_algorithm(alg).place(snap).assign, alg
+
+
+def test_latency_of_everything_on_the_source() -> None:
+    snap = snapshot()
+    s = snap.spec
+    p = Placement(s, (0,) * len(s.blocks))
+    n = 17
+    flops = sum(cost.decode_flops(s, b, n) for b in s.blocks) + cost.source_flops(s)
+    assert LatencyModel(snap).token_time(p, n) == pytest.approx(flops / 8e9, rel=1e-12)
+
+
+def test_latency_two_devices_by_hand() -> None:
+    """Heads of every layer split between d0 and d1; proj and ffn on d0."""
+    snap = snapshot(flops=[1e9, 1e9], rate_mbps=80, lat_ms=2)
+    s = snap.spec
+    assign = tuple((1 if b.kind == "head" and b.index % 2 else 0) for b in s.blocks)
+    n = 10
+    rate = 80e6 / 8
+    x_t = cost.hidden_bytes(s) / rate + 2e-3
+    h_t = cost.head_output_bytes(s, s.groups // 2) / rate + 2e-3
+    head = cost.decode_flops(s, "head", n) / 1e9 * (s.groups // 2)
+    layer = max(head, x_t + head + h_t) + (cost.decode_flops(s, "proj", n) + cost.decode_flops(s, "ffn", n)) / 1e9
+    expect = s.layers * layer + cost.source_flops(s) / 1e9
+    assert LatencyModel(snap).token_time(Placement(s, assign), n) == pytest.approx(expect, rel=1e-12)
+
+
+def test_migration_delay_parallel_links_serial_on_one() -> None:
+    snap = snapshot(rate_mbps=8, lat_ms=5)
+    s = snap.spec
+    b = s.blocks
+    one = cost.block_bytes(s, b[0], snap.seq_len) + cost.FRAME_OVERHEAD
+    assert migration_delay(snap, [(b[0], 0, 1)]) == pytest.approx(one / 1e6 + 5e-3)
+    assert migration_delay(snap, [(b[0], 0, 1), (b[1], 0, 2)]) == pytest.approx(one / 1e6 + 5e-3)
+    assert migration_delay(snap, [(b[0], 0, 1), (b[1], 0, 1)]) == pytest.approx(2 * one / 1e6 + 5e-3)
+    assert migration_delay(snap, []) == 0.0
+
+
+def test_down_link_is_infinitely_slow() -> None:
+    snap = snapshot()
+    snap.rate[0, 1] = 0.0
+    s = snap.spec
+    p = Placement(s, tuple(1 if b.kind == "ffn" else 0 for b in s.blocks))
+    assert math.isinf(LatencyModel(snap).token_time(p, 5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(1e9, 5e10), min_size=1, max_size=6), st.integers(0, 200), st.data())
+def test_resource_aware_is_valid_and_replans_validly(flops: list[float], n: int, data: st.DataObject) -> None:
+    """On clusters where the model fits on any one device, every plan and re-plan is valid."""
+    spec = from_name("gpt-tiny")
+    total = sum(cost.block_bytes(spec, b, n + 4) for b in spec.blocks)
+    mems = data.draw(st.lists(st.integers(total, 4 * total), min_size=len(flops), max_size=len(flops)))
+    snap = snapshot("gpt-tiny", flops=flops, mem=mems, seq_len=n)
+    p = get_algorithm("resource_aware").place(snap)
+    assert violations(snap, p) == []
+    again = get_algorithm("resource_aware").place(snap.with_(current=p))
+    assert violations(snap, again) == []
