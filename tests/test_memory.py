@@ -138,3 +138,16 @@ def test_static_run_out_of_memory_fails_cleanly(tmp_path: Path) -> None:
     assert summary["oom"] >= 1 and summary["tokens"] == 4
     assert len(read_csv(o.run_dir / "tokens.csv")) == 4
     assert any(e["kind"] == "oom" for e in read_csv(o.run_dir / "events.csv"))
+
+
+def test_no_feasible_placement_ends_cleanly_as_infeasible(tmp_path: Path) -> None:
+    """A co-tenant takes nearly everything everywhere: re-planning finds no placement, the
+    run records `infeasible` and stops with its partial results."""
+    scen = make_scenario(n_devices=2, new_tokens=8, memory_mib=2, algorithm="resource_aware",
+                         events=[{"at_token": 3, "action": "memory_pressure", "device": d, "take_mib": 1.7}
+                                 for d in ("src", "a")])
+    o = run_virtual(scen, "resource_aware", tmp_path)
+    assert o.status.startswith("failed: infeasible"), o.status
+    assert any(e["kind"] == "infeasible" for e in read_csv(o.run_dir / "events.csv"))
+    assert 0 < len(read_csv(o.run_dir / "tokens.csv")) < 8
+    assert read_json(o.run_dir / "meta.json")["status"] == o.status

@@ -121,3 +121,35 @@ def test_resource_aware_is_valid_and_replans_validly(flops: list[float], n: int,
     assert violations(snap, p) == []
     again = get_algorithm("resource_aware").place(snap.with_(current=p))
     assert violations(snap, again) == []
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 5), st.integers(0, 300), st.data())
+def test_local_search_never_worse(n_dev: int, n: int, data: st.DataObject) -> None:
+    """resource_aware_ls is never worse than resource_aware, nor than staying put."""
+    from testbed.placement.local_search import ResourceAwareLS
+    from testbed.placement.problem import epoch_objective
+
+    flops = data.draw(st.lists(st.floats(5e8, 2e10), min_size=n_dev, max_size=n_dev))
+    snap = snapshot("gpt-tiny", flops=flops, mem=[64 << 20] * n_dev, seq_len=n,
+                    rate_mbps=data.draw(st.sampled_from([10.0, 100.0, 1000.0])),
+                    lat_ms=data.draw(st.sampled_from([0.05, 1.0])))
+    ra = get_algorithm("resource_aware").place(snap)
+    ls = ResourceAwareLS(budget_s=0.5).place(snap)
+    assert epoch_objective(snap, ls) <= epoch_objective(snap, ra) + 1e-12
+    current = Placement(snap.spec, tuple(data.draw(st.integers(0, n_dev - 1)) for _ in snap.spec.blocks))
+    snap2 = snap.with_(current=current)
+    ls2 = ResourceAwareLS(budget_s=0.5).place(snap2)
+    assert violations(snap2, ls2) == []
+    assert epoch_objective(snap2, ls2) <= epoch_objective(snap2, current) + 1e-12
+
+
+def test_replan_moves_only_when_it_pays() -> None:
+    """The paper's rule: with a tiny interval nothing is worth moving; with a long one the
+    same snapshot makes blocks move towards the faster device."""
+    slow_fast = snapshot("gpt-tiny", flops=[1e8, 5e10], mem=[64 << 20] * 2, rate_mbps=1000, lat_ms=0.01)
+    s = slow_fast.spec
+    everything_on_slow = Placement(s, (0,) * len(s.blocks))
+    short = get_algorithm("resource_aware").place(slow_fast.with_(current=everything_on_slow, interval=1, seq_len=2000))
+    long = get_algorithm("resource_aware").place(slow_fast.with_(current=everything_on_slow, interval=10_000))
+    assert len(everything_on_slow.moves(long)) > len(everything_on_slow.moves(short))

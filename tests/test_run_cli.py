@@ -289,13 +289,14 @@ def test_two_algorithms_write_two_runs_and_a_comparison(tmp_path: Path,
 
 
 def test_failed_run_exits_1_with_partial_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # memory_pressure, but the co-tenant takes the laptop's free memory before token 2; the
-    # static placement puts heads there and never re-plans, so the laptop's K/V caches
-    # cannot grow and the run fails at token 2
+    # memory_pressure, but the co-tenant takes all of the device's free memory before token
+    # 2; the static placement puts heads there and never re-plans, so the device's K/V
+    # caches cannot grow and the run fails at token 2
     data = yaml.safe_load((SCENARIOS / "memory_pressure.yaml").read_text())
     (ev,) = data["events"]
     assert ev["action"] == "memory_pressure"
     ev["at_token"] = 2
+    ev["take_mib"] = 64  # more than the device has: it takes everything that is free
     scen_file = tmp_path / "early_pressure.yaml"
     scen_file.write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "results"

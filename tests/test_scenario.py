@@ -412,13 +412,13 @@ def test_shipped_scenario_loads_and_round_trips(path):
     _round_trip(s)
 
 
-def test_bandwidth_drop_cuts_a_fast_link_to_a_tenth():
+def test_bandwidth_drop_cuts_a_link_to_a_tenth():
     s = sc.load(ROOT / "scenarios" / "bandwidth_drop.yaml")
     (e,) = s.events
     assert e.action == "set_link" and e.at_token == 24
     before = s.network.link(*e.between)
-    assert before.bandwidth_mbps >= 200 and before != s.network.default
     assert e.bandwidth_mbps == pytest.approx(before.bandwidth_mbps / 10)
+    assert s.source in e.between  # every token crosses it
 
 
 def test_memory_pressure_squeezes_one_device_but_the_model_still_fits():
@@ -429,9 +429,9 @@ def test_memory_pressure_squeezes_one_device_but_the_model_still_fits():
     need = cost.model_weight_bytes(spec) + cost.model_cache_bytes(spec, n)
     room = {d.name: d.memory_bytes - (cost.source_weight_bytes(spec) if d.name == s.source else 0)
             for d in s.devices if d.host_blocks}
-    left = room[e.device] - e.take_mib * sc.MIB
-    # the device keeps less than an even share of the model and not even one ffn ...
-    assert 0 < left < min(need * room[e.device] / sum(room.values()), cost.weight_bytes(spec, "ffn"))
+    # the co-tenant asks for less than the device has (it takes most of its free memory,
+    # which depends on the placement; tests/test_scenarios.py checks the outcome) ...
+    assert 0 < e.take_mib * sc.MIB < room[e.device]
     # ... while the others can still hold everything
     assert sum(room.values()) - room[e.device] >= need
 

@@ -55,7 +55,12 @@ class Cluster:
                                 outgoing=self._outgoing(d.name), fixed_bytes=fixed)
             self.agents[d.name] = agent
             self.net.register(d.name, agent.handle)
+        for (src, dst), link in self.net.links.items():
+            link.on_change = self._alarm(src, dst, link)
         self.base_flops = {d.name: d.flops for d in scenario.devices}
+
+    def _alarm(self, src: str, dst: str, link: EmulatedLink) -> Callable[[float], None]:
+        return lambda rate: self.agents[src].link_changed(dst, rate, link.observed_latency())
 
     def _sender(self, name: str) -> Callable[[str, dict[str, Any]], int]:
         return lambda dst, msg: self.net.send(name, dst, msg)
@@ -113,9 +118,7 @@ class Cluster:
         out = []
         for name in self.names:
             a = self.agents[name]
-            b = a.budget.by_category
-            capacity = a.budget.max_bytes - b["fixed"] - b["pressure"] - b["reserved"]
-            out.append(DeviceState(name, a.compute.rate, capacity, a.spec.host_blocks))
+            out.append(DeviceState.from_memory(name, a.compute.rate, a.budget.counters(), a.spec.host_blocks))
         return tuple(out)
 
     def link_matrices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

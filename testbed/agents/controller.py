@@ -130,7 +130,6 @@ class Controller:
         self._belief: Snapshot | None = None
         self._est_rate: np.ndarray | None = None
         self._est_lat: np.ndarray | None = None
-        self._probe: dict[str, list[str]] = {}
         self._states: tuple[DeviceState, ...] | None = None
         self._tel_task: asyncio.Task[None] | None = None
         self._urgent: str | None = None  # a pressure signal asks for a re-plan before the next token
@@ -151,6 +150,13 @@ class Controller:
         elif t == P.PRESSURE:
             self._urgent = self._urgent or f"memory_pressure@{m['device']}"
             self._update_memory(m["device"], m["memory"], m["at"])
+        elif t == P.LINK_CHANGE:
+            self._urgent = self._urgent or f"link_change@{m['device']}->{m['peer']}"
+            if self._est_rate is not None and self.opt.telemetry == "measured":
+                i, j = self.devices.index(m["device"]), self.devices.index(m["peer"])
+                self._est_rate[i, j] = m["rate"]
+                if m["latency"] is not None:
+                    self._est_lat[i, j] = m["latency"]  # type: ignore[index]
         elif t == P.ERROR:
             if m["kind"] == "oom":
                 self._update_memory(m["device"], m["memory"], m["at"])
@@ -174,9 +180,8 @@ class Controller:
             return
         self._state_at[i] = at
         st = self._states[i]
-        cap = mem["max_bytes"] - mem["fixed_bytes"] - mem["pressure_bytes"] - mem["reserved_bytes"]
-        self._states = (*self._states[:i], DeviceState(st.name, st.flops, int(cap), st.host_blocks),
-                        *self._states[i + 1:])
+        new = DeviceState.from_memory(st.name, st.flops, mem, st.host_blocks, st.alive)
+        self._states = (*self._states[:i], new, *self._states[i + 1:])
 
     def fault(self, why: str) -> None:
         """An agent or the transport failed: stop the run at the next await."""
@@ -243,30 +248,26 @@ class Controller:
                         lk = net.link(a, b)
                         self._est_rate[i, j], self._est_lat[i, j] = lk.rate_bytes, lk.latency_s
         assert self._est_lat is not None
-        futs = [self._request(d, {"t": P.TELEMETRY, "probe": self._probe.get(d, []),
-                                  "probe_bytes": self.opt.probe_bytes}) for d in self.devices]
+        futs = [self._request(d, {"t": P.TELEMETRY, "probe_bytes": self.opt.probe_bytes})
+                for d in self.devices]
         try:
             replies = await self._gather(futs, self.opt.token_timeout_s, "telemetry")
         except RunFailed as e:
             self.fault(str(e))
             return
         states = list(self._states) if self._states is not None else [None] * V
-        self._probe = {}
         for i, (d, r) in enumerate(zip(self.devices, replies, strict=True)):
-            for peer, obs in r["links"].items():
-                j = self.devices.index(peer)
+            for peer, obs in r["links"].items():  # links idle since the last round keep
+                j = self.devices.index(peer)      # their estimate (the device probes them)
                 if obs["rate"] is not None:
                     self._est_rate[i, j] = obs["rate"]
                 if obs["latency"] is not None:
                     self._est_lat[i, j] = obs["latency"]
-                if obs["rate"] is None:  # nothing crossed this link lately: probe it
-                    self._probe.setdefault(d, []).append(peer)
             if r["at"] < self._state_at[i]:
                 continue  # a pressure signal or oom report since then is fresher
             self._state_at[i] = r["at"]
-            mem = r["memory"]
-            capacity = mem["max_bytes"] - mem["fixed_bytes"] - mem["pressure_bytes"] - mem["reserved_bytes"]
-            states[i] = DeviceState(d, float(r["flops"]), int(capacity), self.scenario.device(d).host_blocks)
+            states[i] = DeviceState.from_memory(d, float(r["flops"]), r["memory"],
+                                                self.scenario.device(d).host_blocks)
         self._states = tuple(states)  # type: ignore[arg-type]
 
     def _measured(self, n: int, interval: int) -> Snapshot:
@@ -305,7 +306,13 @@ class Controller:
     def _plan(self, snap: Snapshot, reason: str) -> Placement:
         w0 = time.perf_counter()
         try:
-            new = self.alg.place(snap)
+            try:
+                new = self.alg.place(snap)
+            except Infeasible:
+                # no placement keeps every device under its soft limit: use the headroom
+                snap = snap.hard()
+                new = self.alg.place(snap)
+                reason += ",hard_limits"
         except Infeasible as e:
             self.rec.event(self.now(), self.k, "infeasible", self.alg.name, str(e))
             raise RunFailed(f"infeasible: {e}") from None

@@ -106,6 +106,11 @@ class DeviceAgent:
         self.send(self.source, {"t": P.PRESSURE, "device": self.name, "memory": self.budget.counters(),
                                 "at": asyncio.get_running_loop().time()})
 
+    def link_changed(self, peer: str, rate: float, latency: float | None) -> None:
+        """A link of ours streams at a very different rate than before: tell the controller."""
+        self.send(self.source, {"t": P.LINK_CHANGE, "device": self.name, "peer": peer, "rate": rate,
+                                "latency": latency})
+
     def handle(self, sender: str, msg: dict[str, Any]) -> None:
         """Entry point for every message addressed to this device."""
         t = msg["t"]
@@ -351,18 +356,20 @@ class DeviceAgent:
         self._reply(m, ok=True)
 
     def _on_telemetry(self, sender: str, m: dict[str, Any]) -> None:
+        """Report memory, compute and what our outgoing links showed since the last report;
+        probe the links that carried nothing since then, so the next report covers them."""
         since = self._tel_since
         self._tel_since = asyncio.get_running_loop().time()
         links = {}
         for peer, link in self._outgoing().items():
-            links[peer] = {"rate": link.observed_rate(since), "latency": link.observed_latency(since),
-                           "bytes": link.bytes_sent}
+            rate = link.observed_rate(since)
+            links[peer] = {"rate": rate, "latency": link.observed_latency(since), "bytes": link.bytes_sent}
+            if rate is None and m.get("probe_bytes"):
+                self.send(peer, {"t": P.PROBE, "pad": bytes(int(m["probe_bytes"]))})
         f0, s0 = self._jobs_at_tel
         c = self.compute
         self._jobs_at_tel = (c.flops_done, c.busy_s)
         df, ds = c.flops_done - f0, c.busy_s - s0
-        for peer in m.get("probe", []):
-            self.send(peer, {"t": P.PROBE, "pad": bytes(int(m.get("probe_bytes", 0)))})
         self._reply(m, ok=True, at=self._tel_since, memory=self.budget.counters(), kv=self.kv_bytes(),
                     weights=self.weight_bytes(), flops=df / ds if df > 0 and ds > 0 else c.rate,
                     links=links)

@@ -13,20 +13,22 @@ Control (controller -> device; every request has `rid` and is answered by an ACK
   migrate  {rid, block, to}              send a snapshot of the block to `to`
   block    {rid, block, w, k, v}         the snapshot (device -> device); the receiver ACKs
   abort    {rid, seq}                    drop attempts <= seq, answer when idle
-  tel      {rid, probe, probe_bytes}     report telemetry; send probes to the listed peers
+  tel      {rid, probe_bytes}            report telemetry; probe links idle since the last report
   probe    {pad}                         measurement traffic, dropped on arrival
 To the controller:
   ack      {rid, ok, ...}                answer to a request
   err      {kind, device, ...}           oom (a refused cache append) or agent failure
-  press    {device, memory}              unsolicited: usage crossed the device's high limit
+  press    {device, memory, at}          unsolicited: usage crossed high, or a co-tenant
+                                         took or returned memory
+  linkx    {device, peer, rate, latency} unsolicited: a link's observed rate changed a lot
 """
 
 LAYER_IN, HEADS, FFN_IN, OUT = "x", "h", "y", "z"
 LOAD, ROUTE, RESERVE, CANCEL, MIGRATE, BLOCK, ABORT, TELEMETRY, PROBE = (
     "load", "route", "reserve", "cancel", "migrate", "block", "abort", "tel", "probe")
-ACK, ERROR, PRESSURE = "ack", "err", "press"
+ACK, ERROR, PRESSURE, LINK_CHANGE = "ack", "err", "press", "linkx"
 
-TO_CONTROLLER = frozenset((OUT, ACK, ERROR, PRESSURE))
+TO_CONTROLLER = frozenset((OUT, ACK, ERROR, PRESSURE, LINK_CHANGE))
 DATA = frozenset((LAYER_IN, HEADS, FFN_IN, OUT))
 
 

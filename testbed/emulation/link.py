@@ -40,6 +40,7 @@ class Transfer:
 
 class EmulatedLink:
     HISTORY = 64  # transfers kept for measurement (bounded)
+    CHANGE_FACTOR = 2.0
 
     def __init__(self, src: str, dst: str, bandwidth_mbps: float, latency_ms: float,
                  burst_kib: float = 0.0, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -54,6 +55,10 @@ class EmulatedLink:
         self._last_arrival = -math.inf
         self.bytes_sent = 0
         self.frames_sent = 0
+        # the sender's alarm: called with the new rate (bytes/s) when a transfer streams at
+        # a rate that differs from the last one seen by more than CHANGE_FACTOR either way
+        self.on_change: Callable[[float], None] | None = None
+        self._seen_rate: float | None = None
         self.history: deque[Transfer] = deque(maxlen=self.HISTORY)
 
     @property
@@ -137,8 +142,9 @@ class EmulatedLink:
         for i, frame, deliver, enqueued in due:
             s = self._sent.pop(i, None)
             if s is not None:
-                self.history.append(Transfer(len(frame), enqueued, s.start, s.finish, now,
-                                             s.streamed))
+                t = Transfer(len(frame), enqueued, s.start, s.finish, now, s.streamed)
+                self.history.append(t)
+                self._watch(t)
             try:
                 deliver(frame)
             except Exception as exc:  # as a timer callback would: report, deliver the rest
@@ -147,6 +153,15 @@ class EmulatedLink:
                     "exception": exc})
 
     # ---------------------------------------------------------------- observations
+
+    def _watch(self, t: Transfer) -> None:
+        if t.tx_time <= 0 or t.streamed <= 0:
+            return
+        rate = t.streamed / t.tx_time
+        seen, self._seen_rate = self._seen_rate, rate
+        if seen is not None and self.on_change is not None and not (
+                seen / self.CHANGE_FACTOR < rate < seen * self.CHANGE_FACTOR):
+            self.on_change(rate)
 
     def observed_rate(self, since: float = -math.inf) -> float | None:
         """Bytes/s the sender saw its frames stream at (frames finished after `since`,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..model import cost
-from .problem import LatencyModel, Placement, Snapshot, xfer_time
+from .problem import LatencyModel, Placement, Snapshot, epoch_objective, violations, xfer_time
 from .resource_aware import plan
 
 EPS = 1e-12
@@ -192,4 +192,11 @@ class ResourceAwareLS:
         self.budget_s = budget_s
 
     def place(self, snap: Snapshot) -> Placement:
-        return improve(snap, plan(snap), self.budget_s)
+        """The better (on the epoch objective) of the improved paper plan and the improved
+        current placement, so a re-plan never does worse than staying where it is."""
+        best = improve(snap, plan(snap), self.budget_s / 2)
+        if snap.current is not None and not violations(snap, snap.current):
+            stay = improve(snap, snap.current, self.budget_s / 2)
+            if epoch_objective(snap, stay) < epoch_objective(snap, best):
+                best = stay
+        return best

@@ -38,13 +38,31 @@ class Infeasible(Exception):
 class DeviceState:
     name: str
     flops: float  # effective FLOP/s now
-    capacity: int  # bytes available to blocks: max minus the source share and co-tenants
+    capacity: int  # bytes blocks may use: what the planner fills (the soft limit by default)
     host_blocks: bool = True
     alive: bool = True
+    hard_capacity: int = -1  # bytes up to the hard limit (-1: same as capacity)
+
+    def __post_init__(self) -> None:
+        if self.hard_capacity < 0:
+            object.__setattr__(self, "hard_capacity", self.capacity)
 
     @property
     def usable(self) -> bool:
         return self.host_blocks and self.alive
+
+    @classmethod
+    def from_memory(cls, name: str, flops: float, mem: dict[str, int], host_blocks: bool = True,
+                    alive: bool = True) -> DeviceState:
+        """From a device's memory counters (`MemoryBudget.counters()`): blocks may use what
+        the soft limit (`high`) leaves after the source's share, co-tenants and pending
+        reservations; `hard_capacity` is the same up to `max`."""
+        other = mem["fixed_bytes"] + mem["pressure_bytes"] + mem["reserved_bytes"]
+        return cls(name, flops, max(0, mem["high_bytes"] - other), host_blocks, alive,
+                   max(0, mem["max_bytes"] - other))
+
+    def hard(self) -> DeviceState:
+        return replace(self, capacity=self.hard_capacity)
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,10 @@ class Snapshot:
 
     def with_(self, **kw: object) -> Snapshot:
         return replace(self, **kw)
+
+    def hard(self) -> Snapshot:
+        """The same view with every device filled up to its hard limit."""
+        return replace(self, devices=tuple(d.hard() for d in self.devices))
 
 
 @dataclass(frozen=True)

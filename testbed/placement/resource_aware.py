@@ -18,8 +18,10 @@ Our reading of the open points (PAPER.md "what the paper leaves open"):
   makes heads spread out and run in parallel); proj and ffn use F_i / C_j as written;
 - comm_time_ij is the time of the block's input and output transfers given the devices of
   its dataflow neighbours already placed (current positions when re-planning);
-- the saving of a move is measured with the latency model (layer-local critical path),
-  the migration delay with `problem.migration_delay` (weights + cache over the link).
+- "the inference delay it saves" is the block's own delay, compute + transfer time (the
+  time terms of its score), at its device versus the best-scoring one, over the coming
+  interval; the migration delay is `problem.migration_delay` (weights + cache over the
+  link). (The critical path of the whole token is what `resource_aware_ls` optimises.)
 """
 
 from __future__ import annotations
@@ -89,27 +91,6 @@ class _Layout:
                 t += m.hidden_t[:, self.src]
         return t
 
-    def local_time(self, i: int, n: float) -> float | None:
-        """Latency of the layers whose critical path depends on block i, with every block
-        at its tentative position; None while one of them has no position."""
-        s, m = self.spec, self.model
-        layer, r = divmod(i, self.per)
-        layers = [layer] if r <= s.groups else [layer, layer + 1]
-        lo = max(0, layer * self.per - 1)
-        if (self.pos[lo: min(len(self.pos), (layers[-1] + 1) * self.per)] < 0).any():
-            return None
-        total = 0.0
-        for l in layers:
-            if l >= s.layers:
-                total += m.tail_time(int(self.pos[self.idx("ffn", s.layers - 1)]))
-                continue
-            heads: dict[int, int] = {}
-            for j in self.pos[l * self.per: l * self.per + s.groups]:
-                heads[int(j)] = heads.get(int(j), 0) + 1
-            total += m.layer_time(self.upstream(l), heads, int(self.pos[self.idx("proj", l)]),
-                                  int(self.pos[self.idx("ffn", l)]), n)
-        return total
-
 
 def plan(snap: Snapshot) -> Placement:
     """One decision epoch of the paper's algorithm (initial placement when
@@ -150,21 +131,19 @@ def plan(snap: Snapshot) -> Placement:
             raise Infeasible(f"{s.blocks[i].name} ({int(mem[i])} B) fits on no device "
                              f"(largest free: {int(avail[usable].max())} B)")
         compute = ((layer_load[layer] if is_head else 0.0) + flops[i]) / rate
+        comm = lay.comm(i)
         with np.errstate(divide="ignore"):
             memratio = np.where(avail > 0, mem[i] / avail, math.inf)
-        score = np.maximum(np.maximum(compute, memratio), lay.comm(i))
+        score = np.maximum(np.maximum(compute, memratio), comm)
         score[~feasible] = math.inf
         j = int(np.argmin(score))
         c = int(lay.pos[i]) if current is not None else -1
         if c >= 0 and j != c and feasible[c]:
-            # stay unless the delay saved over the interval pays for the migration
-            lay.pos[i] = c
-            t_stay = lay.local_time(i, snap.n_mid)
-            lay.pos[i] = j
-            t_move = lay.local_time(i, snap.n_mid)
-            if t_stay is None or t_move is None:  # neighbours being re-placed: no basis to move
-                j = c
-            elif snap.interval * (t_stay - t_move) <= migration_delay(snap, [(s.blocks[i], c, j)]):
+            # stay unless the block's own delay (compute + transfers) saved over the
+            # interval pays for moving it
+            delay = compute + comm
+            saved = snap.interval * (delay[c] - delay[j])
+            if saved <= migration_delay(snap, [(s.blocks[i], c, j)]):
                 j = c
         lay.pos[i] = j
         used[j] += mem[i]

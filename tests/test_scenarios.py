@@ -1,0 +1,59 @@
+"""The shipped scenarios show what they claim, in virtual time (deterministic, so these are
+checks of behaviour, not of machine speed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed import experiment
+from testbed.scenario import load
+
+from .conftest import read_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def runs(name: str, algorithms: list[str], tmp: Path, **overrides: int) -> dict[str, experiment.Outcome]:
+    scen = load(ROOT / "scenarios" / f"{name}.yaml")
+    if overrides:
+        scen = scen.with_overrides(**overrides)
+    prep = experiment.prepare(scen)
+    return {a: experiment.run(prep, a, tmp / a, clock="virtual") for a in algorithms}
+
+
+def mean_after(o: experiment.Outcome, token: int) -> float:
+    rows = [r for r in read_csv(o.run_dir / "tokens.csv") if int(r["token"]) >= token]
+    return sum(float(r["latency_ms"]) for r in rows) / len(rows)
+
+
+def test_bandwidth_drop_resource_aware_beats_static(tmp_path: Path) -> None:
+    o = runs("bandwidth_drop", ["static", "resource_aware"], tmp_path)
+    assert all(x.ok for x in o.values())
+    static, ra = mean_after(o["static"], 24), mean_after(o["resource_aware"], 24)
+    assert ra <= 0.70 * static, (ra, static)  # at least 30 % lower, migration stalls included
+    moves = [e for e in read_csv(o["resource_aware"].run_dir / "events.csv")
+             if e["kind"] == "migration" and int(e["token"]) >= 24]
+    assert moves, "no migration followed the drop"
+    assert o["resource_aware"].summary["correctness"]["tokens_match"]
+
+
+@pytest.mark.parametrize("name", ["memory_pressure", "kv_growth"])
+def test_memory_scenarios_resource_aware_never_runs_out(name: str, tmp_path: Path) -> None:
+    o = runs(name, ["static", "resource_aware"], tmp_path)
+    ra, static = o["resource_aware"], o["static"]
+    assert ra.ok and ra.summary["oom"] == 0 and ra.summary["correctness"]["tokens_match"], ra.status
+    assert not any(e["kind"] == "oom" for e in read_csv(ra.run_dir / "events.csv"))
+    assert static.summary["oom"] >= 1 or not static.ok
+    assert "out of memory" in static.status
+
+
+def test_compute_slowdown_moves_heads_off_the_slow_device(tmp_path: Path) -> None:
+    o = runs("compute_slowdown", ["static", "resource_aware"], tmp_path)
+    ra = o["resource_aware"]
+    assert ra.ok and ra.summary["correctness"]["tokens_match"]
+    moved = [e for e in read_csv(ra.run_dir / "events.csv")
+             if e["kind"] == "migration" and int(e["token"]) >= 24 and "from=pi-b" in e["detail"]]
+    assert moved
+    assert mean_after(ra, 32) < mean_after(o["static"], 32)
