@@ -17,7 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from testbed import experiment
-from testbed.agents.cluster import UnsupportedEvent
 from testbed.emulation.clock import CLOCKS
 from testbed.placement import ALGORITHM_NAMES
 from testbed.scenario import Scenario, ScenarioError, load
@@ -37,8 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, help="override generation.new_tokens (short runs)")
     p.add_argument("--clock", choices=CLOCKS, default="real",
                    help="real (default) or virtual: fast, deterministic emulated time")
-    p.add_argument("--transport", choices=("inproc", "ws"), default="inproc")
-    p.add_argument("--processes", action="store_true", help="one OS process per device agent (ws only)")
+    p.add_argument("--transport", choices=("inproc", "ws"),
+                   help="inproc (default): asyncio queues; ws: a websocket per agent pair on loopback")
+    p.add_argument("--processes", action="store_true",
+                   help="one OS process per device agent (implies --transport ws)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary, only the run directories")
     return p.parse_args(argv)
 
@@ -54,8 +55,12 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str]]:
                                 f"unknown algorithm {name!r} (known: {', '.join(ALGORITHM_NAMES)})")
     if len(set(names)) != len(names):
         raise ScenarioError(scen.file, "--algorithm", "an algorithm is listed twice")
-    if args.transport != "inproc" or args.processes:
-        raise ScenarioError(scen.file, "--transport", "only the inproc transport is available in this build")
+    if args.processes and args.transport == "inproc":
+        raise ScenarioError(scen.file, "--processes", "agents in separate processes talk over --transport ws")
+    args.transport = args.transport or ("ws" if args.processes else "inproc")
+    if args.transport == "ws" and args.clock == "virtual":
+        raise ScenarioError(scen.file, "--transport", "--clock virtual runs on the in-process transport only "
+                            "(real sockets live in real time)")
     return scen, names
 
 
@@ -67,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Console(highlight=False, width=140)
     try:
         scen, algorithms = resolve(args)
-        experiment.check_runnable(scen)
-    except (ScenarioError, UnsupportedEvent) as e:
+    except ScenarioError as e:
         err.print(f"error: {e}", markup=False)
         return 2
     if not args.quiet:
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         show = out.is_terminal and not args.quiet
         with _progress(out, show, alg, scen.generation.new_tokens) as progress:
             outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
-                                     progress=progress)
+                                     processes=args.processes, progress=progress)
         outcomes.append(outcome)
         if args.quiet:
             out.print(f"{outcome.status} {outcome.run_dir}", markup=False, soft_wrap=True)

@@ -8,6 +8,7 @@ summary and meta.json. `runners/run.py` is the command line around it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .agents.cluster import Cluster, UnsupportedEvent
+from .agents.cluster import Cluster
 from .agents.controller import Controller, Options, RunFailed
 from .emulation import clock as clock_mod
 from .model.blocks import Reference, Tensors, WeightSource, random_prompt, weights_for
@@ -88,15 +89,6 @@ def prepare(scenario: Scenario) -> Prepared:
     return Prepared(scenario, model, weights, prompt, ids, logits, gen.prompt, tokenizer)
 
 
-def check_runnable(scenario: Scenario) -> None:
-    """Refuse, before any run directory exists, what this build cannot emulate."""
-    for e in scenario.events:
-        if e.action in ("fail_device", "join_device"):
-            raise UnsupportedEvent(
-                f"{scenario.file}: events[{e.index}].action: {e.action!r} is not supported by "
-                "this build yet (device faults arrive with the fault-handling transport)")
-
-
 def git_revision() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -130,11 +122,12 @@ class Outcome:
 
 
 class _Hooks:
-    """Scenario events and instrumentation, called by the controller at token boundaries."""
+    """Scenario events and instrumentation around the controller's token loop."""
 
-    def __init__(self, cluster: Cluster, writer: RunWriter, events: tuple[Event, ...],
+    def __init__(self, world: Any, writer: RunWriter, events: tuple[Event, ...],
                  progress: Callable[[int], None] | None) -> None:
-        self.cluster, self.w = cluster, writer
+        self.world, self.w = world, writer
+        self.loop = asyncio.get_running_loop()
         self.at_token: dict[int, list[Event]] = {}
         for e in events:
             if e.at_token is not None:
@@ -143,119 +136,152 @@ class _Hooks:
         self.progress = progress
         self.controller: Controller | None = None
         self.k = 0
-        self._high = {n: 0 for n in cluster.names}
+        self.last: dict[str, dict[str, Any]] = {}  # the latest telemetry row per device
         self._t0 = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def now(self) -> float:
-        return self.cluster.loop.time() - self._t0
+        return self.loop.time() - self._t0
 
-    def start(self, t0: float) -> None:
+    async def start(self, t0: float) -> None:
         self._t0 = t0
         for e in self.at_s:
-            self.cluster.loop.call_at(t0 + e.at_s, self._apply, e)  # type: ignore[operator]
-        self.links()
-        self.telemetry()
+            self.loop.call_at(t0 + e.at_s, self._later, e)  # type: ignore[operator]
+        await self.links()
+        await self.telemetry()
 
-    def _apply(self, e: Event) -> None:
-        detail = self.cluster.apply(e)
+    def _later(self, e: Event) -> None:
+        task = self.loop.create_task(self._apply(e))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, e: Event) -> None:
+        if e.action == "fail_device":  # its consequences (the controller noticing) come after
+            self.w.event(self.now(), self.k, e.action, e.subject, "the device stops abruptly")
+            await self.world.apply(e)
+            return
+        detail = await self.world.apply(e)
         self.w.event(self.now(), self.k, e.action, e.subject, detail)
         if e.action == "set_link":
-            self.links()
+            await self.links()
 
-    def before_token(self, k: int) -> None:
+    async def before_token(self, k: int) -> None:
         self.k = k
         for e in self.at_token.get(k, []):
-            self._apply(e)
+            await self._apply(e)
 
-    def after_token(self, k: int) -> None:
-        self.telemetry()
+    async def after_token(self, k: int) -> None:
+        await self.telemetry()
         if self.progress:
             self.progress(k)
 
-    def on_epoch(self, k: int) -> None:
-        self.links()
+    async def on_epoch(self, k: int) -> None:
+        await self.links()
 
-    def telemetry(self) -> None:
+    async def telemetry(self) -> None:
         t = self.now()
-        for name in self.cluster.names:
-            a = self.cluster.agents[name]
-            b = a.budget
-            self.w.telemetry({
-                "t_s": round(t, 9), "token": self.k, "device": name, "mem_current": b.current,
-                "mem_high": b.high_bytes, "mem_max": b.max_bytes, "kv_bytes": a.kv_bytes(),
-                "weights_bytes": a.weight_bytes(), "pressure_bytes": b.by_category["pressure"],
-                "compute_gflops": a.compute.rate / 1e9, "mem_peak": b.peak, "over_high": int(b.over_high),
-                "high_events": b.events_high, "oom_events": b.events_oom,
-                "reserved_bytes": b.by_category["reserved"],
-            })
-            if b.events_high > self._high[name]:
-                self._high[name] = b.events_high
+        for r in await self.world.device_rows():
+            m, name = r["memory"], r["device"]
+            row = {
+                "t_s": round(t, 9), "token": self.k, "device": name, "mem_current": m["current"],
+                "mem_high": m["high_bytes"], "mem_max": m["max_bytes"], "kv_bytes": r["kv_bytes"],
+                "weights_bytes": r["weights_bytes"], "pressure_bytes": m["pressure_bytes"],
+                "compute_gflops": r["compute_flops"] / 1e9, "mem_peak": m["peak"],
+                "over_high": int(m["current"] > m["high_bytes"]), "high_events": m["high"],
+                "oom_events": m["oom"], "reserved_bytes": m["reserved_bytes"],
+            }
+            self.w.telemetry(row)
+            prev = self.last.get(name)
+            if m["high"] > (prev["high_events"] if prev else 0):
                 self.w.event(t, self.k, "memory_high", name,
-                             f"current={b.current} high={b.high_bytes} max={b.max_bytes}")
+                             f"current={m['current']} high={m['high_bytes']} max={m['max_bytes']}")
+            self.last[name] = {**row, "jobs": r["jobs"], "overruns": r["overruns"]}
 
-    def links(self) -> None:
+    async def links(self) -> None:
         t = self.now()
-        belief = self.controller._belief if self.controller is not None else None
-        names = self.cluster.names
-        for (src, dst), lk in self.cluster.net.links.items():
-            measured = math.nan
-            if belief is not None and self.controller is not None and self.controller.opt.telemetry == "measured":
-                measured = float(belief.rate[names.index(src), names.index(dst)]) * 8 / 1e6
-            else:
-                obs = lk.observed_rate()
-                measured = obs * 8 / 1e6 if obs is not None else math.nan
-            self.w.link({"t_s": round(t, 9), "token": self.k, "src": src, "dst": dst,
-                         "bandwidth_mbps": lk.bandwidth_mbps, "measured_mbps": measured,
-                         "latency_ms": lk.latency_ms, "bytes": lk.bytes_sent})
+        ctl = self.controller
+        belief = ctl._belief if ctl is not None and ctl.opt.telemetry == "measured" else None
+        for r in await self.world.link_rows():
+            measured = r["observed_mbps"] if r["observed_mbps"] is not None else math.nan
+            if belief is not None and r["src"] in ctl.devices and r["dst"] in ctl.devices \
+                    and len(ctl.devices) == len(belief.devices):  # type: ignore[union-attr]
+                i, j = ctl.devices.index(r["src"]), ctl.devices.index(r["dst"])  # type: ignore[union-attr]
+                measured = float(belief.rate[i, j]) * 8 / 1e6
+            self.w.link({"t_s": round(t, 9), "token": self.k, "src": r["src"], "dst": r["dst"],
+                         "bandwidth_mbps": r["bandwidth_mbps"], "measured_mbps": measured,
+                         "latency_ms": r["latency_ms"], "bytes": r["bytes"]})
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
                      progress: Callable[[int], None] | None, state: dict[str, Any],
-                     setup: Callable[[Cluster], None] | None = None,
-                     on_finish: Callable[[Cluster, Controller], None] | None = None) -> None:
+                     transport: str = "inproc", processes: bool = False,
+                     setup: Callable[[Any], None] | None = None,
+                     on_finish: Callable[[Any, Controller], None] | None = None) -> None:
     scen = prep.scenario
-    faults: list[str] = []
     controller: Controller | None = None
+    hooks: _Hooks | None = None
 
     def on_fault(where: str, what: str) -> None:
-        faults.append(f"{where}: {what}")
-        writer.event(hooks.now(), hooks.k, "fault", where, what)
+        writer.event(hooks.now() if hooks else 0.0, hooks.k if hooks else 0, "fault", where, what)
         if controller is not None:
             controller.fault(f"{where}: {what}")
 
-    cluster = Cluster(scen, prep.model, prep.weights, on_fault)
-    hooks = _Hooks(cluster, writer, scen.events, progress)
-    alg = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
-    ctl = scen.controller
-    controller = Controller(scen, prep.model, alg, cluster.source_agent, prep.weights, list(cluster.names),
-                            (prep.ref_ids, prep.ref_logits), prep.prompt, writer, hooks,
-                            Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry),
-                            cluster.oracle)
-    hooks.controller = controller
-    state["controller"], state["cluster"] = controller, cluster
-    if setup is not None:
-        setup(cluster)
+    world = make_world(prep, transport, processes, on_fault)
+    state["cluster"] = world
     try:
+        await world.start()
+        hooks = _Hooks(world, writer, scen.events, progress)
+        alg = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
+        ctl = scen.controller
+        controller = Controller(scen, prep.model, alg, world.port(), (prep.ref_ids, prep.ref_logits),
+                                prep.prompt, writer, hooks,
+                                Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry), world.oracle)
+        hooks.controller = controller
+        state["controller"], state["hooks"] = controller, hooks
+        if setup is not None:
+            setup(world)
         await controller.deploy()
-        controller.t0 = cluster.loop.time()
-        hooks.start(controller.t0)
+        controller.t0 = world.loop.time()
+        await hooks.start(controller.t0)
         for k in range(scen.generation.new_tokens):
-            hooks.before_token(k)
+            await hooks.before_token(k)
             row = await controller.produce(k)
             writer.token(row)
-            hooks.after_token(k)
-        state["total_s"] = cluster.loop.time() - controller.t0
+            await hooks.after_token(k)
+        state["total_s"] = world.loop.time() - controller.t0
         if on_finish is not None:
-            on_finish(cluster, controller)
+            on_finish(world, controller)
     finally:
-        await controller.stop()
-        await cluster.stop()
+        if hooks is not None:
+            await hooks.stop()
+        if controller is not None:
+            await controller.stop()
+        await world.stop()
+
+
+def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None]) -> Any:
+    """The emulated cluster for a run: agents in this process over in-process queues or
+    websockets, or agents in their own processes (websockets)."""
+    if processes:
+        from .agents.remote import ProcessCluster
+
+        return ProcessCluster(prep.scenario, prep.model, on_fault)
+    if transport == "ws":
+        from .agents.wscluster import WsCluster
+
+        return WsCluster(prep.scenario, prep.model, prep.weights, on_fault)
+    return Cluster(prep.scenario, prep.model, prep.weights, on_fault)
 
 
 def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real", transport: str = "inproc",
-        progress: Callable[[int], None] | None = None,
-        setup: Callable[[Cluster], None] | None = None,
-        on_finish: Callable[[Cluster, Controller], None] | None = None) -> Outcome:
+        progress: Callable[[int], None] | None = None, processes: bool = False,
+        setup: Callable[[Any], None] | None = None,
+        on_finish: Callable[[Any, Controller], None] | None = None) -> Outcome:
     """Run one algorithm (a registered name, or any object with `name`, `dynamic` and
     `place`) on a prepared scenario; always leaves meta.json and summary.json."""
     scen = prep.scenario
@@ -267,7 +293,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     writer = RunWriter(run_dir)
     meta: dict[str, Any] = {
         "format_version": 1, "scenario": scen.to_dict(), "scenario_file": scen.file,
-        "algorithm": alg_name, "seed": scen.seed, "clock": clock, "transport": transport,
+        "algorithm": alg_name, "seed": scen.seed, "clock": clock, "transport": transport, "processes": processes,
         "git_revision": git_revision(), "python": sys.version.split()[0], "torch": torch.__version__,
         "host": socket.gethostname(), "platform": platform.platform(), "start": utc_now(), "end": None,
         "status": "running", "prompt_tokens": len(prep.prompt),
@@ -276,7 +302,8 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     state: dict[str, Any] = {}
     status = "completed"
     try:
-        clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, state, setup, on_finish), clock)
+        clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, state, transport, processes,
+                                         setup, on_finish), clock)
     except RunFailed as e:
         status = f"failed: {e}"
     except KeyboardInterrupt:
@@ -299,14 +326,11 @@ def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[s
              status: str) -> dict[str, Any]:
     rows = w.token_rows
     st = ctl.stats if ctl is not None else None
-    cluster: Cluster | None = state.get("cluster")
-    jobs = overruns = 0
-    peak: dict[str, int] = {}
-    if cluster is not None:
-        for name, a in cluster.agents.items():
-            jobs += a.compute.jobs
-            overruns += a.compute.overruns
-            peak[name] = a.budget.peak
+    hooks: _Hooks | None = state.get("hooks")
+    last = hooks.last if hooks is not None else {}
+    jobs = sum(r["jobs"] for r in last.values())
+    overruns = sum(r["overruns"] for r in last.values())
+    peak = {name: r["mem_peak"] for name, r in last.items()}
     ids = [int(r["token_id"]) for r in rows]
     cuts = sorted({e.at_token for e in prep.scenario.events if e.at_token is not None})
     extra: dict[str, Any] = {
@@ -319,6 +343,8 @@ def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[s
         "refused_migrations": st.refused_migrations if st else 0,
         "decision_ms": {"mean": sum(st.decision_ms) / len(st.decision_ms) if st and st.decision_ms else math.nan,
                         "max": max(st.decision_ms) if st and st.decision_ms else math.nan},
+        "stalls": st.stalls if st else 0,
+        "recover_ms": st.recover_ms if st else [],
         "overrun_fraction": overruns / jobs if jobs else 0.0,
         "peak_memory_bytes": peak,
         "correctness": {

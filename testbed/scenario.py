@@ -222,9 +222,8 @@ class Scenario:
 
     def to_dict(self) -> dict:
         """The resolved scenario as plain data (defaults filled in, the model as explicit
-        sizes plus its preset name). A scenario shortened by `with_overrides(new_tokens=...)`
-        keeps its events past the end (they never fire), which a file may not have, so only
-        an un-shortened scenario parses back."""
+        sizes plus its preset name) that `parse` reads back. Events that never fire (at a
+        token past a run shortened by `with_overrides(new_tokens=...)`) are left out."""
         model = {f: getattr(self.model, f) for f in _MODEL_FIELDS}
         if self.model.name in PRESETS:
             model = {"preset": self.model.name, **model}
@@ -239,7 +238,8 @@ class Scenario:
             "source": self.source,
             "network": self.network.to_dict(),
             "controller": self.controller.to_dict(),
-            "events": [e.to_dict() for e in self.events],
+            "events": [e.to_dict() for e in self.events
+                       if e.at_token is None or e.at_token < self.generation.new_tokens],
         }
 
     def with_overrides(

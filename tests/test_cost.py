@@ -35,7 +35,7 @@ def test_weight_bytes_equal_live_tensors(spec: ModelSpec) -> None:
 @pytest.mark.parametrize("n", [1, 7, 33, 100])
 def test_cache_bytes_equal_live_cache(spec: ModelSpec, n: int) -> None:
     head = HeadBlock.create(spec, RandomWeights(spec, seed=1).block("head.0.0"))
-    x = torch.randn(n, spec.d_model).to(head.w["wk"].dtype)
+    x = torch.randn(n, spec.d_model).to(head.w["wqkv"].dtype)
     head.forward(x[: n // 2 + 1], 0)  # a prefill chunk, then single tokens
     for pos in range(n // 2 + 1, n):
         head.forward(x[pos:pos + 1], pos)

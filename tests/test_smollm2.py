@@ -78,7 +78,8 @@ def test_block_shapes(weights: smollm2.SmolLM2Weights, ref: Reference) -> None:
     s = SPEC
     D, d, q, F, V = s.d_model, s.d_head, s.q_per_group, s.d_ff, s.vocab
     want = {
-        "head": {"norm.w": (D,), "wq": (q * d, D), "wk": (d, D), "wv": (d, D)},
+        # live head blocks hold W_q, W_k, W_v fused into one matrix (blocks.fuse_qkv)
+        "head": {"norm.w": (D,), "wqkv": ((q + 2) * d, D)},
         "proj": {"wo": (D, D)},
         "ffn": {"norm.w": (D,), "wg": (F, D), "wu": (F, D), "wd": (D, F)},
     }

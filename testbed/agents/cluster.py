@@ -1,11 +1,13 @@
-"""The emulated world of one run, in one process: device agents, the in-process network,
-scenario events applied to them, and the emulator's truth (oracle telemetry, the
-instrumentation that writes telemetry.csv and links.csv).
+"""The emulated world of one run in one process: device agents, the network between them
+(in-process queues, or real websockets on loopback), scenario events applied to them, and
+the emulator's truth (oracle telemetry, the instrumentation behind telemetry.csv and
+links.csv).
 
-This is the test harness around the system under test (the controller and the agents'
-protocol): it owns the truth about links, compute and memory, and changes it when a
-scenario says so. The controller sees it only through messages, or through `oracle()`
-when a scenario asks for oracle telemetry.
+This is the harness around the system under test (the controller and the agents'
+protocol): it owns the truth about links, compute, memory and device presence, and changes
+it when a scenario says so. The controller sees it only through messages (its `Port`), or
+through `oracle()` when a scenario asks for oracle telemetry. `remote.py` provides the same
+interface for agents that run in their own processes.
 """
 
 from __future__ import annotations
@@ -18,62 +20,100 @@ from typing import Any
 import numpy as np
 
 from ..emulation.link import EmulatedLink
-from ..model import cost
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot
-from ..scenario import Event, Scenario
+from ..scenario import DeviceSpec, Event, LinkSpec, Scenario
 from ..transport.inproc import InprocNetwork
 from .device import DeviceAgent
+from .world import apply_to_device, apply_to_link, device_row, link_row
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-
 
 class UnsupportedEvent(Exception):
-    """A scenario action this build cannot emulate yet."""
+    """A scenario action this world cannot emulate."""
+
+
+class AgentPort:
+    """The controller's port on an in-process source agent."""
+
+    def __init__(self, agent: DeviceAgent) -> None:
+        self.agent = agent
+        self.source = agent.name
+
+    def send(self, dst: str, msg: dict[str, Any]) -> None:
+        self.agent.send(dst, msg)
+
+    def attach(self, handler: Callable[[str, dict[str, Any]], None]) -> None:
+        self.agent.controller = handler
 
 
 class Cluster:
+    """Agents in this process, over `InprocNetwork` (or `WsNetwork` when transport="ws")."""
+
     def __init__(self, scenario: Scenario, model: ModelSpec, weights: WeightSource,
                  on_fault: Callable[[str, str], None]) -> None:
         self.scenario = scenario
         self.model = model
+        self.weights = weights
         self.loop = asyncio.get_running_loop()
         self.net = InprocNetwork(self.loop, on_fault)
-        self.names: list[str] = [d.name for d in scenario.devices]
+        self.names: list[str] = []
         self.source = scenario.source
         self.agents: dict[str, DeviceAgent] = {}
+        self.failed: set[str] = set()
         for d in scenario.devices:
-            for e in scenario.devices:
-                if d.name != e.name:
-                    self.net.add_link(d.name, e.name, scenario.network.link(d.name, e.name))
-        for d in scenario.devices:
-            fixed = cost.source_weight_bytes(model) if d.name == self.source else 0
-            agent = DeviceAgent(d, model, weights, self._sender(d.name), self.source,
-                                outgoing=self._outgoing(d.name), fixed_bytes=fixed)
-            self.agents[d.name] = agent
-            self.net.register(d.name, agent.handle)
-        for (src, dst), link in self.net.links.items():
-            link.on_change = self._alarm(src, dst, link)
-        self.base_flops = {d.name: d.flops for d in scenario.devices}
+            self._add(d, {o.name: scenario.network.link(d.name, o.name) for o in scenario.devices})
+
+    def _add(self, d: DeviceSpec, links: dict[str, LinkSpec]) -> DeviceAgent:
+        agent = DeviceAgent(d, self.model, self.weights, self._sender(d.name), self.source,
+                            outgoing=self._outgoing(d.name))
+        self.agents[d.name] = agent
+        self._connect(agent)
+        for other in self.names:
+            spec = links.get(other, self.scenario.network.default)
+            for a, b in ((d.name, other), (other, d.name)):
+                link = self._add_link(a, b, spec)
+                link.on_change = self._alarm(a, b, link)
+        self.names.append(d.name)
+        return agent
+
+    # the in-process network; WsCluster overrides these four
+    def _connect(self, agent: DeviceAgent) -> None:
+        self.net.register(agent.name, agent.handle)
+
+    def _add_link(self, a: str, b: str, spec: LinkSpec) -> EmulatedLink:
+        return self.net.add_link(a, b, spec)
+
+    def links(self) -> dict[tuple[str, str], EmulatedLink]:
+        return self.net.links
+
+    def _kill(self, name: str) -> None:
+        self.net.kill(name)
 
     def _alarm(self, src: str, dst: str, link: EmulatedLink) -> Callable[[float], None]:
-        return lambda rate: self.agents[src].link_changed(dst, rate, link.observed_latency())
+        def fire(rate: float) -> None:
+            if src not in self.failed:
+                self.agents[src].link_changed(dst, rate, link.observed_latency())
+
+        return fire
 
     def _sender(self, name: str) -> Callable[[str, dict[str, Any]], int]:
         return lambda dst, msg: self.net.send(name, dst, msg)
 
     def _outgoing(self, name: str) -> Callable[[], dict[str, EmulatedLink]]:
-        return lambda: {dst: link for (src, dst), link in self.net.links.items() if src == name}
+        return lambda: {dst: link for (src, dst), link in self.links().items()
+                        if src == name and dst not in self.failed}
 
-    @property
-    def source_agent(self) -> DeviceAgent:
-        return self.agents[self.source]
+    def port(self) -> AgentPort:
+        return AgentPort(self.agents[self.source])
 
     def link(self, a: str, b: str) -> EmulatedLink:
-        return self.net.link(a, b)
+        return self.links()[(a, b)]
+
+    async def start(self) -> None:
+        """Nothing to connect in process (the websocket cluster overrides this)."""
 
     async def stop(self) -> None:
         for agent in self.agents.values():
@@ -81,36 +121,47 @@ class Cluster:
 
     # ------------------------------------------------------------------ events
 
-    def check_supported(self, events: tuple[Event, ...]) -> None:
-        for e in events:
-            if e.action in ("fail_device", "join_device"):
-                raise UnsupportedEvent(
-                    f"events[{e.index}]: action {e.action!r} is not supported by this build yet "
-                    "(device faults arrive with the websocket transport)")
-
-    def apply(self, e: Event) -> str:
+    async def apply(self, e: Event) -> str:
         """Apply a scenario event to the world; returns a short description for events.csv."""
         if e.action == "set_link":
             a, b = e.between  # type: ignore[misc]
-            for link in (self.link(a, b), self.link(b, a)):
-                link.set(e.bandwidth_mbps, e.latency_ms, e.burst_kib)
-            lk = self.link(a, b)
-            return f"bandwidth_mbps={lk.bandwidth_mbps:g} latency_ms={lk.latency_ms:g}"
-        agent = self.agents[e.device]  # type: ignore[index]
-        if e.action == "set_compute":
-            agent.compute.factor = e.factor  # type: ignore[assignment]
-            return f"factor={e.factor:g} gflops={agent.compute.rate / 1e9:g}"
-        if e.action == "memory_pressure":
-            want = int(e.take_mib * MIB)  # type: ignore[operator]
-            got = agent.budget.take_up_to("pressure", want)
-            short = "" if got == want else f" (only {got / MIB:.2f} MiB were free)"
-            return f"took_mib={got / MIB:.2f}{short}"
-        if e.action == "memory_release":
-            held = agent.budget.by_category["pressure"]
-            amount = held if e.mib is None else min(held, int(e.mib * MIB))
-            agent.budget.release("pressure", amount)
-            return f"released_mib={amount / MIB:.2f}"
+            fields = {"bandwidth_mbps": e.bandwidth_mbps, "latency_ms": e.latency_ms, "burst_kib": e.burst_kib}
+            apply_to_link(self.link(b, a), fields)
+            return apply_to_link(self.link(a, b), fields)
+        if e.action == "join_device":
+            assert e.join is not None
+            agent = self._add(e.join, e.join_links or {})
+            await self._bring_up(agent)
+            return f"compute_gflops={e.join.compute_gflops:g} memory_mib={e.join.memory_mib:g}"
+        if e.action == "fail_device":
+            self.fail(e.device)  # type: ignore[arg-type]
+            return "the device stopped: its blocks and caches are gone"
+        if e.action in ("set_compute", "memory_pressure", "memory_release"):
+            fields = {"factor": e.factor, "take_mib": e.take_mib, "mib": e.mib}
+            return apply_to_device(self.agents[e.device], e.action, fields)  # type: ignore[index]
         raise UnsupportedEvent(f"action {e.action!r} is not supported by the in-process cluster")
+
+    async def _bring_up(self, agent: DeviceAgent) -> None:
+        """A joined agent is reachable: it introduces itself to the controller."""
+        agent.announce()
+
+    def fail(self, name: str) -> None:
+        """The device dies abruptly: its state is gone, frames to and from it are lost, and
+        its peers see their connections break after the link latency."""
+        if name == self.source:
+            raise UnsupportedEvent("the source device runs the controller and cannot fail")
+        agent = self.agents[name]
+        self.failed.add(name)
+        self._kill(name)
+        for task in list(agent._tasks):
+            task.cancel()
+        self._announce_down(name)
+
+    def _announce_down(self, name: str) -> None:
+        """In process nothing breaks by itself: the source sees the connection reset after
+        the link latency, as TCP would show it."""
+        src = self.agents[self.source]
+        self.loop.call_later(self.link(name, self.source).latency, src.peer_down, name)
 
     # ------------------------------------------------------------------ truth
 
@@ -118,7 +169,8 @@ class Cluster:
         out = []
         for name in self.names:
             a = self.agents[name]
-            out.append(DeviceState.from_memory(name, a.compute.rate, a.budget.counters(), a.spec.host_blocks))
+            out.append(DeviceState.from_memory(name, a.compute.rate, a.budget.counters(), a.spec.host_blocks,
+                                               alive=name not in self.failed))
         return tuple(out)
 
     def link_matrices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,7 +183,15 @@ class Cluster:
                     rate[i, j], lat[i, j], burst[i, j] = lk.bucket.rate, lk.latency, lk.bucket.burst
         return rate, lat, burst
 
-    def oracle(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:
+    async def oracle(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:
         rate, lat, burst = self.link_matrices()
         return Snapshot(self.model, self.device_states(), rate, lat, burst,
                         self.names.index(self.source), seq_len, interval, current)
+
+    async def device_rows(self) -> list[dict[str, Any]]:
+        """Instrumentation: per live device its memory, caches, weights and compute."""
+        return [device_row(self.agents[n]) for n in self.names if n not in self.failed]
+
+    async def link_rows(self) -> list[dict[str, Any]]:
+        return [link_row(src, dst, lk) for (src, dst), lk in self.links().items()
+                if src not in self.failed and dst not in self.failed]

@@ -32,6 +32,7 @@ from ..model.blocks import (
     HeadBlock,
     KVCache,
     ProjBlock,
+    SourceBlock,
     WeightSource,
     concat_heads,
     make_block,
@@ -50,7 +51,7 @@ AnyBlock = HeadBlock | ProjBlock | FfnBlock
 
 class DeviceAgent:
     def __init__(self, spec: DeviceSpec, model: ModelSpec, weights: WeightSource, send: Send,
-                 source: str, outgoing: Outgoing | None = None, fixed_bytes: int = 0) -> None:
+                 source: str, outgoing: Outgoing | None = None) -> None:
         self.name = spec.name
         self.spec = spec
         self.model = model
@@ -59,8 +60,11 @@ class DeviceAgent:
         self._outgoing = outgoing or dict
         self.source = source  # where the controller runs
         self.budget = MemoryBudget(spec.name, spec.memory_bytes, spec.memory_high_bytes)
-        if fixed_bytes:
-            self.budget.charge("fixed", fixed_bytes)
+        # the source device holds the embedding, final norm and LM head (not placeable)
+        self.source_block: SourceBlock | None = None
+        if spec.name == source:
+            self.source_block = SourceBlock(model, weights.source())
+            self.budget.charge("fixed", sum(t.nbytes for t in self.source_block.w.values()))
         self.budget.on_high = self.budget.on_pressure = self._pressure
         self.compute = ComputeUnit(spec.name, spec.flops)
         self.blocks: dict[str, AnyBlock] = {}
@@ -111,6 +115,17 @@ class DeviceAgent:
         self.send(self.source, {"t": P.LINK_CHANGE, "device": self.name, "peer": peer, "rate": rate,
                                 "latency": latency})
 
+    def peer_down(self, peer: str) -> None:
+        """The transport lost its connection to a peer; the source tells the controller."""
+        if self.source_block is not None and self.controller is not None:
+            self.controller(self.name, {"t": P.DOWN, "device": peer})
+
+    def announce(self) -> None:
+        """A joining device introduces itself to the controller (via the source)."""
+        self.send(self.source, {"t": P.JOIN, "device": self.name, "memory": self.budget.counters(),
+                                "flops": self.compute.rate, "host_blocks": self.spec.host_blocks,
+                                "at": asyncio.get_running_loop().time()})
+
     def handle(self, sender: str, msg: dict[str, Any]) -> None:
         """Entry point for every message addressed to this device."""
         t = msg["t"]
@@ -135,6 +150,7 @@ class DeviceAgent:
         return sum(b.cache.nbytes for b in self.blocks.values() if isinstance(b, HeadBlock))
 
     def weight_bytes(self) -> int:
+        """Weights of the placeable blocks held here (the source's fixed share apart)."""
         return sum(t.nbytes for b in self.blocks.values() for t in b.w.values())
 
     def cache_lengths(self) -> dict[str, int]:
@@ -185,6 +201,38 @@ class DeviceAgent:
         return out
 
     # ------------------------------------------------------------------ data path
+
+    def _on_gen(self, sender: str, m: dict[str, Any]) -> None:
+        """Start an attempt: embed the tokens (a table lookup, no emulated compute) and send
+        the hidden states to layer 0's devices."""
+        if self.source_block is None:
+            raise P.ProtocolError(f"{self.name} is not the source device")
+        seq, pos = m["seq"], m["pos"]
+        if seq <= self.floor:
+            return
+        with torch.inference_mode():
+            x = self.source_block.embed(list(m["tokens"]), pos)
+        msg = {"t": P.LAYER_IN, "seq": seq, "layer": 0, "pos": pos, "x": x}
+        for dst in self.layer_targets(0):
+            self._forward(dst, msg)
+
+    def _on_out(self, sender: str, m: dict[str, Any]) -> None:
+        if self.source_block is None:
+            raise P.ProtocolError(f"{self.name} is not the source device")
+        if m["seq"] > self.floor:
+            self._spawn(self._lm_head(m["seq"], m["x"]))
+
+    async def _lm_head(self, seq: int, x: torch.Tensor) -> None:
+        src = self.source_block
+        assert src is not None
+
+        def work() -> torch.Tensor:
+            with torch.inference_mode():
+                return src.logits(x[-1:])[0]
+
+        logits = await self.compute.run(cost.source_flops(self.model), work)
+        if seq > self.floor and self.controller is not None:
+            self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits})
 
     def _on_x(self, sender: str, m: dict[str, Any]) -> None:
         seq, layer = m["seq"], m["layer"]
@@ -362,7 +410,7 @@ class DeviceAgent:
         self._tel_since = asyncio.get_running_loop().time()
         links = {}
         for peer, link in self._outgoing().items():
-            rate = link.observed_rate(since)
+            rate = 0.0 if link.down else link.observed_rate(since)
             links[peer] = {"rate": rate, "latency": link.observed_latency(since), "bytes": link.bytes_sent}
             if rate is None and m.get("probe_bytes"):
                 self.send(peer, {"t": P.PROBE, "pad": bytes(int(m["probe_bytes"]))})
@@ -379,6 +427,8 @@ class DeviceAgent:
 
 
 _HANDLERS: dict[str, Callable[[DeviceAgent, str, dict[str, Any]], None]] = {
+    P.GEN: DeviceAgent._on_gen,
+    P.OUT: DeviceAgent._on_out,
     P.LAYER_IN: DeviceAgent._on_x,
     P.HEADS: DeviceAgent._on_h,
     P.FFN_IN: DeviceAgent._on_y,

@@ -69,6 +69,11 @@ class EmulatedLink:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def down(self) -> bool:
+        """Rate 0: frames wait (none is lost) until a rate is set again."""
+        return self.bucket.rate <= 0
+
     def send(self, frame: bytes, deliver: Callable[[bytes], None]) -> None:
         now = self.loop.time()
         mid, done = self.bucket.enqueue(now, len(frame))
@@ -86,6 +91,7 @@ class EmulatedLink:
             burst_kib: float | None = None) -> None:
         """Apply a rate/latency/burst change from now on (scenario `set_link`)."""
         now = self.loop.time()
+        was_down = self.down
         rate = None if bandwidth_mbps is None else bandwidth_mbps * 1e6 / 8
         burst = None if burst_kib is None else burst_kib * 1024
         self._record_sent(self.bucket.set_rate(now, rate, burst))
@@ -105,6 +111,19 @@ class EmulatedLink:
         for mid, finish in self.bucket.projection():
             if mid in self._pending:
                 self._schedule(mid, finish)
+        # the sender sees its queue stop draining (or start again) at once
+        if self.on_change is not None and self.down != was_down:
+            self.on_change(self.bucket.rate)
+
+    def drop_all(self) -> int:
+        """The sender died: every frame not yet delivered is lost. Returns how many."""
+        n = len(self._pending)
+        for entry in self._pending.values():
+            if entry[3] is not None:
+                entry[3].cancel()
+        self._pending.clear()
+        self._sent.clear()
+        return n
 
     def _schedule(self, mid: int, finish: float) -> None:
         if math.isinf(finish):

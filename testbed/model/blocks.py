@@ -208,7 +208,8 @@ class KVCache:
 
 @dataclass
 class HeadBlock:
-    """One K/V group of a layer: norm, its Q/K/V slices and its own cache."""
+    """One K/V group of a layer: norm, its Q/K/V slices (stored fused as one [(q+2)d, D]
+    matrix: one product per token instead of three) and its own cache."""
 
     spec: ModelSpec
     w: Tensors
@@ -216,27 +217,35 @@ class HeadBlock:
 
     @classmethod
     def create(cls, spec: ModelSpec, w: Tensors) -> HeadBlock:
-        return cls(spec, w, KVCache(spec.d_head, w["wk"].dtype))
+        return cls(spec, fuse_qkv(w), KVCache(spec.d_head, w.get("wqkv", w.get("wk")).dtype))
 
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x: [T, D] hidden states of positions pos..pos+T-1 -> [T, q*d] attention outputs."""
         s, w = self.spec, self.w
         T, d, q = x.shape[0], s.d_head, s.q_per_group
-        h = _norm(x, w, s)
-        qs = _linear(h, w["wq"], w.get("bq")).view(T, q, d)
-        k = _linear(h, w["wk"], w.get("bk")).view(T, 1, d)
-        v = _linear(h, w["wv"], w.get("bv"))  # [T, d]
+        qkv = _linear(_norm(x, w, s), w["wqkv"], w.get("bqkv"))  # [T, (q+2)d]
+        qs, k, v = qkv[:, : q * d].view(T, q, d), qkv[:, q * d:(q + 1) * d], qkv[:, (q + 1) * d:]
         if s.positions == "rope":
-            qs, k = rope(qs, pos, s.rope_base), rope(k, pos, s.rope_base)
-        self.cache.write(pos, k.view(T, d), v)
+            qs, k = rope(qs, pos, s.rope_base), rope(k.view(T, 1, d), pos, s.rope_base).view(T, d)
+        self.cache.write(pos, k, v)
         K, V = self.cache.k[: pos + T], self.cache.v[: pos + T]  # [n, d]
-        att = torch.einsum("tqd,nd->qtn", qs, K) / math.sqrt(d)  # [q, T, n]
+        att = torch.matmul(qs.transpose(0, 1), K.t()) / math.sqrt(d)  # [q, T, n]
         if T > 1:  # causal: query t (position pos+t) sees keys 0..pos+t
             mask = torch.arange(pos + T)[None, :] > (pos + torch.arange(T))[:, None]
             att = att.masked_fill(mask, float("-inf"))
         att = torch.softmax(att.float(), dim=-1).to(x.dtype)
-        out = torch.einsum("qtn,nd->tqd", att, V)  # [T, q, d]
-        return out.reshape(T, q * d)
+        return torch.matmul(att, V).transpose(0, 1).reshape(T, q * d)  # [T, q*d]
+
+
+def fuse_qkv(w: Tensors) -> Tensors:
+    """A head block's weights with W_q, W_k, W_v (and biases) as one matrix (and vector)."""
+    if "wqkv" in w:
+        return w
+    out = {k: v for k, v in w.items() if k not in ("wq", "wk", "wv", "bq", "bk", "bv")}
+    out["wqkv"] = torch.cat([w["wq"], w["wk"], w["wv"]])
+    if "bq" in w:
+        out["bqkv"] = torch.cat([w["bq"], w["bk"], w["bv"]])
+    return out
 
 
 @dataclass

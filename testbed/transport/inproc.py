@@ -33,6 +33,8 @@ class InprocNetwork:
         self.on_fault = on_fault or (lambda where, what: log.warning("%s: %s", where, what))
         # fault injection (tests, scenarios): a frame for which this returns True is lost
         self.drop: Callable[[str, str, dict[str, Any]], bool] | None = None
+        self.dead: set[str] = set()  # failed agents: frames to or from them are lost
+        self.lost_frames = 0
 
     def add_link(self, src: str, dst: str, spec: LinkSpec) -> EmulatedLink:
         link = EmulatedLink(src, dst, spec.bandwidth_mbps, spec.latency_ms, spec.burst_kib, self.loop)
@@ -48,8 +50,19 @@ class InprocNetwork:
     def unregister(self, name: str) -> None:
         self.handlers.pop(name, None)
 
+    def kill(self, name: str) -> None:
+        """An agent dies: it receives nothing more and what it was sending is lost."""
+        self.dead.add(name)
+        self.handlers.pop(name, None)
+        for (src, _), link in self.links.items():
+            if src == name:
+                self.lost_frames += link.drop_all()
+
     def send(self, src: str, dst: str, msg: dict[str, Any]) -> int:
         """Queue msg from src to dst; returns the bytes charged to the link (0 if local)."""
+        if src in self.dead:
+            self.lost_frames += 1
+            return 0
         if src == dst:
             self.loop.call_soon(self._call, src, dst, msg)
             return 0
@@ -70,6 +83,9 @@ class InprocNetwork:
 
     def _call(self, src: str, dst: str, msg: dict[str, Any]) -> None:
         handler = self.handlers.get(dst)
+        if handler is None and dst in self.dead:
+            self.lost_frames += 1  # sent to a device that has failed: lost, as on a real network
+            return
         if handler is None:
             self.on_fault(f"{src}->{dst}", f"dropped a {msg.get('t')!r} message: {dst} is not running")
             return

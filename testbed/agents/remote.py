@@ -1,0 +1,286 @@
+"""The world of a run whose device agents are separate OS processes (`--processes`).
+
+The runner starts one `python -m runners.agent` per device (or attaches to agents started
+by hand on other hosts), talks to each over an authenticated `/control` websocket that the
+emulation does not shape, and offers the controller the same interface as the in-process
+`Cluster`: a `Port` (the controller's messages leave from the source agent, and what
+arrives there for the controller is relayed back), the oracle, instrumentation rows and
+scenario events. `fail_device` kills the agent's process; `join_device` starts a new one.
+
+No orphans: every child gets PR_SET_PDEATHSIG, so it dies with the runner even if the
+runner is killed; `stop()` (also on failure and Ctrl-C) asks each to stop, then terminates
+and kills what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import logging
+import os
+import secrets
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import yaml
+
+from ..model.spec import ModelSpec
+from ..placement.problem import DeviceState, Placement, Snapshot
+from ..scenario import Event, Scenario
+from ..transport.codec import MAX_FRAME, FrameError, decode, encode
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "TESTBED_RUN_TOKEN"
+ROOT = Path(__file__).resolve().parents[2]
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class RelayPort:
+    """The controller's port on a source agent in another process."""
+
+    def __init__(self, cluster: ProcessCluster) -> None:
+        self.cluster = cluster
+        self.source = cluster.source
+
+    def send(self, dst: str, msg: dict[str, Any]) -> None:
+        self.cluster._control[self.source].send({"t": "send", "dst": dst, "msg": msg})
+
+    def attach(self, handler: Callable[[str, dict[str, Any]], None]) -> None:
+        self.cluster._to_controller = handler
+
+
+class _Control:
+    """One control connection: requests with ids, replies, and relayed messages."""
+
+    def __init__(self, name: str, ws: aiohttp.ClientWebSocketResponse,
+                 on_relay: Callable[[str, dict[str, Any]], None], on_close: Callable[[str], None]) -> None:
+        self.name, self.ws = name, ws
+        self._rid = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._out: asyncio.Queue[bytes] = asyncio.Queue()
+        self.on_relay, self.on_close = on_relay, on_close
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._write())]
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self._out.put_nowait(encode(msg))
+
+    async def request(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        rid = next(self._rid)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        self.send({"t": "op", "op": op, "rid": rid, **fields})
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiting.pop(rid, None)
+        if not reply.get("ok"):
+            raise RuntimeError(f"{self.name}: {op} failed: {reply.get('detail')}")
+        return reply
+
+    async def _write(self) -> None:
+        while True:
+            await self.ws.send_bytes(await self._out.get())
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                try:
+                    m = decode(msg.data)
+                except FrameError as e:
+                    log.warning("control %s: refused a frame: %s", self.name, e)
+                    continue
+                if m["t"] == "ctl":
+                    self.on_relay(m["sender"], m["msg"])
+                elif m["t"] == "re":
+                    fut = self._waiting.get(m.get("rid"))  # type: ignore[arg-type]
+                    if fut is not None and not fut.done():
+                        fut.set_result(m)
+        finally:
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"{self.name}: control connection closed"))
+            self.on_close(self.name)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.ws.close()
+
+
+class ProcessCluster:
+    def __init__(self, scenario: Scenario, model: ModelSpec, on_fault: Callable[[str, str], None],
+                 attach: dict[str, str] | None = None, token: str | None = None) -> None:
+        self.scenario, self.model, self.on_fault = scenario, model, on_fault
+        self.loop = asyncio.get_running_loop()
+        self.source = scenario.source
+        self.names = [d.name for d in scenario.devices]
+        self.failed: set[str] = set()
+        self.token = token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+        self.attach = dict(attach or {})  # agents started elsewhere: name -> base URL
+        self.urls: dict[str, str] = {}
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self._control: dict[str, _Control] = {}
+        self._to_controller: Callable[[str, dict[str, Any]], None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="testbed-run-")
+        self._file = Path(self._dir.name) / "scenario.yaml"
+        self._file.write_text(yaml.safe_dump(scenario.to_dict(), sort_keys=False))
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        await asyncio.gather(*(self._launch(n) for n in self.names))
+        await self._introduce(self.names)
+        await self._control[self.source].request("attach")
+
+    async def _launch(self, name: str) -> None:
+        if name in self.attach:
+            self.urls[name] = self.attach[name].rstrip("/")
+        else:
+            env = {**os.environ, TOKEN_ENV: self.token, "PYTHONPATH": str(ROOT)}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "runners.agent", "--scenario", str(self._file), "--device", name,
+                stdout=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT), preexec_fn=_die_with_parent)
+            self.procs[name] = proc
+            assert proc.stdout is not None
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), 120)
+            except TimeoutError:
+                raise RuntimeError(f"agent {name} did not start within 120 s") from None
+            if not line.startswith(b"READY "):
+                raise RuntimeError(f"agent {name} failed to start (exit {await proc.wait()})")
+            self.urls[name] = f"http://127.0.0.1:{int(line.split()[1])}"
+        assert self._session is not None
+        ws = await self._session.ws_connect(self.urls[name] + "/control", max_msg_size=MAX_FRAME,
+                                            headers={"Authorization": f"Bearer {self.token}"})
+        self._control[name] = _Control(name, ws, self._relay, self._control_closed)
+
+    async def _introduce(self, names: list[str]) -> None:
+        """Tell agents about their peers; they connect to each other."""
+        book = {n: self.urls[n] for n in self.names if n not in self.failed}
+        await asyncio.gather(*(self._control[n].request("peers", peers=book) for n in book))
+
+    def _relay(self, sender: str, msg: dict[str, Any]) -> None:
+        if self._to_controller is not None:
+            self._to_controller(sender, msg)
+
+    def _control_closed(self, name: str) -> None:
+        if not self._stopping and name not in self.failed:
+            self.on_fault(name, "the agent's control connection closed (did its process die?)")
+
+    def port(self) -> RelayPort:
+        return RelayPort(self)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for name, c in list(self._control.items()):
+            if name not in self.failed:
+                try:
+                    await c.request("stop", timeout=5)
+                except (RuntimeError, ConnectionError, TimeoutError):
+                    pass
+            await c.close()
+        for proc in self.procs.values():
+            await _reap(proc)
+        if self._session is not None:
+            await self._session.close()
+        self._dir.cleanup()
+
+    # ------------------------------------------------------------------ events
+
+    async def apply(self, e: Event) -> str:
+        if e.action == "set_link":
+            a, b = e.between  # type: ignore[misc]
+            fields = {"bandwidth_mbps": e.bandwidth_mbps, "latency_ms": e.latency_ms, "burst_kib": e.burst_kib}
+            await self._control[b].request("event", action="set_link", peer=a, fields=fields)
+            r = await self._control[a].request("event", action="set_link", peer=b, fields=fields)
+            return r["detail"]
+        if e.action == "fail_device":
+            name = e.device
+            assert name is not None
+            self.failed.add(name)
+            proc = self.procs.get(name)
+            if proc is None:
+                raise RuntimeError(f"{name} runs on another host: the runner cannot kill it")
+            proc.kill()
+            await proc.wait()
+            return f"process {proc.pid} killed: its blocks and caches are gone"
+        if e.action == "join_device":
+            assert e.join is not None
+            self.names.append(e.join.name)
+            await self._launch(e.join.name)
+            await self._introduce(self.names)
+            await self._control[e.join.name].request("announce")
+            return f"compute_gflops={e.join.compute_gflops:g} memory_mib={e.join.memory_mib:g}"
+        fields = {"factor": e.factor, "take_mib": e.take_mib, "mib": e.mib}
+        r = await self._control[e.device].request("event", action=e.action, fields=fields)  # type: ignore[index]
+        return r["detail"]
+
+    # ------------------------------------------------------------------ truth
+
+    async def _states(self) -> dict[str, dict[str, Any]]:
+        alive = [n for n in self.names if n not in self.failed]
+        replies = await asyncio.gather(*(self._control[n].request("state") for n in alive))
+        return dict(zip(alive, replies, strict=True))
+
+    async def device_rows(self) -> list[dict[str, Any]]:
+        return [r["device"] for r in (await self._states()).values()]
+
+    async def link_rows(self) -> list[dict[str, Any]]:
+        return [lk for r in (await self._states()).values() for lk in r["links"]
+                if lk["dst"] not in self.failed]
+
+    async def oracle(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:
+        states = await self._states()
+        V = len(self.names)
+        rate, lat, burst = np.full((V, V), np.inf), np.zeros((V, V)), np.zeros((V, V))
+        devices = []
+        for i, name in enumerate(self.names):
+            r = states.get(name)
+            if r is None:
+                devices.append(DeviceState(name, 1.0, 0, False, alive=False))
+                continue
+            d = r["device"]
+            devices.append(DeviceState.from_memory(name, d["compute_flops"], d["memory"], d["host_blocks"]))
+            for lk in r["links"]:
+                j = self.names.index(lk["dst"])
+                rate[i, j], lat[i, j], burst[i, j] = lk["rate"], lk["latency"], lk["burst"]
+        return Snapshot(self.model, tuple(devices), rate, lat, burst, self.names.index(self.source),
+                        seq_len, interval, current)
+
+
+async def _reap(proc: asyncio.subprocess.Process, grace: float = 3.0) -> None:
+    if proc.returncode is not None:
+        return
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+        return
+    except TimeoutError:
+        pass
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

@@ -1,0 +1,56 @@
+"""Emulator-side operations on one device, shared by every kind of cluster.
+
+What a scenario event does to a device or to its outgoing links, and how the emulator
+reads a device's truth for instrumentation and oracle telemetry. The in-process clusters
+call these on their agents directly; an agent process calls them when its runner asks
+(`runners/agent.py`). One implementation, so every transport emulates the same world.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..emulation.link import EmulatedLink
+from .device import DeviceAgent
+
+MIB = 1024 * 1024
+
+
+def apply_to_device(agent: DeviceAgent, action: str, fields: dict[str, Any]) -> str:
+    """set_compute, memory_pressure, memory_release on the device; returns a description."""
+    if action == "set_compute":
+        agent.compute.factor = float(fields["factor"])
+        return f"factor={fields['factor']:g} gflops={agent.compute.rate / 1e9:g}"
+    if action == "memory_pressure":
+        want = int(fields["take_mib"] * MIB)
+        got = agent.budget.take_up_to("pressure", want)
+        short = "" if got == want else f" (only {got / MIB:.2f} MiB were free)"
+        return f"took_mib={got / MIB:.2f}{short}"
+    if action == "memory_release":
+        held = agent.budget.by_category["pressure"]
+        amount = held if fields.get("mib") is None else min(held, int(fields["mib"] * MIB))
+        agent.budget.release("pressure", amount)
+        return f"released_mib={amount / MIB:.2f}"
+    raise ValueError(f"not a device action: {action!r}")
+
+
+def apply_to_link(link: EmulatedLink, fields: dict[str, Any]) -> str:
+    """set_link on one direction of a link; returns a description."""
+    link.set(fields.get("bandwidth_mbps"), fields.get("latency_ms"), fields.get("burst_kib"))
+    return f"bandwidth_mbps={link.bandwidth_mbps:g} latency_ms={link.latency_ms:g}"
+
+
+def device_row(agent: DeviceAgent) -> dict[str, Any]:
+    """The device's truth: memory counters, caches, weights, compute."""
+    return {"device": agent.name, "memory": agent.budget.counters(), "kv_bytes": agent.kv_bytes(),
+            "weights_bytes": agent.weight_bytes(), "compute_flops": agent.compute.rate,
+            "jobs": agent.compute.jobs, "overruns": agent.compute.overruns,
+            "host_blocks": agent.spec.host_blocks}
+
+
+def link_row(src: str, dst: str, link: EmulatedLink) -> dict[str, Any]:
+    obs = link.observed_rate()
+    return {"src": src, "dst": dst, "bandwidth_mbps": link.bandwidth_mbps,
+            "observed_mbps": obs * 8 / 1e6 if obs is not None else None,
+            "latency_ms": link.latency_ms, "bytes": link.bytes_sent,
+            "rate": link.bucket.rate, "latency": link.latency, "burst": link.bucket.burst}

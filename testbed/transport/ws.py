@@ -1,0 +1,256 @@
+"""Websocket transport: one aiohttp websocket per agent pair, msgpack frames, never pickle.
+
+Each agent owns a `WsEndpoint`: an aiohttp server (bound to 127.0.0.1 unless the caller
+explicitly allows another address) with two routes, `/peer` for the data plane from other
+agents and `/control` for the runner, plus a client that dials its peers. Of every pair the
+agent whose name sorts first dials; the one connection then carries both directions.
+
+Every request carries the run's random token (`Authorization: Bearer ...`) and is refused
+(HTTP 401) without it; the peer names itself in `X-Agent` and must be in the address book.
+Frames are binary msgpack (`codec.py`) with an explicit size limit; a frame that is not
+binary, too large, undecodable, or a message the agent rejects is refused and logged, and
+counted in `refused`; the agent goes on. The emulated link (token bucket + latency) is
+applied at the sender exactly as with the in-process transport: a frame is written to the
+socket when the link delivers it, so both transports emulate the same network (loopback
+adds a few tens of microseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..emulation.link import EmulatedLink
+from ..scenario import LinkSpec
+from .codec import MAX_FRAME, FrameError, decode, encode
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, dict[str, Any]], None]
+ControlHandler = Callable[[web.Request, web.WebSocketResponse], Awaitable[None]]
+
+LOOPBACK = "127.0.0.1"
+HEARTBEAT_S = 1.0
+
+
+def check_bind(host: str, allow_remote: bool) -> None:
+    if host not in (LOOPBACK, "localhost", "::1") and not allow_remote:
+        raise ValueError(f"refusing to listen on {host}: agents bind {LOOPBACK} unless remote "
+                         "addresses are allowed explicitly (--allow-remote)")
+
+
+def authorized(request: web.Request, token: str) -> bool:
+    got = request.headers.get("Authorization", "")
+    return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+
+
+class WsEndpoint:
+    def __init__(self, name: str, token: str, host: str = LOOPBACK, port: int = 0,
+                 allow_remote: bool = False, max_frame: int = MAX_FRAME) -> None:
+        check_bind(host, allow_remote)
+        self.name, self.token, self.host, self.port = name, token, host, port
+        self.max_frame = max_frame
+        self.loop = asyncio.get_running_loop()
+        self.handler: Handler | None = None  # the agent's `handle`
+        self.on_peer_down: Callable[[str], None] | None = None
+        self.on_fault: Callable[[str, str], None] = lambda where, what: log.warning("%s: %s", where, what)
+        self.control: ControlHandler | None = None
+        self.book: dict[str, str] = {}  # peer -> base URL
+        self.links: dict[str, EmulatedLink] = {}
+        self._ws: dict[str, web.WebSocketResponse | aiohttp.ClientWebSocketResponse] = {}
+        self._connected: dict[str, asyncio.Event] = {}
+        self._queues: dict[str, asyncio.Queue[bytes]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._closing = False
+        self.refused = 0
+        self.lost_frames = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> int:
+        app = web.Application(client_max_size=1024)
+        app.router.add_get("/peer", self._serve_peer)
+        app.router.add_get("/control", self._serve_control)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._session = aiohttp.ClientSession()
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for ws in list(self._ws.values()):
+            await ws.close()
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ peers
+
+    def add_peer(self, name: str, url: str, link: LinkSpec) -> None:
+        """Know a peer (its address and our emulated link to it)."""
+        self.book[name] = url
+        self.links[name] = EmulatedLink(self.name, name, link.bandwidth_mbps, link.latency_ms,
+                                        link.burst_kib, self.loop)
+        self._connected.setdefault(name, asyncio.Event())
+
+    async def connect(self, peers: list[str] | None = None, timeout: float = 30.0) -> None:
+        """Dial the peers (default: every peer in the book) that sort after us; wait until
+        each of them is connected (a peer that sorts first dials us)."""
+        want = [p for p in (self.book if peers is None else peers) if p != self.name and p in self.book]
+        for peer in want:
+            if self.name < peer and peer not in self._ws:
+                self._spawn(self._dial(peer))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._connected[p].wait() for p in want)), timeout)
+        except TimeoutError:
+            missing = [p for p in want if not self._connected[p].is_set()]
+            raise ConnectionError(f"{self.name}: no connection to {', '.join(missing)} within {timeout:g} s") from None
+
+    async def _dial(self, peer: str) -> None:
+        assert self._session is not None
+        delay = 0.05
+        for attempt in range(40):
+            try:
+                ws = await self._session.ws_connect(
+                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S,
+                    headers={"Authorization": f"Bearer {self.token}", "X-Agent": self.name})
+                break
+            except (aiohttp.ClientError, OSError) as e:
+                if attempt == 39:
+                    self.on_fault(f"{self.name}->{peer}", f"cannot connect: {e}")
+                    return
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        await self._serve(peer, ws)
+
+    async def _serve_peer(self, request: web.Request) -> web.StreamResponse:
+        peer = request.headers.get("X-Agent", "")
+        if not authorized(request, self.token):
+            self.refused += 1
+            log.warning("%s: refused a peer connection without the run token", self.name)
+            return web.Response(status=401, text="missing or wrong run token")
+        if peer not in self.book or peer == self.name:
+            self.refused += 1
+            return web.Response(status=403, text=f"unknown agent {peer!r}")
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S)
+        await ws.prepare(request)
+        await self._serve(peer, ws)
+        return ws
+
+    async def _serve(self, peer: str, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+        old = self._ws.get(peer)
+        if old is not None and not old.closed:
+            await old.close()
+        self._ws[peer] = ws
+        queue = self._queues.setdefault(peer, asyncio.Queue())
+        writer = self._spawn(self._write_loop(peer, ws, queue))
+        self._connected.setdefault(peer, asyncio.Event()).set()
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self._receive(peer, msg.data)
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    self._refuse(peer, f"websocket error: {ws.exception()}")
+                    break
+                else:
+                    self._refuse(peer, f"non-binary frame ({msg.type.name})")
+        finally:
+            writer.cancel()
+            if self._ws.get(peer) is ws:
+                del self._ws[peer]
+                self._connected[peer] = asyncio.Event()
+                if not self._closing and self.on_peer_down is not None:
+                    self.on_peer_down(peer)
+
+    def _refuse(self, peer: str, why: str) -> None:
+        self.refused += 1
+        self.on_fault(f"{peer}->{self.name}", f"refused a frame: {why}")
+
+    def _receive(self, peer: str, frame: bytes) -> None:
+        try:
+            msg = decode(frame, self.max_frame)
+        except FrameError as e:
+            self._refuse(peer, str(e))
+            return
+        if self.handler is None:
+            return
+        try:
+            self.handler(peer, msg)
+        except Exception as e:  # a bad message must not take the agent down
+            log.exception("%s: handling %r from %s failed", self.name, msg.get("t"), peer)
+            self._refuse(peer, f"{msg.get('t')!r} rejected: {type(e).__name__}: {e}")
+
+    async def _write_loop(self, peer: str, ws: Any, queue: asyncio.Queue[bytes]) -> None:
+        while True:
+            frame = await queue.get()
+            try:
+                await ws.send_bytes(frame)
+            except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
+                self.lost_frames += 1
+                log.info("%s->%s: frame lost: %s", self.name, peer, e)
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, dst: str, msg: dict[str, Any]) -> int:
+        """Queue msg for dst through our emulated link; returns the bytes charged."""
+        if dst == self.name:
+            self.loop.call_soon(self._local, msg)
+            return 0
+        frame = encode(msg)
+        link = self.links.get(dst)
+        if link is None:
+            self.lost_frames += 1
+            self.on_fault(f"{self.name}->{dst}", f"no link to {dst}: a {msg.get('t')!r} message was dropped")
+            return 0
+        link.send(frame, lambda f: self._put(dst, f))
+        return len(frame)
+
+    def _local(self, msg: dict[str, Any]) -> None:
+        if self.handler is not None:
+            self.handler(self.name, msg)
+
+    def _put(self, dst: str, frame: bytes) -> None:
+        q = self._queues.get(dst)
+        if q is None or dst not in self._ws:
+            self.lost_frames += 1  # the peer is gone: lost, as on a real network
+            return
+        q.put_nowait(frame)
+
+    # ------------------------------------------------------------------ control
+
+    async def _serve_control(self, request: web.Request) -> web.StreamResponse:
+        if not authorized(request, self.token):
+            self.refused += 1
+            log.warning("%s: refused a control connection without the run token", self.name)
+            return web.Response(status=401, text="missing or wrong run token")
+        if self.control is None:
+            return web.Response(status=404, text="no control interface")
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S)
+        await ws.prepare(request)
+        await self.control(request, ws)
+        return ws
