@@ -27,7 +27,8 @@ from aiohttp import WSMsgType, web
 
 from testbed.agents.device import DeviceAgent
 from testbed.agents.world import apply_to_device, apply_to_link, device_row, link_row
-from testbed.emulation.clock import CLOCKS
+from testbed.emulation.clock import CLOCKS, LagMonitor
+from testbed.emulation.clock import run as run_loop
 from testbed.experiment import TORCH_THREADS
 from testbed.model.blocks import weights_for
 from testbed.scenario import DeviceSpec, LinkSpec, Scenario, ScenarioError, load
@@ -66,7 +67,7 @@ class AgentProcess:
         self.ep.on_peer_down = self.agent.peer_down
         self.ep.control = self.control
         self.stopped = asyncio.Event()
-        self._relay: asyncio.Queue[bytes] | None = None
+        self.lag = LagMonitor()
 
     def _link_spec(self, peer: str) -> LinkSpec:
         if peer in self.links:
@@ -93,7 +94,7 @@ class AgentProcess:
                     continue
                 try:
                     reply = await self._op(m, out)
-                except (KeyError, TypeError, ValueError, ConnectionError) as e:
+                except Exception as e:  # a bad request is answered, never fatal
                     log.warning("control: refused %r: %s", m.get("op", m.get("t")), e)
                     reply = {"t": "re", "rid": m.get("rid"), "ok": False, "detail": f"{type(e).__name__}: {e}"}
                 if reply is not None:
@@ -128,8 +129,13 @@ class AgentProcess:
                 return {**ok, "detail": apply_to_link(self.ep.links[m["peer"]], m["fields"])}
             return {**ok, "detail": apply_to_device(self.agent, m["action"], m["fields"])}
         if op == "state":
-            return {**ok, "device": device_row(self.agent),
+            return {**ok, "device": device_row(self.agent), "lag": self.lag.stats(),
                     "links": [link_row(self.spec.name, p, lk) for p, lk in self.ep.links.items()]}
+        if op == "bulk":  # benchmark: keep the link to `peer` busy with probes, report timings
+            return {**ok, "transfers": await self._bulk(m["peer"], m["size"], m["count"], m["seconds"])}
+        if op == "probe_log":  # benchmark: time probe arrivals here (on) / hand them over (off)
+            log_, self.agent.probe_log = self.agent.probe_log, [] if m["on"] else None
+            return {**ok, "arrivals": [list(x) for x in (log_ or [])]}
         if op == "attach":  # controller-bound messages go to the runner from now on
             self.agent.controller = lambda sender, msg: out.put_nowait(
                 encode({"t": "ctl", "sender": sender, "msg": msg}))
@@ -143,9 +149,30 @@ class AgentProcess:
         raise ValueError(f"unknown control operation {op!r}")
 
 
+    async def _bulk(self, peer: str, size: int, count: int, seconds: float) -> list[list[float]]:
+        """Send up to `count` probes of `size` bytes to `peer` within `seconds`, keeping a
+        few frames queued so the link never idles; returns (n, size, scheduled, delivered)
+        per frame as the sender's link saw them."""
+        link = self.ep.links[peer]
+        link.record = []
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        n = 0
+        while n < count and loop.time() < end:
+            while link.bucket.queued < 4 and n < count:  # never idle: a few frames always wait
+                self.agent.send(peer, {"t": "probe", "pad": bytes(size), "n": n})
+                n += 1
+            await asyncio.sleep(0.0005)
+        while link.in_flight and loop.time() < end + 5:
+            await asyncio.sleep(0.001)
+        rec, link.record = link.record, None
+        return [[i, t.size, t.scheduled, t.arrival] for i, t in enumerate(rec)]
+
+
 async def serve(args: argparse.Namespace, scen: Scenario, token: str) -> None:
     proc = AgentProcess(scen, args.device, token, args.host, args.port, args.allow_remote)
     port = await proc.ep.start()
+    proc.lag.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proc.stopped.set)
@@ -182,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.scenario}: no device {args.device!r} (declared or joining)", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(args, scen, token))
+        run_loop(lambda: serve(args, scen, token), "real")
     except ValueError as e:  # e.g. a non-loopback address without --allow-remote
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from rich.table import Table
 from testbed import experiment
 from testbed.emulation.clock import CLOCKS
 from testbed.placement import ALGORITHM_NAMES
+from testbed.placement.registry import size_problem
 from testbed.scenario import Scenario, ScenarioError, load
 
 DEFAULT_OUT = Path("results")
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="inproc (default): asyncio queues; ws: a websocket per agent pair on loopback")
     p.add_argument("--processes", action="store_true",
                    help="one OS process per device agent (implies --transport ws)")
+    p.add_argument("--attach", action="append", default=[], metavar="NAME=URL",
+                   help="use an agent started by hand (e.g. on another host) at URL for device NAME "
+                        "(implies --processes; the run token comes from TESTBED_RUN_TOKEN)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary, only the run directories")
     return p.parse_args(argv)
 
@@ -55,6 +59,25 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str]]:
                                 f"unknown algorithm {name!r} (known: {', '.join(ALGORITHM_NAMES)})")
     if len(set(names)) != len(names):
         raise ScenarioError(scen.file, "--algorithm", "an algorithm is listed twice")
+    devices = len(scen.devices) + sum(e.action == "join_device" for e in scen.events)
+    for name in names:
+        why = size_problem(name, scen.model.layers, devices)
+        if why:
+            raise ScenarioError(scen.file, "--algorithm", why)
+    attach = {}
+    for item in args.attach:
+        name, sep, url = item.partition("=")
+        if not sep or name not in scen.device_names or not url.startswith(("http://", "https://")):
+            raise ScenarioError(scen.file, "--attach", f"expected NAME=http://HOST:PORT with a device of the "
+                                f"scenario, got {item!r}")
+        attach[name] = url
+    if attach:
+        import os
+
+        if len(os.environ.get("TESTBED_RUN_TOKEN", "")) < 16:
+            raise ScenarioError(scen.file, "--attach", "set TESTBED_RUN_TOKEN to the token the agents were started with")
+        args.processes = True
+    args.attach = attach
     if args.processes and args.transport == "inproc":
         raise ScenarioError(scen.file, "--processes", "agents in separate processes talk over --transport ws")
     args.transport = args.transport or ("ws" if args.processes else "inproc")
@@ -86,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         show = out.is_terminal and not args.quiet
         with _progress(out, show, alg, scen.generation.new_tokens) as progress:
             outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
-                                     processes=args.processes, progress=progress)
+                                     processes=args.processes, attach=args.attach, progress=progress)
         outcomes.append(outcome)
         if args.quiet:
             out.print(f"{outcome.status} {outcome.run_dir}", markup=False, soft_wrap=True)

@@ -9,6 +9,7 @@ summary and meta.json. `runners/run.py` is the command line around it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import os
@@ -221,7 +222,8 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
                      progress: Callable[[int], None] | None, state: dict[str, Any],
                      transport: str = "inproc", processes: bool = False,
                      setup: Callable[[Any], None] | None = None,
-                     on_finish: Callable[[Any, Controller], None] | None = None) -> None:
+                     on_finish: Callable[[Any, Controller], None] | None = None,
+                     attach: dict[str, str] | None = None) -> None:
     scen = prep.scenario
     controller: Controller | None = None
     hooks: _Hooks | None = None
@@ -231,7 +233,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         if controller is not None:
             controller.fault(f"{where}: {what}")
 
-    world = make_world(prep, transport, processes, on_fault)
+    world = make_world(prep, transport, processes, on_fault, attach)
     state["cluster"] = world
     try:
         await world.start()
@@ -255,7 +257,9 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             await hooks.after_token(k)
         state["total_s"] = world.loop.time() - controller.t0
         if on_finish is not None:
-            on_finish(world, controller)
+            done = on_finish(world, controller)
+            if inspect.isawaitable(done):
+                await done
     finally:
         if hooks is not None:
             await hooks.stop()
@@ -264,13 +268,14 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         await world.stop()
 
 
-def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None]) -> Any:
+def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None],
+               attach: dict[str, str] | None = None) -> Any:
     """The emulated cluster for a run: agents in this process over in-process queues or
-    websockets, or agents in their own processes (websockets)."""
-    if processes:
+    websockets, or agents in their own processes (websockets), some maybe on other hosts."""
+    if processes or attach:
         from .agents.remote import ProcessCluster
 
-        return ProcessCluster(prep.scenario, prep.model, on_fault)
+        return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach)
     if transport == "ws":
         from .agents.wscluster import WsCluster
 
@@ -280,6 +285,7 @@ def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callab
 
 def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real", transport: str = "inproc",
         progress: Callable[[int], None] | None = None, processes: bool = False,
+        attach: dict[str, str] | None = None,
         setup: Callable[[Any], None] | None = None,
         on_finish: Callable[[Any, Controller], None] | None = None) -> Outcome:
     """Run one algorithm (a registered name, or any object with `name`, `dynamic` and
@@ -293,7 +299,8 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     writer = RunWriter(run_dir)
     meta: dict[str, Any] = {
         "format_version": 1, "scenario": scen.to_dict(), "scenario_file": scen.file,
-        "algorithm": alg_name, "seed": scen.seed, "clock": clock, "transport": transport, "processes": processes,
+        "algorithm": alg_name, "seed": scen.seed, "clock": clock, "transport": transport,
+        "processes": processes or bool(attach), "attached": sorted(attach or {}),
         "git_revision": git_revision(), "python": sys.version.split()[0], "torch": torch.__version__,
         "host": socket.gethostname(), "platform": platform.platform(), "start": utc_now(), "end": None,
         "status": "running", "prompt_tokens": len(prep.prompt),
@@ -303,7 +310,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     status = "completed"
     try:
         clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, state, transport, processes,
-                                         setup, on_finish), clock)
+                                         setup, on_finish, attach), clock)
     except RunFailed as e:
         status = f"failed: {e}"
     except KeyboardInterrupt:

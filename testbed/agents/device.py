@@ -79,6 +79,7 @@ class DeviceAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.controller: Callable[[str, dict[str, Any]], None] | None = None  # on the source only
         self._tel_since = -math.inf
+        self.probe_log: list[tuple[str, int | None, int, float]] | None = None  # benchmarks
         self._jobs_at_tel = (0.0, 0.0)  # (flops, busy seconds) at the last report
 
     # ------------------------------------------------------------------ plumbing
@@ -137,6 +138,8 @@ class DeviceAgent:
         fn = _HANDLERS.get(t)
         if fn is None:
             raise P.ProtocolError(f"unknown message type {t!r}")
+        if sender != self.name:  # from the wire: check before use
+            P.check(msg, self.model)
         fn(self, sender, msg)
 
     async def stop(self) -> None:
@@ -423,7 +426,9 @@ class DeviceAgent:
                     links=links)
 
     def _on_probe(self, sender: str, m: dict[str, Any]) -> None:
-        pass
+        """Measurement traffic: dropped, but timed when a benchmark asks for it."""
+        if self.probe_log is not None and len(self.probe_log) < 1_000_000:
+            self.probe_log.append((sender, m.get("n"), len(m["pad"]), asyncio.get_running_loop().time()))
 
 
 _HANDLERS: dict[str, Callable[[DeviceAgent, str, dict[str, Any]], None]] = {

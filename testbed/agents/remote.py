@@ -244,6 +244,10 @@ class ProcessCluster:
         replies = await asyncio.gather(*(self._control[n].request("state") for n in alive))
         return dict(zip(alive, replies, strict=True))
 
+    async def lags(self) -> dict[str, dict[str, float]]:
+        """Event-loop lag of every agent process so far (LagMonitor statistics)."""
+        return {n: r["lag"] for n, r in (await self._states()).items()}
+
     async def device_rows(self) -> list[dict[str, Any]]:
         return [r["device"] for r in (await self._states()).values()]
 

@@ -3,7 +3,10 @@
 Agents, links and the controller read time only through `loop.time()` (via `now()`) and
 wait only through the loop (`sleep_until`, `loop.call_at`), so the same code runs in both
 modes:
-- `real`: asyncio's default loop; time is the monotonic clock.
+- `real`: asyncio's selector loop on the monotonic clock, with `select()` rather than epoll:
+  epoll's timeout has millisecond granularity (rounded up, so timers fire up to 1 ms late),
+  select's has microseconds (measured here: 0.84 ms vs 0.12 ms mean lateness). Its limit
+  of 1024 descriptors is far above what a run opens.
 - `virtual`: `VirtualEventLoop`, whose time jumps to the next timer whenever nothing is
   ready to run, so a run takes only as long as its Python work and is deterministic for a
   given seed. (Timers with equal deadlines fire in heap order, not necessarily in the
@@ -57,7 +60,7 @@ def new_loop(clock: str) -> asyncio.AbstractEventLoop:
     if clock == "virtual":
         return VirtualEventLoop()
     if clock == "real":
-        return asyncio.new_event_loop()
+        return asyncio.SelectorEventLoop(selectors.SelectSelector())
     raise ValueError(f"unknown clock {clock!r} (expected one of {', '.join(CLOCKS)})")
 
 
@@ -89,3 +92,35 @@ async def sleep_until(when: float) -> None:
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+class LagMonitor:
+    """How late the loop wakes: a task sleeps `interval` again and again and records by
+    how much each wake-up missed its deadline (a busy or starved loop shows here first)."""
+
+    def __init__(self, interval: float = 0.01, keep: int = 100_000) -> None:
+        self.interval, self.keep = interval, keep
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval
+            await asyncio.sleep(self.interval)
+            if len(self.lags) < self.keep:
+                self.lags.append(max(0.0, loop.time() - due))
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def stats(self) -> dict[str, float]:
+        xs = sorted(self.lags)
+        if not xs:
+            return {"samples": 0, "mean_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+        return {"samples": len(xs), "mean_ms": 1e3 * sum(xs) / len(xs),
+                "p99_ms": 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))], "max_ms": 1e3 * xs[-1]}

@@ -30,8 +30,9 @@ class Transfer:
     enqueued: float
     start: float  # reached the head of the queue
     finish: float  # last byte left
-    arrival: float
+    arrival: float  # when the delivery ran (timer lateness included)
     streamed: float  # bytes not covered by burst credit
+    scheduled: float = math.nan  # when it was due: finish + latency (FIFO-adjusted)
 
     @property
     def tx_time(self) -> float:
@@ -59,6 +60,8 @@ class EmulatedLink:
         # a rate that differs from the last one seen by more than CHANGE_FACTOR either way
         self.on_change: Callable[[float], None] | None = None
         self._seen_rate: float | None = None
+        # benchmarks: when set, every delivered transfer is appended here (unbounded)
+        self.record: list[Transfer] | None = None
         self.history: deque[Transfer] = deque(maxlen=self.HISTORY)
 
     @property
@@ -149,20 +152,22 @@ class EmulatedLink:
         # still on the wire). Arrivals never decrease along the queue, so every frame sent
         # before `mid` is due too: deliver those first, in order. `_pending` is in send order.
         due = []
+        now = self.loop.time()
         while self._pending:
             first = next(iter(self._pending))
             frame, deliver, enqueued, handle = self._pending.pop(first)
             if first != mid and handle is not None:
                 handle.cancel()
-            due.append((first, frame, deliver, enqueued))
+            due.append((first, frame, deliver, enqueued, handle.when() if handle is not None else now))
             if first == mid:
                 break
-        now = self.loop.time()
-        for i, frame, deliver, enqueued in due:
+        for i, frame, deliver, enqueued, when in due:
             s = self._sent.pop(i, None)
             if s is not None:
-                t = Transfer(len(frame), enqueued, s.start, s.finish, now, s.streamed)
+                t = Transfer(len(frame), enqueued, s.start, s.finish, now, s.streamed, when)
                 self.history.append(t)
+                if self.record is not None:
+                    self.record.append(t)
                 self._watch(t)
             try:
                 deliver(frame)

@@ -237,6 +237,23 @@ class HeadBlock:
         return torch.matmul(att, V).transpose(0, 1).reshape(T, q * d)  # [T, q*d]
 
 
+def block_shapes(spec: ModelSpec, kind: str) -> dict[str, tuple[int, ...]]:
+    """The tensors a live block of this kind holds, with their shapes (what a migrated
+    block's snapshot must carry)."""
+    D, d, q, Fd = spec.d_model, spec.d_head, spec.q_per_group, spec.d_ff
+    norm = {"norm.w": (D,), **({"norm.b": (D,)} if spec.norm == "layernorm" else {})}
+    if kind == "head":
+        out = {**norm, "wqkv": ((q + 2) * d, D)}
+        if spec.attn_bias:
+            out["bqkv"] = ((q + 2) * d,)
+        return out
+    if kind == "proj":
+        return {"wo": (D, D), **({"bo": (D,)} if spec.attn_bias else {})}
+    if spec.mlp == "swiglu":
+        return {**norm, "wg": (Fd, D), "wu": (Fd, D), "wd": (D, Fd)}
+    return {**norm, "w1": (Fd, D), "b1": (Fd,), "w2": (D, Fd), "b2": (D,)}
+
+
 def fuse_qkv(w: Tensors) -> Tensors:
     """A head block's weights with W_q, W_k, W_v (and biases) as one matrix (and vector)."""
     if "wqkv" in w:

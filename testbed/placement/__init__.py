@@ -7,4 +7,8 @@ ALGORITHM_NAMES = (
     "round_robin",
     "resource_aware",
     "resource_aware_ls",
+    "layer_dp",
+    "layer_dp_dynamic",
+    "equal_split",
+    "optimal",
 )

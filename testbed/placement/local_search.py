@@ -12,6 +12,7 @@ latency is separable by layer, so a step re-evaluates only the layers it touches
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 
@@ -94,10 +95,9 @@ class _State:
         d_time = 0.0
         L = self.spec.layers
         for l in self._affected(changes):
-            if l < L:
-                d_time += self._layer(l, a) - self.layer_t[l]
-            else:
-                d_time += self.model.tail_time(a[self._ffn(L - 1)]) - self.tail
+            new, old = (self._layer(l, a), self.layer_t[l]) if l < L else (
+                self.model.tail_time(a[self._ffn(L - 1)]), self.tail)
+            d_time += 0.0 if new == old else new - old
         d_mig = 0.0
         if self.cur is not None:
             links = dict(self.links)
@@ -107,8 +107,10 @@ class _State:
                     links[(c, self.a[i])] -= self.mig_bytes[i]
                 if c != j:
                     links[(c, j)] = links.get((c, j), 0.0) + self.mig_bytes[i]
-            d_mig = self._mig(links) - self._mig(self.links)
-        return self.snap.interval * d_time + d_mig
+            a, b = self._mig(links), self._mig(self.links)
+            d_mig = 0.0 if a == b else a - b
+        d = self.snap.interval * d_time + d_mig
+        return None if math.isnan(d) else d
 
     def apply(self, changes: dict[int, int]) -> None:
         for i, j in changes.items():

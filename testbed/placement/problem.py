@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -133,14 +134,10 @@ class Placement:
         return {b.name: dn[i] for b, i in self.items()}
 
 
-_BLOCK_INDEX: dict[ModelSpec, dict[str, int]] = {}
-
-
+@lru_cache(maxsize=32)
 def block_index(spec: ModelSpec) -> dict[str, int]:
-    idx = _BLOCK_INDEX.get(spec)
-    if idx is None:
-        idx = _BLOCK_INDEX[spec] = {b.name: i for i, b in enumerate(spec.blocks)}
-    return idx
+    """Block name -> position in `spec.blocks` (cached per spec, bounded)."""
+    return {b.name: i for i, b in enumerate(spec.blocks)}
 
 
 # ---------------------------------------------------------------------------- layout
@@ -172,7 +169,8 @@ def layer_views(p: Placement) -> list[LayerView]:
 
 
 def xfer_time(nbytes: float, rate: float, latency: float, burst: float = 0.0) -> float:
-    """Seconds for a message on an idle link (full burst credit); inf if the link is down."""
+    """Seconds for a message on an idle link (full burst credit); inf if the link is down
+    (what a down link holds never arrives while it is down)."""
     if rate <= 0:
         return math.inf
     return max(0.0, nbytes - burst) / rate + latency
@@ -199,6 +197,7 @@ class LatencyModel:
     def _xfer_matrix(self, nbytes: float) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.maximum(0.0, nbytes - self.burst) / self.rate + self.lat
+        t[self.rate <= 0] = np.inf  # a link that is down carries nothing (not even burst credit)
         np.fill_diagonal(t, 0.0)
         return t
 

@@ -8,8 +8,16 @@ from typing import Any
 
 from . import ALGORITHM_NAMES
 from .baselines import Greedy, RoundRobin
+from .layer_based import EqualSplit, LayerDP, LayerDPDynamic
 from .local_search import ResourceAwareLS
 from .resource_aware import ResourceAware, Static
+
+
+def _optimal() -> Any:
+    from .optimal import Optimal  # scipy's MILP is imported only when asked for
+
+    return Optimal()
+
 
 _FACTORIES: dict[str, Callable[[], Any]] = {
     "static": Static,
@@ -17,8 +25,24 @@ _FACTORIES: dict[str, Callable[[], Any]] = {
     "round_robin": RoundRobin,
     "resource_aware": ResourceAware,
     "resource_aware_ls": ResourceAwareLS,
+    "layer_dp": LayerDP,
+    "layer_dp_dynamic": LayerDPDynamic,
+    "equal_split": EqualSplit,
+    "optimal": _optimal,
 }
 assert set(_FACTORIES) == set(ALGORITHM_NAMES), "registry and ALGORITHM_NAMES disagree"
+
+
+def size_problem(name: str, layers: int, devices: int) -> str | None:
+    """Why an algorithm refuses an instance of this size (None if it does not)."""
+    if name != "optimal":
+        return None
+    from .optimal import MAX_LAYERS, MAX_SIZE
+
+    if layers * devices * devices > MAX_SIZE or layers > MAX_LAYERS:
+        return (f"optimal solves instances up to layers x devices^2 = {MAX_SIZE} and {MAX_LAYERS} layers "
+                f"(this one: {layers} layers x {devices} devices = {layers * devices * devices})")
+    return None
 
 
 def get_algorithm(name: str) -> Any:

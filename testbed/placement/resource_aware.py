@@ -137,6 +137,8 @@ def plan(snap: Snapshot) -> Placement:
         score = np.maximum(np.maximum(compute, memratio), comm)
         score[~feasible] = math.inf
         j = int(np.argmin(score))
+        if not feasible[j]:  # every feasible device scores inf (links down): least memory ratio
+            j = int(np.argmin(np.where(feasible, memratio, math.inf)))
         c = int(lay.pos[i]) if current is not None else -1
         if c >= 0 and j != c and feasible[c]:
             # stay unless the block's own delay (compute + transfers) saved over the
