@@ -18,6 +18,7 @@ from rich.table import Table
 
 from testbed import experiment
 from testbed.emulation.clock import CLOCKS
+from testbed.model.smollm2 import ModelUnavailable
 from testbed.placement import ALGORITHM_NAMES
 from testbed.placement.registry import size_problem
 from testbed.scenario import Scenario, ScenarioError, load
@@ -102,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"[bold]{scen.name}[/]: {scen.model.name}, {len(scen.devices)} devices, "
                   f"{scen.generation.new_tokens} tokens, seed {scen.seed}, {args.clock} clock; "
                   f"computing the reference...")
-    prep = experiment.prepare(scen)
+    try:
+        prep = experiment.prepare(scen)
+    except ModelUnavailable as e:
+        err.print(f"error: {scen.file}: model.preset: {e}", markup=False)
+        return 2
     outcomes = []
     for alg in algorithms:
         run_dir = experiment.run_dir_for(args.out, scen, alg, scen.seed)

@@ -75,6 +75,7 @@ class Prepared:
 
 
 def prepare(scenario: Scenario) -> Prepared:
+    torch.set_num_threads(TORCH_THREADS)  # the reference too: see run()
     model = scenario.model
     weights = CachedWeights(weights_for(model, scenario.seed))
     tokenizer = None

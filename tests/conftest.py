@@ -56,6 +56,22 @@ class Fixed:
         return Placement(snap.spec, self.assign)
 
 
+class Scripted:
+    """A dynamic algorithm that answers a given sequence of placements, one per decision
+    (then keeps the last)."""
+
+    name = "scripted"
+    dynamic = True
+
+    def __init__(self, plans: list[tuple[int, ...]]) -> None:
+        self.plans, self.calls = plans, 0
+
+    def place(self, snap: Snapshot) -> Placement:
+        p = self.plans[min(self.calls, len(self.plans) - 1)]
+        self.calls += 1
+        return Placement(snap.spec, p)
+
+
 def run_virtual(scenario: Scenario, algorithm: Any, out: Path,
                 prep: experiment.Prepared | None = None) -> experiment.Outcome:
     prep = prep or experiment.prepare(scenario)

@@ -15,26 +15,10 @@ from testbed.agents.cluster import Cluster
 from testbed.agents.controller import Controller
 from testbed.model import cost
 from testbed.model.blocks import HeadBlock
-from testbed.placement.problem import Placement, Snapshot
 
-from .conftest import fresh_dir, make_scenario, read_csv, read_json
+from .conftest import Scripted, fresh_dir, make_scenario, read_csv, read_json
 
 MIB = 1 << 20
-
-
-class Scripted:
-    """Answers a given sequence of placements, one per decision (then keeps the last)."""
-
-    name = "scripted"
-    dynamic = True
-
-    def __init__(self, plans: list[tuple[int, ...]]) -> None:
-        self.plans, self.calls = plans, 0
-
-    def place(self, snap: Snapshot) -> Placement:
-        p = self.plans[min(self.calls, len(self.plans) - 1)]
-        self.calls += 1
-        return Placement(snap.spec, p)
 
 
 def check_final_state(cluster: Cluster, ctl: Controller, n: int) -> None:

@@ -83,10 +83,14 @@ class Beliefs:
         self.memory(device, reply["memory"], reply["at"], float(reply["flops"]))
 
     def link(self, src: str, dst: str, rate: float, latency: float | None) -> None:
+        """A rate alarm from src about its link to dst. Links usually change both ways at
+        once (a radio, a cable), and the other direction may carry nothing to notice it
+        with: it is assumed to match until a measurement of its own says otherwise."""
         i, j = self.index(src), self.index(dst)
-        self.rate[i, j] = rate
-        if latency is not None:
-            self.lat[i, j] = latency
+        for a, b in ((i, j), (j, i)):
+            self.rate[a, b] = rate
+            if latency is not None:
+                self.lat[a, b] = latency
 
     def lost(self, device: str) -> None:
         i = self.index(device)

@@ -5,7 +5,9 @@ Neighbourhood, tried in this order until no step improves (or the time budget is
 - move one block to another device;
 - move every head of a layer that sits on one device to another device (a group move,
   which single moves cannot find when one head alone gains nothing);
+- move a whole layer to one device;
 - swap two blocks of one layer that sit on different devices (frees a full device).
+It starts from several placements (see `ResourceAwareLS`) and keeps the best.
 Every step keeps memory feasible (caches grown to the end of the interval). The per-token
 latency is separable by layer, so a step re-evaluates only the layers it touches.
 """
@@ -19,7 +21,17 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..model import cost
-from .problem import LatencyModel, Placement, Snapshot, epoch_objective, violations, xfer_time
+from .layer_based import LayerDP
+from .problem import (
+    Infeasible,
+    LatencyModel,
+    Placement,
+    Snapshot,
+    epoch_objective,
+    memory_need,
+    violations,
+    xfer_time,
+)
 from .resource_aware import plan
 
 EPS = 1e-12
@@ -168,6 +180,18 @@ def improve(snap: Snapshot, start: Placement, budget_s: float = 0.25, max_rounds
                 if arg is not None:
                     st.apply(dict.fromkeys(group, arg))
                     improved = True
+        # layer moves: every block of a layer to one device (consolidation, pipelines)
+        for l in range(s.layers):
+            layer = list(range(l * per, (l + 1) * per))
+            best, arg = -EPS, None
+            for j in devices:
+                if any(st.a[i] != j for i in layer):
+                    d = st.delta(dict.fromkeys(layer, j))
+                    if d is not None and d < best:
+                        best, arg = d, j
+            if arg is not None:
+                st.apply(dict.fromkeys(layer, arg))
+                improved = True
         # swaps within a layer
         for l in range(s.layers):
             idx = range(l * per, (l + 1) * per)
@@ -187,18 +211,39 @@ def improve(snap: Snapshot, start: Placement, budget_s: float = 0.25, max_rounds
 
 
 class ResourceAwareLS:
+    """Local search from several starts, the best on the epoch objective wins: the paper's
+    plan (so never worse than `resource_aware`), the current placement (so never worse
+    than staying), the layer-based DP plan, and everything on each of the fastest devices
+    that can hold it all (consolidation, which single moves cannot reach)."""
+
     name = "resource_aware_ls"
     dynamic = True
+    CONSOLIDATE = 3  # all-on-one starts on the fastest devices that fit
 
     def __init__(self, budget_s: float = 0.25) -> None:
         self.budget_s = budget_s
 
-    def place(self, snap: Snapshot) -> Placement:
-        """The better (on the epoch objective) of the improved paper plan and the improved
-        current placement, so a re-plan never does worse than staying where it is."""
-        best = improve(snap, plan(snap), self.budget_s / 2)
+    def starts(self, snap: Snapshot) -> list[Placement]:
+        out = [plan(snap)]
         if snap.current is not None and not violations(snap, snap.current):
-            stay = improve(snap, snap.current, self.budget_s / 2)
-            if epoch_objective(snap, stay) < epoch_objective(snap, best):
-                best = stay
+            out.append(snap.current)
+        try:
+            out.append(LayerDP().place(snap))
+        except Infeasible:
+            pass
+        need = memory_need(snap, Placement(snap.spec, (0,) * len(snap.spec.blocks))).sum()
+        fast = sorted((j for j, d in enumerate(snap.devices) if d.usable and d.capacity >= need),
+                      key=lambda j: (-snap.devices[j].flops, j))
+        out += [Placement(snap.spec, (j,) * len(snap.spec.blocks)) for j in fast[: self.CONSOLIDATE]]
+        return out
+
+    def place(self, snap: Snapshot) -> Placement:
+        starts = self.starts(snap)
+        best, best_obj = None, math.inf
+        for start in starts:
+            p = improve(snap, start, self.budget_s / len(starts))
+            obj = epoch_objective(snap, p)
+            if best is None or obj < best_obj:
+                best, best_obj = p, obj
+        assert best is not None
         return best

@@ -1,0 +1,179 @@
+"""`python -m runners.sweep EXPERIMENT`: every algorithm on identical random instances.
+
+Experiments (PAPER.md): `optimality` (3, 4 and 5 devices; per-token latency of every
+algorithm divided by the exact optimum's), `scale` (25 and 48 devices, long generations:
+head-level algorithms against layer-based partitioning), `paper` (both, written to
+results/paper/ with tables and figures: the committed reference results).
+Analytic mode (testbed/sweep.py): the shared estimator instead of emulated agents; every
+output says so. Instances and seeds are identical for every algorithm; jobs run in
+parallel processes (`--jobs`), which changes nothing but wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from testbed.placement.registry import get_algorithm
+from testbed.sweep import (
+    OPT_ALGS,
+    SCALE_ALGS,
+    add_ratios,
+    make_instance,
+    optimality_table,
+    scale_table,
+    simulate,
+)
+
+OPT_MODELS = ["paper-small", "paper-medium", "paper-large", "paper-xl", "gpt-tiny"]
+SCALE_CASES = [(25, "gpt2-small"), (48, "gpt-32x32"), (25, "paper-xl"), (48, "paper-xl")]
+
+
+def _job(kind: str, devices: int, model: str, index: int, seed: int, tokens: int, interval: int,
+         algorithms: list[str]) -> list[dict[str, Any]]:
+    """One instance, every algorithm (runs in a worker process)."""
+    import torch  # noqa: F401  (imported by the registry anyway; keep threads low)
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng([seed, devices, index, OPT_MODELS.index(model) if model in OPT_MODELS else 99])
+    inst = make_instance(model, devices, tokens, rng, ident=f"{kind}-{devices}-{index}")
+    rows = []
+    for name in algorithms:
+        alg = get_algorithm(name)
+        if name == "resource_aware_ls" and kind == "scale":
+            alg.budget_s = 0.1  # hundreds of decisions on up to 1088 blocks: keep each short
+        t0 = time.perf_counter()
+        r = simulate(inst, alg, interval=interval)
+        rows.append({"experiment": kind, "mode": "analytic", "devices": devices, "instance": index,
+                     "model": model, "bandwidth_class": inst.bandwidth_class, "prompt": inst.prompt,
+                     "interval": interval, "seed": seed, **r.row(), "wall_s": time.perf_counter() - t0})
+    return rows
+
+
+def run_jobs(jobs: list[tuple], workers: int, console: Console, label: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    bar = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("instances"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+    with bar, ProcessPoolExecutor(max_workers=workers) as pool:
+        task = bar.add_task(label, total=len(jobs))
+        futs = [pool.submit(_job, *j) for j in jobs]
+        for f in as_completed(futs):
+            rows.extend(f.result())
+            bar.advance(task)
+    rows.sort(key=lambda r: (r["devices"], r["instance"], r["model"], r["algorithm"]))
+    return rows
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    rows = list(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    os.replace(tmp, path)
+
+
+def print_table(console: Console, title: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    t = Table(title=title)
+    for k in rows[0]:
+        t.add_column(k, justify="right" if isinstance(rows[0][k], (int, float)) else "left")
+    for r in rows:
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
+    console.print(t)
+
+
+def optimality(args: argparse.Namespace, console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    algs = args.algorithms.split(",") if args.algorithms else OPT_ALGS
+    if "optimal" not in algs:
+        algs = ["optimal", *algs]
+    jobs = [("optimality", d, OPT_MODELS[i % len(OPT_MODELS)], i, args.seed, args.tokens or 16, 1, algs)
+            for d in (3, 4, 5) for i in range(args.instances or 50)]
+    rows = run_jobs(jobs, args.jobs, console, "optimality")
+    add_ratios(rows)
+    return rows, optimality_table(rows)
+
+
+def scale(args: argparse.Namespace, console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    algs = args.algorithms.split(",") if args.algorithms else SCALE_ALGS
+    jobs = [("scale", d, m, i, args.seed, args.tokens or 1000, 4, algs)
+            for d, m in SCALE_CASES for i in range(args.instances or 3)]
+    rows = run_jobs(jobs, args.jobs, console, "scale")
+    return rows, scale_table(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runners.sweep", description=__doc__.split("\n")[0])
+    ap.add_argument("experiment", choices=("optimality", "scale", "paper"))
+    ap.add_argument("--instances", type=int, help="instances per size (optimality: 50, scale: 3)")
+    ap.add_argument("--tokens", type=int, help="tokens per run (optimality: 16, scale: 1000)")
+    ap.add_argument("--algorithms", help="comma-separated (default: the experiment's set)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    ap.add_argument("--out", type=Path, help="directory for the CSVs (default results/sweeps/ or results/paper/)")
+    ap.add_argument("--quick", action="store_true", help="a reduced version (CI): few instances and tokens")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.instances = args.instances or 4
+        args.tokens = args.tokens or 8
+    if args.algorithms:
+        from testbed.placement import ALGORITHM_NAMES
+
+        bad = [a for a in args.algorithms.split(",") if a not in ALGORITHM_NAMES]
+        if bad:
+            print(f"error: --algorithm: unknown {', '.join(bad)} (known: {', '.join(ALGORITHM_NAMES)})", file=sys.stderr)
+            return 2
+    console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=160)
+    out = args.out or Path("results") / ("paper" if args.experiment == "paper" else "sweeps")
+    t0 = time.perf_counter()
+    summary: dict[str, list[dict[str, Any]]] = {}
+    if args.experiment in ("optimality", "paper"):
+        rows, table = optimality(args, console)
+        write_csv(out / "optimality.csv", rows)
+        write_csv(out / "optimality_summary.csv", table)
+        print_table(console, "per-token latency / optimum's (analytic mode)", table)
+        summary["optimality"] = table
+    if args.experiment in ("scale", "paper"):
+        if args.experiment == "paper":
+            args.instances, args.tokens = (None, None) if not args.quick else (2, 40)
+        rows, table = scale(args, console)
+        write_csv(out / "scale.csv", rows)
+        write_csv(out / "scale_summary.csv", table)
+        print_table(console, "head-level vs layer-based at scale (analytic mode)", table)
+        summary["scale"] = table
+    if args.experiment == "paper":
+        from tools.paper_report import write_report
+
+        write_report(out, summary, wall_s=time.perf_counter() - t0, argv=sys.argv[1:] if argv is None else argv)
+    console.print(f"wrote {out} in {time.perf_counter() - t0:.0f} s", markup=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Families of random instances in the paper's style, and the analytic simulation of a
+generation run on one of them (pure: numpy, no asyncio, no torch).
+
+Instances (PAPER.md, "What the paper reports"): devices in tiers (about 10 % cloud-like,
+30 % regional, 60 % edge) with log-normal memory (2-16 GB) and compute (1e10-1e11 FLOP/s),
+links drawn from a bandwidth class (0.1-0.5 Gbit/s, or 1-40 Gbit/s) with 0.1-1 ms latency,
+a prompt of 16-128 tokens, and a background load of 0-30 % of every device's memory and
+compute that changes at every token.
+
+Analytic mode: the run is simulated with the same estimator the algorithms use (the
+per-token critical path of `problem.LatencyModel`, the migration delay of
+`problem.migration_delay`) instead of emulated agents and real tensors, so thousands of
+tokens on 48 devices and a 32-layer model take seconds. With oracle telemetry and no events
+the estimator matches the emulation within 5 % (tests/test_distributed.py); results from
+this mode say `mode=analytic`. Per token: the world's state for the token, a decision when
+the algorithm re-plans (every `interval` tokens, and at once when its placement no longer
+fits), migration delay added to that token's latency (a stall, as in the emulator), the
+token's latency, each device's memory. A placement that does not fit a device's memory at a
+token is an out-of-memory event: an algorithm that re-plans re-plans at once (as the
+controller does on a refused cache append); one that does not stops there (as the run
+fails).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .model import cost
+from .model.spec import ModelSpec, from_name
+from .placement.problem import (
+    DeviceState,
+    Infeasible,
+    LatencyModel,
+    Placement,
+    Snapshot,
+    memory_need,
+    migration_delay,
+)
+
+GB = 1e9
+OPT_ALGS = ["optimal", "resource_aware", "resource_aware_ls", "static", "greedy", "round_robin",
+            "layer_dp", "layer_dp_dynamic", "equal_split"]
+SCALE_ALGS = ["resource_aware", "resource_aware_ls", "layer_dp", "layer_dp_dynamic", "equal_split"]
+TIERS = (("cloud", 0.1, 16 * GB, 1e11), ("regional", 0.3, 8 * GB, 4e10), ("edge", 0.6, 3 * GB, 1.5e10))
+BANDWIDTH = {"small": (0.1e9, 0.5e9), "large": (1e9, 40e9)}  # bit/s
+HEADROOM_WINDOW = 16  # tokens of background-load history the planner's memory view covers
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One random cluster and workload. `load` is every device's background load (a
+    fraction of its memory and of its compute) per token, history first."""
+
+    ident: str
+    spec: ModelSpec
+    memory: np.ndarray  # bytes per device (hard limit)
+    flops: np.ndarray  # FLOP/s per device, unloaded
+    rate: np.ndarray  # bytes/s, [V, V]
+    latency: np.ndarray  # s, [V, V]
+    prompt: int
+    tokens: int
+    load: np.ndarray  # [HEADROOM_WINDOW + tokens, V] in [0, max_load]; token t is row HEADROOM_WINDOW + t
+    bandwidth_class: str
+    tiers: tuple[str, ...]
+    source: int = 0
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.memory)
+
+
+def make_instance(spec: ModelSpec | str, n_devices: int, tokens: int, rng: np.random.Generator,
+                  ident: str = "", max_load: float = 0.3, bandwidth_class: str | None = None,
+                  prompt: tuple[int, int] = (16, 128)) -> Instance:
+    spec = from_name(spec) if isinstance(spec, str) else spec
+    names, probs, mems, flops = zip(*TIERS, strict=True)
+    tier = rng.choice(len(TIERS), size=n_devices, p=probs)
+    memory = np.exp(rng.normal(np.log(np.array(mems)[tier]), 0.35)).clip(2 * GB, 16 * GB)
+    compute = np.exp(rng.normal(np.log(np.array(flops)[tier]), 0.35)).clip(1e10, 1e11)
+    bw = bandwidth_class or str(rng.choice(list(BANDWIDTH)))
+    lo, hi = BANDWIDTH[bw]
+    rate = rng.uniform(lo, hi, (n_devices, n_devices)) / 8
+    rate = np.minimum(rate, rate.T)
+    np.fill_diagonal(rate, np.inf)
+    lat = rng.uniform(1e-4, 1e-3, (n_devices, n_devices))
+    lat = np.minimum(lat, lat.T)
+    np.fill_diagonal(lat, 0.0)
+    p = int(rng.integers(prompt[0], prompt[1] + 1))
+    tokens = min(tokens, spec.context - p)
+    # the background load already ran before generation starts (HEADROOM_WINDOW tokens of
+    # history), so the first plan sees it too
+    load = rng.uniform(0.0, max_load, (HEADROOM_WINDOW + tokens, n_devices))
+    return Instance(ident, spec, memory, compute, rate, lat, p, tokens, load, bw,
+                    tuple(names[i] for i in tier))
+
+
+@dataclass
+class RunResult:
+    """What one algorithm did on one instance (analytic mode)."""
+
+    algorithm: str
+    latency_ms: list[float] = field(default_factory=list)  # per generated token, stalls included
+    stall_ms: list[float] = field(default_factory=list)
+    migrations: int = 0
+    migrated_bytes: int = 0
+    oom: int = 0
+    replans: int = 0
+    decision_ms: list[float] = field(default_factory=list)
+    peak_memory: np.ndarray | None = None  # bytes per device (blocks + caches + source share)
+    status: str = "completed"
+
+    @property
+    def mean_ms(self) -> float:
+        return float(np.mean(self.latency_ms)) if self.latency_ms else math.nan
+
+    def row(self) -> dict[str, Any]:
+        lat = self.latency_ms
+        peak = self.peak_memory if self.peak_memory is not None else np.zeros(1)
+        return {"algorithm": self.algorithm, "status": self.status, "tokens": len(lat),
+                "latency_mean_ms": self.mean_ms,
+                "latency_p95_ms": float(np.percentile(lat, 95)) if lat else math.nan,
+                "stall_ms": float(np.sum(self.stall_ms)), "migrations": self.migrations,
+                "migrated_bytes": self.migrated_bytes, "oom": self.oom, "replans": self.replans,
+                "decision_ms_mean": float(np.mean(self.decision_ms)) if self.decision_ms else math.nan,
+                "peak_device_memory_bytes": float(peak.max()), "peak_memory_sum_bytes": float(peak.sum())}
+
+
+def snapshot_at(inst: Instance, t: int, seq_len: int, interval: int, current: Placement | None,
+                truth: bool = False) -> Snapshot:
+    """The world at token t. As the controller sees it (default): compute at the mean
+    background load of the last HEADROOM_WINDOW tokens (measured rates are averages),
+    memory net of the largest load of that window (the load changes every token, so a plan
+    that only leaves today's load free runs out tomorrow). With `truth`, the load of token t
+    itself: what the token's latency and memory actually meet."""
+    spec = inst.spec
+    fixed = cost.source_weight_bytes(spec)
+    now = HEADROOM_WINDOW + t
+    window = inst.load[now - HEADROOM_WINDOW + 1: now + 1]
+    mem_load = inst.load[now] if truth else window.max(axis=0)
+    cpu_load = inst.load[now] if truth else window.mean(axis=0)
+    devices = []
+    for i in range(inst.n_devices):
+        mem = inst.memory[i]
+        taken = mem_load[i] * mem + (fixed if i == inst.source else 0)
+        devices.append(DeviceState(f"d{i}", float(inst.flops[i] * (1 - cpu_load[i])),
+                                   int(max(0.0, 0.9 * mem - taken)), True, True, int(max(0.0, mem - taken))))
+    V = inst.n_devices
+    return Snapshot(spec, tuple(devices), inst.rate, inst.latency, np.zeros((V, V)), inst.source,
+                    seq_len, interval, current)
+
+
+def simulate(inst: Instance, algorithm: Any, interval: int = 1) -> RunResult:
+    """Generate `inst.tokens` tokens with `algorithm` in analytic mode."""
+    res = RunResult(algorithm.name)
+    spec = inst.spec
+    placement: Placement | None = None
+    peak = np.zeros(inst.n_devices)
+    fixed = np.zeros(inst.n_devices)
+    fixed[inst.source] = cost.source_weight_bytes(spec)
+    for t in range(inst.tokens):
+        n = inst.prompt + t  # positions held before this token
+        stall = 0.0
+        snap = snapshot_at(inst, t, n, interval, placement)
+        world = snapshot_at(inst, t, n, interval, placement, truth=True)
+        due = placement is None or (algorithm.dynamic and t % interval == 0)
+        if placement is not None and not due:
+            free = inst.memory * (1 - inst.load[HEADROOM_WINDOW + t]) - fixed  # the truth at this token
+            if (memory_need(snap, placement, n + 1) > free).any():
+                res.oom += 1  # the next cache append would be refused
+                if not algorithm.dynamic:
+                    res.status = f"failed: out of memory at token {t}"
+                    break
+                due = True
+        if due:
+            w0 = time.perf_counter()
+            try:
+                try:
+                    new = algorithm.place(snap)
+                except Infeasible:
+                    new = algorithm.place(snap.hard())
+            except Infeasible as e:
+                res.status = f"failed: infeasible at token {t}: {e}"
+                break
+            except (ValueError, RuntimeError) as e:
+                res.status = f"failed: {algorithm.name} at token {t}: {e}"
+                break
+            res.decision_ms.append((time.perf_counter() - w0) * 1e3)
+            res.replans += 1
+            if placement is not None:
+                moves = placement.moves(new)
+                if moves:
+                    stall = migration_delay(world, moves)
+                    res.migrations += len(moves)
+                    res.migrated_bytes += sum(cost.block_bytes(spec, b, n) for b, _, _ in moves)
+            placement = new
+        assert placement is not None
+        need = memory_need(snap, placement, n + 1) + fixed
+        peak = np.maximum(peak, need)
+        if due and (need > inst.memory * (1 - inst.load[HEADROOM_WINDOW + t])).any():
+            res.oom += 1  # the plan itself does not fit today's load
+        lat = LatencyModel(world).token_time(placement, n + 1) + stall
+        res.latency_ms.append(lat * 1e3)
+        res.stall_ms.append(stall * 1e3)
+    res.peak_memory = peak
+    return res
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """ratio_to_optimal per row: mean latency over the optimum's on the same instance."""
+    best = {(r["devices"], r["instance"]): r["latency_mean_ms"] for r in rows
+            if r["algorithm"] == "optimal" and r["status"] == "completed"}
+    for r in rows:
+        opt = best.get((r["devices"], r["instance"]))
+        ok = r["status"] == "completed" and opt is not None
+        r["ratio_to_optimal"] = r["latency_mean_ms"] / opt if ok else math.nan
+
+
+def optimality_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for devices in sorted({r["devices"] for r in rows}):
+        for alg in OPT_ALGS:
+            rs = [r for r in rows if r["devices"] == devices and r["algorithm"] == alg]
+            if not rs:
+                continue
+            ratios = [r["ratio_to_optimal"] for r in rs if not math.isnan(r["ratio_to_optimal"])]
+            failed = sum(r["status"] != "completed" for r in rs)
+            out.append({"devices": devices, "algorithm": alg, "instances": len(rs),
+                        "compared": len(ratios), "failed": failed,
+                        "ratio_mean": float(np.mean(ratios)) if ratios else math.nan,
+                        "ratio_p95": float(np.percentile(ratios, 95)) if ratios else math.nan,
+                        "ratio_max": float(np.max(ratios)) if ratios else math.nan,
+                        "beats_optimal": sum(x < 1 - 1e-9 for x in ratios)})
+    return out
+
+
+def scale_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for devices, model in sorted({(r["devices"], r["model"]) for r in rows}):
+        base = {r["instance"]: r["latency_mean_ms"] for r in rows if r["devices"] == devices
+                and r["model"] == model and r["algorithm"] == "layer_dp" and r["status"] == "completed"}
+        for alg in SCALE_ALGS:
+            rs = [r for r in rows if r["devices"] == devices and r["model"] == model and r["algorithm"] == alg]
+            if not rs:
+                continue
+            done = [r for r in rs if r["status"] == "completed"]
+            speed = [base[r["instance"]] / r["latency_mean_ms"] for r in done if r["instance"] in base]
+            out.append({"devices": devices, "model": model, "algorithm": alg, "instances": len(rs),
+                        "completed": len(done), "tokens_mean": float(np.mean([r["tokens"] for r in rs])),
+                        "latency_mean_ms": float(np.mean([r["latency_mean_ms"] for r in done])) if done else math.nan,
+                        "speedup_vs_layer_dp": float(np.mean(speed)) if speed else math.nan,
+                        "peak_device_memory_gb": float(np.mean([r["peak_device_memory_bytes"] for r in rs])) / 1e9,
+                        "oom": int(sum(r["oom"] for r in rs)), "migrations_mean": float(np.mean([r["migrations"] for r in rs])),
+                        "decision_ms_mean": float(np.nanmean([r["decision_ms_mean"] for r in rs]))})
+    return out
+
+
+def instance_to_scenario(inst: Instance, algorithm: str) -> dict[str, Any]:
+    """The instance as a scenario (its background load left out), to run it in the emulator:
+    devices d0..dN (d0 the source), every link as drawn, interval 1, oracle telemetry."""
+    names = [f"d{i}" for i in range(inst.n_devices)]
+    links = [{"between": [names[i], names[j]], "bandwidth_mbps": float(inst.rate[i, j] * 8 / 1e6),
+              "latency_ms": float(inst.latency[i, j] * 1e3)}
+             for i in range(inst.n_devices) for j in range(i + 1, inst.n_devices)]
+    return {"version": 1, "name": inst.ident or "instance", "seed": 0, "model": {"preset": inst.spec.name},
+            "generation": {"prompt_tokens": inst.prompt, "new_tokens": inst.tokens + 1},
+            "devices": [{"name": n, "compute_gflops": float(inst.flops[i] / 1e9),
+                         "memory_mib": float(inst.memory[i] / 2**20)} for i, n in enumerate(names)],
+            "source": names[inst.source],
+            "network": {"default": {"bandwidth_mbps": 100, "latency_ms": 1}, "links": links},
+            "controller": {"algorithm": algorithm, "interval_tokens": 1, "telemetry": "oracle"}}

@@ -1,0 +1,281 @@
+"""The reference results of results/paper/: tables, figures and README from the sweep CSVs.
+
+`python -m runners.sweep paper` runs the experiments and calls `write_report`; with the CSVs
+already there, `python -m tools.paper_report results/paper` rebuilds the report alone.
+It also cross-checks the analytic mode against the emulator (virtual clock, real tensors)
+on a few small instances without background load, and says how close they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from testbed.sweep import OPT_ALGS, SCALE_ALGS, add_ratios, optimality_table, scale_table  # noqa: E402
+
+PAPER_OPT = {"resource_aware": "within 15-20 % of the optimum (1.15-1.20)",
+             "greedy": "40-60 % above (1.4-1.6), secondary summary, unverified",
+             "round_robin": "40-60 % above (1.4-1.6), secondary summary, unverified"}
+TARGET_MEAN, TARGET_P95 = 1.05, 1.15
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            try:
+                r[k] = int(v)
+            except ValueError:
+                try:
+                    r[k] = float(v)
+                except ValueError:
+                    pass
+    return rows
+
+
+def _fmt(x: float, nd: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------- figures
+
+def fig_optimality(table: list[dict[str, Any]], path: Path) -> None:
+    algs = [a for a in OPT_ALGS if a != "optimal" and any(r["algorithm"] == a for r in table)]
+    sizes = sorted({r["devices"] for r in table})
+    fig, ax = plt.subplots(figsize=(11, 4.6))
+    w = 0.8 / len(sizes)
+    for k, d in enumerate(sizes):
+        means = [next((r["ratio_mean"] for r in table if r["devices"] == d and r["algorithm"] == a), np.nan) for a in algs]
+        p95 = [next((r["ratio_p95"] for r in table if r["devices"] == d and r["algorithm"] == a), np.nan) for a in algs]
+        x = np.arange(len(algs)) + (k - (len(sizes) - 1) / 2) * w
+        ax.bar(x, means, w, label=f"{d} devices: mean", alpha=0.85)
+        ax.scatter(x, p95, marker="_", s=120, color="black", zorder=3, label="p95" if k == 0 else None)
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.axhspan(1.15, 1.20, color="tab:green", alpha=0.15, label="paper: resource-aware within 15-20 %")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(algs)), algs, rotation=20, ha="right")
+    ax.set_ylabel("per-token latency / optimum's (log scale)")
+    ax.set_title("Experiment (a): latency relative to the exact optimum, 3-5 devices (analytic mode)")
+    ax.legend(fontsize=8, ncols=2, loc="upper left")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def fig_scale(table: list[dict[str, Any]], path: Path) -> None:
+    cases = sorted({(r["devices"], r["model"]) for r in table})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    w = 0.8 / len(SCALE_ALGS)
+    for k, alg in enumerate(SCALE_ALGS):
+        lat = [next((r["latency_mean_ms"] for r in table if (r["devices"], r["model"]) == c and r["algorithm"] == alg), np.nan) for c in cases]
+        mem = [next((r["peak_device_memory_gb"] for r in table if (r["devices"], r["model"]) == c and r["algorithm"] == alg), np.nan) for c in cases]
+        x = np.arange(len(cases)) + (k - (len(SCALE_ALGS) - 1) / 2) * w
+        axes[0].bar(x, lat, w, label=alg)
+        axes[1].bar(x, mem, w, label=alg)
+    labels = [f"{m}\n{d} devices" for d, m in cases]
+    for ax, title, unit in ((axes[0], "mean per-token latency", "ms (log scale)"),
+                            (axes[1], "peak memory of the fullest device", "GB")):
+        ax.set_xticks(np.arange(len(cases)), labels)
+        ax.set_title(title)
+        ax.set_ylabel(unit)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Experiment (b): head-level vs layer-based partitioning at scale (analytic mode)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- cross-check
+
+def cross_check(n: int = 3, tokens: int = 12) -> list[dict[str, Any]]:
+    """Analytic mode against the emulator on small instances (no background load)."""
+    from testbed import experiment
+    from testbed.placement.registry import get_algorithm
+    from testbed.scenario import parse
+    from testbed.sweep import instance_to_scenario, make_instance, simulate
+
+    out = []
+    for i in range(n):
+        model = ["paper-small", "gpt-tiny", "paper-medium"][i % 3]
+        inst = make_instance(model, 3 + i % 3, tokens, np.random.default_rng([7, i]), ident=f"check-{i}",
+                             max_load=0.0, prompt=(16, 32))
+        for alg in ("resource_aware", "resource_aware_ls"):
+            ana = simulate(inst, get_algorithm(alg), interval=1)
+            scen = parse(instance_to_scenario(inst, alg), f"<check {i}>")
+            prep = experiment.prepare(scen)
+            with tempfile.TemporaryDirectory() as tmp:
+                o = experiment.run(prep, alg, Path(tmp) / "run", clock="virtual")
+                with open(o.run_dir / "tokens.csv", newline="") as f:
+                    emu = [float(r["latency_ms"]) for r in csv.DictReader(f) if r["phase"] == "decode"]
+            a = ana.latency_ms[: len(emu)]
+            rel = max(abs(x - y) / y for x, y in zip(a, emu, strict=False)) if emu else math.nan
+            out.append({"instance": i, "model": model, "devices": inst.n_devices, "algorithm": alg,
+                        "analytic_ms": float(np.mean(a)), "emulated_ms": float(np.mean(emu)),
+                        "max_rel_diff": rel, "tokens_match": o.summary["correctness"]["tokens_match"]})
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+
+def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = None, wall_s: float = math.nan,
+                 argv: list[str] | None = None, check: bool = True) -> None:
+    opt_rows, scale_rows = _read(out / "optimality.csv"), _read(out / "scale.csv")
+    if opt_rows:
+        add_ratios(opt_rows)
+    opt = optimality_table(opt_rows) if opt_rows else []
+    sc = scale_table(scale_rows) if scale_rows else []
+    if opt:
+        fig_optimality(opt, out / "fig_optimality.png")
+    if sc:
+        fig_scale(sc, out / "fig_scale.png")
+    checks = cross_check() if check else []
+    L: list[str] = []
+    cmd = "python -m runners.sweep paper" + ("" if not argv or argv == ["paper"] else "  # ran as: " + " ".join(argv))
+    L += ["# Reference results: the paper's two experiments, measured", "",
+          "Regenerate everything on this page (CSVs, tables, figures) with:", "",
+          "```sh", ".venv/bin/" + cmd.split("  #")[0], "```", "",
+          f"Measured {datetime.now(UTC):%Y-%m-%d} at revision `{_git()}` on {platform.machine()} "
+          f"({platform.python_version()}), {wall_s:.0f} s wall time with 2 worker processes." if not math.isnan(wall_s)
+          else f"Report rebuilt {datetime.now(UTC):%Y-%m-%d} at revision `{_git()}`.", "",
+          "**Mode: analytic.** Every run below is simulated with the estimator the algorithms use",
+          "(per-token critical path, migration delay as a stall on the token that pays it) rather than",
+          "with emulated agents and real tensors (`testbed/sweep.py`); the emulator agrees with it within",
+          "a few percent (cross-check at the end). Instances follow the paper: devices in tiers (10 %",
+          "cloud-like, 30 % regional, 60 % edge), log-normal memory 2-16 GB and compute 1e10-1e11 FLOP/s,",
+          "link bandwidths from a small (0.1-0.5 Gbit/s) or large (1-40 Gbit/s) class with 0.1-1 ms",
+          "latency, a 16-128-token prompt, and a background load of 0-30 % of every device's memory and",
+          "compute drawn anew at every token. The planner's memory view leaves room for the largest load of",
+          "the last 16 tokens. `optimal` is the exact minimum of the epoch objective (HiGHS MILP), solved at",
+          "every epoch: a myopic optimum, which another algorithm can occasionally beat over a whole run",
+          "(column `beats`).", ""]
+    if opt:
+        L += ["## (a) 3, 4 and 5 devices: per-token latency / the optimum's", "",
+              "Re-partitioning after every token (interval 1), 16 generated tokens per instance, instances",
+              "cycling through the paper's single-layer presets (paper-small ... paper-xl) and the",
+              "two-layer gpt-tiny. Ratio = an algorithm's mean per-token latency (stalls included) over",
+              "`optimal`'s on the same instance.", "",
+              "| devices | algorithm | instances | mean | p95 | max | beats | failed | the paper says |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in opt:
+            if r["algorithm"] == "optimal":
+                continue
+            L.append(f"| {r['devices']} | {r['algorithm']} | {r['compared']} | {_fmt(r['ratio_mean'])} | "
+                     f"{_fmt(r['ratio_p95'])} | {_fmt(r['ratio_max'])} | {r['beats_optimal']} | {r['failed']} | "
+                     f"{PAPER_OPT.get(r['algorithm'], '')} |")
+        best = [r for r in opt if r["algorithm"] == "resource_aware_ls"]
+        if best:
+            worst_mean = max(r["ratio_mean"] for r in best)
+            worst_p95 = max(r["ratio_p95"] for r in best)
+            ok = worst_mean <= TARGET_MEAN and worst_p95 <= TARGET_P95
+            L += ["", f"Our best head-level algorithm, `resource_aware_ls`: worst mean ratio {worst_mean:.3f} "
+                  f"(target <= {TARGET_MEAN}), worst p95 {worst_p95:.3f} (target <= {TARGET_P95}): "
+                  f"**{'met' if ok else 'not met'}**."]
+        ra = [r for r in opt if r["algorithm"] == "resource_aware"]
+        if ra:
+            L += ["", "The paper's algorithm as specified (`resource_aware`) is far from its published 15-20 %",
+                  f"here (mean ratio {', '.join(_fmt(r['ratio_mean'], 2) for r in ra)} at "
+                  f"{', '.join(str(r['devices']) for r in ra)} devices). By model:", ""]
+            L += ["| model | resource_aware median | resource_aware mean | resource_aware_ls median | layer_dp median |",
+                  "|---|---:|---:|---:|---:|"]
+            for m in sorted({r["model"] for r in opt_rows}):
+                def med(alg: str, m: str = m) -> float:
+                    xs = [r["ratio_to_optimal"] for r in opt_rows if r["model"] == m and r["algorithm"] == alg
+                          and not math.isnan(r["ratio_to_optimal"])]
+                    return float(np.median(xs)) if xs else math.nan
+
+                ram = [r["ratio_to_optimal"] for r in opt_rows if r["model"] == m and r["algorithm"] == "resource_aware"
+                       and not math.isnan(r["ratio_to_optimal"])]
+                L.append(f"| {m} | {_fmt(med('resource_aware'), 2)} | {_fmt(float(np.mean(ram)) if ram else math.nan, 2)} | "
+                         f"{_fmt(med('resource_aware_ls'))} | {_fmt(med('layer_dp'))} |")
+            L += ["", "Why: its bottleneck score `max(F/C, M/M_available, comm)` mixes seconds with a memory",
+                  "fraction and judges one block at a time, so it spreads blocks over devices (paying a network",
+                  "hop per split) where the optimum keeps a layer, or the whole model, on one device; with",
+                  "interval 1 its migration rule (saving over the next token > migration delay) then rarely",
+                  "lets it undo that. Small models (gpt-tiny), where compute is negligible next to a hop, show",
+                  "it most."]
+        L += ["", "![ratio to optimal](fig_optimality.png)", ""]
+    if sc:
+        L += ["## (b) 25 and 48 devices: head-level against layer-based partitioning", "",
+              "Up to 1000 generated tokens, decisions every 4 tokens, the paper's largest single-layer",
+              "preset (paper-xl) and our multi-layer models (gpt2-small on 25 devices, a 32-layer 32-head",
+              "model of 26 GB on 48). Speed-up = layer_dp's mean latency over the algorithm's, same instance.", "",
+              "| devices | model | algorithm | runs done | tokens | mean latency ms | speed-up vs layer_dp | "
+              "peak device GB | oom | migrations/run |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sc:
+            L.append(f"| {r['devices']} | {r['model']} | {r['algorithm']} | {r['completed']}/{r['instances']} | "
+                     f"{r['tokens_mean']:.0f} | {_fmt(r['latency_mean_ms'], 2)} | {_fmt(r['speedup_vs_layer_dp'], 2)} | "
+                     f"{_fmt(r['peak_device_memory_gb'], 2)} | {r['oom']} | {_fmt(r['migrations_mean'], 1)} |")
+        best = [r for r in sc if r["algorithm"] == "resource_aware_ls"]
+        if best:
+            sp = [r["speedup_vs_layer_dp"] for r in best]
+            ooms = sum(r["oom"] for r in best)
+            L += ["", f"Target for our best head-level algorithm: at least 2x lower mean latency than layer_dp "
+                  f"and no oom. Measured speed-ups {', '.join(_fmt(x, 2) for x in sp)}, oom {ooms}: "
+                  f"**{'met' if min(sp) >= 2 and ooms == 0 else 'not met'}**. The paper's secondary summary "
+                  "quotes up to 9-10x and about 6 GB vs over 7 GB of peak memory (unverified).", "",
+                  "Why not more: a layer's FFN (and output projection) is one block and dominates the layer's",
+                  "compute, so head-level parallelism can only shorten the attention part, and every split",
+                  "costs network hops of 0.1-1 ms; on these clusters the best layouts keep each layer's blocks",
+                  "together on a fast device, which is what layer_dp does.", "",
+                  "![scale](fig_scale.png)", ""]
+    if checks:
+        L += ["## Cross-check: analytic mode against the emulator", "",
+              "Small instances without background load, 12 tokens, interval 1, run both ways (the emulator",
+              "with real tensors on the virtual clock, oracle telemetry).", "",
+              "| instance | model | devices | algorithm | analytic ms | emulated ms | max per-token difference | tokens = reference |",
+              "|---:|---|---:|---|---:|---:|---:|---|"]
+        for c in checks:
+            L.append(f"| {c['instance']} | {c['model']} | {c['devices']} | {c['algorithm']} | {_fmt(c['analytic_ms'])} | "
+                     f"{_fmt(c['emulated_ms'])} | {100 * c['max_rel_diff']:.2f} % | {c['tokens_match']} |")
+        L.append("")
+    L += ["## Files", "",
+          "- `optimality.csv`, `scale.csv`: one row per (instance, algorithm) with every figure above;",
+          "- `optimality_summary.csv`, `scale_summary.csv`: the tables;",
+          "- `fig_optimality.png`, `fig_scale.png`.", ""]
+    (out / "README.md").write_text("\n".join(L))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.paper_report", description=__doc__.split("\n")[0])
+    ap.add_argument("dir", type=Path, nargs="?", default=Path("results/paper"))
+    ap.add_argument("--no-check", action="store_true", help="skip the emulator cross-check")
+    args = ap.parse_args(argv)
+    if not (args.dir / "optimality.csv").exists() and not (args.dir / "scale.csv").exists():
+        print(f"error: {args.dir}: no optimality.csv or scale.csv (run python -m runners.sweep paper)", file=sys.stderr)
+        return 2
+    write_report(args.dir, check=not args.no_check)
+    print(f"wrote {args.dir / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
