@@ -100,6 +100,13 @@ class Beliefs:
             self.states[i] = DeviceState(st.name, st.flops, st.capacity, st.host_blocks, False,
                                          st.hard_capacity)
 
+    def revive(self, device: str) -> None:
+        i = self.index(device)
+        self.alive[i] = True
+        st = self.states[i]
+        if st is not None:
+            self.states[i] = DeviceState(st.name, st.flops, st.capacity, st.host_blocks, True, st.hard_capacity)
+
     # ---------------------------------------------------------------- snapshot
 
     def snapshot(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:

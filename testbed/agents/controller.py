@@ -153,6 +153,9 @@ class Controller:
         self._token_fut: asyncio.Future[torch.Tensor] | None = None
         self._fault: str | None = None
         self._lost: list[str] = []  # devices gone and not yet recovered from
+        self._unreachable: set[str] = set()  # alive, but their link to the source is down
+        self._revive: list[str] = []  # unreachable devices whose link came back
+        self._link_at: dict[frozenset[str], float] = {}  # time of the latest alarm per device pair
         self.t0 = 0.0
         self.k = 0  # token being produced
         self.ids: list[int] = []
@@ -183,8 +186,20 @@ class Controller:
             self._urgent = self._urgent or f"memory_pressure@{m['device']}"
             self.beliefs.memory(m["device"], m["memory"], m["at"])
         elif t == P.LINK_CHANGE:
+            ends = frozenset((m["device"], m["peer"]))
+            if m["at"] < self._link_at.get(ends, -math.inf):
+                return  # an older alarm (held by the very link it reports) arriving late
+            self._link_at[ends] = m["at"]
             self._urgent = self._urgent or f"link_change@{m['device']}->{m['peer']}"
             self.beliefs.link(m["device"], m["peer"], m["rate"], m["latency"])
+            if self.source_name in ends:  # a link of the controller's own device
+                (other,) = ends - {self.source_name}
+                if m["rate"] <= 0:  # cut off: no control message gets through either
+                    self._unreachable.add(other)
+                    self._revive = [d for d in self._revive if d != other]
+                    self.device_lost(other, "unreachable: its link to the source is down")
+                elif other in self._unreachable and other not in self._revive:
+                    self._revive.append(other)
         elif t == P.DOWN:
             self.device_lost(m["device"], "connection lost")
         elif t == P.JOIN:
@@ -390,7 +405,20 @@ class Controller:
         acks = await self._ask({d: {"t": P.RESERVE, "blocks": bl} for d, bl in by_dst.items()}, "reservation")
         reserved = {name for a in acks.values() for name in a["reserved"]}
         go = []
+        down = [] if self._belief is None else [
+            (b, a, c) for b, a, c in moves if self.beliefs.rate[a, c] <= 0 and b.name in reserved]
+        for b, a, c in down:
+            self.stats.failed_migrations += 1
+            self.rec.event(self.now(), self.k, "migration_failed", b.name,
+                           f"from={names[a]} to={names[c]} bytes={sizes[b.name]} the link is down")
+            reserved.discard(b.name)
+            by_dst[names[c]].pop(b.name, None)
+        if down:
+            await self._ask({names[c]: {"t": P.CANCEL, "blocks": [b.name]} for b, _, c in down
+                             if names[c] in self.alive()}, "cancel")
         for b, a, c in moves:
+            if (b, a, c) in down:
+                continue
             if b.name in reserved:
                 go.append((b, a, c))
             else:
@@ -460,6 +488,20 @@ class Controller:
         self.beliefs.memory(name, m["memory"], m["at"], float(m["flops"]))
         self.rec.event(self.now(), self.k, "device_joined", name, f"flops={m['flops']:g}")
         self._urgent = self._urgent or f"join@{name}"
+
+    async def _rejoin(self) -> None:
+        """Devices reachable again: their stale blocks are freed by the current routing (the
+        controller gave those blocks to others) and they may host blocks again."""
+        back, self._revive = self._revive, []
+        for d in back:
+            self._unreachable.discard(d)
+            self.beliefs.revive(d)
+        if self.placement is not None:
+            msg = {"t": P.ROUTE, "version": self.route_version, "devices": list(self.devices),
+                   "assign": list(self.placement.assign)}
+            await self._ask(dict.fromkeys(back, msg), "routing")
+        for d in back:
+            self.rec.event(self.now(), self.k, "device_rejoined", d, "reachable again; stale blocks freed")
 
     async def _recover(self) -> None:
         """Re-place the blocks of lost devices, load them from local weights, and rebuild
@@ -531,9 +573,12 @@ class Controller:
         t_start = self.loop.time()
         stall = 0.0
         migrations = mbytes = 0
+        await asyncio.sleep(0)  # take in the signals that arrived before this token starts
         if self._lost:
             await self._recover()
             stall += self.loop.time() - t_start
+        if self._revive:
+            await self._rejoin()
         urgent, self._urgent = self._urgent, None
         if k > 0 and self.alg.dynamic and (k % self.opt.interval == 0 or urgent):
             s0 = self.loop.time()

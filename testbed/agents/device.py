@@ -114,7 +114,7 @@ class DeviceAgent:
     def link_changed(self, peer: str, rate: float, latency: float | None) -> None:
         """A link of ours streams at a very different rate than before: tell the controller."""
         self.send(self.source, {"t": P.LINK_CHANGE, "device": self.name, "peer": peer, "rate": rate,
-                                "latency": latency})
+                                "latency": latency, "at": asyncio.get_running_loop().time()})
 
     def peer_down(self, peer: str) -> None:
         """The transport lost its connection to a peer; the source tells the controller."""

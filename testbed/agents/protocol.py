@@ -22,7 +22,7 @@ To the controller:
   err      {kind, device, ...}           oom (a refused cache append) or agent failure
   press    {device, memory, at}          unsolicited: usage crossed high, or a co-tenant
                                          took or returned memory
-  linkx    {device, peer, rate, latency} unsolicited: a link's observed rate changed a lot
+  linkx    {device, peer, rate, latency, at} unsolicited: a link's observed rate changed a lot
                                          (0: the link is down and holds our frames)
   down     {device}                      the source lost its connection to a device
   join     {device, memory, flops, host_blocks, at}  a new device announces itself
