@@ -12,6 +12,7 @@ No asyncio, no IO: messages come in as dictionaries.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -97,15 +98,14 @@ class Beliefs:
         self.alive[i] = False
         st = self.states[i]
         if st is not None:
-            self.states[i] = DeviceState(st.name, st.flops, st.capacity, st.host_blocks, False,
-                                         st.hard_capacity)
+            self.states[i] = replace(st, alive=False)
 
     def revive(self, device: str) -> None:
         i = self.index(device)
         self.alive[i] = True
         st = self.states[i]
         if st is not None:
-            self.states[i] = DeviceState(st.name, st.flops, st.capacity, st.host_blocks, True, st.hard_capacity)
+            self.states[i] = replace(st, alive=True)
 
     # ---------------------------------------------------------------- snapshot
 

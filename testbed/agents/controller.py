@@ -26,47 +26,29 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
-from ..model import cost
-from ..model.spec import Block, ModelSpec
+from ..model.spec import ModelSpec
 from ..placement.problem import (
     Infeasible,
     LatencyModel,
     Placement,
     Snapshot,
-    block_index,
     epoch_objective,
-    migration_delay,
 )
 from ..scenario import Scenario
 from . import protocol as P
 from .beliefs import Beliefs
+from .errors import DeviceLost, OutOfMemory, RunFailed, Stalled
+from .migration import Migrations
+from .recovery import Recovery
+
+__all__ = ["Controller", "Options", "RunFailed", "OutOfMemory", "DeviceLost", "Stalled"]
 
 log = logging.getLogger(__name__)
-
-
-class RunFailed(Exception):
-    """The run cannot go on; the message says why (recorded as `failed: <message>`)."""
-
-
-class OutOfMemory(Exception):
-    def __init__(self, msg: dict[str, Any]) -> None:
-        self.msg = msg
-        super().__init__(msg.get("detail", "out of memory"))
-
-
-class DeviceLost(Exception):
-    def __init__(self, devices: Sequence[str], why: str) -> None:
-        self.devices, self.why = list(devices), why
-        super().__init__(f"{', '.join(devices)}: {why}")
-
-
-class Stalled(Exception):
-    """A token attempt took far longer than predicted (e.g. a link went down)."""
 
 
 class Port(Protocol):
@@ -128,7 +110,7 @@ class Options:
     max_attempts: int = 8  # per token, before the run fails
 
 
-class Controller:
+class Controller(Migrations, Recovery):
     def __init__(self, scenario: Scenario, model: ModelSpec, algorithm: Algorithm, port: Port,
                  reference: tuple[list[int], torch.Tensor], prompt: list[int], recorder: Recorder,
                  hooks: RunHooks, options: Options, oracle: Oracle) -> None:
@@ -226,25 +208,6 @@ class Controller:
             if fut is not None and not fut.done():
                 fut.set_exception(RunFailed(why))
 
-    def device_lost(self, device: str, why: str) -> None:
-        """A device is gone (its connection broke, it stopped answering): everything that
-        waits on it fails now; recovery happens before the next attempt."""
-        if device not in self.devices or device in self._lost or not self.beliefs.alive[self.beliefs.index(device)]:
-            return
-        if device == self.source_name:
-            self.fault(f"the source device {device} is gone ({why})")
-            return
-        self._lost.append(device)
-        self.beliefs.lost(device)
-        self.rec.event(self.now(), self.k, "device_failed", device, why)
-        err = DeviceLost([device], why)
-        if self._token_fut is not None and not self._token_fut.done():
-            self._token_fut.set_exception(err)
-        for rid, (dev, fut) in list(self._pending.items()):
-            if dev == device and not fut.done():
-                fut.set_exception(err)
-                self._pending.pop(rid, None)
-
     def _request(self, dev: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         rid = next(self._rid)
         fut = self.loop.create_future()
@@ -291,9 +254,8 @@ class Controller:
             snap = await self.oracle(n, interval, self.placement)
             lost = {self.devices.index(d) for d, a in zip(self.devices, self.beliefs.alive, strict=True) if not a}
             if lost:  # the controller's own knowledge of departures
-                snap = snap.with_(devices=tuple(
-                    d if i not in lost else type(d)(d.name, d.flops, d.capacity, d.host_blocks, False, d.hard_capacity)
-                    for i, d in enumerate(snap.devices)))
+                snap = snap.with_(devices=tuple(replace(d, alive=False) if i in lost else d
+                                                for i, d in enumerate(snap.devices)))
         else:
             if not self.beliefs.ready:
                 await self._telemetry_round()
@@ -334,18 +296,6 @@ class Controller:
         await self._route(placement)
         self.rec.placement(0, [(b.name, self.devices[j]) for b, j in placement.items()])
 
-    async def _load(self, where: dict[str, str], what: str) -> None:
-        by_dev: dict[str, list[str]] = {}
-        for block, dev in where.items():
-            by_dev.setdefault(dev, []).append(block)
-        replies = await self._ask({d: {"t": P.LOAD, "blocks": names} for d, names in by_dev.items()}, what)
-        for d in by_dev:
-            r = replies.get(d)
-            if r is None or not r["ok"]:
-                detail = "; ".join(f"{k}: {v}" for k, v in r["refused"].items()) if r else "no answer"
-                self.rec.event(self.now(), self.k, "infeasible", d, detail)
-                raise RunFailed(f"infeasible: {d} refused blocks at {what} ({detail})")
-
     def _plan(self, snap: Snapshot, reason: str) -> Placement:
         w0 = time.perf_counter()
         try:
@@ -375,13 +325,6 @@ class Controller:
                        f"reason={reason} decision_ms={ms:.3f} moves={moves}{gain}")
         return new
 
-    async def _route(self, placement: Placement) -> None:
-        self.route_version += 1
-        msg = {"t": P.ROUTE, "version": self.route_version, "devices": list(self.devices),
-               "assign": list(placement.assign)}
-        await self._ask({d: msg for d in self.alive()}, "routing")
-        self.placement = placement
-
     async def epoch(self, reason: str) -> tuple[int, int]:
         """Re-plan and migrate; returns (migrations, bytes) applied."""
         snap = await self.snapshot()
@@ -392,154 +335,6 @@ class Controller:
         if not moves:
             return 0, 0
         return await self.migrate(moves)
-
-    async def migrate(self, moves: list[tuple[Block, int, int]]) -> tuple[int, int]:
-        assert self.placement is not None
-        n = self.seq_len()
-        names = self.devices
-        sizes = {b.name: cost.block_bytes(self.model, b, n) for b, _, _ in moves}
-        # phase 1: reserve memory at every destination
-        by_dst: dict[str, dict[str, int]] = {}
-        for b, _, c in moves:
-            by_dst.setdefault(names[c], {})[b.name] = sizes[b.name]
-        acks = await self._ask({d: {"t": P.RESERVE, "blocks": bl} for d, bl in by_dst.items()}, "reservation")
-        reserved = {name for a in acks.values() for name in a["reserved"]}
-        go = []
-        down = [] if self._belief is None else [
-            (b, a, c) for b, a, c in moves if self.beliefs.rate[a, c] <= 0 and b.name in reserved]
-        for b, a, c in down:
-            self.stats.failed_migrations += 1
-            self.rec.event(self.now(), self.k, "migration_failed", b.name,
-                           f"from={names[a]} to={names[c]} bytes={sizes[b.name]} the link is down")
-            reserved.discard(b.name)
-            by_dst[names[c]].pop(b.name, None)
-        if down:
-            await self._ask({names[c]: {"t": P.CANCEL, "blocks": [b.name]} for b, _, c in down
-                             if names[c] in self.alive()}, "cancel")
-        for b, a, c in moves:
-            if (b, a, c) in down:
-                continue
-            if b.name in reserved:
-                go.append((b, a, c))
-            else:
-                self.stats.refused_migrations += 1
-                self.rec.event(self.now(), self.k, "migration_refused", b.name,
-                               f"from={names[a]} to={names[c]} bytes={sizes[b.name]} (no room at destination)")
-        # phase 2: snapshots over the links; the destination acknowledges the install
-        starts = {b.name: self.loop.time() for b, _, _ in go}
-        futs = [self._request(names[a], {"t": P.MIGRATE, "block": b.name, "to": names[c]}) for b, a, c in go]
-        if futs:
-            await asyncio.wait(futs, timeout=self._migration_timeout(go, n))
-        assign = list(self.placement.assign)
-        count = nbytes = 0
-        failed: dict[str, list[str]] = {}
-        for (b, a, c), fut in zip(go, futs, strict=True):
-            r = fut.result() if fut.done() and not fut.cancelled() and fut.exception() is None else None
-            if not fut.done():
-                fut.cancel()
-            if r is not None and r.get("ok"):
-                assign[block_index(self.model)[b.name]] = c
-                count += 1
-                nbytes += sizes[b.name]
-                ms = (self.loop.time() - starts[b.name]) * 1e3
-                self.rec.event(self.now(), self.k, "migration", b.name,
-                               f"from={names[a]} to={names[c]} bytes={sizes[b.name]} ms={ms:.3f}")
-            else:
-                self.stats.failed_migrations += 1
-                why = r.get("detail") if r else "no acknowledgement"
-                self.rec.event(self.now(), self.k, "migration_failed", b.name,
-                               f"from={names[a]} to={names[c]} bytes={sizes[b.name]} {why}")
-                failed.setdefault(names[c], []).append(b.name)
-        alive = set(self.alive())
-        cancel = {d: {"t": P.CANCEL, "blocks": bl} for d, bl in failed.items() if d in alive}
-        await self._ask(cancel, "cancel")  # give back the reservations of moves that did not happen
-        new = Placement(self.model, tuple(assign))
-        changes = [(b.name, names[c]) for b, _, c in self.placement.moves(new)]
-        # phase 3: switch routing everywhere; sources free what moved away
-        await self._route(new)
-        if changes:
-            self.rec.placement(self.k, changes)
-        self.stats.migrations += count
-        self.stats.migrated_bytes += nbytes
-        return count, nbytes
-
-    def _migration_timeout(self, moves: list[tuple[Block, int, int]], n: int) -> float:
-        """Generous against the believed link rates: a transfer that takes far longer has
-        failed (e.g. its link went down)."""
-        snap = self._belief
-        if snap is None or not moves:
-            return self.opt.request_timeout_s
-        expected = migration_delay(snap.with_(seq_len=n), moves)
-        if not math.isfinite(expected):
-            return self.opt.request_timeout_s
-        rtt = 2 * float(snap.latency.max())
-        return min(self.opt.request_timeout_s, 5.0 + 4.0 * expected + 4.0 * rtt)
-
-    # ------------------------------------------------------------------ failures
-
-    def _joined(self, m: dict[str, Any]) -> None:
-        name = m["device"]
-        if name in self.devices:
-            return
-        links = self.scenario.network
-        spec = next((e.join_links or {} for e in self.scenario.events
-                     if e.action == "join_device" and e.join is not None and e.join.name == name), {})
-        self.beliefs.add_device(name, m["host_blocks"], {o: spec.get(o, links.default) for o in self.devices})
-        self.beliefs.memory(name, m["memory"], m["at"], float(m["flops"]))
-        self.rec.event(self.now(), self.k, "device_joined", name, f"flops={m['flops']:g}")
-        self._urgent = self._urgent or f"join@{name}"
-
-    async def _rejoin(self) -> None:
-        """Devices reachable again: their stale blocks are freed by the current routing (the
-        controller gave those blocks to others) and they may host blocks again."""
-        back, self._revive = self._revive, []
-        for d in back:
-            self._unreachable.discard(d)
-            self.beliefs.revive(d)
-        if self.placement is not None:
-            msg = {"t": P.ROUTE, "version": self.route_version, "devices": list(self.devices),
-                   "assign": list(self.placement.assign)}
-            await self._ask(dict.fromkeys(back, msg), "routing")
-        for d in back:
-            self.rec.event(self.now(), self.k, "device_rejoined", d, "reachable again; stale blocks freed")
-
-    async def _recover(self) -> None:
-        """Re-place the blocks of lost devices, load them from local weights, and rebuild
-        their caches by replaying the token history through the pipeline."""
-        lost, self._lost = self._lost, []
-        t0 = self.loop.time()
-        assert self.placement is not None
-        if not self.alg.dynamic:
-            raise RunFailed(f"{', '.join(lost)} failed and {self.alg.name} does not re-plan")
-        await self._abort()
-        snap = await self.snapshot()
-        self.stats.emergencies += 1
-        new = self._plan(snap, f"emergency:lost@{','.join(lost)}")
-        names = self.devices
-        dead = {self.devices.index(d) for d in lost}
-        orphans = {b.name: names[c] for b, a, c in self.placement.moves(new) if a in dead}
-        stranded = [b.name for b, j in new.items() if j in dead]
-        if stranded:
-            raise RunFailed(f"re-planning left blocks on lost devices: {stranded[:3]}")
-        await self._load(orphans, "recovery")
-        assign = list(self.placement.assign)
-        for name, dev in orphans.items():
-            assign[block_index(self.model)[name]] = names.index(dev)
-        self.placement = Placement(self.model, tuple(assign))
-        self.rec.placement(self.k, sorted(orphans.items()))
-        await self._route(self.placement)
-        rest = [(b, a, c) for b, a, c in self.placement.moves(new)]
-        if rest:
-            await self.migrate(rest)
-        # the reloaded heads have empty caches: replay the history (positions already held
-        # elsewhere are rewritten with the same values)
-        n = self.seq_len()
-        if n > 0 and any(Block.parse(b).kind == "head" for b in orphans):
-            await self._attempt((self.prompt + self.ids)[:n], 0, replay=True)
-        ms = (self.loop.time() - t0) * 1e3
-        self.stats.recover_ms.append(ms)
-        self.rec.event(self.now(), self.k, "recovered", ",".join(lost),
-                       f"reloaded={len(orphans)} replayed_positions={n} ms={ms:.3f}")
 
     # ------------------------------------------------------------------ generation
 

@@ -1,0 +1,26 @@
+"""Why an attempt or a run stops (shared by the controller and its mixins)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class RunFailed(Exception):
+    """The run cannot go on; the message says why (recorded as `failed: <message>`)."""
+
+
+class OutOfMemory(Exception):
+    def __init__(self, msg: dict[str, Any]) -> None:
+        self.msg = msg
+        super().__init__(msg.get("detail", "out of memory"))
+
+
+class DeviceLost(Exception):
+    def __init__(self, devices: Sequence[str], why: str) -> None:
+        self.devices, self.why = list(devices), why
+        super().__init__(f"{', '.join(devices)}: {why}")
+
+
+class Stalled(Exception):
+    """A token attempt took far longer than predicted (e.g. a link went down)."""
