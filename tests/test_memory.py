@@ -58,7 +58,7 @@ def test_budget_high_peak_release() -> None:
 def _agent(memory: int, sent: list[tuple[str, dict[str, Any]]]) -> DeviceAgent:
     spec = from_name("gpt-tiny")
     dev = DeviceSpec("d", compute_gflops=10, memory_mib=memory / 2**20, memory_high_mib=memory / 2**20)
-    return DeviceAgent(dev, spec, RandomWeights(spec, 0), lambda dst, m: sent.append((dst, m)) or 0, source="src")
+    return DeviceAgent(dev, spec, RandomWeights(spec, 0), lambda dst, m, at=None: sent.append((dst, m)) or 0, source="src")
 
 
 def test_refused_cache_append_leaves_caches_intact() -> None:

@@ -99,8 +99,8 @@ class Cluster:
 
         return fire
 
-    def _sender(self, name: str) -> Callable[[str, dict[str, Any]], int]:
-        return lambda dst, msg: self.net.send(name, dst, msg)
+    def _sender(self, name: str) -> Callable[..., int]:
+        return lambda dst, msg, at=None: self.net.send(name, dst, msg, at)
 
     def _outgoing(self, name: str) -> Callable[[], dict[str, EmulatedLink]]:
         return lambda: {dst: link for (src, dst), link in self.links().items()

@@ -132,7 +132,7 @@ class Controller(Migrations, Recovery):
         self._rid = itertools.count(1)
         self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._seq = 0
-        self._token_fut: asyncio.Future[torch.Tensor] | None = None
+        self._token_fut: asyncio.Future[tuple[torch.Tensor, float | None]] | None = None
         self._fault: str | None = None
         self._lost: list[str] = []  # devices gone and not yet recovered from
         self._unreachable: set[str] = set()  # alive, but their link to the source is down
@@ -163,7 +163,7 @@ class Controller(Migrations, Recovery):
         elif t == P.LOGITS:
             fut = self._token_fut
             if fut is not None and not fut.done() and m["seq"] == self._seq:
-                fut.set_result(m["logits"])
+                fut.set_result((m["logits"], m.get("at")))
         elif t == P.PRESSURE:
             self._urgent = self._urgent or f"memory_pressure@{m['device']}"
             self.beliefs.memory(m["device"], m["memory"], m["at"])
@@ -339,10 +339,12 @@ class Controller(Migrations, Recovery):
     # ------------------------------------------------------------------ generation
 
     async def _attempt(self, tokens: list[int], pos: int, replay: bool = False,
-                       predicted_ms: float = math.nan) -> torch.Tensor:
-        """One attempt: tokens in at the source, the last position's logits back."""
+                       predicted_ms: float = math.nan) -> tuple[torch.Tensor, float]:
+        """One attempt: tokens in at the source; the last position's logits back, and the
+        emulated time the source had them (the host's delay in handing them over to us,
+        e.g. across processes, is not the system's)."""
         self._seq += 1
-        fut: asyncio.Future[torch.Tensor] = self.loop.create_future()
+        fut: asyncio.Future[tuple[torch.Tensor, float | None]] = self.loop.create_future()
         self._token_fut = fut
         self.port.send(self.source_name, {"t": P.GEN, "seq": self._seq, "tokens": tokens, "pos": pos})
         limit = self.opt.stall_min_s
@@ -351,11 +353,14 @@ class Controller(Migrations, Recovery):
         if replay:
             limit = max(limit, self.opt.request_timeout_s)
         try:
-            return await asyncio.wait_for(fut, limit)
+            logits, at = await asyncio.wait_for(fut, limit)
         except TimeoutError:
             raise Stalled(f"token {self.k} took over {limit:g} s") from None
         finally:
             self._token_fut = None
+        now = self.loop.time()
+        # a stamp from another host's clock (or none) is not trusted: then it is now
+        return logits, at if at is not None and now - 1.0 <= at <= now else now
 
     async def _abort(self) -> None:
         await self._ask({d: {"t": P.ABORT, "seq": self._seq} for d in self.alive()}, "abort")
@@ -392,7 +397,7 @@ class Controller(Migrations, Recovery):
         guess = self._guess_ms(len(tokens), pos + len(tokens))
         for _attempt in range(self.opt.max_attempts):
             try:
-                logits = await self._attempt(tokens, pos, predicted_ms=guess)
+                logits, done = await self._attempt(tokens, pos, predicted_ms=guess)
                 break
             except (OutOfMemory, Stalled, DeviceLost) as e:
                 s0 = self.loop.time()
@@ -402,7 +407,7 @@ class Controller(Migrations, Recovery):
                 guess = self._guess_ms(len(tokens), pos + len(tokens))
         else:
             raise RunFailed(f"token {k} failed {self.opt.max_attempts} times in a row")
-        latency = self.loop.time() - t_start
+        latency = max(done, t_start) - t_start
         tok = int(logits.argmax())
         self.ids.append(tok)
         predicted = await self.predicted_ms(len(tokens), pos + len(tokens))

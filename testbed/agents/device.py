@@ -43,7 +43,7 @@ from . import protocol as P
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[str, dict[str, Any]], int]  # (destination device, message) -> bytes charged
+Send = Callable[..., int]  # (destination, message, at=None) -> bytes charged
 Outgoing = Callable[[], dict[str, EmulatedLink]]  # peer -> this device's link to it
 
 AnyBlock = HeadBlock | ProjBlock | FfnBlock
@@ -84,8 +84,10 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ plumbing
 
-    def send(self, dst: str, msg: dict[str, Any]) -> int:
-        return self._send(dst, msg)
+    def send(self, dst: str, msg: dict[str, Any], at: float | None = None) -> int:
+        """Send from this device; `at` is the emulated time it is handed over (the end of
+        the job that produced it), default now."""
+        return self._send(dst, msg, at) if at is not None else self._send(dst, msg)
 
     def _reply(self, m: dict[str, Any], **payload: Any) -> None:
         self.send(self.source, {"t": P.ACK, "rid": m["rid"], "device": self.name, **payload})
@@ -127,8 +129,9 @@ class DeviceAgent:
                                 "flops": self.compute.rate, "host_blocks": self.spec.host_blocks,
                                 "at": asyncio.get_running_loop().time()})
 
-    def handle(self, sender: str, msg: dict[str, Any]) -> None:
-        """Entry point for every message addressed to this device."""
+    def handle(self, sender: str, msg: dict[str, Any], at: float | None = None) -> None:
+        """Entry point for every message addressed to this device; `at` is when it was due
+        (its emulated arrival; default now), which is when the work it asks for may start."""
         t = msg["t"]
         if t in P.TO_CONTROLLER:
             if self.controller is None:
@@ -140,7 +143,10 @@ class DeviceAgent:
             raise P.ProtocolError(f"unknown message type {t!r}")
         if sender != self.name:  # from the wire: check before use
             P.check(msg, self.model)
-        fn(self, sender, msg)
+        if t in P.DATA:
+            fn(self, sender, msg, at)  # type: ignore[call-arg]
+        else:
+            fn(self, sender, msg)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -205,7 +211,7 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ data path
 
-    def _on_gen(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_gen(self, sender: str, m: dict[str, Any], at: float | None) -> None:
         """Start an attempt: embed the tokens (a table lookup, no emulated compute) and send
         the hidden states to layer 0's devices."""
         if self.source_block is None:
@@ -217,15 +223,15 @@ class DeviceAgent:
             x = self.source_block.embed(list(m["tokens"]), pos)
         msg = {"t": P.LAYER_IN, "seq": seq, "layer": 0, "pos": pos, "x": x}
         for dst in self.layer_targets(0):
-            self._forward(dst, msg)
+            self._forward(dst, msg, at)
 
-    def _on_out(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_out(self, sender: str, m: dict[str, Any], at: float | None) -> None:
         if self.source_block is None:
             raise P.ProtocolError(f"{self.name} is not the source device")
         if m["seq"] > self.floor:
-            self._spawn(self._lm_head(m["seq"], m["x"]))
+            self._spawn(self._lm_head(m["seq"], m["x"], at))
 
-    async def _lm_head(self, seq: int, x: torch.Tensor) -> None:
+    async def _lm_head(self, seq: int, x: torch.Tensor, ready: float | None) -> None:
         src = self.source_block
         assert src is not None
 
@@ -233,22 +239,24 @@ class DeviceAgent:
             with torch.inference_mode():
                 return src.logits(x[-1:])[0]
 
-        logits = await self.compute.run(cost.source_flops(self.model), work)
+        logits, done = await self.compute.run(cost.source_flops(self.model), work, ready=ready)
         if seq > self.floor and self.controller is not None:
-            self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits})
+            self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits, "at": done})
 
-    def _on_x(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_x(self, sender: str, m: dict[str, Any], at: float | None) -> None:
         seq, layer = m["seq"], m["layer"]
         if seq <= self.floor:
             return
         groups = self._my_heads.get(layer)
         if groups:
-            self._spawn(self._heads(seq, layer, m["pos"], m["x"], groups))
+            self._spawn(self._heads(seq, layer, m["pos"], m["x"], groups, at))
         if self._proj.get(layer) == self.name:
-            self._buf(seq, layer)["x"] = m["x"]
+            buf = self._buf(seq, layer, at)
+            buf["x"] = m["x"]
             self._check_proj(seq, layer, m["pos"])
 
-    async def _heads(self, seq: int, layer: int, pos: int, x: torch.Tensor, groups: list[int]) -> None:
+    async def _heads(self, seq: int, layer: int, pos: int, x: torch.Tensor, groups: list[int],
+                     ready: float | None) -> None:
         s = self.model
         T = x.shape[0]
         heads = [self.blocks[f"head.{layer}.{g}"] for g in groups]
@@ -265,19 +273,23 @@ class DeviceAgent:
             with torch.inference_mode():
                 return torch.cat([h.forward(x, pos) for h in heads], dim=-1)  # type: ignore[union-attr]
 
-        out = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), work)
+        out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), work, ready=ready)
         if seq > self.floor:
             self._forward(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
-                                              "groups": groups, "out": out})
+                                              "groups": groups, "out": out}, done)
 
-    def _buf(self, seq: int, layer: int) -> dict[str, Any]:
-        return self._proj_buf.setdefault((seq, layer), {"x": None, "outs": {}})
+    def _buf(self, seq: int, layer: int, at: float | None) -> dict[str, Any]:
+        """proj's inputs for (seq, layer); `at` keeps when the last of them was due."""
+        buf = self._proj_buf.setdefault((seq, layer), {"x": None, "outs": {}, "at": None})
+        if at is not None:
+            buf["at"] = at if buf["at"] is None else max(buf["at"], at)
+        return buf
 
-    def _on_h(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_h(self, sender: str, m: dict[str, Any], at: float | None) -> None:
         seq, layer = m["seq"], m["layer"]
         if seq <= self.floor:
             return
-        outs = self._buf(seq, layer)["outs"]
+        outs = self._buf(seq, layer, at)["outs"]
         w = self.model.q_per_group * self.model.d_head
         for i, g in enumerate(m["groups"]):
             outs[g] = m["out"][:, i * w:(i + 1) * w]
@@ -288,14 +300,14 @@ class DeviceAgent:
         if buf["x"] is None or len(buf["outs"]) < self.model.groups:
             return
         del self._proj_buf[(seq, layer)]
-        self._spawn(self._run_block(seq, layer, pos, "proj", buf["x"], buf["outs"]))
+        self._spawn(self._run_block(seq, layer, pos, "proj", buf["x"], buf["outs"], buf["at"]))
 
-    def _on_y(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_y(self, sender: str, m: dict[str, Any], at: float | None) -> None:
         if m["seq"] > self.floor:
-            self._spawn(self._run_block(m["seq"], m["layer"], m["pos"], "ffn", m["x"], None))
+            self._spawn(self._run_block(m["seq"], m["layer"], m["pos"], "ffn", m["x"], None, at))
 
     async def _run_block(self, seq: int, layer: int, pos: int, kind: str, x: torch.Tensor,
-                         outs: dict[int, torch.Tensor] | None) -> None:
+                         outs: dict[int, torch.Tensor] | None, ready: float | None) -> None:
         s = self.model
         block = self.blocks[f"{kind}.{layer}"]
 
@@ -306,23 +318,24 @@ class DeviceAgent:
                     return block.forward(concat_heads(outs, s.groups), x)
                 return block.forward(x)  # type: ignore[union-attr,call-arg]
 
-        y = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), work)
+        y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), work, ready=ready)
         if seq <= self.floor:
             return
         if kind == "proj":
-            self._forward(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y})
+            self._forward(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y}, done)
         elif layer + 1 < s.layers:
             msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": y}
             for dst in self.layer_targets(layer + 1):
-                self._forward(dst, msg)
+                self._forward(dst, msg, done)
         else:
-            self._forward(self.source, {"t": P.OUT, "seq": seq, "x": y})
+            self._forward(self.source, {"t": P.OUT, "seq": seq, "x": y}, done)
 
-    def _forward(self, dst: str, msg: dict[str, Any]) -> None:
+    def _forward(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
+        """Data onwards at emulated time `at`: to ourselves at once, else over the link."""
         if dst == self.name:
-            self.handle(self.name, msg)
+            self.handle(self.name, msg, at)
         else:
-            self.send(dst, msg)
+            self.send(dst, msg, at)
 
     # ------------------------------------------------------------------ control
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable
-from typing import Any
 
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
@@ -37,8 +36,8 @@ class WsCluster(Cluster):
         ep.on_fault = self.on_fault
         self.endpoints[agent.name] = ep
 
-    def _sender(self, name: str) -> Callable[[str, dict[str, Any]], int]:
-        return lambda dst, msg: self.endpoints[name].send(dst, msg)
+    def _sender(self, name: str) -> Callable[..., int]:
+        return lambda dst, msg, at=None: self.endpoints[name].send(dst, msg, at)
 
     def _add_link(self, a: str, b: str, spec: LinkSpec) -> EmulatedLink:
         self.endpoints[a].add_peer(b, "", spec)  # the address is known once b listens

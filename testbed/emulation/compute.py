@@ -2,11 +2,18 @@
 after it starts, one job at a time (FIFO). The real torch computation runs inside that
 window; when it takes longer than the emulated time (real clock: it really does delay the
 device), the job is counted as an overrun.
+
+A job starts when its inputs were due (`ready`, the emulated arrival of the message that
+asked for it) or when the previous job ended, whichever is later, not when the host got
+around to it: on the real clock, decoding a message and scheduling the task take host time
+that the emulated device would not spend. That host time is absorbed as long as the job's
+window covers it; when it does not, the job ends late and counts as an overrun.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,6 +26,7 @@ T = TypeVar("T")
 
 class ComputeUnit:
     HISTORY = 32
+    LATE = 2e-3  # a job that ends more than this after its emulated finish is an overrun
 
     def __init__(self, name: str, flops: float) -> None:
         if flops <= 0:
@@ -33,6 +41,7 @@ class ComputeUnit:
         self.busy_s = 0.0
         self.flops_done = 0.0
         self.recent: deque[tuple[float, float]] = deque(maxlen=self.HISTORY)  # (flops, seconds)
+        self._free_at = -math.inf  # emulated end of the last job
 
     @property
     def rate(self) -> float:
@@ -42,24 +51,30 @@ class ComputeUnit:
     def duration(self, flops: float) -> float:
         return flops / self.rate
 
-    async def run(self, flops: float, fn: Callable[..., T], *args: object) -> T:
+    async def run(self, flops: float, fn: Callable[..., T], *args: object,
+                  ready: float | None = None) -> tuple[T, float]:
+        """Run fn inside the job's emulated window; returns (result, emulated finish)."""
         async with self._lock:
             loop = asyncio.get_running_loop()
-            start = loop.time()
+            now = loop.time()
+            start = max(self._free_at, now if ready is None else min(ready, now))
             emulated = self.duration(flops)
             w0 = time.perf_counter()
             result = fn(*args)
             wall = time.perf_counter() - w0
             self.jobs += 1
-            if wall > emulated:
+            finish = start + emulated
+            await sleep_until(finish)
+            late = loop.time() - finish
+            if wall > emulated or late > self.LATE:
                 self.overruns += 1
-                self.overrun_s += wall - emulated
-            await sleep_until(start + emulated)
-            took = loop.time() - start
-            self.busy_s += took
+                self.overrun_s += max(wall - emulated, late)
+                finish = loop.time()  # the host could not keep up: the job really ended now
+            self._free_at = finish
+            self.busy_s += finish - start
             self.flops_done += flops
-            self.recent.append((flops, took))
-            return result
+            self.recent.append((flops, finish - start))
+            return result, finish
 
     def observed_rate(self) -> float:
         """FLOP/s over the recent jobs (what the device can report), else the nominal rate."""

@@ -62,6 +62,7 @@ class EmulatedLink:
         self._seen_rate: float | None = None
         # benchmarks: when set, every delivered transfer is appended here (unbounded)
         self.record: list[Transfer] | None = None
+        self.due = math.nan  # during a delivery callback: when the frame was due
         self.history: deque[Transfer] = deque(maxlen=self.HISTORY)
 
     @property
@@ -77,8 +78,12 @@ class EmulatedLink:
         """Rate 0: frames wait (none is lost) until a rate is set again."""
         return self.bucket.rate <= 0
 
-    def send(self, frame: bytes, deliver: Callable[[bytes], None]) -> None:
-        now = self.loop.time()
+    def send(self, frame: bytes, deliver: Callable[[bytes], None], at: float | None = None) -> None:
+        """Queue frame; `deliver(frame)` runs when it is due (`self.due` tells when that
+        was, during the call). `at`: the emulated time the sender handed it over (the end
+        of the job that produced it), if earlier than now: the host's own delay between
+        the two is not the link's."""
+        now = self.loop.time() if at is None else min(at, self.loop.time())
         mid, done = self.bucket.enqueue(now, len(frame))
         self._pending[mid] = [frame, deliver, now, None]  # before recording: it may be done
         self._record_sent(done)
@@ -170,6 +175,7 @@ class EmulatedLink:
                     self.record.append(t)
                 self._watch(t)
             try:
+                self.due = when
                 deliver(frame)
             except Exception as exc:  # as a timer callback would: report, deliver the rest
                 self.loop.call_exception_handler({

@@ -21,7 +21,7 @@ from .codec import FrameError, decode, encode
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, dict[str, Any]], None]  # (sender, message)
+Handler = Callable[[str, dict[str, Any], float | None], None]  # (sender, message, due time)
 
 
 class InprocNetwork:
@@ -58,30 +58,33 @@ class InprocNetwork:
             if src == name:
                 self.lost_frames += link.drop_all()
 
-    def send(self, src: str, dst: str, msg: dict[str, Any]) -> int:
-        """Queue msg from src to dst; returns the bytes charged to the link (0 if local)."""
+    def send(self, src: str, dst: str, msg: dict[str, Any], at: float | None = None) -> int:
+        """Queue msg from src to dst, handed over at emulated time `at` (default now);
+        returns the bytes charged to the link (0 if local). The handler gets the time the
+        message was due."""
         if src in self.dead:
             self.lost_frames += 1
             return 0
         if src == dst:
-            self.loop.call_soon(self._call, src, dst, msg)
+            self.loop.call_soon(self._call, src, dst, msg, at)
             return 0
         frame = encode(msg)
+        link = self.links[(src, dst)]
         if self.drop is not None and self.drop(src, dst, msg):
-            self.links[(src, dst)].send(frame, lambda f: None)  # it costs the link, then vanishes
+            link.send(frame, lambda f: None, at)  # it costs the link, then vanishes
             return len(frame)
-        self.links[(src, dst)].send(frame, lambda f: self._deliver(src, dst, f))
+        link.send(frame, lambda f: self._deliver(src, dst, f, link.due), at)
         return len(frame)
 
-    def _deliver(self, src: str, dst: str, frame: bytes) -> None:
+    def _deliver(self, src: str, dst: str, frame: bytes, due: float) -> None:
         try:
             msg = decode(frame)
         except FrameError as e:
             self.on_fault(f"{src}->{dst}", f"dropped a malformed frame: {e}")
             return
-        self._call(src, dst, msg)
+        self._call(src, dst, msg, due)
 
-    def _call(self, src: str, dst: str, msg: dict[str, Any]) -> None:
+    def _call(self, src: str, dst: str, msg: dict[str, Any], due: float | None = None) -> None:
         handler = self.handlers.get(dst)
         if handler is None and dst in self.dead:
             self.lost_frames += 1  # sent to a device that has failed: lost, as on a real network
@@ -90,7 +93,7 @@ class InprocNetwork:
             self.on_fault(f"{src}->{dst}", f"dropped a {msg.get('t')!r} message: {dst} is not running")
             return
         try:
-            handler(src, msg)
+            handler(src, msg, due)
         except Exception as e:  # an agent bug must surface, not vanish in a loop callback
             log.exception("handler of %s failed on %r", dst, msg.get("t"))
             self.on_fault(dst, f"failed handling {msg.get('t')!r} from {src}: {type(e).__name__}: {e}")

@@ -12,7 +12,10 @@ binary, too large, undecodable, or a message the agent rejects is refused and lo
 counted in `refused`; the agent goes on. The emulated link (token bucket + latency) is
 applied at the sender exactly as with the in-process transport: a frame is written to the
 socket when the link delivers it, so both transports emulate the same network (loopback
-adds a few tens of microseconds).
+adds a few tens of microseconds). Each frame carries the time it was due (`due`, stamped
+into a fixed-width field when the link delivers it), so the receiver counts the socket hop
+and its own decoding as host time, not as the emulated network's; a stamp from another
+host's clock is not plausible and the arrival time is used instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,11 +36,13 @@ from .codec import MAX_FRAME, FrameError, decode, encode
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, dict[str, Any]], None]
+Handler = Callable[[str, dict[str, Any], float | None], None]  # (sender, message, arrival)
 ControlHandler = Callable[[web.Request, web.WebSocketResponse], Awaitable[None]]
 
 LOOPBACK = "127.0.0.1"
 HEARTBEAT_S = 1.0
+# frames start with the map entry "due": <float64>: header byte, key, type byte, 8 bytes
+_DUE_PREFIX, _DUE_AT = b"\xa3due\xcb", 6
 
 
 def check_bind(host: str, allow_remote: bool) -> None:
@@ -173,7 +179,7 @@ class WsEndpoint:
         try:
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.BINARY:
-                    self._receive(peer, msg.data)
+                    self._receive(peer, msg.data, self.loop.time())
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     self._refuse(peer, f"websocket error: {ws.exception()}")
                     break
@@ -191,16 +197,19 @@ class WsEndpoint:
         self.refused += 1
         self.on_fault(f"{peer}->{self.name}", f"refused a frame: {why}")
 
-    def _receive(self, peer: str, frame: bytes) -> None:
+    def _receive(self, peer: str, frame: bytes, arrived: float) -> None:
         try:
             msg = decode(frame, self.max_frame)
         except FrameError as e:
             self._refuse(peer, str(e))
             return
+        due = msg.pop("due", None)
+        if isinstance(due, float) and arrived - 1.0 <= due <= arrived:
+            arrived = due  # the socket hop and the decoding are the host's, not the link's
         if self.handler is None:
             return
         try:
-            self.handler(peer, msg)
+            self.handler(peer, msg, arrived)  # decoding and checks are host time, not the link's
         except Exception as e:  # a bad message must not take the agent down
             log.exception("%s: handling %r from %s failed", self.name, msg.get("t"), peer)
             self._refuse(peer, f"{msg.get('t')!r} rejected: {type(e).__name__}: {e}")
@@ -216,30 +225,33 @@ class WsEndpoint:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, dst: str, msg: dict[str, Any]) -> int:
-        """Queue msg for dst through our emulated link; returns the bytes charged."""
+    def send(self, dst: str, msg: dict[str, Any], at: float | None = None) -> int:
+        """Queue msg for dst through our emulated link, handed over at emulated time `at`
+        (default now); returns the bytes charged."""
         if dst == self.name:
-            self.loop.call_soon(self._local, msg)
+            self.loop.call_soon(self._local, msg, at)
             return 0
-        frame = encode(msg)
+        frame = bytearray(encode({"due": 0.0, **msg}))
         link = self.links.get(dst)
         if link is None:
             self.lost_frames += 1
             self.on_fault(f"{self.name}->{dst}", f"no link to {dst}: a {msg.get('t')!r} message was dropped")
             return 0
-        link.send(frame, lambda f: self._put(dst, f))
+        link.send(frame, lambda f: self._put(dst, f, link.due), at)  # type: ignore[arg-type]
         return len(frame)
 
-    def _local(self, msg: dict[str, Any]) -> None:
+    def _local(self, msg: dict[str, Any], at: float | None) -> None:
         if self.handler is not None:
-            self.handler(self.name, msg)
+            self.handler(self.name, msg, at)
 
-    def _put(self, dst: str, frame: bytes) -> None:
+    def _put(self, dst: str, frame: bytearray, due: float) -> None:
         q = self._queues.get(dst)
         if q is None or dst not in self._ws:
             self.lost_frames += 1  # the peer is gone: lost, as on a real network
             return
-        q.put_nowait(frame)
+        if frame[1:_DUE_AT] == _DUE_PREFIX:
+            struct.pack_into(">d", frame, _DUE_AT, due)
+        q.put_nowait(bytes(frame))
 
     # ------------------------------------------------------------------ control
 
