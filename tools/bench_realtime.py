@@ -7,7 +7,8 @@
   probe frames (1 to 1000 Mbit/s, 5 ms latency). Throughput is measured at the receiver
   (bytes after the first frame over the time from the first arrival to the last); the
   added delay of each frame is its arrival at the receiver (its own process, same
-  monotonic clock) minus the time the sender's link scheduled it to arrive. Targets:
+  monotonic clock) minus the time the sender's link scheduled it to arrive. Bytes are
+  whole frames as the link charges them (payload plus msgpack framing). Targets:
   throughput within 2 % of the configured rate, each delivery at most 2 ms late.
 - tokens: real-clock runs of two scenarios with every agent in its own process: the
   measured per-token latency against the controller's estimate (oracle telemetry, so the
@@ -72,7 +73,9 @@ async def _links(rates: list[float], seconds: float) -> list[dict[str, Any]]:
             arrival = {n: t for _, n, _, t in got}
             late = [arrival[i] - sched for i, _, sched, _ in sent if i in arrival]
             times = sorted(arrival.values())
-            nbytes = sum(sz for _, _, sz, _ in got) - size
+            frame = {i: sz for i, sz, _, _ in sent}  # bytes the link carried (the whole frame)
+            first = min(arrival, key=arrival.get) if arrival else None
+            nbytes = sum(frame[i] for i in arrival if i != first)
             measured = nbytes * 8 / (times[-1] - times[0]) / 1e6 if len(times) > 1 else float("nan")
             err = 100 * (measured - rate) / rate
             out.append({"mbps": rate, "frame_bytes": size, "frames": len(sent), "received": len(got),
