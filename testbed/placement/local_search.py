@@ -144,54 +144,41 @@ class _State:
                 self.tail = self.model.tail_time(self.a[self._ffn(L - 1)])
 
 
+def _move_best(st: _State, blocks: list[int], devices: list[int]) -> bool:
+    """Move `blocks` together to the device that improves the objective most, if any."""
+    best, arg = -EPS, None
+    for j in devices:
+        if any(st.a[i] != j for i in blocks):
+            d = st.delta(dict.fromkeys(blocks, j))
+            if d is not None and d < best:
+                best, arg = d, j
+    if arg is None:
+        return False
+    st.apply(dict.fromkeys(blocks, arg))
+    return True
+
+
 def improve(snap: Snapshot, start: Placement, budget_s: float = 0.25, max_rounds: int = 50) -> Placement:
     """Hill-climb from `start` on the epoch objective; never returns a worse placement."""
     st = _State(snap, start)
     s = snap.spec
-    V, per = snap.n_devices, st.per
-    devices = [j for j in range(V) if st.usable[j]]
+    per = st.per
+    devices = [j for j in range(snap.n_devices) if st.usable[j]]
     deadline = time.perf_counter() + budget_s
     for _ in range(max_rounds):
         improved = False
         # single moves: best device for each block
         for i in range(len(st.a)):
-            best, arg = -EPS, None
-            for j in devices:
-                if j != st.a[i]:
-                    d = st.delta({i: j})
-                    if d is not None and d < best:
-                        best, arg = d, j
-            if arg is not None:
-                st.apply({i: arg})
-                improved = True
+            improved |= _move_best(st, [i], devices)
             if time.perf_counter() > deadline:
                 return Placement(s, tuple(st.a))
-        # group moves: all heads of a layer on one device to another device
         for l in range(s.layers):
+            # group moves: all heads of a layer on one device to another device
             heads = range(l * per, l * per + s.groups)
             for a in sorted({st.a[i] for i in heads}):
-                group = [i for i in heads if st.a[i] == a]
-                best, arg = -EPS, None
-                for j in devices:
-                    if j != a:
-                        d = st.delta(dict.fromkeys(group, j))
-                        if d is not None and d < best:
-                            best, arg = d, j
-                if arg is not None:
-                    st.apply(dict.fromkeys(group, arg))
-                    improved = True
-        # layer moves: every block of a layer to one device (consolidation, pipelines)
-        for l in range(s.layers):
-            layer = list(range(l * per, (l + 1) * per))
-            best, arg = -EPS, None
-            for j in devices:
-                if any(st.a[i] != j for i in layer):
-                    d = st.delta(dict.fromkeys(layer, j))
-                    if d is not None and d < best:
-                        best, arg = d, j
-            if arg is not None:
-                st.apply(dict.fromkeys(layer, arg))
-                improved = True
+                improved |= _move_best(st, [i for i in heads if st.a[i] == a], devices)
+            # layer moves: every block of a layer to one device (consolidation, pipelines)
+            improved |= _move_best(st, list(range(l * per, (l + 1) * per)), devices)
         # swaps within a layer
         for l in range(s.layers):
             idx = range(l * per, (l + 1) * per)
