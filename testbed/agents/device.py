@@ -43,7 +43,7 @@ from . import protocol as P
 
 log = logging.getLogger(__name__)
 
-Send = Callable[..., int]  # (destination, message, at=None) -> bytes charged
+Send = Callable[[str, dict[str, Any], float | None], int]  # (destination, message, at) -> bytes
 Outgoing = Callable[[], dict[str, EmulatedLink]]  # peer -> this device's link to it
 
 AnyBlock = HeadBlock | ProjBlock | FfnBlock
@@ -87,7 +87,7 @@ class DeviceAgent:
     def send(self, dst: str, msg: dict[str, Any], at: float | None = None) -> int:
         """Send from this device; `at` is the emulated time it is handed over (the end of
         the job that produced it), default now."""
-        return self._send(dst, msg, at) if at is not None else self._send(dst, msg)
+        return self._send(dst, msg, at)
 
     def _reply(self, m: dict[str, Any], **payload: Any) -> None:
         self.send(self.source, {"t": P.ACK, "rid": m["rid"], "device": self.name, **payload})
