@@ -130,6 +130,7 @@ class AgentProcess:
             return {**ok, "detail": apply_to_device(self.agent, m["action"], m["fields"])}
         if op == "state":
             return {**ok, "device": device_row(self.agent), "lag": self.lag.stats(),
+                    "frames": {"lost": self.ep.lost_frames, "refused": self.ep.refused},
                     "links": [link_row(self.spec.name, p, lk) for p, lk in self.ep.links.items()]}
         if op == "bulk":  # benchmark: keep the link to `peer` busy with probes, report timings
             return {**ok, "transfers": await self._bulk(m["peer"], m["size"], m["count"], m["seconds"])}

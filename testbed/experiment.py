@@ -257,6 +257,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             writer.token(row)
             await hooks.after_token(k)
         state["total_s"] = world.loop.time() - controller.t0
+        state["frames"] = await world.frame_counts()
         if on_finish is not None:
             done = on_finish(world, controller)
             if inspect.isawaitable(done):
@@ -352,6 +353,8 @@ def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[s
         "decision_ms": {"mean": sum(st.decision_ms) / len(st.decision_ms) if st and st.decision_ms else math.nan,
                         "max": max(st.decision_ms) if st and st.decision_ms else math.nan},
         "stalls": st.stalls if st else 0,
+        "frames_lost": state.get("frames", {}).get("lost", 0),  # to or from failed devices
+        "frames_refused": state.get("frames", {}).get("refused", 0),  # malformed, from the wire
         "recover_ms": st.recover_ms if st else [],
         "overrun_fraction": overruns / jobs if jobs else 0.0,
         "peak_memory_bytes": peak,

@@ -192,6 +192,10 @@ class Cluster:
         """Instrumentation: per live device its memory, caches, weights and compute."""
         return [device_row(self.agents[n]) for n in self.names if n not in self.failed]
 
+    async def frame_counts(self) -> dict[str, int]:
+        """Frames lost (to or from a failed device) and refused (malformed) so far."""
+        return {"lost": self.net.lost_frames, "refused": 0}
+
     async def link_rows(self) -> list[dict[str, Any]]:
         return [link_row(src, dst, lk) for (src, dst), lk in self.links().items()
                 if src not in self.failed and dst not in self.failed]

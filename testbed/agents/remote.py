@@ -248,6 +248,10 @@ class ProcessCluster:
         """Event-loop lag of every agent process so far (LagMonitor statistics)."""
         return {n: r["lag"] for n, r in (await self._states()).items()}
 
+    async def frame_counts(self) -> dict[str, int]:
+        states = (await self._states()).values()
+        return {k: sum(r["frames"][k] for r in states) for k in ("lost", "refused")}
+
     async def device_rows(self) -> list[dict[str, Any]]:
         return [r["device"] for r in (await self._states()).values()]
 

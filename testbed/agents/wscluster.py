@@ -61,6 +61,10 @@ class WsCluster(Cluster):
         for ep in self.endpoints.values():
             await ep.close()
 
+    async def frame_counts(self) -> dict[str, int]:
+        eps = self.endpoints.values()
+        return {"lost": sum(ep.lost_frames for ep in eps), "refused": sum(ep.refused for ep in eps)}
+
     def _kill(self, name: str) -> None:
         self.loop.create_task(self.endpoints[name].close())
 
