@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -25,7 +24,6 @@ T = TypeVar("T")
 
 
 class ComputeUnit:
-    HISTORY = 32
     LATE = 2e-3  # a job that ends more than this after its emulated finish is an overrun
 
     def __init__(self, name: str, flops: float) -> None:
@@ -40,7 +38,6 @@ class ComputeUnit:
         self.overrun_s = 0.0
         self.busy_s = 0.0
         self.flops_done = 0.0
-        self.recent: deque[tuple[float, float]] = deque(maxlen=self.HISTORY)  # (flops, seconds)
         self._free_at = -math.inf  # emulated end of the last job
 
     @property
@@ -73,11 +70,4 @@ class ComputeUnit:
             self._free_at = finish
             self.busy_s += finish - start
             self.flops_done += flops
-            self.recent.append((flops, finish - start))
             return result, finish
-
-    def observed_rate(self) -> float:
-        """FLOP/s over the recent jobs (what the device can report), else the nominal rate."""
-        f = sum(x for x, _ in self.recent)
-        s = sum(y for _, y in self.recent)
-        return f / s if f > 0 and s > 0 else self.rate

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -109,10 +109,6 @@ class RandomWeights:
             w["wpe"] = normal(s.context, s.d_model, std=0.01)
         w.update(self._norm(normal))
         return w
-
-
-def tensors_nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.nbytes for t in tensors)
 
 
 def weights_for(spec: ModelSpec, seed: int = 0) -> WeightSource:

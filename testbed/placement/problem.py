@@ -231,14 +231,6 @@ class LatencyModel:
             u = v.ffn
         return total + self.tail_time(u)
 
-    def breakdown(self, p: Placement, n: float) -> list[float]:
-        """Per-layer times, then the tail (for reports and debugging)."""
-        u, out = self.src, []
-        for v in layer_views(p):
-            out.append(self.layer_time(u, v.heads, v.proj, v.ffn, n))
-            u = v.ffn
-        return out + [self.tail_time(u)]
-
 
 def estimate_token_latency(snap: Snapshot, p: Placement, n: float | None = None) -> float:
     """Seconds per token for placement p (the next token by default)."""
