@@ -115,6 +115,13 @@ class AgentProcess:
             return None
         op, rid = m["op"], m["rid"]
         ok: dict[str, Any] = {"t": "re", "rid": rid, "ok": True}
+        if op == "clock":  # the run's timeline: its time scale and epoch (before anything else)
+            loop = asyncio.get_running_loop()
+            loop.set_time_scale(float(m["time_scale"]), float(m["epoch"]))  # type: ignore[attr-defined]
+            self.lag.stop()
+            self.lag = LagMonitor()
+            self.lag.start()
+            return ok
         if op == "peers":
             for peer, url in m["peers"].items():
                 if peer != self.spec.name and peer not in self.ep.book:

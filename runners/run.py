@@ -21,7 +21,7 @@ from testbed.emulation.clock import CLOCKS
 from testbed.model.smollm2 import ModelUnavailable
 from testbed.placement import ALGORITHM_NAMES
 from testbed.placement.registry import size_problem
-from testbed.scenario import Scenario, ScenarioError, load
+from testbed.scenario import Scenario, ScenarioError, load, parse_time_scale
 
 DEFAULT_OUT = Path("results")
 
@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, help="override generation.new_tokens (short runs)")
     p.add_argument("--clock", choices=CLOCKS, default="real",
                    help="real (default) or virtual: fast, deterministic emulated time")
+    p.add_argument("--time-scale", metavar="K|auto",
+                   help="real clock: emulated time runs K times slower than the wall clock, so the "
+                        "host's own work fits in the emulated windows; auto (default, or the "
+                        "scenario's emulation.time_scale) calibrates K on this host; 1 is wall-clock speed")
     p.add_argument("--transport", choices=("inproc", "ws"),
                    help="inproc (default): asyncio queues; ws: a websocket per agent pair on loopback")
     p.add_argument("--processes", action="store_true",
@@ -82,6 +86,13 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str]]:
     if args.processes and args.transport == "inproc":
         raise ScenarioError(scen.file, "--processes", "agents in separate processes talk over --transport ws")
     args.transport = args.transport or ("ws" if args.processes else "inproc")
+    if args.time_scale is not None and args.clock == "virtual":
+        raise ScenarioError(scen.file, "--time-scale", "applies to the real clock only (the virtual clock "
+                            "does not run at any wall-clock speed)")
+    if args.time_scale is not None:
+        args.time_scale = parse_time_scale(args.time_scale, scen.file, "--time-scale")
+    else:
+        args.time_scale = scen.emulation.time_scale
     if args.transport == "ws" and args.clock == "virtual":
         raise ScenarioError(scen.file, "--transport", "--clock virtual runs on the in-process transport only "
                             "(real sockets live in real time)")
@@ -108,16 +119,38 @@ def main(argv: list[str] | None = None) -> int:
     except ModelUnavailable as e:
         err.print(f"error: {scen.file}: model.preset: {e}", markup=False)
         return 2
+    k, calibration = 1.0, None
+    if args.clock == "real":
+        if args.time_scale is None:
+            from testbed.timescale import calibrate
+
+            try:
+                cal = calibrate(prep, algorithms, args.transport, args.processes)
+            except RuntimeError as e:
+                err.print(f"error: {scen.file}: time scale calibration failed: {e} "
+                          "(give --time-scale K to skip it)", markup=False)
+                return 1
+            k, calibration = cal.time_scale, cal.to_dict()
+            out.print(cal.line(), markup=False, soft_wrap=True)
+        else:
+            k, calibration = args.time_scale, {"time_scale": args.time_scale, "given": True}
+            if not args.quiet:
+                out.print(f"time scale {k:g} (given): emulated time runs {k:g} times slower than the wall clock",
+                          markup=False)
     outcomes = []
     for alg in algorithms:
         run_dir = experiment.run_dir_for(args.out, scen, alg, scen.seed)
         show = out.is_terminal and not args.quiet
         with _progress(out, show, alg, scen.generation.new_tokens) as progress:
             outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
-                                     processes=args.processes, attach=args.attach, progress=progress)
+                                     processes=args.processes, attach=args.attach, progress=progress,
+                                     time_scale=k, calibration=calibration)
         outcomes.append(outcome)
+        fid = outcome.summary.get("fidelity", {})
         if args.quiet:
             out.print(f"{outcome.status} {outcome.run_dir}", markup=False, soft_wrap=True)
+            if fid.get("distorted"):
+                err.print(f"warning: {outcome.run_dir}: results distorted: {fid['reason']}", markup=False)
         else:
             print_summary(out, scen, args.clock, outcome)
     if len(outcomes) > 1 and not args.quiet:
@@ -171,6 +204,15 @@ def print_summary(out: Console, scen: Scenario, clock: str, o: experiment.Outcom
                   f"({corr['tokens_compared']} compared, max |logit diff| {corr['max_abs_logit_diff']})")
     if "generated_text" in s:
         out.print(f"  text          {s['prompt_text']!r} -> {s['generated_text']!r}", markup=False)
+    if clock == "real":
+        out.print(f"  time          {s['emulated_s']:.3f} s emulated in {s['wall_s']:.1f} s of wall time "
+                  f"(time scale {s['time_scale']:g}); overruns: {s['overrun_fraction']:.1%} of jobs, "
+                  f"{s['late_delivery_fraction']:.1%} of deliveries")
+        fid = s["fidelity"]
+        if fid["distorted"]:
+            out.print(f"  [red]distorted[/]     {fid['reason']}", soft_wrap=True)
+    else:
+        out.print(f"  time          {s['emulated_s']:.3f} s emulated in {s['wall_s']:.1f} s of wall time")
     out.print(f"  run directory {o.run_dir}", markup=False, soft_wrap=True)
 
 

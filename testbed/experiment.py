@@ -17,6 +17,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -258,6 +259,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             await hooks.after_token(k)
         state["total_s"] = world.loop.time() - controller.t0
         state["frames"] = await world.frame_counts()
+        state["link_rows"] = await world.link_rows()
         if on_finish is not None:
             done = on_finish(world, controller)
             if inspect.isawaitable(done):
@@ -268,6 +270,29 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         if controller is not None:
             await controller.stop()
         await world.stop()
+
+
+DISTORTED = 0.02  # more than this fraction of jobs or deliveries overran: results distorted
+
+
+def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: float) -> dict[str, Any]:
+    """The run's check of itself: on the real clock, did the host keep up with the emulated
+    windows? `share` is the 99th percentile, over recent jobs of every device, of the share
+    of its emulated window the host needed: about `time_scale * share` would have been just
+    enough. A distorted run suggests one and a half times that (at least twice the scale
+    used, since an overrun also delays the jobs behind it)."""
+    if clock != "real":
+        return {"distorted": False, "reason": "virtual clock: the host's speed does not enter"}
+    needed = round(time_scale * share, 2)
+    worst = max(overrun, late)
+    if worst <= DISTORTED:
+        return {"distorted": False, "needed_time_scale": needed,
+                "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran (limit {DISTORTED:.0%})"}
+    suggest = math.ceil(min(clock_mod.MAX_TIME_SCALE, max(2.0 * time_scale, 1.5 * needed)))
+    return {"distorted": True, "needed_time_scale": needed, "suggested_time_scale": suggest,
+            "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran their emulated "
+                      f"windows at time scale {time_scale:g} (limit {DISTORTED:.0%}): the host's speed "
+                      f"entered the results; about --time-scale {suggest} would fit"}
 
 
 def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None],
@@ -289,9 +314,12 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         progress: Callable[[int], None] | None = None, processes: bool = False,
         attach: dict[str, str] | None = None,
         setup: Callable[[Any], None] | None = None,
-        on_finish: Callable[[Any, Controller], None] | None = None) -> Outcome:
+        on_finish: Callable[[Any, Controller], None] | None = None,
+        time_scale: float = 1.0, calibration: dict[str, Any] | None = None) -> Outcome:
     """Run one algorithm (a registered name, or any object with `name`, `dynamic` and
-    `place`) on a prepared scenario; always leaves meta.json and summary.json."""
+    `place`) on a prepared scenario; always leaves meta.json and summary.json. On the real
+    clock, emulated time runs `time_scale` times slower than the wall clock (`calibration`:
+    how that scale was chosen, recorded in meta.json)."""
     scen = prep.scenario
     alg_name = algorithm if isinstance(algorithm, str) else algorithm.name
     # per-head work is a few tiny matrix products: one thread avoids OpenMP spin and
@@ -299,9 +327,14 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     torch.set_num_threads(TORCH_THREADS)
     # `setup` and `on_finish` let tests and tools inject faults and inspect the final state
     writer = RunWriter(run_dir)
+    if clock == "virtual":
+        time_scale = 1.0
     meta: dict[str, Any] = {
         "format_version": 1, "scenario": scen.to_dict(), "scenario_file": scen.file,
-        "algorithm": alg_name, "seed": scen.seed, "clock": clock, "transport": transport,
+        "algorithm": alg_name, "seed": scen.seed, "clock": clock,
+        "time_scale": time_scale if clock == "real" else None,
+        "time_scale_calibration": calibration if clock == "real" else None,
+        "transport": transport,
         "processes": processes or bool(attach), "attached": sorted(attach or {}),
         "git_revision": git_revision(), "python": sys.version.split()[0], "torch": torch.__version__,
         "host": socket.gethostname(), "platform": platform.platform(), "start": utc_now(), "end": None,
@@ -310,9 +343,10 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     writer.meta(meta)
     state: dict[str, Any] = {}
     status = "completed"
+    wall0 = time.perf_counter()
     try:
         clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, state, transport, processes,
-                                         setup, on_finish, attach), clock)
+                                         setup, on_finish, attach), clock, time_scale)
     except RunFailed as e:
         status = f"failed: {e}"
     except KeyboardInterrupt:
@@ -320,10 +354,11 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     except Exception as e:  # a bug: keep the traceback beside the results
         status = f"failed: {type(e).__name__}: {e}"
         (run_dir / "error.log").write_text(traceback.format_exc())
+    state["wall_s"] = time.perf_counter() - wall0
     ctl: Controller | None = state.get("controller")
-    summary = _summary(prep, writer, ctl, state, status)
+    summary = _summary(prep, writer, ctl, state, status, clock, time_scale)
     writer.summary(summary)
-    meta.update(end=utc_now(), status=status)
+    meta.update(end=utc_now(), status=status, fidelity=summary["fidelity"])
     writer.meta(meta)
     writer.close()
     if status == "failed: interrupted":
@@ -332,19 +367,26 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
 
 
 def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[str, Any],
-             status: str) -> dict[str, Any]:
+             status: str, clock: str = "virtual", time_scale: float = 1.0) -> dict[str, Any]:
     rows = w.token_rows
     st = ctl.stats if ctl is not None else None
     hooks: _Hooks | None = state.get("hooks")
     last = hooks.last if hooks is not None else {}
     jobs = sum(r["jobs"] for r in last.values())
     overruns = sum(r["overruns"] for r in last.values())
+    links = state.get("link_rows", [])
+    delivered = sum(r.get("delivered", 0) for r in links)
+    late = sum(r.get("late", 0) for r in links)
+    share = max((r.get("host_share_p99", 0.0) for r in last.values()), default=0.0)
     peak = {name: r["mem_peak"] for name, r in last.items()}
     ids = [int(r["token_id"]) for r in rows]
     cuts = sorted({e.at_token for e in prep.scenario.events if e.at_token is not None})
     extra: dict[str, Any] = {
         "status": status,
         "total_s": state.get("total_s", math.nan),
+        "emulated_s": state.get("total_s", math.nan),
+        "wall_s": state.get("wall_s", math.nan),
+        "time_scale": time_scale if clock == "real" else None,
         "oom": st.oom if st else 0,
         "replans": st.replans if st else 0,
         "emergencies": st.emergencies if st else 0,
@@ -357,6 +399,9 @@ def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[s
         "frames_refused": state.get("frames", {}).get("refused", 0),  # malformed, from the wire
         "recover_ms": st.recover_ms if st else [],
         "overrun_fraction": overruns / jobs if jobs else 0.0,
+        "late_delivery_fraction": late / delivered if delivered else 0.0,
+        "fidelity": fidelity(clock, time_scale, overruns / jobs if jobs else 0.0,
+                             late / delivered if delivered else 0.0, share),
         "peak_memory_bytes": peak,
         "correctness": {
             "tokens_match": bool(rows) and ids == prep.ref_ids[: len(ids)] and len(ids) == len(prep.ref_ids),

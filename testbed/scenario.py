@@ -26,6 +26,7 @@ from .model.spec import PRESETS, ModelSpec
 from .placement import ALGORITHM_NAMES
 
 MIB = 1024 * 1024
+MAX_TIME_SCALE = 10_000.0  # emulation.time_scale: at most this many wall seconds per emulated one
 
 
 class ScenarioError(ValueError):
@@ -148,6 +149,16 @@ class ControllerSpec:
 
 
 @dataclass(frozen=True)
+class EmulationSpec:
+    """How the real clock runs: `time_scale` None picks one by calibration (`auto`)."""
+
+    time_scale: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"time_scale": "auto" if self.time_scale is None else self.time_scale}
+
+
+@dataclass(frozen=True)
 class Event:
     """One scenario event. Exactly one of at_token / at_s is set. Fields that an action
     does not use are None. `index` is the event's position in the file (for messages and
@@ -203,6 +214,7 @@ class Scenario:
     controller: ControllerSpec
     events: tuple[Event, ...] = ()
     description: str = ""
+    emulation: EmulationSpec = EmulationSpec()
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the parsed YAML
 
     def device(self, name: str) -> DeviceSpec:
@@ -238,6 +250,7 @@ class Scenario:
             "source": self.source,
             "network": self.network.to_dict(),
             "controller": self.controller.to_dict(),
+            "emulation": self.emulation.to_dict(),
             "events": [e.to_dict() for e in self.events
                        if e.at_token is None or e.at_token < self.generation.new_tokens],
         }
@@ -266,7 +279,7 @@ class Scenario:
 # the format
 
 _TOP_KEYS = ("version", "name", "description", "seed", "model", "generation", "devices",
-             "source", "network", "controller", "events")
+             "source", "network", "controller", "emulation", "events")
 _TOP_REQUIRED = ("version", "name", "model", "generation", "devices")
 _MODEL_FIELDS = ("layers", "heads", "d_model", "d_ff", "vocab", "dtype", "kv_heads", "context")
 _DEVICE_KEYS = ("name", "compute_gflops", "memory_mib", "memory_high_mib", "host_blocks")
@@ -342,12 +355,13 @@ def parse(data: object, file: str = "<data>") -> Scenario:
         r.fail("source", f"unknown device {source!r} (devices: {', '.join(names)})")
     network = _network(r, top.get("network", {}), names)
     controller = _controller(r, top.get("controller", {}))
+    emulation = _emulation(r, top.get("emulation", {}))
     events = _events(r, top.get("events", []), names, source, gen, network.default)
     _check_fits(r, model, gen, devices, source, "model")
     return Scenario(
         name=name, file=file, version=version, seed=seed, model=model, generation=gen,
         devices=devices, source=source, network=network, controller=controller,
-        events=events, description=description, raw=data,
+        events=events, description=description, emulation=emulation, raw=data,
     )
 
 
@@ -511,6 +525,28 @@ def _controller(r: _Reader, value: object) -> ControllerSpec:
         telemetry=r.choice(c.get("telemetry", d.telemetry), "controller.telemetry",
                            _TELEMETRY, "telemetry"),
     )
+
+
+def _emulation(r: _Reader, value: object) -> EmulationSpec:
+    e = r.mapping(value, "emulation", ("time_scale",))
+    return EmulationSpec(time_scale=parse_time_scale(e.get("time_scale", "auto"), r.file, "emulation.time_scale"))
+
+
+def parse_time_scale(value: object, file: str, path: str) -> float | None:
+    """`auto` (None: calibrate on this host) or a number K from 1 to MAX_TIME_SCALE: emulated
+    time runs K times slower than the wall clock. ScenarioError naming `file` and `path`."""
+    r = _Reader(file)
+    if value == "auto":
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            r.fail(path, f"must be auto or a number from 1 to {MAX_TIME_SCALE:g}, got {value!r}")
+    k = r.number(value, path, ge=1.0)
+    if k > MAX_TIME_SCALE:
+        r.fail(path, f"must be at most {MAX_TIME_SCALE:g}, got {k:g}")
+    return k
 
 
 def _events(r: _Reader, value: object, names: list[str], source: str, gen: GenerationSpec,

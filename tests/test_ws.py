@@ -194,8 +194,9 @@ def _orphans(scenario_marker: str) -> list[psutil.Process]:
 
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_an_interrupted_run_leaves_no_agent_process(how: str, tmp_path: Path) -> None:
+    # a given time scale: no calibration pilot (whose agents would come and go first)
     runner = subprocess.Popen([sys.executable, "-m", "runners.run", "scenarios/steady.yaml", "--processes",
-                               "--tokens", "120", "--out", str(tmp_path), "--quiet"], cwd=ROOT,
+                               "--tokens", "120", "--time-scale", "4", "--out", str(tmp_path), "--quiet"], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 90

@@ -31,6 +31,7 @@ import aiohttp
 import numpy as np
 import yaml
 
+from ..emulation.clock import from_wall
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot
 from ..scenario import Event, Scenario
@@ -81,12 +82,14 @@ class _Control:
         self._out.put_nowait(encode(msg))
 
     async def request(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """One request to the agent, answered within `timeout` seconds of wall-clock time
+        (the harness's own traffic: it does not stretch with the emulated time)."""
         rid = next(self._rid)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         self.send({"t": "op", "op": op, "rid": rid, **fields})
         try:
-            reply = await asyncio.wait_for(fut, timeout)
+            reply = await asyncio.wait_for(fut, from_wall(timeout))
         finally:
             self._waiting.pop(rid, None)
         if not reply.get("ok"):
@@ -165,7 +168,7 @@ class ProcessCluster:
             self.procs[name] = proc
             assert proc.stdout is not None
             try:
-                line = await asyncio.wait_for(proc.stdout.readline(), 120)
+                line = await asyncio.wait_for(proc.stdout.readline(), from_wall(120))
             except TimeoutError:
                 raise RuntimeError(f"agent {name} did not start within 120 s") from None
             if not line.startswith(b"READY "):
@@ -175,6 +178,9 @@ class ProcessCluster:
         ws = await self._session.ws_connect(self.urls[name] + "/control", max_msg_size=MAX_FRAME,
                                             headers={"Authorization": f"Bearer {self.token}"})
         self._control[name] = _Control(name, ws, self._relay, self._control_closed)
+        # one timeline for the run: the agent adopts our time scale and epoch
+        await self._control[name].request("clock", time_scale=getattr(self.loop, "time_scale", 1.0),
+                                          epoch=getattr(self.loop, "epoch", 0.0))
 
     async def _introduce(self, names: list[str]) -> None:
         """Tell agents about their peers; they connect to each other."""
@@ -282,13 +288,13 @@ async def _reap(proc: asyncio.subprocess.Process, grace: float = 3.0) -> None:
     if proc.returncode is not None:
         return
     try:
-        await asyncio.wait_for(proc.wait(), grace)
+        await asyncio.wait_for(proc.wait(), from_wall(grace))
         return
     except TimeoutError:
         pass
     proc.terminate()
     try:
-        await asyncio.wait_for(proc.wait(), grace)
+        await asyncio.wait_for(proc.wait(), from_wall(grace))
     except TimeoutError:
         proc.kill()
         await proc.wait()

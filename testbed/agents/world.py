@@ -8,7 +8,10 @@ call these on their agents directly; an agent process calls them when its runner
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
+
+import numpy as np
 
 from ..emulation.link import EmulatedLink
 from .device import DeviceAgent
@@ -41,11 +44,19 @@ def apply_to_link(link: EmulatedLink, fields: dict[str, Any]) -> str:
 
 
 def device_row(agent: DeviceAgent) -> dict[str, Any]:
-    """The device's truth: memory counters, caches, weights, compute."""
+    """The device's truth: memory counters, caches, weights, compute (with how many jobs
+    overran their emulated window, and the share of its window the host needed, at the
+    95th and 99th percentiles of recent jobs)."""
+    c = agent.compute
     return {"device": agent.name, "memory": agent.budget.counters(), "kv_bytes": agent.kv_bytes(),
-            "weights_bytes": agent.weight_bytes(), "compute_flops": agent.compute.rate,
-            "jobs": agent.compute.jobs, "overruns": agent.compute.overruns,
-            "host_blocks": agent.spec.host_blocks}
+            "weights_bytes": agent.weight_bytes(), "compute_flops": c.rate,
+            "jobs": c.jobs, "overruns": c.overruns, "host_share_p95": quantile(c.host_shares, 0.95),
+            "host_share_p99": quantile(c.host_shares, 0.99), "host_blocks": agent.spec.host_blocks}
+
+
+def quantile(xs: Collection[float], q: float) -> float:
+    """The q-quantile (linear interpolation) of xs; 0 when there are none."""
+    return float(np.quantile(np.fromiter(xs, float, len(xs)), q)) if xs else 0.0
 
 
 def link_row(src: str, dst: str, link: EmulatedLink) -> dict[str, Any]:
@@ -53,4 +64,5 @@ def link_row(src: str, dst: str, link: EmulatedLink) -> dict[str, Any]:
     return {"src": src, "dst": dst, "bandwidth_mbps": link.bandwidth_mbps,
             "observed_mbps": obs * 8 / 1e6 if obs is not None else None,
             "latency_ms": link.latency_ms, "bytes": link.bytes_sent,
+            "delivered": link.delivered, "late": link.late,
             "rate": link.bucket.rate, "latency": link.latency, "burst": link.bucket.burst}

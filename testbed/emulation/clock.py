@@ -1,12 +1,20 @@
-"""The one clock: the asyncio loop's time, real or virtual.
+"""The one clock: the asyncio loop's time, real (dilated) or virtual.
 
 Agents, links and the controller read time only through `loop.time()` (via `now()`) and
 wait only through the loop (`sleep_until`, `loop.call_at`), so the same code runs in both
-modes:
-- `real`: asyncio's selector loop on the monotonic clock, with `select()` rather than epoll:
-  epoll's timeout has millisecond granularity (rounded up, so timers fire up to 1 ms late),
-  select's has microseconds (measured here: 0.84 ms vs 0.12 ms mean lateness). Its limit
-  of 1024 descriptors is far above what a run opens.
+modes, and `loop.time()` is always the *emulated* time:
+- `real`: `ScaledEventLoop`, asyncio's selector loop on the monotonic clock slowed down by
+  a time scale K (time dilation, as in Gupta et al., "To Infinity and Beyond: Time-Warped
+  Network Emulation", NSDI 2006): emulated time = (wall time - epoch) / K, and every wait
+  of d emulated seconds lasts K*d on the wall clock. The host then has K times more room
+  for each emulated microsecond, so its own speed (torch, asyncio, sockets) stops deciding
+  the latency. K = 1 is true wall-clock speed. The epoch is a Unix time, so agents in
+  other processes or on other hosts share one timeline: the runner hands them K and the
+  epoch when it connects (`set_time_scale`). Waits use the monotonic clock; the epoch is
+  converted to it once. It waits with `select()` rather than epoll: epoll's timeout has
+  millisecond granularity (rounded up, so timers fire up to 1 ms late), select's has
+  microseconds (measured here: 0.84 ms vs 0.12 ms mean lateness). Its limit of 1024
+  descriptors is far above what a run opens.
 - `virtual`: `VirtualEventLoop`, whose time jumps to the next timer whenever nothing is
   ready to run, so a run takes only as long as its Python work and is deterministic for a
   given seed. (Timers with equal deadlines fire in heap order, not necessarily in the
@@ -22,9 +30,13 @@ Pure code never calls any of this: it takes `now` as an argument.
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
+import time
 from collections.abc import Callable
 from typing import Any
+
+from ..scenario import MAX_TIME_SCALE
 
 CLOCKS = ("real", "virtual")
 
@@ -56,22 +68,89 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         return []
 
 
-def new_loop(clock: str) -> asyncio.AbstractEventLoop:
+class ScaledEventLoop(asyncio.SelectorEventLoop):
+    """Wall-clock time slowed down `time_scale` times from `epoch` (a Unix time): `time()`
+    is the emulated time, and the loop's waits (computed by asyncio in `time()` units) are
+    stretched by the scale before they reach `select()`.
+
+    A process that sleeps in `select()` wakes late: 0.3-0.4 ms on this project's virtual
+    machine, which is many emulated microseconds even when dilated. So the loop sleeps
+    until `SPIN_S` before a deadline and polls for the rest (at most that much CPU time
+    per wake-up)."""
+
+    SPIN_S = 1e-3
+
+    def __init__(self, time_scale: float = 1.0, epoch: float | None = None) -> None:
+        super().__init__(selectors.SelectSelector())
+        self._real_select = self._selector.select
+        self._selector.select = self._select  # type: ignore[method-assign]
+        self.set_time_scale(time_scale, time.time() if epoch is None else epoch)
+
+    def set_time_scale(self, time_scale: float, epoch: float) -> None:
+        """Adopt a scale and an epoch (before the emulation starts: timers already set keep
+        their emulated deadlines, which the new mapping moves on the wall clock)."""
+        check_time_scale(time_scale)
+        self.time_scale = float(time_scale)
+        self.epoch = float(epoch)
+        self._mono0 = time.monotonic() - (time.time() - self.epoch)
+
+    def time(self) -> float:
+        return (time.monotonic() - self._mono0) / self.time_scale
+
+    def _select(self, timeout: float | None = None) -> list[Any]:
+        if timeout is None or timeout <= 0:
+            return self._real_select(timeout)
+        wall = timeout * self.time_scale
+        end = time.monotonic() + wall
+        if wall > self.SPIN_S:
+            events = self._real_select(wall - self.SPIN_S)
+            if events:
+                return events
+        while True:  # the last stretch: poll instead of sleeping (see SPIN_S)
+            events = self._real_select(0)
+            if events or time.monotonic() >= end:
+                return events
+
+
+def check_time_scale(k: float) -> float:
+    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) \
+            or not 1.0 <= k <= MAX_TIME_SCALE:
+        raise ValueError(f"time scale must be a number from 1 to {MAX_TIME_SCALE:g}, got {k!r}")
+    return float(k)
+
+
+def new_loop(clock: str, time_scale: float = 1.0, epoch: float | None = None) -> asyncio.AbstractEventLoop:
     if clock == "virtual":
         return VirtualEventLoop()
     if clock == "real":
-        return asyncio.SelectorEventLoop(selectors.SelectSelector())
+        return ScaledEventLoop(time_scale, epoch)
     raise ValueError(f"unknown clock {clock!r} (expected one of {', '.join(CLOCKS)})")
 
 
-def run(main: Callable[[], Any], clock: str = "real") -> Any:
-    """Run the coroutine function `main` to completion on a fresh loop of the given clock."""
-    with asyncio.Runner(loop_factory=lambda: new_loop(clock)) as runner:
+def run(main: Callable[[], Any], clock: str = "real", time_scale: float = 1.0,
+        epoch: float | None = None) -> Any:
+    """Run the coroutine function `main` to completion on a fresh loop of the given clock
+    (real: slowed down `time_scale` times, emulated time 0 at `epoch`, default now)."""
+    with asyncio.Runner(loop_factory=lambda: new_loop(clock, time_scale, epoch)) as runner:
         return runner.run(main())
 
 
 def now() -> float:
     return asyncio.get_running_loop().time()
+
+
+def time_scale(loop: asyncio.AbstractEventLoop | None = None) -> float | None:
+    """The running loop's time scale; None on the virtual clock (no wall time passes)."""
+    loop = loop or asyncio.get_running_loop()
+    return getattr(loop, "time_scale", None) if not isinstance(loop, VirtualEventLoop) else None
+
+
+def from_wall(seconds: float, loop: asyncio.AbstractEventLoop | None = None) -> float:
+    """Loop-time length of `seconds` of wall-clock time: for the host's own waits (a process
+    starting, a socket connecting), which do not stretch with the emulation. On the virtual
+    clock the value is returned as is."""
+    k = time_scale(loop)
+    return seconds / k if k else seconds
 
 
 async def sleep_until(when: float) -> None:

@@ -1,7 +1,10 @@
 """Compute-time emulation: a device with rate C FLOP/s finishes `flops` of work `flops / C`
 after it starts, one job at a time (FIFO). The real torch computation runs inside that
 window; when it takes longer than the emulated time (real clock: it really does delay the
-device), the job is counted as an overrun.
+device), or when it ends later than 5 % of its length after its emulated finish (the host
+was busy elsewhere, or woke late), the job is counted as an overrun. Both are measured on
+the loop's clock, so on a dilated real clock (time scale K) the host's work counts K times
+less, and on the virtual clock not at all.
 
 A job starts when its inputs were due (`ready`, the emulated arrival of the message that
 asked for it) or when the previous job ended, whichever is later, not when the host got
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -24,7 +28,10 @@ T = TypeVar("T")
 
 
 class ComputeUnit:
-    LATE = 2e-3  # a job that ends more than this after its emulated finish is an overrun
+    # a job that ends later than this share of its emulated length after its emulated
+    # finish is an overrun: it lengthened what it is part of by more than 5 %
+    LATE_SHARE = 0.05
+    KEEP = 4096  # recent jobs whose host share is kept (bounded)
 
     def __init__(self, name: str, flops: float) -> None:
         if flops <= 0:
@@ -39,6 +46,13 @@ class ComputeUnit:
         self.busy_s = 0.0
         self.flops_done = 0.0
         self._free_at = -math.inf  # emulated end of the last job
+        # per recent job: the share of its emulated window the host needed (from the start of
+        # the window to the end of the torch work, or to the job's real end if it overran).
+        # At time scale K a share r says that about K*r would have been just enough.
+        self.host_shares: deque[float] = deque(maxlen=self.KEEP)
+        # calibration: when set, every job appends (start, emulated finish, host seconds of
+        # its torch work measured on the wall clock)
+        self.trace: list[tuple[float, float, float]] | None = None
 
     @property
     def rate(self) -> float:
@@ -56,16 +70,23 @@ class ComputeUnit:
             now = loop.time()
             start = max(self._free_at, now if ready is None else min(ready, now))
             emulated = self.duration(flops)
-            w0 = time.perf_counter()
+            t0 = loop.time()
+            w0 = time.perf_counter() if self.trace is not None else 0.0
             result = fn(*args)
-            wall = time.perf_counter() - w0
+            t1 = loop.time()
+            host = t1 - t0  # the torch work, in emulated seconds
+            if self.trace is not None:
+                self.trace.append((start, start + emulated, time.perf_counter() - w0))
             self.jobs += 1
             finish = start + emulated
             await sleep_until(finish)
             late = loop.time() - finish
-            if wall > emulated or late > self.LATE:
+            overran = host > emulated or late > self.LATE_SHARE * emulated
+            if emulated > 0:
+                self.host_shares.append(((loop.time() if overran else t1) - start) / emulated)
+            if overran:
                 self.overruns += 1
-                self.overrun_s += max(wall - emulated, late)
+                self.overrun_s += max(host - emulated, late)
                 finish = loop.time()  # the host could not keep up: the job really ended now
             self._free_at = finish
             self.busy_s += finish - start

@@ -42,6 +42,7 @@ class Transfer:
 class EmulatedLink:
     HISTORY = 64  # transfers kept for measurement (bounded)
     CHANGE_FACTOR = 2.0
+    LATE_SHARE = 0.05  # a delivery later than this share of the frame's time on the link is late
 
     def __init__(self, src: str, dst: str, bandwidth_mbps: float, latency_ms: float,
                  burst_kib: float = 0.0, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -56,6 +57,8 @@ class EmulatedLink:
         self._last_arrival = -math.inf
         self.bytes_sent = 0
         self.frames_sent = 0
+        self.delivered = 0  # deliveries run ...
+        self.late = 0  # ... and those that ran later than LATE_SHARE of the frame's time on the link
         # the sender's alarm: called with the new rate (bytes/s) when a transfer streams at
         # a rate that differs from the last one seen by more than CHANGE_FACTOR either way
         self.on_change: Callable[[float], None] | None = None
@@ -167,6 +170,9 @@ class EmulatedLink:
             if first == mid:
                 break
         for i, frame, deliver, enqueued, when in due:
+            self.delivered += 1
+            if now - when > self.LATE_SHARE * (when - enqueued):
+                self.late += 1
             s = self._sent.pop(i, None)
             if s is not None:
                 t = Transfer(len(frame), enqueued, s.start, s.finish, now, s.streamed, when)

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..emulation.clock import from_wall
 from ..emulation.link import EmulatedLink
 from ..scenario import LinkSpec
 from .codec import MAX_FRAME, FrameError, decode, encode
@@ -126,13 +127,15 @@ class WsEndpoint:
 
     async def connect(self, peers: list[str] | None = None, timeout: float = 30.0) -> None:
         """Dial the peers (default: every peer in the book) that sort after us; wait until
-        each of them is connected (a peer that sorts first dials us)."""
+        each of them is connected (a peer that sorts first dials us) for `timeout` seconds
+        of wall-clock time."""
         want = [p for p in (self.book if peers is None else peers) if p != self.name and p in self.book]
         for peer in want:
             if self.name < peer and peer not in self._ws:
                 self._spawn(self._dial(peer))
         try:
-            await asyncio.wait_for(asyncio.gather(*(self._connected[p].wait() for p in want)), timeout)
+            await asyncio.wait_for(asyncio.gather(*(self._connected[p].wait() for p in want)),
+                                   from_wall(timeout, self.loop))
         except TimeoutError:
             missing = [p for p in want if not self._connected[p].is_set()]
             raise ConnectionError(f"{self.name}: no connection to {', '.join(missing)} within {timeout:g} s") from None
@@ -150,7 +153,7 @@ class WsEndpoint:
                 if attempt == 39:
                     self.on_fault(f"{self.name}->{peer}", f"cannot connect: {e}")
                     return
-                await asyncio.sleep(delay)
+                await asyncio.sleep(from_wall(delay, self.loop))
                 delay = min(1.0, delay * 2)
         await self._serve(peer, ws)
 

@@ -1,0 +1,268 @@
+"""Choosing the real clock's time scale K for a scenario on this host (`--time-scale auto`).
+
+On the real clock every emulated window (a job's compute time, a frame's transfer) lasts K
+times longer on the wall clock, and the host must do its own work for it (torch, asyncio,
+encoding frames) inside that stretched window; when it cannot, the job ends late and the
+host's speed enters the results. The calibration measures what this host needs:
+
+1. a *pilot*: the first tokens of the scenario with the same algorithm, on the virtual
+   clock (fast, and its emulated schedule is the one the real run must reproduce), with
+   every compute job traced: its emulated window [start, finish] and the wall time of its
+   torch work; the rest of the host's work per token (messages, asyncio, the controller)
+   is measured as a whole and shared out over the jobs; over websockets each frame's
+   measured socket hop is added;
+2. a *replay* of those jobs through one host CPU at a candidate K (`fit_time_scale`, pure):
+   a job is released when its window opens (K x start on the wall clock) and must be done
+   when it closes (K x finish); jobs queue first come first served. The smallest K at
+   which (almost) every job meets its window, times a margin for the noise of a shared
+   machine, is the scale.
+
+The replay takes one CPU for everything, which is exact in process and conservative for
+agents in processes (they share the machine's cores). Its assumptions are checked by every
+run: `summary.json` reports the fraction of jobs and deliveries that still overran
+(`fidelity`), and which K would have fitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .scenario import MAX_TIME_SCALE
+
+PILOT_TOKENS = 16  # virtual pilot, prefill included
+REAL_PILOT_TOKENS = 8  # real-clock pilot, prefill included
+PROBE_FACTOR = 2.0  # the real pilot runs at this multiple of the virtual pilot's fit
+MARGIN = 2.0
+ALLOWED_LATE = 0.002  # fraction of replayed jobs that may miss their window at the fitted K
+LATE_SHARE = 0.05  # as the runs count overruns: later than this share of the window
+
+
+@dataclass(frozen=True)
+class Job:
+    """One traced job: its emulated window and the host seconds it needs."""
+
+    start: float
+    finish: float
+    host_s: float
+
+
+def late_fraction(jobs: Sequence[Job], k: float) -> float:
+    """Replay `jobs` through one host CPU at time scale k (first come, first served, in order
+    of release); the fraction that end later than LATE_SHARE of their window after it."""
+    t, late = -math.inf, 0
+    for j in sorted(jobs, key=lambda j: (j.start, j.finish)):
+        t = max(t, k * j.start) + j.host_s
+        if t > k * (j.finish + LATE_SHARE * (j.finish - j.start)):
+            late += 1
+    return late / len(jobs) if jobs else 0.0
+
+
+def fit_time_scale(jobs: Sequence[Job], allowed: float = ALLOWED_LATE, hi: float = MAX_TIME_SCALE) -> float:
+    """The smallest time scale (to 2 %) at which at most `allowed` of the jobs miss their
+    window in the replay; `hi` if even that is not enough."""
+    if late_fraction(jobs, 1.0) <= allowed:
+        return 1.0
+    if late_fraction(jobs, hi) > allowed:
+        return hi
+    lo, up = 1.0, hi
+    while up / lo > 1.02:
+        mid = math.sqrt(lo * up)
+        if late_fraction(jobs, mid) <= allowed:
+            up = mid
+        else:
+            lo = mid
+    return up
+
+
+@dataclass(frozen=True)
+class Calibration:
+    time_scale: float
+    fitted: float  # before the margin
+    jobs: int
+    tokens: int
+    probe_scale: float  # the real-clock pilot's time scale
+    probe_share: float  # ... and the share of a window its host work needed there (p95)
+    host_ms_median: float  # per job: torch work + its share of the rest
+    window_ms_median: float  # per job: emulated compute window
+    hop_ms: float  # added per frame over websockets (0 in process)
+    seconds: float  # the calibration's own wall time
+    expected_wall_s: float  # of one run at this scale (extrapolated from the virtual pilot)
+
+    def line(self) -> str:
+        return (f"time scale {self.time_scale:g} (auto): this host needs {self.host_ms_median:.3f} ms per job "
+                f"against emulated windows of {self.window_ms_median:.3f} ms (medians of a virtual pilot); "
+                f"a {self.tokens}-token pilot at {self.probe_scale:g}x used up to {self.probe_share:.0%} of a "
+                f"window (p95), so {self.fitted:.3g}x is just enough; x{MARGIN:g} margin; "
+                f"calibrated in {self.seconds:.1f} s; expect about {self.expected_wall_s:.0f} s of wall time per run")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"time_scale": self.time_scale, "fitted": round(self.fitted, 3), "margin": MARGIN,
+                "pilot_tokens": self.tokens, "probe_time_scale": self.probe_scale,
+                "probe_host_share_p95": round(self.probe_share, 4), "jobs": self.jobs,
+                "host_ms_median": round(self.host_ms_median, 4), "window_ms_median": round(self.window_ms_median, 4),
+                "hop_ms": round(self.hop_ms, 4), "seconds": round(self.seconds, 2),
+                "expected_wall_s": round(self.expected_wall_s, 1)}
+
+
+def _median(xs: Sequence[float]) -> float:
+    ys = sorted(xs)
+    return ys[len(ys) // 2] if ys else math.nan
+
+
+def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", processes: bool = False,
+              tokens: int = PILOT_TOKENS, real_tokens: int = REAL_PILOT_TOKENS) -> Calibration:
+    """The time scale for running `prep`'s scenario with each of `algorithms` over `transport`
+    (agents in `processes` or not): the largest any of them needs, so that they are compared
+    at one scale."""
+    from . import experiment
+
+    w0 = time.perf_counter()
+    hop = ws_hop_seconds(prep.model) if transport == "ws" else 0.0
+    fitted, best, k_probe, share, per_token = 1.0, [], 1.0, 0.0, 0.0
+    for alg in algorithms:
+        # a first guess from the virtual clock, where the host works back to back ...
+        jobs, summary = _pilot(experiment, _shorter(prep, tokens), alg, hop, "virtual", 1.0)
+        per_token = max(per_token, summary["emulated_s"] / max(1, summary["tokens"]))
+        first = fit_time_scale(jobs)
+        # ... then a real-clock pilot at a few times that scale, as the run will be (same
+        # transport, agents in processes if asked): a host that sleeps between jobs pays
+        # more per job (cold caches, timer wake-ups, sockets). The share of its window the
+        # host needed, at the 95th percentile, says which scale would be just enough.
+        probe = min(MAX_TIME_SCALE, max(2.0, float(math.ceil(PROBE_FACTOR * first))))
+        s = _real_share(experiment, _shorter(prep, real_tokens), alg, probe, transport, processes)
+        k = max(first, probe * s)
+        if k >= fitted:
+            fitted, best, k_probe, share = k, jobs, probe, s
+    k = min(MAX_TIME_SCALE, float(math.ceil(fitted * MARGIN)))
+    return Calibration(k, fitted, len(best), min(real_tokens, prep.scenario.generation.new_tokens), k_probe,
+                       share, 1e3 * _median([j.host_s for j in best]),
+                       1e3 * _median([j.finish - j.start for j in best]), 1e3 * hop, time.perf_counter() - w0,
+                       k * per_token * prep.scenario.generation.new_tokens)
+
+
+def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport: str, processes: bool) -> float:
+    """Run a short pilot on the real clock at time scale k; the largest (over devices) 95th
+    percentile of the share of its emulated window a job's host work needed. (A pilot has a
+    few dozen jobs per device, where the 99th percentile is the single worst one: one
+    wake-up delayed by another process would decide the scale.)"""
+    rows: list[dict[str, Any]] = []
+
+    async def on_finish(world: Any, controller: Any) -> None:
+        rows.extend(await world.device_rows())
+
+    with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
+        out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k,
+                             transport=transport, processes=processes, on_finish=on_finish)
+    if not out.ok:
+        raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
+    return max((r["host_share_p95"] for r in rows), default=0.0)
+
+
+def _shorter(prep: Any, tokens: int) -> Any:
+    from dataclasses import replace
+
+    scen = prep.scenario
+    n = min(tokens, scen.generation.new_tokens)
+    return replace(prep, scenario=replace(scen, generation=replace(scen.generation, new_tokens=n)))
+
+
+def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float, clock: str,
+           k: float) -> tuple[list[Job], dict[str, Any]]:
+    """Run a pilot in process, tracing every job; returns the jobs of the tokens after the
+    prefill's (its one-off costs, like torch's first calls, are not the steady state), each
+    charged its torch time plus an equal share of the host's other CPU time during those
+    tokens, plus `hop_s` per frame sent."""
+    traces: list[list[tuple[float, float, float]]] = []
+    marks: list[tuple[float, int]] = []  # (CPU time, frames sent so far) after each token
+    world_ref: list[Any] = []
+
+    def setup(world: Any) -> None:
+        world_ref.append(world)
+        for agent in world.agents.values():
+            agent.compute.trace = []
+            traces.append(agent.compute.trace)
+
+    def progress(k: int) -> None:
+        world = world_ref[0]
+        marks.append((time.process_time(), sum(lk.frames_sent for lk in world.links().values())))
+        for agent in world.agents.values():  # devices that joined during the pilot
+            if agent.compute.trace is None:
+                agent.compute.trace = []
+                traces.append(agent.compute.trace)
+        for tr in traces:  # token boundary marker; a job's record is (start, finish, seconds)
+            tr.append((math.nan, float(k), 0.0))
+
+    with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
+        out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock=clock, time_scale=k, setup=setup,
+                             progress=progress)
+    if not out.ok or len(marks) < 2:
+        raise RuntimeError(f"the calibration pilot did not complete: {out.status}")
+    # the jobs of tokens 1..n-1 (after the first boundary marker of each device)
+    mine: list[tuple[float, float, float]] = []
+    for tr in traces:
+        seen_first = False
+        for start, finish, wall in tr:
+            if math.isnan(start):
+                seen_first = True
+            elif seen_first:
+                mine.append((start, finish, wall))
+    if not mine:
+        return [], out.summary
+    cpu = marks[-1][0] - marks[0][0]  # this process's CPU time during tokens 1..n-1
+    frames = marks[-1][1] - marks[0][1]
+    torch_s = sum(w for _, _, w in mine)
+    share = max(0.0, cpu - torch_s) / len(mine) + hop_s * frames / len(mine)
+    return [Job(s, f, w + share) for s, f, w in mine], out.summary
+
+
+def ws_hop_seconds(model: Any, frames: int = 200) -> float:
+    """Host seconds per websocket frame of a hidden state (both ends in this process, on
+    loopback): encoding, the socket write and read, decoding."""
+    from .emulation.clock import run
+    from .model import cost
+    from .scenario import LinkSpec
+    from .transport.ws import WsEndpoint
+
+    size = cost.hidden_bytes(model)
+
+    async def main() -> float:
+        import secrets
+
+        import numpy as np
+
+        token = secrets.token_urlsafe(24)
+        a, b = WsEndpoint("a", token), WsEndpoint("b", token)
+        got = asyncio.Event()
+        count = [0]
+
+        def on(sender: str, msg: dict[str, Any], at: float | None) -> None:
+            count[0] += 1
+            if count[0] == frames:
+                got.set()
+
+        b.handler = on
+        try:
+            await a.start()
+            await b.start()
+            fast = LinkSpec(bandwidth_mbps=1e6, latency_ms=0.0, burst_kib=0.0)
+            a.add_peer("b", b.url, fast)
+            b.add_peer("a", a.url, fast)
+            await asyncio.gather(a.connect(), b.connect())
+            payload = np.zeros(max(1, size // 4), dtype=np.float32)
+            t0 = time.perf_counter()
+            for i in range(frames):
+                a.send("b", {"t": "probe", "n": i, "pad": payload.tobytes()})
+            await asyncio.wait_for(got.wait(), 30)
+            return (time.perf_counter() - t0) / frames
+        finally:
+            await a.close()
+            await b.close()
+
+    return float(run(main, "real"))
