@@ -12,10 +12,14 @@ No asyncio, no torch, no IO: times and states come in as arguments.
 
 Dataflow per token and layer l (u = device of ffn(l-1), the source for l = 0):
 x goes u -> every head device of l and u -> proj(l) (one message per device); a head device
-computes all its heads of l as one job and sends their outputs to proj(l); proj(l) starts
-when every output and the residual have arrived, then sends to ffn(l). After the last layer
-the hidden state returns to the source, which runs the LM head. Co-located transfers are
-free; distinct ordered pairs are independent links.
+computes all its heads of l as one job and sends their outputs to proj(l) in one frame;
+proj(l) starts when every output and the residual have arrived, then sends to ffn(l). After
+the last layer the hidden state returns to the source, which runs the LM head. Co-located
+transfers are free; distinct ordered pairs are independent links, and each link is FIFO:
+when u holds heads of l and proj(l) is elsewhere, the head outputs from u queue on the link
+u -> proj(l) behind the residual x sent there before them (the one place in a token where
+two frames share a link; `LatencyModel.layer_time` prices it). Every link is assumed idle
+with full burst credit when a token starts.
 """
 
 from __future__ import annotations
@@ -211,12 +215,22 @@ class LatencyModel:
         return cost.span_flops(self.spec, "head", n - self.tokens, self.tokens)
 
     def layer_time(self, u: int, heads: dict[int, int], proj: int, ffn: int, n: float) -> float:
-        """Time from x being ready on device u to the layer's output being ready on ffn."""
+        """Time from x being ready on device u to the layer's output being ready on ffn.
+
+        The head outputs of device j reach proj at x's arrival on j + their compute + their
+        frame's transfer. When j is u itself and proj is elsewhere, u sent the residual x to
+        proj just before, on the same link: the outputs cannot arrive before both frames
+        have gone through that link's bucket back to back, i.e. before
+        xfer(u, proj, x + h bytes) (with full credit at the start this is exact: the later
+        of the two bounds is when the outputs arrive)."""
         hf = self.head_flops(n)
         ready = self.hidden_t[u, proj]  # the residual
         for j, k in heads.items():
             done = self.hidden_t[u, j] + k * hf / self.flops[j]
-            ready = max(ready, done + self.xfer(j, proj, k * self.out_per_group + cost.FRAME_OVERHEAD))
+            h = k * self.out_per_group + cost.FRAME_OVERHEAD
+            ready = max(ready, done + self.xfer(j, proj, h))
+            if j == u and u != proj:  # queued behind the residual on the link u -> proj
+                ready = max(ready, self.xfer(u, proj, self.hidden + h))
         return ready + self.proj_flops / self.flops[proj] + self.hidden_t[proj, ffn] + self.ffn_flops / self.flops[ffn]
 
     def tail_time(self, last_ffn: int) -> float:
