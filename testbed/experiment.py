@@ -244,7 +244,8 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         ctl = scen.controller
         controller = Controller(scen, prep.model, alg, world.port(), (prep.ref_ids, prep.ref_logits),
                                 prep.prompt, writer, hooks,
-                                Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry), world.oracle)
+                                Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry,
+                                        frame_extra=world.frame_extra), world.oracle)
         hooks.controller = controller
         state["controller"], state["hooks"] = controller, hooks
         if setup is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from runners import run as cli
 from testbed import experiment
@@ -37,6 +38,7 @@ from testbed.placement.problem import (
 )
 from testbed.placement.registry import get_algorithm
 from testbed.scenario import load, parse
+from testbed.transport.codec import encode
 
 from .conftest import Scripted, read_csv, read_json
 
@@ -160,9 +162,11 @@ def test_kv_group_is_the_placeable_unit() -> None:
         # q query heads attend over n positions each, against the one shared K/V head
         assert cost.decode_flops(s, "head", n) == 2 * D * d * (q + 2) + 4 * n * d * q
     assert cost.cache_bytes_per_token(s) == 2 * d * 4
-    # a group's output frame carries its q heads; a whole layer's groups carry D values
-    assert cost.head_output_bytes(s, 1) == q * d * 4 + cost.FRAME_OVERHEAD
-    assert cost.head_output_bytes(s, s.groups) == D * 4 + cost.FRAME_OVERHEAD
+    # a group adds its q heads' outputs (and its index) to the frame; a whole layer's groups
+    # carry D values, as the frame the device agent sends (seq and pos priced as 16-bit)
+    assert cost.head_output_bytes(s, 2) - cost.head_output_bytes(s, 1) == q * d * 4 + 1
+    h = {"t": "h", "seq": 300, "layer": 29, "pos": 300, "groups": [0, 1, 2], "out": torch.zeros(1, D)}
+    assert cost.head_output_bytes(s, s.groups) == len(encode(h))
 
 
 def snapshot(seq_len: int = 5, interval: int = 16) -> Snapshot:
@@ -206,10 +210,11 @@ def test_estimate_counts_groups_not_heads() -> None:
     p = Placement(SPEC, (1,) * len(SPEC.blocks))  # every block on pi-a
     n = 6
     layers = sum(cost.decode_flops(SPEC, b, n) for b in SPEC.blocks) / 4e9
-    hop = cost.hidden_bytes(SPEC) / (1000e6 / 8) + 0.2e-3  # one hidden-state frame on the LAN
+    hop_in = cost.hidden_bytes(SPEC) / (1000e6 / 8) + 0.2e-3  # one hidden-state frame on the LAN
+    hop_back = cost.output_bytes(SPEC) / (1000e6 / 8) + 0.2e-3  # the last one, home (no layer, pos)
     lm_head = cost.source_flops(SPEC) / 4e9
     # the gateway sends x to pi-a once, pi-a runs all 30 layers, x returns for the LM head
-    assert estimate_token_latency(snap, p, n) == pytest.approx(layers + 2 * hop + lm_head, rel=1e-9)
+    assert estimate_token_latency(snap, p, n) == pytest.approx(layers + hop_in + hop_back + lm_head, rel=1e-9)
 
 
 def test_random_weight_smollm2_shape_partitioned_with_migrations(tmp_path: Path) -> None:

@@ -52,6 +52,8 @@ class AgentPort:
 class Cluster:
     """Agents in this process, over `InprocNetwork` (or `WsNetwork` when transport="ws")."""
 
+    frame_extra = 0  # bytes the transport adds to every frame: the in-process one sends the message
+
     def __init__(self, scenario: Scenario, model: ModelSpec, weights: WeightSource,
                  on_fault: Callable[[str, str], None]) -> None:
         self.scenario = scenario

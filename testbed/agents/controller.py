@@ -108,6 +108,7 @@ class Options:
     stall_factor: float = 20.0  # an attempt longer than this x predicted has stalled...
     stall_min_s: float = 1.0  # ... and longer than this
     max_attempts: int = 8  # per token, before the run fails
+    frame_extra: int = 0  # bytes the transport adds to every frame (priced by the estimate)
 
 
 class Controller(Migrations, Recovery):
@@ -262,6 +263,7 @@ class Controller(Migrations, Recovery):
             elif self._tel_task is None or self._tel_task.done():
                 self._tel_task = self.loop.create_task(self._telemetry_round())
             snap = self.beliefs.snapshot(n, interval, self.placement)
+        snap = snap.with_(frame_extra=self.opt.frame_extra)
         self._belief = snap
         return snap
 
@@ -283,7 +285,8 @@ class Controller(Migrations, Recovery):
         if snap is None or self.placement is None:
             return math.nan
         if self.opt.telemetry == "oracle":
-            snap = await self.oracle(snap.seq_len, snap.interval, self.placement)
+            snap = (await self.oracle(snap.seq_len, snap.interval, self.placement)).with_(
+                frame_extra=self.opt.frame_extra)
         return LatencyModel(snap, tokens).token_time(self.placement, n) * 1e3
 
     # ------------------------------------------------------------------ placement

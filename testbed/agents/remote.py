@@ -36,6 +36,7 @@ from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot
 from ..scenario import Event, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
+from ..transport.ws import FRAME_EXTRA
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class _Control:
 
 
 class ProcessCluster:
+    frame_extra = FRAME_EXTRA  # the agents talk over the websocket transport
+
     def __init__(self, scenario: Scenario, model: ModelSpec, on_fault: Callable[[str, str], None],
                  attach: dict[str, str] | None = None, token: str | None = None) -> None:
         self.scenario, self.model, self.on_fault = scenario, model, on_fault

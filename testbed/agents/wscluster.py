@@ -16,12 +16,14 @@ from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
 from ..scenario import LinkSpec, Scenario
-from ..transport.ws import WsEndpoint
+from ..transport.ws import FRAME_EXTRA, WsEndpoint
 from .cluster import Cluster
 from .device import DeviceAgent
 
 
 class WsCluster(Cluster):
+    frame_extra = FRAME_EXTRA  # every frame carries the time it was due
+
     def __init__(self, scenario: Scenario, model: ModelSpec, weights: WeightSource,
                  on_fault: Callable[[str, str], None]) -> None:
         self.token = secrets.token_urlsafe(24)

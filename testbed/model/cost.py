@@ -19,10 +19,20 @@ from functools import cache
 
 from .spec import Block, ModelSpec
 
-# Encoded size of an activation frame beyond its payload (msgpack map with the message
-# type, token, layer, dtype, shape and a bin header). Checked against the real codec by
-# tests/test_transport.py; a few bytes either way do not matter for latency.
+# Encoded size of a frame beyond its tensors' bytes, for the frames priced coarsely: the
+# migration of a block (weights and cache in one frame of a few tensors). Activation frames
+# are priced exactly by `hidden_bytes`, `output_bytes` and `head_output_bytes` below.
 FRAME_OVERHEAD = 60
+
+# A transport may add bytes to every frame beyond the encoded message: the in-process
+# transport adds none, the websocket transport 13 (`transport.ws.FRAME_EXTRA`: a map entry
+# with the time the frame was due, which keeps the map header at one byte for our messages of
+# at most 6 fields). The activation frame sizes below take them as `extra`.
+
+# Integer fields of activation frames (seq, pos) are priced as 16-bit msgpack integers
+# (3 bytes): exact for 256..65535, at most 2 bytes over below (msgpack stores 0..127 in
+# one byte and 128..255 in two), 2 bytes under from 65536 attempts or positions on.
+_FIELD_INT = 3
 
 
 def _norm_elems(spec: ModelSpec) -> int:
@@ -112,14 +122,78 @@ def source_flops(spec: ModelSpec, tokens: int = 1) -> float:
     return 2.0 * spec.d_model * spec.vocab * tokens
 
 
-def hidden_bytes(spec: ModelSpec, tokens: int = 1) -> int:
-    """Frame carrying the hidden state (D values per token)."""
-    return tokens * spec.d_model * spec.bytes_per_elem + FRAME_OVERHEAD
+# ---------------------------------------------------------------------------- frames
+# msgpack sizes of the data messages the device agents send (see agents/protocol.py), as the
+# codec encodes them: a map of short string keys, small integers, and tensors as maps
+# {"dtype": str, "shape": [rows, cols], "data": bin}.
 
 
-def head_output_bytes(spec: ModelSpec, groups: int, tokens: int = 1) -> int:
-    """Frame carrying the outputs of `groups` head blocks of one layer from one device."""
-    return tokens * groups * spec.q_per_group * spec.d_head * spec.bytes_per_elem + FRAME_OVERHEAD
+def _uint(v: int) -> int:
+    """msgpack size of a non-negative integer."""
+    return 1 if v < 128 else 2 if v < 1 << 8 else 3 if v < 1 << 16 else 5 if v < 1 << 32 else 9
+
+
+def _str(nchars: int) -> int:
+    return nchars + (1 if nchars < 32 else 2 if nchars < 1 << 8 else 3 if nchars < 1 << 16 else 5)
+
+
+def _bin(nbytes: int) -> int:
+    return nbytes + (2 if nbytes < 1 << 8 else 3 if nbytes < 1 << 16 else 5)
+
+
+def _container(n: int) -> int:
+    """Header of a msgpack array or map of n entries."""
+    return 1 if n < 16 else 3 if n < 1 << 16 else 5
+
+
+def _tensor_bytes(spec: ModelSpec, rows: int, cols: int) -> int:
+    return (_container(3) + _str(5) + _str(len(spec.dtype)) + _str(5) + _container(2) + _uint(rows)
+            + _uint(cols) + _str(4) + _bin(rows * cols * spec.bytes_per_elem))
+
+
+def _fields(spec: ModelSpec, n_fields: int, with_layer: bool, extra: int) -> int:
+    """The map header, `t` (a one-character type), `seq`, and `layer` and `pos` if present,
+    plus what the transport adds."""
+    size = _container(n_fields) + _str(1) + _str(1) + _str(3) + _FIELD_INT + extra
+    if with_layer:
+        size += _str(5) + _uint(max(0, spec.layers - 1)) + _str(3) + _FIELD_INT
+    return size
+
+
+def hidden_bytes(spec: ModelSpec, tokens: int = 1, extra: int = 0) -> int:
+    """Frame carrying the hidden state of `tokens` positions into a layer (`x`, from
+    upstream to the layer's head and proj devices) or from proj to ffn (`y`): {t, seq,
+    layer, pos, x[T, D]}, plus `extra` bytes the transport adds."""
+    return _fields(spec, 5, True, extra) + _str(1) + _tensor_bytes(spec, tokens, spec.d_model)
+
+
+def output_bytes(spec: ModelSpec, tokens: int = 1, extra: int = 0) -> int:
+    """Frame carrying the last layer's hidden state back to the source (`z`): {t, seq,
+    x[T, D]}, plus `extra` bytes the transport adds."""
+    return _fields(spec, 3, False, extra) + _str(1) + _tensor_bytes(spec, tokens, spec.d_model)
+
+
+def head_output_frame(spec: ModelSpec, tokens: int = 1, extra: int = 0) -> tuple[int, int]:
+    """(per_group, base): the frame carrying the outputs of k head blocks of one layer from
+    one device (`h`: {t, seq, layer, pos, groups[k], out[T, k q d]}) takes at most
+    `base + k per_group` bytes. Affine in k, as the exact solver needs: each group adds its
+    output values and its index in `groups`; the headers that grow with k (the list's,
+    the column count's, the data's length) are priced at k = G, so the size is exact for a
+    device holding every group of a layer and at most 9 bytes over for fewer (plus one per
+    group below index 128 when G > 128). `extra`: bytes the transport adds (in `base`)."""
+    G = spec.groups
+    w = tokens * spec.q_per_group * spec.d_head * spec.bytes_per_elem
+    per_group = w + _uint(max(0, G - 1))
+    full = (_fields(spec, 6, True, extra) + _str(6) + _container(G) + G * _uint(max(0, G - 1)) + _str(3)
+            + _tensor_bytes(spec, tokens, G * spec.q_per_group * spec.d_head))
+    return per_group, full - G * per_group
+
+
+def head_output_bytes(spec: ModelSpec, groups: int, tokens: int = 1, extra: int = 0) -> int:
+    """Frame carrying the outputs of `groups` head blocks of one layer from one device
+    (see `head_output_frame`)."""
+    per_group, base = head_output_frame(spec, tokens, extra)
+    return base + groups * per_group
 
 
 def model_weight_bytes(spec: ModelSpec) -> int:

@@ -41,10 +41,11 @@ def device_order(snap: Snapshot) -> list[int]:
     return ([snap.source] if snap.devices[snap.source].usable else []) + rest
 
 
-def link_times(model: LatencyModel) -> np.ndarray:
-    """`hidden_t` with every down link (rate <= 0) at inf, as `xfer_time` has it (the
-    matrix itself holds nan there when the burst covers the frame)."""
-    h = model.hidden_t.copy()
+def link_times(model: LatencyModel, times: np.ndarray | None = None) -> np.ndarray:
+    """`hidden_t` (or `times`, another of the model's transfer matrices such as `tail_t`)
+    with every down link (rate <= 0) at inf, as `xfer_time` has it (the matrix itself holds
+    nan there when the burst covers the frame)."""
+    h = (model.hidden_t if times is None else times).copy()
     down = model.rate <= 0
     np.fill_diagonal(down, False)
     h[down] = math.inf
@@ -92,7 +93,7 @@ def layer_ranges(snap: Snapshot) -> tuple[list[tuple[int, int, int]], float]:
         best[:, i] = cand[k0, kk]
         from_k[:, i] = k0
         from_i[:, i] = prev[k0]
-    total = best[L] + H[dev, src] + cost.source_flops(s) / model.flops[src]
+    total = best[L] + link_times(model, model.tail_t)[dev, src] + cost.source_flops(s) / model.flops[src]
     i = int(total.argmin())
     if not math.isfinite(total[i]):
         raise Infeasible(f"layer_dp: no partition into contiguous layer ranges fits ({L} layers of "

@@ -13,12 +13,17 @@ of a reference token time so the objective is of order 1):
 - R_l >= arrival of proj's last input: the residual sum_ab hidden_t[a,b] e[l,a,b]; and per
   head device j: sum_a hidden_t[a,j] w_a + h hf / C_j + frame(j -> b, h groups)
   - M_y (1 - y_j) - M_p (1 - p_b) for every b != j (without the frame, and without the
-  p term, for b = j). frame(k) = max(0, k out + FRAME_OVERHEAD - burst) / rate + latency is
-  a max of two lines in k: both are rows when the burst exceeds FRAME_OVERHEAD, else the
-  sloped one alone. Big-Ms are per row from the instance: M_y = the largest x arrival at j
-  (+ an empty frame), since y = 0 forces h = 0; M_p = that + G hf / C_j + frame(G);
+  p term, for b = j). frame(k) = max(0, head_base + k per_group - burst) / rate + latency
+  (the head-output frame of `LatencyModel`) is a max of two lines in k: both are rows
+  when the burst exceeds head_base, else the sloped one alone. Big-Ms are per row from the
+  instance: M_y = the largest x arrival at j (+ an empty frame), since y = 0 forces h = 0;
+  M_p = that + G hf / C_j + frame(G);
+- the head outputs of j = w queue behind the residual on the link j -> b = proj: R_l >=
+  (hidden + head_base + h per_group - burst) / rate + latency - M (1 - y_j) - M (1 - p_b)
+  - M (1 - w_j) for every b != j (w_j is f[l-1,j], or the constant [j = source] for
+  l = 0), M = that line at h = G (its flat part, the latency, is already a bound above);
 - layer time T_l = R_l + proj / C_b p_b + sum hidden_t[b,c] z[l,b,c] + ffn / C_c f_c,
-  tail sum_c hidden_t[c,src] f[L-1,c] + LM head (a constant);
+  tail sum_c tail_t[c,src] f[L-1,c] + LM head (a constant);
 - memory: every usable device's blocks (caches at n_end) within its capacity;
 - migration (when `snap.current` is set): integer flows m[l,a,c] of head blocks out of
   their current device a (at most what a holds: a block moves once, never relayed), with
@@ -40,7 +45,9 @@ needs one (each has infinite latency), `place` raises Infeasible.
 
 HiGHS runs with presolve off by default: the HiGHS 1.12 bundled with scipy 1.17 returned a
 sub-optimal point as optimal on one of our instances with presolve on (kept as a regression
-test); with presolve off solve times are about the same.
+test); with presolve off solve times are about the same. Its MIP feasibility tolerance is
+1e-9 (`MIP_FEASIBILITY_TOL`) instead of 1e-6: with the default it returned points that
+violate a row by up to 1e-6, i.e. a MILP value below the objective of its own answer.
 
 Size limit (TooLarge beyond it): layers x devices^2 <= 64 and layers <= 4. Measured on this
 machine (2 cores), 8 random instances each: FLOP/s 1e10..1e11, links 0.1..1 Gbit/s and
@@ -81,6 +88,9 @@ from .problem import (
 
 MAX_SIZE = 64  # layers x devices^2
 MAX_LAYERS = 4
+# HiGHS accepts a MIP solution whose rows are violated by up to its default 1e-6; in units of
+# tau a fast link's transfer time is of that order, so the solver could drop it from R_l.
+MIP_FEASIBILITY_TOL = 1e-9
 
 
 class TooLarge(ValueError):
@@ -164,8 +174,9 @@ class _Formulation:
         self.lm = cost.source_flops(s) / C[src]
         tau = self.tau = I * (L * (G * hf + pf + ff) / max(C[j] for j in U) + self.lm)
         H = self.H = np.where(down, 0.0, link_times(model)) / tau  # only links that are up are used
+        Ht = np.where(down, 0.0, link_times(model, model.tail_t)) / tau  # the last hidden state home
         head_t, proj_t, ffn_t = hf / C / tau, pf / C / tau, ff / C / tau  # [V] each
-        opg, FO = model.out_per_group, cost.FRAME_OVERHEAD
+        opg, FO = model.head_per_group, model.head_base  # head-output frame: FO + k opg bytes
         views = layer_views(snap.current) if snap.current is not None else None
 
         P = self.P = _Program()
@@ -183,7 +194,7 @@ class _Formulation:
                 if views is not None:
                     ok_p &= not down[views[l].proj, j]
                     ok_f &= not down[views[l].ffn, j]
-                tail = H[j, src] if l == L - 1 else 0.0
+                tail = Ht[j, src] if l == L - 1 else 0.0
                 p[l, j] = P.var(0, int(ok_p), integer=True, cost=I * proj_t[j])
                 f[l, j] = P.var(0, int(ok_f), integer=True, cost=I * (ffn_t[j] + tail))
                 P.row([(h[l, j], 1.0), (y[l, j], -G)], hi=0)
@@ -237,6 +248,20 @@ class _Formulation:
                         Mp = a_max + G * slope + base
                         P.row([(R[l], 1.0), *A, (h[l, j], -slope), (y[l, j], -My), (p[l, b], -Mp)],
                               lo=a_const + base - My - Mp)
+                    # x entered the layer at j: its outputs follow the residual on j -> b
+                    if l == 0 and j != src:
+                        continue
+                    slope = per_k
+                    base = ((model.hidden + FO - burst[j, b]) / rate[j, b] + lat[j, b]) / tau
+                    M = max(0.0, base + G * slope)
+                    if M <= 0.0:
+                        continue
+                    terms = [(R[l], 1.0), (h[l, j], -slope), (y[l, j], -M), (p[l, b], -M)]
+                    lo = base - 2 * M
+                    if l > 0:
+                        terms.append((f[l - 1, j], -M))
+                        lo -= M
+                    P.row(terms, lo=lo)
 
         # memory with caches at n_end
         nb = {k: float(cost.block_bytes(s, k, snap.n_end)) for k in ("head", "proj", "ffn")}
@@ -418,7 +443,7 @@ class Optimal:
         t0 = time.perf_counter()
         form = _Formulation(snap)
         res = form.P.solve({"time_limit": self.time_limit_s, "mip_rel_gap": 0.0, "mip_abs_gap": 0.0,
-                            "presolve": self.presolve})
+                            "presolve": self.presolve, "mip_feasibility_tolerance": MIP_FEASIBILITY_TOL})
         if res.status == 2:
             raise Infeasible("optimal: no placement fits in memory using only links that are up")
         if res.status != 0 or res.x is None:

@@ -4,18 +4,25 @@ Owns what every algorithm shares:
 - `Snapshot`: what the controller believes at a decision epoch (device compute rates and
   memory, link rates and latencies, the current placement, sequence length, interval);
 - `Placement`: a device index per block of `spec.blocks`;
-- `LatencyModel`: the critical path of the per-token dataflow of DESIGN.md section 2 under
-  the cost model, per layer, so algorithms can re-evaluate one layer after moving a block;
+- `LatencyModel`: the critical path of the per-token dataflow below under the cost model,
+  per layer, so algorithms can re-evaluate one layer after moving a block;
 - memory need per device, migration delay and the epoch objective
   `interval x per-token latency + migration delay`.
 No asyncio, no torch, no IO: times and states come in as arguments.
 
-Dataflow per token and layer l (u = device of ffn(l-1), the source for l = 0):
+Dataflow per token and layer l (u = device of ffn(l-1), the source for l = 0), as the
+device agents run it:
 x goes u -> every head device of l and u -> proj(l) (one message per device); a head device
-computes all its heads of l as one job and sends their outputs to proj(l); proj(l) starts
-when every output and the residual have arrived, then sends to ffn(l). After the last layer
-the hidden state returns to the source, which runs the LM head. Co-located transfers are
-free; distinct ordered pairs are independent links.
+computes all its heads of l as one job and sends their outputs to proj(l) in one frame;
+proj(l) starts when every output and the residual have arrived, then sends to ffn(l). After
+the last layer the hidden state returns to the source, which runs the LM head. Co-located
+transfers are free; distinct ordered pairs are independent links, and each link is FIFO:
+when u holds heads of l and proj(l) is elsewhere, the head outputs from u queue on the link
+u -> proj(l) behind the residual x sent there before them (the one place in a token where
+two frames share a link; `LatencyModel.layer_time` prices it). Frame sizes are the encoded
+messages (`cost.hidden_bytes`, `cost.output_bytes`, `cost.head_output_frame`) plus what the
+transport adds (`Snapshot.frame_extra`). Every link is assumed idle with full burst credit
+when a token starts.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class Snapshot:
     interval: int = 1  # tokens until the next decision epoch
     current: Placement | None = None
     context: dict = field(default_factory=dict, compare=False)  # free-form (e.g. memory in use)
+    frame_extra: int = 0  # bytes the transport adds to every frame (websocket: its "due" entry)
 
     @property
     def n_devices(self) -> int:
@@ -178,7 +186,16 @@ def xfer_time(nbytes: float, rate: float, latency: float, burst: float = 0.0) ->
 
 class LatencyModel:
     """Per-token latency of a placement: the critical path of the dataflow, per layer.
-    `tokens` > 1 models a prefill chunk (T positions in one pass)."""
+    `tokens` > 1 models a prefill chunk (T positions in one pass).
+
+    What it models, as the emulator does it: compute jobs take FLOPs / FLOP/s; a frame of
+    b bytes on an idle link with burst credit B takes max(0, b - B) / rate + latency; the
+    frames are the encoded messages with the transport's `frame_extra` (x and y `hidden`,
+    z `output`, h `head_bytes(k)`; within a few bytes, see `cost.head_output_frame`);
+    two frames on one link in one layer (x then h from u to proj) go through its token
+    bucket one after the other. Not modelled: burst credit that an earlier frame of the same
+    token used and that has not refilled (every frame but the queued h gets the full
+    credit), and host time (none in virtual time)."""
 
     def __init__(self, snap: Snapshot, tokens: int = 1) -> None:
         s = self.spec = snap.spec
@@ -186,10 +203,14 @@ class LatencyModel:
         self.tokens = tokens
         self.flops = np.array([d.flops for d in snap.devices], dtype=float)
         self.rate, self.lat, self.burst = snap.rate, snap.latency, snap.burst
-        self.hidden = cost.hidden_bytes(s, tokens)
-        self.out_per_group = tokens * s.q_per_group * s.d_head * s.bytes_per_elem
-        # transfer time of one hidden-state frame on every link
+        extra = snap.frame_extra
+        self.hidden = cost.hidden_bytes(s, tokens, extra)  # x into a layer, y from proj to ffn
+        self.output = cost.output_bytes(s, tokens, extra)  # z from the last ffn to the source
+        # the head-output frame of k groups is head_base + k * head_per_group bytes
+        self.head_per_group, self.head_base = cost.head_output_frame(s, tokens, extra)
+        # transfer time of one hidden-state frame on every link, and of the last one home
         self.hidden_t = self._xfer_matrix(self.hidden)
+        self.tail_t = self._xfer_matrix(self.output)
         self.proj_flops = cost.span_flops(s, "proj", 0, tokens)
         self.ffn_flops = cost.span_flops(s, "ffn", 0, tokens)
         self.src = snap.source
@@ -206,22 +227,36 @@ class LatencyModel:
             return 0.0
         return xfer_time(nbytes, self.rate[a, b], self.lat[a, b], self.burst[a, b])
 
+    def head_bytes(self, k: int) -> int:
+        """Bytes of the frame carrying k head blocks' outputs of one layer."""
+        return self.head_base + k * self.head_per_group
+
     def head_flops(self, n: float) -> float:
         """One head block's FLOPs for the step that ends at sequence length n."""
         return cost.span_flops(self.spec, "head", n - self.tokens, self.tokens)
 
     def layer_time(self, u: int, heads: dict[int, int], proj: int, ffn: int, n: float) -> float:
-        """Time from x being ready on device u to the layer's output being ready on ffn."""
+        """Time from x being ready on device u to the layer's output being ready on ffn.
+
+        The head outputs of device j reach proj at x's arrival on j + their compute + their
+        frame's transfer. When j is u itself and proj is elsewhere, u sent the residual x to
+        proj just before, on the same link: the outputs cannot arrive before both frames
+        have gone through that link's bucket back to back, i.e. before
+        xfer(u, proj, x + h bytes) (with full credit at the start this is exact: the later
+        of the two bounds is when the outputs arrive)."""
         hf = self.head_flops(n)
         ready = self.hidden_t[u, proj]  # the residual
         for j, k in heads.items():
             done = self.hidden_t[u, j] + k * hf / self.flops[j]
-            ready = max(ready, done + self.xfer(j, proj, k * self.out_per_group + cost.FRAME_OVERHEAD))
+            h = self.head_bytes(k)
+            ready = max(ready, done + self.xfer(j, proj, h))
+            if j == u and u != proj:  # queued behind the residual on the link u -> proj
+                ready = max(ready, self.xfer(u, proj, self.hidden + h))
         return ready + self.proj_flops / self.flops[proj] + self.hidden_t[proj, ffn] + self.ffn_flops / self.flops[ffn]
 
     def tail_time(self, last_ffn: int) -> float:
         """Last hidden state back to the source, then the LM head there."""
-        return self.hidden_t[last_ffn, self.src] + cost.source_flops(self.spec) / self.flops[self.src]
+        return self.tail_t[last_ffn, self.src] + cost.source_flops(self.spec) / self.flops[self.src]
 
     def token_time(self, p: Placement, n: float) -> float:
         """Per-token latency (s) when the new token is position n (1-based)."""

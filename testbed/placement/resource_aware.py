@@ -45,8 +45,7 @@ class _Layout:
         V = snap.n_devices
         cur = snap.current.assign if snap.current is not None else None
         self.pos = np.array(cur if cur is not None else [-1] * len(s.blocks), dtype=np.int64)
-        out_bytes = model.out_per_group + cost.FRAME_OVERHEAD
-        self.out_t = model._xfer_matrix(out_bytes)  # one group's output j -> k
+        self.out_t = model._xfer_matrix(model.head_bytes(1))  # one group's output j -> k
         self.zero = np.zeros(V)
 
     def idx(self, kind: str, layer: int, g: int = 0) -> int:
@@ -88,7 +87,7 @@ class _Layout:
                 if placed.size:
                     t += m.hidden_t[:, placed].max(axis=1)
             else:
-                t += m.hidden_t[:, self.src]
+                t += m.tail_t[:, self.src]
         return t
 
 

@@ -44,6 +44,9 @@ LOOPBACK = "127.0.0.1"
 HEARTBEAT_S = 1.0
 # frames start with the map entry "due": <float64>: header byte, key, type byte, 8 bytes
 _DUE_PREFIX, _DUE_AT = b"\xa3due\xcb", 6
+# bytes every frame carries beyond the encoded message (the "due" entry); the cost model
+# prices them on every activation frame when a run uses this transport
+FRAME_EXTRA = len(encode({"due": 0.0})) - len(encode({}))
 
 
 def check_bind(host: str, allow_remote: bool) -> None:
