@@ -87,6 +87,7 @@ class GGUFFile:
         except Exception as e:  # truncated or corrupt: the reader fails in many ways
             raise GGUFError(path, f"broken GGUF file ({type(e).__name__}: {' '.join(str(e).split())})") from None
         self.tensors: dict[str, TensorInfo] = {}
+        self.spec: ModelSpec | None = None  # set by spec_from_gguf, once
         self._data: dict[str, Any] = {}
         for t in self.reader.tensors:
             shape = tuple(int(n) for n in reversed(t.shape.tolist()))
@@ -252,7 +253,7 @@ def _read_spec(g: GGUFFile) -> ModelSpec:
             if default is ...:
                 raise GGUFError(g.path, f"{full}: missing")
             return default
-        if isinstance(value, list) or isinstance(value, str) or isinstance(value, bool):
+        if isinstance(value, list | str | bool):
             raise GGUFError(g.path, f"{full}: expected one number, got {type(value).__name__}")
         return kind(value)
 
@@ -336,7 +337,6 @@ def spec_from_gguf(path: str | os.PathLike) -> ModelSpec:
     """The model a GGUF file holds (sizes, norms, RoPE, biases, LM head) as a float32 spec
     named after the file, or GGUFError naming the first problem."""
     g = open_gguf(path)
-    cached = getattr(g, "_spec", None)
-    if cached is None:
-        cached = g._spec = _read_spec(g)  # type: ignore[attr-defined]
-    return cached
+    if g.spec is None:
+        g.spec = _read_spec(g)
+    return g.spec
