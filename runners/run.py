@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--algorithm", help="placement algorithm(s), comma-separated "
                    f"({', '.join(ALGORITHM_NAMES)}); default: the scenario's")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: results/)")
+    p.add_argument("--model-gguf", metavar="PATH",
+                   help="run this GGUF model (llama or qwen2 architecture) instead of the scenario's model")
     p.add_argument("--seed", type=int, help="override the scenario's seed")
     p.add_argument("--tokens", type=int, help="override generation.new_tokens (short runs)")
     p.add_argument("--clock", choices=CLOCKS, default="real",
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str]]:
     """Scenario with overrides, and the algorithms to run; ScenarioError on bad input."""
-    scen = load(args.scenario)
+    scen = load(args.scenario, model_gguf=args.model_gguf)
     scen = scen.with_overrides(seed=args.seed, new_tokens=args.tokens)
     names = [a.strip() for a in args.algorithm.split(",")] if args.algorithm else [scen.controller.algorithm]
     for name in names:
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prep = experiment.prepare(scen)
     except ModelUnavailable as e:
-        err.print(f"error: {scen.file}: model.preset: {e}", markup=False)
+        where = "--model-gguf" if args.model_gguf else "model"
+        err.print(f"error: {scen.file}: {where}: {e}", markup=False)
         return 2
     k, calibration = 1.0, None
     if args.clock == "real":

@@ -30,7 +30,7 @@ import torch
 from .agents.cluster import Cluster
 from .agents.controller import Controller, Options, RunFailed
 from .emulation import clock as clock_mod
-from .model.blocks import Reference, Tensors, WeightSource, random_prompt, weights_for
+from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt, weights_for
 from .model.spec import ModelSpec
 from .placement.registry import get_algorithm
 from .results import RunWriter, summarize, windows
@@ -43,7 +43,9 @@ TORCH_THREADS = int(os.environ.get("TESTBED_TORCH_THREADS", "1"))
 
 class CachedWeights:
     """Weights built once per process and shared (read-only) by the reference and every
-    device: building gpt2-small's blocks twice would double the set-up time."""
+    device: building gpt2-small's blocks twice would double the set-up time. Head blocks
+    are kept with Q/K/V fused, the form a live block holds, so that the reference and the
+    devices share one copy instead of each fusing its own."""
 
     def __init__(self, inner: WeightSource) -> None:
         self.inner, self.spec = inner, inner.spec
@@ -52,7 +54,8 @@ class CachedWeights:
 
     def block(self, name: str) -> Tensors:
         if name not in self._blocks:
-            self._blocks[name] = self.inner.block(name)
+            w = self.inner.block(name)
+            self._blocks[name] = fuse_qkv(w) if name.startswith("head.") else w
         return self._blocks[name]
 
     def source(self) -> Tensors:
@@ -84,7 +87,7 @@ def prepare(scenario: Scenario) -> Prepared:
     if gen.prompt is not None:
         from .model.smollm2 import load_tokenizer
 
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(model.gguf or None)  # a GGUF model's file, else the preset's
         prompt = tokenizer.encode(gen.prompt)
     else:
         prompt = random_prompt(model, scenario.seed, gen.prompt_tokens)

@@ -1,10 +1,12 @@
 """Scenario files (YAML, version 1): parsing into frozen dataclasses, strict validation.
 
-Owns the scenario format of DESIGN.md section 6 and `ScenarioError`, whose message names the
-file and the key path (`devices[1].memory_mib: must be > 0`). Pure: reads one file, no
-asyncio, no torch. The runner prints a ScenarioError on one line and exits with status 2.
+Owns the scenario format and `ScenarioError`, whose message names the file and the key path
+(`devices[1].memory_mib: must be > 0`). Pure: reads the scenario file (and, for
+`model: {gguf: PATH}`, that file's metadata), no asyncio, no torch. The runner prints a
+ScenarioError on one line and exits with status 2.
 
-Entry points: `load(path)`, `loads(text)`, `parse(mapping, file)`. `Scenario.to_dict()` gives
+Entry points: `load(path)`, `loads(text)`, `parse(mapping, file)`; each takes `model_gguf`,
+the runner's `--model-gguf`, which replaces the model section. `Scenario.to_dict()` gives
 the resolved scenario back as plain data (`parse(s.to_dict(), f) == s`, written to meta.json)
 and `Scenario.with_overrides()` applies the runner's `--seed/--tokens/--algorithm`.
 Validation stops at the first problem. What events do at run time is not owned here.
@@ -17,6 +19,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import NoReturn
 
 import yaml
@@ -237,7 +240,9 @@ class Scenario:
         sizes plus its preset name) that `parse` reads back. Events that never fire (at a
         token past a run shortened by `with_overrides(new_tokens=...)`) are left out."""
         model = {f: getattr(self.model, f) for f in _MODEL_FIELDS}
-        if self.model.name in PRESETS:
+        if self.model.weights == "gguf":
+            model = {"gguf": self.model.gguf, **model}
+        elif self.model.name in PRESETS:
             model = {"preset": self.model.name, **model}
         return {
             "version": self.version,
@@ -282,7 +287,7 @@ _TOP_KEYS = ("version", "name", "description", "seed", "model", "generation", "d
              "source", "network", "controller", "emulation", "events")
 _TOP_REQUIRED = ("version", "name", "model", "generation", "devices")
 _MODEL_FIELDS = ("layers", "heads", "d_model", "d_ff", "vocab", "dtype", "kv_heads", "context")
-_DEVICE_KEYS = ("name", "compute_gflops", "memory_mib", "memory_high_mib", "host_blocks")
+_DEVICE_KEYS = ("name", "compute_gflops", "memory_mib", "memory_share", "memory_high_mib", "host_blocks")
 _LINK_KEYS = ("bandwidth_mbps", "latency_ms", "burst_kib")
 _TRIGGERS = ("at_token", "at_s")
 # action -> the keys it takes besides the trigger and `action`, then the required ones
@@ -307,8 +312,9 @@ _SCENARIO_NAME = re.compile(r"[a-z0-9_-]+")
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def load(path: str | os.PathLike) -> Scenario:
-    """Read and validate a scenario file; every problem is a ScenarioError."""
+def load(path: str | os.PathLike, model_gguf: str | None = None) -> Scenario:
+    """Read and validate a scenario file; every problem is a ScenarioError. `model_gguf`
+    (a path) replaces the file's model section with that GGUF model."""
     file = os.fspath(path)
     try:
         with open(file, encoding="utf-8") as f:
@@ -321,19 +327,21 @@ def load(path: str | os.PathLike) -> Scenario:
         raise ScenarioError(file, "", f"not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ScenarioError(file, "", f"cannot read: {e.strerror or e}") from None
-    return loads(text, file)
+    return loads(text, file, model_gguf)
 
 
-def loads(text: str, file: str = "<string>") -> Scenario:
+def loads(text: str, file: str = "<string>", model_gguf: str | None = None) -> Scenario:
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ScenarioError(file, "", f"not valid YAML: {_yaml_problem(e)}") from None
-    return parse(data, file)
+    return parse(data, file, model_gguf)
 
 
-def parse(data: object, file: str = "<data>") -> Scenario:
-    """Validate an already-loaded mapping (the YAML document) and resolve defaults."""
+def parse(data: object, file: str = "<data>", model_gguf: str | None = None) -> Scenario:
+    """Validate an already-loaded mapping (the YAML document) and resolve defaults.
+    A relative `model.gguf` path is relative to the scenario file's directory (to the
+    working directory for `model_gguf` and for text that comes from no file)."""
     r = _Reader(file)
     if not isinstance(data, dict):
         r.fail("", f"the top level must be a mapping, got {_type_name(data)}")
@@ -346,9 +354,13 @@ def parse(data: object, file: str = "<data>") -> Scenario:
     name = r.string(top["name"], "name", pattern=_SCENARIO_NAME)
     description = r.string(top.get("description", ""), "description")
     seed = r.int_(top.get("seed", 0), "seed", ge=0)
-    model = _model(r, top["model"])
+    if model_gguf is not None:
+        model = _gguf_model(r, {"gguf": model_gguf}, "--model-gguf", Path.cwd())
+    else:
+        model = _model(r, top["model"])
     gen = _generation(r, top["generation"], model)
-    devices = _devices(r, top["devices"])
+    whole = _model_bytes(model, gen)
+    devices = _devices(r, top["devices"], whole)
     names = [d.name for d in devices]
     source = r.string(top.get("source", names[0]), "source")
     if source not in names:
@@ -356,7 +368,7 @@ def parse(data: object, file: str = "<data>") -> Scenario:
     network = _network(r, top.get("network", {}), names)
     controller = _controller(r, top.get("controller", {}))
     emulation = _emulation(r, top.get("emulation", {}))
-    events = _events(r, top.get("events", []), names, source, gen, network.default)
+    events = _events(r, top.get("events", []), names, source, gen, network.default, whole)
     _check_fits(r, model, gen, devices, source, "model")
     return Scenario(
         name=name, file=file, version=version, seed=seed, model=model, generation=gen,
@@ -369,13 +381,23 @@ def parse(data: object, file: str = "<data>") -> Scenario:
 # sections
 
 
-def _model(r: _Reader, value: object) -> ModelSpec:
-    m = r.mapping(value, "model", ("preset", *_MODEL_FIELDS))
+def _model_fields(r: _Reader, m: dict, where: str) -> dict[str, object]:
     fields: dict[str, object] = {}
     for f in _MODEL_FIELDS:
         if f in m:
-            p = f"model.{f}"
+            p = f"{where}.{f}"
             fields[f] = r.string(m[f], p) if f == "dtype" else r.int_(m[f], p)
+    return fields
+
+
+def _model(r: _Reader, value: object) -> ModelSpec:
+    m = r.mapping(value, "model", ("preset", "gguf", *_MODEL_FIELDS))
+    if "gguf" in m:
+        if "preset" in m:
+            r.fail("model", "give exactly one of preset or gguf, not both")
+        base = Path(r.file).parent if os.path.isfile(r.file) else Path.cwd()
+        return _gguf_model(r, m, "model", base)
+    fields = _model_fields(r, m, "model")
     if "preset" in m:
         preset = r.choice(m["preset"], "model.preset", tuple(PRESETS), "preset")
         base = PRESETS[preset]
@@ -398,6 +420,38 @@ def _model(r: _Reader, value: object) -> ModelSpec:
         spec = ModelSpec(name="custom", **fields)  # type: ignore[arg-type]
     for f, msg in spec.problems():
         r.fail(f"model.{f}", msg)
+    return spec
+
+
+def _gguf_model(r: _Reader, m: dict, where: str, base: Path) -> ModelSpec:
+    """A model read from a GGUF file: its metadata gives the spec; the scenario may choose
+    the dtype and a shorter context, and may restate (not change) the sizes."""
+    from .model.gguf_file import GGUFError, ReaderMissing, spec_from_gguf
+
+    key = "model.gguf" if where == "model" else where
+    raw = r.string(m["gguf"], key)
+    if not raw:
+        r.fail(key, "must name a GGUF file")
+    path = Path(raw).expanduser()
+    path = (path if path.is_absolute() else base / path).resolve()
+    try:
+        spec = spec_from_gguf(path)
+    except GGUFError as e:
+        r.fail(key, str(e))
+    except ReaderMissing as e:
+        r.fail(key, str(e))
+    fields = _model_fields(r, m, where)
+    for f, v in fields.items():
+        if f in ("dtype", "context"):
+            continue
+        if getattr(spec, f) != v:
+            r.fail(f"{where}.{f}", f"{path.name} gives {f} = {getattr(spec, f)}; a GGUF model's sizes "
+                   "come from its file and cannot be overridden")
+    if "context" in fields and not 0 < fields["context"] <= spec.context:  # type: ignore[operator]
+        r.fail(f"{where}.context", f"must be in 1..{spec.context} (the context of {path.name})")
+    spec = replace(spec, **{f: fields[f] for f in ("dtype", "context") if f in fields})
+    for f, msg in spec.problems():
+        r.fail(f"{where}.{f}", msg)
     return spec
 
 
@@ -434,11 +488,24 @@ def _check_context(r: _Reader, model: ModelSpec, gen: GenerationSpec, path: str)
                f"context of {model.name} ({model.context} tokens)")
 
 
-def _device(r: _Reader, value: object, path: str) -> DeviceSpec:
-    d = r.mapping(value, path, _DEVICE_KEYS, ("name", "compute_gflops", "memory_mib"))
+def _model_bytes(model: ModelSpec, gen: GenerationSpec) -> int:
+    """The whole model at the final length: every block's weights and K/V cache, and the
+    source's embedding, LM head and final norm (what `memory_share` is a share of)."""
+    n = _final_length(model, gen)
+    return cost.model_weight_bytes(model) + cost.model_cache_bytes(model, n) + cost.source_weight_bytes(model)
+
+
+def _device(r: _Reader, value: object, path: str, whole: int) -> DeviceSpec:
+    d = r.mapping(value, path, _DEVICE_KEYS, ("name", "compute_gflops"))
     name = r.string(d["name"], f"{path}.name", pattern=_DEVICE_NAME)
     gflops = r.number(d["compute_gflops"], f"{path}.compute_gflops", gt=0)
-    memory = r.number(d["memory_mib"], f"{path}.memory_mib", gt=0)
+    if ("memory_mib" in d) == ("memory_share" in d):
+        r.fail(path, "give exactly one of memory_mib or memory_share (a share of the whole model)")
+    if "memory_mib" in d:
+        memory = r.number(d["memory_mib"], f"{path}.memory_mib", gt=0)
+    else:
+        share = r.number(d["memory_share"], f"{path}.memory_share", gt=0)
+        memory = round(share * whole / MIB, 3)
     if "memory_high_mib" in d:
         high = r.number(d["memory_high_mib"], f"{path}.memory_high_mib", gt=0)
         if high > memory:
@@ -450,13 +517,13 @@ def _device(r: _Reader, value: object, path: str) -> DeviceSpec:
                       memory_high_mib=high, host_blocks=host)
 
 
-def _devices(r: _Reader, value: object) -> tuple[DeviceSpec, ...]:
+def _devices(r: _Reader, value: object, whole: int) -> tuple[DeviceSpec, ...]:
     items = r.list_(value, "devices")
     if not items:
         r.fail("devices", "must list at least one device")
     devices: list[DeviceSpec] = []
     for i, item in enumerate(items):
-        d = _device(r, item, f"devices[{i}]")
+        d = _device(r, item, f"devices[{i}]", whole)
         for j, other in enumerate(devices):
             if other.name == d.name:
                 r.fail(f"devices[{i}].name", f"duplicate device name {d.name!r} (also devices[{j}])")
@@ -550,7 +617,7 @@ def parse_time_scale(value: object, file: str, path: str) -> float | None:
 
 
 def _events(r: _Reader, value: object, names: list[str], source: str, gen: GenerationSpec,
-            default_link: LinkSpec) -> tuple[Event, ...]:
+            default_link: LinkSpec, whole: int) -> tuple[Event, ...]:
     known = list(names)  # declared devices, then devices joined by earlier events
     joined: dict[str, tuple[str, float, int]] = {}  # name -> (trigger kind, value, event index)
     events: list[Event] = []
@@ -585,7 +652,7 @@ def _events(r: _Reader, value: object, names: list[str], source: str, gen: Gener
             if not any(key in e for key in _LINK_KEYS):
                 r.fail(p, "set_link needs at least one of bandwidth_mbps, latency_ms, burst_kib")
         elif action == "join_device":
-            kw["join"] = new = _device(r, e["device"], f"{p}.device")
+            kw["join"] = new = _device(r, e["device"], f"{p}.device", whole)
             if new.name in known:
                 r.fail(f"{p}.device.name", f"device {new.name!r} already exists")
             kw["device"] = new.name

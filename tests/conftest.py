@@ -100,3 +100,35 @@ def out_dir(tmp_path: Path) -> Path:
     d = tmp_path / "results"
     d.mkdir()
     return d
+
+
+# ---------------------------------------------------------------------------- synthetic GGUF files
+
+# llama-family variants the GGUF tests cover, each with its own tokenizer kind: SmolLM2-like
+# (tied head, "smollm" BPE), Llama 3.x-like (rope_freqs, "llama-bpe" BPE with BOS),
+# TinyLlama-like (untied LM head, SentencePiece with scores, 8 heads of 32) and
+# Qwen2.5-like (Q/K/V biases, Q/K rows rotated by halves, "qwen2" BPE)
+GGUF_VARIANTS = {
+    "llama": dict(arch="llama", tokenizer="smollm"),
+    "llama3": dict(arch="llama", tokenizer="llama-bpe", llama3_rope=True, rope_base=500000.0),
+    "tinyllama": dict(arch="llama", tokenizer="spm", tied=False, heads=8, kv_heads=4),
+    "qwen2": dict(arch="qwen2", tokenizer="qwen2", rope_base=1000000.0, norm_eps=1e-6),
+}
+
+
+@pytest.fixture(scope="session")
+def synth_gguf(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """synth_gguf(variant, qtype) -> path of a small random-weight GGUF file (written once
+    per session)."""
+    from testbed.model.gguf_synth import Synth, write_gguf
+
+    folder = tmp_path_factory.mktemp("gguf")
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(variant: str, qtype: str) -> Path:
+        if (variant, qtype) not in made:
+            synth = Synth(qtype=qtype, seed=len(made), **GGUF_VARIANTS[variant])
+            made[variant, qtype] = write_gguf(folder / f"{variant}-{qtype}.gguf", synth)
+        return made[variant, qtype]
+
+    return make

@@ -13,8 +13,11 @@ from testbed.transport.codec import encode
 
 GQA = ModelSpec("gqa-test", layers=2, heads=8, d_model=64, vocab=128, kv_heads=2, norm="rmsnorm",
                 mlp="swiglu", positions="rope", attn_bias=False)
+# Qwen2-like: biases on Q/K/V but not on W_o, and an untied LM head (a second V x D matrix)
+QWEN = ModelSpec("qwen-test", layers=2, heads=8, d_model=64, vocab=128, kv_heads=2, norm="rmsnorm",
+                 mlp="swiglu", positions="rope", attn_bias=True, proj_bias=False, tied_head=False)
 SPECS = [from_name("gpt-tiny"), from_name("gpt-mini"), from_name("gpt2-small"), from_name("paper-small"),
-         GQA, from_name("gpt-mini").with_overrides(dtype="float16")]
+         GQA, QWEN, from_name("gpt-mini").with_overrides(dtype="float16")]
 
 
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -94,12 +94,12 @@ def test_block_shapes(weights: smollm2.SmolLM2Weights, ref: Reference) -> None:
         for t in weights.block(name).values():
             assert t.dtype == torch.float32 and t.is_contiguous() and torch.isfinite(t).all()
     # the groups' slices tile the layer's Q/K/V rows in head order
-    full_q = torch.from_numpy(weights.gguf.dequantize("blk.3.attn_q.weight"))
-    full_k = torch.from_numpy(weights.gguf.dequantize("blk.3.attn_k.weight"))
+    full_q = torch.from_numpy(weights.file.array("blk.3.attn_q.weight"))
+    full_k = torch.from_numpy(weights.file.array("blk.3.attn_k.weight"))
     heads = [weights.block(f"head.3.{g}") for g in range(s.groups)]
     assert torch.equal(torch.cat([h["wq"] for h in heads]), full_q)
     assert torch.equal(torch.cat([h["wk"] for h in heads]), full_k)
-    assert "output.weight" not in weights.gguf.tensors  # tied LM head
+    assert "output.weight" not in weights.file.tensors  # tied LM head
 
 
 @needs_model

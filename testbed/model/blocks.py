@@ -90,7 +90,7 @@ class RandomWeights:
                 w["bq"], w["bk"], w["bv"] = normal(q * d), normal(d), normal(d)
         elif b.kind == "proj":
             w["wo"] = mat(D, D)
-            if s.attn_bias:
+            if s.proj_bias:
                 w["bo"] = normal(D)
         else:
             w.update(self._norm(normal))
@@ -105,6 +105,8 @@ class RandomWeights:
         s = self.spec
         normal = self._gen("source")
         w = {"wte": normal(s.vocab, s.d_model)}
+        if not s.tied_head:
+            w["wout"] = normal(s.vocab, s.d_model)
         if s.positions == "learned":
             w["wpe"] = normal(s.context, s.d_model, std=0.01)
         w.update(self._norm(normal))
@@ -120,7 +122,11 @@ def weights_for(spec: ModelSpec, seed: int = 0) -> WeightSource:
         from .smollm2 import SmolLM2Weights
 
         return SmolLM2Weights(spec)
-    raise ValueError(f"unknown weights {spec.weights!r} for spec {spec.name!r} (random | smollm2)")
+    if spec.weights == "gguf":
+        from .gguf_weights import GGUFWeights
+
+        return GGUFWeights(spec)
+    raise ValueError(f"unknown weights {spec.weights!r} for spec {spec.name!r} (random | smollm2 | gguf)")
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -138,11 +144,14 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return F.linear(x, w, b)
 
 
-def rope(x: torch.Tensor, pos0: int, base: float) -> torch.Tensor:
+def rope(x: torch.Tensor, pos0: int, base: float, freqs: tuple[float, ...] = ()) -> torch.Tensor:
     """Rotary embedding on interleaved pairs (x0,x1), (x2,x3), ... as llama.cpp lays out
-    Q/K rows. x: [T, heads, d]; positions pos0 .. pos0+T-1."""
+    Q/K rows. x: [T, heads, d]; positions pos0 .. pos0+T-1. `freqs`, when given, divides
+    pair i's frequency by freqs[i] (llama.cpp's rope_freqs: Llama 3's long-context scaling)."""
     T, _, d = x.shape
     inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
+    if freqs:
+        inv = inv / torch.tensor(freqs, dtype=torch.float32)
     ang = torch.arange(pos0, pos0 + T, dtype=torch.float32)[:, None] * inv[None, :]  # [T, d/2]
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]  # [T, 1, d/2]
     xf = x.float()
@@ -222,7 +231,8 @@ class HeadBlock:
         qkv = _linear(_norm(x, w, s), w["wqkv"], w.get("bqkv"))  # [T, (q+2)d]
         qs, k, v = qkv[:, : q * d].view(T, q, d), qkv[:, q * d:(q + 1) * d], qkv[:, (q + 1) * d:]
         if s.positions == "rope":
-            qs, k = rope(qs, pos, s.rope_base), rope(k.view(T, 1, d), pos, s.rope_base).view(T, d)
+            qs = rope(qs, pos, s.rope_base, s.rope_freqs)
+            k = rope(k.view(T, 1, d), pos, s.rope_base, s.rope_freqs).view(T, d)
         self.cache.write(pos, k, v)
         K, V = self.cache.k[: pos + T], self.cache.v[: pos + T]  # [n, d]
         att = torch.matmul(qs.transpose(0, 1), K.t()) / math.sqrt(d)  # [q, T, n]
@@ -244,7 +254,7 @@ def block_shapes(spec: ModelSpec, kind: str) -> dict[str, tuple[int, ...]]:
             out["bqkv"] = ((q + 2) * d,)
         return out
     if kind == "proj":
-        return {"wo": (D, D), **({"bo": (D,)} if spec.attn_bias else {})}
+        return {"wo": (D, D), **({"bo": (D,)} if spec.proj_bias else {})}
     if spec.mlp == "swiglu":
         return {**norm, "wg": (Fd, D), "wu": (Fd, D), "wd": (D, Fd)}
     return {**norm, "w1": (Fd, D), "b1": (Fd,), "w2": (D, Fd), "b2": (D,)}
@@ -291,7 +301,8 @@ class FfnBlock:
 
 @dataclass
 class SourceBlock:
-    """What stays on the source device: embedding, learned positions, final norm, LM head."""
+    """What stays on the source device: embedding, learned positions, final norm, LM head
+    (the embedding matrix itself when tied, else `wout`)."""
 
     spec: ModelSpec
     w: Tensors
@@ -303,8 +314,9 @@ class SourceBlock:
         return x  # [T, D]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, D] final hidden states -> [T, V] float32 logits (tied LM head)."""
-        return F.linear(_norm(x, self.w, self.spec), self.w["wte"]).float()
+        """x: [T, D] final hidden states -> [T, V] float32 logits."""
+        head = self.w["wte"] if self.spec.tied_head else self.w["wout"]
+        return F.linear(_norm(x, self.w, self.spec), head).float()
 
 
 def make_block(spec: ModelSpec, name: str, w: Tensors) -> HeadBlock | ProjBlock | FfnBlock:

