@@ -1,7 +1,15 @@
-"""Real-time fidelity over websockets with agents in separate processes.
+"""Real-time fidelity: real-clock runs against their virtual-clock twins, links and lag.
 
-`python -m tools.bench_realtime [--part links,tokens,lag] [--seconds S] [--rates ...]
-[--agents 8,16,32] [--json PATH]`
+`python -m tools.bench_realtime [--part scenarios,links,tokens,lag] [--scenarios A,B]
+[--tokens N] [--readme README.md] [--seconds S] [--rates ...] [--agents 8,16,32] [--json PATH]`
+
+- scenarios (the default part): every shipped scenario (first `--tokens` tokens), run on
+  the virtual clock, then on the real clock as a user runs it (time scale `auto`,
+  calibrated for each mode) in process and with one process per agent over websockets.
+  Each real-clock run is compared with its virtual twin (`testbed.twin`): mean per-token
+  latency within 5 %, p95 within 10 %, migrations within 20 %, at most 1 % of jobs
+  overrunning, the reference's tokens. `--readme FILE` writes the table between the
+  `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->` lines of FILE.
 
 - links: two agent processes; the sender keeps its emulated link to the other busy with
   probe frames (1 to 1000 Mbit/s, 5 ms latency). Throughput is measured at the receiver
@@ -31,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from testbed import experiment
+from testbed import experiment, timescale, twin
 from testbed.agents.remote import ProcessCluster
 from testbed.emulation.clock import LagMonitor
 from testbed.emulation.clock import run as run_loop
@@ -50,6 +58,71 @@ def _cluster_dict(n: int, gflops: float = 1.0, mbps: float = 1000.0, latency_ms:
             "devices": [{"name": x, "compute_gflops": gflops, "memory_mib": 512} for x in names],
             "network": {"default": {"bandwidth_mbps": mbps, "latency_ms": latency_ms}},
             "controller": {"algorithm": "resource_aware", "interval_tokens": 8, "telemetry": "oracle"}}
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+MODES = (("in process", "inproc", False), ("processes", "ws", True))
+
+
+def _scenarios(names: list[str], tokens: int) -> list[dict[str, Any]]:
+    out = []
+    for name in names:
+        scen = load(ROOT / "scenarios" / f"{name}.yaml")
+        if tokens:
+            scen = scen.with_overrides(new_tokens=min(tokens, scen.generation.new_tokens))
+        try:
+            prep = experiment.prepare(scen)
+        except Exception as e:  # e.g. real weights not installed
+            out.append({"scenario": name, "mode": "-", "skipped": f"{type(e).__name__}: {e}"})
+            continue
+        alg = scen.controller.algorithm
+        with tempfile.TemporaryDirectory() as tmp:
+            virtual = experiment.run(prep, alg, Path(tmp) / "virtual", clock="virtual")
+            for label, transport, processes in MODES:
+                cal = timescale.calibrate(prep, [alg], transport, processes)
+                print(f"  {name}, {label}: {cal.line()}", flush=True)
+                real = experiment.run(prep, alg, Path(tmp) / transport, clock="real", transport=transport,
+                                      processes=processes, time_scale=cal.time_scale, calibration=cal.to_dict())
+                c = twin.compare(real.summary, virtual.summary)
+                out.append({"scenario": name, "mode": label, "tokens": scen.generation.new_tokens,
+                            "calibration_s": cal.seconds, **c})
+                print(f"  {name}, {label}: {'faithful' if c['faithful'] else '; '.join(c['problems'])}", flush=True)
+    return out
+
+
+def scenarios_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of the scenarios part."""
+    lines = ["| scenario | agents | tokens | K | wall s | mean ms (virtual) | mean | p95 ms (virtual) | p95 "
+             "| migrations (virtual) | overruns | result |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['scenario']} | - | - | - | - | - | - | - | - | - | - | skipped: {r['skipped']} |")
+            continue
+        lines.append(
+            f"| {r['scenario']} | {r['mode']} | {r['tokens']} | {r['time_scale']:g} | {r['wall_s']:.0f} "
+            f"| {r['mean_ms']:.2f} ({r['twin_mean_ms']:.2f}) | {r['mean_error']:+.1%} "
+            f"| {r['p95_ms']:.2f} ({r['twin_p95_ms']:.2f}) | {r['p95_error']:+.1%} "
+            f"| {r['migrations']} ({r['twin_migrations']}) | {r['overrun_fraction']:.1%} "
+            f"| {'faithful' if r['faithful'] else '; '.join(r['problems'])} |")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- bench_realtime:begin -->", "<!-- bench_realtime:end -->"
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between the BEGIN and END lines of `path` (written whole, or not
+    at all if the markers are missing)."""
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"error: {path}: no {BEGIN} ... {END} section to write the table into")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------- links
@@ -154,18 +227,40 @@ def _lag(agents: list[int], tokens: int) -> list[dict[str, Any]]:
     return out
 
 
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_realtime", description=__doc__.split("\n")[0])
-    ap.add_argument("--part", default="links,tokens,lag", help="comma-separated: links, tokens, lag")
+    ap.add_argument("--part", default="scenarios", help="comma-separated: scenarios, links, tokens, lag")
+    ap.add_argument("--scenarios", default=",".join(sorted(p.stem for p in (ROOT / "scenarios").glob("*.yaml"))),
+                    help="scenario names (scenarios/NAME.yaml) for the scenarios part")
+    ap.add_argument("--readme", type=Path, help="write the scenarios table into this file's bench_realtime section")
     ap.add_argument("--seconds", type=float, default=1.5, help="bulk traffic per rate (links)")
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="Mbit/s (links)")
-    ap.add_argument("--tokens", type=int, default=48, help="tokens per run (tokens, lag)")
+    ap.add_argument("--tokens", type=int, default=48,
+                    help="tokens per run (scenarios: at most this many, 0 for the scenario's own; tokens, lag)")
     ap.add_argument("--agents", default="8,16,32", help="agent counts (lag)")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args(argv)
     parts = set(args.part.split(","))
     report: dict[str, Any] = {}
     ok = True
+    if "scenarios" in parts:
+        names = [x for x in args.scenarios.split(",") if x]
+        print(f"real clock (time scale auto) against the virtual twin, first {args.tokens or 'all'} tokens", flush=True)
+        rows = _scenarios(names, args.tokens)
+        report["scenarios"] = rows
+        table = scenarios_table(rows)
+        print(table)
+        ok &= all(r.get("faithful", True) for r in rows)
+        if args.readme:
+            write_between_markers(args.readme, f"Measured by `python -m tools.bench_realtime --tokens {args.tokens} "
+                                  f"--readme {args.readme}` on {_machine()}:\n\n{table}")
     if "links" in parts:
         rows = run_loop(lambda: _links([float(x) for x in args.rates.split(",")], args.seconds), "real")
         report["links"] = rows

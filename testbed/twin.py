@@ -1,0 +1,55 @@
+"""A real-clock run against its virtual-clock twin (same scenario, seed and algorithm).
+
+The virtual clock gives the emulated system's own answer, free of the host; a real-clock run
+is faithful when it reproduces it: the same tokens, per-token latency close to the twin's
+(mean within 5 %, 95th percentile within 10 %), the controller's decisions alike
+(migrations within 20 %), and few jobs or deliveries that overran their emulated windows
+(at most 1 %). Pure: takes two `summary.json` documents, returns the comparison. Used by
+`tools.bench_realtime` and the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MEAN_TOLERANCE = 0.05
+P95_TOLERANCE = 0.10
+MIGRATION_TOLERANCE = 0.20
+OVERRUN_LIMIT = 0.01
+
+
+def _rel(a: float, b: float) -> float:
+    return a / b - 1.0 if b else (0.0 if a == b else math.inf)
+
+
+def compare(real: dict[str, Any], virtual: dict[str, Any]) -> dict[str, Any]:
+    """How far `real` is from `virtual`, and whether that is within the tolerances above;
+    `problems` says what is not."""
+    rl, vl = real["latency_ms"], virtual["latency_ms"]
+    out: dict[str, Any] = {
+        "mean_ms": rl["mean"], "twin_mean_ms": vl["mean"], "mean_error": _rel(rl["mean"], vl["mean"]),
+        "p95_ms": rl["p95"], "twin_p95_ms": vl["p95"], "p95_error": _rel(rl["p95"], vl["p95"]),
+        "migrations": real["migrations"], "twin_migrations": virtual["migrations"],
+        "overrun_fraction": real["overrun_fraction"],
+        "late_delivery_fraction": real.get("late_delivery_fraction", 0.0),
+        "tokens_match": bool(real["correctness"]["tokens_match"]),
+        "time_scale": real.get("time_scale"), "wall_s": real.get("wall_s"),
+    }
+    problems = []
+    if real.get("status") != "completed":
+        problems.append(f"status {real.get('status')}")
+    if not out["tokens_match"]:
+        problems.append("tokens differ from the reference")
+    if not abs(out["mean_error"]) <= MEAN_TOLERANCE:
+        problems.append(f"mean latency {out['mean_error']:+.1%} off the twin's")
+    if not abs(out["p95_error"]) <= P95_TOLERANCE:
+        problems.append(f"p95 latency {out['p95_error']:+.1%} off the twin's")
+    m, vm = out["migrations"], out["twin_migrations"]
+    if abs(m - vm) > MIGRATION_TOLERANCE * vm and m != vm:
+        problems.append(f"{m} migrations against the twin's {vm}")
+    if out["overrun_fraction"] > OVERRUN_LIMIT:
+        problems.append(f"{out['overrun_fraction']:.1%} of jobs overran")
+    out["problems"] = problems
+    out["faithful"] = not problems
+    return out

@@ -1,0 +1,178 @@
+"""Time dilation on the real clock: the scaled loop, the calibration's replay, the run's
+check of itself, and real-clock runs that reproduce their virtual-clock twins (in process
+and with agents in processes over websockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed import experiment
+from testbed.emulation import clock
+from testbed.scenario import ScenarioError, load, parse
+from testbed.timescale import Job, calibrate, fit_time_scale, late_fraction
+from testbed.twin import compare
+
+from .conftest import scenario_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def test_scaled_loop_stretches_every_wait() -> None:
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        t0, w0 = loop.time(), time.perf_counter()
+        await asyncio.sleep(0.004)  # emulated seconds
+        await clock.sleep_until(loop.time() + 0.004)
+        return loop.time() - t0, time.perf_counter() - w0
+
+    emulated, wall = clock.run(main, "real", time_scale=25)
+    assert emulated >= 0.008
+    assert wall >= 25 * 0.008 * 0.99  # every emulated second lasted 25 on the wall clock
+    assert wall < 25 * 0.008 + 1.0  # (a bound against waiting far longer than asked)
+
+
+def test_one_epoch_one_timeline() -> None:
+    """Two loops (as in two agent processes) given the same scale and epoch agree on the
+    emulated time; the epoch is emulated time 0."""
+    epoch = time.time() - 2.0  # two wall seconds ago
+
+    async def now() -> float:
+        return asyncio.get_running_loop().time()
+
+    a = clock.run(now, "real", time_scale=4, epoch=epoch)
+    b = clock.run(now, "real", time_scale=4, epoch=epoch)
+    assert 0.5 <= a <= b < 0.5 + 0.25  # 2 s of wall time at 4x: 0.5 emulated seconds (+ this test's own)
+
+
+def test_time_scale_is_adopted_later_and_checked() -> None:
+    async def main() -> tuple[float, float | None, float]:
+        loop = asyncio.get_running_loop()
+        loop.set_time_scale(10, time.time())  # type: ignore[attr-defined]
+        return loop.time(), clock.time_scale(), clock.from_wall(1.0)
+
+    t, k, one = clock.run(main, "real")
+    assert 0 <= t < 0.05 and k == 10 and one == pytest.approx(0.1)
+    for bad in (0.5, 0, -3, float("nan"), float("inf"), 1e9, True):
+        with pytest.raises(ValueError, match="time scale"):
+            clock.ScaledEventLoop(bad)  # type: ignore[arg-type]
+
+
+def test_virtual_clock_has_no_time_scale() -> None:
+    async def main() -> tuple[float | None, float]:
+        return clock.time_scale(), clock.from_wall(3.0)
+
+    assert clock.run(main, "virtual") == (None, 3.0)
+
+
+# ---------------------------------------------------------------------------- replay
+
+
+def test_replay_of_parallel_jobs_on_one_cpu() -> None:
+    """Two jobs with the same 0.1 ms window each need 1 ms of host time: one CPU does both by
+    2 ms, which fits the window (plus its 5 % tolerance) from K = 2 / 0.105 = 19.05."""
+    jobs = [Job(0.0, 1e-4, 1e-3), Job(0.0, 1e-4, 1e-3)]
+    assert late_fraction(jobs, 18.0) == 0.5
+    assert late_fraction(jobs, 19.1) == 0.0
+    assert fit_time_scale(jobs, allowed=0.0) == pytest.approx(2e-3 / 1.05e-4, rel=0.02)
+
+
+def test_replay_of_a_pipeline() -> None:
+    """Jobs one after another in emulated time overlap nowhere: the largest single ratio
+    of host time to window decides."""
+    jobs = [Job(i * 1e-3, (i + 1) * 1e-3, 4e-3 if i == 3 else 1e-3) for i in range(8)]
+    assert fit_time_scale(jobs, allowed=0.0) == pytest.approx(4 / 1.05, rel=0.02)
+    assert fit_time_scale([Job(0, 1, 0.5)]) == 1.0  # the host is fast enough at wall speed
+
+
+# ---------------------------------------------------------------------------- options
+
+
+def test_scenario_time_scale() -> None:
+    base = scenario_dict()
+    assert parse(base, "<t>").emulation.time_scale is None  # auto by default
+    assert parse({**base, "emulation": {"time_scale": 12.5}}, "<t>").emulation.time_scale == 12.5
+    assert parse({**base, "emulation": {"time_scale": "auto"}}, "<t>").to_dict()["emulation"] == {"time_scale": "auto"}
+    for bad, why in ((0.5, ">= 1"), ("fast", "auto or a number"), (1e6, "at most"), (True, "a number")):
+        with pytest.raises(ScenarioError, match=r"emulation\.time_scale: .*" + why):
+            parse({**base, "emulation": {"time_scale": bad}}, "<t>")
+    with pytest.raises(ScenarioError, match=r"emulation\.speed: unknown key"):
+        parse({**base, "emulation": {"speed": 2}}, "<t>")
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runners.run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, key", [(("--clock", "virtual", "--time-scale", "4"), "--time-scale"),
+                                       (("--time-scale", "0.1"), "--time-scale"),
+                                       (("--time-scale", "quick"), "--time-scale")])
+def test_bad_time_scale_option(args: tuple[str, ...], key: str, tmp_path: Path) -> None:
+    r = _cli("scenarios/steady.yaml", *args, "--out", str(tmp_path), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and key in r.stderr and "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- self-check
+
+
+def test_a_run_too_fast_for_its_host_says_so(tmp_path: Path) -> None:
+    """Devices at 200 GFLOP/s have jobs of a few microseconds: at wall-clock speed (K = 1)
+    torch cannot keep up, and the run must say that its results are distorted, record it
+    in meta.json and suggest a larger scale."""
+    d = scenario_dict(n_devices=3, new_tokens=12, latency_ms=0.01, bandwidth_mbps=10_000)
+    for dev in d["devices"]:
+        dev["compute_gflops"] = 200.0
+    d["name"] = "too_fast"
+    f = tmp_path / "too_fast.yaml"
+    f.write_text(json.dumps(d))  # JSON is YAML
+    r = _cli(str(f), "--time-scale", "1", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "distorted" in r.stdout and "--time-scale" in r.stdout
+    (run,) = (tmp_path / "out" / "too_fast").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    meta = json.loads((run / "meta.json").read_text())
+    assert summary["time_scale"] == 1 and summary["overrun_fraction"] > 0.02
+    assert summary["fidelity"]["distorted"] and summary["fidelity"]["suggested_time_scale"] >= 2
+    assert meta["fidelity"] == summary["fidelity"] and meta["time_scale"] == 1
+    assert summary["wall_s"] > 0 and summary["emulated_s"] > 0
+
+
+# ---------------------------------------------------------------------------- faithful
+
+
+def _twin(name: str, tokens: int, tmp: Path, transport: str = "inproc", processes: bool = False) -> dict:
+    scen = load(ROOT / "scenarios" / f"{name}.yaml").with_overrides(new_tokens=tokens)
+    prep = experiment.prepare(scen)
+    alg = scen.controller.algorithm
+    virtual = experiment.run(prep, alg, tmp / "virtual", clock="virtual")
+    cal = calibrate(prep, [alg], transport, processes)
+    real = experiment.run(prep, alg, tmp / "real", clock="real", time_scale=cal.time_scale,
+                          transport=transport, processes=processes, calibration=cal.to_dict())
+    return compare(real.summary, virtual.summary)
+
+
+@pytest.mark.parametrize("name, tokens", [("steady", 24), ("bandwidth_drop", 40)])
+def test_default_real_clock_run_reproduces_its_virtual_twin(name: str, tokens: int, tmp_path: Path) -> None:
+    c = _twin(name, tokens, tmp_path)
+    print(f"{name}: {c}")
+    assert c["faithful"], c["problems"]
+
+
+@pytest.mark.parametrize("name, tokens", [("steady", 24), ("bandwidth_drop", 40)])
+def test_real_clock_with_agent_processes_reproduces_its_virtual_twin(name: str, tokens: int,
+                                                                     tmp_path: Path) -> None:
+    c = _twin(name, tokens, tmp_path, transport="ws", processes=True)
+    print(f"{name} (processes): {c}")
+    assert c["faithful"], c["problems"]
