@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attach", action="append", default=[], metavar="NAME=URL",
                    help="use an agent started by hand (e.g. on another host) at URL for device NAME "
                         "(implies --processes; the run token comes from TESTBED_RUN_TOKEN)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary, only the run directories")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no summary, only the run directories (the time scale line goes to stderr)")
     return p.parse_args(argv)
 
 
@@ -102,6 +104,7 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    wall0 = time.perf_counter()
     args = parse_args(argv)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False)
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                           "(give --time-scale K to skip it)", markup=False)
                 return 1
             k, calibration = cal.time_scale, cal.to_dict()
-            out.print(cal.line(), markup=False, soft_wrap=True)
+            (err if args.quiet else out).print(cal.line(), markup=False, soft_wrap=True)
         else:
             k, calibration = args.time_scale, {"time_scale": args.time_scale, "given": True}
             if not args.quiet:
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             print_summary(out, scen, args.clock, outcome)
     if len(outcomes) > 1 and not args.quiet:
         print_comparison(out, scen, outcomes)
+    if not args.quiet:
+        out.print(f"done in {time.perf_counter() - wall0:.0f} s of wall time (reference, "
+                  f"{'time scale calibration, ' if calibration and not calibration.get('given') else ''}"
+                  f"{len(outcomes)} run{'s' if len(outcomes) > 1 else ''})")
     return 0 if all(o.ok for o in outcomes) else 1
 
 

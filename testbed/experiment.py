@@ -30,6 +30,7 @@ import torch
 from .agents.cluster import Cluster
 from .agents.controller import Controller, Options, RunFailed
 from .emulation import clock as clock_mod
+from .hostload import HostMonitor
 from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt, weights_for
 from .model.spec import ModelSpec
 from .placement.registry import get_algorithm
@@ -264,6 +265,8 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         state["total_s"] = world.loop.time() - controller.t0
         state["frames"] = await world.frame_counts()
         state["link_rows"] = await world.link_rows()
+        state["host"] = state["host_monitor"].stop({n: p.pid for n, p in getattr(world, "procs", {}).items()
+                                                    if n not in world.failed})
         if on_finish is not None:
             done = on_finish(world, controller)
             if inspect.isawaitable(done):
@@ -279,12 +282,14 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
 DISTORTED = 0.02  # more than this fraction of jobs or deliveries overran: results distorted
 
 
-def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: float) -> dict[str, Any]:
+def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: float,
+             host: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's check of itself: on the real clock, did the host keep up with the emulated
     windows? `share` is the 99th percentile, over recent jobs of every device, of the share
     of its emulated window the host needed: about `time_scale * share` would have been just
     enough. A distorted run suggests one and a half times that (at least twice the scale
-    used, since an overrun also delays the jobs behind it)."""
+    used, since an overrun also delays the jobs behind it). `host` (HostMonitor) tells
+    whether other processes took a good part of the machine meanwhile."""
     if clock != "real":
         return {"distorted": False, "reason": "virtual clock: the host's speed does not enter"}
     needed = round(time_scale * share, 2)
@@ -293,10 +298,14 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
         return {"distorted": False, "needed_time_scale": needed,
                 "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran (limit {DISTORTED:.0%})"}
     suggest = math.ceil(min(clock_mod.MAX_TIME_SCALE, max(2.0 * time_scale, 1.5 * needed)))
+    busy = ""
+    if host and host.get("wall_s") and host["other_cpu_s"] > 0.25 * host["wall_s"]:
+        busy = (f"; other processes took {host['other_cpu_s'] / host['wall_s']:.1f} of the host's "
+                f"{host['cpus']} CPUs meanwhile")
     return {"distorted": True, "needed_time_scale": needed, "suggested_time_scale": suggest,
             "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran their emulated "
                       f"windows at time scale {time_scale:g} (limit {DISTORTED:.0%}): the host's speed "
-                      f"entered the results; about --time-scale {suggest} would fit"}
+                      f"entered the results; about --time-scale {suggest} would fit{busy}"}
 
 
 def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None],
@@ -345,7 +354,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         "status": "running", "prompt_tokens": len(prep.prompt),
     }
     writer.meta(meta)
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"host_monitor": HostMonitor()}
     status = "completed"
     wall0 = time.perf_counter()
     try:
@@ -405,7 +414,8 @@ def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[s
         "overrun_fraction": overruns / jobs if jobs else 0.0,
         "late_delivery_fraction": late / delivered if delivered else 0.0,
         "fidelity": fidelity(clock, time_scale, overruns / jobs if jobs else 0.0,
-                             late / delivered if delivered else 0.0, share),
+                             late / delivered if delivered else 0.0, share, state.get("host")),
+        "host": state.get("host", {}),
         "peak_memory_bytes": peak,
         "correctness": {
             "tokens_match": bool(rows) and ids == prep.ref_ids[: len(ids)] and len(ids) == len(prep.ref_ids),

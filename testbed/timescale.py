@@ -3,23 +3,25 @@
 On the real clock every emulated window (a job's compute time, a frame's transfer) lasts K
 times longer on the wall clock, and the host must do its own work for it (torch, asyncio,
 encoding frames) inside that stretched window; when it cannot, the job ends late and the
-host's speed enters the results. The calibration measures what this host needs:
+host's speed enters the results. The calibration measures what this host needs, per
+algorithm of the command (the largest K wins, so algorithms are compared at one scale):
 
-1. a *pilot*: the first tokens of the scenario with the same algorithm, on the virtual
-   clock (fast, and its emulated schedule is the one the real run must reproduce), with
-   every compute job traced: its emulated window [start, finish] and the wall time of its
-   torch work; the rest of the host's work per token (messages, asyncio, the controller)
-   is measured as a whole and shared out over the jobs; over websockets each frame's
-   measured socket hop is added;
-2. a *replay* of those jobs through one host CPU at a candidate K (`fit_time_scale`, pure):
-   a job is released when its window opens (K x start on the wall clock) and must be done
-   when it closes (K x finish); jobs queue first come first served. The smallest K at
-   which (almost) every job meets its window, times a margin for the noise of a shared
-   machine, is the scale.
+1. a *virtual pilot*: the first tokens of the scenario on the virtual clock (fast; its
+   emulated schedule is the one the real run must reproduce), every compute job traced:
+   its emulated window [start, finish] and the wall time of its torch work; the host's
+   other CPU time per token (messages, asyncio, the controller) is shared out over the
+   jobs, and over websockets each frame's measured socket hop is added. A *replay* of
+   those jobs through one CPU (`fit_time_scale`, pure: a job is released when its window
+   opens, K x start on the wall clock, and must be done when it closes, first come first
+   served) gives the smallest K at which they fit: a first guess;
+2. a *real pilot*: a few tokens on the real clock at PROBE_FACTOR times that guess, with
+   the run's own transport and agent processes, since a host that sleeps between jobs
+   pays more per job than one that works back to back (cold caches, timer wake-ups,
+   sockets). Each device reports the share of its jobs' windows the host needed; at the
+   95th percentile, probe x share is the scale that would be just enough.
 
-The replay takes one CPU for everything, which is exact in process and conservative for
-agents in processes (they share the machine's cores). Its assumptions are checked by every
-run: `summary.json` reports the fraction of jobs and deliveries that still overran
+K is the larger of the two, times MARGIN for the noise of a shared machine. Every run
+checks the result: `summary.json` reports the jobs and deliveries that still overran
 (`fidelity`), and which K would have fitted.
 """
 
@@ -128,7 +130,7 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
     fitted, best, k_probe, share, per_token = 1.0, [], 1.0, 0.0, 0.0
     for alg in algorithms:
         # a first guess from the virtual clock, where the host works back to back ...
-        jobs, summary = _pilot(experiment, _shorter(prep, tokens), alg, hop, "virtual", 1.0)
+        jobs, summary = _pilot(experiment, _shorter(prep, tokens), alg, hop)
         per_token = max(per_token, summary["emulated_s"] / max(1, summary["tokens"]))
         first = fit_time_scale(jobs)
         # ... then a real-clock pilot at a few times that scale, as the run will be (same
@@ -173,9 +175,8 @@ def _shorter(prep: Any, tokens: int) -> Any:
     return replace(prep, scenario=replace(scen, generation=replace(scen.generation, new_tokens=n)))
 
 
-def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float, clock: str,
-           k: float) -> tuple[list[Job], dict[str, Any]]:
-    """Run a pilot in process, tracing every job; returns the jobs of the tokens after the
+def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float) -> tuple[list[Job], dict[str, Any]]:
+    """Run a pilot in process on the virtual clock, tracing every job; returns the jobs of the tokens after the
     prefill's (its one-off costs, like torch's first calls, are not the steady state), each
     charged its torch time plus an equal share of the host's other CPU time during those
     tokens, plus `hop_s` per frame sent."""
@@ -200,7 +201,7 @@ def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float, clock: str,
             tr.append((math.nan, float(k), 0.0))
 
     with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
-        out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock=clock, time_scale=k, setup=setup,
+        out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="virtual", setup=setup,
                              progress=progress)
     if not out.ok or len(marks) < 2:
         raise RuntimeError(f"the calibration pilot did not complete: {out.status}")
