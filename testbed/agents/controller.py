@@ -39,6 +39,7 @@ from ..placement.problem import (
     Snapshot,
     epoch_objective,
 )
+from ..placement.protocol import Algorithm  # re-exported: the protocol used to live here
 from ..scenario import Scenario
 from . import protocol as P
 from .beliefs import Beliefs
@@ -46,7 +47,7 @@ from .errors import DeviceLost, OutOfMemory, RunFailed, Stalled
 from .migration import Migrations
 from .recovery import Recovery
 
-__all__ = ["Controller", "Options", "RunFailed", "OutOfMemory", "DeviceLost", "Stalled"]
+__all__ = ["Algorithm", "Controller", "Options", "RunFailed", "OutOfMemory", "DeviceLost", "Stalled"]
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,6 @@ class Recorder(Protocol):
 
 class RunHooks(Protocol):
     async def on_epoch(self, k: int) -> None: ...
-
-
-class Algorithm(Protocol):
-    name: str
-    dynamic: bool
-
-    def place(self, snap: Snapshot) -> Placement: ...
 
 
 Oracle = Callable[[int, int, "Placement | None"], Awaitable[Snapshot]]
