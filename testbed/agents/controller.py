@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from ..model.spec import ModelSpec
+from ..placement.plugins import PluginFailed
 from ..placement.problem import (
     Infeasible,
     LatencyModel,
@@ -306,6 +307,9 @@ class Controller(Migrations, Recovery):
         except Infeasible as e:
             self.rec.event(self.now(), self.k, "infeasible", self.alg.name, str(e))
             raise RunFailed(f"infeasible: {e}") from None
+        except PluginFailed as e:  # a plug-in raised or answered an invalid placement
+            self.rec.event(self.now(), self.k, "algorithm_error", self.alg.name, str(e))
+            raise RunFailed(str(e), e.record()) from None
         except (ValueError, RuntimeError) as e:  # e.g. an exact solver refusing or timing out
             self.rec.event(self.now(), self.k, "algorithm_error", self.alg.name, str(e))
             raise RunFailed(f"{self.alg.name} failed: {e}") from None
