@@ -104,9 +104,8 @@ class Checked:
             raise PluginFailed(f"{self.name}: place() raised {_describe(e)}", _own_traceback(e)) from None
         problems = check_placement(snap, p)
         if problems:
-            more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
-            raise PluginFailed(f"{self.name}: invalid placement: {'; '.join(problems[:2])}{more}",
-                               None, problems)
+            more = f" (+{len(problems) - 1} more, see meta.json)" if len(problems) > 1 else ""
+            raise PluginFailed(f"{self.name}: invalid placement: {problems[0]}{more}", None, problems)
         return Placement(snap.spec, tuple(int(j) for j in p.assign))
 
 
