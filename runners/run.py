@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -21,7 +22,8 @@ from testbed import experiment
 from testbed.emulation.clock import CLOCKS
 from testbed.model.smollm2 import ModelUnavailable
 from testbed.placement import ALGORITHM_NAMES
-from testbed.placement.registry import size_problem
+from testbed.placement.plugins import Plugin, PluginRefused
+from testbed.placement.registry import lookup, size_problem
 from testbed.scenario import Scenario, ScenarioError, load, parse_time_scale
 
 DEFAULT_OUT = Path("results")
@@ -32,8 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m runners.run",
         description="Run an edge-partitioning scenario on the emulated cluster and write its results.")
     p.add_argument("scenario", help="scenario YAML file (see scenarios/)")
-    p.add_argument("--algorithm", help="placement algorithm(s), comma-separated "
-                   f"({', '.join(ALGORITHM_NAMES)}); default: the scenario's")
+    p.add_argument("--algorithm", help="placement algorithm(s), comma-separated: built-in "
+                   f"({', '.join(ALGORITHM_NAMES)}), your own as path/to/file.py:ClassName or "
+                   "package.module:ClassName, or an installed plug-in's name (docs/plugins.md); "
+                   "default: the scenario's")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: results/)")
     p.add_argument("--model-gguf", metavar="PATH",
                    help="run this GGUF model (llama or qwen2 architecture) instead of the scenario's model")
@@ -57,17 +61,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str]]:
-    """Scenario with overrides, and the algorithms to run; ScenarioError on bad input."""
+def name_of(algorithm: str | Plugin) -> str:
+    return algorithm if isinstance(algorithm, str) else algorithm.name
+
+
+def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
+    """Scenario with overrides, and the algorithms to run (built-in names, loaded plug-ins);
+    ScenarioError on bad input."""
     scen = load(args.scenario, model_gguf=args.model_gguf)
     scen = scen.with_overrides(seed=args.seed, new_tokens=args.tokens)
     names = [a.strip() for a in args.algorithm.split(",")] if args.algorithm else [scen.controller.algorithm]
-    for name in names:
-        if name not in ALGORITHM_NAMES:
-            raise ScenarioError(scen.file, "--algorithm",
-                                f"unknown algorithm {name!r} (known: {', '.join(ALGORITHM_NAMES)})")
     if len(set(names)) != len(names):
         raise ScenarioError(scen.file, "--algorithm", "an algorithm is listed twice")
+    algorithms: list[str | Plugin] = []
+    for name in names:
+        try:
+            algorithms.append(lookup(name))
+        except PluginRefused as e:
+            raise ScenarioError(scen.file, "--algorithm", str(e)) from None
+    shown = [name_of(a) for a in algorithms]
+    twice = sorted({n for n in shown if shown.count(n) > 1})
+    if twice:
+        raise ScenarioError(scen.file, "--algorithm", f"two algorithms are named {twice[0]!r}")
     devices = len(scen.devices) + sum(e.action == "join_device" for e in scen.events)
     for name in names:
         why = size_problem(name, scen.model.layers, devices)
@@ -100,16 +115,17 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str]]:
     if args.transport == "ws" and args.clock == "virtual":
         raise ScenarioError(scen.file, "--transport", "--clock virtual runs on the in-process transport only "
                             "(real sockets live in real time)")
-    return scen, names
+    return scen, algorithms
 
 
 def main(argv: list[str] | None = None) -> int:
     wall0 = time.perf_counter()
     args = parse_args(argv)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    out = Console(highlight=False)
+    # no emoji: `file.py:X: ...` must not become a picture
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+    out = Console(highlight=False, emoji=False)
     if not out.is_terminal:  # logs and pipes: wide enough for the comparison table
-        out = Console(highlight=False, width=140)
+        out = Console(highlight=False, width=140, emoji=False)
     try:
         scen, algorithms = resolve(args)
     except ScenarioError as e:
@@ -145,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                           markup=False)
     outcomes = []
     for alg in algorithms:
-        run_dir = experiment.run_dir_for(args.out, scen, alg, scen.seed)
+        run_dir = experiment.run_dir_for(args.out, scen, name_of(alg), scen.seed)
         show = out.is_terminal and not args.quiet
-        with _progress(out, show, alg, scen.generation.new_tokens) as progress:
+        with _progress(out, show, name_of(alg), scen.generation.new_tokens) as progress:
             outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
                                      processes=args.processes, attach=args.attach, progress=progress,
                                      time_scale=k, calibration=calibration)
@@ -173,7 +189,7 @@ class _progress:
 
     def __init__(self, console: Console, show: bool, alg: str, total: int) -> None:
         self.show, self.total = show, total
-        self.bar = Progress(TextColumn(f"[bold]{alg}[/]"), BarColumn(), MofNCompleteColumn(),
+        self.bar = Progress(TextColumn(f"[bold]{escape(alg)}[/]"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("tokens"), TimeElapsedColumn(), console=console, transient=True)
         self.task = None
 
@@ -196,8 +212,8 @@ def _ms(x: float | None) -> str:
 def print_summary(out: Console, scen: Scenario, clock: str, o: experiment.Outcome) -> None:
     s = o.summary
     lat, pred, corr = s["latency_ms"], s["predicted_ms"], s["correctness"]
-    ok = "[green]completed[/]" if o.ok else f"[red]{o.status}[/]"
-    out.print(f"\n[bold]{scen.name}[/] · [bold]{o.algorithm}[/] · seed {scen.seed} · {clock} clock: {ok}")
+    ok = "[green]completed[/]" if o.ok else f"[red]{escape(o.status)}[/]"
+    out.print(f"\n[bold]{scen.name}[/] · [bold]{escape(o.algorithm)}[/] · seed {scen.seed} · {clock} clock: {ok}")
     out.print(f"  tokens        {s['tokens']} (prefill {_ms(s['prefill_ms'])})")
     out.print(f"  latency       mean {_ms(lat['mean'])}  p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}  "
               f"max {_ms(lat['max'])}   predicted p50 {_ms(pred['p50'])}")
@@ -240,7 +256,7 @@ def print_comparison(out: Console, scen: Scenario, outcomes: list[experiment.Out
         t.add_column(col, justify="right")
     for o in outcomes:
         s = o.summary
-        row = [o.algorithm, "completed" if o.ok else o.status[:40], _ms(s["latency_ms"]["mean"]),
+        row = [escape(o.algorithm), "completed" if o.ok else escape(o.status[:40]), _ms(s["latency_ms"]["mean"]),
                _ms(s["latency_ms"]["p50"]), _ms(s["latency_ms"]["p95"])]
         if cuts:
             after = [w for w in s["windows"] if w["from_token"] >= cuts[0]]

@@ -33,7 +33,8 @@ from .emulation import clock as clock_mod
 from .hostload import HostMonitor
 from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt, weights_for
 from .model.spec import ModelSpec
-from .placement.registry import get_algorithm
+from .placement.plugins import Plugin, PluginFailed, safe_name
+from .placement.registry import instantiate
 from .results import RunWriter, summarize, windows
 from .scenario import Event, Scenario
 
@@ -113,7 +114,7 @@ def utc_now() -> str:
 
 def run_dir_for(out: Path, scenario: Scenario, algorithm: str, seed: int) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return out / scenario.name / f"{stamp}-{algorithm}-s{seed}"
+    return out / scenario.name / f"{stamp}-{safe_name(algorithm)}-s{seed}"
 
 
 @dataclass
@@ -244,7 +245,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
     try:
         await world.start()
         hooks = _Hooks(world, writer, scen.events, progress)
-        alg = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
+        alg = instantiate(algorithm)
         ctl = scen.controller
         controller = Controller(scen, prep.model, alg, world.port(), (prep.ref_ids, prep.ref_logits),
                                 prep.prompt, writer, hooks,
@@ -329,10 +330,11 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         setup: Callable[[Any], None] | None = None,
         on_finish: Callable[[Any, Controller], None] | None = None,
         time_scale: float = 1.0, calibration: dict[str, Any] | None = None) -> Outcome:
-    """Run one algorithm (a registered name, or any object with `name`, `dynamic` and
-    `place`) on a prepared scenario; always leaves meta.json and summary.json. On the real
-    clock, emulated time runs `time_scale` times slower than the wall clock (`calibration`:
-    how that scale was chosen, recorded in meta.json)."""
+    """Run one algorithm (a registered name, a loaded `Plugin`, or any object with `name`,
+    `dynamic` and `place`) on a prepared scenario; always leaves meta.json and summary.json.
+    A plug-in that fails fails only this run: its reason and traceback go to meta.json's
+    `error`. On the real clock, emulated time runs `time_scale` times slower than the wall
+    clock (`calibration`: how that scale was chosen, recorded in meta.json)."""
     scen = prep.scenario
     alg_name = algorithm if isinstance(algorithm, str) else algorithm.name
     # per-head work is a few tiny matrix products: one thread avoids OpenMP spin and
@@ -353,6 +355,8 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         "host": socket.gethostname(), "platform": platform.platform(), "start": utc_now(), "end": None,
         "status": "running", "prompt_tokens": len(prep.prompt),
     }
+    if isinstance(algorithm, Plugin):
+        meta["plugin"] = algorithm.origin
     writer.meta(meta)
     state: dict[str, Any] = {"host_monitor": HostMonitor()}
     status = "completed"
@@ -362,6 +366,11 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
                                          setup, on_finish, attach), clock, time_scale)
     except RunFailed as e:
         status = f"failed: {e}"
+        if e.error is not None:
+            meta["error"] = e.error
+    except PluginFailed as e:  # its constructor raised
+        status = f"failed: {e}"
+        meta["error"] = e.record()
     except KeyboardInterrupt:
         status = "failed: interrupted"
     except Exception as e:  # a bug: keep the traceback beside the results

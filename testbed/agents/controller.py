@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from ..model.spec import ModelSpec
+from ..placement.plugins import PluginFailed
 from ..placement.problem import (
     Infeasible,
     LatencyModel,
@@ -39,6 +40,7 @@ from ..placement.problem import (
     Snapshot,
     epoch_objective,
 )
+from ..placement.protocol import Algorithm  # re-exported: the protocol used to live here
 from ..scenario import Scenario
 from . import protocol as P
 from .beliefs import Beliefs
@@ -46,7 +48,7 @@ from .errors import DeviceLost, OutOfMemory, RunFailed, Stalled
 from .migration import Migrations
 from .recovery import Recovery
 
-__all__ = ["Controller", "Options", "RunFailed", "OutOfMemory", "DeviceLost", "Stalled"]
+__all__ = ["Algorithm", "Controller", "Options", "RunFailed", "OutOfMemory", "DeviceLost", "Stalled"]
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +71,6 @@ class Recorder(Protocol):
 
 class RunHooks(Protocol):
     async def on_epoch(self, k: int) -> None: ...
-
-
-class Algorithm(Protocol):
-    name: str
-    dynamic: bool
-
-    def place(self, snap: Snapshot) -> Placement: ...
 
 
 Oracle = Callable[[int, int, "Placement | None"], Awaitable[Snapshot]]
@@ -312,6 +307,9 @@ class Controller(Migrations, Recovery):
         except Infeasible as e:
             self.rec.event(self.now(), self.k, "infeasible", self.alg.name, str(e))
             raise RunFailed(f"infeasible: {e}") from None
+        except PluginFailed as e:  # a plug-in raised or answered an invalid placement
+            self.rec.event(self.now(), self.k, "algorithm_error", self.alg.name, str(e))
+            raise RunFailed(str(e), e.record()) from None
         except (ValueError, RuntimeError) as e:  # e.g. an exact solver refusing or timing out
             self.rec.event(self.now(), self.k, "algorithm_error", self.alg.name, str(e))
             raise RunFailed(f"{self.alg.name} failed: {e}") from None

@@ -7,7 +7,12 @@ from typing import Any
 
 
 class RunFailed(Exception):
-    """The run cannot go on; the message says why (recorded as `failed: <message>`)."""
+    """The run cannot go on; the message says why (recorded as `failed: <message>`).
+    `error`, when given, is kept in meta.json as `error` (e.g. a plug-in's traceback)."""
+
+    def __init__(self, message: str, error: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class OutOfMemory(Exception):

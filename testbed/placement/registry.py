@@ -1,5 +1,9 @@
-"""Name -> placement algorithm. Every algorithm has `name`, `dynamic` (re-plans at decision
-epochs and on emergencies) and `place(snapshot) -> Placement`."""
+"""Name -> placement algorithm: the built-in table, and plug-ins from outside (plugins.py).
+
+Every algorithm implements the `Algorithm` protocol (protocol.py): `name`, `dynamic`
+(re-plans at decision epochs and on emergencies) and `place(snapshot) -> Placement`.
+`lookup` turns what `--algorithm` names into a built-in name or a checked `Plugin`;
+`instantiate` makes a fresh algorithm for one run from either."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from . import ALGORITHM_NAMES
 from .baselines import Greedy, RoundRobin
 from .layer_based import EqualSplit, LayerDP, LayerDPDynamic
 from .local_search import ResourceAwareLS
+from .plugins import Plugin, load
+from .protocol import Algorithm
 from .resource_aware import ResourceAware, Static
 
 
@@ -50,3 +56,20 @@ def get_algorithm(name: str) -> Any:
         return _FACTORIES[name]()
     except KeyError:
         raise KeyError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHM_NAMES)}") from None
+
+
+def lookup(spec: str) -> str | Plugin:
+    """A built-in name as it is; otherwise the plug-in `spec` names (`file.py:Class`,
+    `module:Class` or an installed entry-point name), loaded and checked. Raises
+    `plugins.PluginRefused` (one line) when it cannot be used."""
+    return spec if spec in ALGORITHM_NAMES else load(spec)
+
+
+def instantiate(algorithm: str | Plugin | Algorithm) -> Algorithm:
+    """A fresh algorithm for one run: a built-in by name, a guarded plug-in instance, or an
+    algorithm object as it is."""
+    if isinstance(algorithm, str):
+        return get_algorithm(algorithm)
+    if isinstance(algorithm, Plugin):
+        return algorithm.create()
+    return algorithm
