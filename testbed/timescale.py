@@ -32,7 +32,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ class Calibration:
     hop_ms: float  # added per frame over websockets (0 in process)
     seconds: float  # the calibration's own wall time
     expected_wall_s: float  # of one run at this scale (extrapolated from the virtual pilot)
+    skipped: dict[str, str] = field(default_factory=dict)  # algorithms whose pilot failed, and why
 
     def line(self) -> str:
         return (f"time scale {self.time_scale:g} (auto): this host needs {self.host_ms_median:.3f} ms per job "
@@ -110,7 +111,7 @@ class Calibration:
                 "probe_host_share_p95": round(self.probe_share, 4), "jobs": self.jobs,
                 "host_ms_median": round(self.host_ms_median, 4), "window_ms_median": round(self.window_ms_median, 4),
                 "hop_ms": round(self.hop_ms, 4), "seconds": round(self.seconds, 2),
-                "expected_wall_s": round(self.expected_wall_s, 1)}
+                "expected_wall_s": round(self.expected_wall_s, 1), "skipped": self.skipped}
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -128,25 +129,32 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
     w0 = time.perf_counter()
     hop = ws_hop_seconds(prep.model) if transport == "ws" else 0.0
     fitted, best, k_probe, share, per_token = 1.0, [], 1.0, 0.0, 0.0
+    failed: dict[str, str] = {}
     for alg in algorithms:
-        # a first guess from the virtual clock, where the host works back to back ...
-        jobs, summary = _pilot(experiment, _shorter(prep, tokens), alg, hop)
-        per_token = max(per_token, summary["emulated_s"] / max(1, summary["tokens"]))
-        first = fit_time_scale(jobs)
-        # ... then a real-clock pilot at a few times that scale, as the run will be (same
-        # transport, agents in processes if asked): a host that sleeps between jobs pays
-        # more per job (cold caches, timer wake-ups, sockets). The share of its window the
-        # host needed, at the 95th percentile, says which scale would be just enough.
-        probe = min(MAX_TIME_SCALE, max(2.0, float(math.ceil(PROBE_FACTOR * first))))
-        s = _real_share(experiment, _shorter(prep, real_tokens), alg, probe, transport, processes)
+        try:
+            # a first guess from the virtual clock, where the host works back to back ...
+            jobs, summary = _pilot(experiment, _shorter(prep, tokens), alg, hop)
+            per_token = max(per_token, summary["emulated_s"] / max(1, summary["tokens"]))
+            first = fit_time_scale(jobs)
+            # ... then a real-clock pilot at a few times that scale, as the run will be (same
+            # transport, agents in processes if asked): a host that sleeps between jobs pays
+            # more per job (cold caches, timer wake-ups, sockets). The share of its window the
+            # host needed, at the 95th percentile, says which scale would be just enough.
+            probe = min(MAX_TIME_SCALE, max(2.0, float(math.ceil(PROBE_FACTOR * first))))
+            s = _real_share(experiment, _shorter(prep, real_tokens), alg, probe, transport, processes)
+        except RuntimeError as e:  # this algorithm fails anyway: its own run will say why
+            failed[_name(alg)] = str(e)
+            continue
         k = max(first, probe * s)
         if k >= fitted:
             fitted, best, k_probe, share = k, jobs, probe, s
+    if len(failed) == len(algorithms):
+        raise RuntimeError("; ".join(f"{a}: {why}" for a, why in failed.items()))
     k = min(MAX_TIME_SCALE, float(math.ceil(fitted * MARGIN)))
     return Calibration(k, fitted, len(best), min(real_tokens, prep.scenario.generation.new_tokens), k_probe,
                        share, 1e3 * _median([j.host_s for j in best]),
                        1e3 * _median([j.finish - j.start for j in best]), 1e3 * hop, time.perf_counter() - w0,
-                       k * per_token * prep.scenario.generation.new_tokens)
+                       k * per_token * prep.scenario.generation.new_tokens, failed)
 
 
 def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport: str, processes: bool) -> float:
@@ -165,6 +173,10 @@ def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport:
     if not out.ok:
         raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
     return max((r["host_share_p95"] for r in rows), default=0.0)
+
+
+def _name(alg: Any) -> str:
+    return alg if isinstance(alg, str) else str(getattr(alg, "name", alg))
 
 
 def _shorter(prep: Any, tokens: int) -> Any:
