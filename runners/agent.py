@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from testbed.agents.device import DeviceAgent
-from testbed.agents.world import apply_to_device, apply_to_link, device_row, link_row
+from testbed.agents.world import apply_to_device, apply_to_link, device_row, link_row, retimed
 from testbed.emulation.clock import CLOCKS, LagMonitor
 from testbed.emulation.clock import run as run_loop
 from testbed.experiment import TORCH_THREADS
@@ -64,6 +64,7 @@ class AgentProcess:
         self.agent = DeviceAgent(self.spec, scen.model, weights, self.ep.send, scen.source,
                                  outgoing=lambda: dict(self.ep.links))
         self.ep.handler = self.agent.handle
+        self.ep.retimed = retimed
         self.ep.on_peer_down = self.agent.peer_down
         self.ep.control = self.control
         self.stopped = asyncio.Event()

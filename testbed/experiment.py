@@ -397,7 +397,7 @@ def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[s
     jobs = sum(r["jobs"] for r in last.values())
     overruns = sum(r["overruns"] for r in last.values())
     links = state.get("link_rows", [])
-    delivered = sum(r.get("delivered", 0) for r in links)
+    delivered = sum(r.get("checked", 0) for r in links)  # frames that are not re-timed
     late = sum(r.get("late", 0) for r in links)
     share = max((r.get("host_share_p99", 0.0) for r in last.values()), default=0.0)
     peak = {name: r["mem_peak"] for name, r in last.items()}

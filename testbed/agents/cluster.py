@@ -26,7 +26,7 @@ from ..placement.problem import DeviceState, Placement, Snapshot
 from ..scenario import DeviceSpec, Event, LinkSpec, Scenario
 from ..transport.inproc import InprocNetwork
 from .device import DeviceAgent
-from .world import apply_to_device, apply_to_link, device_row, link_row
+from .world import apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Cluster:
         self.weights = weights
         self.loop = asyncio.get_running_loop()
         self.net = InprocNetwork(self.loop, on_fault)
+        self.net.retimed = retimed
         self.names: list[str] = []
         self.source = scenario.source
         self.agents: dict[str, DeviceAgent] = {}

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..emulation.link import EmulatedLink
+from . import protocol as P
 from .device import DeviceAgent
 
 MIB = 1024 * 1024
@@ -43,6 +44,13 @@ def apply_to_link(link: EmulatedLink, fields: dict[str, Any]) -> str:
     return f"bandwidth_mbps={link.bandwidth_mbps:g} latency_ms={link.latency_ms:g}"
 
 
+def retimed(msg: dict[str, Any]) -> bool:
+    """Data messages: their receiver acts on them as of their due time (a job starts when
+    its input was due), so a delivery the host runs late does not delay the emulated
+    system; control messages (acknowledgements, telemetry) count from when they arrive."""
+    return msg.get("t") in P.DATA
+
+
 def device_row(agent: DeviceAgent) -> dict[str, Any]:
     """The device's truth: memory counters, caches, weights, compute (with how many jobs
     overran their emulated window, and the share of its window the host needed, at the
@@ -64,5 +72,5 @@ def link_row(src: str, dst: str, link: EmulatedLink) -> dict[str, Any]:
     return {"src": src, "dst": dst, "bandwidth_mbps": link.bandwidth_mbps,
             "observed_mbps": obs * 8 / 1e6 if obs is not None else None,
             "latency_ms": link.latency_ms, "bytes": link.bytes_sent,
-            "delivered": link.delivered, "late": link.late,
+            "delivered": link.delivered, "checked": link.checked, "late": link.late,
             "rate": link.bucket.rate, "latency": link.latency, "burst": link.bucket.burst}

@@ -19,6 +19,7 @@ from ..scenario import LinkSpec, Scenario
 from ..transport.ws import FRAME_EXTRA, WsEndpoint
 from .cluster import Cluster
 from .device import DeviceAgent
+from .world import retimed
 
 
 class WsCluster(Cluster):
@@ -36,6 +37,7 @@ class WsCluster(Cluster):
         ep.handler = agent.handle
         ep.on_peer_down = agent.peer_down
         ep.on_fault = self.on_fault
+        ep.retimed = retimed
         self.endpoints[agent.name] = ep
 
     def _sender(self, name: str) -> Callable[..., int]:

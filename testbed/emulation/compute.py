@@ -1,10 +1,12 @@
 """Compute-time emulation: a device with rate C FLOP/s finishes `flops` of work `flops / C`
 after it starts, one job at a time (FIFO). The real torch computation runs inside that
 window; when it takes longer than the emulated time (real clock: it really does delay the
-device), or when it ends later than 5 % of its length after its emulated finish (the host
-was busy elsewhere, or woke late), the job is counted as an overrun. Both are measured on
-the loop's clock, so on a dilated real clock (time scale K) the host's work counts K times
-less, and on the virtual clock not at all.
+device: when the torch work ends more than 5 % of the job's length after the job's emulated
+finish), the job is counted as an overrun and really ends when the work did. Both are
+measured on the loop's clock, so on a dilated real clock (time scale K) the host's work
+counts K times less, and on the virtual clock not at all. A task that merely wakes late
+after its work was done in time (the host was busy with another agent) does not delay the
+job: it still ends at its emulated finish, and what it sends carries that time.
 
 A job starts when its inputs were due (`ready`, the emulated arrival of the message that
 asked for it) or when the previous job ended, whichever is later, not when the host got
@@ -28,8 +30,8 @@ T = TypeVar("T")
 
 
 class ComputeUnit:
-    # a job that ends later than this share of its emulated length after its emulated
-    # finish is an overrun: it lengthened what it is part of by more than 5 %
+    # a job whose torch work ends later than this share of its emulated length after its
+    # emulated finish is an overrun: it lengthened what it is part of by more than 5 %
     LATE_SHARE = 0.05
     KEEP = 4096  # recent jobs whose host share is kept (bounded)
 
@@ -47,7 +49,7 @@ class ComputeUnit:
         self.flops_done = 0.0
         self._free_at = -math.inf  # emulated end of the last job
         # per recent job: the share of its emulated window the host needed (from the start of
-        # the window to the end of the torch work, or to the job's real end if it overran).
+        # the window to the end of the torch work).
         # At time scale K a share r says that about K*r would have been just enough.
         self.host_shares: deque[float] = deque(maxlen=self.KEEP)
         # calibration: when set, every job appends (start, emulated finish, host seconds of
@@ -70,25 +72,28 @@ class ComputeUnit:
             now = loop.time()
             start = max(self._free_at, now if ready is None else min(ready, now))
             emulated = self.duration(flops)
-            t0 = loop.time()
             w0 = time.perf_counter() if self.trace is not None else 0.0
             result = fn(*args)
             t1 = loop.time()
-            host = t1 - t0  # the torch work, in emulated seconds
             if self.trace is not None:
                 self.trace.append((start, start + emulated, time.perf_counter() - w0))
             self.jobs += 1
             finish = start + emulated
-            await sleep_until(finish)
-            late = loop.time() - finish
-            overran = host > emulated or late > self.LATE_SHARE * emulated
+            # the host's work did not fit in the window: the device really finished late
+            overran = t1 > finish + self.LATE_SHARE * emulated
             if emulated > 0:
-                self.host_shares.append(((loop.time() if overran else t1) - start) / emulated)
+                self.host_shares.append((t1 - start) / emulated)
             if overran:
                 self.overruns += 1
-                self.overrun_s += max(host - emulated, late)
-                finish = loop.time()  # the host could not keep up: the job really ended now
+                self.overrun_s += t1 - finish
+                finish = t1
+            else:
+                # the result is due at `finish`; if this task wakes later (the host was busy
+                # with another agent), the messages it sends still carry that time
+                await sleep_until(finish)
             self._free_at = finish
-            self.busy_s += finish - start
+            # the emulated device was busy for the job's own length: a host that fell behind
+            # must not make the device look slower to the controller's measurements
+            self.busy_s += emulated
             self.flops_done += flops
             return result, finish

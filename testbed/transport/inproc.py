@@ -34,6 +34,8 @@ class InprocNetwork:
         # fault injection (tests, scenarios): a frame for which this returns True is lost
         self.drop: Callable[[str, str, dict[str, Any]], bool] | None = None
         self.dead: set[str] = set()  # failed agents: frames to or from them are lost
+        # messages whose receiver acts on them as of their due time (see EmulatedLink.send)
+        self.retimed: Callable[[dict[str, Any]], bool] = lambda msg: False
         self.lost_frames = 0
 
     def add_link(self, src: str, dst: str, spec: LinkSpec) -> EmulatedLink:
@@ -73,7 +75,7 @@ class InprocNetwork:
         if self.drop is not None and self.drop(src, dst, msg):
             link.send(frame, lambda f: None, at)  # it costs the link, then vanishes
             return len(frame)
-        link.send(frame, lambda f: self._deliver(src, dst, f, link.due), at)
+        link.send(frame, lambda f: self._deliver(src, dst, f, link.due), at, self.retimed(msg))
         return len(frame)
 
     def _deliver(self, src: str, dst: str, frame: bytes, due: float) -> None:

@@ -71,6 +71,8 @@ class WsEndpoint:
         self.on_peer_down: Callable[[str], None] | None = None
         self.on_fault: Callable[[str, str], None] = lambda where, what: log.warning("%s: %s", where, what)
         self.control: ControlHandler | None = None
+        # messages whose receiver acts on them as of their due time (see EmulatedLink.send)
+        self.retimed: Callable[[dict[str, Any]], bool] = lambda msg: False
         self.book: dict[str, str] = {}  # peer -> base URL
         self.links: dict[str, EmulatedLink] = {}
         self._ws: dict[str, web.WebSocketResponse | aiohttp.ClientWebSocketResponse] = {}
@@ -243,7 +245,7 @@ class WsEndpoint:
             self.lost_frames += 1
             self.on_fault(f"{self.name}->{dst}", f"no link to {dst}: a {msg.get('t')!r} message was dropped")
             return 0
-        link.send(frame, lambda f: self._put(dst, f, link.due), at)  # type: ignore[arg-type]
+        link.send(frame, lambda f: self._put(dst, f, link.due), at, self.retimed(msg))  # type: ignore[arg-type]
         return len(frame)
 
     def _local(self, msg: dict[str, Any], at: float | None) -> None:
