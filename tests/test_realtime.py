@@ -176,3 +176,47 @@ def test_real_clock_with_agent_processes_reproduces_its_virtual_twin(name: str, 
     c = _twin(name, tokens, tmp_path, transport="ws", processes=True)
     print(f"{name} (processes): {c}")
     assert c["faithful"], c["problems"]
+
+
+# ---------------------------------------------------------------------------- absorption
+
+
+def test_a_late_wake_up_does_not_delay_a_job_whose_work_fit() -> None:
+    """The host is busy elsewhere (another agent's torch work) when a job's window closes:
+    the job still ends at its emulated finish and is no overrun. A job whose own work does
+    not fit its window really ends late and is one."""
+    from testbed.emulation.compute import ComputeUnit
+
+    async def main() -> tuple[float, float, int, float, float, int]:
+        loop = asyncio.get_running_loop()
+        unit = ComputeUnit("d", 1e9)  # 1e7 FLOPs: a 10 ms window
+        start = loop.time()
+        loop.call_at(start + 0.005, time.sleep, 0.03)  # the loop is blocked past the window's end
+        _, fin = await unit.run(1e7, lambda: None, ready=start)
+        first = (fin - start, unit.overruns)
+        start2 = loop.time()
+        _, fin2 = await unit.run(1e7, time.sleep, 0.03, ready=start2)  # 30 ms of work in 10 ms
+        return first[0], loop.time() - start, first[1], fin2 - start2, unit.busy_s, unit.overruns
+
+    ended, woke, overruns, ended2, busy, overruns2 = clock.run(main, "real")
+    assert ended == pytest.approx(0.010, abs=1e-9) and woke > 0.03 and overruns == 0
+    assert ended2 >= 0.03 and overruns2 == 1
+    assert busy == pytest.approx(0.020)  # the emulated device's busy time: its two windows
+
+
+def test_late_control_frames_count_and_late_data_frames_do_not() -> None:
+    from testbed.emulation.link import EmulatedLink
+
+    async def main() -> tuple[int, int, int, float | None]:
+        loop = asyncio.get_running_loop()
+        link = EmulatedLink("a", "b", bandwidth_mbps=8.0, latency_ms=5.0)  # 1 kB: 1 ms + 5 ms
+        got = asyncio.Event()
+        link.send(bytes(1000), lambda f: None, retimed=True)
+        link.send(bytes(1000), lambda f: got.set(), retimed=False)
+        loop.call_soon(time.sleep, 0.03)  # the host is busy past both arrivals
+        await got.wait()
+        return link.delivered, link.checked, link.late, link.observed_latency()
+
+    delivered, checked, late, lat = clock.run(main, "real")
+    assert (delivered, checked, late) == (2, 1, 1)
+    assert lat == pytest.approx(0.005, abs=1e-6)  # the link's latency, not the host's delay

@@ -1,6 +1,6 @@
 """Real-time fidelity: real-clock runs against their virtual-clock twins, links and lag.
 
-`python -m tools.bench_realtime [--part scenarios,links,lag] [--scenarios A,B]
+`python -m tools.bench_realtime [--part scenarios,main,links,lag] [--scenarios A,B]
 [--tokens N] [--readme README.md] [--seconds S] [--rates ...] [--agents 8,16,32] [--json PATH]`
 
 - scenarios (the default part): every shipped scenario (first `--tokens` tokens), run on
@@ -18,6 +18,11 @@
   monotonic clock) minus the time the sender's link scheduled it to arrive. Bytes are
   whole frames as the link charges them (payload plus msgpack framing). Targets:
   throughput within 2 % of the configured rate, each delivery at most 2 ms late.
+- main: the README's first command, `bandwidth_drop.yaml` as shipped, with `static` and
+  `resource_aware` on the real clock (time scale auto, one scale for both) and on the
+  virtual clock: migrations, and the ratio of `resource_aware`'s mean latency after the
+  drop to `static`'s, real against virtual (target: migrations within 20 %, ratio within
+  5 %).
 - lag: event-loop lag (how late a 10 ms timer wakes) in every agent process and in the
   runner during a run at wall-clock speed (time scale 1) with 8, 16 and 32 agents.
 - links and lag run at wall-clock speed (time scale 1): they measure the host's timers and
@@ -104,6 +109,36 @@ def scenarios_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['migrations']} ({r['twin_migrations']}) | {r['overrun_fraction']:.1%} "
             f"| {'faithful' if r['faithful'] else '; '.join(r['problems'])} |")
     return "\n".join(lines)
+
+
+def _after(summary: dict[str, Any], token: int) -> float:
+    """Mean per-token latency from `token` on (scenario windows after it, stalls included)."""
+    ws = [w for w in summary["windows"] if w["from_token"] >= token]
+    n = sum(w["tokens"] for w in ws)
+    return sum(w["mean"] * w["tokens"] for w in ws) / n if n else float("nan")
+
+
+def _main_job() -> dict[str, Any]:
+    scen = load(ROOT / "scenarios" / "bandwidth_drop.yaml")
+    cut = min(e.at_token for e in scen.events if e.at_token is not None)
+    prep = experiment.prepare(scen)
+    algs = ["static", "resource_aware"]
+    cal = timescale.calibrate(prep, algs)
+    print(f"  {cal.line()}", flush=True)
+    res: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for clock in ("virtual", "real"):
+            for a in algs:
+                o = experiment.run(prep, a, Path(tmp) / f"{clock}-{a}", clock=clock, time_scale=cal.time_scale,
+                                   calibration=cal.to_dict())
+                res[f"{clock}/{a}"] = o.summary
+    ratio = {c: _after(res[f"{c}/resource_aware"], cut) / _after(res[f"{c}/static"], cut) for c in ("virtual", "real")}
+    mig = {c: res[f"{c}/resource_aware"]["migrations"] for c in ("virtual", "real")}
+    ok = abs(mig["real"] - mig["virtual"]) <= 0.2 * mig["virtual"] and abs(ratio["real"] / ratio["virtual"] - 1) <= 0.05
+    return {"time_scale": cal.time_scale, "cut": cut, "ratio": ratio, "migrations": mig,
+            "after_ms": {k: _after(v, cut) for k, v in res.items()},
+            "wall_s": {k: v["wall_s"] for k, v in res.items()},
+            "overrun": {k: v["overrun_fraction"] for k, v in res.items() if k.startswith("real")}, "pass": ok}
 
 
 BEGIN, END = "<!-- bench_realtime:begin -->", "<!-- bench_realtime:end -->"
@@ -196,7 +231,7 @@ def _machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_realtime", description=__doc__.split("\n")[0])
-    ap.add_argument("--part", default="scenarios", help="comma-separated: scenarios, links, lag")
+    ap.add_argument("--part", default="scenarios", help="comma-separated: scenarios, main, links, lag")
     ap.add_argument("--scenarios", default=",".join(sorted(p.stem for p in (ROOT / "scenarios").glob("*.yaml"))),
                     help="scenario names (scenarios/NAME.yaml) for the scenarios part")
     ap.add_argument("--readme", type=Path, help="write the scenarios table into this file's bench_realtime section")
@@ -221,6 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme:
             write_between_markers(args.readme, f"Measured by `python -m tools.bench_realtime --tokens {args.tokens} "
                                   f"--readme {args.readme}` on {_machine()}:\n\n{table}")
+    if "main" in parts:
+        r = _main_job()
+        report["main"] = r
+        ok &= r["pass"]
+        print(f"bandwidth_drop.yaml as shipped, time scale {r['time_scale']:g}: mean latency from token {r['cut']} on")
+        for k, v in r["after_ms"].items():
+            print(f"  {k:24s} {v:8.2f} ms  (wall {r['wall_s'][k]:.0f} s)")
+        print(f"  resource_aware / static: real {r['ratio']['real']:.4f}, virtual {r['ratio']['virtual']:.4f} "
+              f"({r['ratio']['real'] / r['ratio']['virtual'] - 1:+.2%}); migrations real {r['migrations']['real']}, "
+              f"virtual {r['migrations']['virtual']}: {'PASS' if r['pass'] else 'FAIL'}")
     if "links" in parts:
         rows = run_loop(lambda: _links([float(x) for x in args.rates.split(",")], args.seconds), "real")
         report["links"] = rows
