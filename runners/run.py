@@ -110,8 +110,10 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
                             "does not run at any wall-clock speed)")
     if args.time_scale is not None:
         args.time_scale = parse_time_scale(args.time_scale, scen.file, "--time-scale")
+        args.time_scale_from = "--time-scale"
     else:
         args.time_scale = scen.emulation.time_scale
+        args.time_scale_from = "emulation.time_scale"
     if args.transport == "ws" and args.clock == "virtual":
         raise ScenarioError(scen.file, "--transport", "--clock virtual runs on the in-process transport only "
                             "(real sockets live in real time)")
@@ -155,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             k, calibration = cal.time_scale, cal.to_dict()
             (err if args.quiet else out).print(cal.line(), markup=False, soft_wrap=True)
         else:
-            k, calibration = args.time_scale, {"time_scale": args.time_scale, "given": True}
+            k, calibration = args.time_scale, {"time_scale": args.time_scale, "given": args.time_scale_from}
             if not args.quiet:
-                out.print(f"time scale {k:g} (given): emulated time runs {k:g} times slower than the wall clock",
-                          markup=False)
+                out.print(f"time scale {k:g} ({args.time_scale_from}): emulated time runs {k:g} times slower "
+                          "than the wall clock", markup=False)
     outcomes = []
     for alg in algorithms:
         run_dir = experiment.run_dir_for(args.out, scen, name_of(alg), scen.seed)

@@ -67,7 +67,10 @@ def _cluster_dict(n: int, gflops: float = 1.0, mbps: float = 1000.0, latency_ms:
 MODES = (("in process", "inproc", False), ("processes", "ws", True))
 
 
-def _scenarios(names: list[str], tokens: int) -> list[dict[str, Any]]:
+def _scenarios(names: list[str], tokens: int, calibrate_only: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """Run each scenario on both clocks and compare; for those in `calibrate_only`, only
+    calibrate (on the real clock, in process) and report the time scale and the wall time a
+    run would take."""
     out = []
     for name in names:
         scen = load(ROOT / "scenarios" / f"{name}.yaml")
@@ -79,6 +82,14 @@ def _scenarios(names: list[str], tokens: int) -> list[dict[str, Any]]:
             out.append({"scenario": name, "mode": "-", "skipped": f"{type(e).__name__}: {e}"})
             continue
         alg = scen.controller.algorithm
+        if name in calibrate_only:
+            for label, transport, processes in MODES[:1]:
+                cal = timescale.calibrate(prep, [alg], transport, processes)
+                print(f"  {name}, {label}: {cal.line()}", flush=True)
+                out.append({"scenario": name, "mode": label, "tokens": scen.generation.new_tokens,
+                            "skipped": f"calibrated only: time scale {cal.time_scale:g}, about "
+                                       f"{cal.expected_wall_s:.0f} s of wall time per run in process"})
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             virtual = experiment.run(prep, alg, Path(tmp) / "virtual", clock="virtual")
             for label, transport, processes in MODES:
@@ -100,7 +111,8 @@ def scenarios_table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['scenario']} | - | - | - | - | - | - | - | - | - | - | skipped: {r['skipped']} |")
+            lines.append(f"| {r['scenario']} | {r['mode']} | {r.get('tokens', '-')} | - | - | - | - | - | - | - | - "
+                         f"| {r['skipped']} |")
             continue
         lines.append(
             f"| {r['scenario']} | {r['mode']} | {r['tokens']} | {r['time_scale']:g} | {r['wall_s']:.0f} "
@@ -234,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", default="scenarios", help="comma-separated: scenarios, main, links, lag")
     ap.add_argument("--scenarios", default=",".join(sorted(p.stem for p in (ROOT / "scenarios").glob("*.yaml"))),
                     help="scenario names (scenarios/NAME.yaml) for the scenarios part")
+    ap.add_argument("--calibrate-only", default="",
+                    help="scenario names to calibrate but not run (their real-clock runs take too long)")
     ap.add_argument("--readme", type=Path, help="write the scenarios table into this file's bench_realtime section")
     ap.add_argument("--seconds", type=float, default=1.5, help="bulk traffic per rate (links)")
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="Mbit/s (links)")
@@ -248,14 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     if "scenarios" in parts:
         names = [x for x in args.scenarios.split(",") if x]
         print(f"real clock (time scale auto) against the virtual twin, first {args.tokens or 'all'} tokens", flush=True)
-        rows = _scenarios(names, args.tokens)
+        rows = _scenarios(names, args.tokens, set(x for x in args.calibrate_only.split(",") if x))
         report["scenarios"] = rows
         table = scenarios_table(rows)
         print(table)
         ok &= all(r.get("faithful", True) for r in rows)
         if args.readme:
-            write_between_markers(args.readme, f"Measured by `python -m tools.bench_realtime --tokens {args.tokens} "
-                                  f"--readme {args.readme}` on {_machine()}:\n\n{table}")
+            cmd = " ".join(["python -m tools.bench_realtime", *(argv if argv is not None else sys.argv[1:])])
+            write_between_markers(args.readme, f"Measured by `{cmd}` on {_machine()}:\n\n{table}")
     if "main" in parts:
         r = _main_job()
         report["main"] = r
