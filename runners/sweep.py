@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=160)
     out = args.out or Path("results") / ("paper" if args.experiment == "paper" else "sweeps")
     t0 = time.perf_counter()
+    from testbed.experiment import git_revision
+
+    revision = git_revision()  # before this sweep writes into a tracked directory
     summary: dict[str, list[dict[str, Any]]] = {}
     timing: list[dict[str, Any]] = []
     if args.experiment in ("optimality", "paper"):
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         from tools.paper_report import write_report
 
         write_report(out, summary, wall_s=time.perf_counter() - t0, argv=sys.argv[1:] if argv is None else argv,
-                     check=not args.no_check, jobs=args.jobs)
+                     check=not args.no_check, jobs=args.jobs, revision=revision)
     console.print(f"wrote {out} in {time.perf_counter() - t0:.0f} s", markup=False)
     return 0
 

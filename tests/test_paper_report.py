@@ -68,6 +68,9 @@ def test_how_the_sweep_ran_follows_its_record(tmp_path: Path) -> None:
     assert "3 worker processes" in text and f"{os.cpu_count()} CPU" in text and "42 s wall time" in text
     assert ".venv/bin/python -m runners.sweep paper --quick" in text
     assert "1 worker process)" in _report(tmp_path, jobs=1)
+    # the sweep passes the revision it took before writing its CSVs (they would make it dirty)
+    paper_report.write_report(tmp_path, wall_s=1.0, check=False, jobs=1, revision="fedcba9")
+    assert "revision `fedcba9`" in (tmp_path / "README.md").read_text()
     for fixed in ("2 cores", "far from its published", "Why"):
         assert fixed not in text
 

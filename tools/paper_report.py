@@ -45,6 +45,7 @@ PAPER_OPT = {"resource_aware": "within 15-20 % of the optimum (1.15-1.20)",
              "greedy": "40-60 % above (1.4-1.6), secondary summary, unverified",
              "round_robin": "40-60 % above (1.4-1.6), secondary summary, unverified"}
 TARGET_MEAN, TARGET_P95 = 1.05, 1.15
+HEAD_LEVEL = ("resource_aware", "resource_aware_ls")  # of SCALE_ALGS; the others keep layers whole
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -233,10 +234,13 @@ def _check_text(checks: list[dict[str, Any]], ran: bool) -> str:
 
 
 def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = None, wall_s: float = math.nan,
-                 argv: list[str] | None = None, check: bool = True, jobs: int | None = None) -> None:
+                 argv: list[str] | None = None, check: bool = True, jobs: int | None = None,
+                 revision: str | None = None) -> None:
+    """`revision`: the sweep's, taken before it wrote anything (its own CSVs would make a
+    tracked results directory look dirty); the current one if not given."""
     meta_file = out / "sweep.json"
     if not math.isnan(wall_s):  # a fresh sweep: remember how it ran, for later rebuilds
-        meta_file.write_text(json.dumps({"wall_s": wall_s, "argv": argv or [], "revision": _git(),
+        meta_file.write_text(json.dumps({"wall_s": wall_s, "argv": argv or [], "revision": revision or _git(),
                                          "date": f"{datetime.now(UTC):%Y-%m-%d}", "machine": platform.machine(),
                                          "python": platform.python_version(), "cpus": os.cpu_count(),
                                          "jobs": jobs}, indent=2) + "\n")
@@ -345,8 +349,7 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
                   f"and no oom. Measured speed-ups {', '.join(_fmt(x, 2) for x in sp)}, oom {ooms}: "
                   f"**{'met' if min(sp) >= 2 and ooms == 0 else 'not met'}**. The paper's secondary summary "
                   "quotes up to 9-10x and about 6 GB vs over 7 GB of peak memory (unverified)."]
-        head_level = [r for r in sc if r["algorithm"] != "layer_dp" and r["algorithm"] != "layer_dp_dynamic"
-                      and not math.isnan(r["speedup_vs_layer_dp"])]
+        head_level = [r for r in sc if r["algorithm"] in HEAD_LEVEL and not math.isnan(r["speedup_vs_layer_dp"])]
         if head_level:
             top = max(head_level, key=lambda r: r["speedup_vs_layer_dp"])
             L += ["", f"The largest speed-up over layer_dp of any head-level algorithm here: "
