@@ -48,6 +48,11 @@ OPT_ALGS = ["optimal", "resource_aware", "resource_aware_ls", "static", "greedy"
 SCALE_ALGS = ["resource_aware", "resource_aware_ls", "layer_dp", "layer_dp_dynamic", "equal_split"]
 TIERS = (("cloud", 0.1, 16 * GB, 1e11), ("regional", 0.3, 8 * GB, 4e10), ("edge", 0.6, 3 * GB, 1.5e10))
 BANDWIDTH = {"small": (0.1e9, 0.5e9), "large": (1e9, 40e9)}  # bit/s
+MEMORY_RANGE = (2 * GB, 16 * GB)  # bytes per device (log-normal around its tier, clipped)
+COMPUTE_RANGE = (1e10, 1e11)  # FLOP/s per device (likewise)
+LATENCY_RANGE = (1e-4, 1e-3)  # s per link
+PROMPT_RANGE = (16, 128)  # tokens
+MAX_LOAD = 0.3  # background load: up to this fraction of memory and compute, every token
 HEADROOM_WINDOW = 16  # tokens of background-load history the planner's memory view covers
 
 
@@ -75,19 +80,19 @@ class Instance:
 
 
 def make_instance(spec: ModelSpec | str, n_devices: int, tokens: int, rng: np.random.Generator,
-                  ident: str = "", max_load: float = 0.3, bandwidth_class: str | None = None,
-                  prompt: tuple[int, int] = (16, 128)) -> Instance:
+                  ident: str = "", max_load: float = MAX_LOAD, bandwidth_class: str | None = None,
+                  prompt: tuple[int, int] = PROMPT_RANGE) -> Instance:
     spec = from_name(spec) if isinstance(spec, str) else spec
     names, probs, mems, flops = zip(*TIERS, strict=True)
     tier = rng.choice(len(TIERS), size=n_devices, p=probs)
-    memory = np.exp(rng.normal(np.log(np.array(mems)[tier]), 0.35)).clip(2 * GB, 16 * GB)
-    compute = np.exp(rng.normal(np.log(np.array(flops)[tier]), 0.35)).clip(1e10, 1e11)
+    memory = np.exp(rng.normal(np.log(np.array(mems)[tier]), 0.35)).clip(*MEMORY_RANGE)
+    compute = np.exp(rng.normal(np.log(np.array(flops)[tier]), 0.35)).clip(*COMPUTE_RANGE)
     bw = bandwidth_class or str(rng.choice(list(BANDWIDTH)))
     lo, hi = BANDWIDTH[bw]
     rate = rng.uniform(lo, hi, (n_devices, n_devices)) / 8
     rate = np.minimum(rate, rate.T)
     np.fill_diagonal(rate, np.inf)
-    lat = rng.uniform(1e-4, 1e-3, (n_devices, n_devices))
+    lat = rng.uniform(*LATENCY_RANGE, (n_devices, n_devices))
     lat = np.minimum(lat, lat.T)
     np.fill_diagonal(lat, 0.0)
     p = int(rng.integers(prompt[0], prompt[1] + 1))
@@ -257,8 +262,22 @@ def scale_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "latency_mean_ms": float(np.mean([r["latency_mean_ms"] for r in done])) if done else math.nan,
                         "speedup_vs_layer_dp": float(np.mean(speed)) if speed else math.nan,
                         "peak_device_memory_gb": float(np.mean([r["peak_device_memory_bytes"] for r in rs])) / 1e9,
-                        "oom": int(sum(r["oom"] for r in rs)), "migrations_mean": float(np.mean([r["migrations"] for r in rs])),
-                        "decision_ms_mean": float(np.nanmean([r["decision_ms_mean"] for r in rs]))})
+                        "oom": int(sum(r["oom"] for r in rs)), "migrations_mean": float(np.mean([r["migrations"] for r in rs]))})
+    return out
+
+
+TIMING_COLUMNS = ("decision_ms_mean", "wall_s")  # wall-clock: depend on the machine and its load
+
+
+def timing_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean decision time (wall clock) per experiment and algorithm."""
+    out = []
+    for exp, alg in sorted({(r["experiment"], r["algorithm"]) for r in rows}):
+        ms = [float(r["decision_ms_mean"]) for r in rows if (r["experiment"], r["algorithm"]) == (exp, alg)
+              and isinstance(r["decision_ms_mean"], (int, float)) and not math.isnan(r["decision_ms_mean"])]
+        out.append({"experiment": exp, "algorithm": alg, "runs": len(ms),
+                    "decision_ms_mean": float(np.mean(ms)) if ms else math.nan,
+                    "decision_ms_max": float(np.max(ms)) if ms else math.nan})
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import numpy as np
 import pytest
@@ -239,5 +240,6 @@ def test_paper_sizes_solve_quickly(preset: str) -> None:
     p = opt.place(snap)
     cur = Placement(spec, tuple(int(x) for x in rng.integers(0, V, len(spec.blocks))))
     for s in (snap, snap.with_(current=p, seq_len=96), snap.with_(current=cur)):
+        t0 = time.perf_counter()
         opt.place(s)
-        assert opt.last is not None and opt.last.seconds < 2.0
+        assert time.perf_counter() - t0 < 2.0

@@ -135,11 +135,11 @@ def test_local_search_never_worse(n_dev: int, n: int, data: st.DataObject) -> No
                     rate_mbps=data.draw(st.sampled_from([10.0, 100.0, 1000.0])),
                     lat_ms=data.draw(st.sampled_from([0.05, 1.0])))
     ra = get_algorithm("resource_aware").place(snap)
-    ls = ResourceAwareLS(budget_s=0.5).place(snap)
+    ls = ResourceAwareLS().place(snap)
     assert epoch_objective(snap, ls) <= epoch_objective(snap, ra) + 1e-12
     current = Placement(snap.spec, tuple(data.draw(st.integers(0, n_dev - 1)) for _ in snap.spec.blocks))
     snap2 = snap.with_(current=current)
-    ls2 = ResourceAwareLS(budget_s=0.5).place(snap2)
+    ls2 = ResourceAwareLS().place(snap2)
     assert violations(snap2, ls2) == []
     assert epoch_objective(snap2, ls2) <= epoch_objective(snap2, current) + 1e-12
 

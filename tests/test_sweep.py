@@ -40,9 +40,15 @@ def test_analytic_mode_matches_the_emulator(tmp_path: Path) -> None:
 
 
 def test_quick_sweep_writes_its_csvs(tmp_path: Path) -> None:
-    assert cli.main(["optimality", "--quick", "--instances", "2", "--jobs", "1", "--out", str(tmp_path),
-                     "--algorithms", "resource_aware,resource_aware_ls,greedy"]) == 0
+    args = ["optimality", "--quick", "--instances", "2", "--algorithms", "resource_aware,resource_aware_ls,greedy"]
+    assert cli.main([*args, "--jobs", "1", "--out", str(tmp_path)]) == 0
+    assert cli.main([*args, "--jobs", "2", "--out", str(tmp_path / "again")]) == 0
+    for name in ("optimality.csv", "optimality_summary.csv"):  # the same bytes, however it ran
+        assert (tmp_path / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    timing = list(csv.DictReader(open(tmp_path / "timing.csv")))
+    assert len(timing) == 3 * 2 * 4 and all(float(t["decision_ms_mean"]) > 0 for t in timing)
     rows = list(csv.DictReader(open(tmp_path / "optimality.csv")))
+    assert not {"decision_ms_mean", "wall_s"} & set(rows[0])  # wall clock only in timing.csv
     assert {r["algorithm"] for r in rows} == {"optimal", "resource_aware", "resource_aware_ls", "greedy"}
     assert len(rows) == 3 * 2 * 4 and {r["mode"] for r in rows} == {"analytic"}
     opt = [r for r in rows if r["algorithm"] == "optimal"]

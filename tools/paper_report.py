@@ -4,6 +4,10 @@
 already there, `python -m tools.paper_report results/paper` rebuilds the report alone.
 It also cross-checks the analytic mode against the emulator (virtual clock, real tensors)
 on a few small instances without background load, and says how close they are.
+
+Every sentence of the report that states a fact is computed from the CSVs, from
+`sweep.json` (how the sweep ran: revision, machine, worker processes) or from the
+cross-check; what is quoted from the paper says so.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -26,12 +30,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from testbed.sweep import OPT_ALGS, SCALE_ALGS, add_ratios, optimality_table, scale_table  # noqa: E402
+from testbed import sweep  # noqa: E402
+from testbed.sweep import (  # noqa: E402
+    OPT_ALGS,
+    SCALE_ALGS,
+    add_ratios,
+    optimality_table,
+    scale_table,
+    timing_table,
+)
 
+PAPER_RA = (1.15, 1.20)  # the paper: resource-aware within 15-20 % of the optimum
 PAPER_OPT = {"resource_aware": "within 15-20 % of the optimum (1.15-1.20)",
              "greedy": "40-60 % above (1.4-1.6), secondary summary, unverified",
              "round_robin": "40-60 % above (1.4-1.6), secondary summary, unverified"}
 TARGET_MEAN, TARGET_P95 = 1.05, 1.15
+HEAD_LEVEL = ("resource_aware", "resource_aware_ls")  # of SCALE_ALGS; the others keep layers whole
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -56,11 +70,18 @@ def _fmt(x: float, nd: int = 3) -> str:
 
 
 def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+    """The revision, `+dirty` when tracked files had uncommitted changes."""
+    from testbed.experiment import git_revision
+
+    return git_revision()
+
+
+def _sci(x: float) -> str:
+    return f"{x:.0e}".replace("e+0", "e").replace("e+", "e")
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0f} %" if abs(x - round(x)) < 1e-9 else f"{x:g} %"
 
 
 # ---------------------------------------------------------------------------- figures
@@ -116,7 +137,10 @@ def fig_scale(table: list[dict[str, Any]], path: Path) -> None:
 
 # ---------------------------------------------------------------------------- cross-check
 
-def cross_check(n: int = 3, tokens: int = 12) -> list[dict[str, Any]]:
+CHECK_TOKENS, CHECK_INTERVAL = 12, 1
+
+
+def cross_check(n: int = 3, tokens: int = CHECK_TOKENS) -> list[dict[str, Any]]:
     """Analytic mode against the emulator on small instances (no background load)."""
     from testbed import experiment
     from testbed.placement.registry import get_algorithm
@@ -129,7 +153,7 @@ def cross_check(n: int = 3, tokens: int = 12) -> list[dict[str, Any]]:
         inst = make_instance(model, 3 + i % 3, tokens, np.random.default_rng([7, i]), ident=f"check-{i}",
                              max_load=0.0, prompt=(16, 32))
         for alg in ("resource_aware", "resource_aware_ls"):
-            ana = simulate(inst, get_algorithm(alg), interval=1)
+            ana = simulate(inst, get_algorithm(alg), interval=CHECK_INTERVAL)
             scen = parse(instance_to_scenario(inst, alg), f"<check {i}>")
             prep = experiment.prepare(scen)
             with tempfile.TemporaryDirectory() as tmp:
@@ -139,6 +163,7 @@ def cross_check(n: int = 3, tokens: int = 12) -> list[dict[str, Any]]:
             a = ana.latency_ms[: len(emu)]
             rel = max(abs(x - y) / y for x, y in zip(a, emu, strict=False)) if emu else math.nan
             out.append({"instance": i, "model": model, "devices": inst.n_devices, "algorithm": alg,
+                        "tokens": len(emu), "interval": CHECK_INTERVAL,
                         "analytic_ms": float(np.mean(a)), "emulated_ms": float(np.mean(emu)),
                         "max_rel_diff": rel, "tokens_match": o.summary["correctness"]["tokens_match"]})
     return out
@@ -156,53 +181,102 @@ def _memory_note(sc: list[dict[str, Any]]) -> list[str]:
         if ra and ld and ra["peak_device_memory_gb"] < 0.9 * ld["peak_device_memory_gb"]:
             out.append(f"- {m} on {d} devices: `resource_aware` fills the fullest device to "
                        f"{ra['peak_device_memory_gb']:.2f} GB against {ld['peak_device_memory_gb']:.2f} GB "
-                       f"for layer_dp, at {ra['latency_mean_ms'] / ld['latency_mean_ms']:.2f}x its latency "
-                       "(its memory term spreads blocks by free memory).")
+                       f"for layer_dp, at {ra['latency_mean_ms'] / ld['latency_mean_ms']:.2f}x its latency.")
     return (["Peak memory, the paper's other claim:", "", *out] if out else [])
 
 
+def _words(xs: list[Any]) -> str:
+    xs = [str(x) for x in xs]
+    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1] if xs else "none"
+
+
+def _values(rows: list[dict[str, Any]], key: str) -> str:
+    """`a` when every row has the same value, else `a-b` (min-max)."""
+    vals = sorted({r[key] for r in rows})
+    return str(vals[0]) if len(vals) == 1 else f"{vals[0]}-{vals[-1]}"
+
+
+def _run_line(meta: dict[str, Any] | None) -> str:
+    """When, where and how the sweep ran, as sweep.json recorded it."""
+    if meta is None:
+        return f"Report rebuilt {datetime.now(UTC):%Y-%m-%d} at revision `{_git()}`; how the sweep ran was not recorded."
+    jobs, cpus = meta.get("jobs"), meta.get("cpus")
+    how = ", ".join(x for x in (f"{cpus} CPU{'s' if cpus != 1 else ''}" if cpus else "",
+                                f"{jobs} worker process{'es' if jobs != 1 else ''}" if jobs else "") if x)
+    return (f"Measured {meta['date']} at revision `{meta['revision']}` on {meta['machine']} (Python "
+            f"{meta['python']}{', ' + how if how else ''}): {meta['wall_s']:.0f} s wall time.")
+
+
+def _instances_text(rows: list[dict[str, Any]]) -> list[str]:
+    tiers = ", ".join(f"{_pct(100 * p)} {name}" for name, p, _, _ in sweep.TIERS)
+    classes = "; ".join(f"{name} {lo / 1e9:g}-{hi / 1e9:g} Gbit/s" for name, (lo, hi) in sweep.BANDWIDTH.items())
+    drawn = {c: sum(1 for k in {(r["experiment"], r["devices"], r["model"], r["instance"], r["bandwidth_class"])
+                                for r in rows} if k[4] == c) for c in sweep.BANDWIDTH}
+    (m0, m1), (c0, c1), (l0, l1), (p0, p1) = (sweep.MEMORY_RANGE, sweep.COMPUTE_RANGE, sweep.LATENCY_RANGE,
+                                              sweep.PROMPT_RANGE)
+    return [f"Instances (`testbed/sweep.py`): devices in tiers ({tiers}), log-normal memory {m0 / 1e9:g}-{m1 / 1e9:g} GB "
+            f"and compute {_sci(c0)}-{_sci(c1)} FLOP/s, link bandwidths from one class per instance ({classes}; "
+            f"drawn here: {', '.join(f'{n} {c}' for c, n in drawn.items())}) with {l0 * 1e3:g}-{l1 * 1e3:g} ms latency, "
+            f"a {p0}-{p1}-token prompt, and a background load of 0-{_pct(100 * sweep.MAX_LOAD)} of every device's "
+            f"memory and compute drawn anew at every token. The planner's memory view leaves room for the largest "
+            f"load of the last {sweep.HEADROOM_WINDOW} tokens."]
+
+
+def _check_text(checks: list[dict[str, Any]], ran: bool) -> str:
+    if not ran:
+        return "No emulator cross-check ran for this report (`--no-check`)."
+    if not checks:
+        return "The emulator cross-check ran no instance."
+    worst = max(c["max_rel_diff"] for c in checks)
+    match = sum(bool(c["tokens_match"]) for c in checks)
+    return (f"On {len(checks)} cross-check runs (end of page) the emulator's per-token latency differed from "
+            f"this mode's by at most {100 * worst:.2f} %, and {match} of {len(checks)} generated the reference tokens.")
+
+
 def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = None, wall_s: float = math.nan,
-                 argv: list[str] | None = None, check: bool = True) -> None:
+                 argv: list[str] | None = None, check: bool = True, jobs: int | None = None,
+                 revision: str | None = None) -> None:
+    """`revision`: the sweep's, taken before it wrote anything (its own CSVs would make a
+    tracked results directory look dirty); the current one if not given."""
     meta_file = out / "sweep.json"
     if not math.isnan(wall_s):  # a fresh sweep: remember how it ran, for later rebuilds
-        meta_file.write_text(json.dumps({"wall_s": wall_s, "argv": argv or [], "revision": _git(),
+        meta_file.write_text(json.dumps({"wall_s": wall_s, "argv": argv or [], "revision": revision or _git(),
                                          "date": f"{datetime.now(UTC):%Y-%m-%d}", "machine": platform.machine(),
-                                         "python": platform.python_version()}, indent=2) + "\n")
+                                         "python": platform.python_version(), "cpus": os.cpu_count(),
+                                         "jobs": jobs}, indent=2) + "\n")
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     opt_rows, scale_rows = _read(out / "optimality.csv"), _read(out / "scale.csv")
     if opt_rows:
         add_ratios(opt_rows)
     opt = optimality_table(opt_rows) if opt_rows else []
     sc = scale_table(scale_rows) if scale_rows else []
+    timing = timing_table(_read(out / "timing.csv"))
     if opt:
         fig_optimality(opt, out / "fig_optimality.png")
     if sc:
         fig_scale(sc, out / "fig_scale.png")
     checks = cross_check() if check else []
     L: list[str] = []
-    cmd = "python -m runners.sweep paper" + ("" if not argv or argv == ["paper"] else "  # ran as: " + " ".join(argv))
+    cmd = "python -m runners.sweep " + " ".join(meta["argv"] if meta and meta.get("argv") else ["paper"])
     L += ["# Reference results: the paper's two experiments, measured", "",
           "Regenerate everything on this page (CSVs, tables, figures) with:", "",
-          "```sh", ".venv/bin/" + cmd.split("  #")[0], "```", "",
-          f"Measured {meta['date']} at revision `{meta['revision']}` on {meta['machine']} (Python "
-          f"{meta['python']}): {meta['wall_s']:.0f} s wall time on 2 cores, 2 worker processes." if meta
-          else f"Report rebuilt {datetime.now(UTC):%Y-%m-%d} at revision `{_git()}`.", "",
+          "```sh", ".venv/bin/" + cmd, "```", "",
+          _run_line(meta), "",
           "**Mode: analytic.** Every run below is simulated with the estimator the algorithms use",
           "(per-token critical path, migration delay as a stall on the token that pays it) rather than",
-          "with emulated agents and real tensors (`testbed/sweep.py`); the emulator agrees with it within",
-          "a few percent (cross-check at the end). Instances follow the paper: devices in tiers (10 %",
-          "cloud-like, 30 % regional, 60 % edge), log-normal memory 2-16 GB and compute 1e10-1e11 FLOP/s,",
-          "link bandwidths from a small (0.1-0.5 Gbit/s) or large (1-40 Gbit/s) class with 0.1-1 ms",
-          "latency, a 16-128-token prompt, and a background load of 0-30 % of every device's memory and",
-          "compute drawn anew at every token. The planner's memory view leaves room for the largest load of",
-          "the last 16 tokens. `optimal` is the exact minimum of the epoch objective (HiGHS MILP), solved at",
-          "every epoch: a myopic optimum, which another algorithm can occasionally beat over a whole run",
-          "(column `beats`).", ""]
+          "with emulated agents and real tensors (`testbed/sweep.py`). " + _check_text(checks, check), "",
+          *_instances_text(opt_rows + scale_rows), "",
+          "`optimal` is the exact minimum of the epoch objective (HiGHS MILP), solved at every epoch: a",
+          "myopic optimum, which another algorithm can beat over a whole run (column `beats`).", ""]
     if opt:
-        L += ["## (a) 3, 4 and 5 devices: per-token latency / the optimum's", "",
-              "Re-partitioning after every token (interval 1), 16 generated tokens per instance, instances",
-              "cycling through the paper's single-layer presets (paper-small ... paper-xl) and the",
-              "two-layer gpt-tiny. Ratio = an algorithm's mean per-token latency (stalls included) over",
+        sizes = sorted({r["devices"] for r in opt_rows})
+        models = list(dict.fromkeys(r["model"] for r in sorted(opt_rows, key=lambda r: r["instance"])))
+        every = _values(opt_rows, "interval")
+        L += [f"## (a) {_words(sizes)} devices: per-token latency / the optimum's", "",
+              f"Re-planning every {'token' if every == '1' else every + ' tokens'}, "
+              f"{_values([r for r in opt_rows if r['status'] == 'completed'] or opt_rows, 'tokens')} generated "
+              f"tokens per run, {len({(r['devices'], r['instance']) for r in opt_rows})} instances cycling through "
+              f"{_words(models)}. Ratio = an algorithm's mean per-token latency (stalls included) over",
               "`optimal`'s on the same instance.", "",
               "| devices | algorithm | instances | mean | p95 | max | beats | failed | the paper says |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -222,33 +296,44 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
                   f"**{'met' if ok else 'not met'}**."]
         ra = [r for r in opt if r["algorithm"] == "resource_aware"]
         if ra:
-            L += ["", "The paper's algorithm as specified (`resource_aware`) is far from its published 15-20 %",
-                  f"here (mean ratio {', '.join(_fmt(r['ratio_mean'], 2) for r in ra)} at "
-                  f"{', '.join(str(r['devices']) for r in ra)} devices). By model:", ""]
+            lo, hi = PAPER_RA
+
+            def where(x: float) -> str:
+                return "below" if x < lo else "above" if x > hi else "within"
+
+            parts = [f"{_fmt(r['ratio_mean'], 2)} at {r['devices']} devices ({where(r['ratio_mean'])})" for r in ra]
+            L += ["", f"The paper's algorithm as specified (`resource_aware`), against the paper's {lo:.2f}-{hi:.2f}: "
+                  f"mean ratio {', '.join(parts)}. By model:", ""]
             L += ["| model | resource_aware median | resource_aware mean | resource_aware_ls median | layer_dp median |",
                   "|---|---:|---:|---:|---:|"]
-            for m in sorted({r["model"] for r in opt_rows}):
-                def med(alg: str, m: str = m) -> float:
-                    xs = [r["ratio_to_optimal"] for r in opt_rows if r["model"] == m and r["algorithm"] == alg
-                          and not math.isnan(r["ratio_to_optimal"])]
-                    return float(np.median(xs)) if xs else math.nan
 
+            def med(alg: str, m: str) -> float:
+                xs = [r["ratio_to_optimal"] for r in opt_rows if r["model"] == m and r["algorithm"] == alg
+                      and not math.isnan(r["ratio_to_optimal"])]
+                return float(np.median(xs)) if xs else math.nan
+
+            by_model = {}
+            for m in sorted({r["model"] for r in opt_rows}):
                 ram = [r["ratio_to_optimal"] for r in opt_rows if r["model"] == m and r["algorithm"] == "resource_aware"
                        and not math.isnan(r["ratio_to_optimal"])]
-                L.append(f"| {m} | {_fmt(med('resource_aware'), 2)} | {_fmt(float(np.mean(ram)) if ram else math.nan, 2)} | "
-                         f"{_fmt(med('resource_aware_ls'))} | {_fmt(med('layer_dp'))} |")
-            L += ["", "Why: its bottleneck score `max(F/C, M/M_available, comm)` mixes seconds with a memory",
-                  "fraction and judges one block at a time, so it spreads blocks over devices (paying a network",
-                  "hop per split) where the optimum keeps a layer, or the whole model, on one device; with",
-                  "interval 1 its migration rule (saving over the next token > migration delay) then rarely",
-                  "lets it undo that. Small models (gpt-tiny), where compute is negligible next to a hop, show",
-                  "it most."]
+                by_model[m] = med("resource_aware", m)
+                L.append(f"| {m} | {_fmt(by_model[m], 2)} | {_fmt(float(np.mean(ram)) if ram else math.nan, 2)} | "
+                         f"{_fmt(med('resource_aware_ls', m))} | {_fmt(med('layer_dp', m))} |")
+            known = {m: x for m, x in by_model.items() if not math.isnan(x)}
+            if len(set(known.values())) > 1:
+                hi_m, lo_m = max(known, key=known.__getitem__), min(known, key=known.__getitem__)
+                L += ["", f"`resource_aware` is furthest from the optimum on {hi_m} (median {known[hi_m]:.2f}) and "
+                      f"closest on {lo_m} (median {known[lo_m]:.2f})."]
         L += ["", "![ratio to optimal](fig_optimality.png)", ""]
     if sc:
-        L += ["## (b) 25 and 48 devices: head-level against layer-based partitioning", "",
-              "Up to 1000 generated tokens, decisions every 4 tokens, the paper's largest single-layer",
-              "preset (paper-xl) and our multi-layer models (gpt2-small on 25 devices, a 32-layer 32-head",
-              "model of 26 GB on 48). Speed-up = layer_dp's mean latency over the algorithm's, same instance.", "",
+        cases = sorted({(r["devices"], r["model"]) for r in scale_rows})
+        L += [f"## (b) {_words(sorted({d for d, _ in cases}))} devices: head-level against layer-based "
+              "partitioning", "",
+              f"Up to {max(r['tokens'] for r in scale_rows)} generated tokens, re-planning every "
+              f"{_values(scale_rows, 'interval')} tokens, "
+              f"{_values([{'n': len({r['instance'] for r in scale_rows if (r['devices'], r['model']) == c})} for c in cases], 'n')} "
+              f"instances each of {_words([f'{m} on {d} devices' for d, m in cases])}.",
+              "Speed-up = layer_dp's mean latency over the algorithm's, same instance.", "",
               "| devices | model | algorithm | runs done | tokens | mean latency ms | speed-up vs layer_dp | "
               "peak device GB | oom | migrations/run |",
               "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -263,16 +348,26 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
             L += ["", f"Target for our best head-level algorithm: at least 2x lower mean latency than layer_dp "
                   f"and no oom. Measured speed-ups {', '.join(_fmt(x, 2) for x in sp)}, oom {ooms}: "
                   f"**{'met' if min(sp) >= 2 and ooms == 0 else 'not met'}**. The paper's secondary summary "
-                  "quotes up to 9-10x and about 6 GB vs over 7 GB of peak memory (unverified).", "",
-                  *_memory_note(sc), "",
-                  "Why not more: a layer's FFN (and output projection) is one block and dominates the layer's",
-                  "compute, so head-level parallelism can only shorten the attention part, and every split",
-                  "costs network hops of 0.1-1 ms; on these clusters the best layouts keep each layer's blocks",
-                  "together on a fast device, which is what layer_dp does.", "",
-                  "![scale](fig_scale.png)", ""]
+                  "quotes up to 9-10x and about 6 GB vs over 7 GB of peak memory (unverified)."]
+        head_level = [r for r in sc if r["algorithm"] in HEAD_LEVEL and not math.isnan(r["speedup_vs_layer_dp"])]
+        if head_level:
+            top = max(head_level, key=lambda r: r["speedup_vs_layer_dp"])
+            L += ["", f"The largest speed-up over layer_dp of any head-level algorithm here: "
+                  f"{top['speedup_vs_layer_dp']:.2f}x (`{top['algorithm']}`, {top['model']} on {top['devices']} devices)."]
+        note = _memory_note(sc)
+        L += ["", *note, *([""] if note else []), "![scale](fig_scale.png)", ""]
+    if timing:
+        L += ["## Decision time", "",
+              "Wall-clock milliseconds per decision on the machine above, mean over runs (from `timing.csv`;",
+              "unlike everything else on this page it depends on the machine and its load):", ""]
+        for exp in sorted({t["experiment"] for t in timing}):
+            L.append(f"- {exp}: " + ", ".join(f"{t['algorithm']} {_fmt(t['decision_ms_mean'], 1)}"
+                                              for t in timing if t["experiment"] == exp))
+        L.append("")
     if checks:
         L += ["## Cross-check: analytic mode against the emulator", "",
-              "Small instances without background load, 12 tokens, interval 1, run both ways (the emulator",
+              f"Small instances without background load, {_values(checks, 'tokens')} tokens, interval "
+              f"{_values(checks, 'interval')}, run both ways (the emulator",
               "with real tensors on the virtual clock, oracle telemetry).", "",
               "| instance | model | devices | algorithm | analytic ms | emulated ms | max per-token difference | tokens = reference |",
               "|---:|---|---:|---|---:|---:|---:|---|"]
@@ -283,6 +378,7 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
     L += ["## Files", "",
           "- `optimality.csv`, `scale.csv`: one row per (instance, algorithm) with every figure above;",
           "- `optimality_summary.csv`, `scale_summary.csv`: the tables;",
+          "- `timing.csv`: wall-clock time per (instance, algorithm), the only machine-dependent file;",
           "- `fig_optimality.png`, `fig_scale.png`; `sweep.json`: when and how the sweep ran.", ""]
     (out / "README.md").write_text("\n".join(L))
 

@@ -65,7 +65,6 @@ up to 2.3 s (random current placements).
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -103,11 +102,11 @@ class NotOptimal(RuntimeError):
 
 @dataclass(frozen=True)
 class Solve:
-    """What the last `place` did: the MILP's value, `epoch_objective` of the answer, time."""
+    """What the last `place` did: the MILP's value, `epoch_objective` of the answer, size.
+    (No solve time: placement code reads no clock; callers time `place` if they need to.)"""
 
     milp_objective: float
     objective: float
-    seconds: float
     variables: int
     constraints: int
 
@@ -440,7 +439,6 @@ class Optimal:
         if L * V * V > self.max_size or L > self.max_layers:
             raise TooLarge(f"optimal: {L} layers x {V} devices is too large: the limit is layers x "
                            f"devices^2 <= {self.max_size} (here {L * V * V}) and layers <= {self.max_layers}")
-        t0 = time.perf_counter()
         form = _Formulation(snap)
         res = form.P.solve({"time_limit": self.time_limit_s, "mip_rel_gap": 0.0, "mip_abs_gap": 0.0,
                             "presolve": self.presolve, "mip_feasibility_tolerance": MIP_FEASIBILITY_TOL})
@@ -453,6 +451,5 @@ class Optimal:
         if bad:
             raise NotOptimal(f"optimal: the solution violates memory after rounding: {'; '.join(bad)}")
         value = form.tau * res.fun + snap.interval * form.lm
-        self.last = Solve(float(value), float(epoch_objective(snap, p)), time.perf_counter() - t0,
-                          len(form.P.c), len(form.P.rows))
+        self.last = Solve(float(value), float(epoch_objective(snap, p)), len(form.P.c), len(form.P.rows))
         return p
