@@ -1,6 +1,6 @@
 """`python -m runners.sweep EXPERIMENT`: every algorithm on identical random instances.
 
-Experiments (PAPER.md): `optimality` (3, 4 and 5 devices; per-token latency of every
+Experiments (the paper's claims): `optimality` (3, 4 and 5 devices; per-token latency of every
 algorithm divided by the exact optimum's), `scale` (25 and 48 devices, long generations:
 head-level algorithms against layer-based partitioning), `paper` (both, written to
 results/paper/ with tables and figures: the committed reference results).

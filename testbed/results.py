@@ -1,4 +1,4 @@
-"""Result files of a run (DESIGN.md section 7): writers and the summary statistics.
+"""Result files of a run: writers and the summary statistics.
 
 Owns the column lists (public contract: columns may be added, never renamed or removed),
 the run directory's files, and `summarize`, a pure function of the token rows. CSV rows

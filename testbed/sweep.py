@@ -1,7 +1,7 @@
 """Families of random instances in the paper's style, and the analytic simulation of a
 generation run on one of them (pure: numpy, no asyncio, no torch).
 
-Instances (PAPER.md, "What the paper reports"): devices in tiers (about 10 % cloud-like,
+Instances (as the paper describes them): devices in tiers (about 10 % cloud-like,
 30 % regional, 60 % edge) with log-normal memory (2-16 GB) and compute (1e10-1e11 FLOP/s),
 links drawn from a bandwidth class (0.1-0.5 Gbit/s, or 1-40 Gbit/s) with 0.1-1 ms latency,
 a prompt of 16-128 tokens, and a background load of 0-30 % of every device's memory and

@@ -36,14 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .emulation.compute import ComputeUnit
 from .scenario import MAX_TIME_SCALE
+
+LATE_SHARE = ComputeUnit.LATE_SHARE  # as the runs count overruns
 
 PILOT_TOKENS = 16  # virtual pilot, prefill included
 REAL_PILOT_TOKENS = 8  # real-clock pilot, prefill included
 PROBE_FACTOR = 2.0  # the real pilot runs at this multiple of the virtual pilot's fit
 MARGIN = 3.0
 ALLOWED_LATE = 0.002  # fraction of replayed jobs that may miss their window at the fitted K
-LATE_SHARE = 0.05  # as the runs count overruns: later than this share of the window
 
 
 @dataclass(frozen=True)

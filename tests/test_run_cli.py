@@ -1,4 +1,4 @@
-"""The command line `python -m runners.run` (DESIGN.md sections 6-7): bad input ends with
+"""The command line `python -m runners.run`: bad input ends with
 exit status 2, one line on stderr naming the file and key path, no traceback and no run
 directory; a short run writes every result file; two algorithms give two run directories
 and a comparison table; a failed run exits 1 and leaves readable partial results.
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "scenarios"
 TIMEOUT_S = 60
 
-# DESIGN.md section 7, verbatim: columns may be added after these, never renamed or removed
+# the result format: columns may be added after these, never renamed or removed
 TOKENS_COLS = ["token", "t_start_s", "latency_ms", "predicted_ms", "stall_ms", "migrations",
                "migrated_bytes", "token_id", "ref_token_id"]
 EVENTS_COLS = ["t_s", "token", "kind", "subject", "detail"]

@@ -1,4 +1,4 @@
-"""Finding and reading run directories (DESIGN.md section 7), shared by the analysis tools.
+"""Finding and reading run directories, shared by the analysis tools.
 
 A run directory is any directory holding `tokens.csv` and `meta.json`. `find_runs` accepts
 run directories or any directory above them; `Run` reads one lazily and gives typed rows;

@@ -9,7 +9,7 @@ the logits back, picks the token (greedy) and compares it with the monolithic re
 At every decision epoch (every `interval_tokens` tokens, for algorithms that re-plan) and at
 once on an emergency it builds a snapshot (oracle: the emulator's truth; measured: the
 `Beliefs` built from reports), calls the placement algorithm and applies the moves with the
-two-phase migration of DESIGN.md section 5: reserve at the destination, send the snapshot
+two-phase migration: reserve at the destination, send the snapshot
 (weights + cache) over the emulated link, install and acknowledge, switch routing
 everywhere, free at the source. Emergencies: a refused cache append (oom), a device gone
 (its connection broke, or it stopped answering), a token that stalls (e.g. on a link that

@@ -1,5 +1,5 @@
 """The controller's hands: loading blocks from local weights, switching routing, and the
-two-phase migration of DESIGN.md section 5 (reserve at the destination, send the snapshot
+two-phase migration (reserve at the destination, send the snapshot
 over the emulated link, install and acknowledge, switch routing everywhere, free at the
 source). A mixin of `Controller`: it uses the controller's requests, beliefs and recorder.
 """

@@ -1,6 +1,6 @@
 """The analytic token bucket of one directed link (pure: times in, times out).
 
-A FIFO fluid token bucket (DESIGN.md section 4): credit accrues at `rate` bytes/s while the
+A FIFO fluid token bucket: credit accrues at `rate` bytes/s while the
 link is idle, up to `burst` bytes; a message takes what credit there is when it reaches
 the head of the queue and streams the rest at `rate`, so it finishes sending
 `max(0, size - credit) / rate` after it starts. Departure times are computed from the

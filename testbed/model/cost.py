@@ -1,6 +1,6 @@
 """Bytes and FLOPs of every block, the source's fixed share, and message sizes (pure).
 
-Owns the arithmetic of DESIGN.md section 3 with the corrections of PAPER.md; the
+Owns the bytes-and-FLOPs arithmetic of the placeable blocks (head, proj, ffn); the
 `tests/test_cost.py` check holds it to the live tensors (`nbytes` of weights and caches).
 Notation: D d_model, d d_head, q query heads per K/V group, F d_ff, b bytes per element,
 n the sequence length including the new token, p a prompt length.

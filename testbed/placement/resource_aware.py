@@ -1,4 +1,4 @@
-"""`resource_aware`: the paper's myopic head-level algorithm (PAPER.md), and `static`. Pure.
+"""`resource_aware`: the paper's myopic head-level algorithm, and `static`. Pure.
 
 At every decision epoch, with the snapshot's view of devices and links:
 1. blocks are taken in decreasing normalised demand
@@ -12,7 +12,7 @@ At every decision epoch, with the snapshot's view of devices and links:
    device can no longer hold it.
 Complexity O(|B| log |B| + |B| |V|) per epoch.
 
-Our reading of the open points (PAPER.md "what the paper leaves open"):
+Our reading of the open points (what the paper leaves open):
 - compute is time, not capacity: for a head, F_i / C_j counts the head work of the same
   layer already given to j, since those heads run one after another on j (this is what
   makes heads spread out and run in parallel); proj and ffn use F_i / C_j as written;
