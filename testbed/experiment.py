@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from .agents.cluster import Cluster
 from .agents.controller import Controller, Options, RunFailed
 from .emulation import clock as clock_mod
+from .harness.cluster import Cluster
 from .hostload import HostMonitor
 from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt, weights_for
 from .model.spec import ModelSpec
@@ -314,11 +314,11 @@ def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callab
     """The emulated cluster for a run: agents in this process over in-process queues or
     websockets, or agents in their own processes (websockets), some maybe on other hosts."""
     if processes or attach:
-        from .agents.remote import ProcessCluster
+        from .harness.remote import ProcessCluster
 
         return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach)
     if transport == "ws":
-        from .agents.wscluster import WsCluster
+        from .harness.wscluster import WsCluster
 
         return WsCluster(prep.scenario, prep.model, prep.weights, on_fault)
     return Cluster(prep.scenario, prep.model, prep.weights, on_fault)

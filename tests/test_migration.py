@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from testbed import experiment
-from testbed.agents.cluster import Cluster
 from testbed.agents.controller import Controller
+from testbed.harness.cluster import Cluster
 from testbed.model import cost
 from testbed.model.blocks import HeadBlock
 

@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from testbed import experiment, timescale, twin
-from testbed.agents.remote import ProcessCluster
 from testbed.emulation.clock import LagMonitor
 from testbed.emulation.clock import run as run_loop
+from testbed.harness.remote import ProcessCluster
 from testbed.results import percentile
 from testbed.scenario import Event, load, parse
 

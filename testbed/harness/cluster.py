@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot
 from ..scenario import DeviceSpec, Event, LinkSpec, Scenario
 from ..transport.inproc import InprocNetwork
-from .device import DeviceAgent
 from .world import apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 What a scenario event does to a device or to its outgoing links, and how the emulator
 reads a device's truth for instrumentation and oracle telemetry. The in-process clusters
 call these on their agents directly; an agent process calls them when its runner asks
-(`runners/agent.py`). One implementation, so every transport emulates the same world.
+(`agent_server.py`). One implementation, so every transport emulates the same world.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from ..agents import protocol as P
+from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
-from . import protocol as P
-from .device import DeviceAgent
 
 MIB = 1024 * 1024
 

@@ -12,13 +12,13 @@ import asyncio
 import secrets
 from collections.abc import Callable
 
+from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
 from ..scenario import LinkSpec, Scenario
 from ..transport.ws import FRAME_EXTRA, WsEndpoint
 from .cluster import Cluster
-from .device import DeviceAgent
 from .world import retimed
 
 

@@ -1,0 +1,8 @@
+"""The emulation harness: the world the system under test runs in.
+
+Owns the clusters that build and drive a run's devices and links (in process, over
+websockets, as agent processes or attached agents), how scenario events act on them, and
+the agent server that hosts one device agent in its own process. It may import the system
+under test (`testbed.agents`), the emulation primitives, transports, model and scenario;
+the system under test never imports it.
+"""
