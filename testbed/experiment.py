@@ -2,7 +2,7 @@
 
 Owns the wiring of a run: the reference generation (computed once per scenario and seed),
 the cluster (agents, links), the controller, the scenario events (at a token, or at an
-emulated time), the per-token instrumentation (telemetry.csv, links.csv, memory_high), the
+emulated time) and background load (before every token), the per-token instrumentation (telemetry.csv, links.csv, memory_high), the
 summary and meta.json. `runners/run.py` is the command line around it.
 """
 
@@ -130,11 +130,16 @@ class Outcome:
 
 
 class _Hooks:
-    """Scenario events and instrumentation around the controller's token loop."""
+    """Scenario events, background load and instrumentation around the controller's token loop."""
 
-    def __init__(self, world: Any, writer: RunWriter, events: tuple[Event, ...],
+    def __init__(self, world: Any, writer: RunWriter, scenario: Scenario,
                  progress: Callable[[int], None] | None) -> None:
         self.world, self.w = world, writer
+        events, bg = scenario.events, scenario.background
+        # device -> [before_tokens + new_tokens, 2] shares; token k is row `before + k`
+        self.before = bg.before_tokens if bg else 0
+        self.background = bg.table(scenario.seed, scenario.device_names,
+                                   scenario.generation.new_tokens) if bg else {}
         self.loop = asyncio.get_running_loop()
         self.at_token: dict[int, list[Event]] = {}
         for e in events:
@@ -173,8 +178,16 @@ class _Hooks:
         if e.action == "set_link":
             await self.links()
 
+    async def load(self, k: int) -> None:
+        """Token k's background load (k < 0: before the run, when the controller watched it)."""
+        if self.background:
+            row = self.before + k
+            await self.world.background({n: (float(t[row, 0]), float(t[row, 1]))
+                                         for n, t in self.background.items()})
+
     async def before_token(self, k: int) -> None:
         self.k = k
+        await self.load(k)
         for e in self.at_token.get(k, []):
             await self._apply(e)
 
@@ -197,6 +210,7 @@ class _Hooks:
                 "compute_gflops": r["compute_flops"] / 1e9, "mem_peak": m["peak"],
                 "over_high": int(m["current"] > m["high_bytes"]), "high_events": m["high"],
                 "oom_events": m["oom"], "reserved_bytes": m["reserved_bytes"],
+                "background_bytes": m["background_bytes"],
             }
             self.w.telemetry(row)
             prev = self.last.get(name)
@@ -244,17 +258,22 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
     state["cluster"] = world
     try:
         await world.start()
-        hooks = _Hooks(world, writer, scen.events, progress)
+        hooks = _Hooks(world, writer, scen, progress)
         alg = instantiate(algorithm)
         ctl = scen.controller
         controller = Controller(scen, prep.model, alg, world.port(), (prep.ref_ids, prep.ref_logits),
                                 prep.prompt, writer, hooks,
                                 Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry,
-                                        frame_extra=world.frame_extra), world.oracle)
+                                        frame_extra=world.frame_extra, window=ctl.window_tokens),
+                                world.oracle)
         hooks.controller = controller
         state["controller"], state["hooks"] = controller, hooks
         if setup is not None:
             setup(world)
+        for k in range(-hooks.before, 0):  # the background load ran before the run, watched
+            await hooks.load(k)
+            await controller.observe(k)
+        await hooks.load(0)
         await controller.deploy()
         controller.t0 = world.loop.time()
         await hooks.start(controller.t0)

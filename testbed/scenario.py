@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import yaml
 
+from . import background as bg
 from .model import cost
 from .model.spec import PRESETS, ModelSpec
 from .placement import ALGORITHM_NAMES
@@ -142,12 +143,16 @@ class ControllerSpec:
     algorithm: str = "resource_aware"
     interval_tokens: int = 4
     telemetry: str = "measured"  # measured | oracle
+    # the planner sees each device's mean compute and least free memory over this many
+    # tokens (testbed/placement/window.py); 1: the latest observation
+    window_tokens: int = 1
 
     def to_dict(self) -> dict:
         return {
             "algorithm": self.algorithm,
             "interval_tokens": self.interval_tokens,
             "telemetry": self.telemetry,
+            "window_tokens": self.window_tokens,
         }
 
 
@@ -218,6 +223,7 @@ class Scenario:
     events: tuple[Event, ...] = ()
     description: str = ""
     emulation: EmulationSpec = EmulationSpec()
+    background: bg.BackgroundLoad | None = None  # co-tenant load per token (testbed/background.py)
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the parsed YAML
 
     def device(self, name: str) -> DeviceSpec:
@@ -258,6 +264,7 @@ class Scenario:
             "emulation": self.emulation.to_dict(),
             "events": [e.to_dict() for e in self.events
                        if e.at_token is None or e.at_token < self.generation.new_tokens],
+            **({"background_load": self.background.to_dict()} if self.background else {}),
         }
 
     def with_overrides(
@@ -284,7 +291,7 @@ class Scenario:
 # the format
 
 _TOP_KEYS = ("version", "name", "description", "seed", "model", "generation", "devices",
-             "source", "network", "controller", "emulation", "events")
+             "source", "network", "controller", "emulation", "events", "background_load")
 _TOP_REQUIRED = ("version", "name", "model", "generation", "devices")
 _MODEL_FIELDS = ("layers", "heads", "d_model", "d_ff", "vocab", "dtype", "kv_heads", "context")
 _DEVICE_KEYS = ("name", "compute_gflops", "memory_mib", "memory_share", "memory_high_mib", "host_blocks")
@@ -369,11 +376,12 @@ def parse(data: object, file: str = "<data>", model_gguf: str | None = None) -> 
     controller = _controller(r, top.get("controller", {}))
     emulation = _emulation(r, top.get("emulation", {}))
     events = _events(r, top.get("events", []), names, source, gen, network.default, whole)
+    background = bg.parse(r, top["background_load"], names) if "background_load" in top else None
     _check_fits(r, model, gen, devices, source, "model")
     return Scenario(
         name=name, file=file, version=version, seed=seed, model=model, generation=gen,
         devices=devices, source=source, network=network, controller=controller,
-        events=events, description=description, emulation=emulation, raw=data,
+        events=events, description=description, emulation=emulation, background=background, raw=data,
     )
 
 
@@ -582,7 +590,7 @@ def _known_device(r: _Reader, value: object, path: str, known: Iterable[str]) ->
 
 
 def _controller(r: _Reader, value: object) -> ControllerSpec:
-    c = r.mapping(value, "controller", ("algorithm", "interval_tokens", "telemetry"))
+    c = r.mapping(value, "controller", ("algorithm", "interval_tokens", "telemetry", "window_tokens"))
     d = ControllerSpec()
     return ControllerSpec(
         algorithm=r.choice(c.get("algorithm", d.algorithm), "controller.algorithm",
@@ -591,6 +599,7 @@ def _controller(r: _Reader, value: object) -> ControllerSpec:
                                "controller.interval_tokens", ge=1),
         telemetry=r.choice(c.get("telemetry", d.telemetry), "controller.telemetry",
                            _TELEMETRY, "telemetry"),
+        window_tokens=r.int_(c.get("window_tokens", d.window_tokens), "controller.window_tokens", ge=1),
     )
 
 

@@ -41,6 +41,7 @@ from .placement.problem import (
     memory_need,
     migration_delay,
 )
+from .placement.window import LoadWindow
 
 GB = 1e9
 OPT_ALGS = ["optimal", "resource_aware", "resource_aware_ls", "static", "greedy", "round_robin",
@@ -135,27 +136,34 @@ class RunResult:
                 "peak_device_memory_bytes": float(peak.max()), "peak_memory_sum_bytes": float(peak.sum())}
 
 
-def snapshot_at(inst: Instance, t: int, seq_len: int, interval: int, current: Placement | None,
-                truth: bool = False) -> Snapshot:
-    """The world at token t. As the controller sees it (default): compute at the mean
-    background load of the last HEADROOM_WINDOW tokens (measured rates are averages),
-    memory net of the largest load of that window (the load changes every token, so a plan
-    that only leaves today's load free runs out tomorrow). With `truth`, the load of token t
-    itself: what the token's latency and memory actually meet."""
-    spec = inst.spec
-    fixed = cost.source_weight_bytes(spec)
-    now = HEADROOM_WINDOW + t
-    window = inst.load[now - HEADROOM_WINDOW + 1: now + 1]
-    mem_load = inst.load[now] if truth else window.max(axis=0)
-    cpu_load = inst.load[now] if truth else window.mean(axis=0)
+def devices_at(inst: Instance, row: int) -> tuple[DeviceState, ...]:
+    """Every device as it is at row `row` of the load (token t is row HEADROOM_WINDOW + t)."""
+    fixed = cost.source_weight_bytes(inst.spec)
     devices = []
     for i in range(inst.n_devices):
-        mem = inst.memory[i]
-        taken = mem_load[i] * mem + (fixed if i == inst.source else 0)
-        devices.append(DeviceState(f"d{i}", float(inst.flops[i] * (1 - cpu_load[i])),
+        mem, load = inst.memory[i], inst.load[row, i]
+        taken = load * mem + (fixed if i == inst.source else 0)
+        devices.append(DeviceState(f"d{i}", float(inst.flops[i] * (1 - load)),
                                    int(max(0.0, 0.9 * mem - taken)), True, True, int(max(0.0, mem - taken))))
+    return tuple(devices)
+
+
+def snapshot_at(inst: Instance, t: int, seq_len: int, interval: int, current: Placement | None,
+                truth: bool = False) -> Snapshot:
+    """The world at token t. As the controller sees it (default): the `LoadWindow` view of
+    the last HEADROOM_WINDOW tokens, compute at their mean load (measured rates are
+    averages) and memory net of their largest load (the load changes every token, so a plan
+    that only leaves today's load free runs out tomorrow). With `truth`, the load of token t
+    itself: what the token's latency and memory actually meet."""
+    now = HEADROOM_WINDOW + t
+    devices = devices_at(inst, now)
+    if not truth:
+        window = LoadWindow(HEADROOM_WINDOW)
+        for row in range(now - HEADROOM_WINDOW + 1, now):
+            window.observe(row, devices_at(inst, row))
+        devices = window.observe(now, devices)
     V = inst.n_devices
-    return Snapshot(spec, tuple(devices), inst.rate, inst.latency, np.zeros((V, V)), inst.source,
+    return Snapshot(inst.spec, devices, inst.rate, inst.latency, np.zeros((V, V)), inst.source,
                     seq_len, interval, current)
 
 
@@ -167,11 +175,14 @@ def simulate(inst: Instance, algorithm: Any, interval: int = 1) -> RunResult:
     peak = np.zeros(inst.n_devices)
     fixed = np.zeros(inst.n_devices)
     fixed[inst.source] = cost.source_weight_bytes(spec)
+    window = LoadWindow(HEADROOM_WINDOW)  # watches every row, from the history on
+    for row in range(HEADROOM_WINDOW):
+        window.observe(row, devices_at(inst, row))
     for t in range(inst.tokens):
         n = inst.prompt + t  # positions held before this token
         stall = 0.0
-        snap = snapshot_at(inst, t, n, interval, placement)
         world = snapshot_at(inst, t, n, interval, placement, truth=True)
+        snap = world.with_(devices=window.observe(HEADROOM_WINDOW + t, world.devices))
         due = placement is None or (algorithm.dynamic and t % interval == 0)
         if placement is not None and not due:
             free = inst.memory * (1 - inst.load[HEADROOM_WINDOW + t]) - fixed  # the truth at this token
@@ -282,9 +293,16 @@ def timing_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def instance_to_scenario(inst: Instance, algorithm: str) -> dict[str, Any]:
-    """The instance as a scenario (its background load left out), to run it in the emulator:
-    devices d0..dN (d0 the source), every link as drawn, interval 1, oracle telemetry."""
+    """The instance as a scenario, to run it in the emulator as `simulate` runs it: devices
+    d0..dN (d0 the source), every link as drawn, re-planning at every token (as the
+    cross-check runs it), oracle telemetry, the planner's window of
+    HEADROOM_WINDOW tokens, and the background load as series for memory and compute alike.
+    Analytic token t is the emulator's decode token t + 1 (token 0 is the prefill), so the
+    series start HEADROOM_WINDOW - 1 tokens before the prefill: the window of the first
+    decision covers the same rows of the load in both."""
     names = [f"d{i}" for i in range(inst.n_devices)]
+    load = {n: {"memory": inst.load[:, i].tolist(), "compute": inst.load[:, i].tolist()}
+            for i, n in enumerate(names)}
     links = [{"between": [names[i], names[j]], "bandwidth_mbps": float(inst.rate[i, j] * 8 / 1e6),
               "latency_ms": float(inst.latency[i, j] * 1e3)}
              for i in range(inst.n_devices) for j in range(i + 1, inst.n_devices)]
@@ -294,4 +312,6 @@ def instance_to_scenario(inst: Instance, algorithm: str) -> dict[str, Any]:
                          "memory_mib": float(inst.memory[i] / 2**20)} for i, n in enumerate(names)],
             "source": names[inst.source],
             "network": {"default": {"bandwidth_mbps": 100, "latency_ms": 1}, "links": links},
-            "controller": {"algorithm": algorithm, "interval_tokens": 1, "telemetry": "oracle"}}
+            "controller": {"algorithm": algorithm, "interval_tokens": 1, "telemetry": "oracle",
+                           "window_tokens": HEADROOM_WINDOW},
+            "background_load": {"before_tokens": HEADROOM_WINDOW - 1, "devices": load}}

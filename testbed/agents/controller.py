@@ -41,6 +41,7 @@ from ..placement.problem import (
     epoch_objective,
 )
 from ..placement.protocol import Algorithm  # re-exported: the protocol used to live here
+from ..placement.window import LoadWindow
 from ..scenario import Scenario
 from . import protocol as P
 from .beliefs import Beliefs
@@ -104,6 +105,7 @@ class Options:
     stall_min_s: float = 1.0  # ... and longer than this
     max_attempts: int = 8  # per token, before the run fails
     frame_extra: int = 0  # bytes the transport adds to every frame (priced by the estimate)
+    window: int = 1  # tokens of observations the planner's view of load covers (LoadWindow)
 
 
 class Controller(Migrations, Recovery):
@@ -140,6 +142,7 @@ class Controller(Migrations, Recovery):
         self._belief: Snapshot | None = None  # the snapshot of the last decision
         self._tel_task: asyncio.Task[None] | None = None
         self._urgent: str | None = None  # a signal asks for a re-plan before the next token
+        self.window = LoadWindow(options.window)
 
     @property
     def devices(self) -> list[str]:
@@ -247,20 +250,38 @@ class Controller(Migrations, Recovery):
         if self.k == 0:
             n, interval = 0, len(self.prompt) + self.opt.interval
         if self.opt.telemetry == "oracle":
-            snap = await self.oracle(n, interval, self.placement)
-            lost = {self.devices.index(d) for d, a in zip(self.devices, self.beliefs.alive, strict=True) if not a}
-            if lost:  # the controller's own knowledge of departures
-                snap = snap.with_(devices=tuple(replace(d, alive=False) if i in lost else d
-                                                for i, d in enumerate(snap.devices)))
+            snap = await self._oracle(n, interval)
         else:
             if not self.beliefs.ready:
                 await self._telemetry_round()
             elif self._tel_task is None or self._tel_task.done():
                 self._tel_task = self.loop.create_task(self._telemetry_round())
             snap = self.beliefs.snapshot(n, interval, self.placement)
-        snap = snap.with_(frame_extra=self.opt.frame_extra)
+        snap = snap.with_(devices=self.window.observe(self.k, snap.devices), frame_extra=self.opt.frame_extra)
         self._belief = snap
         return snap
+
+    async def _oracle(self, n: int, interval: int) -> Snapshot:
+        snap = await self.oracle(n, interval, self.placement)
+        lost = {self.devices.index(d) for d, a in zip(self.devices, self.beliefs.alive, strict=True) if not a}
+        if lost:  # the controller's own knowledge of departures
+            snap = snap.with_(devices=tuple(replace(d, alive=False) if i in lost else d
+                                            for i, d in enumerate(snap.devices)))
+        return snap
+
+    async def observe(self, k: int) -> None:
+        """Watch the devices at token k (k < 0: before the run) for the planner's load
+        window; decisions observe by themselves. Only with a window of several tokens: the
+        view of a one-token window is the decision's own snapshot."""
+        if self.opt.window == 1:
+            return
+        if self.opt.telemetry == "oracle":
+            devices = (await self._oracle(0, 1)).devices
+        elif self.beliefs.ready:  # what the reports say so far; no extra round
+            devices = self.beliefs.snapshot(0, 1, None).devices
+        else:
+            return
+        self.window.observe(k, devices)
 
     async def _telemetry_round(self) -> None:
         replies = await self._ask({d: {"t": P.TELEMETRY, "probe_bytes": self.opt.probe_bytes}
@@ -375,6 +396,7 @@ class Controller(Migrations, Recovery):
         stall = 0.0
         migrations = mbytes = 0
         await asyncio.sleep(0)  # take in the signals that arrived before this token starts
+        await self.observe(k)
         if self._lost:
             await self._recover()
             stall += self.loop.time() - t_start

@@ -24,7 +24,7 @@ from ..model.blocks import weights_for
 from ..scenario import DeviceSpec, LinkSpec, Scenario
 from ..transport.codec import FrameError, decode, encode
 from ..transport.ws import WsEndpoint
-from .world import apply_to_device, apply_to_link, device_row, link_row, retimed
+from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger("agent")
 
@@ -128,6 +128,9 @@ class AgentProcess:
             if m["action"] == "set_link":
                 return {**ok, "detail": apply_to_link(self.ep.links[m["peer"]], m["fields"])}
             return {**ok, "detail": apply_to_device(self.agent, m["action"], m["fields"])}
+        if op == "background":  # this token's background load (testbed/background.py)
+            apply_background(self.agent, float(m["memory"]), float(m["compute"]))
+            return ok
         if op == "state":
             return {**ok, "device": device_row(self.agent), "lag": self.lag.stats(),
                     "frames": {"lost": self.ep.lost_frames, "refused": self.ep.refused},

@@ -26,7 +26,7 @@ from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot
 from ..scenario import DeviceSpec, Event, LinkSpec, Scenario
 from ..transport.inproc import InprocNetwork
-from .world import apply_to_device, apply_to_link, device_row, link_row, retimed
+from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,12 @@ class Cluster:
             fields = {"factor": e.factor, "take_mib": e.take_mib, "mib": e.mib}
             return apply_to_device(self.agents[e.device], e.action, fields)  # type: ignore[index]
         raise UnsupportedEvent(f"action {e.action!r} is not supported by the in-process cluster")
+
+    async def background(self, loads: dict[str, tuple[float, float]]) -> None:
+        """The background load for this token: device -> (memory share, compute share)."""
+        for name, (memory, compute) in loads.items():
+            if name not in self.failed:
+                apply_background(self.agents[name], memory, compute)
 
     async def _bring_up(self, agent: DeviceAgent) -> None:
         """A joined agent is reachable: it introduces itself to the controller."""

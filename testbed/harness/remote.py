@@ -246,6 +246,11 @@ class ProcessCluster:
         r = await self._control[e.device].request("event", action=e.action, fields=fields)  # type: ignore[index]
         return r["detail"]
 
+    async def background(self, loads: dict[str, tuple[float, float]]) -> None:
+        """The background load for this token: device -> (memory share, compute share)."""
+        await asyncio.gather(*(self._control[n].request("background", memory=m, compute=c)
+                               for n, (m, c) in loads.items() if n not in self.failed))
+
     # ------------------------------------------------------------------ truth
 
     async def _states(self) -> dict[str, dict[str, Any]]:

@@ -63,9 +63,9 @@ class DeviceState:
     def from_memory(cls, name: str, flops: float, mem: dict[str, int], host_blocks: bool = True,
                     alive: bool = True) -> DeviceState:
         """From a device's memory counters (`MemoryBudget.counters()`): blocks may use what
-        the soft limit (`high`) leaves after the source's share, co-tenants and pending
-        reservations; `hard_capacity` is the same up to `max`."""
-        other = mem["fixed_bytes"] + mem["pressure_bytes"] + mem["reserved_bytes"]
+        the soft limit (`high`) leaves after the source's share, co-tenants (events' and the
+        background load's) and pending reservations; `hard_capacity` is the same up to `max`."""
+        other = mem["fixed_bytes"] + mem["pressure_bytes"] + mem["background_bytes"] + mem["reserved_bytes"]
         return cls(name, flops, max(0, mem["high_bytes"] - other), host_blocks, alive,
                    max(0, mem["max_bytes"] - other))
 
