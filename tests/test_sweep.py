@@ -82,3 +82,28 @@ def test_quick_sweep_writes_its_csvs(tmp_path: Path) -> None:
     opt = [r for r in rows if r["algorithm"] == "optimal"]
     assert all(float(r["ratio_to_optimal"]) == 1.0 for r in opt)
     assert (tmp_path / "optimality_summary.csv").exists()
+
+
+def _dask() -> None:
+    pytest.importorskip("distributed", reason="the `cluster` extra is not installed "
+                        "(pip install -c constraints.txt -e '.[cluster]')")
+
+
+def test_a_local_dask_cluster_gives_the_same_csvs(tmp_path: Path) -> None:
+    """`optimality --quick --cluster local` against the local process pool: the same bytes."""
+    _dask()
+    args = ["optimality", "--quick", "--jobs", "2"]
+    assert cli.main([*args, "--out", str(tmp_path / "pool")]) == 0
+    assert cli.main([*args, "--cluster", "local", "--out", str(tmp_path / "dask")]) == 0
+    for name in ("optimality.csv", "optimality_summary.csv"):
+        assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes(), name
+    rows = list(csv.DictReader(open(tmp_path / "dask" / "optimality.csv")))
+    assert len(rows) == 3 * 4 * 9  # every size, instance and algorithm ran
+
+
+def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _dask()
+    assert cli.main(["optimality", "--quick", "--cluster", "tcp://127.0.0.1:9", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --cluster tcp://127.0.0.1:9: cannot reach a Dask scheduler") and "\n" not in err
+    assert not (tmp_path / "x").exists()  # nothing written
