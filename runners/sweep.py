@@ -219,26 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     revision = git_revision()  # before this sweep writes into a tracked directory
     summary: dict[str, list[dict[str, Any]]] = {}
     timing: list[dict[str, Any]] = []
+    titles = {"optimality": "per-token latency / optimum's (analytic mode)",
+              "scale": "head-level vs layer-based at scale (analytic mode)"}
     try:
-        with pool(args.jobs, args.cluster) as ex:
-            if args.experiment in ("optimality", "paper"):
-                rows, table = optimality(args, ex, console)
-                rows, t = split_timing(rows)
-                timing += t
-                write_csv(out / "optimality.csv", rows)
-                write_csv(out / "optimality_summary.csv", table)
-                print_table(console, "per-token latency / optimum's (analytic mode)", table)
-                summary["optimality"] = table
-            if args.experiment in ("scale", "paper"):
-                if args.experiment == "paper":
+        with pool(args.jobs, args.cluster) as ex:  # one pool (or cluster) for every experiment
+            for name, experiment in (("optimality", optimality), ("scale", scale)):
+                if args.experiment not in (name, "paper"):
+                    continue
+                if name == "scale" and args.experiment == "paper":
                     args.instances, args.tokens = (None, None) if not args.quick else (2, 40)
-                rows, table = scale(args, ex, console)
+                rows, table = experiment(args, ex, console)
                 rows, t = split_timing(rows)
                 timing += t
-                write_csv(out / "scale.csv", rows)
-                write_csv(out / "scale_summary.csv", table)
-                print_table(console, "head-level vs layer-based at scale (analytic mode)", table)
-                summary["scale"] = table
+                write_csv(out / f"{name}.csv", rows)
+                write_csv(out / f"{name}_summary.csv", table)
+                print_table(console, titles[name], table)
+                summary[name] = table
     except ClusterUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
