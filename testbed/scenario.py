@@ -9,7 +9,8 @@ Entry points: `load(path)`, `loads(text)`, `parse(mapping, file)`; each takes `m
 the runner's `--model-gguf`, which replaces the model section. `Scenario.to_dict()` gives
 the resolved scenario back as plain data (`parse(s.to_dict(), f) == s`, written to meta.json)
 and `Scenario.with_overrides()` applies the runner's `--seed/--tokens/--algorithm`.
-Validation stops at the first problem. What events do at run time is not owned here.
+Validation stops at the first problem. What events do at run time is not owned here; the
+optional `background_load` section is read by background.py with this module's reader.
 """
 
 from __future__ import annotations

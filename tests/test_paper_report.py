@@ -85,7 +85,7 @@ def test_the_cross_check_sentence_follows_whether_it_ran(tmp_path: Path) -> None
     assert "On 2 cross-check runs with background load" in on
     assert "at most 1.23 %" in on and "2 of 2 generated the reference tokens" in on
     assert "7 tokens, interval 1" in on and "2 small instances of 3 and 4 devices" in on
-    assert "background load (up to 29 %" in on and "by up to 25 % within a run" in on
+    assert "background load (up to 29.0 %" in on and "by up to 25 % within a run" in on
     assert "Migrations per run (analytic/emulated): 0/0, 2/2." in on
 
 

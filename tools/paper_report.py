@@ -344,7 +344,7 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
         mig = [c["migrations"] for c in checks]
         L += ["## Cross-check: analytic mode against the emulator", "",
               f"{len({c['instance'] for c in checks})} small instances of {_words(sorted({c['devices'] for c in checks}))} "
-              f"devices with the sweep's background load (up to {_pct(100 * max(c['load_max'] for c in checks)):s} of "
+              f"devices with the sweep's background load (up to {100 * max(c['load_max'] for c in checks):.1f} % of "
               "every device's memory and compute, drawn anew at every token), converted to scenarios",
               f"(`instance_to_scenario`: the load as per-token series) and run both ways, {_values(checks, 'tokens')} "
               f"tokens, interval {_values(checks, 'interval')}: the emulator with real tensors on the virtual clock and oracle",
