@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         ok &= all(r.get("faithful", True) for r in rows)
         if not args.no_doc:
             cmd = " ".join(["python -m tools.bench_realtime", *(argv if argv is not None else sys.argv[1:])])
-            write_between(args.doc, SECTION, f"Measured by `{cmd}` on {_machine()}:\n\n{table}")
+            write_between(args.doc, SECTION, f"Measured by `{cmd}` at revision `{experiment.git_revision()}` "
+                                             f"on {_machine()}:\n\n{table}")
     if "main" in parts:
         r = _main_job()
         report["main"] = r
