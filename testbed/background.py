@@ -24,8 +24,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-KEYS = ("before_tokens", "default", "devices")
 RESOURCES = ("memory", "compute")
+SECTION = "background_load"
+# the section's keys, part of the loader's one table (scenario.KEYS); a share given as a
+# distribution is a mapping of its own wherever a share may stand
+KEYS: dict[str, tuple[str, ...]] = {
+    SECTION: ("before_tokens", "default", "devices"),
+    f"{SECTION}.default": RESOURCES,
+    f"{SECTION}.devices[]": ("device", *RESOURCES),
+    **{f"{SECTION}.{where}.{r}": ("uniform",) for where in ("default", "devices[]") for r in RESOURCES},
+}
 STREAM = 0xB6  # keeps the load's draws apart from every other use of the scenario seed
 
 
@@ -33,8 +41,9 @@ class Reader(Protocol):
     """What this section needs of the scenario loader's reader (scenario._Reader)."""
 
     def fail(self, path: str, message: str) -> Any: ...
-    def mapping(self, value: object, path: str, allowed: tuple[str, ...] | None,
+    def section(self, value: object, path: str, sections: str | tuple[str, ...],
                 required: tuple[str, ...] = ()) -> dict: ...
+    def string(self, value: object, path: str) -> str: ...
     def list_(self, value: object, path: str) -> list: ...
     def int_(self, value: object, path: str, ge: int | None = None) -> int: ...
     def number(self, value: object, path: str, gt: float | None = None, ge: float | None = None) -> float: ...
@@ -101,31 +110,36 @@ class BackgroundLoad:
 
     def to_dict(self) -> dict[str, Any]:
         return {"before_tokens": self.before_tokens, "default": self.default.to_dict(),
-                "devices": {n: d.to_dict() for n, d in self.devices.items()}}
+                "devices": [{"device": n, **d.to_dict()} for n, d in self.devices.items()]}
 
 
-def parse(r: Reader, value: object, names: Sequence[str], path: str = "background_load") -> BackgroundLoad:
-    m = r.mapping(value, path, KEYS)
-    before = r.int_(m.get("before_tokens", 0), f"{path}.before_tokens", ge=0)
-    default = _device(r, m["default"], f"{path}.default") if "default" in m else DeviceLoad()
-    per = r.mapping(m.get("devices", {}), f"{path}.devices", None)
-    devices = {}
-    for name, entry in per.items():
+def parse(r: Reader, value: object, names: Sequence[str]) -> BackgroundLoad:
+    """The section, given the names of the declared devices (the load applies to them)."""
+    m = r.section(value, SECTION, SECTION)
+    before = r.int_(m.get("before_tokens", 0), f"{SECTION}.before_tokens", ge=0)
+    default = _device(r, m["default"], f"{SECTION}.default", "default") if "default" in m else DeviceLoad()
+    devices: dict[str, DeviceLoad] = {}
+    where: dict[str, int] = {}
+    for i, item in enumerate(r.list_(m.get("devices", []), f"{SECTION}.devices")):
+        p = f"{SECTION}.devices[{i}]"
+        name = r.string(r.section(item, p, f"{SECTION}.devices[]", ("device",))["device"], f"{p}.device")
         if name not in names:
-            r.fail(f"{path}.devices.{name}", f"unknown device {name!r} (background load applies to the "
-                   f"declared devices: {', '.join(names)})")
-        devices[name] = _device(r, entry, f"{path}.devices.{name}")
+            r.fail(f"{p}.device", f"unknown device {name!r} (the load applies to the declared devices: "
+                   f"{', '.join(names)})")
+        if name in devices:
+            r.fail(f"{p}.device", f"{name!r} already has its load in {SECTION}.devices[{where[name]}]")
+        devices[name], where[name] = _device(r, item, p, "devices[]"), i
     return BackgroundLoad(before, default, devices)
 
 
-def _device(r: Reader, value: object, path: str) -> DeviceLoad:
-    m = r.mapping(value, path, RESOURCES)
-    return DeviceLoad(**{k: _share(r, m[k], f"{path}.{k}") for k in RESOURCES if k in m})
+def _device(r: Reader, value: object, path: str, section: str) -> DeviceLoad:
+    m = r.section(value, path, f"{SECTION}.{section}")
+    return DeviceLoad(**{k: _share(r, m[k], f"{path}.{k}", f"{SECTION}.{section}.{k}") for k in RESOURCES if k in m})
 
 
-def _share(r: Reader, value: object, path: str) -> Share:
+def _share(r: Reader, value: object, path: str, section: str) -> Share:
     if isinstance(value, dict):
-        m = r.mapping(value, path, ("uniform",), ("uniform",))
+        m = r.section(value, path, section, ("uniform",))
         bounds = r.list_(m["uniform"], f"{path}.uniform")
         if len(bounds) != 2:
             r.fail(f"{path}.uniform", f"must be [low, high], got {len(bounds)} values")

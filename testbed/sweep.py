@@ -301,8 +301,8 @@ def instance_to_scenario(inst: Instance, algorithm: str) -> dict[str, Any]:
     series start HEADROOM_WINDOW - 1 tokens before the prefill: the window of the first
     decision covers the same rows of the load in both."""
     names = [f"d{i}" for i in range(inst.n_devices)]
-    load = {n: {"memory": inst.load[:, i].tolist(), "compute": inst.load[:, i].tolist()}
-            for i, n in enumerate(names)}
+    load = [{"device": n, "memory": inst.load[:, i].tolist(), "compute": inst.load[:, i].tolist()}
+            for i, n in enumerate(names)]
     links = [{"between": [names[i], names[j]], "bandwidth_mbps": float(inst.rate[i, j] * 8 / 1e6),
               "latency_ms": float(inst.latency[i, j] * 1e3)}
              for i in range(inst.n_devices) for j in range(i + 1, inst.n_devices)]

@@ -24,7 +24,7 @@ background_load:
   before_tokens: 2
   default: {memory: 0.1, compute: {uniform: [0.0, 0.3]}}
   devices:
-    laptop: {memory: [0.2, 0.4], compute: 0.5}
+    - {device: laptop, memory: [0.2, 0.4], compute: 0.5}
 """
 
 
@@ -67,9 +67,9 @@ def test_draws_follow_the_seed_and_not_the_run_length() -> None:
 def _loaded(new_tokens: int = 6, **controller: object) -> dict:
     d = scenario_dict(n_devices=3, new_tokens=new_tokens, memory_mib=64, algorithm="static", interval=1)
     d["controller"].update(controller)
-    d["background_load"] = {"before_tokens": 3, "devices": {
-        "src": {"memory": [0.1, 0.2, 0.3, 0.4, 0.5], "compute": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]},
-        "a": {"memory": {"uniform": [0.0, 0.5]}, "compute": {"uniform": [0.0, 0.9]}}}}
+    d["background_load"] = {"before_tokens": 3, "devices": [
+        {"device": "src", "memory": [0.1, 0.2, 0.3, 0.4, 0.5], "compute": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]},
+        {"device": "a", "memory": {"uniform": [0.0, 0.5]}, "compute": {"uniform": [0.0, 0.9]}}]}
     return d
 
 
@@ -100,7 +100,7 @@ def test_a_co_tenant_past_the_memory_refuses_the_next_append(tmp_path: Path) -> 
     away (an oom emergency) and still generates the reference's tokens."""
     d = scenario_dict(n_devices=3, new_tokens=8, memory_mib=64, interval=4)
     d["devices"][1]["memory_mib"] = 1  # a: room for gpt-tiny's heads (about 0.1 MiB), not 99 % more
-    d["background_load"] = {"devices": {"a": {"memory": [0.0, 0.0, 0.0, 0.99]}}}
+    d["background_load"] = {"devices": [{"device": "a", "memory": [0.0, 0.0, 0.0, 0.99]}]}
     scen = parse(d, "<squeeze>")
     prep = experiment.prepare(scen)
     heads_on_a = [1 if b.kind == "head" else 0 for b in prep.model.blocks]

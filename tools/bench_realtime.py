@@ -1,15 +1,17 @@
 """Real-time fidelity: real-clock runs against their virtual-clock twins, links and lag.
 
 `python -m tools.bench_realtime [--part scenarios,main,links,lag] [--scenarios A,B]
-[--tokens N] [--readme README.md] [--seconds S] [--rates ...] [--agents 8,16,32] [--json PATH]`
+[--tokens N] [--doc FILE | --no-doc] [--seconds S] [--rates ...] [--agents 8,16,32] [--json PATH]`
 
 - scenarios (the default part): every shipped scenario (first `--tokens` tokens), run on
   the virtual clock, then on the real clock as a user runs it (time scale `auto`,
   calibrated for each mode) in process and with one process per agent over websockets.
   Each real-clock run is compared with its virtual twin (`testbed.twin`): mean per-token
   latency within 5 %, p95 within 10 %, migrations within 20 %, at most 1 % of jobs
-  overrunning, the reference's tokens. `--readme FILE` writes the table between the
-  `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->` lines of FILE.
+  overrunning, the reference's tokens. The table, with the command that measured it, is
+  written between the `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->`
+  lines of docs/fidelity.md (`--doc FILE` for another file, `--readme FILE` its old name;
+  `--no-doc` only prints it), replacing the table there: run every scenario.
 
 - links: two agent processes; the sender keeps its emulated link to the other busy with
   probe frames (1 to 1000 Mbit/s, 5 ms latency). Throughput is measured at the receiver
@@ -47,8 +49,11 @@ from testbed.emulation.clock import run as run_loop
 from testbed.harness.remote import ProcessCluster
 from testbed.results import percentile
 from testbed.scenario import Event, load, parse
+from tools.markers import read_between, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "fidelity.md"  # where the scenarios table lives
+SECTION = "bench_realtime"
 RATES = (1.0, 10.0, 100.0, 1000.0)
 SIZES = {1.0: 1500, 10.0: 4096, 100.0: 16384, 1000.0: 65536}
 
@@ -153,22 +158,6 @@ def _main_job() -> dict[str, Any]:
             "overrun": {k: v["overrun_fraction"] for k, v in res.items() if k.startswith("real")}, "pass": ok}
 
 
-BEGIN, END = "<!-- bench_realtime:begin -->", "<!-- bench_realtime:end -->"
-
-
-def write_between_markers(path: Path, text: str) -> None:
-    """Replace what lies between the BEGIN and END lines of `path` (written whole, or not
-    at all if the markers are missing)."""
-    doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"error: {path}: no {BEGIN} ... {END} section to write the table into")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------------------- links
 
 async def _links(rates: list[float], seconds: float) -> list[dict[str, Any]]:
@@ -248,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="scenario names (scenarios/NAME.yaml) for the scenarios part")
     ap.add_argument("--calibrate-only", default="",
                     help="scenario names to calibrate but not run (their real-clock runs take too long)")
-    ap.add_argument("--readme", type=Path, help="write the scenarios table into this file's bench_realtime section")
+    ap.add_argument("--doc", "--readme", dest="doc", type=Path, default=DOC,
+                    help="write the scenarios table into this file's bench_realtime section "
+                         "(default: docs/fidelity.md; --readme is its old name)")
+    ap.add_argument("--no-doc", action="store_true", help="print the scenarios table, write it nowhere")
     ap.add_argument("--seconds", type=float, default=1.5, help="bulk traffic per rate (links)")
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="Mbit/s (links)")
     ap.add_argument("--tokens", type=int, default=48,
@@ -257,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args(argv)
     parts = set(args.part.split(","))
+    if "scenarios" in parts and not args.no_doc:  # before an hour of runs, not after
+        text = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else ""
+        if read_between(text, SECTION) is None:
+            print(f"error: {args.doc}: no <!-- {SECTION}:begin --> ... <!-- {SECTION}:end --> section "
+                  "to write the table into (or give --no-doc)", file=sys.stderr)
+            return 2
     report: dict[str, Any] = {}
     ok = True
     if "scenarios" in parts:
@@ -267,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         table = scenarios_table(rows)
         print(table)
         ok &= all(r.get("faithful", True) for r in rows)
-        if args.readme:
+        if not args.no_doc:
             cmd = " ".join(["python -m tools.bench_realtime", *(argv if argv is not None else sys.argv[1:])])
-            write_between_markers(args.readme, f"Measured by `{cmd}` on {_machine()}:\n\n{table}")
+            write_between(args.doc, SECTION, f"Measured by `{cmd}` at revision `{experiment.git_revision()}` "
+                                             f"on {_machine()}:\n\n{table}")
     if "main" in parts:
         r = _main_job()
         report["main"] = r
