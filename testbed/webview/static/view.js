@@ -136,10 +136,18 @@
 
   // ------------------------------------------------------------------ drawing
 
+  // While a run goes on, updates arrive four times a second; drawing at most twice a
+  // second halves what watching costs the machine (the run may share it) and still follows.
+  const LIVE_DRAW_MS = 500;
+  let lastDraw = 0;
+
   function schedule() {
     if (S.pending) return;
     S.pending = true;
-    (document.hidden ? (f) => setTimeout(f, 50) : requestAnimationFrame)(() => { S.pending = false; draw(); });
+    const live = S.mode === "live" && !S.finished && !S.ended;
+    const wait = live ? Math.max(0, lastDraw + LIVE_DRAW_MS - performance.now()) : 0;
+    const go = () => { S.pending = false; lastDraw = performance.now(); draw(); };
+    setTimeout(() => (document.hidden ? go() : requestAnimationFrame(go)), wait);
   }
 
   function draw() {
@@ -162,8 +170,9 @@
   function drawHeader(live) {
     const r0 = S.runs[0];
     const scen = r0 ? (r0.meta.scenario || {}) : {};
-    $("title").textContent = scen.name ? `${scen.name}` : "edge-llm testbed";
-    document.title = `${scen.name || "testbed"} · ${S.mode || "view"}`;
+    const names = [...new Set(S.runs.map((r) => (r.meta.scenario || {}).name).filter(Boolean))];
+    $("title").textContent = names.length > 1 ? `${names.length} scenarios: ${names.join(", ")}` : scen.name || "edge-llm testbed";
+    document.title = `${names.length > 1 ? "runs" : scen.name || "testbed"} · ${S.mode || "view"}`;
     const m = r0 ? r0.meta : {};
     $("subtitle").textContent = r0
       ? `${(scen.model || {}).preset || (scen.model || {}).gguf || "model"}, ${(scen.devices || []).length} devices, ` +
@@ -215,8 +224,11 @@
     const svg = $("latency");
     // drawn at the element's own width, so that text is never stretched
     const W = Math.max(400, Math.round(svg.getBoundingClientRect().width) || 960), H = 300, L = 56, R = 14, T = 22, B = 30;
-    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     const runs = visible();
+    const key = [W, S.token, ...runs.map(([r, i]) => `${i}:${r.tokens.length}:${r.events.length}:${r.status}`)].join("|");
+    if (svg.dataset.key === key) return;
+    svg.dataset.key = key;
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     let n = 1;
     const ys = [];
     for (const [r] of runs) {
@@ -301,6 +313,10 @@
         box.appendChild(card);
       }
       const k = Math.min(S.token, num(r.token) === null ? 0 : r.token);
+      // redrawn only when something it shows changed
+      const key = [k, i, r.status, ...TABLES.map((t) => r[t].length), Object.keys(colors).length].join("|");
+      if (card.dataset.key === key) return;
+      card.dataset.key = key;
       card.innerHTML = cardHtml(r, i, k, colors);
     });
   }
@@ -314,6 +330,7 @@
       ` <span class="runstatus ${cls}">${esc(st)}</span></h3>` +
       `<div class="muted small">token ${k} of ${num(r.token) === null ? "-" : r.token}` +
       (s ? ` · mean ${fmt(s.mean)} ms, p95 ${fmt(s.p95)} ms, ${r.summary.migrations} migrations` : "") + "</div>" +
+      (r.summary && r.summary.fidelity && r.summary.fidelity.distorted ? `<div class="warn small">distorted: ${esc(r.summary.fidelity.reason)}</div>` : "") +
       `<div class="row"><div><h4>Placement at token ${k}</h4>${placementSvg(r, k, colors)}</div>` +
       `<div class="grow"><h4>Memory</h4>${memoryHtml(r, k, colors)}<h4>Links</h4>${linksHtml(r, k)}</div></div>` +
       `<h4>Events up to token ${k}</h4>${eventsHtml(r, k)}`;
