@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-scale", type=float, default=10.0, help="real clock's time scale (default 10)")
     p.add_argument("--client", choices=("browser", "stream"), default="browser")
     p.add_argument("--json", type=Path, help="also write every run's figures here")
+    p.add_argument("--summarize", type=Path, metavar="JSON",
+                   help="only print the comparison of the runs in a --json file written before")
     return p.parse_args(argv)
 
 
@@ -133,8 +135,40 @@ def one_run(args: argparse.Namespace, clock: str, live: bool, out: Path, driver:
             "overrun_fraction": summary.get("overrun_fraction", 0.0), "tokens": summary["tokens"], **client}
 
 
+def _span(rows: list[dict[str, Any]]) -> str:
+    xs = [r["run_wall_s"] for r in rows]
+    return f"{min(xs):.2f}-{max(xs):.2f} s"
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    xs = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(rows: list[dict[str, Any]], client: str) -> bool:
+    """Print the comparison per clock; whether every clock met the target."""
+    ok = True
+    for clock in dict.fromkeys(r["clock"] for r in rows):
+        plain = [r for r in rows if r["clock"] == clock and not r["live"]]
+        live = [r for r in rows if r["clock"] == clock and r["live"]]
+        a, b = _median(plain, "run_wall_s"), _median(live, "run_wall_s")
+        diff = b / a - 1
+        ok &= diff <= TARGET
+        print(f"{clock} clock, medians of {len(plain)} pairs: run wall time without --live {a:.2f} s, with --live "
+              f"and a connected {client} {b:.2f} s ({diff:+.1%}; target at most {TARGET:+.0%}: "
+              f"{'met' if diff <= TARGET else 'NOT met'}; spread {_span(plain)} and {_span(live)}); runner CPU "
+              f"{_median(plain, 'run_cpu_s'):.2f} s and {_median(live, 'run_cpu_s'):.2f} s; overruns "
+              f"{_median(plain, 'overrun_fraction'):.1%} and {_median(live, 'overrun_fraction'):.1%}"
+              + (f"; browser CPU {_median(plain, 'browser_cpu_s'):.2f} s (blank page) and "
+                 f"{_median(live, 'browser_cpu_s'):.2f} s (the live page)" if client == "browser" else ""))
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        data = json.loads(args.summarize.read_text())
+        return 0 if summarize(data["runs"], data["client"]) else 1
     clocks = [c.strip() for c in args.clocks.split(",") if c.strip()]
     if not clocks or any(c not in ("virtual", "real") for c in clocks) or args.repeats < 1:
         print("error: --clocks takes virtual and/or real; --repeats must be >= 1", file=sys.stderr)
@@ -167,19 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         if driver is not None:
             driver.quit()
     print()
-    ok = True
-    for clock in clocks:
-        plain = [r["run_wall_s"] for r in rows if r["clock"] == clock and not r["live"]]
-        live = [r["run_wall_s"] for r in rows if r["clock"] == clock and r["live"]]
-        a, b = statistics.median(plain), statistics.median(live)
-        diff = b / a - 1
-        ok &= diff <= TARGET
-        print(f"{clock} clock: run wall time, median of {len(plain)}: without --live {a:.2f} s, "
-              f"with --live and a connected {args.client} {b:.2f} s ({diff:+.1%}; target at most "
-              f"{TARGET:+.0%}: {'met' if diff <= TARGET else 'NOT met'}); "
-              f"spread without {min(plain):.2f}-{max(plain):.2f} s, with {min(live):.2f}-{max(live):.2f} s")
+    ok = summarize(rows, args.client)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"client": args.client, "runs": rows}, indent=2) + "\n")
     return 0 if ok else 1
 
 

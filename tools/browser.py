@@ -100,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrowserUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from selenium.common.exceptions import WebDriverException
+
     try:
-        driver.get(args.url)
         try:
+            driver.get(args.url)
             wait_for(driver, args.wait_until, args.timeout)
-        except TimeoutError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (TimeoutError, WebDriverException) as e:
+            print(f"error: {args.url}: {str(getattr(e, 'msg', None) or e).splitlines()[0]}", file=sys.stderr)
             return 1
         errors = console_errors(driver)
         if errors:

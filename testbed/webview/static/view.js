@@ -185,7 +185,7 @@
       const cur = S.runs[S.runs.length - 1];
       const where = cur.token === null || cur.token === undefined ? "starting" : `token ${cur.token + 1} of ${newTokens(cur) || "?"}`;
       if (live) text = `live · ${cur.label || cur.meta.algorithm}: ${cur.status === "running" ? where : statusText(cur)}`;
-      else if (S.lost) text = "connection lost (the run ended, or its server stopped); showing what arrived";
+      else if (S.lost) text = "connection lost (the run ended, or its server stopped): showing what arrived; reload to reconnect";
       else text = "run finished";
       if (S.note && live) text += ` · ${S.note}`;
     } else text = `${S.runs.length} run${S.runs.length > 1 ? "s" : ""}${S.mode === "report" ? " (report)" : ""}`;
