@@ -154,9 +154,15 @@ def summarize(rows: list[dict[str, Any]], client: str) -> bool:
         a, b = _median(plain, "run_wall_s"), _median(live, "run_wall_s")
         diff = b / a - 1
         ok &= diff <= TARGET
+        # the two runs of a pair ran back to back, so under the same other load: their ratio
+        # is steadier than the ratio of the medians when the machine's load changes
+        mine = [r for r in rows if r["clock"] == clock]
+        ratios = [(y if y["live"] else x)["run_wall_s"] / (x if y["live"] else y)["run_wall_s"] - 1
+                  for x, y in zip(mine[::2], mine[1::2], strict=False)]
         print(f"{clock} clock, medians of {len(plain)} pairs: run wall time without --live {a:.2f} s, with --live "
               f"and a connected {client} {b:.2f} s ({diff:+.1%}; target at most {TARGET:+.0%}: "
-              f"{'met' if diff <= TARGET else 'NOT met'}; spread {_span(plain)} and {_span(live)}); runner CPU "
+              f"{'met' if diff <= TARGET else 'NOT met'}; spread {_span(plain)} and {_span(live)}); median of "
+              f"the pairs' differences {statistics.median(ratios):+.1%}; runner CPU "
               f"{_median(plain, 'run_cpu_s'):.2f} s and {_median(live, 'run_cpu_s'):.2f} s; overruns "
               f"{_median(plain, 'overrun_fraction'):.1%} and {_median(live, 'overrun_fraction'):.1%}"
               + (f"; browser CPU {_median(plain, 'browser_cpu_s'):.2f} s (blank page) and "

@@ -299,10 +299,19 @@
       (top > ymax ? `Axis cut at ${fmt(ymax, 1)} ms; taller tokens are marked at the top with their latency.` : "");
   }
 
+  // how many of `rows` are at or before token k (rows arrive in token order)
+  function upto(rows, k) {
+    let n = rows.length;
+    while (n > 0 && rows[n - 1].token > k) n--;
+    return n;
+  }
+
   function drawCards(colors) {
     const box = $("cards");
     const runs = visible();
-    // one card per run, kept across updates (so a hover or a selection survives a redraw)
+    // one card per run, kept across updates; each part of it is redrawn only when what it
+    // shows changed (during a run that is mostly the memory: the placement, links and
+    // events change at a few tokens only)
     for (const el of Array.from(box.children)) if (!runs.some(([r]) => r.id === el.dataset.run)) el.remove();
     runs.forEach(([r, i]) => {
       let card = box.querySelector(`[data-run="${CSS.escape(r.id)}"]`);
@@ -310,18 +319,33 @@
         card = document.createElement("article");
         card.className = "card";
         card.dataset.run = r.id;
+        card.innerHTML = `<div class="part head"></div><div class="row"><div><h4>Placement at token <span class="k-at"></span></h4>` +
+          `<div class="part placement-box"></div></div><div class="grow"><h4>Memory</h4><div class="part memory"></div>` +
+          `<h4>Links</h4><div class="part links-box"></div></div></div><h4>Events up to token <span class="k-at"></span></h4>` +
+          `<div class="part events-box"></div>`;
         box.appendChild(card);
       }
       const k = Math.min(S.token, num(r.token) === null ? 0 : r.token);
-      // redrawn only when something it shows changed
-      const key = [k, i, r.status, ...TABLES.map((t) => r[t].length), Object.keys(colors).length].join("|");
-      if (card.dataset.key === key) return;
-      card.dataset.key = key;
-      card.innerHTML = cardHtml(r, i, k, colors);
+      const ndev = Object.keys(colors).length;
+      for (const el of card.querySelectorAll(".k-at")) el.textContent = String(k);
+      part(card, ".head", [k, i, r.status, r.token, r.summary ? 1 : 0], () => headHtml(r, i, k));
+      part(card, ".placement-box", [upto(r.placements, k), k === 0 || r.placements.some((p) => p.token === k), ndev],
+        () => placementSvg(r, k, colors));
+      part(card, ".memory", [upto(r.telemetry, k), ndev], () => memoryHtml(r, k, colors));
+      part(card, ".links-box", [upto(r.links, k)], () => linksHtml(r, k));
+      part(card, ".events-box", [upto(r.events, k)], () => eventsHtml(r, k));
     });
   }
 
-  function cardHtml(r, i, k, colors) {
+  function part(card, selector, key, html) {
+    const el = card.querySelector(selector);
+    const k = key.join("|");
+    if (el.dataset.key === k) return;
+    el.dataset.key = k;
+    el.innerHTML = html();
+  }
+
+  function headHtml(r, i, k) {
     const c = RUN_COLORS[i % RUN_COLORS.length];
     const st = statusText(r);
     const cls = st === "completed" ? "ok" : st.startsWith("failed") || st.startsWith("ended") ? "bad" : "";
@@ -330,10 +354,7 @@
       ` <span class="runstatus ${cls}">${esc(st)}</span></h3>` +
       `<div class="muted small">token ${k} of ${num(r.token) === null ? "-" : r.token}` +
       (s ? ` · mean ${fmt(s.mean)} ms, p95 ${fmt(s.p95)} ms, ${r.summary.migrations} migrations` : "") + "</div>" +
-      (r.summary && r.summary.fidelity && r.summary.fidelity.distorted ? `<div class="warn small">distorted: ${esc(r.summary.fidelity.reason)}</div>` : "") +
-      `<div class="row"><div><h4>Placement at token ${k}</h4>${placementSvg(r, k, colors)}</div>` +
-      `<div class="grow"><h4>Memory</h4>${memoryHtml(r, k, colors)}<h4>Links</h4>${linksHtml(r, k)}</div></div>` +
-      `<h4>Events up to token ${k}</h4>${eventsHtml(r, k)}`;
+      (r.summary && r.summary.fidelity && r.summary.fidelity.distorted ? `<div class="warn small">distorted: ${esc(r.summary.fidelity.reason)}</div>` : "");
   }
 
   function placementSvg(r, k, colors) {
