@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -167,11 +168,16 @@ class Live:
 
     def __init__(self, host: str, port: int) -> None:
         from testbed.harness.agent_server import TOKEN_ENV
-        from testbed.webview.server import ViewServer
+        from testbed.webview.server import LOOPBACK, ViewServer
         from testbed.webview.state import Feed
 
         self.feed = Feed("live")
-        self.server = ViewServer(self.feed, host, port, token=os.environ.get(TOKEN_ENV) or None)
+        # the run's token: the agents' (TESTBED_RUN_TOKEN) if given; off loopback without
+        # one, a new one, which the agents this run starts then read from the environment
+        token = os.environ.get(TOKEN_ENV) or None
+        if token is None and host not in LOOPBACK:
+            token = os.environ[TOKEN_ENV] = secrets.token_urlsafe(24)
+        self.server = ViewServer(self.feed, host, port, token=token)
 
     def start(self) -> str:
         return self.server.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -24,6 +25,7 @@ import pytest
 
 from runners import run as cli
 from testbed import experiment
+from testbed.harness.agent_server import TOKEN_ENV
 from testbed.scenario import load
 from testbed.webview.page import inline_json, render
 from testbed.webview.server import ViewServer
@@ -241,12 +243,22 @@ def test_api_state_has_every_token_so_far_during_a_run(prep: experiment.Prepared
             assert all(_close(x, y) for x, y in zip(a, b, strict=True)), (table, a, b)
 
 
-def test_runner_live_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_runner_live_option(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     scen = str(ROOT / "scenarios/steady.yaml")
     status = cli.main([scen, "--clock", "virtual", "--tokens", "3", "--out", str(tmp_path), "--live", "0"])
     got = capsys.readouterr()
     assert status == 0, got.err
     assert re.search(r"^live view: http://127\.0\.0\.1:\d+/$", got.out, re.M), got.out
+    # off loopback: the printed URL carries the run's token, the one its agents get too
+    monkeypatch.delenv(TOKEN_ENV, raising=False)  # restored afterwards if it was set
+    try:
+        status = cli.main([scen, "--clock", "virtual", "--tokens", "2", "--out", str(tmp_path),
+                           "--live", "0", "--live-host", "127.0.0.2", "--quiet"])
+        m = re.search(r"live view: http://127\.0\.0\.2:\d+/\?token=(\S+)", capsys.readouterr().err)
+        assert status == 0 and m and m.group(1) == os.environ[TOKEN_ENV]
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
     # bad input: one line, exit 2, no run directory
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
