@@ -34,7 +34,11 @@ from typing import Any
 
 import psutil
 
+from testbed.webview.server import dumps
+from testbed.webview.state import TABLES, Cursor, Feed, RunRecord
+
 from .browser import BrowserUnavailable, browser
+from .view import load_feed
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.05
@@ -131,8 +135,32 @@ def one_run(args: argparse.Namespace, clock: str, live: bool, out: Path, driver:
         raise RuntimeError(f"run failed ({p.returncode}): {stdout[-500:]} {stderr[-500:]}")
     summary = json.loads((Path(m.group(2)) / "summary.json").read_text())
     return {"clock": clock, "live": live, "run_wall_s": summary["wall_s"], "process_wall_s": round(wall, 3),
-            "run_cpu_s": summary.get("host", {}).get("run_cpu_s"),
+            "run_cpu_s": summary.get("host", {}).get("run_cpu_s"), "run_dir": m.group(2),
             "overrun_fraction": summary.get("overrun_fraction", 0.0), "tokens": summary["tokens"], **client}
+
+
+def delta_cost(run_dir: Path) -> tuple[int, float, int]:
+    """What the live server's thread does for one page, replayed on a finished run's rows:
+    one update per token (its rows, the devices' telemetry and what else was written
+    before the next token) plus one empty check, as `ViewServer` sends them. (updates, CPU
+    milliseconds in all, bytes)."""
+    src = load_feed([run_dir], "view").runs[0]
+    feed = Feed("live")
+    rec = feed.add(RunRecord("bench", str(run_dir), "bench"))
+    rec.record("meta.json", src.meta)
+    cursor = Cursor()
+    feed.snapshot(cursor)
+    by_token: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    for table, (name, _) in TABLES.items():
+        for row in src.rows[table]:
+            by_token.setdefault(int(row.get("token") or 0), []).append((name, row))
+    t0, sent = time.thread_time(), 0
+    for k in sorted(by_token):
+        for name, row in by_token[k]:
+            rec.record(name, row)
+        sent += len(dumps(feed.delta(cursor)))
+        feed.delta(cursor)
+    return len(by_token), (time.thread_time() - t0) * 1e3, sent
 
 
 def _span(rows: list[dict[str, Any]]) -> str:
@@ -203,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {clock:7s} {'live' if live else 'plain':5s} run {r['run_wall_s']:7.2f} s, "
                               f"process {r['process_wall_s']:7.2f} s, runner CPU {r['run_cpu_s']:.2f} s, overruns {r['overrun_fraction']:.1%}{extra}",
                               flush=True)
+            n, ms, size = delta_cost(Path(rows[-1]["run_dir"]))
+            print(f"  the server's work for one page, replayed on the last run's rows: {n} updates, "
+                  f"{ms:.1f} ms of CPU in all ({ms / n * 1e3:.0f} us each), {size / 1024:.0f} KiB", flush=True)
     finally:
         if driver is not None:
             driver.quit()
