@@ -32,14 +32,8 @@ from typing import Any, Protocol
 import torch
 
 from ..model.spec import ModelSpec
-from ..placement.plugins import PluginFailed
-from ..placement.problem import (
-    Infeasible,
-    LatencyModel,
-    Placement,
-    Snapshot,
-    epoch_objective,
-)
+from ..placement.policy import Policy, Stop, TokenCharge
+from ..placement.problem import LatencyModel, Placement, Snapshot
 from ..placement.protocol import Algorithm  # re-exported: the protocol used to live here
 from ..scenario import Scenario
 from . import protocol as P
@@ -121,6 +115,7 @@ class Controller(Migrations, Recovery):
         self.ref_ids, self.ref_logits = reference
         self.prompt = prompt
         self.rec, self.hooks, self.opt, self.oracle = recorder, hooks, options, oracle
+        self.policy = Policy(algorithm, options.interval, len(prompt))
         self.loop = asyncio.get_running_loop()
         self.placement: Placement | None = None
         self.route_version = 0
@@ -237,15 +232,13 @@ class Controller(Migrations, Recovery):
 
     def seq_len(self) -> int:
         """Positions every cache holds before the token being produced."""
-        return len(self.prompt) + self.k - 1 if self.k > 0 else 0
+        return self.policy.seq_len(self.k)
 
     async def snapshot(self) -> Snapshot:
         """The view for a decision now. Oracle: the emulator's truth. Measured: the latest
         reports; a fresh round is requested and not waited for (it informs the next
         epoch), except when nothing has been heard yet."""
-        n, interval = self.seq_len(), self.opt.interval
-        if self.k == 0:
-            n, interval = 0, len(self.prompt) + self.opt.interval
+        n, interval = self.policy.horizon(self.k)
         if self.opt.telemetry == "oracle":
             snap = await self.oracle(n, interval, self.placement)
             lost = {self.devices.index(d) for d, a in zip(self.devices, self.beliefs.alive, strict=True) if not a}
@@ -289,42 +282,28 @@ class Controller(Migrations, Recovery):
     async def deploy(self) -> None:
         """Initial placement: plan, load blocks from local weights, route."""
         snap = await self.snapshot()
-        placement = self._plan(snap, "initial")
+        try:
+            placement = self._plan(snap, "initial")
+        except Stop as e:
+            raise self._stopped(e) from None
         await self._load({b.name: self.devices[j] for b, j in placement.items()}, "deployment")
         await self._route(placement)
         self.rec.placement(0, [(b.name, self.devices[j]) for b, j in placement.items()])
 
     def _plan(self, snap: Snapshot, reason: str) -> Placement:
-        w0 = time.perf_counter()
-        try:
-            try:
-                new = self.alg.place(snap)
-            except Infeasible:
-                # no placement keeps every device under its soft limit: use the headroom
-                snap = snap.hard()
-                new = self.alg.place(snap)
-                reason += ",hard_limits"
-        except Infeasible as e:
-            self.rec.event(self.now(), self.k, "infeasible", self.alg.name, str(e))
-            raise RunFailed(f"infeasible: {e}") from None
-        except PluginFailed as e:  # a plug-in raised or answered an invalid placement
-            self.rec.event(self.now(), self.k, "algorithm_error", self.alg.name, str(e))
-            raise RunFailed(str(e), e.record()) from None
-        except (ValueError, RuntimeError) as e:  # e.g. an exact solver refusing or timing out
-            self.rec.event(self.now(), self.k, "algorithm_error", self.alg.name, str(e))
-            raise RunFailed(f"{self.alg.name} failed: {e}") from None
+        w0 = time.perf_counter()  # decision time is the host's: wall clock, for the record only
+        d = self.policy.decide(snap, reason)
         ms = (time.perf_counter() - w0) * 1e3
         self.stats.decision_ms.append(ms)
         self.stats.replans += 1
-        gain = ""
-        if snap.current is not None:
-            lm = LatencyModel(snap)
-            g = epoch_objective(snap, snap.current, lm) - epoch_objective(snap, new, lm)
-            gain = f" predicted_gain_ms={g * 1e3:.3f}" if math.isfinite(g) else ""
-        moves = len(snap.current.moves(new)) if snap.current is not None else len(self.model.blocks)
-        self.rec.event(self.now(), self.k, "replan", self.alg.name,
-                       f"reason={reason} decision_ms={ms:.3f} moves={moves}{gain}")
-        return new
+        self.rec.event(self.now(), self.k, "replan", self.alg.name, d.describe(ms))
+        return d.placement
+
+    def _stopped(self, e: Stop) -> RunFailed:
+        """The policy stops the run: record its event, if any, and fail."""
+        if e.event is not None:
+            self.rec.event(self.now(), self.k, e.event, self.alg.name, e.detail)
+        return RunFailed(e.message, e.record)
 
     async def epoch(self, reason: str) -> tuple[int, int]:
         """Re-plan and migrate; returns (migrations, bytes) applied."""
@@ -369,25 +348,30 @@ class Controller(Migrations, Recovery):
     async def produce(self, k: int) -> dict[str, Any]:
         """Produce token k (k = 0 is the prefill); returns its tokens.csv row."""
         self.k = k
+        try:
+            return await self._produce(k)
+        except Stop as e:  # the policy's verdict, from a decision or an emergency
+            raise self._stopped(e) from None
+
+    async def _produce(self, k: int) -> dict[str, Any]:
         if self._fault:
             raise RunFailed(self._fault)
         t_start = self.loop.time()
-        stall = 0.0
-        migrations = mbytes = 0
+        charge = TokenCharge()  # its latency below is measured from t_start: stalls included
         await asyncio.sleep(0)  # take in the signals that arrived before this token starts
         if self._lost:
             await self._recover()
-            stall += self.loop.time() - t_start
+            charge.add(self.loop.time() - t_start)
         if self._revive:
             await self._rejoin()
         urgent, self._urgent = self._urgent, None
-        if k > 0 and self.alg.dynamic and (k % self.opt.interval == 0 or urgent):
+        reason = self.policy.due(k, urgent)
+        if reason is not None:
             s0 = self.loop.time()
             if urgent:
                 self.stats.emergencies += 1
-            m, b = await self.epoch(f"emergency:{urgent}" if urgent else "interval")
-            migrations, mbytes = migrations + m, mbytes + b
-            stall += self.loop.time() - s0
+            m, b = await self.epoch(reason)
+            charge.add(self.loop.time() - s0, m, b)
         if k == 0:
             tokens, pos = list(self.prompt), 0
         else:
@@ -403,8 +387,7 @@ class Controller(Migrations, Recovery):
             except (OutOfMemory, Stalled, DeviceLost) as e:
                 s0 = self.loop.time()
                 m, b = await self._emergency(e)
-                migrations, mbytes = migrations + m, mbytes + b
-                stall += self.loop.time() - s0
+                charge.add(self.loop.time() - s0, m, b)
                 guess = self._guess_ms(len(tokens), pos + len(tokens))
         else:
             raise RunFailed(f"token {k} failed {self.opt.max_attempts} times in a row")
@@ -420,8 +403,8 @@ class Controller(Migrations, Recovery):
             self.stats.mismatches += 1
         return {
             "token": k, "t_start_s": round(t_start - self.t0, 9), "latency_ms": round(latency * 1e3, 6),
-            "predicted_ms": round(predicted, 6), "stall_ms": round(stall * 1e3, 6),
-            "migrations": migrations, "migrated_bytes": mbytes, "token_id": tok, "ref_token_id": ref,
+            "predicted_ms": round(predicted, 6), "stall_ms": round(charge.stall_s * 1e3, 6),
+            "migrations": charge.migrations, "migrated_bytes": charge.migrated_bytes, "token_id": tok, "ref_token_id": ref,
             "phase": "prefill" if k == 0 else "decode",
         }
 
@@ -437,17 +420,14 @@ class Controller(Migrations, Recovery):
         if self._lost:
             await self._recover()
             return 0, 0
-        if not self.alg.dynamic:
-            if isinstance(e, OutOfMemory):
-                raise RunFailed(f"out of memory on {e.msg['device']} at token {self.k} "
-                                f"({self.alg.name} does not re-plan)") from None
-            raise RunFailed(f"{e} and {self.alg.name} does not re-plan") from None
+        if isinstance(e, OutOfMemory):
+            kind, devices, detail = "oom", [e.msg["device"]], ""
+        else:
+            kind, devices, detail = "stall", [], str(e)
+        reason = self.policy.emergency(kind, self.k, devices, detail)
         self.stats.emergencies += 1
-        what = f"oom@{e.msg['device']}" if isinstance(e, OutOfMemory) else "stall"
-        m, b = await self.epoch(f"emergency:{what}")
-        if m == 0 and isinstance(e, OutOfMemory):
-            raise RunFailed(f"out of memory on {e.msg['device']} at token {self.k} and "
-                            "re-planning moved nothing") from None
+        m, b = await self.epoch(reason)
+        self.policy.repaired(kind, self.k, m, devices)
         return m, b
 
     async def stop(self) -> None:

@@ -69,12 +69,11 @@ class Recovery:
         lost, self._lost = self._lost, []
         t0 = self.loop.time()
         assert self.placement is not None
-        if not self.alg.dynamic:
-            raise RunFailed(f"{', '.join(lost)} failed and {self.alg.name} does not re-plan")
+        reason = self.policy.emergency("lost", self.k, lost)  # Stop if it does not re-plan
         await self._abort()
         snap = await self.snapshot()
         self.stats.emergencies += 1
-        new = self._plan(snap, f"emergency:lost@{','.join(lost)}")
+        new = self._plan(snap, reason)
         names = self.devices
         dead = {self.devices.index(d) for d in lost}
         orphans = {b.name: names[c] for b, a, c in self.placement.moves(new) if a in dead}
