@@ -208,7 +208,7 @@ class _Hooks:
     async def links(self) -> None:
         t = self.now()
         ctl = self.controller
-        belief = ctl._belief if ctl is not None and ctl.opt.telemetry == "measured" else None
+        belief = ctl.belief if ctl is not None and ctl.opt.telemetry == "measured" else None
         for r in await self.world.link_rows():
             measured = r["observed_mbps"] if r["observed_mbps"] is not None else math.nan
             if belief is not None and r["src"] in ctl.devices and r["dst"] in ctl.devices \

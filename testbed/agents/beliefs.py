@@ -55,6 +55,10 @@ class Beliefs:
     def index(self, name: str) -> int:
         return self.names.index(name)
 
+    def alive_names(self) -> list[str]:
+        """The devices believed alive, in order."""
+        return [d for d, a in zip(self.names, self.alive, strict=True) if a]
+
     @property
     def ready(self) -> bool:
         return all(s is not None for s, a in zip(self.states, self.alive, strict=True) if a)
