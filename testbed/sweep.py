@@ -148,9 +148,7 @@ def snapshot_at(inst: Instance, t: int, seq_len: int, interval: int, current: Pl
         taken = mem_load[i] * mem + (fixed if i == inst.source else 0)
         devices.append(DeviceState(f"d{i}", float(inst.flops[i] * (1 - cpu_load[i])),
                                    int(max(0.0, 0.9 * mem - taken)), True, True, int(max(0.0, mem - taken))))
-    V = inst.n_devices
-    return Snapshot(spec, tuple(devices), inst.rate, inst.latency, np.zeros((V, V)), inst.source,
-                    seq_len, interval, current)
+    return Snapshot.build(spec, devices, (inst.rate, inst.latency), inst.source, seq_len, interval, current)
 
 
 def simulate(inst: Instance, algorithm: Any, interval: int = 1) -> RunResult:

@@ -120,6 +120,5 @@ class Beliefs:
             if st is None:  # never heard of (yet): unusable for now
                 st = DeviceState(name, 1.0, 0, self.host[i], False)
             devices.append(st)
-        V = len(self.names)
-        return Snapshot(self.model, tuple(devices), self.rate.copy(), self.lat.copy(), np.zeros((V, V)),
-                        self.index(self.source), seq_len, interval, current)
+        return Snapshot.build(self.model, devices, (self.rate.copy(), self.lat.copy()), self.index(self.source),
+                              seq_len, interval, current)
