@@ -30,6 +30,7 @@ import torch
 from .agents.controller import Controller, Options, RunFailed
 from .emulation import clock as clock_mod
 from .harness.cluster import Cluster
+from .harness.interface import World
 from .hostload import HostMonitor
 from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt, weights_for
 from .model.spec import ModelSpec
@@ -135,7 +136,7 @@ class RunContext:
     leaves the rest at these defaults (the summary then says nan or 0)."""
 
     host_monitor: HostMonitor
-    world: Any = None  # the emulated cluster
+    world: World | None = None  # the emulated cluster
     controller: Controller | None = None
     hooks: _Hooks | None = None
     total_s: float = math.nan  # emulated seconds from the first token to the last
@@ -148,7 +149,7 @@ class RunContext:
 class _Hooks:
     """Scenario events and instrumentation around the controller's token loop."""
 
-    def __init__(self, world: Any, writer: RunWriter, events: tuple[Event, ...],
+    def __init__(self, world: World, writer: RunWriter, events: tuple[Event, ...],
                  progress: Callable[[int], None] | None) -> None:
         self.world, self.w = world, writer
         self.loop = asyncio.get_running_loop()
@@ -282,8 +283,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         ctx.total_s = world.loop.time() - controller.t0
         ctx.frames = await world.frame_counts()
         ctx.link_rows = await world.link_rows()
-        ctx.host = ctx.host_monitor.stop({n: p.pid for n, p in getattr(world, "procs", {}).items()
-                                                    if n not in world.failed})
+        ctx.host = ctx.host_monitor.stop(world.pids())
         if on_finish is not None:
             done = on_finish(world, controller)
             if inspect.isawaitable(done):
@@ -326,7 +326,7 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
 
 
 def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None],
-               attach: dict[str, str] | None = None) -> Any:
+               attach: dict[str, str] | None = None) -> World:
     """The emulated cluster for a run: agents in this process over in-process queues or
     websockets, or agents in their own processes (websockets), some maybe on other hosts."""
     if processes or attach:

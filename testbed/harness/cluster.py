@@ -6,8 +6,8 @@ links.csv).
 This is the harness around the system under test (the controller and the agents'
 protocol): it owns the truth about links, compute, memory and device presence, and changes
 it when a scenario says so. The controller sees it only through messages (its `Port`), or
-through `oracle()` when a scenario asks for oracle telemetry. `remote.py` provides the same
-interface for agents that run in their own processes.
+through `oracle()` when a scenario asks for oracle telemetry. Every kind of world implements
+`interface.World`; `remote.py` does so for agents that run in their own processes.
 """
 
 from __future__ import annotations
@@ -196,6 +196,9 @@ class Cluster:
     async def frame_counts(self) -> dict[str, int]:
         """Frames lost (to or from a failed device) and refused (malformed) so far."""
         return {"lost": self.net.lost_frames, "refused": 0}
+
+    def pids(self) -> dict[str, int]:
+        return {}  # every agent runs in this process
 
     async def link_rows(self) -> list[dict[str, Any]]:
         return [link_row(src, dst, lk) for (src, dst), lk in self.links().items()

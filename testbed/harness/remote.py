@@ -200,6 +200,10 @@ class ProcessCluster:
     def port(self) -> RelayPort:
         return RelayPort(self)
 
+    def pids(self) -> dict[str, int]:
+        """The live agents' processes (attached agents have none here)."""
+        return {n: p.pid for n, p in self.procs.items() if n not in self.failed}
+
     async def stop(self) -> None:
         self._stopping = True
         for name, c in list(self._control.items()):
