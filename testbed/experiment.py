@@ -32,8 +32,9 @@ from .emulation import clock as clock_mod
 from .harness.cluster import Cluster
 from .harness.interface import World
 from .hostload import HostMonitor
-from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt, weights_for
+from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt
 from .model.spec import ModelSpec
+from .model.weights import weights_for
 from .placement.plugins import Plugin, PluginFailed, safe_name
 from .placement.registry import instantiate
 from .results import RunWriter, summarize, windows
