@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import NoReturn
 
 import yaml
@@ -33,7 +34,10 @@ def type_name(value: object) -> str:
 
 
 class Reader:
-    """Checks one value at a time and raises ScenarioError naming the file and key path."""
+    """Checks one value at a time and raises ScenarioError naming the file and key path.
+    `keys` is the format's table of accepted keys per section (scenario.KEYS)."""
+
+    keys: Mapping[str, tuple[str, ...]] = {}
 
     def __init__(self, file: str) -> None:
         self.file = file
@@ -51,15 +55,21 @@ class Reader:
                 pass
         self.fail(path, f"must be {what}, got {type_name(value)}{hint}")
 
-    def mapping(self, value: object, path: str, allowed: tuple[str, ...] | None,
-                required: tuple[str, ...] = ()) -> dict:
+    def mapping(self, value: object, path: str) -> dict:
         if not isinstance(value, dict):
             self._wrong(value, path, "a mapping")
+        return value
+
+    def section(self, value: object, path: str, sections: str | tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict:
+        """A mapping whose keys are those of `sections` in `keys` (every key checked here,
+        so the table is the format's whole list of keys), with the `required` ones."""
+        value = self.mapping(value, path)
+        allowed = [k for s in ((sections,) if isinstance(sections, str) else sections) for k in self.keys[s]]
         prefix = f"{path}." if path else ""
-        if allowed is not None:
-            for key in value:
-                if key not in allowed:
-                    self.fail(f"{prefix}{key}", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
+        for key in value:
+            if key not in allowed:
+                self.fail(f"{prefix}{key}", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
         for key in required:
             if key not in value:
                 self.fail(f"{prefix}{key}", "is required")
