@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "timing.csv", timing)
     print_table(console, "decision time, wall clock on this machine", timing_table(timing))
     if args.experiment == "paper":
-        from tools.paper_report import write_report
+        from testbed.paper_report import write_report
 
         write_report(out, summary, wall_s=time.perf_counter() - t0, argv=sys.argv[1:] if argv is None else argv,
                      check=not args.no_check, jobs=args.jobs, revision=revision)

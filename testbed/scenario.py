@@ -1,8 +1,10 @@
 """Scenario files (YAML, version 1): parsing into frozen dataclasses, strict validation.
 
 Owns the scenario format (`KEYS`: every key it accepts, per section; the reference is
-docs/scenarios.md) and `ScenarioError`, whose message names the file and the key path
-(`devices[1].memory_mib: must be > 0`). Pure: reads the scenario file (and, for
+docs/scenarios.md); raises `ScenarioError`, whose message names the file and the key path
+(`devices[1].memory_mib: must be > 0`). The strict reading (the YAML loader, the per-value
+checks with key paths, `ScenarioError` itself) is in scenario_reader.py, and `ScenarioError`
+is importable from here as before. Pure: reads the scenario file (and, for
 `model: {gguf: PATH}`, that file's metadata), no asyncio, no torch. The runner prints a
 ScenarioError on one line and exits with status 2.
 
@@ -16,13 +18,11 @@ optional `background_load` section is read by background.py with this module's r
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NoReturn
 
 import yaml
 
@@ -30,18 +30,13 @@ from . import background as bg
 from .model import cost
 from .model.spec import PRESETS, ModelSpec
 from .placement import ALGORITHM_NAMES
+from .scenario_reader import Reader, ScenarioError
+from .scenario_reader import StrictLoader as _StrictLoader
+from .scenario_reader import type_name as _type_name
+from .scenario_reader import yaml_problem as _yaml_problem
 
 MIB = 1024 * 1024
 MAX_TIME_SCALE = 10_000.0  # emulation.time_scale: at most this many wall seconds per emulated one
-
-
-class ScenarioError(ValueError):
-    """A scenario file that cannot be run. `str()` is one line: `FILE: key.path: what`."""
-
-    def __init__(self, file: str, path: str, message: str) -> None:
-        self.file, self.path, self.message = file, path, message
-        where = f"{file}: {path}: " if path else f"{file}: "
-        super().__init__(f"{where}{message}")
 
 
 @dataclass(frozen=True)
@@ -340,6 +335,14 @@ _ACTION_REQUIRED: dict[str, tuple[str, ...]] = {
     "fail_device": ("device",),
     "join_device": ("device",),
 }
+
+
+class _Reader(Reader):
+    """The strict reader with this format's table of keys (what `section` checks against)."""
+
+    keys = KEYS
+
+
 _SCENARIO_NAME = re.compile(r"[a-z0-9_-]+")
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -765,132 +768,3 @@ def _check_fits(r: _Reader, model: ModelSpec, gen: GenerationSpec,
 
 def _mib(nbytes: float) -> str:
     return f"{nbytes / MIB:.1f} MiB"
-
-
-# ---------------------------------------------------------------------------------------------
-# typed access with key paths
-
-
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "mapping"
-    return type(value).__name__
-
-
-class _Reader:
-    """Checks one value at a time and raises ScenarioError naming the file and key path."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-
-    def fail(self, path: str, message: str) -> NoReturn:
-        raise ScenarioError(self.file, path, " ".join(message.split()))
-
-    def _wrong(self, value: object, path: str, what: str) -> NoReturn:
-        hint = ""
-        if what == "a number" and isinstance(value, str):
-            try:
-                float(value)
-                hint = " (YAML reads 1e3 as text: write 1.0e3)"
-            except ValueError:
-                pass
-        self.fail(path, f"must be {what}, got {_type_name(value)}{hint}")
-
-    def mapping(self, value: object, path: str) -> dict:
-        if not isinstance(value, dict):
-            self._wrong(value, path, "a mapping")
-        return value
-
-    def section(self, value: object, path: str, sections: str | tuple[str, ...],
-                required: tuple[str, ...] = ()) -> dict:
-        """A mapping whose keys are those of `sections` in `KEYS` (every key checked here,
-        so the table is the format's whole list of keys), with the `required` ones."""
-        value = self.mapping(value, path)
-        allowed = [k for s in ((sections,) if isinstance(sections, str) else sections) for k in KEYS[s]]
-        prefix = f"{path}." if path else ""
-        for key in value:
-            if key not in allowed:
-                self.fail(f"{prefix}{key}", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
-        for key in required:
-            if key not in value:
-                self.fail(f"{prefix}{key}", "is required")
-        return value
-
-    def list_(self, value: object, path: str) -> list:
-        if not isinstance(value, list):
-            self._wrong(value, path, "a list")
-        return value
-
-    def int_(self, value: object, path: str, ge: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self._wrong(value, path, "an integer")
-        if ge is not None and value < ge:
-            self.fail(path, f"must be >= {ge}, got {value}")
-        return value
-
-    def number(self, value: object, path: str, gt: float | None = None,
-               ge: float | None = None) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self._wrong(value, path, "a number")
-        if not math.isfinite(value):
-            self.fail(path, f"must be a finite number, got {value}")
-        if gt is not None and value <= gt:
-            self.fail(path, f"must be > {gt:g}, got {value:g}")
-        if ge is not None and value < ge:
-            self.fail(path, f"must be >= {ge:g}, got {value:g}")
-        return float(value)
-
-    def string(self, value: object, path: str, pattern: re.Pattern | None = None) -> str:
-        if not isinstance(value, str):
-            self._wrong(value, path, "a string")
-        if pattern is not None and not pattern.fullmatch(value):
-            self.fail(path, f"{value!r} must match {pattern.pattern}")
-        return value
-
-    def boolean(self, value: object, path: str) -> bool:
-        if not isinstance(value, bool):
-            self._wrong(value, path, "a boolean (true or false)")
-        return value
-
-    def choice(self, value: object, path: str, options: tuple[str, ...], what: str) -> str:
-        name = self.string(value, path)
-        if name not in options:
-            self.fail(path, f"unknown {what} {name!r} (known: {', '.join(options)})")
-        return name
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable: the base class reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None)
-    if mark is not None and problem:
-        context = getattr(e, "context", None)
-        text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-        return " ".join((f"{text} ({context})" if context else text).split())
-    return " ".join(str(e).split())

@@ -12,13 +12,14 @@ per-token critical path of `problem.LatencyModel`, the migration delay of
 `problem.migration_delay`) instead of emulated agents and real tensors, so thousands of
 tokens on 48 devices and a 32-layer model take seconds. With oracle telemetry and no events
 the estimator matches the emulation within 5 % (tests/test_distributed.py); results from
-this mode say `mode=analytic`. Per token: the world's state for the token, a decision when
-the algorithm re-plans (every `interval` tokens, and at once when its placement no longer
-fits), migration delay added to that token's latency (a stall, as in the emulator), the
-token's latency, each device's memory. A placement that does not fit a device's memory at a
-token is an out-of-memory event: an algorithm that re-plans re-plans at once (as the
-controller does on a refused cache append); one that does not stops there (as the run
-fails).
+this mode say `mode=analytic`. The decisions follow the controller's policy
+(`placement.policy`, one copy for both): the first placement before the prefill, a re-plan
+at every epoch of its schedule, the soft-to-hard memory fallback, and an out-of-memory
+emergency when the placement no longer fits a device's memory at a token (the next cache
+append would be refused): an algorithm that re-plans re-plans at once, one that does not
+stops there (as the run fails). Per token: the world's state for the token, the decision
+if one is due, the migration delay of its moves added to that token's latency (a stall, as
+in the emulator), the token's latency, each device's memory.
 """
 
 from __future__ import annotations
@@ -32,15 +33,8 @@ import numpy as np
 
 from .model import cost
 from .model.spec import ModelSpec, from_name
-from .placement.problem import (
-    DeviceState,
-    Infeasible,
-    LatencyModel,
-    Placement,
-    Snapshot,
-    memory_need,
-    migration_delay,
-)
+from .placement.policy import Decision, Policy, Stop, TokenCharge
+from .placement.problem import DeviceState, LatencyModel, Placement, Snapshot, memory_need
 from .placement.window import LoadWindow
 
 GB = 1e9
@@ -162,68 +156,71 @@ def snapshot_at(inst: Instance, t: int, seq_len: int, interval: int, current: Pl
         for row in range(now - HEADROOM_WINDOW + 1, now):
             window.observe(row, devices_at(inst, row))
         devices = window.observe(now, devices)
-    V = inst.n_devices
-    return Snapshot(inst.spec, devices, inst.rate, inst.latency, np.zeros((V, V)), inst.source,
-                    seq_len, interval, current)
+    return Snapshot.build(inst.spec, devices, (inst.rate, inst.latency), inst.source, seq_len, interval, current)
 
 
 def simulate(inst: Instance, algorithm: Any, interval: int = 1) -> RunResult:
-    """Generate `inst.tokens` tokens with `algorithm` in analytic mode."""
+    """Generate `inst.tokens` tokens with `algorithm` in analytic mode, under the
+    controller's policy (`placement.policy`): the first placement before the prefill, then
+    decisions on its schedule and out-of-memory emergencies. Generated token t is the
+    controller's token k = t + 1 (token 0 is the prefill, not simulated: the prompt's
+    caches are there when token 1 starts)."""
     res = RunResult(algorithm.name)
+    policy = Policy(algorithm, interval, inst.prompt)
     spec = inst.spec
-    placement: Placement | None = None
     peak = np.zeros(inst.n_devices)
     fixed = np.zeros(inst.n_devices)
     fixed[inst.source] = cost.source_weight_bytes(spec)
-    window = LoadWindow(HEADROOM_WINDOW)  # watches every row, from the history on
+    window = LoadWindow(HEADROOM_WINDOW)  # the planner's view: watches every row, from the history on
     for row in range(HEADROOM_WINDOW):
         window.observe(row, devices_at(inst, row))
-    for t in range(inst.tokens):
-        n = inst.prompt + t  # positions held before this token
-        stall = 0.0
-        world = snapshot_at(inst, t, n, interval, placement, truth=True)
-        snap = world.with_(devices=window.observe(HEADROOM_WINDOW + t, world.devices))
-        due = placement is None or (algorithm.dynamic and t % interval == 0)
-        if placement is not None and not due:
-            free = inst.memory * (1 - inst.load[HEADROOM_WINDOW + t]) - fixed  # the truth at this token
-            if (memory_need(snap, placement, n + 1) > free).any():
-                res.oom += 1  # the next cache append would be refused
-                if not algorithm.dynamic:
-                    res.status = f"failed: out of memory at token {t}"
-                    break
-                due = True
-        if due:
-            w0 = time.perf_counter()
-            try:
-                try:
-                    new = algorithm.place(snap)
-                except Infeasible:
-                    new = algorithm.place(snap.hard())
-            except Infeasible as e:
-                res.status = f"failed: infeasible at token {t}: {e}"
-                break
-            except (ValueError, RuntimeError) as e:
-                res.status = f"failed: {algorithm.name} at token {t}: {e}"
-                break
-            res.decision_ms.append((time.perf_counter() - w0) * 1e3)
-            res.replans += 1
-            if placement is not None:
-                moves = placement.moves(new)
-                if moves:
-                    stall = migration_delay(world, moves)
-                    res.migrations += len(moves)
-                    res.migrated_bytes += sum(cost.block_bytes(spec, b, n) for b, _, _ in moves)
-            placement = new
-        assert placement is not None
-        need = memory_need(snap, placement, n + 1) + fixed
-        peak = np.maximum(peak, need)
-        if due and (need > inst.memory * (1 - inst.load[HEADROOM_WINDOW + t])).any():
-            res.oom += 1  # the plan itself does not fit today's load
-        lat = LatencyModel(world).token_time(placement, n + 1) + stall
-        res.latency_ms.append(lat * 1e3)
-        res.stall_ms.append(stall * 1e3)
+    try:
+        seq, horizon = policy.horizon(0)
+        placement = _decide(policy, res, snapshot_at(inst, 0, seq, horizon, None), "initial").placement
+        for t in range(inst.tokens):
+            k = t + 1
+            n = policy.seq_len(k)  # positions held before this token
+            charge = TokenCharge()
+            world = snapshot_at(inst, t, n, interval, placement, truth=True)
+            snap = world.with_(devices=window.observe(HEADROOM_WINDOW + t, world.devices))
+            avail = inst.memory * (1 - inst.load[HEADROOM_WINDOW + t])  # the truth at this token
+            free = avail - fixed
+            reason, oom = policy.due(k), None
+            if reason is None:
+                over = np.flatnonzero(memory_need(snap, placement, n + 1) > free)
+                if over.size:  # the next cache append would be refused
+                    res.oom += 1
+                    oom = [snap.devices[int(over[0])].name]
+                    reason = policy.emergency("oom", k, oom)
+            if reason is not None:
+                d = _decide(policy, res, snap, reason)
+                if d.moves:
+                    charge.add(d.migration_delay(world), len(d.moves),
+                               sum(cost.block_bytes(spec, b, n) for b, _, _ in d.moves))
+                if oom is not None:
+                    policy.repaired("oom", k, len(d.moves), oom)
+                placement = d.placement
+            res.migrations += charge.migrations
+            res.migrated_bytes += charge.migrated_bytes
+            need = memory_need(snap, placement, n + 1) + fixed
+            peak = np.maximum(peak, need)
+            if reason is not None and (need > avail).any():
+                res.oom += 1  # the plan itself does not fit today's load
+            lat = LatencyModel(world).token_time(placement, n + 1) + charge.stall_s
+            res.latency_ms.append(lat * 1e3)
+            res.stall_ms.append(charge.stall_s * 1e3)
+    except Stop as e:
+        res.status = f"failed: {e}"
     res.peak_memory = peak
     return res
+
+
+def _decide(policy: Policy, res: RunResult, snap: Snapshot, reason: str) -> Decision:
+    w0 = time.perf_counter()  # the host's time: timing.csv only
+    d = policy.decide(snap, reason)
+    res.decision_ms.append((time.perf_counter() - w0) * 1e3)
+    res.replans += 1
+    return d
 
 
 # ---------------------------------------------------------------------------- tables

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runners.sweep import write_csv
-from tools import paper_report
+from testbed import paper_report
 
 
 def _opt_rows(ls_ratio: float, ra_ratio: float) -> list[dict[str, Any]]:
@@ -109,3 +109,14 @@ def test_what_the_runs_were_follows_the_rows(tmp_path: Path) -> None:
     assert "2 instances each of gpt2-small on 25 devices" in text
     assert "drawn here: 4 small, 2 large" in text
     assert "resource_aware_ls 12.5" in text  # decision time from timing.csv
+
+
+def test_the_report_command_rebuilds_from_the_csvs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runners import report
+
+    assert report.main([str(tmp_path / "empty"), "--no-check"]) == 2
+    assert "no optimality.csv or scale.csv" in capsys.readouterr().err
+    _report(tmp_path)
+    (tmp_path / "README.md").unlink()
+    assert report.main([str(tmp_path), "--no-check"]) == 0
+    assert "No emulator cross-check ran" in (tmp_path / "README.md").read_text()

@@ -20,7 +20,7 @@ from aiohttp import WSMsgType, web
 from ..agents.device import DeviceAgent
 from ..emulation.clock import LagMonitor
 from ..experiment import TORCH_THREADS
-from ..model.blocks import weights_for
+from ..model.weights import weights_for
 from ..scenario import DeviceSpec, LinkSpec, Scenario
 from ..transport.codec import FrameError, decode, encode
 from ..transport.ws import WsEndpoint

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import yaml
 
 from ..emulation.clock import from_wall
 from ..model.spec import ModelSpec
-from ..placement.problem import DeviceState, Placement, Snapshot
+from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
 from ..scenario import Event, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import FRAME_EXTRA
@@ -201,6 +200,10 @@ class ProcessCluster:
     def port(self) -> RelayPort:
         return RelayPort(self)
 
+    def pids(self) -> dict[str, int]:
+        """The live agents' processes (attached agents have none here)."""
+        return {n: p.pid for n, p in self.procs.items() if n not in self.failed}
+
     async def stop(self) -> None:
         self._stopping = True
         for name, c in list(self._control.items()):
@@ -275,9 +278,7 @@ class ProcessCluster:
 
     async def oracle(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:
         states = await self._states()
-        V = len(self.names)
-        rate, lat, burst = np.full((V, V), np.inf), np.zeros((V, V)), np.zeros((V, V))
-        devices = []
+        devices, links = [], []
         for i, name in enumerate(self.names):
             r = states.get(name)
             if r is None:
@@ -285,11 +286,9 @@ class ProcessCluster:
                 continue
             d = r["device"]
             devices.append(DeviceState.from_memory(name, d["compute_flops"], d["memory"], d["host_blocks"]))
-            for lk in r["links"]:
-                j = self.names.index(lk["dst"])
-                rate[i, j], lat[i, j], burst[i, j] = lk["rate"], lk["latency"], lk["burst"]
-        return Snapshot(self.model, tuple(devices), rate, lat, burst, self.names.index(self.source),
-                        seq_len, interval, current)
+            links += [(i, self.names.index(lk["dst"]), lk["rate"], lk["latency"], lk["burst"]) for lk in r["links"]]
+        return Snapshot.build(self.model, devices, link_matrices(len(self.names), links),
+                              self.names.index(self.source), seq_len, interval, current)
 
 
 async def _reap(proc: asyncio.subprocess.Process, grace: float = 3.0) -> None:

@@ -1,7 +1,7 @@
 """The reference results of results/paper/: tables, figures and README from the sweep CSVs.
 
 `python -m runners.sweep paper` runs the experiments and calls `write_report`; with the CSVs
-already there, `python -m tools.paper_report results/paper` rebuilds the report alone.
+already there, `python -m runners.report results/paper` rebuilds the report alone.
 It also cross-checks the analytic mode against the emulator (virtual clock, real tensors)
 on a few small instances with the sweep's background load (testbed/crosscheck.py), and
 says how close they are.
@@ -13,13 +13,11 @@ cross-check; what is quoted from the paper says so.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import os
 import platform
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -139,9 +137,9 @@ def fig_scale(table: list[dict[str, Any]], path: Path) -> None:
 
 
 def cross_check() -> list[dict[str, Any]]:
-    """The emulator cross-check (testbed/crosscheck.py), imported only when it runs: it
-    runs the emulator, torch and all."""
-    from testbed.crosscheck import cross_check as run
+    """The emulator cross-check (crosscheck.py), imported only when it runs: it runs the
+    emulator, torch and all."""
+    from .crosscheck import cross_check as run
 
     return run()
 
@@ -364,20 +362,3 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
           "- `timing.csv`: wall-clock time per (instance, algorithm), the only machine-dependent file;",
           "- `fig_optimality.png`, `fig_scale.png`; `sweep.json`: when and how the sweep ran.", ""]
     (out / "README.md").write_text("\n".join(L))
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.paper_report", description=__doc__.split("\n")[0])
-    ap.add_argument("dir", type=Path, nargs="?", default=Path("results/paper"))
-    ap.add_argument("--no-check", action="store_true", help="skip the emulator cross-check")
-    args = ap.parse_args(argv)
-    if not (args.dir / "optimality.csv").exists() and not (args.dir / "scale.csv").exists():
-        print(f"error: {args.dir}: no optimality.csv or scale.csv (run python -m runners.sweep paper)", file=sys.stderr)
-        return 2
-    write_report(args.dir, check=not args.no_check)
-    print(f"wrote {args.dir / 'README.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
