@@ -40,6 +40,21 @@ def driver() -> Iterator[Any]:
         d.quit()
 
 
+def _open(driver: Any, url: str) -> None:
+    """Load `url` on a blank slate: the previous page is left first (it closes its own
+    stream, so a server stopped after it cannot log an error into this test) and the
+    console's earlier messages are drained."""
+    driver.get("about:blank")
+    console_errors(driver)
+    driver.get(url)
+
+
+def _leave(driver: Any) -> None:
+    """Leave the page before its server stops, then drop what leaving logged."""
+    driver.get("about:blank")
+    console_errors(driver)
+
+
 def _map(cells: str) -> dict[str, str]:
     return dict(c.split("=", 1) for c in cells.split())
 
@@ -64,7 +79,7 @@ def test_live_page_follows_the_run(driver: Any, tmp_path: Path) -> None:
         line = p.stderr.readline()  # --quiet: the URL goes to stderr, first
         m = re.search(r"live view: (http://\S+)", line)
         assert m, line + p.stderr.read()
-        driver.get(m.group(1))
+        _open(driver, m.group(1))
         first = wait_for(driver, f"({POINTS}) >= 2 && ({POINTS})", 120)
         early = _map(wait_for(driver, CELLS, 30))
         grown = wait_for(driver, f"({POINTS}) >= {first + 5} && ({POINTS})", 60)
@@ -84,6 +99,7 @@ def test_live_page_follows_the_run(driver: Any, tmp_path: Path) -> None:
         assert early == _placement_at(run_dir, 0)
         assert _map(driver.execute_script(f"return {CELLS}")) == _placement_at(run_dir, 39)
     finally:
+        _leave(driver)
         if p.poll() is None:
             p.kill()
             p.wait()
@@ -126,9 +142,10 @@ def test_view_page_replays_the_placement(driver: Any, finished: Path) -> None:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = re.search(r"http://\S+", p.stdout.readline()).group(0)
-        driver.get(url)
+        _open(driver, url)
         _check_replay(driver, finished)
     finally:
+        _leave(driver)
         p.terminate()
         p.wait(timeout=20)
 
@@ -138,6 +155,6 @@ def test_report_file_works_offline(driver: Any, finished: Path, tmp_path: Path) 
 
     out = tmp_path / "report.html"
     assert report.main([str(finished), "-o", str(out)]) == 0
-    driver.get(out.as_uri())
+    _open(driver, out.as_uri())
     _check_replay(driver, finished)
     assert "2 runs (report)" in wait_for(driver, STATUS, 10)
