@@ -117,6 +117,10 @@ def run_dir_for(out: Path, scenario: Scenario, algorithm: str, seed: int) -> Pat
     return out / scenario.name / f"{stamp}-{safe_name(algorithm)}-s{seed}"
 
 
+class RunDirError(Exception):
+    """The run directory cannot be created (nothing is left behind); the message says why."""
+
+
 @dataclass
 class Outcome:
     algorithm: str
@@ -129,11 +133,19 @@ class Outcome:
         return self.status == "completed"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, raised once the run's files are written and its world stopped."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(f"interrupted: {outcome.run_dir}")
+        self.outcome = outcome
+
+
 class _Hooks:
     """Scenario events and instrumentation around the controller's token loop."""
 
     def __init__(self, world: Any, writer: RunWriter, events: tuple[Event, ...],
-                 progress: Callable[[int], None] | None) -> None:
+                 progress: Callable[[int], None] | None, t0: float) -> None:
         self.world, self.w = world, writer
         self.loop = asyncio.get_running_loop()
         self.at_token: dict[int, list[Event]] = {}
@@ -145,16 +157,17 @@ class _Hooks:
         self.controller: Controller | None = None
         self.k = 0
         self.last: dict[str, dict[str, Any]] = {}  # the latest telemetry row per device
-        self._t0 = 0.0
+        self._t0 = t0  # the run's start: every time in the result files counts from it
         self._tasks: set[asyncio.Task[None]] = set()
 
     def now(self) -> float:
         return self.loop.time() - self._t0
 
-    async def start(self, t0: float) -> None:
-        self._t0 = t0
+    async def start(self) -> None:
+        """Generation begins: schedule the `at_s` events (seconds from the run's start; one
+        due during the deployment applies now) and take the first rows."""
         for e in self.at_s:
-            self.loop.call_at(t0 + e.at_s, self._later, e)  # type: ignore[operator]
+            self.loop.call_at(self._t0 + e.at_s, self._later, e)  # type: ignore[operator]
         await self.links()
         await self.telemetry()
 
@@ -240,24 +253,35 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         if controller is not None:
             controller.fault(f"{where}: {what}")
 
-    world = make_world(prep, transport, processes, on_fault, attach)
+    def on_lost(device: str, why: str) -> None:
+        """An agent gone without a scenario event (killed from outside, crashed, hung): a
+        lost device, recovered like `fail_device`."""
+        if controller is None:
+            on_fault(device, why)
+        else:
+            controller.device_lost(device, why)
+
+    world = make_world(prep, transport, processes, on_fault, attach, on_lost)
     state["cluster"] = world
     try:
         await world.start()
-        hooks = _Hooks(world, writer, scen.events, progress)
+        # the run's start, once its agents are up: every time in the result files counts from
+        # here (the deployment's events included), in every mode
+        t0 = world.loop.time()
+        hooks = _Hooks(world, writer, scen.events, progress, t0)
         alg = instantiate(algorithm)
         ctl = scen.controller
         controller = Controller(scen, prep.model, alg, world.port(), (prep.ref_ids, prep.ref_logits),
                                 prep.prompt, writer, hooks,
                                 Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry,
                                         frame_extra=world.frame_extra), world.oracle)
+        controller.t0 = t0
         hooks.controller = controller
         state["controller"], state["hooks"] = controller, hooks
         if setup is not None:
             setup(world)
         await controller.deploy()
-        controller.t0 = world.loop.time()
-        await hooks.start(controller.t0)
+        await hooks.start()
         for k in range(scen.generation.new_tokens):
             await hooks.before_token(k)
             row = await controller.produce(k)
@@ -310,13 +334,14 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
 
 
 def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None],
-               attach: dict[str, str] | None = None) -> Any:
+               attach: dict[str, str] | None = None,
+               on_lost: Callable[[str, str], None] | None = None) -> Any:
     """The emulated cluster for a run: agents in this process over in-process queues or
     websockets, or agents in their own processes (websockets), some maybe on other hosts."""
     if processes or attach:
         from .harness.remote import ProcessCluster
 
-        return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach)
+        return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach, on_lost=on_lost)
     if transport == "ws":
         from .harness.wscluster import WsCluster
 
@@ -341,7 +366,10 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     # contention (several agents share this process; on a shared machine, other processes)
     torch.set_num_threads(TORCH_THREADS)
     # `setup` and `on_finish` let tests and tools inject faults and inspect the final state
-    writer = RunWriter(run_dir)
+    try:
+        writer = RunWriter(run_dir)
+    except OSError as e:
+        raise RunDirError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
     if clock == "virtual":
         time_scale = 1.0
     meta: dict[str, Any] = {
@@ -383,9 +411,10 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     meta.update(end=utc_now(), status=status, fidelity=summary["fidelity"])
     writer.meta(meta)
     writer.close()
+    outcome = Outcome(alg_name, run_dir, status, summary)
     if status == "failed: interrupted":
-        raise KeyboardInterrupt
-    return Outcome(alg_name, run_dir, status, summary)
+        raise Interrupted(outcome)
+    return outcome
 
 
 def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[str, Any],

@@ -18,7 +18,7 @@ from testbed.model.spec import PRESETS
 from testbed.scenario import LinkSpec, ScenarioError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bad_scenarios import BAD_SCENARIOS, VALID  # noqa: E402
+from bad_scenarios import BAD_SCENARIOS, LIMIT_SCENARIOS, VALID  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "scenarios").glob("*.yaml"))
@@ -80,6 +80,39 @@ def _assert_one_line(err: ScenarioError, file: str, path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # malformed scenarios
+
+
+@pytest.mark.parametrize(("text", "expect"), [case[1:] for case in LIMIT_SCENARIOS
+                                               if case[0] != "model_too_large_for_host"],
+                         ids=[case[0] for case in LIMIT_SCENARIOS if case[0] != "model_too_large_for_host"])
+def test_absurd_numbers_and_sizes_are_refused_in_one_line(text, expect):
+    """Issue 14, finding 6: nesting, file size, names, memory, compute, intervals, factors,
+    rates, latencies, times, seeds and model sizes out of their documented ranges."""
+    err = _error(text)
+    assert "\n" not in str(err) and expect in str(err), str(err)
+
+
+def test_a_model_larger_than_the_host_is_refused():
+    text = dict((c[0], c[1]) for c in LIMIT_SCENARIOS)["model_too_large_for_host"]
+    scen = sc.loads(text, "s.yaml")
+    with pytest.raises(ScenarioError) as info:
+        sc.check_host(scen, 64 << 30)
+    _assert_one_line(info.value, "s.yaml", "model")
+    assert "available" in str(info.value)
+    sc.check_host(sc.loads(VALID), 64 << 30)  # a small model fits
+
+
+def test_the_clock_survives_a_device_far_slower_than_the_limits(tmp_path):
+    """A device below the compute range (1e-12 GFLOP/s: one job outlasts the float
+    resolution of 1 ns) once hung the virtual clock at 100 % CPU; the loader refuses it, and
+    the clock no longer depends on that."""
+    from testbed import experiment
+
+    scen = sc.load(ROOT / "scenarios" / "steady.yaml").with_overrides(new_tokens=2)
+    slow = tuple(dataclasses.replace(d, compute_gflops=1e-12) if d.name == "phone" else d for d in scen.devices)
+    scen = dataclasses.replace(scen, devices=slow)
+    o = experiment.run(experiment.prepare(scen), "round_robin", tmp_path / "run", clock="virtual")
+    assert o.ok and o.summary["emulated_s"] > 1e9, (o.status, o.summary.get("emulated_s"))
 
 
 def test_the_table_is_big_and_its_ids_unique():

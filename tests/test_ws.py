@@ -215,10 +215,29 @@ def test_an_interrupted_run_leaves_no_agent_process(how: str, tmp_path: Path) ->
     finally:
         if runner.poll() is None:
             runner.kill()
-    if how == "sigint":  # the run records why it ended
+    if how == "sigint":  # the run records why it ended, and says so in one line (exit 130)
         (d,) = sorted((tmp_path / "steady").iterdir())
         assert read_json(d / "meta.json")["status"] == "failed: interrupted"
-        assert runner.returncode != 0
+        err = runner.stderr.read().decode() if runner.stderr else ""
+        assert runner.returncode == 130, err
+        # (the agents share the runner's stderr: only the runner's own line is checked)
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == f"interrupted: results in {d}", err
+
+
+def test_agent_on_a_port_in_use_says_so_in_one_line() -> None:
+    """`runners.agent --port P` with P taken: one line on stderr and exit status 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "TESTBED_RUN_TOKEN": TOKEN}
+        r = subprocess.run([sys.executable, "-m", "runners.agent", "--scenario", "scenarios/steady.yaml",
+                            "--device", "pi-a", "--port", str(port)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.strip() == f"error: --host 127.0.0.1 --port {port}: already in use", r.stderr
 
 
 def test_processes_refuse_without_token() -> None:

@@ -140,6 +140,7 @@ class Controller(Migrations, Recovery):
         self._belief: Snapshot | None = None  # the snapshot of the last decision
         self._tel_task: asyncio.Task[None] | None = None
         self._urgent: str | None = None  # a signal asks for a re-plan before the next token
+        self._stopped = False  # the run is over: agents going away now are not failures
 
     @property
     def devices(self) -> list[str]:
@@ -151,6 +152,8 @@ class Controller(Migrations, Recovery):
     # ------------------------------------------------------------------ messages
 
     def _on_message(self, sender: str, m: dict[str, Any]) -> None:
+        if self._stopped:
+            return
         t = m["t"]
         if t == P.ACK:
             entry = self._pending.pop(m["rid"], None)
@@ -451,7 +454,9 @@ class Controller(Migrations, Recovery):
         return m, b
 
     async def stop(self) -> None:
-        """Cancel background telemetry; answer nothing more."""
+        """Cancel background telemetry; answer nothing more (the agents stop after us: the
+        connections they close are the end of the run, not failures)."""
+        self._stopped = True
         task, self._tel_task = self._tel_task, None
         if task is not None and not task.done():
             task.cancel()
