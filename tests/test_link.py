@@ -282,6 +282,34 @@ def test_observed_rate_and_latency_match_the_configuration(back_to_back):
     run(main, "virtual")
 
 
+def test_observed_rate_does_not_average_across_a_noticed_change():
+    """Frames before and after a drop the sender noticed are never mixed into one rate
+    (an average of 50 and 5 Mbit/s would be neither, and would depend on timing)."""
+    async def main():
+        link = EmulatedLink("a", "b", 40.0, 1.0)  # 5e6 B/s
+        alarms = []
+        link.on_change = alarms.append
+        rx = Receiver()
+        since = asyncio.get_running_loop().time()
+        for i in range(4):
+            link.send(frame(i, 20_000), rx)
+        await drain(link)
+        link.set(bandwidth_mbps=4.0)  # 5e5 B/s: a tenth
+        for i in range(4, 6):
+            link.send(frame(i, 20_000), rx)
+        await drain(link)
+        assert alarms == [pytest.approx(5e5, rel=1e-9)]
+        assert link.observed_rate(since) == pytest.approx(5e5, rel=1e-9)
+        # a change below the alarm's factor is averaged as before
+        link.set(bandwidth_mbps=6.0)
+        link.send(frame(6, 20_000), rx)
+        await drain(link)
+        mixed = link.observed_rate(since)
+        assert 5e5 < mixed < 7.5e5
+
+    run(main, "virtual")
+
+
 # ------------------------------------------------------------------ property
 
 

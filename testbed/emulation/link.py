@@ -68,6 +68,9 @@ class EmulatedLink:
         # a rate that differs from the last one seen by more than CHANGE_FACTOR either way
         self.on_change: Callable[[float], None] | None = None
         self._seen_rate: float | None = None
+        # where the current rate regime began (start of the frame that raised the alarm):
+        # measurements average only frames from there on, never across a change
+        self._regime_from = -math.inf
         # benchmarks: when set, every delivered transfer is appended here (unbounded)
         self.record: list[Transfer] | None = None
         self.due = math.nan  # during a delivery callback: when the frame was due
@@ -205,16 +208,20 @@ class EmulatedLink:
             return
         rate = t.streamed / t.tx_time
         seen, self._seen_rate = self._seen_rate, rate
-        if seen is not None and self.on_change is not None and not (
-                seen / self.CHANGE_FACTOR < rate < seen * self.CHANGE_FACTOR):
-            self.on_change(rate)
+        if seen is not None and not (seen / self.CHANGE_FACTOR < rate < seen * self.CHANGE_FACTOR):
+            self._regime_from = t.start
+            if self.on_change is not None:
+                self.on_change(rate)
 
     def observed_rate(self, since: float = -math.inf) -> float | None:
         """Bytes/s the sender saw its frames stream at (frames finished after `since`,
-        ignoring those covered by burst credit); None without such frames."""
+        ignoring those covered by burst credit); None without such frames. Frames before
+        the last change of rate the sender noticed are left out: an average across a drop
+        is neither rate, and which frames it mixes depends on timing (in real time, on the
+        host), so a decision built on it would too."""
         streamed = tx = 0.0
         for t in self.history:
-            if t.finish > since and t.tx_time > 0:
+            if t.finish > since and t.start >= self._regime_from and t.tx_time > 0:
                 streamed += t.streamed
                 tx += t.tx_time
         return streamed / tx if tx > 0 else None
