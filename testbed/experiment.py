@@ -289,6 +289,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             await hooks.after_token(k)
         state["total_s"] = world.loop.time() - controller.t0
         state["frames"] = await world.frame_counts()
+        state["frames"]["refused"] += controller.refusals.total
         state["link_rows"] = await world.link_rows()
         state["host"] = state["host_monitor"].stop({n: p.pid for n, p in getattr(world, "procs", {}).items()
                                                     if n not in world.failed})

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-import pytest
 
 from .conftest import read_csv, read_json
 

@@ -41,6 +41,7 @@ from ..placement.problem import (
     epoch_objective,
 )
 from ..placement.protocol import Algorithm  # re-exported: the protocol used to live here
+from ..refusals import Refusals
 from ..scenario import Scenario
 from . import protocol as P
 from .beliefs import Beliefs
@@ -127,6 +128,10 @@ class Controller(Migrations, Recovery):
         self.stats = Stats()
         self._rid = itertools.count(1)
         self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+        self._asked: dict[int, tuple[str, frozenset[str]]] = {}  # rid -> (request, who may answer)
+        # every message that reaches us is checked against the run's bounds first
+        self.bounds = P.Bounds.for_run(scenario, options.max_attempts)
+        self.refusals = Refusals("controller", log)
         self._seq = 0
         self._token_fut: asyncio.Future[tuple[torch.Tensor, float | None]] | None = None
         self._fault: str | None = None
@@ -151,15 +156,42 @@ class Controller(Migrations, Recovery):
 
     # ------------------------------------------------------------------ messages
 
-    def _on_message(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_message(self, sender: str, raw: dict[str, Any]) -> None:
+        """Every message for the controller: checked (`protocol.for_controller`; a refused
+        one is counted and logged, and changes nothing), then acted on by kind."""
         if self._stopped:
             return
-        t = m["t"]
-        if t == P.ACK:
-            entry = self._pending.pop(m["rid"], None)
-            if entry is not None and not entry[1].done():
-                entry[1].set_result(m)
-        elif t == P.LOGITS:
+        try:
+            m = P.for_controller(raw, sender, self.bounds)
+            if m.KIND == P.ACK:
+                self._on_ack(sender, m)  # type: ignore[arg-type]
+            else:
+                self._on_report(sender, m)
+        except P.ProtocolError as e:
+            self.refusals.refuse(sender if self.bounds.known(sender) else "?", P.kind_of(raw), str(e),
+                                 self.loop.time())
+
+    def _on_ack(self, sender: str, m: P.Ack) -> None:
+        """An answer: to a request we are waiting for, from a device it was asked of, with
+        what that request's answer carries."""
+        asked = self._asked.get(m.rid)
+        if asked is None:
+            raise P.ProtocolError(f"'ack' from {sender} to no request of ours (rid {m.rid})")
+        request, who = asked
+        if sender not in who:
+            raise P.ProtocolError(f"'ack' to {request!r} from {sender}, which was not asked")
+        m.answers(request)
+        del self._asked[m.rid]
+        entry = self._pending.pop(m.rid, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(m)  # type: ignore[arg-type]
+
+    def _on_report(self, sender: str, m: Any) -> None:
+        t = m.KIND
+        if t in (P.PRESSURE, P.LINK_CHANGE, P.ERROR) and (
+                m.device not in self.devices or (t == P.LINK_CHANGE and m.peer not in self.devices)):
+            raise P.ProtocolError(f"{t!r} about a device that has not joined")
+        if t == P.LOGITS:
             fut = self._token_fut
             if fut is not None and not fut.done() and m["seq"] == self._seq:
                 fut.set_result((m["logits"], m.get("at")))
@@ -194,10 +226,8 @@ class Controller(Migrations, Recovery):
                 fut = self._token_fut
                 if fut is not None and not fut.done() and m.get("seq") == self._seq:
                     fut.set_exception(OutOfMemory(m))
-            else:
-                self.fault(f"{m['device']}: {m.get('detail')}")
-        else:
-            raise P.ProtocolError(f"controller got unexpected message {t!r}")
+            else:  # the agent is in an unknown state: a lost device (recovered), as if it died
+                self.device_lost(m.device, f"agent error: {m.detail}")
 
     def fault(self, why: str) -> None:
         """An agent or the transport failed in a way we cannot repair: stop the run."""
@@ -211,6 +241,9 @@ class Controller(Migrations, Recovery):
         rid = next(self._rid)
         fut = self.loop.create_future()
         self._pending[rid] = (dev, fut)
+        # a migration is answered by its destination (or by its source, when it cannot send)
+        self._asked[rid] = (msg["t"], frozenset((dev, msg["to"])) if msg["t"] == P.MIGRATE else frozenset((dev,)))
+        fut.add_done_callback(lambda _: self._asked.pop(rid, None))
         self.port.send(dev, {**msg, "rid": rid})
         return fut
 
@@ -348,6 +381,8 @@ class Controller(Migrations, Recovery):
         emulated time the source had them (the host's delay in handing them over to us,
         e.g. across processes, is not the system's)."""
         self._seq += 1
+        if self._seq > self.bounds.max_seq:  # agents refuse attempts beyond the run's bounds
+            raise RunFailed(f"{self._seq} attempts: more than a run of this scenario can need")
         fut: asyncio.Future[tuple[torch.Tensor, float | None]] = self.loop.create_future()
         self._token_fut = fut
         self.port.send(self.source_name, {"t": P.GEN, "seq": self._seq, "tokens": tokens, "pos": pos})
