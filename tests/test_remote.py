@@ -116,3 +116,59 @@ def test_sigkill_of_a_head_hosting_agent_is_recovered(tmp_path: Path) -> None:
     assert len(s["recover_ms"]) == 1
     assert read_json(run_dir / "meta.json")["status"] == "completed"
     _check_times(run_dir)
+
+
+def _port(p: psutil.Process) -> int:
+    """The port an agent process listens on."""
+    (port,) = {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    return port
+
+
+def _hostile(port: int) -> None:
+    """As a token holder: answers without a request id to the source, over /peer (refused
+    at once: every device's name is connected) and, as a 'send' of the controller's, over
+    /control; then an abort far beyond the run."""
+    import asyncio
+
+    import aiohttp
+
+    from testbed.transport.codec import encode
+
+    async def main() -> None:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as s:
+            try:
+                peer = await s.ws_connect(f"http://127.0.0.1:{port}/peer", headers={**headers, "X-Agent": "phone"})
+                for m in ({"t": "ack"}, {"t": "ack", "device": "phone", "ok": True}, {"t": "err", "kind": "agent"}):
+                    await peer.send_bytes(encode(m))
+                await peer.close()
+            except aiohttp.WSServerHandshakeError as e:
+                assert e.status == 409, e
+            ctl = await s.ws_connect(f"http://127.0.0.1:{port}/control", headers=headers)
+            for m in ({"t": "ack"}, {"t": "ack", "device": SOURCE, "ok": True}):
+                await ctl.send_bytes(encode({"t": "send", "dst": SOURCE, "msg": m}))
+            await ctl.send_bytes(encode({"t": "send", "dst": "pi-a", "msg": {"t": "abort", "rid": 1, "seq": 2**64 - 1}}))
+            await asyncio.sleep(1.0)
+            await ctl.close()
+
+    asyncio.run(main())
+
+
+def test_hostile_frames_mid_run_change_nothing(tmp_path: Path) -> None:
+    """Issue 14, finding 1 (a controller-bound frame without `rid` from a token holder, over
+    /peer or /control, ended the run as 'control connection closed') and finding 3 (a
+    completed --processes run wrote false device_failed rows at its last token, and its
+    first events.csv row an absolute time): the run completes, records no failure, counts
+    the refusals, and every time counts from the run's start."""
+
+    def attack(runner: int, run_dir: Path) -> None:
+        _hostile(_port(_agents(runner)[SOURCE]))
+
+    status, err, run_dir = _run(tmp_path, tokens=24, at_token=6, act=attack)
+    assert status == 0, err
+    s = read_json(run_dir / "summary.json")
+    assert s["correctness"]["tokens_match"], s["correctness"]
+    assert s["frames_refused"] >= 4, s["frames_refused"]
+    kinds = [e["kind"] for e in read_csv(run_dir / "events.csv")]
+    assert "device_failed" not in kinds and "fault" not in kinds, kinds
+    _check_times(run_dir)

@@ -107,9 +107,9 @@ class Bounds:
                    scen.final_length)
 
     def known(self, name: object) -> bool:
-        if self.devices is not None:
-            return name in self.devices
-        return isinstance(name, str) and 0 < len(name) <= 64
+        if not isinstance(name, str):
+            return False
+        return name in self.devices if self.devices is not None else 0 < len(name) <= 64
 
     def max_frame(self) -> int:
         """The largest frame a peer can legitimately send here: a block's snapshot with its
@@ -274,12 +274,21 @@ class Message:
         for f in fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
             if v is not None:
-                out[f.name] = list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, MappingProxyType) else v
+                out[f.name] = _plain(v)
         return out
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Message:
         raise NotImplementedError
+
+
+def _plain(v: Any) -> Any:
+    """A record's value as wire data (read-only maps and tuples become maps and lists)."""
+    if isinstance(v, MappingProxyType | dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v
 
 
 def _rows(f: _Fields, b: Bounds, pos: int) -> tuple[int, int]:
@@ -611,8 +620,7 @@ class Ack(Message):
         return Message.get(self, key, default)
 
     def wire(self) -> dict[str, Any]:
-        out = {"t": ACK, "rid": self.rid, "ok": self.ok, "device": self.device}
-        return {**out, **{k: v for k, v in self.reply.items()}}
+        return {"t": ACK, "rid": self.rid, "ok": self.ok, "device": self.device, **_plain(self.reply)}
 
     def answers(self, request: str) -> None:
         """Refuse (ProtocolError) a successful answer that lacks what `request` needs."""

@@ -87,6 +87,7 @@ class AgentProcess:
         writer = asyncio.get_running_loop().create_task(self._write(ws, out))
         try:
             async for msg in ws:
+                await asyncio.sleep(0)  # see WsEndpoint._serve: others get their turn
                 reply = await self._control_frame(msg, out)
                 # a peer that does not read its answers gets no more of them (bounded)
                 if reply is not None and out.qsize() < MAX_REPLIES:

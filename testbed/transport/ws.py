@@ -3,12 +3,16 @@
 Each agent owns a `WsEndpoint`: an aiohttp server (bound to 127.0.0.1 unless the caller
 explicitly allows another address) with two routes, `/peer` for the data plane from other
 agents and `/control` for the runner, plus a client that dials its peers. Of every pair the
-agent whose name sorts first dials; the one connection then carries both directions.
+agent whose name sorts first dials; the one connection then carries both directions. A
+second connection in the name of a peer that is connected is refused (HTTP 409): a token
+holder cannot cut a device off by claiming its name.
 
 Every request carries the run's random token (`Authorization: Bearer ...`) and is refused
 (HTTP 401) without it, whatever bytes the header holds; the peer names itself in `X-Agent`
 and must be in the address book. A connection that has not completed its request within
-`HANDSHAKE_S` is closed, and an open websocket is pinged (`HEARTBEAT_S`). Frames are binary
+`HANDSHAKE_S` is closed, and an open websocket is pinged (`HEARTBEAT_S` of wall-clock time;
+a pong missing for half that closes it). The receiving loop yields after every frame, so a
+flood on one connection cannot starve the others' pongs. Frames are binary
 msgpack (`codec.py`) with an explicit size limit; a frame that is not binary, too large or
 undecodable is refused, counted and logged (at most one line per peer and second, see
 `refusals.py`); what the frames say is checked by the agent. What waits to be written to a
@@ -45,7 +49,7 @@ Handler = Callable[[str, dict[str, Any], float | None], None]  # (sender, messag
 ControlHandler = Callable[[web.Request, web.WebSocketResponse], Awaitable[None]]
 
 LOOPBACK = "127.0.0.1"
-HEARTBEAT_S = 1.0
+HEARTBEAT_S = 5.0  # wall seconds between pings (a busy host must still answer within half)
 HANDSHAKE_S = 10.0  # wall seconds a connection may take to send its request
 MAX_QUEUED = 256 * 1024 * 1024  # bytes waiting for one peer's socket
 # frames start with the map entry "due": <float64>: header byte, key, type byte, 8 bytes
@@ -165,7 +169,7 @@ class WsEndpoint:
         for attempt in range(40):
             try:
                 ws = await self._session.ws_connect(
-                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S,
+                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop),
                     headers={"Authorization": f"Bearer {self.token}", "X-Agent": self.name})
                 break
             except (aiohttp.ClientError, OSError) as e:
@@ -184,7 +188,11 @@ class WsEndpoint:
         if peer not in self.book or peer == self.name:
             self._refuse("?", f"connection from an unknown agent {peer[:64]!r}", "peer")
             return web.Response(status=403, text="unknown agent")
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S)
+        live = self._ws.get(peer)
+        if live is not None and not live.closed:  # a second connection claiming a connected peer
+            self._refuse(peer, "a second connection while one is open", "peer")
+            return web.Response(status=409, text="already connected")
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop))
         await ws.prepare(request)
         await self._serve(peer, ws)
         return ws
@@ -206,6 +214,9 @@ class WsEndpoint:
                     break
                 else:
                     self._refuse(peer, f"non-binary frame ({msg.type.name})")
+                # frames already queued are read without suspending: let the other
+                # connections (and their heartbeats) in between
+                await asyncio.sleep(0)
         finally:
             writer.cancel()
             if self._ws.get(peer) is ws:
@@ -288,7 +299,7 @@ class WsEndpoint:
             return web.Response(status=401, text="missing or wrong run token")
         if self.control is None:
             return web.Response(status=404, text="no control interface")
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S)
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop))
         await ws.prepare(request)
         await self.control(request, ws)
         return ws
