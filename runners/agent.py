@@ -2,7 +2,8 @@
 
 The runner starts one per device with `--processes` (and stops them); for runs across
 several hosts, start them by hand on each host with the same scenario file and run token
-and give the runner their addresses (README, "Agents on several hosts").
+and give the runner their addresses (docs/architecture.md, "Agents in processes and on
+several hosts").
 
 The agent listens on 127.0.0.1 (another address only with `--allow-remote`), prints
 `READY <port>` on stdout once it listens, and then does what its runner asks over the

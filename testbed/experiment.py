@@ -164,10 +164,11 @@ class _Hooks:
         return self.loop.time() - self._t0
 
     async def start(self) -> None:
-        """Generation begins: schedule the `at_s` events (seconds from the run's start; one
-        due during the deployment applies now) and take the first rows."""
+        """Generation begins: schedule the `at_s` events (emulated seconds after the first
+        token started, as the scenario format says) and take the first rows."""
+        begin = self.loop.time()
         for e in self.at_s:
-            self.loop.call_at(self._t0 + e.at_s, self._later, e)  # type: ignore[operator]
+            self.loop.call_at(begin + e.at_s, self._later, e)  # type: ignore[operator]
         await self.links()
         await self.telemetry()
 

@@ -1,6 +1,7 @@
 """Scenario files (YAML, version 1): parsing into frozen dataclasses, strict validation.
 
-Owns the scenario format and `ScenarioError`, whose message names the file and the key path
+Owns the scenario format (`KEYS`: every key it accepts, per section; the reference is
+docs/scenarios.md) and `ScenarioError`, whose message names the file and the key path
 (`devices[1].memory_mib: must be > 0`). Pure: reads the scenario file (and, for
 `model: {gguf: PATH}`, that file's metadata), no asyncio, no torch. The runner prints a
 ScenarioError on one line and exits with status 2.
@@ -307,21 +308,44 @@ class Scenario:
 # ---------------------------------------------------------------------------------------------
 # the format
 
-_TOP_KEYS = ("version", "name", "description", "seed", "model", "generation", "devices",
-             "source", "network", "controller", "emulation", "events")
-_TOP_REQUIRED = ("version", "name", "model", "generation", "devices")
 _MODEL_FIELDS = ("layers", "heads", "d_model", "d_ff", "vocab", "dtype", "kv_heads", "context")
-_DEVICE_KEYS = ("name", "compute_gflops", "memory_mib", "memory_share", "memory_high_mib", "host_blocks")
 _LINK_KEYS = ("bandwidth_mbps", "latency_ms", "burst_kib")
-_TRIGGERS = ("at_token", "at_s")
-# action -> the keys it takes besides the trigger and `action`, then the required ones
+
+# Every key the format accepts, per section: the one table behind the loader's unknown-key
+# check (`_Reader.section`), and what tests/test_scenario_reference.py holds the scenario
+# reference (docs/scenarios.md) to, so a key added here must be documented there.
+# `[]` marks the items of a list. An event takes the keys of `events[]` plus those of its
+# action (`events[].ACTION`); join_device's `device` is a device as in `devices[]`.
+KEYS: dict[str, tuple[str, ...]] = {
+    "": ("version", "name", "description", "seed", "model", "generation", "devices", "source",
+         "network", "controller", "emulation", "events"),
+    "model": ("preset", "gguf", *_MODEL_FIELDS),
+    "generation": ("new_tokens", "prompt_tokens", "prompt"),
+    "devices[]": ("name", "compute_gflops", "memory_mib", "memory_share", "memory_high_mib", "host_blocks"),
+    "network": ("default", "links"),
+    "network.default": _LINK_KEYS,
+    "network.links[]": ("between", *_LINK_KEYS),
+    "controller": ("algorithm", "interval_tokens", "telemetry"),
+    "emulation": ("time_scale",),
+    "events[]": ("at_token", "at_s", "action"),
+    "events[].set_link": ("between", *_LINK_KEYS),
+    "events[].set_compute": ("device", "factor"),
+    "events[].memory_pressure": ("device", "take_mib"),
+    "events[].memory_release": ("device", "mib"),
+    "events[].fail_device": ("device",),
+    "events[].join_device": ("device", "links"),
+    "events[].join_device.links[]": ("to", *_LINK_KEYS),
+}
+_TOP_REQUIRED = ("version", "name", "model", "generation", "devices")
+# action -> the keys it takes besides the trigger and `action`
 _ACTIONS: dict[str, tuple[str, ...]] = {
-    "set_link": ("between", "bandwidth_mbps", "latency_ms", "burst_kib"),
-    "set_compute": ("device", "factor"),
-    "memory_pressure": ("device", "take_mib"),
-    "memory_release": ("device", "mib"),
-    "fail_device": ("device",),
-    "join_device": ("device", "links"),
+    k.removeprefix("events[]."): v for k, v in KEYS.items() if k.startswith("events[].") and k.count(".") == 1}
+# the values of the keys that name one of a few things (the reference lists them too)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.preset": tuple(PRESETS),
+    "controller.algorithm": ALGORITHM_NAMES,
+    "controller.telemetry": ("measured", "oracle"),
+    "events[].action": tuple(_ACTIONS),
 }
 _ACTION_REQUIRED: dict[str, tuple[str, ...]] = {
     "set_link": ("between",),
@@ -331,7 +355,6 @@ _ACTION_REQUIRED: dict[str, tuple[str, ...]] = {
     "fail_device": ("device",),
     "join_device": ("device",),
 }
-_TELEMETRY = ("measured", "oracle")
 _SCENARIO_NAME = re.compile(r"[a-z0-9_-]+")
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -380,7 +403,7 @@ def parse(data: object, file: str = "<data>", model_gguf: str | None = None) -> 
     version = r.int_(data["version"], "version")
     if version != 1:
         r.fail("version", f"unsupported version {version} (this testbed reads version 1)")
-    top = r.mapping(data, "", _TOP_KEYS, _TOP_REQUIRED)
+    top = r.section(data, "", "", _TOP_REQUIRED)
     name = r.string(top["name"], "name", pattern=_SCENARIO_NAME, max_len=MAX_NAME)
     description = r.string(top.get("description", ""), "description", max_len=MAX_DESCRIPTION)
     seed = r.int_(top.get("seed", 0), "seed", ge=0, le=MAX_SEED)
@@ -421,7 +444,7 @@ def _model_fields(r: _Reader, m: dict, where: str) -> dict[str, object]:
 
 
 def _model(r: _Reader, value: object) -> ModelSpec:
-    m = r.mapping(value, "model", ("preset", "gguf", *_MODEL_FIELDS))
+    m = r.section(value, "model", "model")
     if "gguf" in m:
         if "preset" in m:
             r.fail("model", "give exactly one of preset or gguf, not both")
@@ -429,7 +452,7 @@ def _model(r: _Reader, value: object) -> ModelSpec:
         return _gguf_model(r, m, "model", base)
     fields = _model_fields(r, m, "model")
     if "preset" in m:
-        preset = r.choice(m["preset"], "model.preset", tuple(PRESETS), "preset")
+        preset = r.choice(m["preset"], "model.preset", CHOICES["model.preset"], "preset")
         base = PRESETS[preset]
         if base.weights != "random":
             for f, v in fields.items():
@@ -486,7 +509,7 @@ def _gguf_model(r: _Reader, m: dict, where: str, base: Path) -> ModelSpec:
 
 
 def _generation(r: _Reader, value: object, model: ModelSpec) -> GenerationSpec:
-    g = r.mapping(value, "generation", ("new_tokens", "prompt_tokens", "prompt"), ("new_tokens",))
+    g = r.section(value, "generation", "generation", ("new_tokens",))
     new_tokens = r.int_(g["new_tokens"], "generation.new_tokens", ge=1, le=MODEL_MAX["context"])
     if "prompt_tokens" in g and "prompt" in g:
         r.fail("generation", "give exactly one of prompt_tokens or prompt, not both")
@@ -526,7 +549,7 @@ def _model_bytes(model: ModelSpec, gen: GenerationSpec) -> int:
 
 
 def _device(r: _Reader, value: object, path: str, whole: int) -> DeviceSpec:
-    d = r.mapping(value, path, _DEVICE_KEYS, ("name", "compute_gflops"))
+    d = r.section(value, path, "devices[]", ("name", "compute_gflops"))
     name = r.string(d["name"], f"{path}.name", pattern=_DEVICE_NAME, max_len=MAX_NAME)
     gflops = r.number(d["compute_gflops"], f"{path}.compute_gflops", ge=GFLOPS_RANGE[0], le=GFLOPS_RANGE[1])
     if ("memory_mib" in d) == ("memory_share" in d):
@@ -591,16 +614,16 @@ def _link_value(r: _Reader, value: object, path: str, key: str, down: bool) -> f
 
 
 def _network(r: _Reader, value: object, names: list[str]) -> NetworkSpec:
-    net = r.mapping(value, "network", ("default", "links"))
+    net = r.section(value, "network", "network")
     default = DEFAULT_LINK
     if "default" in net:
-        default = _link(r, r.mapping(net["default"], "network.default", _LINK_KEYS),
+        default = _link(r, r.section(net["default"], "network.default", "network.default"),
                         "network.default", DEFAULT_LINK)
     links: dict[tuple[str, str], LinkSpec] = {}
     where: dict[tuple[str, str], int] = {}
     for i, item in enumerate(r.list_(net.get("links", []), "network.links")):
         p = f"network.links[{i}]"
-        m = r.mapping(item, p, ("between", *_LINK_KEYS), ("between",))
+        m = r.section(item, p, "network.links[]", ("between",))
         a, b = _pair(r, m["between"], f"{p}.between", names)
         key = (a, b) if a <= b else (b, a)
         if key in links:
@@ -628,20 +651,20 @@ def _known_device(r: _Reader, value: object, path: str, known: Iterable[str]) ->
 
 
 def _controller(r: _Reader, value: object) -> ControllerSpec:
-    c = r.mapping(value, "controller", ("algorithm", "interval_tokens", "telemetry"))
+    c = r.section(value, "controller", "controller")
     d = ControllerSpec()
     return ControllerSpec(
         algorithm=r.choice(c.get("algorithm", d.algorithm), "controller.algorithm",
-                           ALGORITHM_NAMES, "algorithm"),
+                           CHOICES["controller.algorithm"], "algorithm"),
         interval_tokens=r.int_(c.get("interval_tokens", d.interval_tokens),
                                "controller.interval_tokens", ge=1, le=MAX_INTERVAL),
         telemetry=r.choice(c.get("telemetry", d.telemetry), "controller.telemetry",
-                           _TELEMETRY, "telemetry"),
+                           CHOICES["controller.telemetry"], "telemetry"),
     )
 
 
 def _emulation(r: _Reader, value: object) -> EmulationSpec:
-    e = r.mapping(value, "emulation", ("time_scale",))
+    e = r.section(value, "emulation", "emulation")
     return EmulationSpec(time_scale=parse_time_scale(e.get("time_scale", "auto"), r.file, "emulation.time_scale"))
 
 
@@ -672,11 +695,11 @@ def _events(r: _Reader, value: object, names: list[str], source: str, gen: Gener
         r.fail("events", f"lists {len(items)} events, more than {MAX_EVENTS}")
     for i, item in enumerate(items):
         p = f"events[{i}]"
-        e = r.mapping(item, p, None)
+        e = r.mapping(item, p)
         if "action" not in e:
             r.fail(f"{p}.action", f"is required (one of {', '.join(_ACTIONS)})")
-        action = r.choice(e["action"], f"{p}.action", tuple(_ACTIONS), "action")
-        r.mapping(e, p, (*_TRIGGERS, "action", *_ACTIONS[action]), _ACTION_REQUIRED[action])
+        action = r.choice(e["action"], f"{p}.action", CHOICES["events[].action"], "action")
+        r.section(e, p, ("events[]", f"events[].{action}"), _ACTION_REQUIRED[action])
         if "at_token" in e and "at_s" in e:
             r.fail(p, "give exactly one of at_token or at_s, not both")
         if "at_token" in e:
@@ -710,7 +733,7 @@ def _events(r: _Reader, value: object, names: list[str], source: str, gen: Gener
             kw["join_links"] = links = {}
             for j, item_link in enumerate(r.list_(e.get("links", []), f"{p}.links")):
                 lp = f"{p}.links[{j}]"
-                m = r.mapping(item_link, lp, ("to", *_LINK_KEYS), ("to",))
+                m = r.section(item_link, lp, "events[].join_device.links[]", ("to",))
                 to = _event_device(r, m["to"], f"{lp}.to", known, trigger, joined)
                 if to in links:
                     r.fail(f"{lp}.to", f"a link to {to!r} is already given")
@@ -833,15 +856,21 @@ class _Reader:
                 pass
         self.fail(path, f"must be {what}, got {_type_name(value)}{hint}")
 
-    def mapping(self, value: object, path: str, allowed: tuple[str, ...] | None,
-                required: tuple[str, ...] = ()) -> dict:
+    def mapping(self, value: object, path: str) -> dict:
         if not isinstance(value, dict):
             self._wrong(value, path, "a mapping")
+        return value
+
+    def section(self, value: object, path: str, sections: str | tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict:
+        """A mapping whose keys are those of `sections` in `KEYS` (every key checked here,
+        so the table is the format's whole list of keys), with the `required` ones."""
+        value = self.mapping(value, path)
+        allowed = [k for s in ((sections,) if isinstance(sections, str) else sections) for k in KEYS[s]]
         prefix = f"{path}." if path else ""
-        if allowed is not None:
-            for key in value:
-                if key not in allowed:
-                    self.fail(f"{prefix}{key}", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
+        for key in value:
+            if key not in allowed:
+                self.fail(f"{prefix}{key}", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
         for key in required:
             if key not in value:
                 self.fail(f"{prefix}{key}", "is required")

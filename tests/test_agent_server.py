@@ -148,7 +148,6 @@ def test_messages_the_agent_addresses_to_itself_are_checked() -> None:
 
     async def body(lv: Live) -> None:
         ws = await lv.control()
-        before = lv.agent.refusals.total
         for msg in ({"t": P.ABORT, "rid": 1, "seq": 1e308}, {"t": P.ABORT, "rid": 1, "seq": 2**64 - 1},
                     {"t": P.RESERVE, "rid": 2, "blocks": {"ffn.0": -4096}},
                     {"t": P.GEN, "seq": 1, "tokens": [S.vocab + 5], "pos": 0}):
@@ -156,8 +155,8 @@ def test_messages_the_agent_addresses_to_itself_are_checked() -> None:
         r = await lv.op(ws, t="send", dst=SOURCE, msg={"t": P.ACK, "device": SOURCE})
         assert not r["ok"] and "controller requests" in r["detail"]
         await _settle()
-        assert lv.agent.refusals.total - before == 4
         assert lv.agent.floor == -1 and lv.agent.reserved == {} and lv.agent.budget.by_category["reserved"] == 0
+        assert lv.agent.refusals.total == 4
         await lv.legit()
 
     live(SOURCE, body)
@@ -189,7 +188,6 @@ def test_an_output_longer_than_the_run_is_refused() -> None:
     the frame is over what this run can need, and fewer rows are over the run's length."""
 
     async def body(lv: Live) -> None:
-        before = lv.ep.refused + lv.agent.refusals.total
         rows = lv.ep.max_frame // (4 * S.d_model) - 16  # the most that fits in a frame
         for n, name in ((100_000, "pi-a"), (rows, "pi-b")):
             peer = await lv.peer(name)
@@ -198,7 +196,8 @@ def test_an_output_longer_than_the_run_is_refused() -> None:
             except ConnectionError:  # the agent closes a connection that sends an oversized frame
                 pass
             await _settle()
-        assert lv.ep.refused + lv.agent.refusals.total == before + 2 and not lv.agent._work
+        assert not lv.agent._tasks and lv.agent.compute.jobs == 0  # nothing was queued for it
+        assert lv.ep.refused + lv.agent.refusals.total == 2
         await lv.legit()
 
     live(SOURCE, body)
@@ -217,12 +216,10 @@ def test_distinct_sequence_numbers_cannot_grow_the_agent() -> None:
         out = torch.zeros(4, S.q_per_group * S.d_head)
         for seq in range(1, 1201):
             await peer.send_bytes(encode({"t": P.HEADS, "seq": seq, "layer": 1, "pos": 0, "groups": [0], "out": out}))
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            if lv.agent.refusals.total >= 1200 - lv.agent.quota:
-                break
-        assert len(lv.agent._proj_buf) <= lv.agent.quota
-        assert lv.agent.refusals.total >= 1200 - lv.agent.quota
+        quota = 2 * S.layers + 4  # twice what a pipeline has in flight
+        await asyncio.sleep(2.0)
+        assert len(lv.agent._proj_buf) <= quota
+        assert lv.agent.quota == quota and lv.agent.refusals.total >= 1200 - quota
         await lv.legit()
 
     live("pi-a", body)
@@ -252,17 +249,20 @@ def test_a_flood_of_bad_frames_writes_few_log_lines(caplog: pytest.LogCaptureFix
         peer = await lv.peer("pi-b")
         for i in range(20_000):
             await peer.send_bytes(b"\xc1" if i % 2 else encode({"t": P.LAYER_IN, "seq": -1}))
-        for _ in range(200):
+        for _ in range(200):  # the undecodable half is the endpoint's to refuse
             await asyncio.sleep(0.05)
-            if lv.ep.refused + lv.agent.refusals.total >= 20_000:
+            if lv.ep.refused >= 10_000:
                 break
+        await _settle()
         assert lv.ep.refused + lv.agent.refusals.total == 20_000
         await lv.legit()
 
     with caplog.at_level(logging.WARNING):
-        live("pi-a", body)
-    lines = [r for r in caplog.records if "refused" in r.getMessage()]
-    assert 2 <= len(lines) <= 60, len(lines)  # one per peer, kind and second (two kinds here)
+        try:
+            live("pi-a", body)
+        finally:  # (checked first: the reason for this test)
+            lines = [r for r in caplog.records if "refused" in r.getMessage()]
+            assert 2 <= len(lines) <= 60, len(lines)  # one per peer, kind and second (two kinds here)
 
 
 def test_a_connection_that_never_sends_its_request_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,15 +282,17 @@ def test_a_connection_that_never_sends_its_request_is_closed(monkeypatch: pytest
 
 # ------------------------------------------------------------------------ fuzzing
 
+KINDS = sorted(P.DATA | P.TO_CONTROLLER | {P.LOAD, P.ROUTE, P.RESERVE, P.CANCEL, P.MIGRATE, P.BLOCK, P.ABORT,
+                                            P.TELEMETRY, P.PROBE})
 FRAMES = st.lists(st.one_of(
     st.binary(max_size=256),
     st.builds(lambda v: msgpack.packb(v, use_bin_type=True), st.dictionaries(
         st.sampled_from(["t", "seq", "rid", "layer", "pos", "x", "blocks", "op", "dst", "msg", "device"]),
-        st.one_of(st.sampled_from(sorted(P.TABLE)), st.integers(-(2**63), 2**64 - 1), st.floats(),
+        st.one_of(st.sampled_from(KINDS), st.integers(-(2**63), 2**64 - 1), st.floats(),
                   st.text(max_size=10), st.lists(st.integers(-3, 300), max_size=4)), max_size=6)),
     st.builds(lambda k, cut: encode({"t": k, "seq": 1, "rid": 1, "layer": 0, "pos": 0,
                                      "x": torch.zeros(1, S.d_model)})[:cut],
-              st.sampled_from(sorted(P.TABLE)), st.integers(0, 80)),
+              st.sampled_from(KINDS), st.integers(0, 80)),
 ), min_size=1, max_size=12)
 
 

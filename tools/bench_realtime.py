@@ -1,15 +1,17 @@
 """Real-time fidelity: real-clock runs against their virtual-clock twins, links and lag.
 
 `python -m tools.bench_realtime [--part scenarios,main,links,lag] [--scenarios A,B]
-[--tokens N] [--readme README.md] [--seconds S] [--rates ...] [--agents 8,16,32] [--json PATH]`
+[--tokens N] [--doc FILE | --no-doc] [--seconds S] [--rates ...] [--agents 8,16,32] [--json PATH]`
 
 - scenarios (the default part): every shipped scenario (first `--tokens` tokens), run on
   the virtual clock, then on the real clock as a user runs it (time scale `auto`,
   calibrated for each mode) in process and with one process per agent over websockets.
   Each real-clock run is compared with its virtual twin (`testbed.twin`): mean per-token
   latency within 5 %, p95 within 10 %, migrations within 20 %, at most 1 % of jobs
-  overrunning, the reference's tokens. `--readme FILE` writes the table between the
-  `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->` lines of FILE.
+  overrunning, the reference's tokens. The table, with the command that measured it, is
+  written between the `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->`
+  lines of docs/fidelity.md (`--doc FILE` for another file, `--readme FILE` its old name;
+  `--no-doc` only prints it), replacing the table there: run every scenario.
 
 - links: two agent processes; the sender keeps its emulated link to the other busy with
   probe frames (1 to 1000 Mbit/s, 5 ms latency). Throughput is measured at the receiver
@@ -38,6 +40,7 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +50,11 @@ from testbed.emulation.clock import run as run_loop
 from testbed.harness.remote import ProcessCluster
 from testbed.results import percentile
 from testbed.scenario import Event, load, parse
+from tools.markers import read_between, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "fidelity.md"  # where the scenarios table lives
+SECTION = "bench_realtime"
 RATES = (1.0, 10.0, 100.0, 1000.0)
 SIZES = {1.0: 1500, 10.0: 4096, 100.0: 16384, 1000.0: 65536}
 
@@ -67,11 +73,14 @@ def _cluster_dict(n: int, gflops: float = 1.0, mbps: float = 1000.0, latency_ms:
 MODES = (("in process", "inproc", False), ("processes", "ws", True))
 
 
-def _scenarios(names: list[str], tokens: int, calibrate_only: set[str] = frozenset()) -> list[dict[str, Any]]:
-    """Run each scenario on both clocks and compare; for those in `calibrate_only`, only
-    calibrate (on the real clock, in process) and report the time scale and the wall time a
-    run would take."""
-    out = []
+def _scenarios(names: list[str], tokens: int, calibrate_only: set[str] = frozenset(),
+               modes: tuple[tuple[str, str, bool], ...] = MODES,
+               on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:
+    """Run each scenario on both clocks and compare, in each of `modes`; for those in
+    `calibrate_only`, only calibrate (on the real clock, in process) and report the time
+    scale and the wall time a run would take. `on_row` sees the rows so far after each one
+    (a run of the SmolLM2 scenarios takes an hour: nothing measured is lost to a stop)."""
+    out: list[dict[str, Any]] = []
     for name in names:
         scen = load(ROOT / "scenarios" / f"{name}.yaml")
         if tokens:
@@ -83,7 +92,7 @@ def _scenarios(names: list[str], tokens: int, calibrate_only: set[str] = frozens
             continue
         alg = scen.controller.algorithm
         if name in calibrate_only:
-            for label, transport, processes in MODES[:1]:
+            for label, transport, processes in modes[:1]:
                 cal = timescale.calibrate(prep, [alg], transport, processes)
                 print(f"  {name}, {label}: {cal.line()}", flush=True)
                 out.append({"scenario": name, "mode": label, "tokens": scen.generation.new_tokens,
@@ -92,7 +101,7 @@ def _scenarios(names: list[str], tokens: int, calibrate_only: set[str] = frozens
             continue
         with tempfile.TemporaryDirectory() as tmp:
             virtual = experiment.run(prep, alg, Path(tmp) / "virtual", clock="virtual")
-            for label, transport, processes in MODES:
+            for label, transport, processes in modes:
                 cal = timescale.calibrate(prep, [alg], transport, processes)
                 print(f"  {name}, {label}: {cal.line()}", flush=True)
                 real = experiment.run(prep, alg, Path(tmp) / transport, clock="real", transport=transport,
@@ -101,6 +110,7 @@ def _scenarios(names: list[str], tokens: int, calibrate_only: set[str] = frozens
                 out.append({"scenario": name, "mode": label, "tokens": scen.generation.new_tokens,
                             "calibration_s": cal.seconds, **c})
                 print(f"  {name}, {label}: {'faithful' if c['faithful'] else '; '.join(c['problems'])}", flush=True)
+                on_row(out)
     return out
 
 
@@ -151,22 +161,6 @@ def _main_job() -> dict[str, Any]:
             "after_ms": {k: _after(v, cut) for k, v in res.items()},
             "wall_s": {k: v["wall_s"] for k, v in res.items()},
             "overrun": {k: v["overrun_fraction"] for k, v in res.items() if k.startswith("real")}, "pass": ok}
-
-
-BEGIN, END = "<!-- bench_realtime:begin -->", "<!-- bench_realtime:end -->"
-
-
-def write_between_markers(path: Path, text: str) -> None:
-    """Replace what lies between the BEGIN and END lines of `path` (written whole, or not
-    at all if the markers are missing)."""
-    doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"error: {path}: no {BEGIN} ... {END} section to write the table into")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------- links
@@ -241,6 +235,27 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
+def _tabulate(files: list[Path], doc: Path | None, section: str, cmd: str) -> int:
+    """One table from the rows of earlier `--json` files (runs too long for one sitting, e.g.
+    each SmolLM2 scenario and mode on its own), each file's command and revision named."""
+    rows, sources = [], []
+    for f in files:
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+            rows += data["scenarios"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: {f}: not a --json file of the scenarios part ({e})", file=sys.stderr)
+            return 2
+        sources.append(f"`{data.get('command', 'command not recorded')}` (revision "
+                       f"`{data.get('revision', '?')}`, {data.get('machine', 'machine not recorded')}; "
+                       f"rows in `{f.as_posix()}`)")
+    table = scenarios_table(rows)
+    print(table)
+    if doc is not None:
+        write_between(doc, section, "Measured by " + "; ".join(sources) + f", tabulated by `{cmd}`:\n\n{table}")
+    return 0 if all(r.get("faithful", True) for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_realtime", description=__doc__.split("\n")[0])
     ap.add_argument("--part", default="scenarios", help="comma-separated: scenarios, main, links, lag")
@@ -248,28 +263,60 @@ def main(argv: list[str] | None = None) -> int:
                     help="scenario names (scenarios/NAME.yaml) for the scenarios part")
     ap.add_argument("--calibrate-only", default="",
                     help="scenario names to calibrate but not run (their real-clock runs take too long)")
-    ap.add_argument("--readme", type=Path, help="write the scenarios table into this file's bench_realtime section")
+    ap.add_argument("--doc", "--readme", dest="doc", type=Path, default=DOC,
+                    help="write the scenarios table into this file's bench_realtime section "
+                         "(default: docs/fidelity.md; --readme is its old name)")
+    ap.add_argument("--no-doc", action="store_true", help="print the scenarios table, write it nowhere")
+    ap.add_argument("--section", default=SECTION,
+                    help=f"the marker section to write the table into (default {SECTION}; e.g. one per "
+                         "set of scenarios measured with its own --tokens)")
+    ap.add_argument("--modes", default=",".join(m[1] for m in MODES),
+                    help="inproc, ws (one process per agent over websockets), or both (default)")
     ap.add_argument("--seconds", type=float, default=1.5, help="bulk traffic per rate (links)")
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="Mbit/s (links)")
     ap.add_argument("--tokens", type=int, default=48,
                     help="tokens per run (scenarios: at most this many, 0 for the scenario's own; lag)")
     ap.add_argument("--agents", default="8,16,32", help="agent counts (lag)")
-    ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--json", help="also write every figure to this file (the scenarios' rows after each run)")
+    ap.add_argument("--from-json", default="",
+                    help="comma-separated files written by --json: write their scenarios rows as one table "
+                         "(with the command that measured each) instead of running anything")
     args = ap.parse_args(argv)
+    cmd = " ".join(["python -m tools.bench_realtime", *(argv if argv is not None else sys.argv[1:])])
     parts = set(args.part.split(","))
+    if "scenarios" in parts and not args.no_doc:  # before an hour of runs, not after
+        text = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else ""
+        if read_between(text, args.section) is None:
+            print(f"error: {args.doc}: no <!-- {args.section}:begin --> ... <!-- {args.section}:end --> section "
+                  "to write the table into (or give --no-doc)", file=sys.stderr)
+            return 2
     report: dict[str, Any] = {}
     ok = True
+    if args.from_json:
+        return _tabulate([Path(x) for x in args.from_json.split(",") if x], None if args.no_doc else args.doc,
+                         args.section, cmd)
     if "scenarios" in parts:
         names = [x for x in args.scenarios.split(",") if x]
         print(f"real clock (time scale auto) against the virtual twin, first {args.tokens or 'all'} tokens", flush=True)
-        rows = _scenarios(names, args.tokens, set(x for x in args.calibrate_only.split(",") if x))
+        modes = tuple(m for m in MODES if m[1] in args.modes.split(","))
+        if not modes:
+            print(f"error: --modes {args.modes}: give inproc, ws or both", file=sys.stderr)
+            return 2
+
+        measured = {"command": cmd, "revision": experiment.git_revision(), "machine": _machine()}
+
+        def partial(rows: list[dict[str, Any]]) -> None:
+            if args.json:
+                Path(args.json).write_text(json.dumps({**measured, "scenarios": rows}, indent=2))
+
+        rows = _scenarios(names, args.tokens, set(x for x in args.calibrate_only.split(",") if x), modes, partial)
         report["scenarios"] = rows
         table = scenarios_table(rows)
         print(table)
         ok &= all(r.get("faithful", True) for r in rows)
-        if args.readme:
-            cmd = " ".join(["python -m tools.bench_realtime", *(argv if argv is not None else sys.argv[1:])])
-            write_between_markers(args.readme, f"Measured by `{cmd}` on {_machine()}:\n\n{table}")
+        if not args.no_doc:
+            write_between(args.doc, args.section, f"Measured by `{cmd}` at revision `{measured['revision']}` "
+                                                  f"on {measured['machine']}:\n\n{table}")
     if "main" in parts:
         r = _main_job()
         report["main"] = r
