@@ -222,30 +222,30 @@ _HUGE_DEVICES = "devices:\n" + "".join(
     f"  - {{name: d{i}, compute_gflops: 8, memory_mib: 1048576}}\n" for i in range(4))
 LIMIT_SCENARIOS: list[tuple[str, str, str]] = [
     ("nested_20000_deep", _doc(rest="extra: " + "[" * 20000 + "]" * 20000 + "\n"), "nest"),
-    ("name_300_characters", _doc(head="version: 1\nname: " + "n" * 300 + "\n"), "name"),
+    ("name_300_characters", _doc(head="version: 1\nname: " + "n" * 300 + "\n"), "name: is 300 characters long"),
     ("memory_1e300", _doc(devices="""\
 devices:
-  - {name: gw, compute_gflops: 8, memory_mib: 1.0e300}
-"""), "devices[0].memory_mib"),
+  - {name: gw, compute_gflops: 8, memory_mib: 1.0e+300}
+"""), "devices[0].memory_mib: must be <="),
     ("interval_1e30", _doc(rest="controller: {interval_tokens: " + str(10**30) + "}\n"),
-     "controller.interval_tokens"),
+     "controller.interval_tokens: must be <="),
     ("compute_1e-12", _doc(devices="""\
 devices:
   - {name: gw, compute_gflops: 8, memory_mib: 64}
   - {name: laptop, compute_gflops: 20, memory_mib: 128}
   - {name: phone, compute_gflops: 1.0e-12, memory_mib: 32}
-"""), "devices[2].compute_gflops"),
-    ("model_too_large_for_host", _doc(model=_HUGE_MODEL, devices=_HUGE_DEVICES), "model"),
+"""), "devices[2].compute_gflops: must be >="),
+    ("model_too_large_for_host", _doc(model=_HUGE_MODEL, devices=_HUGE_DEVICES), "memory available"),
     ("description_50_mb", _doc(rest="description: " + "d" * (50 << 20) + "\n"), "larger than"),
-    ("description_20000_characters", _doc(rest="description: " + "d" * 20000 + "\n"), "description"),
-    ("factor_1e9", _doc(rest=_events("{at_token: 2, action: set_compute, device: phone, factor: 1.0e9}")),
-     "events[0].factor"),
-    ("bandwidth_1e12", _doc(rest="network:\n  default: {bandwidth_mbps: 1.0e12, latency_ms: 2}\n"),
-     "network.default.bandwidth_mbps"),
+    ("description_20000_characters", _doc(rest="description: " + "d" * 20000 + "\n"), "description: is 20000 characters long"),
+    ("factor_1e9", _doc(rest=_events("{at_token: 2, action: set_compute, device: phone, factor: 1.0e+9}")),
+     "events[0].factor: must be <="),
+    ("bandwidth_1e12", _doc(rest="network:\n  default: {bandwidth_mbps: 1.0e+12, latency_ms: 2}\n"),
+     "network.default.bandwidth_mbps: must be <="),
     ("latency_one_day", _doc(rest="network:\n  default: {bandwidth_mbps: 100, latency_ms: 86400000}\n"),
-     "network.default.latency_ms"),
-    ("at_s_1e300", _doc(rest=_events("{at_s: 1.0e300, action: fail_device, device: phone}")),
-     "events[0].at_s"),
-    ("seed_2_to_the_70", _doc(rest=f"seed: {2 ** 70}\n"), "seed"),
-    ("vocab_2_to_the_40", _doc(model=f"model: {{preset: gpt-tiny, vocab: {2 ** 40}}}\n"), "model.vocab"),
+     "network.default.latency_ms: must be <="),
+    ("at_s_1e300", _doc(rest=_events("{at_s: 1.0e+300, action: fail_device, device: phone}")),
+     "events[0].at_s: must be <="),
+    ("seed_2_to_the_70", _doc(rest=f"seed: {2 ** 70}\n"), "seed: must be <="),
+    ("vocab_2_to_the_40", _doc(model=f"model: {{preset: gpt-tiny, vocab: {2 ** 40}}}\n"), "model.vocab: must be <="),
 ]

@@ -161,7 +161,15 @@ def test_bandwidth_drop_over_processes_matches_virtual(tmp_path: Path) -> None:
     assert _token_ids(pd) == _token_ids(vd)
     meta = read_json(pd / "meta.json")
     assert meta["transport"] == "ws" and meta["processes"] and meta["status"] == "completed"
-    assert read_json(pd / "summary.json")["correctness"]["tokens_match"]
+    summary = read_json(pd / "summary.json")
+    assert summary["correctness"]["tokens_match"]
+    # issue 14, finding 3: a run that ends normally records no failure (agents stopping after
+    # the last token are not news), and every time counts from the run's start
+    events = read_csv(pd / "events.csv")
+    assert not [e for e in events if e["kind"] in ("device_failed", "fault")], events
+    for name, col in (("events.csv", "t_s"), ("tokens.csv", "t_start_s"), ("telemetry.csv", "t_s")):
+        for row in read_csv(pd / name):
+            assert 0 <= float(row[col]) <= summary["emulated_s"], (name, row)
 
 
 @pytest.mark.parametrize("mode", [("--clock", "virtual"), ("--transport", "ws", "--time-scale", "10"),
