@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -28,12 +30,14 @@ from testbed.emulation.clock import CLOCKS
 from testbed.placement import ALGORITHM_NAMES
 from testbed.placement.plugins import Plugin, PluginRefused
 from testbed.placement.registry import lookup, size_problem
+from testbed.results import Tap
 from testbed.scenario import Scenario, ScenarioError, check_host, load, parse_time_scale
 
 if TYPE_CHECKING:  # imported when a run starts: torch takes seconds to import
     from testbed import experiment
 
 DEFAULT_OUT = Path("results")
+LIVE_PORT = 8765
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
 
 
@@ -64,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attach", action="append", default=[], metavar="NAME=URL",
                    help="use an agent started by hand (e.g. on another host) at URL for device NAME "
                         "(implies --processes; the run token comes from TESTBED_RUN_TOKEN)")
+    p.add_argument("--live", nargs="?", type=int, const=LIVE_PORT, metavar="PORT",
+                   help=f"serve a live view of the run in the browser on PORT (default {LIVE_PORT}; 0: "
+                        "any free port) and print its URL (docs/live.md)")
+    p.add_argument("--live-host", metavar="HOST",
+                   help="address of the live view (default 127.0.0.1); on any other address the page "
+                        "requires the run's token (TESTBED_RUN_TOKEN, else a random one, in the printed URL)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no summary, only the run directories (the time scale line goes to stderr)")
     return p.parse_args(argv)
@@ -105,8 +115,6 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
                                 f"scenario, got {item!r}")
         attach[name] = url
     if attach:
-        import os
-
         if len(os.environ.get("TESTBED_RUN_TOKEN", "")) < 16:
             raise ScenarioError(scen.file, "--attach", "set TESTBED_RUN_TOKEN to the token the agents were started with")
         args.processes = True
@@ -123,6 +131,10 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
     else:
         args.time_scale = scen.emulation.time_scale
         args.time_scale_from = "emulation.time_scale"
+    if args.live_host is not None and args.live is None:
+        raise ScenarioError(scen.file, "--live-host", "applies with --live only")
+    if args.live is not None and not 0 <= args.live <= 65535:
+        raise ScenarioError(scen.file, "--live", f"port must be from 0 to 65535, got {args.live}")
     if args.transport == "ws" and args.clock == "virtual":
         raise ScenarioError(scen.file, "--transport", "--clock virtual runs on the in-process transport only "
                             "(real sockets live in real time)")
@@ -130,33 +142,83 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    wall0 = time.perf_counter()
     args = parse_args(argv)
     # no emoji: `file.py:X: ...` must not become a picture
     err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     out = Console(highlight=False, emoji=False)
     if not out.is_terminal:  # logs and pipes: wide enough for the comparison table
         out = Console(highlight=False, width=140, emoji=False)
-    done: list[experiment.Outcome] = []
-    try:
-        return _main(args, out, err, done)
-    except KeyboardInterrupt:
-        # the run in progress has written its files (status `failed: interrupted`) and
-        # stopped its agents before the interrupt reached us
-        where = f": results in {done[-1].run_dir}" if done else ""
-        err.print(f"interrupted{where}", markup=False, soft_wrap=True)
-        return EXIT_INTERRUPTED
-
-
-def _main(args: argparse.Namespace, out: Console, err: Console, outcomes: list[experiment.Outcome]) -> int:
-    wall0 = time.perf_counter()
     try:
         scen, algorithms = resolve(args)
     except ScenarioError as e:
         err.print(f"error: {e}", markup=False)
         return 2
+    live = None
+    if args.live is not None:
+        live = Live(args.live_host or "127.0.0.1", args.live)
+        try:
+            url = live.start()
+        except OSError as e:
+            err.print(f"error: {scen.file}: --live: cannot listen on {live.server.host}:{args.live} "
+                      f"({e.strerror or e})", markup=False)
+            return 2
+        (err if args.quiet else out).print(f"live view: {url}", markup=False, soft_wrap=True)
+        sys.stdout.flush()  # a pipe buffers it: whoever opens the page needs the URL now
+    outcomes: list[experiment.Outcome] = []
+    try:
+        return _main(args, scen, algorithms, out, err, live, wall0, outcomes)
+    except KeyboardInterrupt:
+        # the run in progress has written its files (status `failed: interrupted`) and
+        # stopped its agents before the interrupt reached us
+        where = f": results in {outcomes[-1].run_dir}" if outcomes else ""
+        err.print(f"interrupted{where}", markup=False, soft_wrap=True)
+        return EXIT_INTERRUPTED
+    finally:
+        if live is not None:
+            live.close()
+
+
+class Live:
+    """The live view (testbed/webview): a server thread reading the rows each run writes."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from testbed.harness.agent_server import TOKEN_ENV
+        from testbed.webview.server import LOOPBACK, ViewServer
+        from testbed.webview.state import Feed
+
+        self.feed = Feed("live")
+        # the run's token: the agents' (TESTBED_RUN_TOKEN) if given; off loopback without
+        # one, a new one, which the agents this run starts then read from the environment
+        token = os.environ.get(TOKEN_ENV) or None
+        if token is None and host not in LOOPBACK:
+            token = os.environ[TOKEN_ENV] = secrets.token_urlsafe(24)
+        self.server = ViewServer(self.feed, host, port, token=token)
+
+    def start(self) -> str:
+        return self.server.start()
+
+    def note(self, text: str) -> None:
+        self.feed.note = text
+
+    def tap(self, run_dir: Path, label: str) -> Tap:
+        from testbed.webview.state import RunRecord
+
+        self.feed.note = ""
+        return self.feed.add(RunRecord(run_dir.name, str(run_dir), label)).record
+
+    def close(self) -> None:
+        self.feed.finished = True
+        self.server.stop()
+
+
+def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugin], out: Console,
+          err: Console, live: Live | None, wall0: float, outcomes: list[experiment.Outcome]) -> int:
     from testbed import experiment
     from testbed.model.smollm2 import ModelUnavailable
 
+    note = live.note if live is not None else (lambda text: None)
+    note("computing the reference")
     if not args.quiet:
         out.print(f"[bold]{scen.name}[/]: {scen.model.name}, {len(scen.devices)} devices, "
                   f"{scen.generation.new_tokens} tokens, seed {scen.seed}, {args.clock} clock; "
@@ -172,6 +234,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console, outcomes: list[e
         if args.time_scale is None:
             from testbed.timescale import calibrate
 
+            note("calibrating the time scale")
             try:
                 cal = calibrate(prep, algorithms, args.transport, args.processes)
             except RuntimeError as e:
@@ -192,7 +255,8 @@ def _main(args: argparse.Namespace, out: Console, err: Console, outcomes: list[e
             with _progress(out, show, name_of(alg), scen.generation.new_tokens) as progress:
                 outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
                                          processes=args.processes, attach=args.attach, progress=progress,
-                                         time_scale=k, calibration=calibration)
+                                         time_scale=k, calibration=calibration,
+                                         tap=live.tap(run_dir, name_of(alg)) if live is not None else None)
         except experiment.Interrupted as e:
             outcomes.append(e.outcome)
             raise KeyboardInterrupt from None

@@ -35,7 +35,7 @@ from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_pro
 from .model.spec import ModelSpec
 from .placement.plugins import Plugin, PluginFailed, safe_name
 from .placement.registry import instantiate
-from .results import RunWriter, summarize, windows
+from .results import RunWriter, Tap, summarize, windows
 from .scenario import Event, Scenario
 
 log = logging.getLogger(__name__)
@@ -356,12 +356,14 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         attach: dict[str, str] | None = None,
         setup: Callable[[Any], None] | None = None,
         on_finish: Callable[[Any, Controller], None] | None = None,
-        time_scale: float = 1.0, calibration: dict[str, Any] | None = None) -> Outcome:
+        time_scale: float = 1.0, calibration: dict[str, Any] | None = None,
+        tap: Tap | None = None) -> Outcome:
     """Run one algorithm (a registered name, a loaded `Plugin`, or any object with `name`,
     `dynamic` and `place`) on a prepared scenario; always leaves meta.json and summary.json.
     A plug-in that fails fails only this run: its reason and traceback go to meta.json's
     `error`. On the real clock, emulated time runs `time_scale` times slower than the wall
-    clock (`calibration`: how that scale was chosen, recorded in meta.json)."""
+    clock (`calibration`: how that scale was chosen, recorded in meta.json). `tap` sees every
+    result row as it is written (the live view)."""
     scen = prep.scenario
     alg_name = algorithm if isinstance(algorithm, str) else algorithm.name
     # per-head work is a few tiny matrix products: one thread avoids OpenMP spin and
@@ -369,7 +371,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     torch.set_num_threads(TORCH_THREADS)
     # `setup` and `on_finish` let tests and tools inject faults and inspect the final state
     try:
-        writer = RunWriter(run_dir)
+        writer = RunWriter(run_dir, tap)
     except OSError as e:
         raise RunDirError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
     if clock == "virtual":

@@ -3,7 +3,8 @@
 Owns the column lists (public contract: columns may be added, never renamed or removed),
 the run directory's files, and `summarize`, a pure function of the token rows. CSV rows
 are flushed as they are written, so a crash leaves readable partial results; JSON files
-are replaced atomically (write to a temporary file, then rename).
+are replaced atomically (write to a temporary file, then rename). A `tap` sees every row
+and JSON document as it is written (the live view, testbed/webview/, reads the run that way).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ LINKS = ["t_s", "token", "src", "dst", "bandwidth_mbps", "measured_mbps", "laten
 
 FILES = {"tokens.csv": TOKENS, "events.csv": EVENTS, "placements.csv": PLACEMENTS,
          "telemetry.csv": TELEMETRY, "links.csv": LINKS}
+
+# (file name, row or document) after each write; it must only take note (it runs on the
+# run's hot path) and must not modify what it is given
+Tap = Callable[[str, dict[str, Any]], None]
 
 
 def _clean(v: Any) -> Any:
@@ -93,7 +98,7 @@ def _missing_dirs(path: Path) -> list[Path]:
 class RunWriter:
     """Owns one run directory. The directory must not exist yet (runs never overwrite)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, tap: Tap | None = None) -> None:
         self.dir = Path(run_dir)
         made = _missing_dirs(self.dir)
         try:
@@ -108,31 +113,41 @@ class RunWriter:
             raise
         self.token_rows: list[dict[str, Any]] = []
         self.event_rows: list[dict[str, Any]] = []
+        self.tap = tap
+
+    def _row(self, name: str, row: dict[str, Any]) -> None:
+        self._csv[name].write(row)
+        if self.tap is not None:
+            self.tap(name, row)
 
     def token(self, row: dict[str, Any]) -> None:
         self.token_rows.append(row)
-        self._csv["tokens.csv"].write(row)
+        self._row("tokens.csv", row)
 
     def event(self, t_s: float, token: int, kind: str, subject: str, detail: str) -> None:
         row = {"t_s": round(t_s, 9), "token": token, "kind": kind, "subject": subject, "detail": detail}
         self.event_rows.append(row)
-        self._csv["events.csv"].write(row)
+        self._row("events.csv", row)
 
     def placement(self, token: int, changes: Sequence[tuple[str, str]]) -> None:
         for block, device in changes:
-            self._csv["placements.csv"].write({"token": token, "block": block, "device": device})
+            self._row("placements.csv", {"token": token, "block": block, "device": device})
 
     def telemetry(self, row: dict[str, Any]) -> None:
-        self._csv["telemetry.csv"].write(row)
+        self._row("telemetry.csv", row)
 
     def link(self, row: dict[str, Any]) -> None:
-        self._csv["links.csv"].write(row)
+        self._row("links.csv", row)
 
     def meta(self, meta: dict[str, Any]) -> None:
         write_json(self.dir / "meta.json", meta)
+        if self.tap is not None:  # a copy: the caller updates its dict and writes it again
+            self.tap("meta.json", dict(meta))
 
     def summary(self, summary: dict[str, Any]) -> None:
         write_json(self.dir / "summary.json", summary)
+        if self.tap is not None:
+            self.tap("summary.json", summary)
 
     def close(self) -> None:
         for c in self._csv.values():

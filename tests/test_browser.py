@@ -1,0 +1,143 @@
+"""The page in a real browser: headless Chromium (tools/browser.py) against a live run of
+bandwidth_drop (real clock, shortened) and against tools.view and a tools.report file of
+finished runs. Skips, saying why, when selenium, chromium or chromedriver cannot be had
+(.ci/run installs them). Every wait is bounded; the live run is the only real-time part."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed import experiment
+from testbed.scenario import load
+from tools.browser import BrowserUnavailable, browser, console_errors, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the page's own hooks: latency points drawn, and the placement map's cells
+POINTS = "+document.getElementById('latency').dataset.points || 0"
+CELLS = ("[...document.querySelectorAll('rect.cell')].map(r => r.dataset.block + '=' + r.dataset.device)"
+         ".sort().join(' ')")
+STATUS = "document.getElementById('status').textContent"
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    try:
+        d = browser(1400, 1000)
+    except BrowserUnavailable as e:
+        pytest.skip(f"no headless browser: {e}")
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+def _map(cells: str) -> dict[str, str]:
+    return dict(c.split("=", 1) for c in cells.split())
+
+
+def _placement_at(run_dir: Path, k: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open(run_dir / "placements.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            if int(r["token"]) <= k:
+                out[r["block"]] = r["device"]
+    return out
+
+
+def test_live_page_follows_the_run(driver: Any, tmp_path: Path) -> None:
+    """A live run of the main job, shortened: the chart gains points while the run goes
+    on, the placement map changes at resource_aware's migration after the drop, and the
+    page logs no error."""
+    cmd = [sys.executable, "-m", "runners.run", "scenarios/bandwidth_drop.yaml", "--tokens", "40",
+           "--time-scale", "12", "--out", str(tmp_path), "--live", "0", "--quiet"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()  # --quiet: the URL goes to stderr, first
+        m = re.search(r"live view: (http://\S+)", line)
+        assert m, line + p.stderr.read()
+        driver.get(m.group(1))
+        first = wait_for(driver, f"({POINTS}) >= 2 && ({POINTS})", 120)
+        early = _map(wait_for(driver, CELLS, 30))
+        grown = wait_for(driver, f"({POINTS}) >= {first + 5} && ({POINTS})", 60)
+        assert "live" in driver.execute_script(f"return {STATUS}") or p.poll() is None, \
+            "the run ended before the page saw it grow"
+        assert grown >= first + 5
+        # resource_aware moves heads off the slow link after token 24
+        assert first < 20, "the page saw the run only after the drop"
+        late = _map(wait_for(driver, f"({POINTS}) >= 30 && {CELLS}", 120))
+        assert late != early, "the placement map did not change at the migration"
+        assert set(late) == set(early)
+        wait_for(driver, f"{STATUS} === 'run finished'", 60)
+        assert p.wait(timeout=60) == 0, p.stderr.read()
+        assert console_errors(driver) == []
+        run_dir = next(tmp_path.glob("bandwidth_drop/*"))
+        assert int(driver.execute_script(f"return {POINTS}")) == 39  # every decode token arrived
+        assert early == _placement_at(run_dir, 0)
+        assert _map(driver.execute_script(f"return {CELLS}")) == _placement_at(run_dir, 39)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    prep = experiment.prepare(load(ROOT / "scenarios/bandwidth_drop.yaml").with_overrides(new_tokens=40))
+    for alg in ("static", "resource_aware"):
+        assert experiment.run(prep, alg, root / alg, clock="virtual").ok
+    return root
+
+
+def _slide(driver: Any, k: int) -> dict[str, str]:
+    driver.execute_script(
+        "const s = document.getElementById('slider'); s.value = arguments[0];"
+        "s.dispatchEvent(new Event('input'));", k)
+    wait_for(driver, f"document.getElementById('token-label').textContent === '{k}'", 10)
+    cards = driver.execute_script(
+        "return [...document.querySelectorAll('.card')].map(c => [c.dataset.run,"
+        "[...c.querySelectorAll('rect.cell')].map(r => r.dataset.block + '=' + r.dataset.device).join(' ')])")
+    return {run: _map(cells) for run, cells in cards}
+
+
+def _check_replay(driver: Any, root: Path) -> None:
+    wait_for(driver, f"({POINTS}) >= 78", 30)  # two runs of 39 decode tokens each
+    at0, at30 = _slide(driver, 0), _slide(driver, 30)
+    assert set(at0) == {"static", "resource_aware"}
+    for alg in at0:
+        assert at0[alg] == _placement_at(root / alg, 0)
+        assert at30[alg] == _placement_at(root / alg, 30)
+    assert at0["resource_aware"] != at30["resource_aware"]  # the slider replays the migration
+    assert at0["static"] == at30["static"]
+    assert console_errors(driver) == []
+
+
+def test_view_page_replays_the_placement(driver: Any, finished: Path) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "tools.view", str(finished)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://\S+", p.stdout.readline()).group(0)
+        driver.get(url)
+        _check_replay(driver, finished)
+    finally:
+        p.terminate()
+        p.wait(timeout=20)
+
+
+def test_report_file_works_offline(driver: Any, finished: Path, tmp_path: Path) -> None:
+    from tools import report
+
+    out = tmp_path / "report.html"
+    assert report.main([str(finished), "-o", str(out)]) == 0
+    driver.get(out.as_uri())
+    _check_replay(driver, finished)
+    assert "2 runs (report)" in wait_for(driver, STATUS, 10)
