@@ -435,6 +435,12 @@ class Controller(Migrations, Recovery):
         # and computed properly once the token is done (outside its measured latency)
         guess = self._guess_ms(len(tokens), pos + len(tokens))
         for _attempt in range(self.opt.max_attempts):
+            if self._lost:  # lost while this token re-planned (with agents in processes, a
+                # failure is heard a little later): repair first, not after a stalled attempt
+                s0 = self.loop.time()
+                await self._recover()
+                stall += self.loop.time() - s0
+                guess = self._guess_ms(len(tokens), pos + len(tokens))
             try:
                 logits, done = await self._attempt(tokens, pos, predicted_ms=guess)
                 break
