@@ -70,6 +70,7 @@ MAX_PROBE = 16 * MIB  # bytes of padding in a probe
 MAX_TEXT = 4096  # characters of a free-text detail
 MAX_BYTES = int(MAX_MEMORY_MIB * MIB)  # any memory figure
 MAX_COUNT = 1 << 62  # event counters
+MIN_FLOPS = 1e-300  # a measured rate is only checked to be positive: devices may be very slow
 
 
 class ProtocolError(Exception):
@@ -581,7 +582,7 @@ REPLY_FIELDS: dict[str, Any] = {
     "memory": lambda f, b: f.counters(),
     "kv": lambda f, b: f.int_("kv", 0, MAX_BYTES),
     "weights": lambda f, b: f.int_("weights", 0, MAX_BYTES),
-    "flops": lambda f, b: f.num("flops", 1.0, 1e18),
+    "flops": lambda f, b: f.num("flops", MIN_FLOPS, 1e18),
     "links": _links,
 }
 REPLY: dict[str, frozenset[str]] = {  # request -> what its successful answer carries
@@ -715,7 +716,7 @@ class Join(Message):
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Join:
         f.extra(frozenset(("device", "memory", "flops", "host_blocks", "at")))
-        return cls(f.device("device", b), f.counters(), f.num("flops", 1.0, 1e18),  # type: ignore[arg-type]
+        return cls(f.device("device", b), f.counters(), f.num("flops", MIN_FLOPS, 1e18),  # type: ignore[arg-type]
                    f.bool_("host_blocks"), f.num("at", -math.inf))  # type: ignore[arg-type]
 
 
