@@ -6,9 +6,10 @@ head-level algorithms against layer-based partitioning), `paper` (both, written 
 results/paper/ with tables and figures: the committed reference results).
 Analytic mode (testbed/sweep.py): the shared estimator instead of emulated agents; every
 output says so. Instances and seeds are identical for every algorithm; jobs run in
-parallel processes (`--jobs`), which changes nothing but wall time. The result CSVs are a
-function of the arguments alone (the same bytes on any machine); wall-clock figures
-(decision time, time per run) go to `timing.csv` only.
+parallel processes (`--jobs`), or on a Dask cluster (`--cluster ADDRESS`, or `local` for
+one started here with `--jobs` workers; the `cluster` extra), which changes nothing but
+wall time. The result CSVs are a function of the arguments alone (the same bytes on any
+machine); wall-clock figures (decision time, time per run) go to `timing.csv` only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import csv
 import os
 import sys
 import time
-from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +79,51 @@ def _job(kind: str, devices: int, model: str, index: int, seed: int, tokens: int
     return rows
 
 
-def run_jobs(jobs: list[tuple], workers: int, console: Console, label: str) -> list[dict[str, Any]]:
+class ClusterUnavailable(Exception):
+    """--cluster was asked for but cannot be had (the extra is missing, or no scheduler)."""
+
+
+@contextmanager
+def pool(workers: int, cluster: str | None = None) -> Iterator[Executor]:
+    """Where the jobs run: `workers` local processes, or a Dask cluster (`cluster`: a
+    scheduler's address, or `local` to start one here with `workers` single-threaded worker
+    processes). Dask's executor is a concurrent.futures one, so the rest is the same code;
+    the jobs are pure functions of their arguments, so where they run changes no result."""
+    if cluster is None:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            yield ex
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ClusterUnavailable("--cluster needs the `cluster` extra: pip install -c constraints.txt "
+                                 "-e '.[cluster]'") from None
+    local = None
+    try:
+        if cluster == "local":
+            local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                 dashboard_address=None)
+        client = Client(local if local is not None else cluster, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as e:  # refused, timed out, not an address
+        if local is not None:
+            local.close()
+        raise ClusterUnavailable(f"--cluster {cluster}: cannot reach a Dask scheduler ({e})") from None
+    try:
+        with client.get_executor() as ex:
+            yield ex
+    finally:
+        client.close()
+        if local is not None:
+            local.close()
+
+
+def run_jobs(jobs: list[tuple], ex: Executor, console: Console, label: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     bar = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("instances"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
-    with bar, ProcessPoolExecutor(max_workers=workers) as pool:
+    with bar:
         task = bar.add_task(label, total=len(jobs))
-        futs = [pool.submit(_job, *j) for j in jobs]
+        futs = [ex.submit(_job, *j) for j in jobs]
         for f in as_completed(futs):
             rows.extend(f.result())
             bar.advance(task)
@@ -125,22 +165,23 @@ def print_table(console: Console, title: str, rows: list[dict[str, Any]]) -> Non
     console.print(t)
 
 
-def optimality(args: argparse.Namespace, console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def optimality(args: argparse.Namespace, ex: Executor,
+               console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     algs = args.algorithms.split(",") if args.algorithms else OPT_ALGS
     if "optimal" not in algs:
         algs = ["optimal", *algs]
     jobs = [("optimality", d, OPT_MODELS[i % len(OPT_MODELS)], i, args.seed, args.tokens or 16, 1, algs)
             for d in (3, 4, 5) for i in range(args.instances or 50)]
-    rows = run_jobs(jobs, args.jobs, console, "optimality")
+    rows = run_jobs(jobs, ex, console, "optimality")
     add_ratios(rows)
     return rows, optimality_table(rows)
 
 
-def scale(args: argparse.Namespace, console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def scale(args: argparse.Namespace, ex: Executor, console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     algs = args.algorithms.split(",") if args.algorithms else SCALE_ALGS
     jobs = [("scale", d, m, i, args.seed, args.tokens or 1000, 4, algs)
             for d, m in SCALE_CASES for i in range(args.instances or 3)]
-    rows = run_jobs(jobs, args.jobs, console, "scale")
+    rows = run_jobs(jobs, ex, console, "scale")
     return rows, scale_table(rows)
 
 
@@ -151,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, help="tokens per run (optimality: 16, scale: 1000)")
     ap.add_argument("--algorithms", help="comma-separated (default: the experiment's set)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="worker processes (here, or of --cluster local)")
+    ap.add_argument("--cluster", metavar="ADDRESS",
+                    help="run the instances on a Dask cluster: a scheduler's address (tcp://host:8786), "
+                         "or `local` to start one here (needs the `cluster` extra)")
     ap.add_argument("--out", type=Path, help="directory for the CSVs (default results/sweeps/ or results/paper/)")
     ap.add_argument("--quick", action="store_true", help="a reduced version (CI): few instances and tokens")
     ap.add_argument("--no-check", action="store_true", help="paper: skip the report's emulator cross-check")
@@ -174,28 +219,29 @@ def main(argv: list[str] | None = None) -> int:
     revision = git_revision()  # before this sweep writes into a tracked directory
     summary: dict[str, list[dict[str, Any]]] = {}
     timing: list[dict[str, Any]] = []
-    if args.experiment in ("optimality", "paper"):
-        rows, table = optimality(args, console)
-        rows, t = split_timing(rows)
-        timing += t
-        write_csv(out / "optimality.csv", rows)
-        write_csv(out / "optimality_summary.csv", table)
-        print_table(console, "per-token latency / optimum's (analytic mode)", table)
-        summary["optimality"] = table
-    if args.experiment in ("scale", "paper"):
-        if args.experiment == "paper":
-            args.instances, args.tokens = (None, None) if not args.quick else (2, 40)
-        rows, table = scale(args, console)
-        rows, t = split_timing(rows)
-        timing += t
-        write_csv(out / "scale.csv", rows)
-        write_csv(out / "scale_summary.csv", table)
-        print_table(console, "head-level vs layer-based at scale (analytic mode)", table)
-        summary["scale"] = table
+    titles = {"optimality": "per-token latency / optimum's (analytic mode)",
+              "scale": "head-level vs layer-based at scale (analytic mode)"}
+    try:
+        with pool(args.jobs, args.cluster) as ex:  # one pool (or cluster) for every experiment
+            for name, experiment in (("optimality", optimality), ("scale", scale)):
+                if args.experiment not in (name, "paper"):
+                    continue
+                if name == "scale" and args.experiment == "paper":
+                    args.instances, args.tokens = (None, None) if not args.quick else (2, 40)
+                rows, table = experiment(args, ex, console)
+                rows, t = split_timing(rows)
+                timing += t
+                write_csv(out / f"{name}.csv", rows)
+                write_csv(out / f"{name}_summary.csv", table)
+                print_table(console, titles[name], table)
+                summary[name] = table
+    except ClusterUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_csv(out / "timing.csv", timing)
     print_table(console, "decision time, wall clock on this machine", timing_table(timing))
     if args.experiment == "paper":
-        from tools.paper_report import write_report
+        from testbed.paper_report import write_report
 
         write_report(out, summary, wall_s=time.perf_counter() - t0, argv=sys.argv[1:] if argv is None else argv,
                      check=not args.no_check, jobs=args.jobs, revision=revision)

@@ -2,7 +2,7 @@
 
 Owns the wiring of a run: the reference generation (computed once per scenario and seed),
 the cluster (agents, links), the controller, the scenario events (at a token, or at an
-emulated time), the per-token instrumentation (telemetry.csv, links.csv, memory_high), the
+emulated time) and background load (before every token), the per-token instrumentation (telemetry.csv, links.csv, memory_high), the
 summary and meta.json. `runners/run.py` is the command line around it.
 """
 
@@ -30,9 +30,11 @@ import torch
 from .agents.controller import Controller, Options, RunFailed
 from .emulation import clock as clock_mod
 from .harness.cluster import Cluster
+from .harness.interface import World
 from .hostload import HostMonitor
-from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt, weights_for
+from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt
 from .model.spec import ModelSpec
+from .model.weights import weights_for
 from .placement.plugins import Plugin, PluginFailed, safe_name
 from .placement.registry import instantiate
 from .results import RunWriter, Tap, summarize, windows
@@ -141,12 +143,33 @@ class Interrupted(KeyboardInterrupt):
         self.outcome = outcome
 
 
-class _Hooks:
-    """Scenario events and instrumentation around the controller's token loop."""
+@dataclass
+class RunContext:
+    """What one run gathers for its summary, filled in as it goes: a run that fails early
+    leaves the rest at these defaults (the summary then says nan or 0)."""
 
-    def __init__(self, world: Any, writer: RunWriter, events: tuple[Event, ...],
+    host_monitor: HostMonitor
+    world: World | None = None  # the emulated cluster
+    controller: Controller | None = None
+    hooks: _Hooks | None = None
+    total_s: float = math.nan  # emulated seconds from the run's start to the last token
+    frames: dict[str, int] = field(default_factory=dict)  # lost, refused
+    link_rows: list[dict[str, Any]] = field(default_factory=list)
+    host: dict[str, Any] = field(default_factory=dict)  # HostMonitor's record
+    wall_s: float = math.nan
+
+
+class _Hooks:
+    """Scenario events, background load and instrumentation around the controller's token loop."""
+
+    def __init__(self, world: World, writer: RunWriter, scenario: Scenario,
                  progress: Callable[[int], None] | None, t0: float) -> None:
         self.world, self.w = world, writer
+        events, bg = scenario.events, scenario.background
+        # device -> [before_tokens + new_tokens, 2] shares; token k is row `before + k`
+        self.before = bg.before_tokens if bg else 0
+        self.background = bg.table(scenario.seed, scenario.device_names,
+                                   scenario.generation.new_tokens) if bg else {}
         self.loop = asyncio.get_running_loop()
         self.at_token: dict[int, list[Event]] = {}
         for e in events:
@@ -187,8 +210,16 @@ class _Hooks:
         if e.action == "set_link":
             await self.links()
 
+    async def load(self, k: int) -> None:
+        """Token k's background load (k < 0: before the run, when the controller watched it)."""
+        if self.background:
+            row = self.before + k
+            await self.world.background({n: (float(t[row, 0]), float(t[row, 1]))
+                                         for n, t in self.background.items()})
+
     async def before_token(self, k: int) -> None:
         self.k = k
+        await self.load(k)
         for e in self.at_token.get(k, []):
             await self._apply(e)
 
@@ -211,6 +242,7 @@ class _Hooks:
                 "compute_gflops": r["compute_flops"] / 1e9, "mem_peak": m["peak"],
                 "over_high": int(m["current"] > m["high_bytes"]), "high_events": m["high"],
                 "oom_events": m["oom"], "reserved_bytes": m["reserved_bytes"],
+                "background_bytes": m["background_bytes"],
             }
             self.w.telemetry(row)
             prev = self.last.get(name)
@@ -222,7 +254,7 @@ class _Hooks:
     async def links(self) -> None:
         t = self.now()
         ctl = self.controller
-        belief = ctl._belief if ctl is not None and ctl.opt.telemetry == "measured" else None
+        belief = ctl.belief if ctl is not None and ctl.opt.telemetry == "measured" else None
         for r in await self.world.link_rows():
             measured = r["observed_mbps"] if r["observed_mbps"] is not None else math.nan
             if belief is not None and r["src"] in ctl.devices and r["dst"] in ctl.devices \
@@ -240,7 +272,7 @@ class _Hooks:
 
 
 async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
-                     progress: Callable[[int], None] | None, state: dict[str, Any],
+                     progress: Callable[[int], None] | None, ctx: RunContext,
                      transport: str = "inproc", processes: bool = False,
                      setup: Callable[[Any], None] | None = None,
                      on_finish: Callable[[Any, Controller], None] | None = None,
@@ -263,24 +295,29 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             controller.device_lost(device, why)
 
     world = make_world(prep, transport, processes, on_fault, attach, on_lost)
-    state["cluster"] = world
+    ctx.world = world
     try:
         await world.start()
         # the run's start, once its agents are up: every time in the result files counts from
         # here (the deployment's events included), in every mode
         t0 = world.loop.time()
-        hooks = _Hooks(world, writer, scen.events, progress, t0)
+        hooks = _Hooks(world, writer, scen, progress, t0)
         alg = instantiate(algorithm)
         ctl = scen.controller
         controller = Controller(scen, prep.model, alg, world.port(), (prep.ref_ids, prep.ref_logits),
                                 prep.prompt, writer, hooks,
                                 Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry,
-                                        frame_extra=world.frame_extra), world.oracle)
+                                        frame_extra=world.frame_extra, window=ctl.window_tokens),
+                                world.oracle)
         controller.t0 = t0
         hooks.controller = controller
-        state["controller"], state["hooks"] = controller, hooks
+        ctx.controller, ctx.hooks = controller, hooks
         if setup is not None:
             setup(world)
+        for k in range(-hooks.before, 0):  # the background load ran before the run, watched
+            await hooks.load(k)
+            await controller.observe(k)
+        await hooks.load(0)
         await controller.deploy()
         await hooks.start()
         for k in range(scen.generation.new_tokens):
@@ -288,12 +325,11 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             row = await controller.produce(k)
             writer.token(row)
             await hooks.after_token(k)
-        state["total_s"] = world.loop.time() - controller.t0
-        state["frames"] = await world.frame_counts()
-        state["frames"]["refused"] += controller.refusals.total
-        state["link_rows"] = await world.link_rows()
-        state["host"] = state["host_monitor"].stop({n: p.pid for n, p in getattr(world, "procs", {}).items()
-                                                    if n not in world.failed})
+        ctx.total_s = world.loop.time() - controller.t0
+        ctx.frames = await world.frame_counts()
+        ctx.frames["refused"] += controller.refusals.total
+        ctx.link_rows = await world.link_rows()
+        ctx.host = ctx.host_monitor.stop(world.pids())
         if on_finish is not None:
             done = on_finish(world, controller)
             if inspect.isawaitable(done):
@@ -337,7 +373,7 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
 
 def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None],
                attach: dict[str, str] | None = None,
-               on_lost: Callable[[str, str], None] | None = None) -> Any:
+               on_lost: Callable[[str, str], None] | None = None) -> World:
     """The emulated cluster for a run: agents in this process over in-process queues or
     websockets, or agents in their own processes (websockets), some maybe on other hosts."""
     if processes or attach:
@@ -390,11 +426,11 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     if isinstance(algorithm, Plugin):
         meta["plugin"] = algorithm.origin
     writer.meta(meta)
-    state: dict[str, Any] = {"host_monitor": HostMonitor()}
+    ctx = RunContext(HostMonitor())
     status = "completed"
     wall0 = time.perf_counter()
     try:
-        clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, state, transport, processes,
+        clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, ctx, transport, processes,
                                          setup, on_finish, attach), clock, time_scale)
     except RunFailed as e:
         status = f"failed: {e}"
@@ -408,9 +444,8 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     except Exception as e:  # a bug: keep the traceback beside the results
         status = f"failed: {type(e).__name__}: {e}"
         (run_dir / "error.log").write_text(traceback.format_exc())
-    state["wall_s"] = time.perf_counter() - wall0
-    ctl: Controller | None = state.get("controller")
-    summary = _summary(prep, writer, ctl, state, status, clock, time_scale)
+    ctx.wall_s = time.perf_counter() - wall0
+    summary = _summary(prep, writer, ctx, status, clock, time_scale)
     writer.summary(summary)
     meta.update(end=utc_now(), status=status, fidelity=summary["fidelity"])
     writer.meta(meta)
@@ -421,15 +456,15 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     return outcome
 
 
-def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[str, Any],
+def _summary(prep: Prepared, w: RunWriter, ctx: RunContext,
              status: str, clock: str = "virtual", time_scale: float = 1.0) -> dict[str, Any]:
     rows = w.token_rows
-    st = ctl.stats if ctl is not None else None
-    hooks: _Hooks | None = state.get("hooks")
+    st = ctx.controller.stats if ctx.controller is not None else None
+    hooks = ctx.hooks
     last = hooks.last if hooks is not None else {}
     jobs = sum(r["jobs"] for r in last.values())
     overruns = sum(r["overruns"] for r in last.values())
-    links = state.get("link_rows", [])
+    links = ctx.link_rows
     delivered = sum(r.get("checked", 0) for r in links)  # frames that are not re-timed
     late = sum(r.get("late", 0) for r in links)
     share = max((r.get("host_share_p99", 0.0) for r in last.values()), default=0.0)
@@ -438,9 +473,9 @@ def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[s
     cuts = sorted({e.at_token for e in prep.scenario.events if e.at_token is not None})
     extra: dict[str, Any] = {
         "status": status,
-        "total_s": state.get("total_s", math.nan),
-        "emulated_s": state.get("total_s", math.nan),
-        "wall_s": state.get("wall_s", math.nan),
+        "total_s": ctx.total_s,
+        "emulated_s": ctx.total_s,
+        "wall_s": ctx.wall_s,
         "time_scale": time_scale if clock == "real" else None,
         "oom": st.oom if st else 0,
         "replans": st.replans if st else 0,
@@ -450,14 +485,14 @@ def _summary(prep: Prepared, w: RunWriter, ctl: Controller | None, state: dict[s
         "decision_ms": {"mean": sum(st.decision_ms) / len(st.decision_ms) if st and st.decision_ms else math.nan,
                         "max": max(st.decision_ms) if st and st.decision_ms else math.nan},
         "stalls": st.stalls if st else 0,
-        "frames_lost": state.get("frames", {}).get("lost", 0),  # to or from failed devices
-        "frames_refused": state.get("frames", {}).get("refused", 0),  # malformed, from the wire
+        "frames_lost": ctx.frames.get("lost", 0),  # to or from failed devices
+        "frames_refused": ctx.frames.get("refused", 0),  # malformed, from the wire
         "recover_ms": st.recover_ms if st else [],
         "overrun_fraction": overruns / jobs if jobs else 0.0,
         "late_delivery_fraction": late / delivered if delivered else 0.0,
         "fidelity": fidelity(clock, time_scale, overruns / jobs if jobs else 0.0,
-                             late / delivered if delivered else 0.0, share, state.get("host")),
-        "host": state.get("host", {}),
+                             late / delivered if delivered else 0.0, share, ctx.host),
+        "host": ctx.host,
         "peak_memory_bytes": peak,
         "correctness": {
             "tokens_match": bool(rows) and ids == prep.ref_ids[: len(ids)] and len(ids) == len(prep.ref_ids),

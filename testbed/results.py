@@ -27,7 +27,7 @@ EVENTS = ["t_s", "token", "kind", "subject", "detail"]
 PLACEMENTS = ["token", "block", "device"]
 TELEMETRY = ["t_s", "token", "device", "mem_current", "mem_high", "mem_max", "kv_bytes",
              "weights_bytes", "pressure_bytes", "compute_gflops", "mem_peak", "over_high",
-             "high_events", "oom_events", "reserved_bytes"]
+             "high_events", "oom_events", "reserved_bytes", "background_bytes"]
 LINKS = ["t_s", "token", "src", "dst", "bandwidth_mbps", "measured_mbps", "latency_ms", "bytes"]
 
 FILES = {"tokens.csv": TOKENS, "events.csv": EVENTS, "placements.csv": PLACEMENTS,

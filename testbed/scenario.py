@@ -1,8 +1,10 @@
 """Scenario files (YAML, version 1): parsing into frozen dataclasses, strict validation.
 
 Owns the scenario format (`KEYS`: every key it accepts, per section; the reference is
-docs/scenarios.md) and `ScenarioError`, whose message names the file and the key path
-(`devices[1].memory_mib: must be > 0`). Pure: reads the scenario file (and, for
+docs/scenarios.md); raises `ScenarioError`, whose message names the file and the key path
+(`devices[1].memory_mib: must be > 0`). The strict reading (the YAML loader, the per-value
+checks with key paths, `ScenarioError` itself) is in scenario_reader.py, and `ScenarioError`
+is importable from here as before. Pure: reads the scenario file (and, for
 `model: {gguf: PATH}`, that file's metadata), no asyncio, no torch. The runner prints a
 ScenarioError on one line and exits with status 2.
 
@@ -10,24 +12,28 @@ Entry points: `load(path)`, `loads(text)`, `parse(mapping, file)`; each takes `m
 the runner's `--model-gguf`, which replaces the model section. `Scenario.to_dict()` gives
 the resolved scenario back as plain data (`parse(s.to_dict(), f) == s`, written to meta.json)
 and `Scenario.with_overrides()` applies the runner's `--seed/--tokens/--algorithm`.
-Validation stops at the first problem. What events do at run time is not owned here.
+Validation stops at the first problem. What events do at run time is not owned here; the
+optional `background_load` section is read by background.py with this module's reader.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NoReturn
 
 import yaml
 
+from . import background as bg
 from .model import cost
 from .model.spec import PRESETS, ModelSpec
 from .placement import ALGORITHM_NAMES
+from .scenario_reader import Reader, ScenarioError, check_nesting
+from .scenario_reader import StrictLoader as _StrictLoader
+from .scenario_reader import type_name as _type_name
+from .scenario_reader import yaml_problem as _yaml_problem
 
 MIB = 1024 * 1024
 MAX_TIME_SCALE = 10_000.0  # emulation.time_scale: at most this many wall seconds per emulated one
@@ -55,15 +61,6 @@ MAX_AT_S = 1e6  # events' at_s (about 11.6 days of emulated time)
 FACTOR_RANGE = (1e-3, 1e3)  # set_compute's factor
 MODEL_MAX = {"layers": 1024, "heads": 1024, "kv_heads": 1024, "d_model": 65_536, "d_ff": 1 << 18,
              "vocab": 1 << 21, "context": 1 << 20}
-
-
-class ScenarioError(ValueError):
-    """A scenario file that cannot be run. `str()` is one line: `FILE: key.path: what`."""
-
-    def __init__(self, file: str, path: str, message: str) -> None:
-        self.file, self.path, self.message = file, path, message
-        where = f"{file}: {path}: " if path else f"{file}: "
-        super().__init__(f"{where}{message}")
 
 
 @dataclass(frozen=True)
@@ -167,12 +164,16 @@ class ControllerSpec:
     algorithm: str = "resource_aware"
     interval_tokens: int = 4
     telemetry: str = "measured"  # measured | oracle
+    # the planner sees each device's mean compute and least free memory over this many
+    # tokens (testbed/placement/window.py); 1: the latest observation
+    window_tokens: int = 1
 
     def to_dict(self) -> dict:
         return {
             "algorithm": self.algorithm,
             "interval_tokens": self.interval_tokens,
             "telemetry": self.telemetry,
+            "window_tokens": self.window_tokens,
         }
 
 
@@ -243,6 +244,7 @@ class Scenario:
     events: tuple[Event, ...] = ()
     description: str = ""
     emulation: EmulationSpec = EmulationSpec()
+    background: bg.BackgroundLoad | None = None  # co-tenant load per token (testbed/background.py)
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the parsed YAML
 
     def device(self, name: str) -> DeviceSpec:
@@ -283,6 +285,7 @@ class Scenario:
             "emulation": self.emulation.to_dict(),
             "events": [e.to_dict() for e in self.events
                        if e.at_token is None or e.at_token < self.generation.new_tokens],
+            **({"background_load": self.background.to_dict()} if self.background else {}),
         }
 
     def with_overrides(
@@ -318,14 +321,14 @@ _LINK_KEYS = ("bandwidth_mbps", "latency_ms", "burst_kib")
 # action (`events[].ACTION`); join_device's `device` is a device as in `devices[]`.
 KEYS: dict[str, tuple[str, ...]] = {
     "": ("version", "name", "description", "seed", "model", "generation", "devices", "source",
-         "network", "controller", "emulation", "events"),
+         "network", "controller", "emulation", "events", "background_load"),
     "model": ("preset", "gguf", *_MODEL_FIELDS),
     "generation": ("new_tokens", "prompt_tokens", "prompt"),
     "devices[]": ("name", "compute_gflops", "memory_mib", "memory_share", "memory_high_mib", "host_blocks"),
     "network": ("default", "links"),
     "network.default": _LINK_KEYS,
     "network.links[]": ("between", *_LINK_KEYS),
-    "controller": ("algorithm", "interval_tokens", "telemetry"),
+    "controller": ("algorithm", "interval_tokens", "telemetry", "window_tokens"),
     "emulation": ("time_scale",),
     "events[]": ("at_token", "at_s", "action"),
     "events[].set_link": ("between", *_LINK_KEYS),
@@ -335,6 +338,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "events[].fail_device": ("device",),
     "events[].join_device": ("device", "links"),
     "events[].join_device.links[]": ("to", *_LINK_KEYS),
+    **bg.KEYS,  # background_load and its parts
 }
 _TOP_REQUIRED = ("version", "name", "model", "generation", "devices")
 # action -> the keys it takes besides the trigger and `action`
@@ -355,6 +359,14 @@ _ACTION_REQUIRED: dict[str, tuple[str, ...]] = {
     "fail_device": ("device",),
     "join_device": ("device",),
 }
+
+
+class _Reader(Reader):
+    """The strict reader with this format's table of keys (what `section` checks against)."""
+
+    keys = KEYS
+
+
 _SCENARIO_NAME = re.compile(r"[a-z0-9_-]+")
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -384,7 +396,7 @@ def loads(text: str, file: str = "<string>", model_gguf: str | None = None) -> S
     if len(text) > MAX_FILE_BYTES:
         raise ScenarioError(file, "", f"larger than {MAX_FILE_BYTES // 1024} KiB: not a scenario file")
     try:
-        _check_nesting(text)
+        check_nesting(text, MAX_NESTING)
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ScenarioError(file, "", f"not valid YAML: {_yaml_problem(e)}") from None
@@ -422,11 +434,12 @@ def parse(data: object, file: str = "<data>", model_gguf: str | None = None) -> 
     controller = _controller(r, top.get("controller", {}))
     emulation = _emulation(r, top.get("emulation", {}))
     events = _events(r, top.get("events", []), names, source, gen, network.default, whole)
+    background = bg.parse(r, top["background_load"], names) if "background_load" in top else None
     _check_fits(r, model, gen, devices, source, "model")
     return Scenario(
         name=name, file=file, version=version, seed=seed, model=model, generation=gen,
         devices=devices, source=source, network=network, controller=controller,
-        events=events, description=description, emulation=emulation, raw=data,
+        events=events, description=description, emulation=emulation, background=background, raw=data,
     )
 
 
@@ -660,6 +673,8 @@ def _controller(r: _Reader, value: object) -> ControllerSpec:
                                "controller.interval_tokens", ge=1, le=MAX_INTERVAL),
         telemetry=r.choice(c.get("telemetry", d.telemetry), "controller.telemetry",
                            CHOICES["controller.telemetry"], "telemetry"),
+        window_tokens=r.int_(c.get("window_tokens", d.window_tokens), "controller.window_tokens", ge=1,
+                             le=MAX_INTERVAL),
     )
 
 
@@ -817,169 +832,3 @@ def _check_fits(r: _Reader, model: ModelSpec, gen: GenerationSpec,
 
 def _mib(nbytes: float) -> str:
     return f"{nbytes / MIB:.1f} MiB"
-
-
-# ---------------------------------------------------------------------------------------------
-# typed access with key paths
-
-
-def _short(value: object, limit: int = 40) -> str:
-    """A value for an error line: long numbers and strings cut short."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "mapping"
-    return type(value).__name__
-
-
-class _Reader:
-    """Checks one value at a time and raises ScenarioError naming the file and key path."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-
-    def fail(self, path: str, message: str) -> NoReturn:
-        raise ScenarioError(self.file, path, " ".join(message.split()))
-
-    def _wrong(self, value: object, path: str, what: str) -> NoReturn:
-        hint = ""
-        if what == "a number" and isinstance(value, str):
-            try:
-                float(value)
-                hint = " (YAML reads 1e3 as text: write 1.0e3)"
-            except ValueError:
-                pass
-        self.fail(path, f"must be {what}, got {_type_name(value)}{hint}")
-
-    def mapping(self, value: object, path: str) -> dict:
-        if not isinstance(value, dict):
-            self._wrong(value, path, "a mapping")
-        return value
-
-    def section(self, value: object, path: str, sections: str | tuple[str, ...],
-                required: tuple[str, ...] = ()) -> dict:
-        """A mapping whose keys are those of `sections` in `KEYS` (every key checked here,
-        so the table is the format's whole list of keys), with the `required` ones."""
-        value = self.mapping(value, path)
-        allowed = [k for s in ((sections,) if isinstance(sections, str) else sections) for k in KEYS[s]]
-        prefix = f"{path}." if path else ""
-        for key in value:
-            if key not in allowed:
-                self.fail(f"{prefix}{key}", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
-        for key in required:
-            if key not in value:
-                self.fail(f"{prefix}{key}", "is required")
-        return value
-
-    def list_(self, value: object, path: str) -> list:
-        if not isinstance(value, list):
-            self._wrong(value, path, "a list")
-        return value
-
-    def int_(self, value: object, path: str, ge: int | None = None, le: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self._wrong(value, path, "an integer")
-        if ge is not None and value < ge:
-            self.fail(path, f"must be >= {ge}, got {_short(value)}")
-        if le is not None and value > le:
-            self.fail(path, f"must be <= {le}, got {_short(value)}")
-        return value
-
-    def number(self, value: object, path: str, gt: float | None = None,
-               ge: float | None = None, le: float | None = None) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self._wrong(value, path, "a number")
-        try:
-            value = float(value)
-        except OverflowError:  # an integer beyond any float
-            self.fail(path, f"must be a finite number, got {_short(value)}")
-        if not math.isfinite(value):
-            self.fail(path, f"must be a finite number, got {value}")
-        if gt is not None and value <= gt:
-            self.fail(path, f"must be > {gt:g}, got {value:g}")
-        if ge is not None and value < ge:
-            self.fail(path, f"must be >= {ge:g}, got {value:g}")
-        if le is not None and value > le:
-            self.fail(path, f"must be <= {le:g}, got {value:g}")
-        return value
-
-    def string(self, value: object, path: str, pattern: re.Pattern | None = None,
-               max_len: int | None = None) -> str:
-        if not isinstance(value, str):
-            self._wrong(value, path, "a string")
-        if max_len is not None and len(value) > max_len:
-            self.fail(path, f"is {len(value)} characters long, more than {max_len}")
-        if pattern is not None and not pattern.fullmatch(value):
-            self.fail(path, f"{_short(value)!r} must match {pattern.pattern}")
-        return value
-
-    def boolean(self, value: object, path: str) -> bool:
-        if not isinstance(value, bool):
-            self._wrong(value, path, "a boolean (true or false)")
-        return value
-
-    def choice(self, value: object, path: str, options: tuple[str, ...], what: str) -> str:
-        name = self.string(value, path)
-        if name not in options:
-            self.fail(path, f"unknown {what} {name!r} (known: {', '.join(options)})")
-        return name
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML
-
-
-def _construct_mapping(self: yaml.constructor.SafeConstructor, node: yaml.MappingNode,
-                       deep: bool = False) -> dict:
-    """SafeConstructor's, refusing a key given twice in one mapping (PyYAML keeps the last)."""
-    seen: set = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = self.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-            seen.add(key)
-        except TypeError:  # unhashable: the base class reports it
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                f"found duplicate key {key!r}", key_node.start_mark)
-    return yaml.constructor.SafeConstructor.construct_mapping(self, node, deep=deep)
-
-
-# libyaml's loader when PyYAML has it (about four times faster: a file at the size limit is
-# refused in about a second), else the pure-Python one; both safe, both strict
-_Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_StrictLoader = type("_StrictLoader", (_Base,), {"construct_mapping": _construct_mapping})
-
-
-def _check_nesting(text: str) -> None:
-    """Refuse collections nested deeper than MAX_NESTING before composing the document:
-    PyYAML composes recursively (a document 20,000 levels deep ends in RecursionError), while
-    its event parser is a state machine, so counting levels over the events is safe."""
-    depth = 0
-    for ev in yaml.parse(text, Loader=_Base):
-        if isinstance(ev, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_NESTING:
-                raise yaml.parser.ParserError(None, None, f"nested more than {MAX_NESTING} levels deep",
-                                              ev.start_mark)
-        elif isinstance(ev, yaml.CollectionEndEvent):
-            depth -= 1
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None)
-    if mark is not None and problem:
-        context = getattr(e, "context", None)
-        text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-        return " ".join((f"{text} ({context})" if context else text).split())
-    return " ".join(str(e).split())

@@ -12,13 +12,14 @@ per-token critical path of `problem.LatencyModel`, the migration delay of
 `problem.migration_delay`) instead of emulated agents and real tensors, so thousands of
 tokens on 48 devices and a 32-layer model take seconds. With oracle telemetry and no events
 the estimator matches the emulation within 5 % (tests/test_distributed.py); results from
-this mode say `mode=analytic`. Per token: the world's state for the token, a decision when
-the algorithm re-plans (every `interval` tokens, and at once when its placement no longer
-fits), migration delay added to that token's latency (a stall, as in the emulator), the
-token's latency, each device's memory. A placement that does not fit a device's memory at a
-token is an out-of-memory event: an algorithm that re-plans re-plans at once (as the
-controller does on a refused cache append); one that does not stops there (as the run
-fails).
+this mode say `mode=analytic`. The decisions follow the controller's policy
+(`placement.policy`, one copy for both): the first placement before the prefill, a re-plan
+at every epoch of its schedule, the soft-to-hard memory fallback, and an out-of-memory
+emergency when the placement no longer fits a device's memory at a token (the next cache
+append would be refused): an algorithm that re-plans re-plans at once, one that does not
+stops there (as the run fails). Per token: the world's state for the token, the decision
+if one is due, the migration delay of its moves added to that token's latency (a stall, as
+in the emulator), the token's latency, each device's memory.
 """
 
 from __future__ import annotations
@@ -32,15 +33,9 @@ import numpy as np
 
 from .model import cost
 from .model.spec import ModelSpec, from_name
-from .placement.problem import (
-    DeviceState,
-    Infeasible,
-    LatencyModel,
-    Placement,
-    Snapshot,
-    memory_need,
-    migration_delay,
-)
+from .placement.policy import Decision, Policy, Stop, TokenCharge
+from .placement.problem import DeviceState, LatencyModel, Placement, Snapshot, memory_need
+from .placement.window import LoadWindow
 
 GB = 1e9
 OPT_ALGS = ["optimal", "resource_aware", "resource_aware_ls", "static", "greedy", "round_robin",
@@ -135,84 +130,97 @@ class RunResult:
                 "peak_device_memory_bytes": float(peak.max()), "peak_memory_sum_bytes": float(peak.sum())}
 
 
-def snapshot_at(inst: Instance, t: int, seq_len: int, interval: int, current: Placement | None,
-                truth: bool = False) -> Snapshot:
-    """The world at token t. As the controller sees it (default): compute at the mean
-    background load of the last HEADROOM_WINDOW tokens (measured rates are averages),
-    memory net of the largest load of that window (the load changes every token, so a plan
-    that only leaves today's load free runs out tomorrow). With `truth`, the load of token t
-    itself: what the token's latency and memory actually meet."""
-    spec = inst.spec
-    fixed = cost.source_weight_bytes(spec)
-    now = HEADROOM_WINDOW + t
-    window = inst.load[now - HEADROOM_WINDOW + 1: now + 1]
-    mem_load = inst.load[now] if truth else window.max(axis=0)
-    cpu_load = inst.load[now] if truth else window.mean(axis=0)
+def devices_at(inst: Instance, row: int) -> tuple[DeviceState, ...]:
+    """Every device as it is at row `row` of the load (token t is row HEADROOM_WINDOW + t)."""
+    fixed = cost.source_weight_bytes(inst.spec)
     devices = []
     for i in range(inst.n_devices):
-        mem = inst.memory[i]
-        taken = mem_load[i] * mem + (fixed if i == inst.source else 0)
-        devices.append(DeviceState(f"d{i}", float(inst.flops[i] * (1 - cpu_load[i])),
+        mem, load = inst.memory[i], inst.load[row, i]
+        taken = load * mem + (fixed if i == inst.source else 0)
+        devices.append(DeviceState(f"d{i}", float(inst.flops[i] * (1 - load)),
                                    int(max(0.0, 0.9 * mem - taken)), True, True, int(max(0.0, mem - taken))))
-    V = inst.n_devices
-    return Snapshot(spec, tuple(devices), inst.rate, inst.latency, np.zeros((V, V)), inst.source,
-                    seq_len, interval, current)
+    return tuple(devices)
+
+
+def snapshot_at(inst: Instance, t: int, seq_len: int, interval: int, current: Placement | None,
+                truth: bool = False) -> Snapshot:
+    """The world at token t. As the controller sees it (default): the `LoadWindow` view of
+    the last HEADROOM_WINDOW tokens, compute at their mean load (measured rates are
+    averages) and memory net of their largest load (the load changes every token, so a plan
+    that only leaves today's load free runs out tomorrow). With `truth`, the load of token t
+    itself: what the token's latency and memory actually meet."""
+    now = HEADROOM_WINDOW + t
+    devices = devices_at(inst, now)
+    if not truth:
+        window = LoadWindow(HEADROOM_WINDOW)
+        for row in range(now - HEADROOM_WINDOW + 1, now):
+            window.observe(row, devices_at(inst, row))
+        devices = window.observe(now, devices)
+    return Snapshot.build(inst.spec, devices, (inst.rate, inst.latency), inst.source, seq_len, interval, current)
 
 
 def simulate(inst: Instance, algorithm: Any, interval: int = 1) -> RunResult:
-    """Generate `inst.tokens` tokens with `algorithm` in analytic mode."""
+    """Generate `inst.tokens` tokens with `algorithm` in analytic mode, under the
+    controller's policy (`placement.policy`): the first placement before the prefill, then
+    decisions on its schedule and out-of-memory emergencies. Generated token t is the
+    controller's token k = t + 1 (token 0 is the prefill, not simulated: the prompt's
+    caches are there when token 1 starts)."""
     res = RunResult(algorithm.name)
+    policy = Policy(algorithm, interval, inst.prompt)
     spec = inst.spec
-    placement: Placement | None = None
     peak = np.zeros(inst.n_devices)
     fixed = np.zeros(inst.n_devices)
     fixed[inst.source] = cost.source_weight_bytes(spec)
-    for t in range(inst.tokens):
-        n = inst.prompt + t  # positions held before this token
-        stall = 0.0
-        snap = snapshot_at(inst, t, n, interval, placement)
-        world = snapshot_at(inst, t, n, interval, placement, truth=True)
-        due = placement is None or (algorithm.dynamic and t % interval == 0)
-        if placement is not None and not due:
-            free = inst.memory * (1 - inst.load[HEADROOM_WINDOW + t]) - fixed  # the truth at this token
-            if (memory_need(snap, placement, n + 1) > free).any():
-                res.oom += 1  # the next cache append would be refused
-                if not algorithm.dynamic:
-                    res.status = f"failed: out of memory at token {t}"
-                    break
-                due = True
-        if due:
-            w0 = time.perf_counter()
-            try:
-                try:
-                    new = algorithm.place(snap)
-                except Infeasible:
-                    new = algorithm.place(snap.hard())
-            except Infeasible as e:
-                res.status = f"failed: infeasible at token {t}: {e}"
-                break
-            except (ValueError, RuntimeError) as e:
-                res.status = f"failed: {algorithm.name} at token {t}: {e}"
-                break
-            res.decision_ms.append((time.perf_counter() - w0) * 1e3)
-            res.replans += 1
-            if placement is not None:
-                moves = placement.moves(new)
-                if moves:
-                    stall = migration_delay(world, moves)
-                    res.migrations += len(moves)
-                    res.migrated_bytes += sum(cost.block_bytes(spec, b, n) for b, _, _ in moves)
-            placement = new
-        assert placement is not None
-        need = memory_need(snap, placement, n + 1) + fixed
-        peak = np.maximum(peak, need)
-        if due and (need > inst.memory * (1 - inst.load[HEADROOM_WINDOW + t])).any():
-            res.oom += 1  # the plan itself does not fit today's load
-        lat = LatencyModel(world).token_time(placement, n + 1) + stall
-        res.latency_ms.append(lat * 1e3)
-        res.stall_ms.append(stall * 1e3)
+    window = LoadWindow(HEADROOM_WINDOW)  # the planner's view: watches every row, from the history on
+    for row in range(HEADROOM_WINDOW):
+        window.observe(row, devices_at(inst, row))
+    try:
+        seq, horizon = policy.horizon(0)
+        placement = _decide(policy, res, snapshot_at(inst, 0, seq, horizon, None), "initial").placement
+        for t in range(inst.tokens):
+            k = t + 1
+            n = policy.seq_len(k)  # positions held before this token
+            charge = TokenCharge()
+            world = snapshot_at(inst, t, n, interval, placement, truth=True)
+            snap = world.with_(devices=window.observe(HEADROOM_WINDOW + t, world.devices))
+            avail = inst.memory * (1 - inst.load[HEADROOM_WINDOW + t])  # the truth at this token
+            free = avail - fixed
+            reason, oom = policy.due(k), None
+            if reason is None:
+                over = np.flatnonzero(memory_need(snap, placement, n + 1) > free)
+                if over.size:  # the next cache append would be refused
+                    res.oom += 1
+                    oom = [snap.devices[int(over[0])].name]
+                    reason = policy.emergency("oom", k, oom)
+            if reason is not None:
+                d = _decide(policy, res, snap, reason)
+                if d.moves:
+                    charge.add(d.migration_delay(world), len(d.moves),
+                               sum(cost.block_bytes(spec, b, n) for b, _, _ in d.moves))
+                if oom is not None:
+                    policy.repaired("oom", k, len(d.moves), oom)
+                placement = d.placement
+            res.migrations += charge.migrations
+            res.migrated_bytes += charge.migrated_bytes
+            need = memory_need(snap, placement, n + 1) + fixed
+            peak = np.maximum(peak, need)
+            if reason is not None and (need > avail).any():
+                res.oom += 1  # the plan itself does not fit today's load
+            lat = LatencyModel(world).token_time(placement, n + 1) + charge.stall_s
+            res.latency_ms.append(lat * 1e3)
+            res.stall_ms.append(charge.stall_s * 1e3)
+    except Stop as e:
+        res.status = f"failed: {e}"
     res.peak_memory = peak
     return res
+
+
+def _decide(policy: Policy, res: RunResult, snap: Snapshot, reason: str) -> Decision:
+    w0 = time.perf_counter()  # the host's time: timing.csv only
+    d = policy.decide(snap, reason)
+    res.decision_ms.append((time.perf_counter() - w0) * 1e3)
+    res.replans += 1
+    return d
 
 
 # ---------------------------------------------------------------------------- tables
@@ -282,9 +290,16 @@ def timing_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def instance_to_scenario(inst: Instance, algorithm: str) -> dict[str, Any]:
-    """The instance as a scenario (its background load left out), to run it in the emulator:
-    devices d0..dN (d0 the source), every link as drawn, interval 1, oracle telemetry."""
+    """The instance as a scenario, to run it in the emulator as `simulate` runs it: devices
+    d0..dN (d0 the source), every link as drawn, re-planning at every token (as the
+    cross-check runs it), oracle telemetry, the planner's window of
+    HEADROOM_WINDOW tokens, and the background load as series for memory and compute alike.
+    Analytic token t is the emulator's decode token t + 1 (token 0 is the prefill), so the
+    series start HEADROOM_WINDOW - 1 tokens before the prefill: the window of the first
+    decision covers the same rows of the load in both."""
     names = [f"d{i}" for i in range(inst.n_devices)]
+    load = [{"device": n, "memory": inst.load[:, i].tolist(), "compute": inst.load[:, i].tolist()}
+            for i, n in enumerate(names)]
     links = [{"between": [names[i], names[j]], "bandwidth_mbps": float(inst.rate[i, j] * 8 / 1e6),
               "latency_ms": float(inst.latency[i, j] * 1e3)}
              for i in range(inst.n_devices) for j in range(i + 1, inst.n_devices)]
@@ -294,4 +309,6 @@ def instance_to_scenario(inst: Instance, algorithm: str) -> dict[str, Any]:
                          "memory_mib": float(inst.memory[i] / 2**20)} for i, n in enumerate(names)],
             "source": names[inst.source],
             "network": {"default": {"bandwidth_mbps": 100, "latency_ms": 1}, "links": links},
-            "controller": {"algorithm": algorithm, "interval_tokens": 1, "telemetry": "oracle"}}
+            "controller": {"algorithm": algorithm, "interval_tokens": 1, "telemetry": "oracle",
+                           "window_tokens": HEADROOM_WINDOW},
+            "background_load": {"before_tokens": HEADROOM_WINDOW - 1, "devices": load}}

@@ -15,7 +15,13 @@ import pytest
 from testbed.model.spec import from_name
 from testbed.placement import ALGORITHM_NAMES, local_search
 from testbed.placement.local_search import ResourceAwareLS, improve
-from testbed.placement.problem import DeviceState, Placement, Snapshot, epoch_objective
+from testbed.placement.problem import (
+    DeviceState,
+    Placement,
+    Snapshot,
+    epoch_objective,
+    link_matrices,
+)
 from testbed.placement.registry import get_algorithm, size_problem
 from testbed.placement.resource_aware import plan
 from testbed.sweep import make_instance, simulate, snapshot_at
@@ -58,12 +64,8 @@ def large() -> Snapshot:
     fraction of a second gave different plans here with and without a busy thread)."""
     V = 12
     flops = np.random.default_rng(1).uniform(1e10, 2e10, V)
-    rate = np.full((V, V), 10e9 / 8)
-    np.fill_diagonal(rate, np.inf)
-    lat = np.full((V, V), 5e-5)
-    np.fill_diagonal(lat, 0.0)
-    devices = tuple(DeviceState(f"d{i}", float(f), 8 << 30) for i, f in enumerate(flops))
-    return Snapshot(from_name("gpt2-small"), devices, rate, lat, np.zeros((V, V)), 0, 64, 4, None)
+    devices = [DeviceState(f"d{i}", float(f), 8 << 30) for i, f in enumerate(flops)]
+    return Snapshot.build(from_name("gpt2-small"), devices, link_matrices(V, rate=10e9 / 8, latency=5e-5), 0, 64, 4)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_local_search_is_bounded_by_evaluations(large: Snapshot, monkeypatch: py
 
     monkeypatch.setattr(local_search, "_State", Counting)
     ResourceAwareLS(max_evals=2000).place(large)
-    per = large.spec.groups + 2
+    per = large.spec.per_layer
     one_check = (large.spec.groups + 1) * large.n_devices + per * per  # a layer's moves or swaps
     assert 2000 <= len(spent) <= 2000 + 6 * one_check
 

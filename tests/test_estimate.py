@@ -8,14 +8,20 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from testbed import experiment
 from testbed.model import cost, smollm2
 from testbed.model.spec import from_name
-from testbed.placement.problem import DeviceState, LatencyModel, Placement, Snapshot, layer_views
+from testbed.placement.problem import (
+    DeviceState,
+    LatencyModel,
+    Placement,
+    Snapshot,
+    layer_views,
+    link_matrices,
+)
 from testbed.scenario import Scenario, load
 from testbed.transport.codec import encode
 from testbed.transport.ws import FRAME_EXTRA
@@ -167,12 +173,8 @@ def test_outputs_queued_behind_the_residual_by_hand(burst: float, flops: float) 
     V = 2
     spec = from_name("gpt-mini")
     rate, lat = 1e6, 30e-3
-    r = np.full((V, V), rate)
-    np.fill_diagonal(r, np.inf)
-    la = np.full((V, V), lat)
-    np.fill_diagonal(la, 0.0)
-    devs = tuple(DeviceState(f"d{i}", flops, 1 << 30) for i in range(V))
-    snap = Snapshot(spec, devs, r, la, np.full((V, V), burst), 0, 16, 1)
+    devs = [DeviceState(f"d{i}", flops, 1 << 30) for i in range(V)]
+    snap = Snapshot.build(spec, devs, link_matrices(V, rate=rate, latency=lat, burst=burst), 0, 16, 1)
     n, G = 17, spec.groups
     m = LatencyModel(snap)
     x, h = cost.hidden_bytes(spec), cost.head_output_bytes(spec, G)

@@ -25,11 +25,12 @@ import gguf  # noqa: E402
 from runners import run as cli  # noqa: E402
 from testbed import experiment  # noqa: E402
 from testbed.model import cost  # noqa: E402
-from testbed.model.blocks import HeadBlock, Reference, rope, weights_for  # noqa: E402
+from testbed.model.blocks import HeadBlock, Reference, rope  # noqa: E402
 from testbed.model.gguf_file import GGUFError, open_gguf, spec_from_gguf  # noqa: E402
 from testbed.model.gguf_synth import READ_ONLY, WRITABLE, Synth, llama3_rope_freqs  # noqa: E402
 from testbed.model.gguf_weights import GGUFWeights  # noqa: E402
 from testbed.model.tokenizer import load_tokenizer  # noqa: E402
+from testbed.model.weights import weights_for  # noqa: E402
 from testbed.scenario import ScenarioError, load, parse  # noqa: E402
 
 from .conftest import GGUF_VARIANTS, read_json  # noqa: E402

@@ -62,7 +62,7 @@ def brute_force(snap: Snapshot) -> float:
     `device_order` (each device at most once), with memory respected."""
     L, order, best = snap.spec.layers, device_order(snap), math.inf
     model = LatencyModel(snap)
-    per = snap.spec.groups + 2
+    per = snap.spec.per_layer
     for r in range(1, min(L, len(order)) + 1):
         for devs in itertools.combinations(order, r):
             for cuts in itertools.combinations(range(1, L), r - 1):

@@ -55,6 +55,28 @@ def test_budget_high_peak_release() -> None:
         MemoryBudget("bad", max_bytes=100, high_bytes=200)
 
 
+def test_budget_hold_sets_a_level_past_max_without_a_pressure_signal() -> None:
+    """The background load's memory: set (not added) every token, past max if it comes to
+    that; then our own allocations are refused. Crossing high counts, but no pressure push."""
+    signals: list[str] = []
+    b = MemoryBudget("d", max_bytes=1000, high_bytes=800, on_high=lambda: signals.append("high"),
+                     on_pressure=lambda: signals.append("pressure"))
+    b.charge("weights", 500)
+    b.hold("background", 200)
+    b.hold("background", 100)  # a level, not an increment
+    assert b.current == 600 and b.by_category["background"] == 100 and signals == []
+    b.hold("background", 700)  # the co-tenant takes more than is free: held anyway
+    assert b.current == 1200 and b.available < 0 and b.peak == 1200
+    assert signals == ["high"] and b.events_high == 1 and b.events_oom == 0
+    with pytest.raises(MemoryRefused):
+        b.charge("kv", 1)
+    b.hold("background", 0)
+    b.charge("kv", 1)
+    assert b.counters()["background_bytes"] == 0
+    with pytest.raises(ValueError):
+        b.hold("background", -1)
+
+
 def _agent(memory: int, sent: list[tuple[str, dict[str, Any]]]) -> DeviceAgent:
     spec = from_name("gpt-tiny")
     dev = DeviceSpec("d", compute_gflops=10, memory_mib=memory / 2**20, memory_high_mib=memory / 2**20)

@@ -38,14 +38,13 @@ def tiny_spec(layers: int, groups: int, q: int = 1) -> ModelSpec:
 def make_snapshot(spec: ModelSpec, flops: list[float], caps: list[int], rate: np.ndarray, lat: np.ndarray,
                   burst: np.ndarray | None = None, source: int = 0, seq_len: int = 8, interval: int = 4,
                   current: Placement | None = None, hosts: list[bool] | None = None) -> Snapshot:
-    V = len(flops)
     rate, lat = rate.astype(float).copy(), lat.astype(float).copy()
     np.fill_diagonal(rate, np.inf)
     np.fill_diagonal(lat, 0.0)
-    burst = np.zeros((V, V)) if burst is None else burst
-    hosts = hosts or [True] * V
+    hosts = hosts or [True] * len(flops)
     devs = tuple(DeviceState(f"d{i}", f, c, h) for i, (f, c, h) in enumerate(zip(flops, caps, hosts, strict=True)))
-    return Snapshot(spec, devs, rate, lat, burst, source, seq_len, interval, current)
+    links = (rate, lat) if burst is None else (rate, lat, burst)
+    return Snapshot.build(spec, devs, links, source, seq_len, interval, current)
 
 
 @st.composite

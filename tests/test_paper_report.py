@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runners.sweep import write_csv
-from tools import paper_report
+from testbed import paper_report
 
 
 def _opt_rows(ls_ratio: float, ra_ratio: float) -> list[dict[str, Any]]:
@@ -51,10 +51,12 @@ def _report(tmp: Path, *, jobs: int = 2, check: bool = False, ls_ratio: float = 
 @pytest.fixture(autouse=True)
 def no_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
     """The cross-check's numbers come from here (the emulator itself is tested elsewhere)."""
-    def fake(n: int = 3, tokens: int = 12) -> list[dict[str, Any]]:
-        return [{"instance": 0, "model": "gpt-tiny", "devices": 3, "algorithm": "resource_aware", "tokens": 7,
-                 "interval": 1, "analytic_ms": 1.0, "emulated_ms": 1.01, "max_rel_diff": 0.0123,
-                 "tokens_match": True}]
+    def fake() -> list[dict[str, Any]]:
+        row = {"instance": "check-0", "model": "gpt-tiny", "devices": 3, "algorithm": "resource_aware",
+               "tokens": 7, "interval": 1, "load_max": 0.29, "analytic_ms": 1.0, "emulated_ms": 1.01,
+               "emulated_spread": 1.25, "max_rel_diff": 0.0123, "migrations": (0, 0), "tokens_match": True}
+        return [row, {**row, "instance": "check-1", "devices": 4, "emulated_spread": 1.1, "migrations": (2, 2),
+                      "max_rel_diff": 0.001}]
 
     monkeypatch.setattr(paper_report, "cross_check", fake)
     monkeypatch.setattr("testbed.experiment.git_revision", lambda: "abc1234+dirty")
@@ -80,8 +82,11 @@ def test_the_cross_check_sentence_follows_whether_it_ran(tmp_path: Path) -> None
     assert "No emulator cross-check ran" in off and "## Cross-check" not in off
     on = _report(tmp_path, check=True)
     assert "No emulator cross-check ran" not in on and "## Cross-check" in on
-    assert "at most 1.23 %" in on and "1 of 1 generated the reference tokens" in on
-    assert "7 tokens, interval 1" in on
+    assert "On 2 cross-check runs with background load" in on
+    assert "at most 1.23 %" in on and "2 of 2 generated the reference tokens" in on
+    assert "7 tokens, interval 1" in on and "2 small instances of 3 and 4 devices" in on
+    assert "background load (up to 29.0 %" in on and "by up to 25 % within a run" in on
+    assert "Migrations per run (analytic/emulated): 0/0, 2/2." in on
 
 
 def test_verdicts_follow_the_numbers(tmp_path: Path) -> None:
@@ -104,3 +109,14 @@ def test_what_the_runs_were_follows_the_rows(tmp_path: Path) -> None:
     assert "2 instances each of gpt2-small on 25 devices" in text
     assert "drawn here: 4 small, 2 large" in text
     assert "resource_aware_ls 12.5" in text  # decision time from timing.csv
+
+
+def test_the_report_command_rebuilds_from_the_csvs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runners import report
+
+    assert report.main([str(tmp_path / "empty"), "--no-check"]) == 2
+    assert "no optimality.csv or scale.csv" in capsys.readouterr().err
+    _report(tmp_path)
+    (tmp_path / "README.md").unlink()
+    assert report.main([str(tmp_path), "--no-check"]) == 0
+    assert "No emulator cross-check ran" in (tmp_path / "README.md").read_text()

@@ -17,6 +17,7 @@ from testbed.placement.problem import (
     LatencyModel,
     Placement,
     Snapshot,
+    link_matrices,
     memory_need,
     migration_delay,
     violations,
@@ -32,13 +33,9 @@ def snapshot(spec_name: str = "gpt-mini", flops: list[float] | None = None, mem:
     spec = from_name(spec_name)
     flops = flops or [8e9, 20e9, 3e9, 5e9]
     mem = mem or [64 << 20] * len(flops)
-    V = len(flops)
-    rate = np.full((V, V), rate_mbps * 1e6 / 8)
-    np.fill_diagonal(rate, np.inf)
-    lat = np.full((V, V), lat_ms / 1e3)
-    np.fill_diagonal(lat, 0.0)
-    devs = tuple(DeviceState(f"d{i}", f, m) for i, (f, m) in enumerate(zip(flops, mem, strict=True)))
-    return Snapshot(spec, devs, rate, lat, np.zeros((V, V)), 0, seq_len, interval, current)
+    devs = [DeviceState(f"d{i}", f, m) for i, (f, m) in enumerate(zip(flops, mem, strict=True))]
+    links = link_matrices(len(flops), rate=rate_mbps * 1e6 / 8, latency=lat_ms / 1e3)
+    return Snapshot.build(spec, devs, links, 0, seq_len, interval, current)
 
 
 @pytest.mark.parametrize("alg", ALGS)
@@ -153,3 +150,27 @@ def test_replan_moves_only_when_it_pays() -> None:
     short = get_algorithm("resource_aware").place(slow_fast.with_(current=everything_on_slow, interval=1, seq_len=2000))
     long = get_algorithm("resource_aware").place(slow_fast.with_(current=everything_on_slow, interval=10_000))
     assert len(everything_on_slow.moves(long)) > len(everything_on_slow.moves(short))
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "smollm2-135m"])
+def test_block_layout_helpers_follow_the_block_order(name: str) -> None:
+    s = from_name(name)
+    for l in range(s.layers):
+        heads, every = s.head_range(l), s.layer_range(l)
+        assert [s.blocks[i] for i in heads] == [b for b in s.blocks if b.kind == "head" and b.layer == l]
+        assert {s.blocks[i].layer for i in every} == {l} and len(every) == s.per_layer
+        for g in range(s.groups):
+            assert s.blocks[s.position("head", l, g)].name == f"head.{l}.{g}"
+        assert s.blocks[s.position("proj", l)].name == f"proj.{l}"
+        assert s.blocks[s.position("ffn", l)].name == f"ffn.{l}"
+    assert s.layer_range(s.layers - 1).stop == len(s.blocks)
+
+
+def test_link_matrices_and_the_snapshot_builder() -> None:
+    rate, lat, burst = link_matrices(3, [(0, 2, 5.0, 0.5, 7.0)], rate=10.0, latency=0.1)
+    assert list(np.diag(rate)) == [math.inf] * 3 and not np.diag(lat).any() and not np.diag(burst).any()
+    assert (rate[0, 2], lat[0, 2], burst[0, 2]) == (5.0, 0.5, 7.0) and (rate[2, 0], lat[2, 0]) == (10.0, 0.1)
+    snap = Snapshot.build(from_name("gpt-tiny"), [DeviceState(f"d{i}", 1e9, 1 << 20) for i in range(3)],
+                          (rate, lat), 1, 5, 2)
+    assert snap.burst.shape == (3, 3) and not snap.burst.any() and isinstance(snap.devices, tuple)
+    assert (snap.source, snap.seq_len, snap.interval, snap.current) == (1, 5, 2, None)

@@ -103,6 +103,7 @@ SUBPROCESS_TABLE_IDS = [
     "events_not_a_list", "string_for_number", "bool_for_int", "nan_compute", "zero_memory",
     "duplicate_device_names", "unknown_device_in_link", "unknown_algorithm",
     "model_fits_nowhere", "longer_than_context", "at_token_beyond_run", "join_link_to_unknown",
+    "background_negative_in_series",
     # every class of absurd input (issue 14, finding 6): refused end to end, fast
     *(id_ for id_, _, _ in LIMIT_SCENARIOS),
 ]

@@ -377,7 +377,8 @@ def test_to_dict_is_resolved():
                                "memory_high_mib": pytest.approx(57.6), "host_blocks": True}
     assert d["network"] == {"default": {"bandwidth_mbps": 100.0, "latency_ms": 2.0, "burst_kib": 0.0},
                             "links": []}
-    assert d["controller"] == {"algorithm": "resource_aware", "interval_tokens": 4, "telemetry": "measured"}
+    assert d["controller"] == {"algorithm": "resource_aware", "interval_tokens": 4, "telemetry": "measured",
+                               "window_tokens": 1}
     assert d["events"] == []
 
 

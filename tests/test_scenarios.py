@@ -3,6 +3,7 @@ checks of behaviour, not of machine speed)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,11 @@ def test_memory_scenarios_resource_aware_never_runs_out(name: str, tmp_path: Pat
     assert not any(e["kind"] == "oom" for e in read_csv(ra.run_dir / "events.csv"))
     assert static.summary["oom"] >= 1 or not static.ok
     assert "out of memory" in static.status
+    if not static.ok:  # the policy's verdict (placement/policy.py)
+        assert re.fullmatch(r"failed: out of memory on \S+ at token \d+ \(static does not re-plan\)", static.status)
+    replans = [e["detail"] for e in read_csv(ra.run_dir / "events.csv") if e["kind"] == "replan"]
+    assert replans[0].startswith("reason=initial ") and "predicted_gain_ms=" not in replans[0]
+    assert all("predicted_gain_ms=" in d for d in replans[1:])
 
 
 def test_compute_slowdown_moves_heads_off_the_slow_device(tmp_path: Path) -> None:

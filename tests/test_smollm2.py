@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from testbed.model import cost, smollm2
-from testbed.model.blocks import RandomWeights, Reference, weights_for
+from testbed.model.blocks import RandomWeights, Reference
 from testbed.model.spec import from_name
+from testbed.model.weights import weights_for
 
 needs_model = pytest.mark.skipif(
     not smollm2.available(),

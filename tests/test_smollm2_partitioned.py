@@ -19,7 +19,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,6 +33,7 @@ from testbed.placement.problem import (
     Placement,
     Snapshot,
     estimate_token_latency,
+    link_matrices,
     violations,
 )
 from testbed.placement.registry import get_algorithm
@@ -174,14 +174,9 @@ def snapshot(seq_len: int = 5, interval: int = 16) -> Snapshot:
     the gateway's capacity is what the embedding leaves)."""
     caps = [int(320 * 0.9 * MIB) - cost.source_weight_bytes(SPEC), int(384 * 0.9 * MIB),
             int(384 * 0.9 * MIB), int(224 * 0.9 * MIB)]
-    V = len(caps)
-    rate = np.full((V, V), 1000e6 / 8)
-    np.fill_diagonal(rate, np.inf)
-    lat = np.full((V, V), 0.2e-3)
-    np.fill_diagonal(lat, 0.0)
-    devs = tuple(DeviceState(n, f, c) for n, f, c in zip(["gateway", "pi-a", "pi-b", "phone"],
-                                                       [4e9, 4e9, 4e9, 2e9], caps, strict=True))
-    return Snapshot(SPEC, devs, rate, lat, np.zeros((V, V)), 0, seq_len, interval, None)
+    devs = [DeviceState(n, f, c) for n, f, c in zip(["gateway", "pi-a", "pi-b", "phone"],
+                                                  [4e9, 4e9, 4e9, 2e9], caps, strict=True)]
+    return Snapshot.build(SPEC, devs, link_matrices(len(caps), rate=1000e6 / 8, latency=0.2e-3), 0, seq_len, interval)
 
 
 @pytest.mark.parametrize("alg", ALGORITHM_NAMES)

@@ -7,14 +7,13 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 
 from runners import sweep as cli
-from testbed import experiment
-from testbed.placement.registry import get_algorithm
-from testbed.scenario import parse
-from testbed.sweep import instance_to_scenario, make_instance, simulate
-
-from .conftest import read_csv
+from testbed import crosscheck
+from testbed.scenario import loads, parse
+from testbed.sweep import HEADROOM_WINDOW, instance_to_scenario, make_instance
 
 
 def test_instances_are_reproducible_and_in_the_papers_ranges() -> None:
@@ -28,15 +27,44 @@ def test_instances_are_reproducible_and_in_the_papers_ranges() -> None:
     assert ((off >= lo) & (off <= hi)).all()
 
 
-def test_analytic_mode_matches_the_emulator(tmp_path: Path) -> None:
-    inst = make_instance("paper-small", 4, 8, np.random.default_rng(11), ident="x", max_load=0.0, prompt=(16, 24))
-    for alg in ("resource_aware", "resource_aware_ls"):
-        ana = simulate(inst, get_algorithm(alg), interval=1)
-        prep = experiment.prepare(parse(instance_to_scenario(inst, alg), "<x>"))
-        o = experiment.run(prep, alg, tmp_path / alg, clock="virtual")
-        emu = [float(r["latency_ms"]) for r in read_csv(o.run_dir / "tokens.csv") if r["phase"] == "decode"]
-        assert len(emu) == inst.tokens
-        assert max(abs(x - y) / y for x, y in zip(ana.latency_ms, emu, strict=True)) < 0.02
+def test_an_instance_converts_to_a_scenario_exactly() -> None:
+    inst = make_instance("gpt-tiny", 4, 10, np.random.default_rng(5), ident="x")
+    data = instance_to_scenario(inst, "resource_aware")
+    scen = parse(data, "<x>")
+    assert loads(yaml.safe_dump(scen.to_dict()), "<x>") == scen  # through a file, too
+    assert scen.controller.window_tokens == HEADROOM_WINDOW and scen.controller.interval_tokens == 1
+    assert scen.generation.new_tokens == inst.tokens + 1 and scen.generation.prompt_tokens == inst.prompt
+    bg = scen.background
+    assert bg is not None
+    table = bg.table(scen.seed, scen.device_names, scen.generation.new_tokens)
+    for i, name in enumerate(scen.device_names):
+        d = scen.device(name)
+        assert d.flops == pytest.approx(inst.flops[i], rel=1e-12)
+        assert abs(d.memory_bytes - inst.memory[i]) <= 1
+        # every row of the load, memory and compute alike: the emulator's token k is row
+        # before_tokens + k, the analytic token t = k - 1 is row HEADROOM_WINDOW + t
+        assert np.array_equal(table[name][:, 0], inst.load[:, i]) and np.array_equal(table[name][:, 1], inst.load[:, i])
+        assert bg.before_tokens + 1 == HEADROOM_WINDOW
+        for j, other in enumerate(scen.device_names):
+            if j != i:
+                assert scen.network.link(name, other).rate_bytes == pytest.approx(inst.rate[i, j], rel=1e-12)
+                assert scen.network.link(name, other).latency_s == pytest.approx(inst.latency[i, j], rel=1e-12)
+
+
+def test_analytic_mode_matches_the_emulator_with_background_load() -> None:
+    """Six instances of 3-5 devices with the sweep's per-token load: every decode token
+    within 1 %, and the load really moves the emulated latency (it is applied)."""
+    insts = crosscheck.instances(6, tokens=8)
+    assert sorted({i.n_devices for i in insts}) == [3, 4, 5] and all(i.load.max() > 0.2 for i in insts)
+    spread = []
+    for inst in insts:
+        for alg in crosscheck.ALGORITHMS:
+            c = crosscheck.compare(inst, alg)
+            assert c["analytic_status"] == c["emulated_status"] == "completed", c
+            assert c["tokens"] == inst.tokens and c["tokens_match"], c
+            assert c["max_rel_diff"] < 0.01, (inst.ident, alg, c["per_token_rel_diff"])
+            spread.append(c["emulated_spread"])
+    assert max(spread) > 1.1, spread  # without the load every token would take about as long
 
 
 def test_quick_sweep_writes_its_csvs(tmp_path: Path) -> None:
@@ -54,3 +82,28 @@ def test_quick_sweep_writes_its_csvs(tmp_path: Path) -> None:
     opt = [r for r in rows if r["algorithm"] == "optimal"]
     assert all(float(r["ratio_to_optimal"]) == 1.0 for r in opt)
     assert (tmp_path / "optimality_summary.csv").exists()
+
+
+def _dask() -> None:
+    pytest.importorskip("distributed", reason="the `cluster` extra is not installed "
+                        "(pip install -c constraints.txt -e '.[cluster]')")
+
+
+def test_a_local_dask_cluster_gives_the_same_csvs(tmp_path: Path) -> None:
+    """`optimality --quick --cluster local` against the local process pool: the same bytes."""
+    _dask()
+    args = ["optimality", "--quick", "--jobs", "2"]
+    assert cli.main([*args, "--out", str(tmp_path / "pool")]) == 0
+    assert cli.main([*args, "--cluster", "local", "--out", str(tmp_path / "dask")]) == 0
+    for name in ("optimality.csv", "optimality_summary.csv"):
+        assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes(), name
+    rows = list(csv.DictReader(open(tmp_path / "dask" / "optimality.csv")))
+    assert len(rows) == 3 * 4 * 9  # every size, instance and algorithm ran
+
+
+def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _dask()
+    assert cli.main(["optimality", "--quick", "--cluster", "tcp://127.0.0.1:9", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --cluster tcp://127.0.0.1:9: cannot reach a Dask scheduler") and "\n" not in err
+    assert not (tmp_path / "x").exists()  # nothing written

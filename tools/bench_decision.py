@@ -23,7 +23,7 @@ import numpy as np
 
 from testbed.model.spec import from_name
 from testbed.placement.local_search import ResourceAwareLS
-from testbed.placement.problem import DeviceState, Snapshot
+from testbed.placement.problem import DeviceState, Snapshot, link_matrices
 from testbed.placement.resource_aware import plan
 
 CASES = [("gpt2-small", 25, 20.0), ("gpt-32x32", 48, 200.0)]
@@ -37,10 +37,8 @@ def random_cluster(spec_name: str, V: int, rng: np.random.Generator) -> Snapshot
     devices = tuple(DeviceState(f"d{i}", float(flops[i]), int(mem_gb[i] * 2**30)) for i in range(V))
     rate = rng.uniform(0.1e9, 1e9, (V, V)) / 8
     rate = np.minimum(rate, rate.T)
-    np.fill_diagonal(rate, np.inf)
-    lat = np.full((V, V), 1e-3)
-    np.fill_diagonal(lat, 0.0)
-    return Snapshot(spec, devices, rate, lat, np.zeros((V, V)), 0, 128, 4, None)
+    _, lat, _ = link_matrices(V, latency=1e-3)
+    return Snapshot.build(spec, devices, (rate, lat), 0, 128, 4)
 
 
 def timed(fn, *args) -> tuple[float, object]:  # type: ignore[no-untyped-def]

@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(json.dumps({**measured, "scenarios": rows}, indent=2))
 
         rows = _scenarios(names, args.tokens, set(x for x in args.calibrate_only.split(",") if x), modes, partial)
+        report.update(measured)
         report["scenarios"] = rows
         table = scenarios_table(rows)
         print(table)

@@ -55,6 +55,10 @@ class Beliefs:
     def index(self, name: str) -> int:
         return self.names.index(name)
 
+    def alive_names(self) -> list[str]:
+        """The devices believed alive, in order."""
+        return [d for d, a in zip(self.names, self.alive, strict=True) if a]
+
     @property
     def ready(self) -> bool:
         return all(s is not None for s, a in zip(self.states, self.alive, strict=True) if a)
@@ -116,6 +120,5 @@ class Beliefs:
             if st is None:  # never heard of (yet): unusable for now
                 st = DeviceState(name, 1.0, 0, self.host[i], False)
             devices.append(st)
-        V = len(self.names)
-        return Snapshot(self.model, tuple(devices), self.rate.copy(), self.lat.copy(), np.zeros((V, V)),
-                        self.index(self.source), seq_len, interval, current)
+        return Snapshot.build(self.model, devices, (self.rate.copy(), self.lat.copy()), self.index(self.source),
+                              seq_len, interval, current)

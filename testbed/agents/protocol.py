@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..emulation.memory import CATEGORIES
 from ..model.blocks import TORCH_DTYPES, block_shapes
 from ..model.spec import Block, ModelSpec
 from ..scenario import MAX_DEVICES, MAX_MEMORY_MIB, MIB, Scenario
@@ -233,8 +234,10 @@ class _Fields:
             raise ProtocolError(f"{self.kind!r}: unexpected field(s) {show(sorted(map(str, unknown)))}")
 
 
-COUNTERS = frozenset(("current", "peak", "high", "max", "oom", "max_bytes", "high_bytes", "fixed_bytes",
-                      "weights_bytes", "kv_bytes", "reserved_bytes", "pressure_bytes"))
+# a device's memory counters (MemoryBudget.counters()): the events, the limits, and the bytes
+# held per category
+COUNTERS = frozenset(("current", "peak", "high", "max", "oom", "max_bytes", "high_bytes",
+                      *(f"{c}_bytes" for c in CATEGORIES)))
 
 
 # ---------------------------------------------------------------------------------- records

@@ -2,7 +2,12 @@
 it stopped answering, or it is cut off from the source) is recovered by loading its blocks
 again from local weights on the survivors and rebuilding their caches by replaying the
 token history through the pipeline; a device that joins is added to the beliefs; a device
-cut off by a dead link rejoins when the link returns. A mixin of `Controller`.
+cut off by a dead link rejoins when the link returns.
+
+Owns the devices waiting to be recovered (`lost`), those cut off (`unreachable`) and those
+whose link came back (`revive`). It works through the `Migrator` and `Requests` it is
+given, and asks the controller (a `Driver`, parts.py) for snapshots, decisions, aborts and
+replays; the policy says whether a lost device can be recovered from at all.
 """
 
 from __future__ import annotations
@@ -10,93 +15,112 @@ from __future__ import annotations
 from typing import Any
 
 from ..model.spec import Block
+from ..placement.policy import Policy
 from ..placement.problem import Placement, block_index
-from . import protocol as P
+from ..scenario import Scenario
+from .beliefs import Beliefs
 from .errors import DeviceLost, RunFailed
+from .migration import Migrator
+from .parts import Driver, Recorder, Stats
+from .requests import Requests
 
 
 class Recovery:
-    """Mixed into Controller (which provides _ask, beliefs, rec, placement, ...)."""
+    def __init__(self, scenario: Scenario, source: str, beliefs: Beliefs, requests: Requests,
+                 mover: Migrator, recorder: Recorder, stats: Stats, policy: Policy, driver: Driver) -> None:
+        self.scenario, self.source, self.beliefs = scenario, source, beliefs
+        self.requests, self.mover, self.rec, self.stats = requests, mover, recorder, stats
+        self.policy, self.ctl = policy, driver
+        self.loop = requests.loop
+        self.lost: list[str] = []  # devices gone and not yet recovered from
+        self.unreachable: set[str] = set()  # alive, but their link to the source is down
+        self.revive: list[str] = []  # unreachable devices whose link came back
 
     def device_lost(self, device: str, why: str) -> None:
         """A device is gone (its connection broke, it stopped answering): everything that
         waits on it fails now; recovery happens before the next attempt."""
-        if device not in self.devices or device in self._lost or not self.beliefs.alive[self.beliefs.index(device)]:
+        b = self.beliefs
+        if device not in b.names or device in self.lost or not b.alive[b.index(device)]:
             return
-        if device == self.source_name:
-            self.fault(f"the source device {device} is gone ({why})")
+        if device == self.source:
+            self.ctl.fault(f"the source device {device} is gone ({why})")
             return
-        self._lost.append(device)
-        self.beliefs.lost(device)
-        self.rec.event(self.now(), self.k, "device_failed", device, why)
+        self.lost.append(device)
+        b.lost(device)
+        self.rec.event(self.ctl.now(), self.ctl.k, "device_failed", device, why)
         err = DeviceLost([device], why)
-        if self._token_fut is not None and not self._token_fut.done():
-            self._token_fut.set_exception(err)
-        for rid, (dev, fut) in list(self._pending.items()):
-            if dev == device and not fut.done():
-                fut.set_exception(err)
-                self._pending.pop(rid, None)
+        self.ctl.interrupt(err)
+        self.requests.fail_device(device, err)
 
-    def _joined(self, m: dict[str, Any]) -> None:
+    def link_to_source(self, other: str, rate: float) -> None:
+        """An alarm about the link between the source and `other`: cut off (rate 0), no
+        control message gets through either; back up, `other` may rejoin."""
+        if rate <= 0:
+            self.unreachable.add(other)
+            self.revive = [d for d in self.revive if d != other]
+            self.device_lost(other, "unreachable: its link to the source is down")
+        elif other in self.unreachable and other not in self.revive:
+            self.revive.append(other)
+
+    def joined(self, m: dict[str, Any]) -> None:
         name = m["device"]
-        if name in self.devices:
+        if name in self.beliefs.names:
             return
         links = self.scenario.network
         spec = next((e.join_links or {} for e in self.scenario.events
                      if e.action == "join_device" and e.join is not None and e.join.name == name), {})
-        self.beliefs.add_device(name, m["host_blocks"], {o: spec.get(o, links.default) for o in self.devices})
+        self.beliefs.add_device(name, m["host_blocks"], {o: spec.get(o, links.default) for o in self.beliefs.names})
         self.beliefs.memory(name, m["memory"], m["at"], float(m["flops"]))
-        self.rec.event(self.now(), self.k, "device_joined", name, f"flops={m['flops']:g}")
-        self._urgent = self._urgent or f"join@{name}"
+        self.rec.event(self.ctl.now(), self.ctl.k, "device_joined", name, f"flops={m['flops']:g}")
+        self.ctl.signal(f"join@{name}")
 
-    async def _rejoin(self) -> None:
+    async def rejoin(self) -> None:
         """Devices reachable again: their stale blocks are freed by the current routing (the
         controller gave those blocks to others) and they may host blocks again."""
-        back, self._revive = self._revive, []
+        back, self.revive = self.revive, []
         for d in back:
-            self._unreachable.discard(d)
+            self.unreachable.discard(d)
             self.beliefs.revive(d)
-        if self.placement is not None:
-            msg = {"t": P.ROUTE, "version": self.route_version, "devices": list(self.devices),
-                   "assign": list(self.placement.assign)}
-            await self._ask(dict.fromkeys(back, msg), "routing")
+        if self.mover.placement is not None:
+            msg = self.mover.route_message(self.mover.placement)
+            await self.requests.ask(dict.fromkeys(back, msg), "routing")
         for d in back:
-            self.rec.event(self.now(), self.k, "device_rejoined", d, "reachable again; stale blocks freed")
+            self.rec.event(self.ctl.now(), self.ctl.k, "device_rejoined", d, "reachable again; stale blocks freed")
 
-    async def _recover(self) -> None:
+    async def recover(self) -> None:
         """Re-place the blocks of lost devices, load them from local weights, and rebuild
         their caches by replaying the token history through the pipeline."""
-        lost, self._lost = self._lost, []
+        lost, self.lost = self.lost, []
         t0 = self.loop.time()
-        assert self.placement is not None
-        if not self.alg.dynamic:
-            raise RunFailed(f"{', '.join(lost)} failed and {self.alg.name} does not re-plan")
-        await self._abort()
-        snap = await self.snapshot()
+        mover, ctl = self.mover, self.ctl
+        assert mover.placement is not None
+        reason = self.policy.emergency("lost", ctl.k, lost)  # Stop if it does not re-plan
+        await ctl.abort()
+        snap = await ctl.snapshot()
         self.stats.emergencies += 1
-        new = self._plan(snap, f"emergency:lost@{','.join(lost)}")
-        names = self.devices
-        dead = {self.devices.index(d) for d in lost}
-        orphans = {b.name: names[c] for b, a, c in self.placement.moves(new) if a in dead}
+        new = ctl.plan(snap, reason)
+        names = self.beliefs.names
+        dead = {names.index(d) for d in lost}
+        orphans = {b.name: names[c] for b, a, c in mover.placement.moves(new) if a in dead}
         stranded = [b.name for b, j in new.items() if j in dead]
         if stranded:
             raise RunFailed(f"re-planning left blocks on lost devices: {stranded[:3]}")
-        await self._load(orphans, "recovery")
-        assign = list(self.placement.assign)
+        await mover.load(orphans, "recovery")
+        assign = list(mover.placement.assign)
         for name, dev in orphans.items():
-            assign[block_index(self.model)[name]] = names.index(dev)
-        self.placement = Placement(self.model, tuple(assign))
-        self.rec.placement(self.k, sorted(orphans.items()))
-        await self._route(self.placement)
-        rest = [(b, a, c) for b, a, c in self.placement.moves(new)]
+            assign[block_index(mover.model)[name]] = names.index(dev)
+        mover.placement = Placement(mover.model, tuple(assign))
+        self.rec.placement(ctl.k, sorted(orphans.items()))
+        await mover.route(mover.placement)
+        rest = [(b, a, c) for b, a, c in mover.placement.moves(new)]
         if rest:
-            await self.migrate(rest)
+            await mover.migrate(rest, snap)
         # the reloaded heads have empty caches: replay the history (positions already held
         # elsewhere are rewritten with the same values)
-        n = self.seq_len()
+        n = ctl.seq_len()
         if n > 0 and any(Block.parse(b).kind == "head" for b in orphans):
-            await self._attempt((self.prompt + self.ids)[:n], 0, replay=True)
+            await ctl.replay(n)
         ms = (self.loop.time() - t0) * 1e3
         self.stats.recover_ms.append(ms)
-        self.rec.event(self.now(), self.k, "recovered", ",".join(lost),
+        self.rec.event(self.ctl.now(), ctl.k, "recovered", ",".join(lost),
                        f"reloaded={len(orphans)} replayed_positions={n} ms={ms:.3f}")

@@ -41,6 +41,7 @@ class ComputeUnit:
         self.name = name
         self.base_flops = float(flops)
         self.factor = 1.0  # scenario slowdowns multiply the base rate
+        self.load = 0.0  # the share a background co-tenant takes of what is left (per token)
         self._lock = asyncio.Lock()  # FIFO among waiters: one job at a time
         self.jobs = 0
         self.overruns = 0
@@ -59,7 +60,7 @@ class ComputeUnit:
     @property
     def rate(self) -> float:
         """Effective FLOP/s now."""
-        return self.base_flops * self.factor
+        return self.base_flops * self.factor * (1.0 - self.load)
 
     def duration(self, flops: float) -> float:
         return flops / self.rate

@@ -1,8 +1,8 @@
 """A device's memory budget with cgroup-v2-like semantics (pure).
 
 Charged by category: `weights` of hosted blocks, `kv` caches, `reserved` buffers for
-incoming migrations, `pressure` taken by a scenario co-tenant, `fixed` (the source's
-embedding and LM head). `max` is a hard limit: a charge that would cross it raises
+incoming migrations, `pressure` taken by a scenario event's co-tenant, `background` held by
+the scenario's per-token background load, `fixed` (the source's embedding and LM head). `max` is a hard limit: a charge that would cross it raises
 `MemoryRefused` and changes nothing but the counters (`max` and `oom` events). `high` is a
 soft limit: crossing it upwards counts a `high` event and shows as pressure in telemetry.
 Counters mirror `memory.events` (`high`, `max`, `oom`) plus `current` and `peak`.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-CATEGORIES = ("fixed", "weights", "kv", "reserved", "pressure")
+CATEGORIES = ("fixed", "weights", "kv", "reserved", "pressure", "background")
 
 
 class MemoryRefused(MemoryError):
@@ -91,6 +91,23 @@ class MemoryBudget:
         self.by_category[category] -= nbytes
         if category == "pressure" and nbytes and self.on_pressure is not None:
             self.on_pressure()
+
+    def hold(self, category: str, nbytes: int) -> None:
+        """Set a category to exactly nbytes, past `max` if need be: a co-tenant's memory is
+        not ours to refuse, so what no longer fits shows as our next allocation refused
+        (the analytic simulation's out-of-memory event). Crossing `high` counts as usual;
+        no pressure signal: the load changes every token, and the planner allows for it
+        (testbed/placement/window.py)."""
+        if nbytes < 0:
+            raise ValueError(f"{self.device}: cannot hold {nbytes} B of {category}")
+        before = self.current
+        self.by_category[category] = nbytes
+        after = self.current
+        self.peak = max(self.peak, after)
+        if before <= self.high_bytes < after:
+            self.events_high += 1
+            if self.on_high is not None:
+                self.on_high()
 
     def take_up_to(self, category: str, nbytes: int) -> int:
         """Charge as much of nbytes as fits (a co-tenant grabbing memory); returns it."""

@@ -2,7 +2,10 @@
 
 Owns the clusters that build and drive a run's devices and links (in process, over
 websockets, as agent processes or attached agents), how scenario events act on them, and
-the agent server that hosts one device agent in its own process. It may import the system
-under test (`testbed.agents`), the emulation primitives, transports, model and scenario;
-the system under test never imports it.
+the agent server that hosts one device agent in its own process; all of them behind one
+declared interface, `interface.World`, which is all a run (testbed/experiment.py) uses. It
+may import the system
+under test (`testbed.agents`), the emulation primitives, transports, model, placement
+types and scenario (and `experiment.TORCH_THREADS`, the agents' thread count); the system
+under test never imports it.
 """

@@ -25,12 +25,12 @@ from ..agents import protocol as P
 from ..agents.device import DeviceAgent
 from ..emulation.clock import LagMonitor
 from ..experiment import TORCH_THREADS
-from ..model.blocks import weights_for
+from ..model.weights import weights_for
 from ..scenario import DeviceSpec, LinkSpec, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import WsEndpoint
 from . import control
-from .world import apply_to_device, apply_to_link, device_row, link_row, retimed
+from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger("agent")
 
@@ -150,6 +150,9 @@ class AgentProcess:
             if m["action"] == "set_link":
                 return {**ok, "detail": apply_to_link(self.ep.links[m["peer"]], m["fields"])}
             return {**ok, "detail": apply_to_device(self.agent, m["action"], m["fields"])}
+        if op == "background":  # this token's background load (testbed/background.py)
+            apply_background(self.agent, float(m["memory"]), float(m["compute"]))
+            return ok
         if op == "state":
             return {**ok, "device": device_row(self.agent), "lag": self.lag.stats(),
                     "frames": {"lost": self.ep.lost_frames,

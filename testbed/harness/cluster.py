@@ -6,8 +6,8 @@ links.csv).
 This is the harness around the system under test (the controller and the agents'
 protocol): it owns the truth about links, compute, memory and device presence, and changes
 it when a scenario says so. The controller sees it only through messages (its `Port`), or
-through `oracle()` when a scenario asks for oracle telemetry. `remote.py` provides the same
-interface for agents that run in their own processes.
+through `oracle()` when a scenario asks for oracle telemetry. Every kind of world implements
+`interface.World`; `remote.py` does so for agents that run in their own processes.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
-from ..placement.problem import DeviceState, Placement, Snapshot
+from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
 from ..scenario import DeviceSpec, Event, LinkSpec, Scenario
 from ..transport.inproc import InprocNetwork
-from .world import apply_to_device, apply_to_link, device_row, link_row, retimed
+from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,12 @@ class Cluster:
             return apply_to_device(self.agents[e.device], e.action, fields)  # type: ignore[index]
         raise UnsupportedEvent(f"action {e.action!r} is not supported by the in-process cluster")
 
+    async def background(self, loads: dict[str, tuple[float, float]]) -> None:
+        """The background load for this token: device -> (memory share, compute share)."""
+        for name, (memory, compute) in loads.items():
+            if name not in self.failed:
+                apply_background(self.agents[name], memory, compute)
+
     async def _bring_up(self, agent: DeviceAgent) -> None:
         """A joined agent is reachable: it introduces itself to the controller."""
         agent.announce()
@@ -179,19 +185,17 @@ class Cluster:
         return tuple(out)
 
     def link_matrices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        V = len(self.names)
-        rate, lat, burst = np.full((V, V), np.inf), np.zeros((V, V)), np.zeros((V, V))
+        links = []
         for i, a in enumerate(self.names):
             for j, b in enumerate(self.names):
                 if i != j:
                     lk = self.link(a, b)
-                    rate[i, j], lat[i, j], burst[i, j] = lk.bucket.rate, lk.latency, lk.bucket.burst
-        return rate, lat, burst
+                    links.append((i, j, lk.bucket.rate, lk.latency, lk.bucket.burst))
+        return link_matrices(len(self.names), links)
 
     async def oracle(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:
-        rate, lat, burst = self.link_matrices()
-        return Snapshot(self.model, self.device_states(), rate, lat, burst,
-                        self.names.index(self.source), seq_len, interval, current)
+        return Snapshot.build(self.model, self.device_states(), self.link_matrices(),
+                              self.names.index(self.source), seq_len, interval, current)
 
     async def device_rows(self) -> list[dict[str, Any]]:
         """Instrumentation: per live device its memory, caches, weights and compute."""
@@ -200,6 +204,9 @@ class Cluster:
     async def frame_counts(self) -> dict[str, int]:
         """Frames lost (to or from a failed device) and messages refused so far."""
         return {"lost": self.net.lost_frames, "refused": sum(a.refusals.total for a in self.agents.values())}
+
+    def pids(self) -> dict[str, int]:
+        return {}  # every agent runs in this process
 
     async def link_rows(self) -> list[dict[str, Any]]:
         return [link_row(src, dst, lk) for (src, dst), lk in self.links().items()

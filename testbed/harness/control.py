@@ -133,6 +133,15 @@ def _bulk(m: dict[str, Any], c: Context) -> dict[str, Any]:
             "count": _int(m, "count", 1, MAX_BULK_COUNT), "seconds": _num(m, "seconds", 1e-6, MAX_BULK_S)}
 
 
+def _background(m: dict[str, Any], c: Context) -> dict[str, Any]:
+    """This token's background load: shares of the device, from 0 up to, not including, 1
+    (as background_load's values in the scenario)."""
+    out = {k: _num(m, k, 0.0, 1.0) for k in ("memory", "compute")}
+    if any(v >= 1.0 for v in out.values()):  # type: ignore[operator]
+        raise ControlError("background: a share must be below 1 (a device keeps some)")
+    return out
+
+
 def _probe_log(m: dict[str, Any], c: Context) -> dict[str, Any]:
     if not isinstance(m.get("on"), bool):
         raise ControlError("probe_log: on must be true or false")
@@ -141,7 +150,8 @@ def _probe_log(m: dict[str, Any], c: Context) -> dict[str, Any]:
 
 # the control channel's table: operation -> its fields' check
 OPS: dict[str, Callable[[dict[str, Any], Context], dict[str, Any]]] = {
-    "clock": _clock, "peers": _peers, "event": _event, "bulk": _bulk, "probe_log": _probe_log,
+    "clock": _clock, "peers": _peers, "event": _event, "background": _background, "bulk": _bulk,
+    "probe_log": _probe_log,
     "state": lambda m, c: {}, "attach": lambda m, c: {}, "announce": lambda m, c: {}, "stop": lambda m, c: {},
 }
 

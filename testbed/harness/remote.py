@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import yaml
 
 from ..emulation.clock import from_wall
 from ..model.spec import ModelSpec
-from ..placement.problem import DeviceState, Placement, Snapshot
+from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
 from ..scenario import Event, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import FRAME_EXTRA
@@ -48,7 +47,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "TESTBED_RUN_TOKEN"
 ROOT = Path(__file__).resolve().parents[2]
-STATE_TIMEOUT_S = 20.0  # wall seconds an agent may take to report its state before it is lost
+STATE_TIMEOUT_S = 20.0  # wall seconds an agent may take to answer the harness before it is lost
 _PR_SET_PDEATHSIG = 1
 
 
@@ -242,6 +241,10 @@ class ProcessCluster:
     def port(self) -> RelayPort:
         return RelayPort(self)
 
+    def pids(self) -> dict[str, int]:
+        """The live agents' processes (attached agents have none here)."""
+        return {n: p.pid for n, p in self.procs.items() if n not in self.failed}
+
     async def stop(self) -> None:
         self._stopping = True
         for name, c in list(self._control.items()):
@@ -290,22 +293,31 @@ class ProcessCluster:
         r = await self._control[e.device].request("event", action=e.action, fields=fields)  # type: ignore[index]
         return r["detail"]
 
-    # ------------------------------------------------------------------ truth
+    async def background(self, loads: dict[str, tuple[float, float]]) -> None:
+        """The background load for this token: device -> (memory share, compute share)."""
+        await self._each("background", {n: {"memory": m, "compute": c} for n, (m, c) in loads.items()})
 
-    async def _states(self) -> dict[str, dict[str, Any]]:
-        """Every live agent's state; one that cannot answer is lost (and left out)."""
-        alive = [n for n in self.names if n not in self.failed]
-        replies = await asyncio.gather(*(self._control[n].request("state", timeout=STATE_TIMEOUT_S)
-                                         for n in alive), return_exceptions=True)
+    async def _each(self, op: str, fields: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """One request to each live agent named in `fields`; an agent that cannot answer is
+        lost (and left out of the answers)."""
+        names = [n for n in fields if n not in self.failed]
+        replies = await asyncio.gather(*(self._control[n].request(op, timeout=STATE_TIMEOUT_S, **fields[n])
+                                         for n in names), return_exceptions=True)
         out = {}
-        for name, r in zip(alive, replies, strict=True):
+        for name, r in zip(names, replies, strict=True):
             if isinstance(r, (ConnectionError, TimeoutError, RuntimeError)):
-                self._lose(name, f"no answer to a state request ({type(r).__name__}: {r})")
+                self._lose(name, f"no answer to {op!r} ({type(r).__name__}: {r})")
             elif isinstance(r, BaseException):
                 raise r
             else:
                 out[name] = r
         return out
+
+    # ------------------------------------------------------------------ truth
+
+    async def _states(self) -> dict[str, dict[str, Any]]:
+        """Every live agent's state; one that cannot answer is lost (and left out)."""
+        return await self._each("state", {n: {} for n in self.names})
 
     async def lags(self) -> dict[str, dict[str, float]]:
         """Event-loop lag of every agent process so far (LagMonitor statistics)."""
@@ -324,9 +336,7 @@ class ProcessCluster:
 
     async def oracle(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:
         states = await self._states()
-        V = len(self.names)
-        rate, lat, burst = np.full((V, V), np.inf), np.zeros((V, V)), np.zeros((V, V))
-        devices = []
+        devices, links = [], []
         for i, name in enumerate(self.names):
             r = states.get(name)
             if r is None:
@@ -334,11 +344,9 @@ class ProcessCluster:
                 continue
             d = r["device"]
             devices.append(DeviceState.from_memory(name, d["compute_flops"], d["memory"], d["host_blocks"]))
-            for lk in r["links"]:
-                j = self.names.index(lk["dst"])
-                rate[i, j], lat[i, j], burst[i, j] = lk["rate"], lk["latency"], lk["burst"]
-        return Snapshot(self.model, tuple(devices), rate, lat, burst, self.names.index(self.source),
-                        seq_len, interval, current)
+            links += [(i, self.names.index(lk["dst"]), lk["rate"], lk["latency"], lk["burst"]) for lk in r["links"]]
+        return Snapshot.build(self.model, devices, link_matrices(len(self.names), links),
+                              self.names.index(self.source), seq_len, interval, current)
 
 
 async def _reap(proc: asyncio.subprocess.Process, grace: float = 3.0) -> None:

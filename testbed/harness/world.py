@@ -38,6 +38,13 @@ def apply_to_device(agent: DeviceAgent, action: str, fields: dict[str, Any]) -> 
     raise ValueError(f"not a device action: {action!r}")
 
 
+def apply_background(agent: DeviceAgent, memory: float, compute: float) -> None:
+    """The background load for this token: a co-tenant holds `memory` of the device's memory
+    (a share of its hard limit) and takes `compute` of its compute (testbed/background.py)."""
+    agent.budget.hold("background", int(memory * agent.budget.max_bytes))
+    agent.compute.load = compute
+
+
 def apply_to_link(link: EmulatedLink, fields: dict[str, Any]) -> str:
     """set_link on one direction of a link; returns a description."""
     link.set(fields.get("bandwidth_mbps"), fields.get("latency_ms"), fields.get("burst_kib"))

@@ -113,22 +113,6 @@ class RandomWeights:
         return w
 
 
-def weights_for(spec: ModelSpec, seed: int = 0) -> WeightSource:
-    """The weight source a spec names: seeded random weights, or a checkpoint loader
-    (imported only when asked for, so random models never touch gguf/numpy IO)."""
-    if spec.weights == "random":
-        return RandomWeights(spec, seed)
-    if spec.weights == "smollm2":
-        from .smollm2 import SmolLM2Weights
-
-        return SmolLM2Weights(spec)
-    if spec.weights == "gguf":
-        from .gguf_weights import GGUFWeights
-
-        return GGUFWeights(spec)
-    raise ValueError(f"unknown weights {spec.weights!r} for spec {spec.name!r} (random | smollm2 | gguf)")
-
-
 # ---------------------------------------------------------------------------- building blocks
 
 

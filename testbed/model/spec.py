@@ -76,6 +76,29 @@ class ModelSpec:
         """Placeable head blocks per layer (K/V groups)."""
         return self.kv_heads
 
+    # the block layout: `blocks` holds, per layer, its head groups, then proj, then ffn;
+    # every index computation on that order goes through these
+
+    @property
+    def per_layer(self) -> int:
+        """Blocks per layer in `blocks`: the head groups, proj and ffn."""
+        return self.groups + 2
+
+    def position(self, kind: str, layer: int, group: int = 0) -> int:
+        """Index in `blocks` of a layer's head `group`, its proj or its ffn."""
+        base = layer * self.per_layer
+        if kind == "head":
+            return base + group
+        return base + self.groups + (0 if kind == "proj" else 1)
+
+    def layer_range(self, layer: int) -> range:
+        """Indices in `blocks` of every block of `layer`."""
+        return range(layer * self.per_layer, (layer + 1) * self.per_layer)
+
+    def head_range(self, layer: int) -> range:
+        """Indices in `blocks` of the head groups of `layer`."""
+        return range(layer * self.per_layer, layer * self.per_layer + self.groups)
+
     @property
     def q_per_group(self) -> int:
         return self.heads // self.kv_heads

@@ -107,10 +107,11 @@ def layer_ranges(snap: Snapshot) -> tuple[list[tuple[int, int, int]], float]:
 
 
 def layer_placement(snap: Snapshot, ranges: list[tuple[int, int, int]]) -> Placement:
-    per = snap.spec.groups + 2
-    assign = [0] * (snap.spec.layers * per)
-    for j, a, b in ranges:
-        assign[a * per:b * per] = [j] * ((b - a) * per)
+    s = snap.spec
+    assign = [0] * len(s.blocks)
+    for j, a, b in ranges:  # layers a..b-1 on device j
+        first, last = s.layer_range(a), s.layer_range(b - 1)
+        assign[first.start:last.stop] = [j] * (last.stop - first.start)
     return Placement(snap.spec, tuple(assign))
 
 

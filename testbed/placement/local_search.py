@@ -48,7 +48,7 @@ class _State:
         s = self.spec = snap.spec
         self.snap = snap
         self.model = LatencyModel(snap)
-        self.per = s.groups + 2
+        self.per = s.per_layer
         self.a = list(start.assign)
         self.cur = list(snap.current.assign) if snap.current is not None else None
         self.usable = [d.usable for d in snap.devices]
@@ -71,16 +71,16 @@ class _State:
                     self.links[(c, j)] = self.links.get((c, j), 0.0) + self.mig_bytes[i]
 
     def _ffn(self, l: int) -> int:
-        return l * self.per + self.spec.groups + 1
+        return self.spec.position("ffn", l)
 
     def _layer(self, l: int, a: list[int] | None = None) -> float:
         a = a or self.a
-        s, base = self.spec, l * self.per
+        r = self.spec.head_range(l)
         heads: dict[int, int] = {}
-        for j in a[base: base + s.groups]:
+        for j in a[r.start:r.stop]:
             heads[j] = heads.get(j, 0) + 1
         u = self.snap.source if l == 0 else a[self._ffn(l - 1)]
-        return self.model.layer_time(u, heads, a[base + s.groups], a[base + s.groups + 1], self.n)
+        return self.model.layer_time(u, heads, a[r.stop], a[r.stop + 1], self.n)  # proj, ffn
 
     def _mig(self, links: dict[tuple[int, int], float]) -> float:
         r, lat, b = self.snap.rate, self.snap.latency, self.snap.burst
@@ -176,7 +176,6 @@ def improve(snap: Snapshot, start: Placement, max_evals: int = MAX_EVALS, max_ro
 
 def _climb(st: _State, max_evals: int, max_rounds: int) -> Placement:
     s = st.spec
-    per = st.per
     devices = [j for j in range(st.snap.n_devices) if st.usable[j]]
 
     def done() -> Placement | None:
@@ -191,16 +190,16 @@ def _climb(st: _State, max_evals: int, max_rounds: int) -> Placement:
                 return p
         for l in range(s.layers):
             # group moves: all heads of a layer on one device to another device
-            heads = range(l * per, l * per + s.groups)
+            heads = s.head_range(l)
             for a in sorted({st.a[i] for i in heads}):
                 improved |= _move_best(st, [i for i in heads if st.a[i] == a], devices)
             # layer moves: every block of a layer to one device (consolidation, pipelines)
-            improved |= _move_best(st, list(range(l * per, (l + 1) * per)), devices)
+            improved |= _move_best(st, list(s.layer_range(l)), devices)
             if (p := done()) is not None:
                 return p
         # swaps within a layer
         for l in range(s.layers):
-            idx = range(l * per, (l + 1) * per)
+            idx = s.layer_range(l)
             for i in idx:
                 for k in idx:
                     if k <= i or st.a[i] == st.a[k]:

@@ -63,9 +63,9 @@ class DeviceState:
     def from_memory(cls, name: str, flops: float, mem: dict[str, int], host_blocks: bool = True,
                     alive: bool = True) -> DeviceState:
         """From a device's memory counters (`MemoryBudget.counters()`): blocks may use what
-        the soft limit (`high`) leaves after the source's share, co-tenants and pending
-        reservations; `hard_capacity` is the same up to `max`."""
-        other = mem["fixed_bytes"] + mem["pressure_bytes"] + mem["reserved_bytes"]
+        the soft limit (`high`) leaves after the source's share, co-tenants (events' and the
+        background load's) and pending reservations; `hard_capacity` is the same up to `max`."""
+        other = mem["fixed_bytes"] + mem["pressure_bytes"] + mem["background_bytes"] + mem["reserved_bytes"]
         return cls(name, flops, max(0, mem["high_bytes"] - other), host_blocks, alive,
                    max(0, mem["max_bytes"] - other))
 
@@ -110,9 +110,33 @@ class Snapshot:
     def with_(self, **kw: object) -> Snapshot:
         return replace(self, **kw)
 
+    @classmethod
+    def build(cls, spec: ModelSpec, devices: Sequence[DeviceState], links: Sequence[np.ndarray], source: int,
+              seq_len: int, interval: int = 1, current: Placement | None = None) -> Snapshot:
+        """The one way to make a snapshot: `links` is (rate, latency) or (rate, latency,
+        burst) as [V, V] matrices (`link_matrices` builds them; no burst credit when left
+        out)."""
+        rate, latency, *rest = links
+        burst = rest[0] if rest else np.zeros_like(rate, dtype=float)
+        return cls(spec, tuple(devices), rate, latency, burst, source, seq_len, interval, current)
+
     def hard(self) -> Snapshot:
         """The same view with every device filled up to its hard limit."""
         return replace(self, devices=tuple(d.hard() for d in self.devices))
+
+
+def link_matrices(n: int, entries: Iterable[tuple[int, int, float, float, float]] = (), rate: float = math.inf,
+                  latency: float = 0.0, burst: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[n, n] rate (bytes/s), latency (s) and burst (bytes) of every directed link: `rate`,
+    `latency` and `burst` everywhere, then each (i, j, rate, latency, burst) of `entries`;
+    a device to itself is free (inf, 0, 0)."""
+    r, lat, b = np.full((n, n), float(rate)), np.full((n, n), float(latency)), np.full((n, n), float(burst))
+    for i, j, x, y, z in entries:
+        r[i, j], lat[i, j], b[i, j] = x, y, z
+    np.fill_diagonal(r, np.inf)
+    np.fill_diagonal(lat, 0.0)
+    np.fill_diagonal(b, 0.0)
+    return r, lat, b
 
 
 @dataclass(frozen=True)
@@ -161,15 +185,14 @@ class LayerView:
 
 
 def layer_views(p: Placement) -> list[LayerView]:
-    s = p.spec
-    per = s.groups + 2
+    s, a = p.spec, p.assign
     out = []
     for l in range(s.layers):
-        a = p.assign[l * per:(l + 1) * per]
+        r = s.head_range(l)
         heads: dict[int, int] = {}
-        for j in a[: s.groups]:
+        for j in a[r.start:r.stop]:
             heads[j] = heads.get(j, 0) + 1
-        out.append(LayerView(heads, a[s.groups], a[s.groups + 1]))
+        out.append(LayerView(heads, a[r.stop], a[r.stop + 1]))  # proj and ffn follow the heads
     return out
 
 

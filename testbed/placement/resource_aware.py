@@ -39,7 +39,7 @@ class _Layout:
 
     def __init__(self, snap: Snapshot, model: LatencyModel) -> None:
         s = self.spec = snap.spec
-        self.per = s.groups + 2
+        self.per = s.per_layer
         self.model = model
         self.src = snap.source
         V = snap.n_devices
@@ -49,8 +49,7 @@ class _Layout:
         self.zero = np.zeros(V)
 
     def idx(self, kind: str, layer: int, g: int = 0) -> int:
-        base = layer * self.per
-        return base + (g if kind == "head" else self.spec.groups + (0 if kind == "proj" else 1))
+        return self.spec.position(kind, layer, g)
 
     def upstream(self, layer: int) -> int:
         """Device holding x before the layer (-1 unknown)."""
@@ -71,7 +70,8 @@ class _Layout:
             u, f = self.upstream(layer), self.pos[self.idx("ffn", layer)]
             if u >= 0:
                 t += m.hidden_t[u, :]
-            heads = self.pos[layer * self.per: layer * self.per + s.groups]
+            r = s.head_range(layer)
+            heads = self.pos[r.start:r.stop]
             placed = np.unique(heads[heads >= 0])
             if placed.size:
                 t += self.out_t[placed, :].max(axis=0)
@@ -82,7 +82,8 @@ class _Layout:
             if p >= 0:
                 t += m.hidden_t[p, :]
             if layer + 1 < s.layers:
-                nxt = self.pos[(layer + 1) * self.per: (layer + 1) * self.per + s.groups + 1]
+                r = s.head_range(layer + 1)
+                nxt = self.pos[r.start:r.stop + 1]  # its heads and proj
                 placed = np.unique(nxt[nxt >= 0])
                 if placed.size:
                     t += m.hidden_t[:, placed].max(axis=1)
@@ -119,10 +120,9 @@ def plan(snap: Snapshot) -> Placement:
                 lay.pos[i] = -1
     used = np.zeros(V)
     layer_load = np.zeros((s.layers, V))
-    per = s.groups + 2
     for i in order:
         i = int(i)
-        layer, r = divmod(i, per)
+        layer, r = divmod(i, s.per_layer)
         is_head = r < s.groups
         avail = capacity - used
         feasible = usable & (avail >= mem[i])

@@ -1,9 +1,10 @@
 """The reference results of results/paper/: tables, figures and README from the sweep CSVs.
 
 `python -m runners.sweep paper` runs the experiments and calls `write_report`; with the CSVs
-already there, `python -m tools.paper_report results/paper` rebuilds the report alone.
+already there, `python -m runners.report results/paper` rebuilds the report alone.
 It also cross-checks the analytic mode against the emulator (virtual clock, real tensors)
-on a few small instances without background load, and says how close they are.
+on a few small instances with the sweep's background load (testbed/crosscheck.py), and
+says how close they are.
 
 Every sentence of the report that states a fact is computed from the CSVs, from
 `sweep.json` (how the sweep ran: revision, machine, worker processes) or from the
@@ -12,14 +13,11 @@ cross-check; what is quoted from the paper says so.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import os
 import platform
-import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -135,41 +133,15 @@ def fig_scale(table: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------- cross-check
-
-CHECK_TOKENS, CHECK_INTERVAL = 12, 1
-
-
-def cross_check(n: int = 3, tokens: int = CHECK_TOKENS) -> list[dict[str, Any]]:
-    """Analytic mode against the emulator on small instances (no background load)."""
-    from testbed import experiment
-    from testbed.placement.registry import get_algorithm
-    from testbed.scenario import parse
-    from testbed.sweep import instance_to_scenario, make_instance, simulate
-
-    out = []
-    for i in range(n):
-        model = ["paper-small", "gpt-tiny", "paper-medium"][i % 3]
-        inst = make_instance(model, 3 + i % 3, tokens, np.random.default_rng([7, i]), ident=f"check-{i}",
-                             max_load=0.0, prompt=(16, 32))
-        for alg in ("resource_aware", "resource_aware_ls"):
-            ana = simulate(inst, get_algorithm(alg), interval=CHECK_INTERVAL)
-            scen = parse(instance_to_scenario(inst, alg), f"<check {i}>")
-            prep = experiment.prepare(scen)
-            with tempfile.TemporaryDirectory() as tmp:
-                o = experiment.run(prep, alg, Path(tmp) / "run", clock="virtual")
-                with open(o.run_dir / "tokens.csv", newline="") as f:
-                    emu = [float(r["latency_ms"]) for r in csv.DictReader(f) if r["phase"] == "decode"]
-            a = ana.latency_ms[: len(emu)]
-            rel = max(abs(x - y) / y for x, y in zip(a, emu, strict=False)) if emu else math.nan
-            out.append({"instance": i, "model": model, "devices": inst.n_devices, "algorithm": alg,
-                        "tokens": len(emu), "interval": CHECK_INTERVAL,
-                        "analytic_ms": float(np.mean(a)), "emulated_ms": float(np.mean(emu)),
-                        "max_rel_diff": rel, "tokens_match": o.summary["correctness"]["tokens_match"]})
-    return out
-
-
 # ---------------------------------------------------------------------------- report
+
+
+def cross_check() -> list[dict[str, Any]]:
+    """The emulator cross-check (crosscheck.py), imported only when it runs: it runs the
+    emulator, torch and all."""
+    from .crosscheck import cross_check as run
+
+    return run()
 
 
 def _memory_note(sc: list[dict[str, Any]]) -> list[str]:
@@ -229,7 +201,8 @@ def _check_text(checks: list[dict[str, Any]], ran: bool) -> str:
         return "The emulator cross-check ran no instance."
     worst = max(c["max_rel_diff"] for c in checks)
     match = sum(bool(c["tokens_match"]) for c in checks)
-    return (f"On {len(checks)} cross-check runs (end of page) the emulator's per-token latency differed from "
+    return (f"On {len(checks)} cross-check runs with background load (end of page) the emulator's per-token "
+            "latency differed from "
             f"this mode's by at most {100 * worst:.2f} %, and {match} of {len(checks)} generated the reference tokens.")
 
 
@@ -365,12 +338,20 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
                                               for t in timing if t["experiment"] == exp))
         L.append("")
     if checks:
+        spread = [c["emulated_spread"] for c in checks]
+        mig = [c["migrations"] for c in checks]
         L += ["## Cross-check: analytic mode against the emulator", "",
-              f"Small instances without background load, {_values(checks, 'tokens')} tokens, interval "
-              f"{_values(checks, 'interval')}, run both ways (the emulator",
-              "with real tensors on the virtual clock, oracle telemetry).", "",
+              f"{len({c['instance'] for c in checks})} small instances of {_words(sorted({c['devices'] for c in checks}))} "
+              f"devices with the sweep's background load (up to {100 * max(c['load_max'] for c in checks):.1f} % of "
+              "every device's memory and compute, drawn anew at every token), converted to scenarios",
+              f"(`instance_to_scenario`: the load as per-token series) and run both ways, {_values(checks, 'tokens')} "
+              f"tokens, interval {_values(checks, 'interval')}: the emulator with real tensors on the virtual clock and oracle",
+              f"telemetry, its planner watching the same {sweep.HEADROOM_WINDOW}-token window of the load. The load moves "
+              f"an emulated token's latency by up to {100 * (max(spread) - 1):.0f} % within a run. "
+              + (f"Migrations per run (analytic/emulated): {', '.join(f'{a}/{e}' for a, e in mig)}."
+                 if any(a or e for a, e in mig) else "No run migrated a block."), "",
               "| instance | model | devices | algorithm | analytic ms | emulated ms | max per-token difference | tokens = reference |",
-              "|---:|---|---:|---|---:|---:|---:|---|"]
+              "|---|---|---:|---|---:|---:|---:|---|"]
         for c in checks:
             L.append(f"| {c['instance']} | {c['model']} | {c['devices']} | {c['algorithm']} | {_fmt(c['analytic_ms'])} | "
                      f"{_fmt(c['emulated_ms'])} | {100 * c['max_rel_diff']:.2f} % | {c['tokens_match']} |")
@@ -381,20 +362,3 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
           "- `timing.csv`: wall-clock time per (instance, algorithm), the only machine-dependent file;",
           "- `fig_optimality.png`, `fig_scale.png`; `sweep.json`: when and how the sweep ran.", ""]
     (out / "README.md").write_text("\n".join(L))
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.paper_report", description=__doc__.split("\n")[0])
-    ap.add_argument("dir", type=Path, nargs="?", default=Path("results/paper"))
-    ap.add_argument("--no-check", action="store_true", help="skip the emulator cross-check")
-    args = ap.parse_args(argv)
-    if not (args.dir / "optimality.csv").exists() and not (args.dir / "scale.csv").exists():
-        print(f"error: {args.dir}: no optimality.csv or scale.csv (run python -m runners.sweep paper)", file=sys.stderr)
-        return 2
-    write_report(args.dir, check=not args.no_check)
-    print(f"wrote {args.dir / 'README.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

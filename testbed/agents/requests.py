@@ -1,0 +1,88 @@
+"""Requests from the controller to devices, and their answers.
+
+Owns the request ids and the futures that wait for acknowledgements. A device that does
+not answer in time is reported to `on_silent` (the controller treats it as lost) and left
+out of the answers; a run failure carried by an answer is raised. An answer is taken only
+for a request that waits, from a device it was asked of (a migration is answered by its
+destination, or by its source when it cannot send), carrying what that request's answer
+carries (`protocol.Ack.answers`); anything else is refused (ProtocolError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol as P
+from .errors import RunFailed
+from .parts import Port
+
+
+class Requests:
+    def __init__(self, port: Port, loop: asyncio.AbstractEventLoop, timeout_s: float,
+                 on_silent: Callable[[str, str], None]) -> None:
+        self.port, self.loop, self.timeout_s, self.on_silent = port, loop, timeout_s, on_silent
+        self._rid = itertools.count(1)
+        self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+        self._asked: dict[int, tuple[str, frozenset[str]]] = {}  # rid -> (request, who may answer)
+
+    def request(self, dev: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        rid = next(self._rid)
+        fut = self.loop.create_future()
+        self._pending[rid] = (dev, fut)
+        self._asked[rid] = (msg["t"], frozenset((dev, msg["to"])) if msg["t"] == P.MIGRATE else frozenset((dev,)))
+        fut.add_done_callback(lambda _: self._asked.pop(rid, None))
+        self.port.send(dev, {**msg, "rid": rid})
+        return fut
+
+    async def ask(self, requests: dict[str, dict[str, Any]], what: str,
+                  timeout: float | None = None) -> dict[str, dict[str, Any]]:
+        """Send one request per device and wait for the answers. A device that does not
+        answer in time is unreachable: it is treated as lost and left out of the result."""
+        futs = {d: self.request(d, m) for d, m in requests.items()}
+        if not futs:
+            return {}
+        _, pending = await asyncio.wait(futs.values(), timeout=timeout or self.timeout_s)
+        out = {}
+        for d, f in futs.items():
+            if f in pending:
+                f.cancel()
+                self.on_silent(d, f"no answer to {what} within {timeout or self.timeout_s:g} s")
+            elif f.exception() is None:
+                out[d] = f.result()
+            elif isinstance(f.exception(), RunFailed):
+                raise f.exception()  # type: ignore[misc]
+        return out
+
+    def answered(self, m: P.Ack, sender: str) -> None:
+        """An acknowledgement arrived from `sender` (checked: ProtocolError if refused)."""
+        asked = self._asked.get(m.rid)
+        if asked is None:
+            raise P.ProtocolError(f"'ack' from {sender} to no request that waits (rid {m.rid})")
+        request, who = asked
+        if sender not in who:
+            raise P.ProtocolError(f"'ack' to {request!r} from {sender}, which was not asked")
+        m.answers(request)
+        entry = self._pending.pop(m.rid, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(m)  # type: ignore[arg-type]
+
+    def fail_device(self, device: str, err: Exception) -> None:
+        """Everything that waits on `device` fails with `err`."""
+        for rid, (dev, fut) in list(self._pending.items()):
+            if dev == device and not fut.done():
+                fut.set_exception(err)
+                self._pending.pop(rid, None)
+
+    def fail_all(self, err: Exception) -> None:
+        for _, fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+
+    def cancel(self) -> None:
+        """Answer nothing more."""
+        for _, fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
