@@ -56,6 +56,7 @@ from ..emulation.memory import CATEGORIES
 from ..model.blocks import TORCH_DTYPES, block_shapes
 from ..model.spec import Block, ModelSpec
 from ..scenario import MAX_DEVICES, MAX_MEMORY_MIB, MIB, Scenario
+from .errors import ProtocolError
 
 GEN, LAYER_IN, HEADS, FFN_IN, OUT, LOGITS = "gen", "x", "h", "y", "z", "logits"
 LOAD, ROUTE, RESERVE, CANCEL, MIGRATE, BLOCK, ABORT, TELEMETRY, PROBE = (
@@ -72,11 +73,6 @@ MAX_TEXT = 4096  # characters of a free-text detail
 MAX_BYTES = int(MAX_MEMORY_MIB * MIB)  # any memory figure
 MAX_COUNT = 1 << 62  # event counters
 MIN_FLOPS = 1e-300  # a measured rate is only checked to be positive: devices may be very slow
-
-
-class ProtocolError(Exception):
-    """A message that the receiver cannot accept (unknown kind, missing or bad field, a
-    sender that may not send it, a buffer that is full)."""
 
 
 def seq_limit(new_tokens: int, devices: int, events: int, max_attempts: int) -> int:

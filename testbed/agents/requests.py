@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import protocol as P
-from .errors import RunFailed
+from .errors import ProtocolError, RunFailed
 from .parts import Port
+
+if TYPE_CHECKING:  # (the protocol's records hold tensors: this part stays torch-free)
+    from .protocol import Ack
+
+MIGRATE = "migrate"  # protocol.MIGRATE: answered by its destination
 
 
 class Requests:
@@ -32,7 +36,7 @@ class Requests:
         rid = next(self._rid)
         fut = self.loop.create_future()
         self._pending[rid] = (dev, fut)
-        self._asked[rid] = (msg["t"], frozenset((dev, msg["to"])) if msg["t"] == P.MIGRATE else frozenset((dev,)))
+        self._asked[rid] = (msg["t"], frozenset((dev, msg["to"])) if msg["t"] == MIGRATE else frozenset((dev,)))
         fut.add_done_callback(lambda _: self._asked.pop(rid, None))
         self.port.send(dev, {**msg, "rid": rid})
         return fut
@@ -56,14 +60,14 @@ class Requests:
                 raise f.exception()  # type: ignore[misc]
         return out
 
-    def answered(self, m: P.Ack, sender: str) -> None:
+    def answered(self, m: Ack, sender: str) -> None:
         """An acknowledgement arrived from `sender` (checked: ProtocolError if refused)."""
         asked = self._asked.get(m.rid)
         if asked is None:
-            raise P.ProtocolError(f"'ack' from {sender} to no request that waits (rid {m.rid})")
+            raise ProtocolError(f"'ack' from {sender} to no request that waits (rid {m.rid})")
         request, who = asked
         if sender not in who:
-            raise P.ProtocolError(f"'ack' to {request!r} from {sender}, which was not asked")
+            raise ProtocolError(f"'ack' to {request!r} from {sender}, which was not asked")
         m.answers(request)
         entry = self._pending.pop(m.rid, None)
         if entry is not None and not entry[1].done():
