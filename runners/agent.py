@@ -12,11 +12,16 @@ events to itself and its outgoing links, report its state, relay the controller'
 messages when it is the source device, and stop. The run token comes from the
 environment variable TESTBED_RUN_TOKEN (never from the command line, where other users
 could read it); without it the agent refuses to start.
+
+Exit status: 0 stopped by its runner, SIGTERM or Ctrl-C; 2 bad input (no token, a bad
+scenario or device, an address it may not listen on); 3 the port is in use or cannot be
+bound. Every refusal is one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -26,8 +31,18 @@ from testbed.emulation.clock import run as run_loop
 from testbed.harness.agent_server import TOKEN_ENV, device_spec, serve
 from testbed.scenario import ScenarioError, load
 
+EXIT_PORT = 3  # the address cannot be bound (port in use, or not ours)
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the server runs (it handles SIGINT itself)
+        print("interrupted", file=sys.stderr)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m runners.agent", description=__doc__.split("\n")[0])
     p.add_argument("--scenario", required=True, help="the run's scenario file")
     p.add_argument("--device", required=True, help="this agent's device name")
@@ -58,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # e.g. a non-loopback address without --allow-remote
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # binding the address failed
+        why = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        print(f"error: --host {args.host} --port {args.port}: {why}", file=sys.stderr)
+        return EXIT_PORT
     return 0
 
 

@@ -1,7 +1,12 @@
 """`python -m runners.run SCENARIO.yaml [options]`: run a scenario, write result files.
 
 Exit status: 0 every run completed, 1 a run failed (its meta.json says why), 2 bad input
-(one line on stderr naming the file and key path; no run directory is created).
+(one line on stderr naming the file and key path; no run directory is created), 130
+interrupted (Ctrl-C: one line; the run's files are flushed and say `failed: interrupted`,
+its agent processes are stopped).
+
+Bad input is refused before torch is imported (seconds of start-up on a busy host), so a
+refusal takes about a second.
 """
 
 from __future__ import annotations
@@ -13,24 +18,27 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import psutil
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from testbed import experiment
 from testbed.emulation.clock import CLOCKS
-from testbed.model.smollm2 import ModelUnavailable
 from testbed.placement import ALGORITHM_NAMES
 from testbed.placement.plugins import Plugin, PluginRefused
 from testbed.placement.registry import lookup, size_problem
 from testbed.results import Tap
-from testbed.scenario import Scenario, ScenarioError, load, parse_time_scale
+from testbed.scenario import Scenario, ScenarioError, check_host, load, parse_time_scale
+
+if TYPE_CHECKING:  # imported when a run starts: torch takes seconds to import
+    from testbed import experiment
 
 DEFAULT_OUT = Path("results")
 LIVE_PORT = 8765
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,6 +88,7 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
     ScenarioError on bad input."""
     scen = load(args.scenario, model_gguf=args.model_gguf)
     scen = scen.with_overrides(seed=args.seed, new_tokens=args.tokens)
+    check_host(scen, psutil.virtual_memory().available, "--model-gguf" if args.model_gguf else "model")
     names = [a.strip() for a in args.algorithm.split(",")] if args.algorithm else [scen.controller.algorithm]
     if len(set(names)) != len(names):
         raise ScenarioError(scen.file, "--algorithm", "an algorithm is listed twice")
@@ -156,8 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         (err if args.quiet else out).print(f"live view: {url}", markup=False, soft_wrap=True)
         sys.stdout.flush()  # a pipe buffers it: whoever opens the page needs the URL now
+    outcomes: list[experiment.Outcome] = []
     try:
-        return _main(args, scen, algorithms, out, err, live, wall0)
+        return _main(args, scen, algorithms, out, err, live, wall0, outcomes)
+    except KeyboardInterrupt:
+        # the run in progress has written its files (status `failed: interrupted`) and
+        # stopped its agents before the interrupt reached us
+        where = f": results in {outcomes[-1].run_dir}" if outcomes else ""
+        err.print(f"interrupted{where}", markup=False, soft_wrap=True)
+        return EXIT_INTERRUPTED
     finally:
         if live is not None:
             live.close()
@@ -197,7 +213,10 @@ class Live:
 
 
 def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugin], out: Console,
-          err: Console, live: Live | None, wall0: float) -> int:
+          err: Console, live: Live | None, wall0: float, outcomes: list[experiment.Outcome]) -> int:
+    from testbed import experiment
+    from testbed.model.smollm2 import ModelUnavailable
+
     note = live.note if live is not None else (lambda text: None)
     note("computing the reference")
     if not args.quiet:
@@ -229,15 +248,21 @@ def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugi
             if not args.quiet:
                 out.print(f"time scale {k:g} ({args.time_scale_from}): emulated time runs {k:g} times slower "
                           "than the wall clock", markup=False)
-    outcomes = []
     for alg in algorithms:
         run_dir = experiment.run_dir_for(args.out, scen, name_of(alg), scen.seed)
         show = out.is_terminal and not args.quiet
-        with _progress(out, show, name_of(alg), scen.generation.new_tokens) as progress:
-            outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
-                                     processes=args.processes, attach=args.attach, progress=progress,
-                                     time_scale=k, calibration=calibration,
-                                     tap=live.tap(run_dir, name_of(alg)) if live is not None else None)
+        try:
+            with _progress(out, show, name_of(alg), scen.generation.new_tokens) as progress:
+                outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
+                                         processes=args.processes, attach=args.attach, progress=progress,
+                                         time_scale=k, calibration=calibration,
+                                         tap=live.tap(run_dir, name_of(alg)) if live is not None else None)
+        except experiment.Interrupted as e:
+            outcomes.append(e.outcome)
+            raise KeyboardInterrupt from None
+        except experiment.RunDirError as e:
+            err.print(f"error: --out: {e}", markup=False)
+            return 2
         outcomes.append(outcome)
         fid = outcome.summary.get("fidelity", {})
         if args.quiet:

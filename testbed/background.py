@@ -26,6 +26,7 @@ import numpy as np
 
 RESOURCES = ("memory", "compute")
 SECTION = "background_load"
+MAX_BEFORE = 1 << 20  # background_load.before_tokens (as a context)
 # the section's keys, part of the loader's one table (scenario.KEYS); a share given as a
 # distribution is a mapping of its own wherever a share may stand
 KEYS: dict[str, tuple[str, ...]] = {
@@ -45,7 +46,7 @@ class Reader(Protocol):
                 required: tuple[str, ...] = ()) -> dict: ...
     def string(self, value: object, path: str) -> str: ...
     def list_(self, value: object, path: str) -> list: ...
-    def int_(self, value: object, path: str, ge: int | None = None) -> int: ...
+    def int_(self, value: object, path: str, ge: int | None = None, le: int | None = None) -> int: ...
     def number(self, value: object, path: str, gt: float | None = None, ge: float | None = None) -> float: ...
 
 
@@ -116,7 +117,8 @@ class BackgroundLoad:
 def parse(r: Reader, value: object, names: Sequence[str]) -> BackgroundLoad:
     """The section, given the names of the declared devices (the load applies to them)."""
     m = r.section(value, SECTION, SECTION)
-    before = r.int_(m.get("before_tokens", 0), f"{SECTION}.before_tokens", ge=0)
+    # bounded like a context: the emulator draws a table of before_tokens + new_tokens rows
+    before = r.int_(m.get("before_tokens", 0), f"{SECTION}.before_tokens", ge=0, le=MAX_BEFORE)
     default = _device(r, m["default"], f"{SECTION}.default", "default") if "default" in m else DeviceLoad()
     devices: dict[str, DeviceLoad] = {}
     where: dict[str, int] = {}

@@ -119,6 +119,10 @@ def run_dir_for(out: Path, scenario: Scenario, algorithm: str, seed: int) -> Pat
     return out / scenario.name / f"{stamp}-{safe_name(algorithm)}-s{seed}"
 
 
+class RunDirError(Exception):
+    """The run directory cannot be created (nothing is left behind); the message says why."""
+
+
 @dataclass
 class Outcome:
     algorithm: str
@@ -131,6 +135,14 @@ class Outcome:
         return self.status == "completed"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, raised once the run's files are written and its world stopped."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(f"interrupted: {outcome.run_dir}")
+        self.outcome = outcome
+
+
 @dataclass
 class RunContext:
     """What one run gathers for its summary, filled in as it goes: a run that fails early
@@ -140,7 +152,7 @@ class RunContext:
     world: World | None = None  # the emulated cluster
     controller: Controller | None = None
     hooks: _Hooks | None = None
-    total_s: float = math.nan  # emulated seconds from the first token to the last
+    total_s: float = math.nan  # emulated seconds from the run's start to the last token
     frames: dict[str, int] = field(default_factory=dict)  # lost, refused
     link_rows: list[dict[str, Any]] = field(default_factory=list)
     host: dict[str, Any] = field(default_factory=dict)  # HostMonitor's record
@@ -151,7 +163,7 @@ class _Hooks:
     """Scenario events, background load and instrumentation around the controller's token loop."""
 
     def __init__(self, world: World, writer: RunWriter, scenario: Scenario,
-                 progress: Callable[[int], None] | None) -> None:
+                 progress: Callable[[int], None] | None, t0: float) -> None:
         self.world, self.w = world, writer
         events, bg = scenario.events, scenario.background
         # device -> [before_tokens + new_tokens, 2] shares; token k is row `before + k`
@@ -168,16 +180,18 @@ class _Hooks:
         self.controller: Controller | None = None
         self.k = 0
         self.last: dict[str, dict[str, Any]] = {}  # the latest telemetry row per device
-        self._t0 = 0.0
+        self._t0 = t0  # the run's start: every time in the result files counts from it
         self._tasks: set[asyncio.Task[None]] = set()
 
     def now(self) -> float:
         return self.loop.time() - self._t0
 
-    async def start(self, t0: float) -> None:
-        self._t0 = t0
+    async def start(self) -> None:
+        """Generation begins: schedule the `at_s` events (emulated seconds after the first
+        token started, as the scenario format says) and take the first rows."""
+        begin = self.loop.time()
         for e in self.at_s:
-            self.loop.call_at(t0 + e.at_s, self._later, e)  # type: ignore[operator]
+            self.loop.call_at(begin + e.at_s, self._later, e)  # type: ignore[operator]
         await self.links()
         await self.telemetry()
 
@@ -272,11 +286,22 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         if controller is not None:
             controller.fault(f"{where}: {what}")
 
-    world = make_world(prep, transport, processes, on_fault, attach)
+    def on_lost(device: str, why: str) -> None:
+        """An agent gone without a scenario event (killed from outside, crashed, hung): a
+        lost device, recovered like `fail_device`."""
+        if controller is None:
+            on_fault(device, why)
+        else:
+            controller.device_lost(device, why)
+
+    world = make_world(prep, transport, processes, on_fault, attach, on_lost)
     ctx.world = world
     try:
         await world.start()
-        hooks = _Hooks(world, writer, scen, progress)
+        # the run's start, once its agents are up: every time in the result files counts from
+        # here (the deployment's events included), in every mode
+        t0 = world.loop.time()
+        hooks = _Hooks(world, writer, scen, progress, t0)
         alg = instantiate(algorithm)
         ctl = scen.controller
         controller = Controller(scen, prep.model, alg, world.port(), (prep.ref_ids, prep.ref_logits),
@@ -284,6 +309,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
                                 Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry,
                                         frame_extra=world.frame_extra, window=ctl.window_tokens),
                                 world.oracle)
+        controller.t0 = t0
         hooks.controller = controller
         ctx.controller, ctx.hooks = controller, hooks
         if setup is not None:
@@ -293,8 +319,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             await controller.observe(k)
         await hooks.load(0)
         await controller.deploy()
-        controller.t0 = world.loop.time()
-        await hooks.start(controller.t0)
+        await hooks.start()
         for k in range(scen.generation.new_tokens):
             await hooks.before_token(k)
             row = await controller.produce(k)
@@ -302,6 +327,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             await hooks.after_token(k)
         ctx.total_s = world.loop.time() - controller.t0
         ctx.frames = await world.frame_counts()
+        ctx.frames["refused"] += controller.refusals.total
         ctx.link_rows = await world.link_rows()
         ctx.host = ctx.host_monitor.stop(world.pids())
         if on_finish is not None:
@@ -346,13 +372,14 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
 
 
 def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None],
-               attach: dict[str, str] | None = None) -> World:
+               attach: dict[str, str] | None = None,
+               on_lost: Callable[[str, str], None] | None = None) -> World:
     """The emulated cluster for a run: agents in this process over in-process queues or
     websockets, or agents in their own processes (websockets), some maybe on other hosts."""
     if processes or attach:
         from .harness.remote import ProcessCluster
 
-        return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach)
+        return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach, on_lost=on_lost)
     if transport == "ws":
         from .harness.wscluster import WsCluster
 
@@ -379,7 +406,10 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     # contention (several agents share this process; on a shared machine, other processes)
     torch.set_num_threads(TORCH_THREADS)
     # `setup` and `on_finish` let tests and tools inject faults and inspect the final state
-    writer = RunWriter(run_dir, tap)
+    try:
+        writer = RunWriter(run_dir, tap)
+    except OSError as e:
+        raise RunDirError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
     if clock == "virtual":
         time_scale = 1.0
     meta: dict[str, Any] = {
@@ -420,9 +450,10 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     meta.update(end=utc_now(), status=status, fidelity=summary["fidelity"])
     writer.meta(meta)
     writer.close()
+    outcome = Outcome(alg_name, run_dir, status, summary)
     if status == "failed: interrupted":
-        raise KeyboardInterrupt
-    return Outcome(alg_name, run_dir, status, summary)
+        raise Interrupted(outcome)
+    return outcome
 
 
 def _summary(prep: Prepared, w: RunWriter, ctx: RunContext,

@@ -9,10 +9,12 @@ and JSON document as it is written (the live view, testbed/webview/, reads the r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,13 +81,36 @@ def _fmt(v: Any) -> Any:
     return v
 
 
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories that creating `path` would create, deepest first."""
+    out = []
+    while path != path.parent:
+        try:
+            if path.exists():
+                break
+        except OSError:  # a name the file system refuses: it does not exist either
+            pass
+        out.append(path)
+        path = path.parent
+    return out
+
+
 class RunWriter:
     """Owns one run directory. The directory must not exist yet (runs never overwrite)."""
 
     def __init__(self, run_dir: Path, tap: Tap | None = None) -> None:
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=False)
-        self._csv = {name: _Csv(self.dir / name, cols) for name, cols in FILES.items()}
+        made = _missing_dirs(self.dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=False)
+            self._csv = {name: _Csv(self.dir / name, cols) for name, cols in FILES.items()}
+        except OSError:  # e.g. a name too long for the file system: leave nothing behind
+            if self.dir in made:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
         self.token_rows: list[dict[str, Any]] = []
         self.event_rows: list[dict[str, Any]] = []
         self.tap = tap

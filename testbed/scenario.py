@@ -30,13 +30,37 @@ from . import background as bg
 from .model import cost
 from .model.spec import PRESETS, ModelSpec
 from .placement import ALGORITHM_NAMES
-from .scenario_reader import Reader, ScenarioError
+from .scenario_reader import Reader, ScenarioError, check_nesting
 from .scenario_reader import StrictLoader as _StrictLoader
 from .scenario_reader import type_name as _type_name
 from .scenario_reader import yaml_problem as _yaml_problem
 
 MIB = 1024 * 1024
 MAX_TIME_SCALE = 10_000.0  # emulation.time_scale: at most this many wall seconds per emulated one
+
+# Sane ranges (README, "Scenario limits"). Beyond them a number is a typo or an attack: it
+# overflows the wire format (memory counters are 64-bit), stalls the clock (a device so
+# slow that one job outlasts float resolution), or exhausts this host before the run can
+# record anything. The file itself is bounded before YAML sees it.
+MAX_FILE_BYTES = 256 * 1024  # a scenario file
+MAX_NESTING = 32  # levels of YAML mappings and lists
+MAX_NAME = 64  # characters of a scenario or device name (the scenario's is a directory name)
+MAX_DESCRIPTION = 10_000  # characters
+MAX_PROMPT = 65_536  # characters of a text prompt
+MAX_SEED = (1 << 63) - 1
+MAX_DEVICES = 256  # declared plus joining
+MAX_EVENTS = 10_000
+GFLOPS_RANGE = (1e-3, 1e6)  # compute_gflops: 1 MFLOP/s .. 1 PFLOP/s
+MAX_MEMORY_MIB = float(1 << 20)  # 1 TiB: memory_mib, memory_high_mib, take_mib, mib
+MAX_MEMORY_SHARE = 1000.0  # memory_share (a multiple of the whole model)
+MBPS_RANGE = (1e-3, 1e6)  # bandwidth_mbps: 1 kbit/s .. 1 Tbit/s (set_link may also give 0)
+MAX_LATENCY_MS = 60_000.0
+MAX_BURST_KIB = float(1 << 20)  # 1 GiB
+MAX_INTERVAL = 1_000_000  # controller.interval_tokens
+MAX_AT_S = 1e6  # events' at_s (about 11.6 days of emulated time)
+FACTOR_RANGE = (1e-3, 1e3)  # set_compute's factor
+MODEL_MAX = {"layers": 1024, "heads": 1024, "kv_heads": 1024, "d_model": 65_536, "d_ff": 1 << 18,
+             "vocab": 1 << 21, "context": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -272,7 +296,7 @@ class Scenario:
         r = _Reader(self.file)
         out = self
         if seed is not None:
-            out = replace(out, seed=r.int_(seed, "--seed", ge=0))
+            out = replace(out, seed=r.int_(seed, "--seed", ge=0, le=MAX_SEED))
         if new_tokens is not None:
             gen = replace(out.generation, new_tokens=r.int_(new_tokens, "--tokens", ge=1))
             _check_context(r, out.model, gen, "--tokens")
@@ -352,8 +376,11 @@ def load(path: str | os.PathLike, model_gguf: str | None = None) -> Scenario:
     (a path) replaces the file's model section with that GGUF model."""
     file = os.fspath(path)
     try:
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
+        with open(file, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ScenarioError(file, "", f"larger than {MAX_FILE_BYTES // 1024} KiB: not a scenario file")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ScenarioError(file, "", "no such file") from None
     except IsADirectoryError:
@@ -366,7 +393,10 @@ def load(path: str | os.PathLike, model_gguf: str | None = None) -> Scenario:
 
 
 def loads(text: str, file: str = "<string>", model_gguf: str | None = None) -> Scenario:
+    if len(text) > MAX_FILE_BYTES:
+        raise ScenarioError(file, "", f"larger than {MAX_FILE_BYTES // 1024} KiB: not a scenario file")
     try:
+        check_nesting(text, MAX_NESTING)
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ScenarioError(file, "", f"not valid YAML: {_yaml_problem(e)}") from None
@@ -386,9 +416,9 @@ def parse(data: object, file: str = "<data>", model_gguf: str | None = None) -> 
     if version != 1:
         r.fail("version", f"unsupported version {version} (this testbed reads version 1)")
     top = r.section(data, "", "", _TOP_REQUIRED)
-    name = r.string(top["name"], "name", pattern=_SCENARIO_NAME)
-    description = r.string(top.get("description", ""), "description")
-    seed = r.int_(top.get("seed", 0), "seed", ge=0)
+    name = r.string(top["name"], "name", pattern=_SCENARIO_NAME, max_len=MAX_NAME)
+    description = r.string(top.get("description", ""), "description", max_len=MAX_DESCRIPTION)
+    seed = r.int_(top.get("seed", 0), "seed", ge=0, le=MAX_SEED)
     if model_gguf is not None:
         model = _gguf_model(r, {"gguf": model_gguf}, "--model-gguf", Path.cwd())
     else:
@@ -422,7 +452,7 @@ def _model_fields(r: _Reader, m: dict, where: str) -> dict[str, object]:
     for f in _MODEL_FIELDS:
         if f in m:
             p = f"{where}.{f}"
-            fields[f] = r.string(m[f], p) if f == "dtype" else r.int_(m[f], p)
+            fields[f] = r.string(m[f], p) if f == "dtype" else r.int_(m[f], p, le=MODEL_MAX[f])
     return fields
 
 
@@ -493,11 +523,11 @@ def _gguf_model(r: _Reader, m: dict, where: str, base: Path) -> ModelSpec:
 
 def _generation(r: _Reader, value: object, model: ModelSpec) -> GenerationSpec:
     g = r.section(value, "generation", "generation", ("new_tokens",))
-    new_tokens = r.int_(g["new_tokens"], "generation.new_tokens", ge=1)
+    new_tokens = r.int_(g["new_tokens"], "generation.new_tokens", ge=1, le=MODEL_MAX["context"])
     if "prompt_tokens" in g and "prompt" in g:
         r.fail("generation", "give exactly one of prompt_tokens or prompt, not both")
     if "prompt" in g:
-        prompt = r.string(g["prompt"], "generation.prompt")
+        prompt = r.string(g["prompt"], "generation.prompt", max_len=MAX_PROMPT)
         if not prompt:
             r.fail("generation.prompt", "must not be empty")
         if model.weights == "random":
@@ -505,7 +535,7 @@ def _generation(r: _Reader, value: object, model: ModelSpec) -> GenerationSpec:
                    "text prompts need a model with a tokenizer, e.g. preset smollm2-135m")
         gen = GenerationSpec(new_tokens=new_tokens, prompt=prompt)
     elif "prompt_tokens" in g:
-        prompt_tokens = r.int_(g["prompt_tokens"], "generation.prompt_tokens", ge=1)
+        prompt_tokens = r.int_(g["prompt_tokens"], "generation.prompt_tokens", ge=1, le=MODEL_MAX["context"])
         gen = GenerationSpec(new_tokens=new_tokens, prompt_tokens=prompt_tokens)
     else:
         r.fail("generation", "needs prompt_tokens (a seeded random prompt) or prompt (text)")
@@ -533,17 +563,21 @@ def _model_bytes(model: ModelSpec, gen: GenerationSpec) -> int:
 
 def _device(r: _Reader, value: object, path: str, whole: int) -> DeviceSpec:
     d = r.section(value, path, "devices[]", ("name", "compute_gflops"))
-    name = r.string(d["name"], f"{path}.name", pattern=_DEVICE_NAME)
-    gflops = r.number(d["compute_gflops"], f"{path}.compute_gflops", gt=0)
+    name = r.string(d["name"], f"{path}.name", pattern=_DEVICE_NAME, max_len=MAX_NAME)
+    gflops = r.number(d["compute_gflops"], f"{path}.compute_gflops", ge=GFLOPS_RANGE[0], le=GFLOPS_RANGE[1])
     if ("memory_mib" in d) == ("memory_share" in d):
         r.fail(path, "give exactly one of memory_mib or memory_share (a share of the whole model)")
     if "memory_mib" in d:
-        memory = r.number(d["memory_mib"], f"{path}.memory_mib", gt=0)
+        memory = r.number(d["memory_mib"], f"{path}.memory_mib", gt=0, le=MAX_MEMORY_MIB)
     else:
-        share = r.number(d["memory_share"], f"{path}.memory_share", gt=0)
+        share = r.number(d["memory_share"], f"{path}.memory_share", gt=0, le=MAX_MEMORY_SHARE)
         memory = round(share * whole / MIB, 3)
+        if memory > MAX_MEMORY_MIB:
+            r.fail(f"{path}.memory_share", f"gives {memory:g} MiB, more than {MAX_MEMORY_MIB:g}")
+        if memory <= 0:
+            r.fail(f"{path}.memory_share", "gives no memory at all")
     if "memory_high_mib" in d:
-        high = r.number(d["memory_high_mib"], f"{path}.memory_high_mib", gt=0)
+        high = r.number(d["memory_high_mib"], f"{path}.memory_high_mib", gt=0, le=MAX_MEMORY_MIB)
         if high > memory:
             r.fail(f"{path}.memory_high_mib", f"must be <= memory_mib ({memory:g}), got {high:g}")
     else:
@@ -557,6 +591,8 @@ def _devices(r: _Reader, value: object, whole: int) -> tuple[DeviceSpec, ...]:
     items = r.list_(value, "devices")
     if not items:
         r.fail("devices", "must list at least one device")
+    if len(items) > MAX_DEVICES:
+        r.fail("devices", f"lists {len(items)} devices, more than {MAX_DEVICES}")
     devices: list[DeviceSpec] = []
     for i, item in enumerate(items):
         d = _device(r, item, f"devices[{i}]", whole)
@@ -571,13 +607,23 @@ def _devices(r: _Reader, value: object, whole: int) -> tuple[DeviceSpec, ...]:
 
 def _link(r: _Reader, m: dict, path: str, base: LinkSpec) -> LinkSpec:
     """Link values from an already-checked mapping; missing ones come from `base`."""
-    def get(key: str, fallback: float, **bound: float) -> float:
-        return r.number(m[key], f"{path}.{key}", **bound) if key in m else fallback
+    def get(key: str, fallback: float) -> float:
+        return _link_value(r, m[key], f"{path}.{key}", key, down=False) if key in m else fallback
     return LinkSpec(
-        bandwidth_mbps=get("bandwidth_mbps", base.bandwidth_mbps, gt=0),
-        latency_ms=get("latency_ms", base.latency_ms, ge=0),
-        burst_kib=get("burst_kib", base.burst_kib, ge=0),
+        bandwidth_mbps=get("bandwidth_mbps", base.bandwidth_mbps),
+        latency_ms=get("latency_ms", base.latency_ms),
+        burst_kib=get("burst_kib", base.burst_kib),
     )
+
+
+def _link_value(r: _Reader, value: object, path: str, key: str, down: bool) -> float:
+    """One of a link's numbers within its range; `down`: a bandwidth of 0 (set_link takes
+    the link down) is allowed too."""
+    if key == "bandwidth_mbps":
+        if down and value == 0 and not isinstance(value, bool):
+            return 0.0
+        return r.number(value, path, ge=MBPS_RANGE[0], le=MBPS_RANGE[1])
+    return r.number(value, path, ge=0, le=MAX_LATENCY_MS if key == "latency_ms" else MAX_BURST_KIB)
 
 
 def _network(r: _Reader, value: object, names: list[str]) -> NetworkSpec:
@@ -624,10 +670,11 @@ def _controller(r: _Reader, value: object) -> ControllerSpec:
         algorithm=r.choice(c.get("algorithm", d.algorithm), "controller.algorithm",
                            CHOICES["controller.algorithm"], "algorithm"),
         interval_tokens=r.int_(c.get("interval_tokens", d.interval_tokens),
-                               "controller.interval_tokens", ge=1),
+                               "controller.interval_tokens", ge=1, le=MAX_INTERVAL),
         telemetry=r.choice(c.get("telemetry", d.telemetry), "controller.telemetry",
                            CHOICES["controller.telemetry"], "telemetry"),
-        window_tokens=r.int_(c.get("window_tokens", d.window_tokens), "controller.window_tokens", ge=1),
+        window_tokens=r.int_(c.get("window_tokens", d.window_tokens), "controller.window_tokens", ge=1,
+                             le=MAX_INTERVAL),
     )
 
 
@@ -658,7 +705,10 @@ def _events(r: _Reader, value: object, names: list[str], source: str, gen: Gener
     known = list(names)  # declared devices, then devices joined by earlier events
     joined: dict[str, tuple[str, float, int]] = {}  # name -> (trigger kind, value, event index)
     events: list[Event] = []
-    for i, item in enumerate(r.list_(value, "events")):
+    items = r.list_(value, "events")
+    if len(items) > MAX_EVENTS:
+        r.fail("events", f"lists {len(items)} events, more than {MAX_EVENTS}")
+    for i, item in enumerate(items):
         p = f"events[{i}]"
         e = r.mapping(item, p)
         if "action" not in e:
@@ -674,7 +724,7 @@ def _events(r: _Reader, value: object, names: list[str], source: str, gen: Gener
                        f"never fires: the run generates {gen.new_tokens} tokens (0..{gen.new_tokens - 1})")
             trigger: tuple[str, float] = ("at_token", at_token)
         elif "at_s" in e:
-            trigger = ("at_s", r.number(e["at_s"], f"{p}.at_s", ge=0))
+            trigger = ("at_s", r.number(e["at_s"], f"{p}.at_s", ge=0, le=MAX_AT_S))
         else:
             r.fail(p, "needs a trigger: at_token (before token N) or at_s (emulated seconds)")
 
@@ -685,13 +735,15 @@ def _events(r: _Reader, value: object, names: list[str], source: str, gen: Gener
                 _check_joined_before(r, name, f"{p}.between[{k}]", trigger, joined)
             for key in _LINK_KEYS:
                 if key in e:
-                    kw[key] = r.number(e[key], f"{p}.{key}", ge=0)
+                    kw[key] = _link_value(r, e[key], f"{p}.{key}", key, down=True)
             if not any(key in e for key in _LINK_KEYS):
                 r.fail(p, "set_link needs at least one of bandwidth_mbps, latency_ms, burst_kib")
         elif action == "join_device":
             kw["join"] = new = _device(r, e["device"], f"{p}.device", whole)
             if new.name in known:
                 r.fail(f"{p}.device.name", f"device {new.name!r} already exists")
+            if len(known) >= MAX_DEVICES:
+                r.fail(f"{p}.device", f"would be device {len(known) + 1}, more than {MAX_DEVICES}")
             kw["device"] = new.name
             kw["join_links"] = links = {}
             for j, item_link in enumerate(r.list_(e.get("links", []), f"{p}.links")):
@@ -708,11 +760,11 @@ def _events(r: _Reader, value: object, names: list[str], source: str, gen: Gener
             if action == "fail_device" and name == source:
                 r.fail(f"{p}.device", "the source device runs the controller and cannot fail")
             if action == "set_compute":
-                kw["factor"] = r.number(e["factor"], f"{p}.factor", gt=0)
+                kw["factor"] = r.number(e["factor"], f"{p}.factor", ge=FACTOR_RANGE[0], le=FACTOR_RANGE[1])
             elif action == "memory_pressure":
-                kw["take_mib"] = r.number(e["take_mib"], f"{p}.take_mib", gt=0)
+                kw["take_mib"] = r.number(e["take_mib"], f"{p}.take_mib", gt=0, le=MAX_MEMORY_MIB)
             elif action == "memory_release" and "mib" in e:
-                kw["mib"] = r.number(e["mib"], f"{p}.mib", gt=0)
+                kw["mib"] = r.number(e["mib"], f"{p}.mib", gt=0, le=MAX_MEMORY_MIB)
         events.append(Event(index=i, action=action, **kw))
     return tuple(events)
 
@@ -732,6 +784,18 @@ def _check_joined_before(r: _Reader, name: str, path: str, trigger: tuple[str, f
         if kind == trigger[0] and trigger[1] < at:
             unit = f"token {at}" if kind == "at_token" else f"{at:g} s"
             r.fail(path, f"device {name!r} only joins at {unit} (events[{index}])")
+
+
+def check_host(scen: Scenario, available_bytes: int, path: str = "model") -> None:
+    """Refuse a model that this host cannot hold (ScenarioError): the run needs at least its
+    weights and caches at the final length (the reference's copy, which the in-process
+    devices share) in memory. `available_bytes` is the host's available memory, read by the
+    caller (this module does no IO beyond reading scenario files)."""
+    need = _model_bytes(scen.model, scen.generation)
+    if need > available_bytes:
+        _Reader(scen.file).fail(path, f"{scen.model.name} needs {_mib(need)} of weights and caches at "
+                                f"{scen.final_length} tokens, but this host has {_mib(available_bytes)} "
+                                "of memory available")
 
 
 def _final_length(model: ModelSpec, gen: GenerationSpec) -> int:

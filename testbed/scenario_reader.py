@@ -25,6 +25,12 @@ class ScenarioError(ValueError):
         super().__init__(f"{where}{message}")
 
 
+def short(value: object, limit: int = 40) -> str:
+    """A value for an error line: long numbers and strings cut short."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def type_name(value: object) -> str:
     if value is None:
         return "null"
@@ -80,30 +86,41 @@ class Reader:
             self._wrong(value, path, "a list")
         return value
 
-    def int_(self, value: object, path: str, ge: int | None = None) -> int:
+    def int_(self, value: object, path: str, ge: int | None = None, le: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             self._wrong(value, path, "an integer")
         if ge is not None and value < ge:
-            self.fail(path, f"must be >= {ge}, got {value}")
+            self.fail(path, f"must be >= {ge}, got {short(value)}")
+        if le is not None and value > le:
+            self.fail(path, f"must be <= {le}, got {short(value)}")
         return value
 
     def number(self, value: object, path: str, gt: float | None = None,
-               ge: float | None = None) -> float:
+               ge: float | None = None, le: float | None = None) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self._wrong(value, path, "a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            self.fail(path, f"must be a finite number, got {short(value)}")
         if not math.isfinite(value):
             self.fail(path, f"must be a finite number, got {value}")
         if gt is not None and value <= gt:
             self.fail(path, f"must be > {gt:g}, got {value:g}")
         if ge is not None and value < ge:
             self.fail(path, f"must be >= {ge:g}, got {value:g}")
-        return float(value)
+        if le is not None and value > le:
+            self.fail(path, f"must be <= {le:g}, got {value:g}")
+        return value
 
-    def string(self, value: object, path: str, pattern: re.Pattern | None = None) -> str:
+    def string(self, value: object, path: str, pattern: re.Pattern | None = None,
+               max_len: int | None = None) -> str:
         if not isinstance(value, str):
             self._wrong(value, path, "a string")
+        if max_len is not None and len(value) > max_len:
+            self.fail(path, f"is {len(value)} characters long, more than {max_len}")
         if pattern is not None and not pattern.fullmatch(value):
-            self.fail(path, f"{value!r} must match {pattern.pattern}")
+            self.fail(path, f"{short(value)!r} must match {pattern.pattern}")
         return value
 
     def boolean(self, value: object, path: str) -> bool:
@@ -122,25 +139,46 @@ class Reader:
 # YAML
 
 
-class StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+def _construct_mapping(self: yaml.constructor.SafeConstructor, node: yaml.MappingNode,
+                       deep: bool = False) -> dict:
+    """SafeConstructor's, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = self.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable: the base class reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r}", key_node.start_mark)
+    return yaml.constructor.SafeConstructor.construct_mapping(self, node, deep=deep)
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable: the base class reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+
+# libyaml's loader when PyYAML has it (about four times faster: a file at the size limit is
+# refused in about a second), else the pure-Python one; both safe, both strict
+_Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+StrictLoader = type("StrictLoader", (_Base,), {"construct_mapping": _construct_mapping})
+
+
+def check_nesting(text: str, limit: int) -> None:
+    """Refuse collections nested deeper than `limit` before composing the document (a
+    yaml.YAMLError): PyYAML composes recursively (a document 20,000 levels deep ends in
+    RecursionError), while its event parser is a state machine, so counting levels over the
+    events is safe."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=_Base):
+        if isinstance(ev, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > limit:
+                raise yaml.parser.ParserError(None, None, f"nested more than {limit} levels deep",
+                                              ev.start_mark)
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:

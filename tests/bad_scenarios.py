@@ -243,3 +243,39 @@ devices:
     ("background_unknown_distribution", _doc(rest="background_load: {default: {memory: {normal: [0.1, 0.2]}}}\n"),
      "background_load.default.memory.normal"),
 ]
+
+# absurd numbers and sizes (issue 14, finding 6): each is refused in one line before anything
+# is written (the last field: a substring of that line). `model_too_large_for_host` (about
+# 900 GiB of weights) is refused by the runner, against this host's memory, not by the loader
+_HUGE_MODEL = "model: {layers: 2, heads: 8, d_model: 65536, vocab: 2097152}\n"
+_HUGE_DEVICES = "devices:\n" + "".join(
+    f"  - {{name: d{i}, compute_gflops: 8, memory_mib: 1048576}}\n" for i in range(4))
+LIMIT_SCENARIOS: list[tuple[str, str, str]] = [
+    ("nested_20000_deep", _doc(rest="extra: " + "[" * 20000 + "]" * 20000 + "\n"), "nest"),
+    ("name_300_characters", _doc(head="version: 1\nname: " + "n" * 300 + "\n"), "name: is 300 characters long"),
+    ("memory_1e300", _doc(devices="""\
+devices:
+  - {name: gw, compute_gflops: 8, memory_mib: 1.0e+300}
+"""), "devices[0].memory_mib: must be <="),
+    ("interval_1e30", _doc(rest="controller: {interval_tokens: " + str(10**30) + "}\n"),
+     "controller.interval_tokens: must be <="),
+    ("compute_1e-12", _doc(devices="""\
+devices:
+  - {name: gw, compute_gflops: 8, memory_mib: 64}
+  - {name: laptop, compute_gflops: 20, memory_mib: 128}
+  - {name: phone, compute_gflops: 1.0e-12, memory_mib: 32}
+"""), "devices[2].compute_gflops: must be >="),
+    ("model_too_large_for_host", _doc(model=_HUGE_MODEL, devices=_HUGE_DEVICES), "memory available"),
+    ("description_50_mb", _doc(rest="description: " + "d" * (50 << 20) + "\n"), "larger than"),
+    ("description_20000_characters", _doc(rest="description: " + "d" * 20000 + "\n"), "description: is 20000 characters long"),
+    ("factor_1e9", _doc(rest=_events("{at_token: 2, action: set_compute, device: phone, factor: 1.0e+9}")),
+     "events[0].factor: must be <="),
+    ("bandwidth_1e12", _doc(rest="network:\n  default: {bandwidth_mbps: 1.0e+12, latency_ms: 2}\n"),
+     "network.default.bandwidth_mbps: must be <="),
+    ("latency_one_day", _doc(rest="network:\n  default: {bandwidth_mbps: 100, latency_ms: 86400000}\n"),
+     "network.default.latency_ms: must be <="),
+    ("at_s_1e300", _doc(rest=_events("{at_s: 1.0e+300, action: fail_device, device: phone}")),
+     "events[0].at_s: must be <="),
+    ("seed_2_to_the_70", _doc(rest=f"seed: {2 ** 70}\n"), "seed: must be <="),
+    ("vocab_2_to_the_40", _doc(model=f"model: {{preset: gpt-tiny, vocab: {2 ** 40}}}\n"), "model.vocab: must be <="),
+]

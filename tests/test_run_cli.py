@@ -29,7 +29,7 @@ from runners import run as cli
 from testbed import scenario as sc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bad_scenarios import BAD_SCENARIOS, VALID  # noqa: E402
+from bad_scenarios import BAD_SCENARIOS, LIMIT_SCENARIOS, VALID  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "scenarios"
@@ -94,7 +94,7 @@ EXTRA_CASES = [
     BadCase("unknown_second_algorithm", VALID, ("--algorithm", "static,magic"), "--algorithm"),
 ]
 
-TABLE_CASES = [BadCase(id_, text, (), path) for id_, text, path in BAD_SCENARIOS]
+TABLE_CASES = [BadCase(id_, text, (), path) for id_, text, path in BAD_SCENARIOS + LIMIT_SCENARIOS]
 ALL_CASES = TABLE_CASES + SPECIAL_CASES + EXTRA_CASES
 
 # the subprocess subset: one or two of each family in bad_scenarios.py, plus SPECIAL_CASES
@@ -104,6 +104,8 @@ SUBPROCESS_TABLE_IDS = [
     "duplicate_device_names", "unknown_device_in_link", "unknown_algorithm",
     "model_fits_nowhere", "longer_than_context", "at_token_beyond_run", "join_link_to_unknown",
     "background_negative_in_series",
+    # every class of absurd input (issue 14, finding 6): refused end to end, fast
+    *(id_ for id_, _, _ in LIMIT_SCENARIOS),
 ]
 _BY_ID = {c.id: c for c in ALL_CASES}
 SUBPROCESS_CASES = [_BY_ID[i] for i in SUBPROCESS_TABLE_IDS] + SPECIAL_CASES

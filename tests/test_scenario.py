@@ -18,7 +18,7 @@ from testbed.model.spec import PRESETS
 from testbed.scenario import LinkSpec, ScenarioError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bad_scenarios import BAD_SCENARIOS, VALID  # noqa: E402
+from bad_scenarios import BAD_SCENARIOS, LIMIT_SCENARIOS, VALID  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "scenarios").glob("*.yaml"))
@@ -80,6 +80,39 @@ def _assert_one_line(err: ScenarioError, file: str, path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # malformed scenarios
+
+
+@pytest.mark.parametrize(("text", "expect"), [case[1:] for case in LIMIT_SCENARIOS
+                                               if case[0] != "model_too_large_for_host"],
+                         ids=[case[0] for case in LIMIT_SCENARIOS if case[0] != "model_too_large_for_host"])
+def test_absurd_numbers_and_sizes_are_refused_in_one_line(text, expect):
+    """Issue 14, finding 6: nesting, file size, names, memory, compute, intervals, factors,
+    rates, latencies, times, seeds and model sizes out of their documented ranges."""
+    err = _error(text)
+    assert "\n" not in str(err) and expect in str(err), str(err)
+
+
+def test_a_model_larger_than_the_host_is_refused():
+    text = dict((c[0], c[1]) for c in LIMIT_SCENARIOS)["model_too_large_for_host"]
+    scen = sc.loads(text, "s.yaml")
+    with pytest.raises(ScenarioError) as info:
+        sc.check_host(scen, 64 << 30)
+    _assert_one_line(info.value, "s.yaml", "model")
+    assert "available" in str(info.value)
+    sc.check_host(sc.loads(VALID), 64 << 30)  # a small model fits
+
+
+def test_the_clock_survives_a_device_far_slower_than_the_limits(tmp_path):
+    """A device below the compute range (1e-12 GFLOP/s: one job outlasts the float
+    resolution of 1 ns) once hung the virtual clock at 100 % CPU; the loader refuses it, and
+    the clock no longer depends on that."""
+    from testbed import experiment
+
+    scen = sc.load(ROOT / "scenarios" / "steady.yaml").with_overrides(new_tokens=2)
+    slow = tuple(dataclasses.replace(d, compute_gflops=1e-12) if d.name == "phone" else d for d in scen.devices)
+    scen = dataclasses.replace(scen, devices=slow)
+    o = experiment.run(experiment.prepare(scen), "round_robin", tmp_path / "run", clock="virtual")
+    assert o.ok and o.summary["emulated_s"] > 1e9, (o.status, o.summary.get("emulated_s"))
 
 
 def test_the_table_is_big_and_its_ids_unique():
@@ -447,3 +480,87 @@ def test_scenario_is_frozen():
     s = sc.loads(VALID)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.seed = 1  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# fuzzing the loader (issue 14, deliverable 6): hypothesis-generated documents
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FULL = yaml.safe_load(FULL)
+_HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30), st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.sampled_from([0, -1, 1e-12, 1e300, 2**63, "1e3", "auto", "n" * 300, [], {}, "hub", "phone"]))
+
+
+def _paths(doc: object, prefix: tuple = ()) -> list[tuple]:
+    """Every path to a value in a nested document."""
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _set(doc: object, path: tuple, value: object) -> object:
+    if not path:
+        return value
+    doc = dict(doc) if isinstance(doc, dict) else list(doc)  # type: ignore[arg-type]
+    doc[path[0]] = _set(doc[path[0]], path[1:], value)  # type: ignore[index]
+    return doc
+
+
+@st.composite
+def _documents(draw: st.DrawFn) -> object:
+    """The full example scenario with one to three values replaced by hostile ones."""
+    doc: object = _FULL
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_paths(doc)))
+        doc = _set(doc, path, draw(_HOSTILE))
+    return doc
+
+
+def _within_limits(s: sc.Scenario) -> None:
+    for d in s.devices + tuple(e.join for e in s.events if e.join is not None):
+        assert sc.GFLOPS_RANGE[0] <= d.compute_gflops <= sc.GFLOPS_RANGE[1]
+        assert 0 < d.memory_mib <= sc.MAX_MEMORY_MIB and 0 < d.memory_high_mib <= d.memory_mib
+        assert len(d.name) <= sc.MAX_NAME
+    for link in (s.network.default, *s.network.links.values()):
+        assert sc.MBPS_RANGE[0] <= link.bandwidth_mbps <= sc.MBPS_RANGE[1]
+        assert 0 <= link.latency_ms <= sc.MAX_LATENCY_MS
+    assert 1 <= s.controller.interval_tokens <= sc.MAX_INTERVAL
+    assert len(s.name) <= sc.MAX_NAME and len(s.description) <= sc.MAX_DESCRIPTION
+    for e in s.events:
+        assert e.factor is None or sc.FACTOR_RANGE[0] <= e.factor <= sc.FACTOR_RANGE[1]
+        assert e.at_s is None or 0 <= e.at_s <= sc.MAX_AT_S
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=_documents())
+def test_fuzz_documents_are_accepted_within_limits_or_refused_in_one_line(doc: object) -> None:
+    try:
+        s = sc.parse(doc, "fuzz.yaml")
+    except ScenarioError as e:
+        assert "\n" not in str(e) and str(e).startswith("fuzz.yaml: "), str(e)
+        return
+    _within_limits(s)
+    assert sc.parse(s.to_dict(), "fuzz.yaml") == s  # what is accepted round-trips
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(
+    st.text(max_size=300),
+    st.builds(lambda d: yaml.safe_dump(d), _documents()),
+    st.builds(lambda n, ch: "x: " + ch * n, st.integers(0, 3000), st.sampled_from(["[", "{", "- ", "&a [*a, "])),
+))
+def test_fuzz_texts_are_scenarios_or_one_line_refusals(text: str) -> None:
+    try:
+        sc.loads(text, "fuzz.yaml")
+    except ScenarioError as e:
+        assert "\n" not in str(e) and str(e).startswith("fuzz.yaml: "), str(e)

@@ -161,7 +161,15 @@ def test_bandwidth_drop_over_processes_matches_virtual(tmp_path: Path) -> None:
     assert _token_ids(pd) == _token_ids(vd)
     meta = read_json(pd / "meta.json")
     assert meta["transport"] == "ws" and meta["processes"] and meta["status"] == "completed"
-    assert read_json(pd / "summary.json")["correctness"]["tokens_match"]
+    summary = read_json(pd / "summary.json")
+    assert summary["correctness"]["tokens_match"]
+    # issue 14, finding 3: a run that ends normally records no failure (agents stopping after
+    # the last token are not news), and every time counts from the run's start
+    events = read_csv(pd / "events.csv")
+    assert not [e for e in events if e["kind"] in ("device_failed", "fault")], events
+    for name, col in (("events.csv", "t_s"), ("tokens.csv", "t_start_s"), ("telemetry.csv", "t_s")):
+        for row in read_csv(pd / name):
+            assert 0 <= float(row[col]) <= summary["emulated_s"], (name, row)
 
 
 @pytest.mark.parametrize("mode", [("--clock", "virtual"), ("--transport", "ws", "--time-scale", "10"),
@@ -215,10 +223,29 @@ def test_an_interrupted_run_leaves_no_agent_process(how: str, tmp_path: Path) ->
     finally:
         if runner.poll() is None:
             runner.kill()
-    if how == "sigint":  # the run records why it ended
+    if how == "sigint":  # the run records why it ended, and says so in one line (exit 130)
         (d,) = sorted((tmp_path / "steady").iterdir())
         assert read_json(d / "meta.json")["status"] == "failed: interrupted"
-        assert runner.returncode != 0
+        err = runner.stderr.read().decode() if runner.stderr else ""
+        assert runner.returncode == 130, err
+        # (the agents share the runner's stderr: only the runner's own line is checked)
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == f"interrupted: results in {d}", err
+
+
+def test_agent_on_a_port_in_use_says_so_in_one_line() -> None:
+    """`runners.agent --port P` with P taken: one line on stderr and exit status 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "TESTBED_RUN_TOKEN": TOKEN}
+        r = subprocess.run([sys.executable, "-m", "runners.agent", "--scenario", "scenarios/steady.yaml",
+                            "--device", "pi-a", "--port", str(port)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.strip() == f"error: --host 127.0.0.1 --port {port}: already in use", r.stderr
 
 
 def test_processes_refuse_without_token() -> None:

@@ -37,6 +37,7 @@ from ..placement.policy import Policy, Stop, TokenCharge
 from ..placement.problem import LatencyModel, Placement, Snapshot
 from ..placement.protocol import Algorithm  # re-exported: the protocol used to live here
 from ..placement.window import LoadWindow
+from ..refusals import Refusals
 from ..scenario import Scenario
 from . import protocol as P
 from .beliefs import Beliefs
@@ -104,6 +105,10 @@ class Controller:
         self._tel_task: asyncio.Task[None] | None = None
         self._urgent: str | None = None  # a signal asks for a re-plan before the next token
         self.window = LoadWindow(options.window)
+        # every message that reaches us is checked against the run's bounds first
+        self.bounds = P.Bounds.for_run(scenario, options.max_attempts)
+        self.refusals = Refusals("controller", log)
+        self._over = False  # the run is over: agents going away now are not failures
 
     @property
     def devices(self) -> list[str]:
@@ -124,11 +129,27 @@ class Controller:
 
     # ------------------------------------------------------------------ messages
 
-    def _on_message(self, sender: str, m: dict[str, Any]) -> None:
-        t = m["t"]
-        if t == P.ACK:
-            self.requests.answered(m)
-        elif t == P.LOGITS:
+    def _on_message(self, sender: str, raw: dict[str, Any]) -> None:
+        """Every message for the controller: checked (`protocol.for_controller`; a refused
+        one is counted and logged, and changes nothing), then acted on by kind."""
+        if self._over:
+            return
+        try:
+            m = P.for_controller(raw, sender, self.bounds)
+            if m.KIND == P.ACK:
+                self.requests.answered(m, sender)  # type: ignore[arg-type]
+            else:
+                self._on_report(m)
+        except P.ProtocolError as e:
+            self.refusals.refuse(sender if self.bounds.known(sender) else "?", P.kind_of(raw), str(e),
+                                 self.loop.time())
+
+    def _on_report(self, m: Any) -> None:
+        t = m.KIND
+        if t in (P.PRESSURE, P.LINK_CHANGE, P.ERROR) and (
+                m.device not in self.devices or (t == P.LINK_CHANGE and m.peer not in self.devices)):
+            raise P.ProtocolError(f"{t!r} about a device that has not joined")
+        if t == P.LOGITS:
             fut = self._token_fut
             if fut is not None and not fut.done() and m["seq"] == self._seq:
                 fut.set_result((m["logits"], m.get("at")))
@@ -158,10 +179,8 @@ class Controller:
                 fut = self._token_fut
                 if fut is not None and not fut.done() and m.get("seq") == self._seq:
                     fut.set_exception(OutOfMemory(m))
-            else:
-                self.fault(f"{m['device']}: {m.get('detail')}")
-        else:
-            raise P.ProtocolError(f"controller got unexpected message {t!r}")
+            else:  # the agent is in an unknown state: a lost device (recovered), as if it died
+                self.recovery.device_lost(m.device, f"agent error: {m.detail}")
 
     def fault(self, why: str) -> None:
         """An agent or the transport failed in a way we cannot repair: stop the run."""
@@ -297,6 +316,8 @@ class Controller:
         emulated time the source had them (the host's delay in handing them over to us,
         e.g. across processes, is not the system's)."""
         self._seq += 1
+        if self._seq > self.bounds.max_seq:  # agents refuse attempts beyond the run's bounds
+            raise RunFailed(f"{self._seq} attempts: more than a run of this scenario can need")
         fut: asyncio.Future[tuple[torch.Tensor, float | None]] = self.loop.create_future()
         self._token_fut = fut
         self.port.send(self.source_name, {"t": P.GEN, "seq": self._seq, "tokens": tokens, "pos": pos})
@@ -360,6 +381,12 @@ class Controller:
         # and computed properly once the token is done (outside its measured latency)
         guess = self._guess_ms(len(tokens), pos + len(tokens))
         for _attempt in range(self.opt.max_attempts):
+            if self.recovery.lost:  # lost while this token re-planned (with agents in processes,
+                # a failure is heard a little later): repair first, not after a stalled attempt
+                s0 = self.loop.time()
+                await self.recovery.recover()
+                charge.add(self.loop.time() - s0)
+                guess = self._guess_ms(len(tokens), pos + len(tokens))
             try:
                 logits, done = await self._attempt(tokens, pos, predicted_ms=guess)
                 break
@@ -410,7 +437,9 @@ class Controller:
         return m, b
 
     async def stop(self) -> None:
-        """Cancel background telemetry; answer nothing more."""
+        """Cancel background telemetry; answer nothing more (the agents stop after us: the
+        connections they close are the end of the run, not failures)."""
+        self._over = True
         task, self._tel_task = self._tel_task, None
         if task is not None and not task.done():
             task.cancel()

@@ -11,6 +11,12 @@ device waits for the residual and every group's output -> `y` to ffn's device ->
 the next layer to its head devices and proj device, or `z` back to the source.
 Every data message carries `seq` (one attempt at one token); after an `abort` the agent
 drops anything at or below it, so a retried token never mixes with a stale attempt.
+
+Everything that arrives goes through `handle`: the protocol's check (`protocol.for_device`,
+whoever sent it, the agent itself included), then the handler of its kind (`_HANDLERS`). A
+refused message is counted and logged (`refusals`) and changes nothing. What a peer can
+make the agent hold is bounded per peer: the partial inputs of `proj` it contributes to
+and the jobs it has queued, each at most `quota` (twice what a pipeline ever has in flight).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import torch
@@ -38,6 +45,7 @@ from ..model.blocks import (
     make_block,
 )
 from ..model.spec import ModelSpec
+from ..refusals import Refusals
 from ..scenario import DeviceSpec
 from . import protocol as P
 
@@ -51,10 +59,19 @@ AnyBlock = HeadBlock | ProjBlock | FfnBlock
 
 class DeviceAgent:
     def __init__(self, spec: DeviceSpec, model: ModelSpec, weights: WeightSource, send: Send,
-                 source: str, outgoing: Outgoing | None = None) -> None:
+                 source: str, outgoing: Outgoing | None = None, bounds: P.Bounds | None = None) -> None:
         self.name = spec.name
         self.spec = spec
         self.model = model
+        # what this agent accepts: the run's bounds (a bare agent, e.g. in a test, accepts
+        # any device name and the model's context)
+        self.bounds = bounds or P.Bounds(model, source)
+        self.refusals = Refusals(spec.name, log)
+        self.quota = 2 * model.layers + 4  # proj inputs and queued jobs per peer
+        self._held: Counter[str] = Counter()  # proj buffer entries each peer contributes to
+        self._queued: Counter[str] = Counter()  # jobs each peer's messages have queued
+        self._work: set[asyncio.Task[Any]] = set()  # jobs queued for peers (an abort waits for them)
+        self._acks: set[asyncio.Task[Any]] = set()  # answers to aborts, waiting for the jobs
         self.weights = weights
         self._send = send
         self._outgoing = outgoing or dict
@@ -89,13 +106,31 @@ class DeviceAgent:
         the job that produced it), default now."""
         return self._send(dst, msg, at)
 
-    def _reply(self, m: dict[str, Any], **payload: Any) -> None:
-        self.send(self.source, {"t": P.ACK, "rid": m["rid"], "device": self.name, **payload})
+    def _reply(self, m: P.Message, **payload: Any) -> None:
+        self.send(self.source, {"t": P.ACK, "rid": m.rid, "device": self.name, **payload})  # type: ignore[attr-defined]
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], sender: str | None = None) -> asyncio.Task[Any]:
+        """Run coro as a task; `sender`: a job queued on behalf of that peer's message
+        (counted against its quota, which the caller checked with `_admit`)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
+        if sender is not None:
+            self._queued[sender] += 1
+            self._work.add(task)
+            task.add_done_callback(lambda t: self._unqueue(sender, t))
         task.add_done_callback(self._task_done)
+        return task
+
+    def _admit(self, sender: str) -> None:
+        """A peer may have at most `quota` jobs queued here (ProtocolError beyond)."""
+        if self._queued[sender] >= self.quota:
+            raise P.ProtocolError(f"{sender} has {self.quota} jobs queued here already")
+
+    def _unqueue(self, sender: str, task: asyncio.Task[Any]) -> None:
+        self._work.discard(task)
+        self._queued[sender] -= 1
+        if self._queued[sender] <= 0:
+            del self._queued[sender]
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -130,23 +165,23 @@ class DeviceAgent:
                                 "at": asyncio.get_running_loop().time()})
 
     def handle(self, sender: str, msg: dict[str, Any], at: float | None = None) -> None:
-        """Entry point for every message addressed to this device; `at` is when it was due
-        (its emulated arrival; default now), which is when the work it asks for may start."""
-        t = msg["t"]
-        if t in P.TO_CONTROLLER:
-            if self.controller is None:
-                raise P.ProtocolError(f"{self.name} got controller message {t!r} but runs no controller")
-            self.controller(sender, msg)
-            return
-        fn = _HANDLERS.get(t)
-        if fn is None:
-            raise P.ProtocolError(f"unknown message type {t!r}")
-        if sender != self.name:  # from the wire: check before use
-            P.check(msg, self.model)
-        if t in P.DATA:
-            fn(self, sender, msg, at)  # type: ignore[call-arg]
-        else:
-            fn(self, sender, msg)
+        """Entry point for every message addressed to this device, from a peer or from
+        itself; `at` is when it was due (its emulated arrival; default now), which is when
+        the work it asks for may start. A message that is refused is counted and logged."""
+        try:
+            m = P.for_device(msg, sender, self.name, self.bounds)
+            if m.KIND in P.TO_CONTROLLER:  # on the source: checked here, then the controller's
+                if self.controller is None:
+                    raise P.ProtocolError(f"{self.name} runs no controller")
+                self.controller(sender, msg)
+                return
+            _HANDLERS[type(m)](self, sender, m, at)
+        except P.ProtocolError as e:
+            self.refused(sender, P.kind_of(msg), str(e))
+
+    def refused(self, sender: str, kind: str, why: str) -> None:
+        self.refusals.refuse(sender if self.bounds.known(sender) else "?", kind, why,
+                             asyncio.get_running_loop().time())
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -211,25 +246,27 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ data path
 
-    def _on_gen(self, sender: str, m: dict[str, Any], at: float | None) -> None:
+    def _on_gen(self, sender: str, m: P.Gen, at: float | None) -> None:
         """Start an attempt: embed the tokens (a table lookup, no emulated compute) and send
         the hidden states to layer 0's devices."""
         if self.source_block is None:
             raise P.ProtocolError(f"{self.name} is not the source device")
-        seq, pos = m["seq"], m["pos"]
-        if seq <= self.floor:
+        if m.seq <= self.floor:
             return
+        if not self._routed():
+            raise P.ProtocolError("no routing yet")
         with torch.inference_mode():
-            x = self.source_block.embed(list(m["tokens"]), pos)
-        msg = {"t": P.LAYER_IN, "seq": seq, "layer": 0, "pos": pos, "x": x}
+            x = self.source_block.embed(list(m.tokens), m.pos)
+        msg = {"t": P.LAYER_IN, "seq": m.seq, "layer": 0, "pos": m.pos, "x": x}
         for dst in self.layer_targets(0):
             self._forward(dst, msg, at)
 
-    def _on_out(self, sender: str, m: dict[str, Any], at: float | None) -> None:
+    def _on_out(self, sender: str, m: P.Out, at: float | None) -> None:
         if self.source_block is None:
             raise P.ProtocolError(f"{self.name} is not the source device")
-        if m["seq"] > self.floor:
-            self._spawn(self._lm_head(m["seq"], m["x"], at))
+        if m.seq > self.floor:
+            self._admit(sender)
+            self._spawn(self._lm_head(m.seq, m.x, at), sender)
 
     async def _lm_head(self, seq: int, x: torch.Tensor, ready: float | None) -> None:
         src = self.source_block
@@ -243,17 +280,25 @@ class DeviceAgent:
         if seq > self.floor and self.controller is not None:
             self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits, "at": done})
 
-    def _on_x(self, sender: str, m: dict[str, Any], at: float | None) -> None:
-        seq, layer = m["seq"], m["layer"]
+    def _on_x(self, sender: str, m: P.Hidden, at: float | None) -> None:
+        seq, layer = m.seq, m.layer
         if seq <= self.floor:
             return
         groups = self._my_heads.get(layer)
+        proj = self._proj.get(layer) == self.name
+        if not groups and not proj:
+            raise P.ProtocolError(f"layer {layer} is not routed here")
         if groups:
-            self._spawn(self._heads(seq, layer, m["pos"], m["x"], groups, at))
-        if self._proj.get(layer) == self.name:
-            buf = self._buf(seq, layer, at)
-            buf["x"] = m["x"]
-            self._check_proj(seq, layer, m["pos"])
+            if any(f"head.{layer}.{g}" not in self.blocks for g in groups):
+                raise P.ProtocolError(f"layer {layer}'s heads routed here are not loaded")
+            self._admit(sender)
+        if proj:  # before the job: a refused buffer leaves nothing half done
+            buf = self._buf(seq, layer, at, sender)
+            buf["x"] = m.x
+        if groups:
+            self._spawn(self._heads(seq, layer, m.pos, m.x, groups, at), sender)
+        if proj:
+            self._check_proj(seq, layer, m.pos, sender)
 
     async def _heads(self, seq: int, layer: int, pos: int, x: torch.Tensor, groups: list[int],
                      ready: float | None) -> None:
@@ -278,33 +323,64 @@ class DeviceAgent:
             self._forward(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
                                               "groups": groups, "out": out}, done)
 
-    def _buf(self, seq: int, layer: int, at: float | None) -> dict[str, Any]:
-        """proj's inputs for (seq, layer); `at` keeps when the last of them was due."""
-        buf = self._proj_buf.setdefault((seq, layer), {"x": None, "outs": {}, "at": None})
+    def _buf(self, seq: int, layer: int, at: float | None, sender: str) -> dict[str, Any]:
+        """proj's inputs for (seq, layer), with `sender` among its contributors (at most
+        `quota` entries per peer: ProtocolError beyond); `at` keeps when the last of them
+        was due."""
+        key = (seq, layer)
+        buf = self._proj_buf.get(key)
+        if buf is None or sender not in buf["by"]:
+            if self._held[sender] >= self.quota:
+                raise P.ProtocolError(f"{sender} already contributes to {self.quota} pending inputs here")
+            if buf is None:
+                buf = self._proj_buf[key] = {"x": None, "outs": {}, "at": None, "by": set()}
+            buf["by"].add(sender)
+            self._held[sender] += 1
         if at is not None:
             buf["at"] = at if buf["at"] is None else max(buf["at"], at)
         return buf
 
-    def _on_h(self, sender: str, m: dict[str, Any], at: float | None) -> None:
-        seq, layer = m["seq"], m["layer"]
+    def _drop_buf(self, key: tuple[int, int]) -> dict[str, Any]:
+        buf = self._proj_buf.pop(key)
+        for peer in buf["by"]:
+            self._held[peer] -= 1
+            if self._held[peer] <= 0:
+                del self._held[peer]
+        return buf
+
+    def _on_h(self, sender: str, m: P.Heads, at: float | None) -> None:
+        seq, layer = m.seq, m.layer
         if seq <= self.floor:
             return
-        outs = self._buf(seq, layer, at)["outs"]
+        if self._proj.get(layer) != self.name:
+            raise P.ProtocolError(f"proj.{layer} is not routed here")
+        outs = self._buf(seq, layer, at, sender)["outs"]
         w = self.model.q_per_group * self.model.d_head
-        for i, g in enumerate(m["groups"]):
-            outs[g] = m["out"][:, i * w:(i + 1) * w]
-        self._check_proj(seq, layer, m["pos"])
+        for i, g in enumerate(m.groups):
+            outs[g] = m.out[:, i * w:(i + 1) * w]
+        self._check_proj(seq, layer, m.pos, sender)
 
-    def _check_proj(self, seq: int, layer: int, pos: int) -> None:
+    def _check_proj(self, seq: int, layer: int, pos: int, sender: str) -> None:
         buf = self._proj_buf[(seq, layer)]
         if buf["x"] is None or len(buf["outs"]) < self.model.groups:
             return
-        del self._proj_buf[(seq, layer)]
-        self._spawn(self._run_block(seq, layer, pos, "proj", buf["x"], buf["outs"], buf["at"]))
+        if f"proj.{layer}" not in self.blocks:
+            self._drop_buf((seq, layer))
+            raise P.ProtocolError(f"proj.{layer} is routed here but not loaded")
+        if buf["x"].shape[0] != buf["outs"][0].shape[0]:
+            self._drop_buf((seq, layer))
+            raise P.ProtocolError(f"proj.{layer}: inputs of different lengths")
+        self._drop_buf((seq, layer))
+        self._admit(sender)
+        self._spawn(self._run_block(seq, layer, pos, "proj", buf["x"], buf["outs"], buf["at"]), sender)
 
-    def _on_y(self, sender: str, m: dict[str, Any], at: float | None) -> None:
-        if m["seq"] > self.floor:
-            self._spawn(self._run_block(m["seq"], m["layer"], m["pos"], "ffn", m["x"], None, at))
+    def _on_y(self, sender: str, m: P.FfnIn, at: float | None) -> None:
+        if m.seq <= self.floor:
+            return
+        if self._ffn.get(m.layer) != self.name or f"ffn.{m.layer}" not in self.blocks:
+            raise P.ProtocolError(f"ffn.{m.layer} is not here")
+        self._admit(sender)
+        self._spawn(self._run_block(m.seq, m.layer, m.pos, "ffn", m.x, None, at), sender)
 
     async def _run_block(self, seq: int, layer: int, pos: int, kind: str, x: torch.Tensor,
                          outs: dict[int, torch.Tensor] | None, ready: float | None) -> None:
@@ -330,6 +406,9 @@ class DeviceAgent:
         else:
             self._forward(self.source, {"t": P.OUT, "seq": seq, "x": y}, done)
 
+    def _routed(self) -> bool:
+        return self.route_version >= 0
+
     def _forward(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
         """Data onwards at emulated time `at`: to ourselves at once, else over the link."""
         if dst == self.name:
@@ -339,9 +418,12 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ control
 
-    def _on_load(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_load(self, sender: str, m: P.Load, at: float | None = None) -> None:
         ok, refused = [], {}
-        for name in m["blocks"]:
+        for name in m.blocks:
+            if name in self.blocks:
+                ok.append(name)  # loaded already (a repeated request): nothing to charge twice
+                continue
             try:
                 self._install(name, self.weights.block(name))
                 ok.append(name)
@@ -349,10 +431,10 @@ class DeviceAgent:
                 refused[name] = str(e)
         self._reply(m, ok=not refused, loaded=ok, refused=refused)
 
-    def _on_route(self, sender: str, m: dict[str, Any]) -> None:
-        devices, assign = m["devices"], m["assign"]
+    def _on_route(self, sender: str, m: P.Route, at: float | None = None) -> None:
+        devices, assign = list(m.devices), list(m.assign)
         self._set_route(devices, assign)
-        self.route_version = m["version"]
+        self.route_version = m.version
         freed = []
         for b, j in zip(self.model.blocks, assign, strict=True):
             if devices[j] != self.name and b.name in self.blocks:
@@ -360,9 +442,9 @@ class DeviceAgent:
                 freed.append(b.name)
         self._reply(m, ok=True, freed=freed)
 
-    def _on_reserve(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_reserve(self, sender: str, m: P.Reserve, at: float | None = None) -> None:
         ok, refused = [], []
-        for name, nbytes in m["blocks"].items():
+        for name, nbytes in m.blocks.items():
             if name in self.reserved or name in self.blocks or not self.budget.fits(nbytes):
                 refused.append(name)
                 continue
@@ -372,64 +454,72 @@ class DeviceAgent:
         self._reply(m, ok=not refused, reserved=ok, refused=refused,
                     available=self.budget.available)
 
-    def _on_cancel(self, sender: str, m: dict[str, Any]) -> None:
-        for name in m["blocks"]:
+    def _on_cancel(self, sender: str, m: P.Cancel, at: float | None = None) -> None:
+        for name in m.blocks:
             nbytes = self.reserved.pop(name, 0)
             if nbytes:
                 self.budget.release("reserved", nbytes)
         self._reply(m, ok=True)
 
-    def _on_migrate(self, sender: str, m: dict[str, Any]) -> None:
-        name, dst = m["block"], m["to"]
+    def _on_migrate(self, sender: str, m: P.Migrate, at: float | None = None) -> None:
+        name, dst = m.block, m.to
         block = self.blocks.get(name)
-        if block is None:
-            self._reply(m, ok=False, detail=f"{self.name} does not hold {name}")
+        if block is None or dst == self.name:
+            self._reply(m, ok=False, detail=f"{self.name} does not hold {name}" if block is None
+                        else f"{name} is here already")
             return
-        msg: dict[str, Any] = {"t": P.BLOCK, "rid": m["rid"], "block": name, "w": block.w}
+        msg: dict[str, Any] = {"t": P.BLOCK, "rid": m.rid, "block": name, "w": block.w}
         if isinstance(block, HeadBlock):
             msg["k"], msg["v"] = block.cache.k, block.cache.v
         nbytes = self.send(dst, msg)
         log.debug("%s: sent %s to %s (%d B)", self.name, name, dst, nbytes)
 
-    def _on_block(self, sender: str, m: dict[str, Any]) -> None:
-        name = m["block"]
+    def _on_block(self, sender: str, m: P.BlockSnapshot, at: float | None = None) -> None:
+        name = m.block
         nbytes = self.reserved.pop(name, None)
         if nbytes is None:
             self._reply(m, ok=False, block=name, detail=f"{self.name} has no reservation for {name}")
             return
         self.budget.release("reserved", nbytes)
-        cache = KVCache.from_state(m["k"], m["v"]) if "k" in m else None
+        cache = KVCache.from_state(m.k, m.v) if m.k is not None else None
         try:
-            installed = self._install(name, m["w"], cache)
+            installed = self._install(name, dict(m.w), cache)
         except (MemoryRefused, KeyError, ValueError) as e:
             self._reply(m, ok=False, block=name, detail=f"install failed: {e}")
             return
         self._reply(m, ok=True, block=name, bytes=installed)
 
-    def _on_abort(self, sender: str, m: dict[str, Any]) -> None:
-        self.floor = max(self.floor, m["seq"])
+    def _on_abort(self, sender: str, m: P.Abort, at: float | None = None) -> None:
+        self._admit(sender)
+        self.floor = max(self.floor, m.seq)
         for key in [k for k in self._proj_buf if k[0] <= self.floor]:
-            del self._proj_buf[key]
-        self._spawn(self._abort_ack(m))
+            self._drop_buf(key)
+        self._acks.add(self._spawn(self._abort_ack(m), sender))
 
-    async def _abort_ack(self, m: dict[str, Any]) -> None:
+    async def _abort_ack(self, m: P.Abort) -> None:
+        # stale jobs finish (their results are dropped) before we answer; other answers to
+        # aborts are not waited for (two of them would wait for each other)
         me = asyncio.current_task()
-        pending = [t for t in self._tasks if t is not me]
-        if pending:  # stale jobs finish (their results are dropped) before we answer
-            await asyncio.wait(pending)
-        self._reply(m, ok=True)
+        try:
+            pending = [t for t in self._work if t is not me and t not in self._acks]
+            if pending:
+                await asyncio.wait(pending)
+            self._reply(m, ok=True)
+        finally:
+            self._acks.discard(me)  # type: ignore[arg-type]
 
-    def _on_telemetry(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_telemetry(self, sender: str, m: P.Telemetry, at: float | None = None) -> None:
         """Report memory, compute and what our outgoing links showed since the last report;
-        probe the links that carried nothing since then, so the next report covers them."""
+        probe the links that carried nothing since then (and carry no probe yet), so the
+        next report covers them."""
         since = self._tel_since
         self._tel_since = asyncio.get_running_loop().time()
         links = {}
         for peer, link in self._outgoing().items():
             rate = 0.0 if link.down else link.observed_rate(since)
             links[peer] = {"rate": rate, "latency": link.observed_latency(since), "bytes": link.bytes_sent}
-            if rate is None and m.get("probe_bytes"):
-                self.send(peer, {"t": P.PROBE, "pad": bytes(int(m["probe_bytes"]))})
+            if rate is None and m.probe_bytes and not link.in_flight:
+                self.send(peer, {"t": P.PROBE, "pad": bytes(m.probe_bytes)})
         f0, s0 = self._jobs_at_tel
         c = self.compute
         self._jobs_at_tel = (c.flops_done, c.busy_s)
@@ -438,25 +528,27 @@ class DeviceAgent:
                     weights=self.weight_bytes(), flops=df / ds if df > 0 and ds > 0 else c.rate,
                     links=links)
 
-    def _on_probe(self, sender: str, m: dict[str, Any]) -> None:
+    def _on_probe(self, sender: str, m: P.Probe, at: float | None = None) -> None:
         """Measurement traffic: dropped, but timed when a benchmark asks for it."""
         if self.probe_log is not None and len(self.probe_log) < 1_000_000:
-            self.probe_log.append((sender, m.get("n"), len(m["pad"]), asyncio.get_running_loop().time()))
+            self.probe_log.append((sender, m.n, len(m.pad), asyncio.get_running_loop().time()))
 
 
-_HANDLERS: dict[str, Callable[[DeviceAgent, str, dict[str, Any]], None]] = {
-    P.GEN: DeviceAgent._on_gen,
-    P.OUT: DeviceAgent._on_out,
-    P.LAYER_IN: DeviceAgent._on_x,
-    P.HEADS: DeviceAgent._on_h,
-    P.FFN_IN: DeviceAgent._on_y,
-    P.LOAD: DeviceAgent._on_load,
-    P.ROUTE: DeviceAgent._on_route,
-    P.RESERVE: DeviceAgent._on_reserve,
-    P.CANCEL: DeviceAgent._on_cancel,
-    P.MIGRATE: DeviceAgent._on_migrate,
-    P.BLOCK: DeviceAgent._on_block,
-    P.ABORT: DeviceAgent._on_abort,
-    P.TELEMETRY: DeviceAgent._on_telemetry,
-    P.PROBE: DeviceAgent._on_probe,
+# the one dispatch table of a device: every record kind the agent acts on, by its type
+_HANDLERS: dict[type[P.Message], Callable[[DeviceAgent, str, Any, float | None], None]] = {
+    P.Gen: DeviceAgent._on_gen,
+    P.Out: DeviceAgent._on_out,
+    P.Hidden: DeviceAgent._on_x,
+    P.Heads: DeviceAgent._on_h,
+    P.FfnIn: DeviceAgent._on_y,
+    P.Load: DeviceAgent._on_load,
+    P.Route: DeviceAgent._on_route,
+    P.Reserve: DeviceAgent._on_reserve,
+    P.Cancel: DeviceAgent._on_cancel,
+    P.Migrate: DeviceAgent._on_migrate,
+    P.BlockSnapshot: DeviceAgent._on_block,
+    P.Abort: DeviceAgent._on_abort,
+    P.Telemetry: DeviceAgent._on_telemetry,
+    P.Probe: DeviceAgent._on_probe,
 }
+assert set(_HANDLERS) | {P.TABLE[k] for k in P.TO_CONTROLLER} == set(P.TABLE.values())

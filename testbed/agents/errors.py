@@ -6,6 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 
+class ProtocolError(Exception):
+    """A message that the receiver cannot accept (unknown kind, missing or bad field, a
+    sender that may not send it, a buffer that is full). Raised by protocol.py's checks."""
+
+
 class RunFailed(Exception):
     """The run cannot go on; the message says why (recorded as `failed: <message>`).
     `error`, when given, is kept in meta.json as `error` (e.g. a plug-in's traceback)."""

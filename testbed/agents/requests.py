@@ -2,7 +2,10 @@
 
 Owns the request ids and the futures that wait for acknowledgements. A device that does
 not answer in time is reported to `on_silent` (the controller treats it as lost) and left
-out of the answers; a run failure carried by an answer is raised.
+out of the answers; a run failure carried by an answer is raised. An answer is taken only
+for a request that waits, from a device it was asked of (a migration is answered by its
+destination, or by its source when it cannot send), carrying what that request's answer
+carries (`protocol.Ack.answers`); anything else is refused (ProtocolError).
 """
 
 from __future__ import annotations
@@ -10,10 +13,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import RunFailed
+from .errors import ProtocolError, RunFailed
 from .parts import Port
+
+if TYPE_CHECKING:  # (the protocol's records hold tensors: this part stays torch-free)
+    from .protocol import Ack
+
+MIGRATE = "migrate"  # protocol.MIGRATE: answered by its destination
 
 
 class Requests:
@@ -22,11 +30,14 @@ class Requests:
         self.port, self.loop, self.timeout_s, self.on_silent = port, loop, timeout_s, on_silent
         self._rid = itertools.count(1)
         self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+        self._asked: dict[int, tuple[str, frozenset[str]]] = {}  # rid -> (request, who may answer)
 
     def request(self, dev: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         rid = next(self._rid)
         fut = self.loop.create_future()
         self._pending[rid] = (dev, fut)
+        self._asked[rid] = (msg["t"], frozenset((dev, msg["to"])) if msg["t"] == MIGRATE else frozenset((dev,)))
+        fut.add_done_callback(lambda _: self._asked.pop(rid, None))
         self.port.send(dev, {**msg, "rid": rid})
         return fut
 
@@ -49,11 +60,18 @@ class Requests:
                 raise f.exception()  # type: ignore[misc]
         return out
 
-    def answered(self, m: dict[str, Any]) -> None:
-        """An acknowledgement arrived."""
-        entry = self._pending.pop(m["rid"], None)
+    def answered(self, m: Ack, sender: str) -> None:
+        """An acknowledgement arrived from `sender` (checked: ProtocolError if refused)."""
+        asked = self._asked.get(m.rid)
+        if asked is None:
+            raise ProtocolError(f"'ack' from {sender} to no request that waits (rid {m.rid})")
+        request, who = asked
+        if sender not in who:
+            raise ProtocolError(f"'ack' to {request!r} from {sender}, which was not asked")
+        m.answers(request)
+        entry = self._pending.pop(m.rid, None)
         if entry is not None and not entry[1].done():
-            entry[1].set_result(m)
+            entry[1].set_result(m)  # type: ignore[arg-type]
 
     def fail_device(self, device: str, err: Exception) -> None:
         """Everything that waits on `device` fails with `err`."""

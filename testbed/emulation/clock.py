@@ -55,6 +55,18 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._vnow
 
+    # asyncio runs a timer once `when < time() + _clock_resolution` (1 ns). Far into a run
+    # (virtual times of about 1e7 s and beyond, e.g. a very slow device) 1 ns is below the
+    # float's resolution at `time()`, a timer due exactly now never becomes ready, and the
+    # loop spins at 100 % CPU without advancing: the resolution follows the clock's value.
+    @property
+    def _clock_resolution(self) -> float:
+        return max(1e-9, 2 * math.ulp(self._vnow))
+
+    @_clock_resolution.setter
+    def _clock_resolution(self, value: float) -> None:
+        pass  # BaseEventLoop.__init__ sets the monotonic clock's; ours is derived above
+
     def _select(self, timeout: float | None = None) -> list[Any]:
         events = self._real_select(0)
         if events or timeout == 0:

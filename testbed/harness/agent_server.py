@@ -6,6 +6,10 @@ outgoing links, the clock (time scale and epoch) and when to stop; the `/peer` e
 shared with the other agents; and the relaying of controller messages when it is the
 source device. The device agent itself (testbed.agents.device) knows nothing of this.
 `runners/agent.py` is the command line around it.
+
+Every control frame is checked (`control.decode`) before the agent acts on it; a refused
+one is answered `ok: false`, counted with the endpoint's refusals (`frames.refused` in the
+state report) and logged at most once per second and operation.
 """
 
 from __future__ import annotations
@@ -17,19 +21,22 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from ..agents import protocol as P
 from ..agents.device import DeviceAgent
 from ..emulation.clock import LagMonitor
 from ..experiment import TORCH_THREADS
 from ..model.weights import weights_for
 from ..scenario import DeviceSpec, LinkSpec, Scenario
-from ..transport.codec import FrameError, decode, encode
+from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import WsEndpoint
+from . import control
 from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger("agent")
 
 
 TOKEN_ENV = "TESTBED_RUN_TOKEN"
+MAX_REPLIES = 1024  # answers waiting for the runner to read them
 
 
 def device_spec(scen: Scenario, name: str) -> tuple[DeviceSpec, dict[str, LinkSpec]]:
@@ -51,10 +58,13 @@ class AgentProcess:
         import torch
 
         torch.set_num_threads(TORCH_THREADS)
-        self.ep = WsEndpoint(name, token, host, port, allow_remote)
+        bounds = P.Bounds.for_run(scen)
+        self.ep = WsEndpoint(name, token, host, port, allow_remote, max_frame=min(MAX_FRAME, bounds.max_frame()))
         weights = weights_for(scen.model, scen.seed)
         self.agent = DeviceAgent(self.spec, scen.model, weights, self.ep.send, scen.source,
-                                 outgoing=lambda: dict(self.ep.links))
+                                 outgoing=lambda: dict(self.ep.links), bounds=bounds)
+        assert bounds.devices is not None
+        self.context = control.Context(name, bounds.devices, bounds)
         self.ep.handler = self.agent.handle
         self.ep.retimed = retimed
         self.ep.on_peer_down = self.agent.peer_down
@@ -77,20 +87,10 @@ class AgentProcess:
         writer = asyncio.get_running_loop().create_task(self._write(ws, out))
         try:
             async for msg in ws:
-                if msg.type != WSMsgType.BINARY:
-                    log.warning("control: refused a non-binary frame")
-                    continue
-                try:
-                    m = decode(msg.data)
-                except FrameError as e:
-                    log.warning("control: refused a frame: %s", e)
-                    continue
-                try:
-                    reply = await self._op(m, out)
-                except Exception as e:  # a bad request is answered, never fatal
-                    log.warning("control: refused %r: %s", m.get("op", m.get("t")), e)
-                    reply = {"t": "re", "rid": m.get("rid"), "ok": False, "detail": f"{type(e).__name__}: {e}"}
-                if reply is not None:
+                await asyncio.sleep(0)  # see WsEndpoint._serve: others get their turn
+                reply = await self._control_frame(msg, out)
+                # a peer that does not read its answers gets no more of them (bounded)
+                if reply is not None and out.qsize() < MAX_REPLIES:
                     out.put_nowait(encode(reply))
         finally:
             writer.cancel()
@@ -101,12 +101,34 @@ class AgentProcess:
             frame = await out.get()
             await ws.send_bytes(frame)
 
-    async def _op(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any] | None:
-        t = m["t"]
-        if t == "send":  # the controller's message, leaving from this (source) device
-            self.agent.send(m["dst"], m["msg"])
+    async def _control_frame(self, msg: Any, out: asyncio.Queue[bytes]) -> dict[str, Any] | None:
+        """One frame from the control channel: checked, carried out, answered."""
+        if msg.type != WSMsgType.BINARY:
+            self._refuse("frame", "a non-binary frame")
             return None
-        op, rid = m["op"], m["rid"]
+        m: dict[str, Any] | None = None
+        try:
+            m = decode(msg.data, self.ep.max_frame)
+            o = control.decode(m, self.context)
+        except (FrameError, control.ControlError) as e:
+            what = "frame" if m is None else m.get("op", m.get("t"))
+            self._refuse(what if what in control.OPS or what in ("send", "frame") else "?", str(e))
+            rid = m.get("rid") if m is not None else None
+            return {"t": "re", "rid": rid if isinstance(rid, int) else None, "ok": False, "detail": str(e)}
+        try:
+            return await self._op(o, out)
+        except Exception as e:  # an operation that fails is answered, never fatal
+            log.warning("control: %r failed: %s: %s", getattr(o, "op", "send"), type(e).__name__, e)
+            return {"t": "re", "rid": getattr(o, "rid", None), "ok": False, "detail": f"{type(e).__name__}: {e}"}
+
+    def _refuse(self, what: str, why: str) -> None:
+        self.ep.refusals.refuse("control", what, why, asyncio.get_running_loop().time())
+
+    async def _op(self, o: control.Send | control.Op, out: asyncio.Queue[bytes]) -> dict[str, Any] | None:
+        if isinstance(o, control.Send):  # the controller's message, leaving from this (source) device
+            self.agent.send(o.dst, o.msg)
+            return None
+        op, rid, m = o.op, o.rid, o.fields
         ok: dict[str, Any] = {"t": "re", "rid": rid, "ok": True}
         if op == "clock":  # the run's timeline: its time scale and epoch (before anything else)
             loop = asyncio.get_running_loop()
@@ -133,7 +155,8 @@ class AgentProcess:
             return ok
         if op == "state":
             return {**ok, "device": device_row(self.agent), "lag": self.lag.stats(),
-                    "frames": {"lost": self.ep.lost_frames, "refused": self.ep.refused},
+                    "frames": {"lost": self.ep.lost_frames,
+                               "refused": self.ep.refused + self.agent.refusals.total},
                     "links": [link_row(self.spec.name, p, lk) for p, lk in self.ep.links.items()]}
         if op == "bulk":  # benchmark: keep the link to `peer` busy with probes, report timings
             return {**ok, "transfers": await self._bulk(m["peer"], m["size"], m["count"], m["seconds"])}
@@ -150,7 +173,7 @@ class AgentProcess:
         if op == "stop":
             self.stopped.set()
             return ok
-        raise ValueError(f"unknown control operation {op!r}")
+        raise AssertionError(f"control.OPS lists {op!r} but the agent server does not handle it")
 
 
     async def _bulk(self, peer: str, size: int, count: int, seconds: float) -> list[list[float]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..agents import protocol as P
 from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
@@ -66,12 +67,13 @@ class Cluster:
         self.source = scenario.source
         self.agents: dict[str, DeviceAgent] = {}
         self.failed: set[str] = set()
+        self.bounds = P.Bounds.for_run(scenario)  # what every agent accepts
         for d in scenario.devices:
             self._add(d, {o.name: scenario.network.link(d.name, o.name) for o in scenario.devices})
 
     def _add(self, d: DeviceSpec, links: dict[str, LinkSpec]) -> DeviceAgent:
         agent = DeviceAgent(d, self.model, self.weights, self._sender(d.name), self.source,
-                            outgoing=self._outgoing(d.name))
+                            outgoing=self._outgoing(d.name), bounds=self.bounds)
         self.agents[d.name] = agent
         self._connect(agent)
         for other in self.names:
@@ -200,8 +202,8 @@ class Cluster:
         return [device_row(self.agents[n]) for n in self.names if n not in self.failed]
 
     async def frame_counts(self) -> dict[str, int]:
-        """Frames lost (to or from a failed device) and refused (malformed) so far."""
-        return {"lost": self.net.lost_frames, "refused": 0}
+        """Frames lost (to or from a failed device) and messages refused so far."""
+        return {"lost": self.net.lost_frames, "refused": sum(a.refusals.total for a in self.agents.values())}
 
     def pids(self) -> dict[str, int]:
         return {}  # every agent runs in this process

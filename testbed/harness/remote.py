@@ -7,6 +7,12 @@ emulation does not shape, and offers the controller the same interface as the in
 arrives there for the controller is relayed back), the oracle, instrumentation rows and
 scenario events. `fail_device` kills the agent's process; `join_device` starts a new one.
 
+An agent that dies or stops answering for any other reason (killed from outside, crashed,
+hung) is a lost device, as with `fail_device`: its control connection closes (or a request
+to it times out), the cluster stops asking it for anything and tells the controller
+(`on_lost`), which re-places its blocks and replays their caches; the run goes on. Only
+the source device, which runs the controller's port, cannot be lost.
+
 No orphans: every child gets PR_SET_PDEATHSIG, so it dies with the runner even if the
 runner is killed; `stop()` (also on failure and Ctrl-C) asks each to stop, then terminates
 and kills what is left.
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "TESTBED_RUN_TOKEN"
 ROOT = Path(__file__).resolve().parents[2]
+STATE_TIMEOUT_S = 20.0  # wall seconds an agent may take to answer the harness before it is lost
 _PR_SET_PDEATHSIG = 1
 
 
@@ -111,7 +118,13 @@ class _Control:
                     log.warning("control %s: refused a frame: %s", self.name, e)
                     continue
                 if m["t"] == "ctl":
-                    self.on_relay(m["sender"], m["msg"])
+                    if not isinstance(m.get("sender"), str) or not isinstance(m.get("msg"), dict):
+                        log.warning("control %s: refused a relay without sender and message", self.name)
+                        continue
+                    try:
+                        self.on_relay(m["sender"], m["msg"])
+                    except Exception:  # the controller's problem, not the connection's
+                        log.exception("control %s: relaying %r failed", self.name, m["msg"].get("t"))
                 elif m["t"] == "re":
                     fut = self._waiting.get(m.get("rid"))  # type: ignore[arg-type]
                     if fut is not None and not fut.done():
@@ -133,8 +146,11 @@ class ProcessCluster:
     frame_extra = FRAME_EXTRA  # the agents talk over the websocket transport
 
     def __init__(self, scenario: Scenario, model: ModelSpec, on_fault: Callable[[str, str], None],
-                 attach: dict[str, str] | None = None, token: str | None = None) -> None:
+                 attach: dict[str, str] | None = None, token: str | None = None,
+                 on_lost: Callable[[str, str], None] | None = None) -> None:
         self.scenario, self.model, self.on_fault = scenario, model, on_fault
+        # a device gone without a scenario event: (device, why) to the controller
+        self.on_lost = on_lost or (lambda name, why: on_fault(name, why))
         self.loop = asyncio.get_running_loop()
         self.source = scenario.source
         self.names = [d.name for d in scenario.devices]
@@ -190,12 +206,37 @@ class ProcessCluster:
         await asyncio.gather(*(self._control[n].request("peers", peers=book) for n in book))
 
     def _relay(self, sender: str, msg: dict[str, Any]) -> None:
+        if self._stopping:  # the run is over: agents going away are not news
+            return
         if self._to_controller is not None:
             self._to_controller(sender, msg)
+        if (sender == self.source and msg.get("t") == "down" and msg.get("device") in self.names
+                and msg.get("device") != self.source):
+            # the source lost its connection to an agent: the controller now treats it as
+            # gone; so does the world (a hung process is stopped, never asked again)
+            self._lose(msg["device"], "the source lost its connection to it", tell=False)
 
     def _control_closed(self, name: str) -> None:
-        if not self._stopping and name not in self.failed:
-            self.on_fault(name, "the agent's control connection closed (did its process die?)")
+        if self._stopping or name in self.failed:
+            return
+        proc = self.procs.get(name)
+        if proc is not None and proc.returncode is not None:
+            self._lose(name, f"its process ended (exit status {proc.returncode})")
+        else:
+            self._lose(name, "its control connection closed")
+
+    def _lose(self, name: str, why: str, tell: bool = True) -> None:
+        """An agent is gone without a scenario event: never ask it again (a hung process is
+        killed, as `fail_device` would) and tell the controller (unless it told us)."""
+        if name in self.failed:
+            return
+        self.failed.add(name)
+        proc = self.procs.get(name)
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+        log.info("%s: lost: %s", name, why)
+        if tell:
+            self.on_lost(name, why)
 
     def port(self) -> RelayPort:
         return RelayPort(self)
@@ -222,6 +263,9 @@ class ProcessCluster:
     # ------------------------------------------------------------------ events
 
     async def apply(self, e: Event) -> str:
+        gone = [d for d in ((e.between or ()) if e.action == "set_link" else (e.device,)) if d in self.failed]
+        if gone and e.action != "join_device":
+            return f"not applied: {', '.join(gone)} is gone"  # type: ignore[arg-type]
         if e.action == "set_link":
             a, b = e.between  # type: ignore[misc]
             fields = {"bandwidth_mbps": e.bandwidth_mbps, "latency_ms": e.latency_ms, "burst_kib": e.burst_kib}
@@ -251,15 +295,29 @@ class ProcessCluster:
 
     async def background(self, loads: dict[str, tuple[float, float]]) -> None:
         """The background load for this token: device -> (memory share, compute share)."""
-        await asyncio.gather(*(self._control[n].request("background", memory=m, compute=c)
-                               for n, (m, c) in loads.items() if n not in self.failed))
+        await self._each("background", {n: {"memory": m, "compute": c} for n, (m, c) in loads.items()})
+
+    async def _each(self, op: str, fields: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """One request to each live agent named in `fields`; an agent that cannot answer is
+        lost (and left out of the answers)."""
+        names = [n for n in fields if n not in self.failed]
+        replies = await asyncio.gather(*(self._control[n].request(op, timeout=STATE_TIMEOUT_S, **fields[n])
+                                         for n in names), return_exceptions=True)
+        out = {}
+        for name, r in zip(names, replies, strict=True):
+            if isinstance(r, (ConnectionError, TimeoutError, RuntimeError)):
+                self._lose(name, f"no answer to {op!r} ({type(r).__name__}: {r})")
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out[name] = r
+        return out
 
     # ------------------------------------------------------------------ truth
 
     async def _states(self) -> dict[str, dict[str, Any]]:
-        alive = [n for n in self.names if n not in self.failed]
-        replies = await asyncio.gather(*(self._control[n].request("state") for n in alive))
-        return dict(zip(alive, replies, strict=True))
+        """Every live agent's state; one that cannot answer is lost (and left out)."""
+        return await self._each("state", {n: {} for n in self.names})
 
     async def lags(self) -> dict[str, dict[str, float]]:
         """Event-loop lag of every agent process so far (LagMonitor statistics)."""

@@ -17,6 +17,7 @@ from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
 from ..scenario import LinkSpec, Scenario
+from ..transport.codec import MAX_FRAME
 from ..transport.ws import FRAME_EXTRA, WsEndpoint
 from .cluster import Cluster
 from .world import retimed
@@ -33,7 +34,7 @@ class WsCluster(Cluster):
         super().__init__(scenario, model, weights, on_fault)
 
     def _connect(self, agent: DeviceAgent) -> None:
-        ep = WsEndpoint(agent.name, self.token)
+        ep = WsEndpoint(agent.name, self.token, max_frame=min(MAX_FRAME, self.bounds.max_frame()))
         ep.handler = agent.handle
         ep.on_peer_down = agent.peer_down
         ep.on_fault = self.on_fault
@@ -67,7 +68,8 @@ class WsCluster(Cluster):
 
     async def frame_counts(self) -> dict[str, int]:
         eps = self.endpoints.values()
-        return {"lost": sum(ep.lost_frames for ep in eps), "refused": sum(ep.refused for ep in eps)}
+        return {"lost": sum(ep.lost_frames for ep in eps),
+                "refused": sum(ep.refused for ep in eps) + sum(a.refusals.total for a in self.agents.values())}
 
     def _kill(self, name: str) -> None:
         self.loop.create_task(self.endpoints[name].close())

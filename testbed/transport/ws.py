@@ -3,13 +3,20 @@
 Each agent owns a `WsEndpoint`: an aiohttp server (bound to 127.0.0.1 unless the caller
 explicitly allows another address) with two routes, `/peer` for the data plane from other
 agents and `/control` for the runner, plus a client that dials its peers. Of every pair the
-agent whose name sorts first dials; the one connection then carries both directions.
+agent whose name sorts first dials; the one connection then carries both directions. A
+second connection in the name of a peer that is connected is refused (HTTP 409): a token
+holder cannot cut a device off by claiming its name.
 
 Every request carries the run's random token (`Authorization: Bearer ...`) and is refused
-(HTTP 401) without it; the peer names itself in `X-Agent` and must be in the address book.
-Frames are binary msgpack (`codec.py`) with an explicit size limit; a frame that is not
-binary, too large, undecodable, or a message the agent rejects is refused and logged, and
-counted in `refused`; the agent goes on. The emulated link (token bucket + latency) is
+(HTTP 401) without it, whatever bytes the header holds; the peer names itself in `X-Agent`
+and must be in the address book. A connection that has not completed its request within
+`HANDSHAKE_S` is closed, and an open websocket is pinged (`HEARTBEAT_S` of wall-clock time;
+a pong missing for half that closes it). The receiving loop yields after every frame, so a
+flood on one connection cannot starve the others' pongs. Frames are binary
+msgpack (`codec.py`) with an explicit size limit; a frame that is not binary, too large or
+undecodable is refused, counted and logged (at most one line per peer and second, see
+`refusals.py`); what the frames say is checked by the agent. What waits to be written to a
+peer is bounded (`MAX_QUEUED`): beyond it frames are lost, as on a congested network. The emulated link (token bucket + latency) is
 applied at the sender exactly as with the in-process transport: a frame is written to the
 socket when the link delivers it, so both transports emulate the same network (loopback
 adds a few tens of microseconds). Each frame carries the time it was due (`due`, stamped
@@ -32,6 +39,7 @@ from aiohttp import web
 
 from ..emulation.clock import from_wall
 from ..emulation.link import EmulatedLink
+from ..refusals import Refusals
 from ..scenario import LinkSpec
 from .codec import MAX_FRAME, FrameError, decode, encode
 
@@ -41,7 +49,9 @@ Handler = Callable[[str, dict[str, Any], float | None], None]  # (sender, messag
 ControlHandler = Callable[[web.Request, web.WebSocketResponse], Awaitable[None]]
 
 LOOPBACK = "127.0.0.1"
-HEARTBEAT_S = 1.0
+HEARTBEAT_S = 5.0  # wall seconds between pings (a busy host must still answer within half)
+HANDSHAKE_S = 10.0  # wall seconds a connection may take to send its request
+MAX_QUEUED = 256 * 1024 * 1024  # bytes waiting for one peer's socket
 # frames start with the map entry "due": <float64>: header byte, key, type byte, 8 bytes
 _DUE_PREFIX, _DUE_AT = b"\xa3due\xcb", 6
 # bytes every frame carries beyond the encoded message (the "due" entry); the cost model
@@ -56,8 +66,9 @@ def check_bind(host: str, allow_remote: bool) -> None:
 
 
 def authorized(request: web.Request, token: str) -> bool:
-    got = request.headers.get("Authorization", "")
-    return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+    # header bytes that are not UTF-8 reach us as surrogate escapes: compare them as bytes
+    got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(got, f"Bearer {token}".encode())
 
 
 class WsEndpoint:
@@ -82,8 +93,13 @@ class WsEndpoint:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
-        self.refused = 0
+        self.refusals = Refusals(name, log)
+        self._queued: dict[str, int] = {}  # bytes waiting per peer socket
         self.lost_frames = 0
+
+    @property
+    def refused(self) -> int:
+        return self.refusals.total
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -91,7 +107,9 @@ class WsEndpoint:
         app = web.Application(client_max_size=1024)
         app.router.add_get("/peer", self._serve_peer)
         app.router.add_get("/control", self._serve_control)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # aiohttp's keep-alive timer also closes a connection that never sends a request
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=from_wall(HANDSHAKE_S, self.loop))
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -151,7 +169,7 @@ class WsEndpoint:
         for attempt in range(40):
             try:
                 ws = await self._session.ws_connect(
-                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S,
+                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop),
                     headers={"Authorization": f"Bearer {self.token}", "X-Agent": self.name})
                 break
             except (aiohttp.ClientError, OSError) as e:
@@ -165,13 +183,16 @@ class WsEndpoint:
     async def _serve_peer(self, request: web.Request) -> web.StreamResponse:
         peer = request.headers.get("X-Agent", "")
         if not authorized(request, self.token):
-            self.refused += 1
-            log.warning("%s: refused a peer connection without the run token", self.name)
+            self._refuse("?", "connection without the run token", "peer")
             return web.Response(status=401, text="missing or wrong run token")
         if peer not in self.book or peer == self.name:
-            self.refused += 1
-            return web.Response(status=403, text=f"unknown agent {peer!r}")
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S)
+            self._refuse("?", f"connection from an unknown agent {peer[:64]!r}", "peer")
+            return web.Response(status=403, text="unknown agent")
+        live = self._ws.get(peer)
+        if live is not None and not live.closed:  # a second connection claiming a connected peer
+            self._refuse(peer, "a second connection while one is open", "peer")
+            return web.Response(status=409, text="already connected")
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop))
         await ws.prepare(request)
         await self._serve(peer, ws)
         return ws
@@ -193,6 +214,9 @@ class WsEndpoint:
                     break
                 else:
                     self._refuse(peer, f"non-binary frame ({msg.type.name})")
+                # frames already queued are read without suspending: let the other
+                # connections (and their heartbeats) in between
+                await asyncio.sleep(0)
         finally:
             writer.cancel()
             if self._ws.get(peer) is ws:
@@ -201,9 +225,9 @@ class WsEndpoint:
                 if not self._closing and self.on_peer_down is not None:
                     self.on_peer_down(peer)
 
-    def _refuse(self, peer: str, why: str) -> None:
-        self.refused += 1
-        self.on_fault(f"{peer}->{self.name}", f"refused a frame: {why}")
+    def _refuse(self, peer: str, why: str, kind: str = "frame") -> None:
+        """Counted and logged (rate-limited), never a fault: the agent goes on."""
+        self.refusals.refuse(peer, kind, why, self.loop.time())
 
     def _receive(self, peer: str, frame: bytes, arrived: float) -> None:
         try:
@@ -217,10 +241,10 @@ class WsEndpoint:
         if self.handler is None:
             return
         try:
-            self.handler(peer, msg, arrived)  # decoding and checks are host time, not the link's
-        except Exception as e:  # a bad message must not take the agent down
+            self.handler(peer, msg, arrived)  # the agent checks the message (and counts refusals)
+        except Exception as e:  # a bug in the agent: it must surface, and the agent go on
             log.exception("%s: handling %r from %s failed", self.name, msg.get("t"), peer)
-            self._refuse(peer, f"{msg.get('t')!r} rejected: {type(e).__name__}: {e}")
+            self.on_fault(f"{peer}->{self.name}", f"handling {msg.get('t')!r} failed: {type(e).__name__}: {e}")
 
     async def _write_loop(self, peer: str, ws: Any, queue: asyncio.Queue[bytes]) -> None:
         while True:
@@ -230,6 +254,8 @@ class WsEndpoint:
             except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
                 self.lost_frames += 1
                 log.info("%s->%s: frame lost: %s", self.name, peer, e)
+            finally:
+                self._queued[peer] = self._queued.get(peer, 0) - len(frame)
 
     # ------------------------------------------------------------------ sending
 
@@ -257,20 +283,23 @@ class WsEndpoint:
         if q is None or dst not in self._ws:
             self.lost_frames += 1  # the peer is gone: lost, as on a real network
             return
+        if self._queued.get(dst, 0) + len(frame) > MAX_QUEUED:
+            self.lost_frames += 1  # the peer does not read: its socket's backlog is bounded
+            return
         if frame[1:_DUE_AT] == _DUE_PREFIX:
             struct.pack_into(">d", frame, _DUE_AT, due)
+        self._queued[dst] = self._queued.get(dst, 0) + len(frame)
         q.put_nowait(bytes(frame))
 
     # ------------------------------------------------------------------ control
 
     async def _serve_control(self, request: web.Request) -> web.StreamResponse:
         if not authorized(request, self.token):
-            self.refused += 1
-            log.warning("%s: refused a control connection without the run token", self.name)
+            self._refuse("?", "control connection without the run token", "control")
             return web.Response(status=401, text="missing or wrong run token")
         if self.control is None:
             return web.Response(status=404, text="no control interface")
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=HEARTBEAT_S)
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop))
         await ws.prepare(request)
         await self.control(request, ws)
         return ws
