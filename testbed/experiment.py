@@ -12,7 +12,6 @@ import asyncio
 import inspect
 import logging
 import math
-import os
 import platform
 import socket
 import subprocess
@@ -32,7 +31,7 @@ from .emulation import clock as clock_mod
 from .harness.cluster import Cluster
 from .harness.interface import World
 from .hostload import HostMonitor
-from .model.blocks import Reference, Tensors, WeightSource, fuse_qkv, random_prompt
+from .model.blocks import TORCH_THREADS, Reference, Tensors, WeightSource, fuse_qkv, random_prompt
 from .model.spec import ModelSpec
 from .model.weights import weights_for
 from .placement.plugins import Plugin, PluginFailed, safe_name
@@ -41,9 +40,6 @@ from .results import RunWriter, Tap, summarize, windows
 from .scenario import Event, Scenario
 
 log = logging.getLogger(__name__)
-
-TORCH_THREADS = int(os.environ.get("TESTBED_TORCH_THREADS", "1"))
-
 
 class CachedWeights:
     """Weights built once per process and shared (read-only) by the reference and every

@@ -8,6 +8,8 @@ Rules:
 - the modules that load no torch today (TORCH_FREE) keep it that way;
 - nothing in testbed/ imports runners or tools; no runner imports tools;
 - nothing in testbed/agents (the system under test) imports testbed/harness;
+- nothing in testbed/harness (the emulated world) imports the run that drives it
+  (testbed.experiment);
 - no circular imports between modules.
 "Loads" follows the imports a module runs when it is imported (module level, its parent
 packages' __init__ included); an import inside a function runs only when called, so it
@@ -203,6 +205,9 @@ def rule_violations(g: Graph) -> list[str]:
         if _within(mod, "testbed.agents"):
             out += [f"{mod} imports {t} (the system under test never imports the harness)"
                     for t in sorted(imports) if _within(t, "testbed.harness")]
+        if _within(mod, "testbed.harness"):
+            out += [f"{mod} imports {t} (the harness never imports the run that drives it)"
+                    for t in sorted(imports) if _within(t, "testbed.experiment")]
     for mod in sorted(g.modules):
         if any(_within(mod, p) for p in PURE):
             bad = sorted(g.loads(mod) & set(ASYNC))
@@ -261,6 +266,7 @@ GOOD = {
     "testbed/agents/controller.py": "import asyncio\nimport torch\nfrom ..placement import policy\n",
     "testbed/harness/__init__.py": "",
     "testbed/harness/cluster.py": "from ..agents.controller import x\n",
+    "testbed/experiment.py": "from .harness import cluster\n",
     "runners/__init__.py": "",
     "runners/run.py": "from testbed.harness import cluster\n",
     "tools/__init__.py": "",
@@ -282,6 +288,8 @@ def test_the_checker_passes_a_clean_tree(tmp_path: Path) -> None:
     ("testbed/placement/problem.py", "import torch\n", "testbed.placement.problem loads torch"),
     ("testbed/agents/controller.py", "def f():\n    from ..harness import cluster\n",
      "testbed.agents.controller imports testbed.harness.cluster"),
+    ("testbed/harness/cluster.py", "from ..experiment import TORCH_THREADS\n",
+     "testbed.harness.cluster imports testbed.experiment"),
     ("testbed/placement/problem.py", "def f():\n    import runners.run\n", "testbed.placement.problem imports runners.run"),
     ("runners/run.py", "import tools.plot\n", "runners.run imports tools.plot"),
     ("testbed/placement/problem.py", "def f():\n    from . import policy\n",

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -145,42 +146,50 @@ class Controller:
                                  self.loop.time())
 
     def _on_report(self, m: Any) -> None:
-        t = m.KIND
-        if t in (P.PRESSURE, P.LINK_CHANGE, P.ERROR) and (
-                m.device not in self.devices or (t == P.LINK_CHANGE and m.peer not in self.devices)):
-            raise P.ProtocolError(f"{t!r} about a device that has not joined")
-        if t == P.LOGITS:
+        if isinstance(m, P.Pressure | P.LinkChange | P.Error) and (
+                m.device not in self.devices or (isinstance(m, P.LinkChange) and m.peer not in self.devices)):
+            raise P.ProtocolError(f"{m.KIND!r} about a device that has not joined")
+        _REPORTS[type(m)](self, m)
+
+    # ---- reports, by kind (the dispatch table `_REPORTS` below)
+
+    def _logits(self, m: P.Logits) -> None:
+        fut = self._token_fut
+        if fut is not None and not fut.done() and m.seq == self._seq:
+            fut.set_result((m.logits, m.at))
+
+    def _pressure(self, m: P.Pressure) -> None:
+        self.signal(f"memory_pressure@{m.device}")
+        self.beliefs.memory(m.device, m.memory, m.at)
+
+    def _link_change(self, m: P.LinkChange) -> None:
+        ends = frozenset((m.device, m.peer))
+        if m.at < self._link_at.get(ends, -math.inf):
+            return  # an older alarm (held by the very link it reports) arriving late
+        self._link_at[ends] = m.at
+        self.signal(f"link_change@{m.device}->{m.peer}")
+        self.beliefs.link(m.device, m.peer, m.rate, m.latency)
+        if self.source_name in ends:  # a link of the controller's own device
+            (other,) = ends - {self.source_name}
+            self.recovery.link_to_source(other, m.rate)
+
+    def _down(self, m: P.Down) -> None:
+        self.recovery.device_lost(m.device, "connection lost")
+
+    def _join(self, m: P.Join) -> None:
+        self.recovery.joined(m)
+
+    def _error(self, m: P.Error) -> None:
+        if m.kind == "oom":
+            self.stats.oom += 1
+            self.beliefs.memory(m.device, m.memory, m.at)
+            self.rec.event(self.now(), self.k, "oom", m.device,
+                           f"layer={m.get('layer')} bytes={m.get('bytes')} {m.get('detail', '')}")
             fut = self._token_fut
-            if fut is not None and not fut.done() and m["seq"] == self._seq:
-                fut.set_result((m["logits"], m.get("at")))
-        elif t == P.PRESSURE:
-            self.signal(f"memory_pressure@{m['device']}")
-            self.beliefs.memory(m["device"], m["memory"], m["at"])
-        elif t == P.LINK_CHANGE:
-            ends = frozenset((m["device"], m["peer"]))
-            if m["at"] < self._link_at.get(ends, -math.inf):
-                return  # an older alarm (held by the very link it reports) arriving late
-            self._link_at[ends] = m["at"]
-            self.signal(f"link_change@{m['device']}->{m['peer']}")
-            self.beliefs.link(m["device"], m["peer"], m["rate"], m["latency"])
-            if self.source_name in ends:  # a link of the controller's own device
-                (other,) = ends - {self.source_name}
-                self.recovery.link_to_source(other, m["rate"])
-        elif t == P.DOWN:
-            self.recovery.device_lost(m["device"], "connection lost")
-        elif t == P.JOIN:
-            self.recovery.joined(m)
-        elif t == P.ERROR:
-            if m["kind"] == "oom":
-                self.stats.oom += 1
-                self.beliefs.memory(m["device"], m["memory"], m["at"])
-                self.rec.event(self.now(), self.k, "oom", m["device"],
-                               f"layer={m.get('layer')} bytes={m.get('bytes')} {m.get('detail', '')}")
-                fut = self._token_fut
-                if fut is not None and not fut.done() and m.get("seq") == self._seq:
-                    fut.set_exception(OutOfMemory(m))
-            else:  # the agent is in an unknown state: a lost device (recovered), as if it died
-                self.recovery.device_lost(m.device, f"agent error: {m.detail}")
+            if fut is not None and not fut.done() and m.seq == self._seq:
+                fut.set_exception(OutOfMemory(m))
+        else:  # the agent is in an unknown state: a lost device (recovered), as if it died
+            self.recovery.device_lost(m.device, f"agent error: {m.detail}")
 
     def fault(self, why: str) -> None:
         """An agent or the transport failed in a way we cannot repair: stop the run."""
@@ -445,3 +454,12 @@ class Controller:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self.requests.cancel()
+
+
+# the controller's one dispatch table: every report it acts on, by its record type (answers
+# to requests go to `Requests`); with the device's `_HANDLERS` it covers every kind
+_REPORTS: dict[type[P.Message], Callable[[Controller, Any], None]] = {
+    P.Logits: Controller._logits, P.Pressure: Controller._pressure, P.LinkChange: Controller._link_change,
+    P.Down: Controller._down, P.Join: Controller._join, P.Error: Controller._error,
+}
+assert set(_REPORTS) | {P.Ack} == {P.TABLE[k] for k in P.TO_CONTROLLER}

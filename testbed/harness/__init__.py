@@ -6,6 +6,6 @@ the agent server that hosts one device agent in its own process; all of them beh
 declared interface, `interface.World`, which is all a run (testbed/experiment.py) uses. It
 may import the system
 under test (`testbed.agents`), the emulation primitives, transports, model, placement
-types and scenario (and `experiment.TORCH_THREADS`, the agents' thread count); the system
-under test never imports it.
+types and scenario, never the run that drives it (`testbed.experiment`); the system under
+test never imports it.
 """

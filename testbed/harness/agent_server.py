@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -24,7 +25,7 @@ from aiohttp import WSMsgType, web
 from ..agents import protocol as P
 from ..agents.device import DeviceAgent
 from ..emulation.clock import LagMonitor
-from ..experiment import TORCH_THREADS
+from ..model.blocks import TORCH_THREADS
 from ..model.weights import weights_for
 from ..scenario import DeviceSpec, LinkSpec, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
@@ -128,53 +129,60 @@ class AgentProcess:
         if isinstance(o, control.Send):  # the controller's message, leaving from this (source) device
             self.agent.send(o.dst, o.msg)
             return None
-        op, rid, m = o.op, o.rid, o.fields
-        ok: dict[str, Any] = {"t": "re", "rid": rid, "ok": True}
-        if op == "clock":  # the run's timeline: its time scale and epoch (before anything else)
-            loop = asyncio.get_running_loop()
-            loop.set_time_scale(float(m["time_scale"]), float(m["epoch"]))  # type: ignore[attr-defined]
-            self.lag.stop()
-            self.lag = LagMonitor()
-            self.lag.start()
-            return ok
-        if op == "peers":
-            for peer, url in m["peers"].items():
-                if peer != self.spec.name and peer not in self.ep.book:
-                    self.ep.add_peer(peer, url, self._link_spec(peer))
-                    link = self.ep.links[peer]
-                    link.on_change = (lambda p, lk: lambda rate: self.agent.link_changed(
-                        p, rate, lk.observed_latency()))(peer, link)
-            await self.ep.connect([p for p in m["peers"] if p != self.spec.name])
-            return ok
-        if op == "event":
-            if m["action"] == "set_link":
-                return {**ok, "detail": apply_to_link(self.ep.links[m["peer"]], m["fields"])}
-            return {**ok, "detail": apply_to_device(self.agent, m["action"], m["fields"])}
-        if op == "background":  # this token's background load (testbed/background.py)
-            apply_background(self.agent, float(m["memory"]), float(m["compute"]))
-            return ok
-        if op == "state":
-            return {**ok, "device": device_row(self.agent), "lag": self.lag.stats(),
-                    "frames": {"lost": self.ep.lost_frames,
-                               "refused": self.ep.refused + self.agent.refusals.total},
-                    "links": [link_row(self.spec.name, p, lk) for p, lk in self.ep.links.items()]}
-        if op == "bulk":  # benchmark: keep the link to `peer` busy with probes, report timings
-            return {**ok, "transfers": await self._bulk(m["peer"], m["size"], m["count"], m["seconds"])}
-        if op == "probe_log":  # benchmark: time probe arrivals here (on) / hand them over (off)
-            log_, self.agent.probe_log = self.agent.probe_log, [] if m["on"] else None
-            return {**ok, "arrivals": [list(x) for x in (log_ or [])]}
-        if op == "attach":  # controller-bound messages go to the runner from now on
-            self.agent.controller = lambda sender, msg: out.put_nowait(
-                encode({"t": "ctl", "sender": sender, "msg": msg}))
-            return ok
-        if op == "announce":
-            self.agent.announce()
-            return ok
-        if op == "stop":
-            self.stopped.set()
-            return ok
-        raise AssertionError(f"control.OPS lists {op!r} but the agent server does not handle it")
+        detail = await _OPS[o.op](self, o.fields, out)
+        return {"t": "re", "rid": o.rid, "ok": True, **(detail or {})}
 
+    # ---- the operations (control.OPS checked their fields); each returns what its answer adds
+
+    async def _clock(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
+        """The run's timeline: its time scale and epoch (before anything else)."""
+        loop = asyncio.get_running_loop()
+        loop.set_time_scale(float(m["time_scale"]), float(m["epoch"]))  # type: ignore[attr-defined]
+        self.lag.stop()
+        self.lag = LagMonitor()
+        self.lag.start()
+
+    async def _peers(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
+        for peer, url in m["peers"].items():
+            if peer != self.spec.name and peer not in self.ep.book:
+                self.ep.add_peer(peer, url, self._link_spec(peer))
+                link = self.ep.links[peer]
+                link.on_change = (lambda p, lk: lambda rate: self.agent.link_changed(
+                    p, rate, lk.observed_latency()))(peer, link)
+        await self.ep.connect([p for p in m["peers"] if p != self.spec.name])
+
+    async def _event(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
+        if m["action"] == "set_link":
+            return {"detail": apply_to_link(self.ep.links[m["peer"]], m["fields"])}
+        return {"detail": apply_to_device(self.agent, m["action"], m["fields"])}
+
+    async def _background(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
+        """This token's background load (testbed/background.py)."""
+        apply_background(self.agent, float(m["memory"]), float(m["compute"]))
+
+    async def _state(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
+        return {"device": device_row(self.agent), "lag": self.lag.stats(),
+                "frames": {"lost": self.ep.lost_frames, "refused": self.ep.refused + self.agent.refusals.total},
+                "links": [link_row(self.spec.name, p, lk) for p, lk in self.ep.links.items()]}
+
+    async def _bulk_op(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
+        """Benchmark: keep the link to `peer` busy with probes, report timings."""
+        return {"transfers": await self._bulk(m["peer"], m["size"], m["count"], m["seconds"])}
+
+    async def _probe_log(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
+        """Benchmark: time probe arrivals here (on) / hand them over (off)."""
+        log_, self.agent.probe_log = self.agent.probe_log, [] if m["on"] else None
+        return {"arrivals": [list(x) for x in (log_ or [])]}
+
+    async def _attach(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
+        """Controller-bound messages go to the runner from now on."""
+        self.agent.controller = lambda sender, msg: out.put_nowait(encode({"t": "ctl", "sender": sender, "msg": msg}))
+
+    async def _announce(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
+        self.agent.announce()
+
+    async def _stop(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
+        self.stopped.set()
 
     async def _bulk(self, peer: str, size: int, count: int, seconds: float) -> list[list[float]]:
         """Send up to `count` probes of `size` bytes to `peer` within `seconds`, keeping a
@@ -194,6 +202,17 @@ class AgentProcess:
             await asyncio.sleep(0.001)
         rec, link.record = link.record, None
         return [[i, t.size, t.scheduled, t.arrival] for i, t in enumerate(rec)]
+
+
+# the agent server's one dispatch table: every operation of the control channel (checked by
+# control.OPS, which names the same operations) -> what the agent does
+_OPS: dict[str, Callable[[AgentProcess, dict[str, Any], asyncio.Queue[bytes]], Awaitable[dict[str, Any] | None]]] = {
+    "clock": AgentProcess._clock, "peers": AgentProcess._peers, "event": AgentProcess._event,
+    "background": AgentProcess._background, "state": AgentProcess._state, "bulk": AgentProcess._bulk_op,
+    "probe_log": AgentProcess._probe_log, "attach": AgentProcess._attach, "announce": AgentProcess._announce,
+    "stop": AgentProcess._stop,
+}
+assert set(_OPS) == set(control.OPS), "the control channel checks operations the agent server does not carry out"
 
 
 async def serve(scen: Scenario, device: str, token: str, host: str, port: int,

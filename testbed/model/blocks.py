@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,10 @@ import torch.nn.functional as F
 from .spec import Block, ModelSpec
 
 Tensors = dict[str, torch.Tensor]
+
+# torch's intra-op threads in every process that runs blocks (agents, the reference): one by
+# default, so that agents on a 2-core host do not fight over cores (TESTBED_TORCH_THREADS)
+TORCH_THREADS = int(os.environ.get("TESTBED_TORCH_THREADS", "1"))
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
