@@ -156,22 +156,51 @@ def test_a_run_too_fast_for_its_host_says_so(tmp_path: Path) -> None:
 # benchmark; over 32-40 tokens the one stall that differs moves the mean by 6-8 %.)
 
 
+BUSY = 0.25  # other processes took more than this share of the run's wall time: a loaded host
+
+
+def _loaded(summary: dict) -> bool:
+    """Whether the run's own host monitor saw other processes take the CPU meanwhile."""
+    host = summary.get("host") or {}
+    return bool(host.get("wall_s")) and host.get("other_cpu_s", 0.0) > BUSY * host["wall_s"]
+
+
 def _twin(name: str, tokens: int, tmp: Path, transport: str = "inproc", processes: bool = False) -> dict:
+    """The real-clock run at the calibrated scale against its virtual twin. When it is not
+    faithful and its host monitor saw other processes take the CPU (a shared machine: load
+    that arrived after the calibration), it runs once more at twice the scale, as the
+    run's own advice says to; on a quiet host a miss fails at once."""
     scen = load(ROOT / "scenarios" / f"{name}.yaml").with_overrides(new_tokens=tokens)
     prep = experiment.prepare(scen)
     alg = scen.controller.algorithm
     virtual = experiment.run(prep, alg, tmp / "virtual", clock="virtual")
     cal = calibrate(prep, [alg], transport, processes)
-    real = experiment.run(prep, alg, tmp / "real", clock="real", time_scale=cal.time_scale,
-                          transport=transport, processes=processes, calibration=cal.to_dict())
-    return compare(real.summary, virtual.summary)
+    k = cal.time_scale
+    for attempt in (1, 2):
+        real = experiment.run(prep, alg, tmp / f"real{attempt}", clock="real", time_scale=k,
+                              transport=transport, processes=processes, calibration=cal.to_dict())
+        c = compare(real.summary, virtual.summary)
+        c["attempt"] = attempt
+        if c["faithful"] or attempt == 2 or not c["tokens_match"] or not _loaded(real.summary):
+            return c
+        print(f"{name}: not faithful at K {k:g} on a loaded host ({c['problems']}, "
+              f"{real.summary['host']}); once more at K {2 * k:g}")
+        k *= 2
+    raise AssertionError("unreachable")
+
+
+def test_a_loaded_host_is_told_apart_from_a_quiet_one() -> None:
+    """The retry above is for a loaded host only: a quiet one never qualifies."""
+    assert _loaded({"host": {"wall_s": 10.0, "other_cpu_s": 5.0, "cpus": 2}})
+    assert not _loaded({"host": {"wall_s": 10.0, "other_cpu_s": 1.0, "cpus": 2}})
+    assert not _loaded({"host": None}) and not _loaded({})
 
 
 @pytest.mark.parametrize("name, tokens", [("steady", 24), ("device_failure", 32)])
 def test_default_real_clock_run_reproduces_its_virtual_twin(name: str, tokens: int, tmp_path: Path) -> None:
     c = _twin(name, tokens, tmp_path)
     print(f"{name}: {c}")
-    assert c["faithful"], c["problems"]
+    assert c["faithful"], (c["problems"], f"attempt {c['attempt']} at K {c['time_scale']}")
 
 
 @pytest.mark.parametrize("name, tokens", [("steady", 24), ("device_failure", 32)])
@@ -179,7 +208,7 @@ def test_real_clock_with_agent_processes_reproduces_its_virtual_twin(name: str, 
                                                                      tmp_path: Path) -> None:
     c = _twin(name, tokens, tmp_path, transport="ws", processes=True)
     print(f"{name} (processes): {c}")
-    assert c["faithful"], c["problems"]
+    assert c["faithful"], (c["problems"], f"attempt {c['attempt']} at K {c['time_scale']}")
 
 
 # ---------------------------------------------------------------------------- absorption
