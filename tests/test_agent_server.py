@@ -121,6 +121,37 @@ def _routed_here(layer: int) -> list[int]:
     return [1 if b.layer == layer else 0 for b in S.blocks], devices  # type: ignore[return-value]
 
 
+# ------------------------------------------------------------------------ finding 1
+
+
+def test_reports_for_the_controller_over_peer_are_checked_before_relaying() -> None:
+    """An `ack` without `rid` (or a report about another device) sent over /peer to the
+    source used to be relayed unchecked to the runner's controller, which then ended the
+    run. (In a run every device's name is connected, so tests/test_remote.py cannot send
+    these over /peer; here the name is free.) Now each is refused and counted at the
+    source, nothing reaches the controller, and the agent serves on."""
+
+    async def body(lv: Live) -> None:
+        ctl = await lv.control()
+        assert (await lv.op(ctl, t="op", op="attach", rid=1))["ok"]
+        peer = await lv.peer("pi-a")
+        for m in ({"t": P.ACK}, {"t": P.ACK, "ok": True, "device": "pi-a"},
+                  {"t": P.ERROR, "kind": "agent", "device": "pi-b"}):
+            await peer.send_bytes(encode(m))
+        await _settle()
+        relayed = []
+        try:
+            while True:
+                relayed.append(msgpack.unpackb((await asyncio.wait_for(ctl.receive(), 0.5)).data))
+        except TimeoutError:
+            pass
+        assert relayed == [], relayed
+        assert lv.agent.refusals.total == 3
+        await lv.legit()
+
+    live(SOURCE, body)
+
+
 # ------------------------------------------------------------------------ finding 4
 
 

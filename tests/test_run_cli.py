@@ -15,8 +15,10 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,3 +336,37 @@ def test_failed_run_exits_1_with_partial_results(tmp_path: Path, capsys: pytest.
     _, events = _read_csv(run_dir / "events.csv")
     assert any(e["kind"] == "memory_pressure" for e in events)
     assert any(e["kind"] == "oom" for e in events)
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_on_an_in_process_run_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """Issue 14, finding 7, with the agents in the runner's process (the default; tests/test_ws.py
+    covers --processes): Ctrl-C mid-run used to end in a KeyboardInterrupt traceback; now the
+    run's files are written (status `failed: interrupted`), stderr is one line, exit 130."""
+    out = tmp_path / "results"
+    # a fixed time scale (no calibration pilot) slow enough that the run is still going
+    runner = subprocess.Popen([sys.executable, "-m", "runners.run", str(SCENARIOS / "steady.yaml"),
+                               "--tokens", "200", "--time-scale", "20", "--out", str(out), "--quiet"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline and runner.poll() is None:
+            dirs = _run_dirs(out)
+            if dirs and len(_read_csv(dirs[0] / "tokens.csv")[1]) >= 2:
+                break
+            time.sleep(0.2)
+        assert runner.poll() is None, f"the run ended before it was interrupted: {runner.returncode}"
+        runner.send_signal(signal.SIGINT)
+        _, err = runner.communicate(timeout=TIMEOUT_S)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    (run_dir,) = _run_dirs(out)
+    assert runner.returncode == 130, err
+    assert err.strip() == f"interrupted: results in {run_dir}", err
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "failed: interrupted" and meta["end"], meta["status"]
+    assert 2 <= len(_read_csv(run_dir / "tokens.csv")[1]) < 200
