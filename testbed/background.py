@@ -27,7 +27,7 @@ import numpy as np
 RESOURCES = ("memory", "compute")
 SECTION = "background_load"
 MAX_BEFORE = 1 << 20  # background_load.before_tokens (as a context)
-# the section's keys, part of the loader's one table (scenario.KEYS); a share given as a
+# the section's keys, part of the loader's one table (scenario_format.KEYS); a share given as a
 # distribution is a mapping of its own wherever a share may stand
 KEYS: dict[str, tuple[str, ...]] = {
     SECTION: ("before_tokens", "default", "devices"),
@@ -39,7 +39,7 @@ STREAM = 0xB6  # keeps the load's draws apart from every other use of the scenar
 
 
 class Reader(Protocol):
-    """What this section needs of the scenario loader's reader (scenario._Reader)."""
+    """What this section needs of the scenario loader's reader (scenario_format.FormatReader)."""
 
     def fail(self, path: str, message: str) -> Any: ...
     def section(self, value: object, path: str, sections: str | tuple[str, ...],

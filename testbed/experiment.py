@@ -37,7 +37,7 @@ from .model.weights import weights_for
 from .placement.plugins import Plugin, PluginFailed, safe_name
 from .placement.registry import instantiate
 from .results import RunWriter, Tap, summarize, windows
-from .scenario import Event, Scenario
+from .scenario_records import Event, Scenario
 
 log = logging.getLogger(__name__)
 

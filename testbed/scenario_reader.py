@@ -1,9 +1,10 @@
 """Reading scenario files strictly: `ScenarioError`, a YAML loader that refuses a key given
 twice, and a reader that checks one value at a time against its key path.
 
-Owns what the scenario format (scenario.py) is read with, not the format itself: every
-check raises a `ScenarioError` whose one-line message names the file and the key path
-(`devices[1].memory_mib: must be > 0`). Pure: no asyncio, no torch, no IO of its own.
+Owns what the scenario format (scenario.py and the scenario_*.py modules it is made of) is
+read with, not the format itself: every check raises a `ScenarioError` whose one-line
+message names the file and the key path (`devices[1].memory_mib: must be > 0`). Pure: no
+asyncio, no torch, no IO of its own.
 """
 
 from __future__ import annotations

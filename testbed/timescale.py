@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .emulation.compute import ComputeUnit
-from .scenario import MAX_TIME_SCALE
+from .scenario_format import MAX_TIME_SCALE
 
 LATE_SHARE = ComputeUnit.LATE_SHARE  # as the runs count overruns
 
@@ -242,7 +242,7 @@ def ws_hop_seconds(model: Any, frames: int = 200) -> float:
     loopback): encoding, the socket write and read, decoding."""
     from .emulation.clock import run
     from .model import cost
-    from .scenario import LinkSpec
+    from .scenario_records import LinkSpec
     from .transport.ws import WsEndpoint
 
     size = cost.hidden_bytes(model)

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("testbed", "runners", "tools", "tests")
 
 PURE = ("testbed.model.spec", "testbed.model.cost", "testbed.placement", "testbed.scenario",
-        "testbed.scenario_reader", "testbed.emulation.bucket", "testbed.placement.policy", "testbed.sweep")
+        "testbed.scenario_format", "testbed.scenario_reader", "testbed.scenario_records",
+        "testbed.scenario_sections", "testbed.emulation.bucket", "testbed.placement.policy", "testbed.sweep")
 ASYNC = ("asyncio", "aiohttp")
 # every module that loaded no torch before this rule (and the parts split off since):
 # the format, the placement problem and its algorithms, the policy, the analytic
@@ -44,7 +45,8 @@ TORCH_FREE = (
     "testbed.placement.local_search", "testbed.placement.optimal", "testbed.placement.plugins",
     "testbed.placement.policy", "testbed.placement.problem", "testbed.placement.protocol",
     "testbed.placement.registry", "testbed.placement.resource_aware", "testbed.results", "testbed.scenario",
-    "testbed.scenario_reader", "testbed.sweep", "testbed.timescale", "testbed.transport", "testbed.twin",
+    "testbed.scenario_format", "testbed.scenario_reader", "testbed.scenario_records", "testbed.scenario_sections",
+    "testbed.sweep", "testbed.timescale", "testbed.transport", "testbed.twin",
 )
 
 

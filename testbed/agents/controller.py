@@ -39,7 +39,7 @@ from ..placement.problem import LatencyModel, Placement, Snapshot
 from ..placement.protocol import Algorithm  # re-exported: the protocol used to live here
 from ..placement.window import LoadWindow
 from ..refusals import Refusals
-from ..scenario import Scenario
+from ..scenario_records import Scenario
 from . import protocol as P
 from .beliefs import Beliefs
 from .errors import DeviceLost, OutOfMemory, RunFailed, Stalled

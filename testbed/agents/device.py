@@ -46,7 +46,7 @@ from ..model.blocks import (
 )
 from ..model.spec import ModelSpec
 from ..refusals import Refusals
-from ..scenario import DeviceSpec
+from ..scenario_records import DeviceSpec
 from . import protocol as P
 
 log = logging.getLogger(__name__)

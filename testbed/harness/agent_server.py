@@ -27,7 +27,7 @@ from ..agents.device import DeviceAgent
 from ..emulation.clock import LagMonitor
 from ..model.blocks import TORCH_THREADS
 from ..model.weights import weights_for
-from ..scenario import DeviceSpec, LinkSpec, Scenario
+from ..scenario_records import DeviceSpec, LinkSpec, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import WsEndpoint
 from . import control

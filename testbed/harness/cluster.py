@@ -25,7 +25,7 @@ from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
-from ..scenario import DeviceSpec, Event, LinkSpec, Scenario
+from ..scenario_records import DeviceSpec, Event, LinkSpec, Scenario
 from ..transport.inproc import InprocNetwork
 from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 

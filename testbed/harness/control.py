@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..agents import protocol as P
-from ..scenario import (
+from ..scenario_format import (
     FACTOR_RANGE,
     MAX_BURST_KIB,
     MAX_DEVICES,

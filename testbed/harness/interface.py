@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..agents.parts import Port
 from ..placement.problem import Placement, Snapshot
-from ..scenario import Event
+from ..scenario_records import Event
 
 
 @runtime_checkable

@@ -40,7 +40,7 @@ from aiohttp import web
 from ..emulation.clock import from_wall
 from ..emulation.link import EmulatedLink
 from ..refusals import Refusals
-from ..scenario import LinkSpec
+from ..scenario_records import LinkSpec
 from .codec import MAX_FRAME, FrameError, decode, encode
 
 log = logging.getLogger(__name__)
