@@ -80,6 +80,16 @@ def _check_times(run_dir: Path) -> None:
                       ("links.csv", "t_s")):
         for row in read_csv(run_dir / name):
             assert 0 <= float(row[col]) <= end + 1e-6, (name, row)
+    # and on the tokens' own timeline: an event of token k happens after token k-1 started
+    # and before token k+1 starts (a death noticed between tokens carries the last one's
+    # number); an offset shorter than the run is caught here too
+    tokens = {int(r["token"]): r for r in read_csv(run_dir / "tokens.csv")}
+    for row in read_csv(run_dir / "events.csv"):
+        k, t = int(row["token"]), float(row["t_s"])
+        if k in tokens:
+            lo = float(tokens[k - 1]["t_start_s"]) if k - 1 in tokens else 0.0
+            hi = float(tokens[k + 1]["t_start_s"]) if k + 1 in tokens else end
+            assert lo - 1e-6 <= t <= hi + 1e-6, ("events.csv", row, lo, hi)
 
 
 def _head_host(run_dir: Path) -> str:
