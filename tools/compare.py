@@ -28,6 +28,7 @@ from .runs import (
     TAG_COLUMNS,
     Run,
     RunsError,
+    add_runs_argument,
     group_by_scenario,
     labels,
     load_runs,
@@ -42,8 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tools.compare",
         description="Compare runs side by side: latency overall and between scenario events.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or directories above them (searched recursively)")
+    add_runs_argument(p)
     p.add_argument("--csv", type=Path, metavar="PATH", help="also write the table as CSV")
     return p.parse_args(argv)
 

@@ -27,6 +27,7 @@ from .runs import (
     TAG_COLUMNS,
     Run,
     RunsError,
+    add_runs_argument,
     load_runs,
     run_stats,
     token_columns,
@@ -41,8 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tools.latency",
         description="Collect the per-token latency of runs into one CSV, with a per-run summary.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or directories above them (searched recursively)")
+    add_runs_argument(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="per-token CSV to write")
     p.add_argument("--summary", type=Path,
                    help="per-run summary CSV (default: <stem>_summary.csv beside --output)")

@@ -40,6 +40,7 @@ from testbed.results import percentile  # noqa: E402
 from .runs import (  # noqa: E402
     Run,
     RunsError,
+    add_runs_argument,
     block_key,
     block_layer,
     labels,
@@ -56,8 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tools.plot",
         description="Plot per-token latency and placement over time of one or more runs.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or directories above them (searched recursively)")
+    add_runs_argument(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="image to write (.png, .pdf, .svg)")
     p.add_argument("--placement", action="append", metavar="ALG",
                    help="placement panels only for these algorithms (repeat or comma-separate); "

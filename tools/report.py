@@ -18,7 +18,7 @@ from pathlib import Path
 
 from testbed.webview.page import render
 
-from .runs import RunsError
+from .runs import RunsError, add_runs_argument
 from .view import load_feed
 
 
@@ -26,8 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tools.report",
         description="Write one self-contained HTML file showing runs (no server, no network needed).")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or directories above them (searched recursively)")
+    add_runs_argument(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="HTML file to write")
     p.add_argument("--title", help="the page's title (default: the scenario's name)")
     return p.parse_args(argv)

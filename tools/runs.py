@@ -10,6 +10,7 @@ command lines (exit status 2).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -23,6 +24,12 @@ from typing import Any
 from testbed.results import TOKENS, summarize, windows
 
 RUN_FILES = ("tokens.csv", "meta.json")
+
+
+def add_runs_argument(p: argparse.ArgumentParser) -> None:
+    """The analysis tools' one positional argument: what `find_runs` accepts."""
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, or directories above them (searched recursively)")
 
 # events.csv kinds that are scenario events (the rest are the controller's and the agents')
 SCENARIO_KINDS = ("set_link", "set_compute", "memory_pressure", "memory_release", "fail_device",

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from testbed.webview.server import ViewServer
 from testbed.webview.state import TABLES, Feed, RunRecord
 
-from .runs import RunsError, labels, load_runs, read_csv
+from .runs import RunsError, add_runs_argument, labels, load_runs, read_csv
 
 
 def load_feed(paths: Iterable[str | os.PathLike], mode: str) -> Feed:
@@ -57,8 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tools.view",
         description="Serve the live view's page for finished or crashed runs, overlaid, with a token slider.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or directories above them (searched recursively)")
+    add_runs_argument(p)
     p.add_argument("--port", type=int, default=0, help="port (default: any free one; the URL is printed)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address (default 127.0.0.1; any other requires the token in the printed URL)")
