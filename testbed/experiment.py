@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import hostload
 from .agents.controller import Controller, Options, RunFailed
 from .emulation import clock as clock_mod
 from .harness.cluster import Cluster
@@ -358,9 +359,9 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
                 "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran (limit {DISTORTED:.0%})"}
     suggest = math.ceil(min(clock_mod.MAX_TIME_SCALE, max(2.0 * time_scale, 1.5 * needed)))
     busy = ""
-    if host and host.get("wall_s") and host["other_cpu_s"] > 0.25 * host["wall_s"]:
-        busy = (f"; other processes took {host['other_cpu_s'] / host['wall_s']:.1f} of the host's "
-                f"{host['cpus']} CPUs meanwhile")
+    if hostload.loaded(host):
+        busy = (f"; other processes took {hostload.other_share(host):.1f} of the host's "
+                f"{host['cpus']} CPUs meanwhile")  # type: ignore[index]
     return {"distorted": True, "needed_time_scale": needed, "suggested_time_scale": suggest,
             "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran their emulated "
                       f"windows at time scale {time_scale:g} (limit {DISTORTED:.0%}): the host's speed "

@@ -16,6 +16,22 @@ from typing import Any
 
 import psutil
 
+BUSY_SHARE = 0.25  # other processes took more than this share of the wall time: a loaded host
+
+
+def other_share(host: dict[str, Any] | None) -> float | None:
+    """The CPUs other processes took during a run, as a share of its wall time (from
+    `HostMonitor.stop()`'s record); None without a record."""
+    if not host or not host.get("wall_s"):
+        return None
+    return host["other_cpu_s"] / host["wall_s"]
+
+
+def loaded(host: dict[str, Any] | None) -> bool:
+    """Whether other processes took a good part of the host during the run."""
+    share = other_share(host)
+    return share is not None and share > BUSY_SHARE
+
 
 def _busy(t: Any) -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)

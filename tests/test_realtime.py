@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import experiment
+from testbed import experiment, hostload
 from testbed.emulation import clock
 from testbed.scenario import ScenarioError, load, parse
 from testbed.timescale import Job, calibrate, fit_time_scale, late_fraction
@@ -156,13 +156,9 @@ def test_a_run_too_fast_for_its_host_says_so(tmp_path: Path) -> None:
 # benchmark; over 32-40 tokens the one stall that differs moves the mean by 6-8 %.)
 
 
-BUSY = 0.25  # other processes took more than this share of the run's wall time: a loaded host
-
-
 def _loaded(summary: dict) -> bool:
     """Whether the run's own host monitor saw other processes take the CPU meanwhile."""
-    host = summary.get("host") or {}
-    return bool(host.get("wall_s")) and host.get("other_cpu_s", 0.0) > BUSY * host["wall_s"]
+    return hostload.loaded(summary.get("host"))
 
 
 def _twin(name: str, tokens: int, tmp: Path, transport: str = "inproc", processes: bool = False) -> dict:
