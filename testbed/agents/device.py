@@ -94,6 +94,7 @@ class DeviceAgent:
         self.floor = -1  # attempts <= floor are stale
         self._proj_buf: dict[tuple[int, int], dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = False  # after stop(): no new work (the run is over or interrupted)
         self.controller: Callable[[str, dict[str, Any]], None] | None = None  # on the source only
         self._tel_since = -math.inf
         self.probe_log: list[tuple[str, int | None, int, float]] | None = None  # benchmarks
@@ -167,7 +168,11 @@ class DeviceAgent:
     def handle(self, sender: str, msg: dict[str, Any], at: float | None = None) -> None:
         """Entry point for every message addressed to this device, from a peer or from
         itself; `at` is when it was due (its emulated arrival; default now), which is when
-        the work it asks for may start. A message that is refused is counted and logged."""
+        the work it asks for may start. A message that is refused is counted and logged.
+        A stopped agent takes nothing: frames still in flight when a run ends or is
+        interrupted would otherwise start tasks that nobody cancels."""
+        if self._stopped:
+            return
         try:
             m = P.for_device(msg, sender, self.name, self.bounds)
             if m.KIND in P.TO_CONTROLLER:  # on the source: checked here, then the controller's
@@ -184,6 +189,7 @@ class DeviceAgent:
                              asyncio.get_running_loop().time())
 
     async def stop(self) -> None:
+        self._stopped = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
