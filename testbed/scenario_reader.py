@@ -17,10 +17,20 @@ from typing import NoReturn
 import yaml
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (a newline, a tab, a control
+    character in a YAML key) written as its escape, so that an error stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ScenarioError(ValueError):
-    """A scenario file that cannot be run. `str()` is one line: `FILE: key.path: what`."""
+    """A scenario file that cannot be run. `str()` is one line: `FILE: key.path: what`,
+    whatever the file name, keys and values it quotes hold (see `one_line`)."""
 
     def __init__(self, file: str, path: str, message: str) -> None:
+        file, path, message = one_line(str(file)), one_line(str(path)), one_line(message)
         self.file, self.path, self.message = file, path, message
         where = f"{file}: {path}: " if path else f"{file}: "
         super().__init__(f"{where}{message}")
@@ -76,7 +86,8 @@ class Reader:
         prefix = f"{path}." if path else ""
         for key in value:
             if key not in allowed:
-                self.fail(f"{prefix}{key}", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
+                self.fail(f"{prefix}{short(str(key))}",
+                          f"unknown key {short(repr(key))} (allowed: {', '.join(allowed)})")
         for key in required:
             if key not in value:
                 self.fail(f"{prefix}{key}", "is required")

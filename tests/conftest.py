@@ -1,5 +1,11 @@
 """Shared test helpers: small scenarios built in code, a fixed-placement algorithm, and a
-one-call virtual-clock run."""
+one-call virtual-clock run; and the suite's hypothesis profile.
+
+Property tests draw the same examples on every run (`derandomize`), so the suite passes or
+fails the same way on every machine and every try: a CI verdict does not depend on a draw.
+To search for new failing inputs, run with `TESTBED_HYPOTHESIS=explore` (random examples,
+failures remembered in `.hypothesis/`), and with `TESTBED_FUZZ_EXAMPLES=N` for longer fuzzing.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from testbed import experiment
 from testbed.placement.problem import Placement, Snapshot
 from testbed.scenario import Scenario, parse
+
+settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("TESTBED_HYPOTHESIS", "repeatable"))
 
 DEVICE_TEMPLATES = [
     ("src", 8.0, 256), ("a", 20.0, 512), ("b", 3.0, 128), ("c", 5.0, 192),

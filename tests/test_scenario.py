@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,22 @@ def test_absurd_numbers_and_sizes_are_refused_in_one_line(text, expect):
     rates, latencies, times, seeds and model sizes out of their documented ranges."""
     err = _error(text)
     assert "\n" not in str(err) and expect in str(err), str(err)
+
+
+def test_keys_and_file_names_with_control_characters_are_refused_in_one_line():
+    """A YAML key may hold newlines, tabs or any control character, and a file name too
+    (found by the fuzz test below): the refusal still fits one line and names the key."""
+    doc = yaml.safe_load(VALID)
+    doc["model"] = {"\n\n    ": 0}
+    with pytest.raises(ScenarioError) as info:
+        sc.parse(doc, "two\nlines.yaml")
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("two\\nlines.yaml: model.\\n\\n"), text
+    assert "unknown key" in text
+    doc["model"] = {"k" * 5000: 0}
+    with pytest.raises(ScenarioError) as info:
+        sc.parse(doc, "s.yaml")
+    assert len(str(info.value)) < 400 and "5000 characters" in str(info.value), str(info.value)
 
 
 def test_a_model_larger_than_the_host_is_refused():
@@ -488,6 +505,9 @@ def test_scenario_is_frozen():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+# examples per fuzz test, as in test_protocol.py: TESTBED_FUZZ_EXAMPLES=20000 searches longer
+EXAMPLES = int(os.environ.get("TESTBED_FUZZ_EXAMPLES", "200"))
+
 _FULL = yaml.safe_load(FULL)
 _HOSTILE = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
@@ -541,7 +561,7 @@ def _within_limits(s: sc.Scenario) -> None:
         assert e.at_s is None or 0 <= e.at_s <= sc.MAX_AT_S
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=_documents())
 def test_fuzz_documents_are_accepted_within_limits_or_refused_in_one_line(doc: object) -> None:
     try:
@@ -553,7 +573,7 @@ def test_fuzz_documents_are_accepted_within_limits_or_refused_in_one_line(doc: o
     assert sc.parse(s.to_dict(), "fuzz.yaml") == s  # what is accepted round-trips
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(text=st.one_of(
     st.text(max_size=300),
     st.builds(lambda d: yaml.safe_dump(d), _documents()),
