@@ -361,3 +361,60 @@ def test_a_second_connection_in_a_connected_peers_name_is_refused() -> None:
         await lv.legit()
 
     live("pi-a", body)
+
+
+# ------------------------------------------------------------------------ introductions
+
+
+def test_agents_learn_every_peer_before_any_dials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner introduces its agents in two rounds: every agent knows the whole book
+    before any of them dials, so no agent refuses a peer it has not heard of yet (which a
+    normal run then counted as a hostile frame, and logged). Made certain here: one agent
+    (last in name order, so it is dialled and never dials) takes its peers slowly."""
+    from testbed.harness import agent_server
+    from testbed.harness.remote import ProcessCluster
+
+    slow = max(d.name for d in SCEN.devices)
+    peers_op = agent_server._OPS["peers"]
+
+    async def slow_peers(proc: AgentProcess, m: dict[str, Any], out: asyncio.Queue[bytes]) -> Any:
+        if proc.spec.name == slow:
+            await asyncio.sleep(0.5)
+        return await peers_op(proc, m, out)
+
+    monkeypatch.setitem(agent_server._OPS, "peers", slow_peers)
+
+    async def main() -> None:
+        procs = {d.name: AgentProcess(SCEN, d.name, TOKEN, "127.0.0.1", 0, False) for d in SCEN.devices}
+        for p in procs.values():
+            await p.ep.start()
+        faults: list[tuple[str, str]] = []
+        cluster = ProcessCluster(SCEN, S, lambda *f: faults.append(f),
+                                 attach={n: p.ep.url for n, p in procs.items()}, token=TOKEN)
+        try:
+            await asyncio.wait_for(cluster.start(), 30)
+            for name, p in procs.items():
+                others = {d.name for d in SCEN.devices} - {name}
+                assert set(p.ep._ws) == others, (name, sorted(p.ep._ws))
+            assert {n: p.ep.refused for n, p in procs.items()} == dict.fromkeys(procs, 0)
+            assert faults == []
+        finally:
+            await cluster.stop()
+            for p in procs.values():
+                await p.agent.stop()
+                await p.ep.close()
+
+    run_loop(main, "real")
+
+
+def test_the_peers_operation_dials_unless_told_not_to() -> None:
+    from testbed.harness import control
+
+    ctx = control.Context(SOURCE, frozenset(d.name for d in SCEN.devices), P.Bounds.for_run(SCEN))
+    book = {"pi-a": "http://127.0.0.1:9"}
+    op = control.decode({"t": "op", "op": "peers", "rid": 1, "peers": book}, ctx)
+    assert isinstance(op, control.Op) and op.fields == {"peers": book, "dial": True}
+    op = control.decode({"t": "op", "op": "peers", "rid": 1, "peers": book, "dial": False}, ctx)
+    assert isinstance(op, control.Op) and op.fields["dial"] is False
+    with pytest.raises(control.ControlError, match="dial must be true or false"):
+        control.decode({"t": "op", "op": "peers", "rid": 1, "peers": book, "dial": 1}, ctx)

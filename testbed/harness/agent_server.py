@@ -143,13 +143,16 @@ class AgentProcess:
         self.lag.start()
 
     async def _peers(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
+        """Know the peers; with `dial`, also connect to them (the runner first tells every
+        agent its peers without dialling, so no agent is dialled before it knows the caller)."""
         for peer, url in m["peers"].items():
             if peer != self.spec.name and peer not in self.ep.book:
                 self.ep.add_peer(peer, url, self._link_spec(peer))
                 link = self.ep.links[peer]
                 link.on_change = (lambda p, lk: lambda rate: self.agent.link_changed(
                     p, rate, lk.observed_latency()))(peer, link)
-        await self.ep.connect([p for p in m["peers"] if p != self.spec.name])
+        if m["dial"]:
+            await self.ep.connect([p for p in m["peers"] if p != self.spec.name])
 
     async def _event(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
         if m["action"] == "set_link":

@@ -103,7 +103,10 @@ def _peers(m: dict[str, Any], c: Context) -> dict[str, Any]:
             raise ControlError(f"peers: {P.show(name)} is not a device of this run")
         if not isinstance(url, str) or len(url) > MAX_URL or not url.startswith(("http://", "https://")):
             raise ControlError(f"peers.{name}: not an http(s) address: {P.show(url)}")
-    return {"peers": dict(peers)}
+    dial = m.get("dial", True)
+    if not isinstance(dial, bool):
+        raise ControlError("peers: dial must be true or false")
+    return {"peers": dict(peers), "dial": dial}
 
 
 _EVENT_FIELDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

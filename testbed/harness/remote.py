@@ -172,7 +172,7 @@ class ProcessCluster:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
         await asyncio.gather(*(self._launch(n) for n in self.names))
-        await self._introduce(self.names)
+        await self._introduce()
         await self._control[self.source].request("attach")
 
     async def _launch(self, name: str) -> None:
@@ -200,10 +200,13 @@ class ProcessCluster:
         await self._control[name].request("clock", time_scale=getattr(self.loop, "time_scale", 1.0),
                                           epoch=getattr(self.loop, "epoch", 0.0))
 
-    async def _introduce(self, names: list[str]) -> None:
-        """Tell agents about their peers; they connect to each other."""
+    async def _introduce(self) -> None:
+        """Tell agents about their peers, then have them connect to each other. In two
+        rounds: an agent refuses a connection from a name it does not know yet, so every
+        agent learns the whole book before any of them dials."""
         book = {n: self.urls[n] for n in self.names if n not in self.failed}
-        await asyncio.gather(*(self._control[n].request("peers", peers=book) for n in book))
+        for dial in (False, True):
+            await asyncio.gather(*(self._control[n].request("peers", peers=book, dial=dial) for n in book))
 
     def _relay(self, sender: str, msg: dict[str, Any]) -> None:
         if self._stopping:  # the run is over: agents going away are not news
@@ -286,7 +289,7 @@ class ProcessCluster:
             assert e.join is not None
             self.names.append(e.join.name)
             await self._launch(e.join.name)
-            await self._introduce(self.names)
+            await self._introduce()
             await self._control[e.join.name].request("announce")
             return f"compute_gflops={e.join.compute_gflops:g} memory_mib={e.join.memory_mib:g}"
         fields = {"factor": e.factor, "take_mib": e.take_mib, "mib": e.mib}
