@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import os
 
 import pytest
 from hypothesis import settings
