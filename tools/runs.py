@@ -25,12 +25,6 @@ from testbed.results import TOKENS, summarize, windows
 
 RUN_FILES = ("tokens.csv", "meta.json")
 
-
-def add_runs_argument(p: argparse.ArgumentParser) -> None:
-    """The analysis tools' one positional argument: what `find_runs` accepts."""
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or directories above them (searched recursively)")
-
 # events.csv kinds that are scenario events (the rest are the controller's and the agents')
 SCENARIO_KINDS = ("set_link", "set_compute", "memory_pressure", "memory_release", "fail_device",
                   "join_device")
@@ -57,6 +51,12 @@ class RunsError(Exception):
 
 def is_run_dir(path: Path) -> bool:
     return all((path / f).is_file() for f in RUN_FILES)
+
+
+def add_runs_argument(p: argparse.ArgumentParser) -> None:
+    """The analysis tools' one positional argument: what `find_runs` accepts."""
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, or directories above them (searched recursively)")
 
 
 def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
