@@ -60,7 +60,7 @@ class Reader:
         self.file = file
 
     def fail(self, path: str, message: str) -> NoReturn:
-        raise ScenarioError(self.file, path, " ".join(message.split()))
+        raise ScenarioError(self.file, path, message)  # which keeps it one line
 
     def _wrong(self, value: object, path: str, what: str) -> NoReturn:
         hint = ""
