@@ -289,7 +289,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         if controller is None:
             on_fault(device, why)
         else:
-            controller.device_lost(device, why)
+            controller.recovery.device_lost(device, why)
 
     world = make_world(prep, transport, processes, on_fault, attach, on_lost)
     ctx.world = world
