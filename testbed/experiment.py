@@ -246,7 +246,8 @@ class _Hooks:
             if m["high"] > (prev["high_events"] if prev else 0):
                 self.w.event(t, self.k, "memory_high", name,
                              f"current={m['current']} high={m['high_bytes']} max={m['max_bytes']}")
-            self.last[name] = {**row, "jobs": r["jobs"], "overruns": r["overruns"]}
+            self.last[name] = {**row, "jobs": r["jobs"], "overruns": r["overruns"],
+                               "host_share_p99": r["host_share_p99"]}
 
     async def links(self) -> None:
         t = self.now()

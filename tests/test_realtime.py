@@ -149,6 +149,25 @@ def test_a_run_too_fast_for_its_host_says_so(tmp_path: Path) -> None:
     assert summary["wall_s"] > 0 and summary["emulated_s"] > 0
 
 
+def test_a_distorted_runs_advice_is_enough(tmp_path: Path) -> None:
+    """The main job forced to run at wall-clock speed overruns; the time scale it suggests
+    comes from the share of each window the host needed (its devices' p99), and a rerun at
+    that scale is not distorted. (On a host that other processes loaded meanwhile, the
+    rerun's own advice gets one more try, as the twin tests do.)"""
+    prep = experiment.prepare(_short("bandwidth_drop", 4))
+    first = experiment.run(prep, "resource_aware", tmp_path / "k1", clock="real", time_scale=1.0)
+    verdict = first.summary["fidelity"]
+    assert verdict["distorted"], verdict
+    assert verdict["needed_time_scale"] > 1, verdict  # the host needed more than its windows
+    k = verdict["suggested_time_scale"]
+    assert k >= verdict["needed_time_scale"]
+    again = experiment.run(prep, "resource_aware", tmp_path / "k2", clock="real", time_scale=k)
+    if again.summary["fidelity"]["distorted"] and _loaded(again.summary):
+        k = again.summary["fidelity"]["suggested_time_scale"]
+        again = experiment.run(prep, "resource_aware", tmp_path / "k3", clock="real", time_scale=k)
+    assert not again.summary["fidelity"]["distorted"], (k, again.summary["fidelity"])
+
+
 # ---------------------------------------------------------------------------- faithful
 # Two short scenarios: one steady, one with a failure, a recovery and a join. (On
 # bandwidth_drop the emergency re-plan after the drop sometimes picks another plan on the
