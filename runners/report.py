@@ -1,5 +1,5 @@
 """`python -m runners.report [DIR]`: rebuild the paper report (README, figures) of a sweep
-directory from its CSVs, without running the sweep again (testbed/paper_report.py)."""
+directory from its CSVs, without running the sweep again (testbed/experiments/paper_report.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from testbed.paper_report import write_report
+from testbed.experiments.paper_report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

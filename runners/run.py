@@ -30,11 +30,11 @@ from testbed.emulation.clock import CLOCKS
 from testbed.placement import ALGORITHM_NAMES
 from testbed.placement.plugins import Plugin, PluginRefused
 from testbed.placement.registry import lookup, size_problem
-from testbed.results import Tap
+from testbed.results.write import Tap
 from testbed.scenario import Scenario, ScenarioError, check_host, load, parse_time_scale
 
 if TYPE_CHECKING:  # imported when a run starts: torch takes seconds to import
-    from testbed import experiment
+    from testbed.experiments import run as experiment
 
 DEFAULT_OUT = Path("results")
 LIVE_PORT = 8765
@@ -214,7 +214,7 @@ class Live:
 
 def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugin], out: Console,
           err: Console, live: Live | None, wall0: float, outcomes: list[experiment.Outcome]) -> int:
-    from testbed import experiment
+    from testbed.experiments import run as experiment
     from testbed.model.smollm2 import ModelUnavailable
 
     note = live.note if live is not None else (lambda text: None)
@@ -232,7 +232,7 @@ def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugi
     k, calibration = 1.0, None
     if args.clock == "real":
         if args.time_scale is None:
-            from testbed.timescale import calibrate
+            from testbed.experiments.timescale import calibrate
 
             note("calibrating the time scale")
             try:

@@ -4,7 +4,7 @@ Experiments (the paper's claims): `optimality` (3, 4 and 5 devices; per-token la
 algorithm divided by the exact optimum's), `scale` (25 and 48 devices, long generations:
 head-level algorithms against layer-based partitioning), `paper` (both, written to
 results/paper/ with tables and figures: the committed reference results).
-Analytic mode (testbed/sweep.py): the shared estimator instead of emulated agents; every
+Analytic mode (testbed/analytic/simulate.py): the shared estimator instead of emulated agents; every
 output says so. Instances and seeds are identical for every algorithm; jobs run in
 parallel processes (`--jobs`), or on a Dask cluster (`--cluster ADDRESS`, or `local` for
 one started here with `--jobs` workers; the `cluster` extra), which changes nothing but
@@ -37,8 +37,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from testbed.placement.registry import get_algorithm
-from testbed.sweep import (
+from testbed.analytic.simulate import (
     OPT_ALGS,
     SCALE_ALGS,
     TIMING_COLUMNS,
@@ -49,6 +48,7 @@ from testbed.sweep import (
     simulate,
     timing_table,
 )
+from testbed.placement.registry import get_algorithm
 
 OPT_MODELS = ["paper-small", "paper-medium", "paper-large", "paper-xl", "gpt-tiny"]
 SCALE_CASES = [(25, "gpt2-small"), (48, "gpt-32x32"), (25, "paper-xl"), (48, "paper-xl")]
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=160)
     out = args.out or Path("results") / ("paper" if args.experiment == "paper" else "sweeps")
     t0 = time.perf_counter()
-    from testbed.experiment import git_revision
+    from testbed.experiments.run import git_revision
 
     revision = git_revision()  # before this sweep writes into a tracked directory
     summary: dict[str, list[dict[str, Any]]] = {}
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "timing.csv", timing)
     print_table(console, "decision time, wall clock on this machine", timing_table(timing))
     if args.experiment == "paper":
-        from testbed.paper_report import write_report
+        from testbed.experiments.paper_report import write_report
 
         write_report(out, summary, wall_s=time.perf_counter() - t0, argv=sys.argv[1:] if argv is None else argv,
                      check=not args.no_check, jobs=args.jobs, revision=revision)

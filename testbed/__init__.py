@@ -1,12 +1,17 @@
 """The testbed library: the emulated edge cluster, the system under test and the
 experiments that run it.
 
-Owns, top-down: `experiment` (one run end to end), `sweep` and `paper_report` (the paper's
-experiments in analytic mode and their report), the `harness` (the emulated world), the
-system under test in `agents`, and below them the pure core: `placement` (the problem,
-the algorithms and the control policy), `scenario` (the format: its entry points, over
-`scenario_format`, `scenario_records`, `scenario_sections` and `scenario_reader`), `model`
-(sizes, costs, torch blocks), `emulation` (clock, links, compute, memory) and `transport`.
-A package may import those below it, never those above; nothing here imports `runners` or
-`tools` (tests/test_imports.py enforces the rules each package states).
+Owns nothing but the layer order of its packages, top down (`LAYERS`): `experiments` (one
+run end to end, its calibration and verdicts, the paper's experiments and their report),
+`webview` (watching runs), `harness` (the emulated world), `agents` (the system under test),
+`transport`, `emulation` (clock, links, compute, memory), `analytic` (the paper-style
+instances and their analytic simulation), `scenario` (the format), `placement` (the problem,
+the algorithms and the control policy), `model` (sizes, costs, torch blocks) and `results`
+(writing and reading run directories). A package may import those below it, never those
+above; nothing here imports `runners` or `tools`. `PURE` names the pure core: no asyncio,
+no aiohttp and no torch, however indirectly. tests/test_imports.py enforces both.
 """
+
+LAYERS = ("experiments", "webview", "harness", "agents", "transport", "emulation", "analytic",
+          "scenario", "placement", "model", "results")
+PURE = ("analytic", "scenario", "placement", "results", "model.spec", "model.cost", "emulation.bucket")

@@ -212,7 +212,7 @@ devices:
     ("event_due_before_join", _doc(rest=_events(
         "{at_token: 8, action: join_device, device: {name: tab, compute_gflops: 5, memory_mib: 64}}",
         "{at_token: 4, action: fail_device, device: tab}")), "events[1].device"),
-    # background load (testbed/background.py) and the planner's window
+    # background load (testbed/scenario/background.py) and the planner's window
     ("window_tokens_zero", _doc(rest="controller: {window_tokens: 0}\n"), "controller.window_tokens"),
     ("background_not_a_mapping", _doc(rest="background_load: [gw]\n"), "background_load"),
     ("background_unknown_key", _doc(rest="background_load: {tokens: 4}\n"), "background_load.tokens"),

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.placement.problem import Placement, Snapshot
 from testbed.scenario import Scenario, parse
 

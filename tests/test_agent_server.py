@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed.agents import protocol as P
+from testbed.agents import messages as P
 from testbed.emulation.clock import run as run_loop
 from testbed.harness.agent_server import AgentProcess
 from testbed.scenario import load

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.model import cost
 from testbed.placement.problem import Placement, Snapshot
 from testbed.scenario import loads, parse

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.scenario import load
 from tools.browser import BrowserUnavailable, browser, console_errors, wait_for
 

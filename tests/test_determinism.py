@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from testbed.analytic.simulate import make_instance, simulate, snapshot_at
 from testbed.model.spec import from_name
 from testbed.placement import ALGORITHM_NAMES, local_search
 from testbed.placement.local_search import ResourceAwareLS, improve
@@ -24,7 +25,6 @@ from testbed.placement.problem import (
 )
 from testbed.placement.registry import get_algorithm, size_problem
 from testbed.placement.resource_aware import plan
-from testbed.sweep import make_instance, simulate, snapshot_at
 
 from .conftest import make_scenario, run_virtual
 

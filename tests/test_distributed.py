@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.scenario import load
 
 from .conftest import Fixed, fresh_dir, make_scenario, read_csv, read_json, run_virtual

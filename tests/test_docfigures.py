@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from testbed.model import smollm2
-from tools import docfigures
-from tools.docfigures import SECTIONS, Runs, stale
-from tools.markers import MarkerError, read_between, replace_between, write_between
+from tools.docs import figures as docfigures
+from tools.docs.figures import SECTIONS, Runs, stale
+from tools.docs.markers import MarkerError, read_between, replace_between, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
 @pytest.mark.parametrize("name", ["main_job", "plugin", "presets", "paper"])
 def test_the_quoted_figures_are_current(name: str, runs: Runs) -> None:
-    """Regenerate with `python -m tools.docfigures` when this fails (after checking that the
+    """Regenerate with `python -m tools.docs.figures` when this fails (after checking that the
     change in the figures is meant)."""
     assert stale(name, SECTIONS[name].make(runs)) is None
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import bench_realtime
-from tools.markers import read_between
+from tools.bench import realtime as bench_realtime
+from tools.docs.markers import read_between
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

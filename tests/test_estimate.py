@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.model import cost, smollm2
 from testbed.model.spec import from_name
 from testbed.placement.problem import (

@@ -1,4 +1,4 @@
-"""One run end to end (testbed/experiment.py): what the run driver does when the world
+"""One run end to end (testbed/experiments/run.py): what the run driver does when the world
 reports something the scenario did not script."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.harness.interface import World
 
 from .conftest import make_scenario, read_csv

@@ -23,7 +23,7 @@ pytest.importorskip("tokenizers", reason="tokenizers is not installed (pip insta
 import gguf  # noqa: E402
 
 from runners import run as cli  # noqa: E402
-from testbed import experiment  # noqa: E402
+from testbed.experiments import run as experiment  # noqa: E402
 from testbed.model import cost  # noqa: E402
 from testbed.model.blocks import HeadBlock, Reference, rope  # noqa: E402
 from testbed.model.gguf_file import GGUFError, open_gguf, spec_from_gguf  # noqa: E402

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.harness.cluster import Cluster
 from testbed.harness.interface import World
 from testbed.harness.remote import ProcessCluster

@@ -1,15 +1,13 @@
-"""The house reads top-down: the import rules each folder states in its first lines,
-enforced by parsing every module's imports (ast, nothing is imported to check).
+"""The house reads top-down: the layer order the library declares (`testbed.LAYERS`, its
+pure core `testbed.PURE`), enforced by parsing every module's imports (ast, nothing is
+imported to check).
 
 Rules:
-- the pure core (model/spec, model/cost, every module of placement (the policy among them),
-  the scenario format and its reader, emulation/bucket, sweep) loads no asyncio or aiohttp,
-  however indirectly;
-- the modules that load no torch today (TORCH_FREE) keep it that way;
+- a package of testbed/ imports only the packages below it in `LAYERS` (and itself);
+  every package has a place in the order;
+- the pure core (`PURE`: packages and modules) loads no asyncio, aiohttp or torch, however
+  indirectly;
 - nothing in testbed/ imports runners or tools; no runner imports tools;
-- nothing in testbed/agents (the system under test) imports testbed/harness;
-- nothing in testbed/harness (the emulated world) imports the run that drives it
-  (testbed.experiment);
 - no circular imports between modules.
 "Loads" follows the imports a module runs when it is imported (module level, its parent
 packages' __init__ included); an import inside a function runs only when called, so it
@@ -27,27 +25,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("testbed", "runners", "tools", "tests")
+FORBIDDEN = ("asyncio", "aiohttp", "torch")  # what the pure core never loads
 
-PURE = ("testbed.model.spec", "testbed.model.cost", "testbed.placement", "testbed.scenario",
-        "testbed.scenario_format", "testbed.scenario_reader", "testbed.scenario_records",
-        "testbed.scenario_sections", "testbed.emulation.bucket", "testbed.placement.policy", "testbed.sweep")
-ASYNC = ("asyncio", "aiohttp")
-# every module that loaded no torch before this rule (and the parts split off since):
-# the format, the placement problem and its algorithms, the policy, the analytic
-# simulation and its report, the emulation primitives, beliefs, results
-TORCH_FREE = (
-    "testbed", "testbed.agents", "testbed.agents.beliefs", "testbed.agents.errors", "testbed.agents.parts",
-    "testbed.agents.requests", "testbed.emulation", "testbed.emulation.bucket", "testbed.emulation.clock",
-    "testbed.emulation.compute", "testbed.emulation.link", "testbed.emulation.memory", "testbed.harness",
-    "testbed.harness.interface", "testbed.hostload", "testbed.model", "testbed.model.cost",
-    "testbed.model.gguf_file", "testbed.model.gguf_synth", "testbed.model.spec", "testbed.model.tokenizer",
-    "testbed.paper_report", "testbed.placement", "testbed.placement.baselines", "testbed.placement.layer_based",
-    "testbed.placement.local_search", "testbed.placement.optimal", "testbed.placement.plugins",
-    "testbed.placement.policy", "testbed.placement.problem", "testbed.placement.protocol",
-    "testbed.placement.registry", "testbed.placement.resource_aware", "testbed.results", "testbed.scenario",
-    "testbed.scenario_format", "testbed.scenario_reader", "testbed.scenario_records", "testbed.scenario_sections",
-    "testbed.sweep", "testbed.timescale", "testbed.transport", "testbed.twin",
-)
+
+def declared(root: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`LAYERS` and `PURE` as testbed/__init__.py states them (read, not imported)."""
+    values: dict[str, tuple[str, ...]] = {"LAYERS": (), "PURE": ()}
+    tree = ast.parse((root / "testbed" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in values:
+            values[node.targets[0].id] = tuple(ast.literal_eval(node.value))
+    return values["LAYERS"], values["PURE"]
 
 
 @dataclass
@@ -194,9 +183,16 @@ def cycles(g: Graph) -> list[list[str]]:
     return out
 
 
-def rule_violations(g: Graph) -> list[str]:
+def _package(mod: str) -> str | None:
+    """The package of testbed/ a module belongs to (None: testbed's own __init__, or outside)."""
+    parts = mod.split(".")
+    return parts[1] if parts[0] == "testbed" and len(parts) > 1 else None
+
+
+def rule_violations(g: Graph, layers: tuple[str, ...], pure: tuple[str, ...]) -> list[str]:
     """Every broken rule of the module docstring, one line each."""
     out = []
+    rank = {p: i for i, p in enumerate(layers)}
     for mod in sorted(g.modules):
         imports = g.imports(mod)
         if _within(mod, "testbed"):
@@ -204,19 +200,20 @@ def rule_violations(g: Graph) -> list[str]:
                     if _within(t, "runners") or _within(t, "tools")]
         if _within(mod, "runners"):
             out += [f"{mod} imports {t} (no runner imports a tool)" for t in sorted(imports) if _within(t, "tools")]
-        if _within(mod, "testbed.agents"):
-            out += [f"{mod} imports {t} (the system under test never imports the harness)"
-                    for t in sorted(imports) if _within(t, "testbed.harness")]
-        if _within(mod, "testbed.harness"):
-            out += [f"{mod} imports {t} (the harness never imports the run that drives it)"
-                    for t in sorted(imports) if _within(t, "testbed.experiment")]
+        here = _package(mod)
+        if here is None:
+            continue
+        if here not in rank:
+            out.append(f"{mod}: its package {here!r} has no place in testbed.LAYERS")
+            continue
+        for t in sorted(imports):
+            there = _package(t)
+            if there is not None and there != here and rank.get(there, -1) <= rank[here]:
+                out.append(f"{mod} imports {t} ({there} is not below {here} in testbed.LAYERS)")
     for mod in sorted(g.modules):
-        if any(_within(mod, p) for p in PURE):
-            bad = sorted(g.loads(mod) & set(ASYNC))
-            out += [f"{mod} loads {b} (the pure core loads no asyncio or aiohttp)" for b in bad]
-    for mod in TORCH_FREE:
-        if mod in g.modules and "torch" in g.loads(mod):
-            out.append(f"{mod} loads torch (it is torch-free and stays so)")
+        if any(_within(mod, f"testbed.{p}") for p in pure):
+            bad = sorted(g.loads(mod) & set(FORBIDDEN))
+            out += [f"{mod} loads {b} (the pure core loads no asyncio, aiohttp or torch)" for b in bad]
     out += [f"circular imports: {' -> '.join(c)}" for c in cycles(g)]
     return out
 
@@ -230,12 +227,15 @@ def project() -> Graph:
 
 
 def test_the_project_keeps_its_import_rules(project: Graph) -> None:
-    assert rule_violations(project) == []
+    assert rule_violations(project, *declared(ROOT)) == []
 
 
-def test_the_rules_name_modules_that_exist(project: Graph) -> None:
-    for mod in (*PURE, *TORCH_FREE):
-        assert mod in project.modules, mod
+def test_the_declared_order_names_every_package_and_only_those(project: Graph) -> None:
+    layers, pure = declared(ROOT)
+    packages = {p.name for p in (ROOT / "testbed").iterdir() if (p / "__init__.py").exists()}
+    assert set(layers) == packages and len(layers) == len(set(layers))
+    for name in pure:
+        assert f"testbed.{name}" in project.modules, name
     assert len(project.modules) > 80  # every package was read
 
 
@@ -260,7 +260,7 @@ def _tree(root: Path, files: dict[str, str]) -> Graph:
 
 
 GOOD = {
-    "testbed/__init__.py": "",
+    "testbed/__init__.py": "LAYERS = ('experiments', 'harness', 'agents', 'placement')\nPURE = ('placement',)\n",
     "testbed/placement/__init__.py": "",
     "testbed/placement/policy.py": "import math\nfrom .problem import x\n",
     "testbed/placement/problem.py": "import numpy\nx = 1\n",
@@ -268,7 +268,8 @@ GOOD = {
     "testbed/agents/controller.py": "import asyncio\nimport torch\nfrom ..placement import policy\n",
     "testbed/harness/__init__.py": "",
     "testbed/harness/cluster.py": "from ..agents.controller import x\n",
-    "testbed/experiment.py": "from .harness import cluster\n",
+    "testbed/experiments/__init__.py": "",
+    "testbed/experiments/run.py": "from ..harness import cluster\n",
     "runners/__init__.py": "",
     "runners/run.py": "from testbed.harness import cluster\n",
     "tools/__init__.py": "",
@@ -276,9 +277,13 @@ GOOD = {
 }
 
 
+def _violations(root: Path, g: Graph) -> list[str]:
+    return rule_violations(g, *declared(root))
+
+
 def test_the_checker_passes_a_clean_tree(tmp_path: Path) -> None:
     g = _tree(tmp_path, GOOD)
-    assert rule_violations(g) == []
+    assert _violations(tmp_path, g) == []
     assert g.eager["testbed.placement.policy"] == {"math", "testbed.placement.problem"}
     assert g.eager["testbed.agents.controller"] == {"asyncio", "torch", "testbed.placement.policy"}
     assert "torch" in g.loads("testbed.harness.cluster") and "asyncio" not in g.loads("testbed.placement.policy")
@@ -290,8 +295,11 @@ def test_the_checker_passes_a_clean_tree(tmp_path: Path) -> None:
     ("testbed/placement/problem.py", "import torch\n", "testbed.placement.problem loads torch"),
     ("testbed/agents/controller.py", "def f():\n    from ..harness import cluster\n",
      "testbed.agents.controller imports testbed.harness.cluster"),
-    ("testbed/harness/cluster.py", "from ..experiment import TORCH_THREADS\n",
-     "testbed.harness.cluster imports testbed.experiment"),
+    ("testbed/harness/cluster.py", "from ..experiments.run import TORCH_THREADS\n",
+     "testbed.harness.cluster imports testbed.experiments.run (experiments is not below harness"),
+    ("testbed/placement/problem.py", "def f():\n    from ..agents import controller\n",
+     "testbed.placement.problem imports testbed.agents.controller (agents is not below placement"),
+    ("testbed/webview/__init__.py", "", "testbed.webview: its package 'webview' has no place"),
     ("testbed/placement/problem.py", "def f():\n    import runners.run\n", "testbed.placement.problem imports runners.run"),
     ("runners/run.py", "import tools.plot\n", "runners.run imports tools.plot"),
     ("testbed/placement/problem.py", "def f():\n    from . import policy\n",
@@ -299,7 +307,7 @@ def test_the_checker_passes_a_clean_tree(tmp_path: Path) -> None:
 ])
 def test_the_checker_finds_a_bad_import(tmp_path: Path, rel: str, text: str, message: str) -> None:
     g = _tree(tmp_path, {**GOOD, rel: text})
-    found = rule_violations(g)
+    found = _violations(tmp_path, g)
     assert any(v.startswith(message) for v in found), found
 
 

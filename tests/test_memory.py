@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from testbed import experiment
-from testbed.agents import protocol as P
+from testbed.agents import messages as P
 from testbed.agents.device import DeviceAgent
 from testbed.emulation.clock import run as run_loop
 from testbed.emulation.memory import MemoryBudget, MemoryRefused
+from testbed.experiments import run as experiment
 from testbed.model import cost
 from testbed.model.blocks import RandomWeights
 from testbed.model.spec import from_name

@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from testbed import experiment
 from testbed.agents.controller import Controller
+from testbed.experiments import run as experiment
 from testbed.harness.cluster import Cluster
 from testbed.model import cost
 from testbed.model.blocks import HeadBlock

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runners.sweep import write_csv
-from testbed import paper_report
+from testbed.analytic import report as paper_report
 
 
 def _opt_rows(ls_ratio: float, ra_ratio: float) -> list[dict[str, Any]]:
@@ -59,7 +59,7 @@ def no_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
                       "max_rel_diff": 0.001}]
 
     monkeypatch.setattr(paper_report, "cross_check", fake)
-    monkeypatch.setattr("testbed.experiment.git_revision", lambda: "abc1234+dirty")
+    monkeypatch.setattr("testbed.experiments.run.git_revision", lambda: "abc1234+dirty")
 
 
 def test_how_the_sweep_ran_follows_its_record(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ import yaml
 
 from runners import run as cli
 from testbed.model import cost
+from testbed.placement.algorithm import Algorithm, check_placement
 from testbed.placement.plugins import Checked, Plugin, PluginFailed, PluginRefused
 from testbed.placement.problem import Infeasible, Placement, memory_need
-from testbed.placement.protocol import Algorithm, check_placement
 from testbed.placement.registry import instantiate, lookup
 from tests.conftest import make_scenario, read_json, run_virtual, scenario_dict
 from tests.test_placement import snapshot
@@ -508,6 +508,6 @@ def test_run_dir_name_is_sanitised(plugin_file: Path, scen_file: Path, tmp_path:
 
 def test_protocol_module_is_the_controllers() -> None:
     from testbed.agents import controller
-    from testbed.placement import protocol
+    from testbed.placement import algorithm as protocol
 
     assert controller.Algorithm is protocol.Algorithm

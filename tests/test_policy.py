@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
+from testbed.analytic.simulate import make_instance, simulate
 from testbed.placement.policy import Policy, Stop, TokenCharge
 from testbed.placement.problem import Infeasible, LatencyModel, Placement, Snapshot, epoch_objective
 from testbed.placement.registry import get_algorithm
-from testbed.sweep import make_instance, simulate
 
 from .test_placement import snapshot
 

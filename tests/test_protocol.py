@@ -1,4 +1,4 @@
-"""The protocol's one check (testbed/agents/protocol.py): every message a real run sends
+"""The protocol's one check (testbed/agents/messages.py): every message a real run sends
 is accepted as the record of its kind; hostile values in valid shapes, random msgpack and
 truncated frames are refused with ProtocolError or FrameError and nothing else, and what
 is accepted lies within the run's bounds. Hypothesis generates the hostile input; the
@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed.agents import protocol as P
+from testbed.agents import messages as P
 from testbed.scenario import load
 from testbed.transport.codec import FrameError, decode, encode
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from testbed import experiment, hostload
 from testbed.emulation import clock
+from testbed.experiments import hostload
+from testbed.experiments import run as experiment
+from testbed.experiments.timescale import Job, calibrate, fit_time_scale, late_fraction
+from testbed.experiments.twin import compare
 from testbed.scenario import Scenario, ScenarioError, load, parse
-from testbed.timescale import Job, calibrate, fit_time_scale, late_fraction
-from testbed.twin import compare
 
 from .conftest import scenario_dict
 

@@ -1,4 +1,4 @@
-"""Scenario parsing and validation (testbed/scenario.py): the malformed-file table, file-level
+"""Scenario parsing and validation (testbed/scenario/__init__.py): the malformed-file table, file-level
 failures, resolved values and defaults, to_dict round trips, overrides, shipped scenarios."""
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def test_the_clock_survives_a_device_far_slower_than_the_limits(tmp_path):
     """A device below the compute range (1e-12 GFLOP/s: one job outlasts the float
     resolution of 1 ns) once hung the virtual clock at 100 % CPU; the loader refuses it, and
     the clock no longer depends on that."""
-    from testbed import experiment
+    from testbed.experiments import run as experiment
 
     scen = sc.load(ROOT / "scenarios" / "steady.yaml").with_overrides(new_tokens=2)
     slow = tuple(dataclasses.replace(d, compute_gflops=1e-12) if d.name == "phone" else d for d in scen.devices)

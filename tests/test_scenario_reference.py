@@ -15,7 +15,7 @@ import yaml
 
 from testbed import scenario
 from testbed.scenario import CHOICES, KEYS, ScenarioError, parse
-from tools.scenario_reference import check, documented, main, problems
+from tools.docs.scenario_reference import check, documented, main, problems
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))

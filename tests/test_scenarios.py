@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.scenario import load
 
 from .conftest import read_csv

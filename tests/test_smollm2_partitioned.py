@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from runners import run as cli
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.model import cost, smollm2
 from testbed.model.blocks import HeadBlock
 from testbed.model.spec import Block, from_name

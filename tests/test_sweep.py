@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from runners import sweep as cli
-from testbed import crosscheck
+from testbed.analytic import crosscheck
+from testbed.analytic.simulate import HEADROOM_WINDOW, instance_to_scenario, make_instance
 from testbed.scenario import loads, parse
-from testbed.sweep import HEADROOM_WINDOW, instance_to_scenario, make_instance
 
 
 def test_instances_are_reproducible_and_in_the_papers_ranges() -> None:

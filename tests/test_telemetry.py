@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testbed import experiment
+from testbed.experiments import run as experiment
 
 from .conftest import Fixed, make_scenario, read_csv
 

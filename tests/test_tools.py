@@ -1,4 +1,4 @@
-"""The analysis tools (tools.latency, tools.plot, tools.compare, tools.runs) on real run
+"""The analysis tools (tools.latency, tools.plot, tools.compare, testbed.results.read) on real run
 directories: two bandwidth_drop runs (40 tokens) and a memory_pressure `static` run that
 fails part-way (its pressure moved to token 6, so pi-b runs out at token 22)."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testbed import experiment
+from testbed.experiments import run as experiment
+from testbed.results.read import RunsError, find_runs, load_runs, run_stats
 from testbed.scenario import load, parse
 from tools import compare, latency, plot
-from tools.runs import RunsError, find_runs, load_runs, run_stats
 
 TOKENS = 40
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from runners import run as cli
-from testbed import experiment
+from testbed.experiments import run as experiment
 from testbed.harness.agent_server import TOKEN_ENV
 from testbed.scenario import load
 from testbed.webview.page import inline_json, render

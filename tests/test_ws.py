@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed.agents import protocol as P
+from testbed.agents import messages as P
 from testbed.agents.device import DeviceAgent
 from testbed.emulation.clock import run as run_loop
 from testbed.model.blocks import RandomWeights

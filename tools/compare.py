@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .runs import (
+from testbed.results.read import (
     TAG_COLUMNS,
     Run,
     RunsError,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .runs import (
+from testbed.results.read import (
     STAT_COLUMNS,
     TAG_COLUMNS,
     Run,

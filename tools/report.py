@@ -16,9 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from testbed.results.read import RunsError, add_runs_argument
 from testbed.webview.page import render
 
-from .runs import RunsError, add_runs_argument
 from .view import load_feed
 
 

@@ -20,10 +20,9 @@ import sys
 import threading
 from collections.abc import Iterable
 
+from testbed.results.read import RunsError, add_runs_argument, labels, load_runs, read_csv
 from testbed.webview.server import ViewServer
 from testbed.webview.state import TABLES, Feed, RunRecord
-
-from .runs import RunsError, add_runs_argument, labels, load_runs, read_csv
 
 
 def load_feed(paths: Iterable[str | os.PathLike], mode: str) -> Feed:

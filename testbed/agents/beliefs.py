@@ -19,7 +19,7 @@ import numpy as np
 
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot
-from ..scenario_records import LinkSpec
+from ..scenario.records import LinkSpec
 
 
 class Beliefs:

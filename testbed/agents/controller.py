@@ -34,13 +34,13 @@ from typing import Any
 import torch
 
 from ..model.spec import ModelSpec
+from ..placement.algorithm import Algorithm  # re-exported: the protocol used to live here
 from ..placement.policy import Policy, Stop, TokenCharge
 from ..placement.problem import LatencyModel, Placement, Snapshot
-from ..placement.protocol import Algorithm  # re-exported: the protocol used to live here
 from ..placement.window import LoadWindow
-from ..refusals import Refusals
-from ..scenario_records import Scenario
-from . import protocol as P
+from ..scenario.records import Scenario
+from ..transport.refusals import Refusals
+from . import messages as P
 from .beliefs import Beliefs
 from .errors import DeviceLost, OutOfMemory, RunFailed, Stalled
 from .migration import Migrator

@@ -45,9 +45,9 @@ from ..model.blocks import (
     make_block,
 )
 from ..model.spec import ModelSpec
-from ..refusals import Refusals
-from ..scenario_records import DeviceSpec
-from . import protocol as P
+from ..scenario.records import DeviceSpec
+from ..transport.refusals import Refusals
+from . import messages as P
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 from ..model import cost
 from ..model.spec import Block, ModelSpec
 from ..placement.problem import Placement, Snapshot, block_index, migration_delay
-from . import protocol as P
+from . import messages as P
 from .beliefs import Beliefs
 from .errors import RunFailed
 from .parts import Progress, Recorder, Stats

@@ -8,7 +8,7 @@ the others only through what is declared here or passed to them:
 - `Recovery` (recovery.py): devices lost, joining, cut off and back; it owns the lists of
   devices to recover and to revive, and asks the controller (a `Driver`) for snapshots,
   decisions, aborts and replays.
-`Port`, `Recorder` and `RunHooks` are what the run's wiring (testbed/experiment.py) hands
+`Port`, `Recorder` and `RunHooks` are what the run's wiring (testbed/experiments/run.py) hands
 the controller; `Stats` are the counters the parts add to for the summary.
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 from ..model.spec import Block
 from ..placement.policy import Policy
 from ..placement.problem import Placement, block_index
-from ..scenario_records import Scenario
+from ..scenario.records import Scenario
 from .beliefs import Beliefs
 from .errors import DeviceLost, RunFailed
 from .migration import Migrator

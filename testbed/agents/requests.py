@@ -19,7 +19,7 @@ from .errors import ProtocolError, RunFailed
 from .parts import Port
 
 if TYPE_CHECKING:  # (the protocol's records hold tensors: this part stays torch-free)
-    from .protocol import Ack
+    from .messages import Ack
 
 MIGRATE = "migrate"  # protocol.MIGRATE: answered by its destination
 

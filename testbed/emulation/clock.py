@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..scenario_format import MAX_TIME_SCALE
+from ..scenario.format import MAX_TIME_SCALE
 
 CLOCKS = ("real", "virtual")
 

@@ -22,12 +22,12 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ..agents import protocol as P
+from ..agents import messages as P
 from ..agents.device import DeviceAgent
 from ..emulation.clock import LagMonitor
 from ..model.blocks import TORCH_THREADS
 from ..model.weights import weights_for
-from ..scenario_records import DeviceSpec, LinkSpec, Scenario
+from ..scenario.records import DeviceSpec, LinkSpec, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import WsEndpoint
 from . import control
@@ -160,7 +160,7 @@ class AgentProcess:
         return {"detail": apply_to_device(self.agent, m["action"], m["fields"])}
 
     async def _background(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
-        """This token's background load (testbed/background.py)."""
+        """This token's background load (testbed/scenario/background.py)."""
         apply_background(self.agent, float(m["memory"]), float(m["compute"]))
 
     async def _state(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:

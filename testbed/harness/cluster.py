@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from ..agents import protocol as P
+from ..agents import messages as P
 from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
-from ..scenario_records import DeviceSpec, Event, LinkSpec, Scenario
+from ..scenario.records import DeviceSpec, Event, LinkSpec, Scenario
 from ..transport.inproc import InprocNetwork
 from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 

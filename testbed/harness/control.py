@@ -4,7 +4,7 @@ checked against the run's scenario before the agent acts on it.
 The runner (`remote.py`) sends `{"t": "op", "op": NAME, "rid": N, ...}` and gets
 `{"t": "re", "rid": N, "ok": ..., ...}` back; `{"t": "send", "dst": D, "msg": M}` carries a
 controller request that leaves from the source agent (its content is checked by the
-device that receives it, as every message is: `agents/protocol.py`). `decode` turns a
+device that receives it, as every message is: `agents/messages.py`). `decode` turns a
 frame's map into its record or raises ControlError: unknown operations, missing fields,
 devices and links that the scenario does not have, and numbers outside the scenario's
 own ranges (a compute factor is finite and within FACTOR_RANGE, an amount of memory
@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..agents import protocol as P
-from ..scenario_format import (
+from ..agents import messages as P
+from ..scenario.format import (
     FACTOR_RANGE,
     MAX_BURST_KIB,
     MAX_DEVICES,

@@ -1,4 +1,4 @@
-"""The one interface of every emulated world: what a run (testbed/experiment.py) asks of
+"""The one interface of every emulated world: what a run (testbed/experiments/run.py) asks of
 the cluster it drives, whichever kind it is.
 
 Implemented by `Cluster` (agents in this process over in-process queues), `WsCluster`
@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..agents.parts import Port
 from ..placement.problem import Placement, Snapshot
-from ..scenario_records import Event
+from ..scenario.records import Event
 
 
 @runtime_checkable

@@ -39,7 +39,7 @@ import yaml
 from ..emulation.clock import from_wall
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
-from ..scenario_records import Event, Scenario
+from ..scenario.records import Event, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import FRAME_EXTRA
 

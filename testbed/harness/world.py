@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..agents import protocol as P
+from ..agents import messages as P
 from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
 
@@ -40,7 +40,7 @@ def apply_to_device(agent: DeviceAgent, action: str, fields: dict[str, Any]) -> 
 
 def apply_background(agent: DeviceAgent, memory: float, compute: float) -> None:
     """The background load for this token: a co-tenant holds `memory` of the device's memory
-    (a share of its hard limit) and takes `compute` of its compute (testbed/background.py)."""
+    (a share of its hard limit) and takes `compute` of its compute (testbed/scenario/background.py)."""
     agent.budget.hold("background", int(memory * agent.budget.max_bytes))
     agent.compute.load = compute
 

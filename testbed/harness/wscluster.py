@@ -16,7 +16,7 @@ from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
-from ..scenario_records import LinkSpec, Scenario
+from ..scenario.records import LinkSpec, Scenario
 from ..transport.codec import MAX_FRAME
 from ..transport.ws import FRAME_EXTRA, WsEndpoint
 from .cluster import Cluster

@@ -125,7 +125,7 @@ def source_flops(spec: ModelSpec, tokens: int = 1) -> float:
 
 
 # ---------------------------------------------------------------------------- frames
-# msgpack sizes of the data messages the device agents send (see agents/protocol.py), as the
+# msgpack sizes of the data messages the device agents send (see agents/messages.py), as the
 # codec encodes them: a map of short string keys, small integers, and tensors as maps
 # {"dtype": str, "shape": [rows, cols], "data": bin}.
 

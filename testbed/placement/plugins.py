@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from . import ALGORITHM_NAMES
+from .algorithm import check_placement
 from .problem import Infeasible, Placement, Snapshot
-from .protocol import check_placement
 
 ENTRY_POINT_GROUP = "edge_llm_testbed.algorithms"
 

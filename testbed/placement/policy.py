@@ -2,7 +2,7 @@
 how a decision is made and what it is predicted to gain.
 
 Owns the rules that the controller (testbed/agents/controller.py) executes against the
-emulated cluster and that the analytic simulation (testbed/sweep.py) executes against its
+emulated cluster and that the analytic simulation (testbed/analytic/simulate.py) executes against its
 estimator, so that both follow one copy:
 - the decision schedule: the first placement before token 0 (the prefill) covers the
   prompt and the first interval; an algorithm that re-plans (`dynamic`) decides again
@@ -32,9 +32,9 @@ from functools import cached_property
 from typing import Any
 
 from ..model.spec import Block
+from .algorithm import Algorithm
 from .plugins import PluginFailed
 from .problem import Infeasible, LatencyModel, Placement, Snapshot, epoch_objective, migration_delay
-from .protocol import Algorithm
 
 __all__ = ["Decision", "Policy", "Stop", "TokenCharge"]
 

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import ALGORITHM_NAMES
+from .algorithm import Algorithm
 from .baselines import Greedy, RoundRobin
 from .layer_based import EqualSplit, LayerDP, LayerDPDynamic
 from .local_search import ResourceAwareLS
 from .plugins import Plugin, load
-from .protocol import Algorithm
 from .resource_aware import ResourceAware, Static
 
 

@@ -1,6 +1,6 @@
 """The planner's view of a load that changes every token (pure).
 
-Owns one rule, shared by the controller and the analytic simulation (testbed/sweep.py):
+Owns one rule, shared by the controller and the analytic simulation (testbed/analytic/simulate.py):
 when co-tenants take a different share of a device's memory and compute at every token, a
 plan made on the latest observation alone runs out of memory at the next token, and a
 compute rate read at one instant is noise. So the planner sees, per device, the mean

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..emulation.link import EmulatedLink
-from ..scenario_records import LinkSpec
+from ..scenario.records import LinkSpec
 from .codec import FrameError, decode, encode
 
 log = logging.getLogger(__name__)

@@ -39,9 +39,9 @@ from aiohttp import web
 
 from ..emulation.clock import from_wall
 from ..emulation.link import EmulatedLink
-from ..refusals import Refusals
-from ..scenario_records import LinkSpec
+from ..scenario.records import LinkSpec
 from .codec import MAX_FRAME, FrameError, decode, encode
+from .refusals import Refusals
 
 log = logging.getLogger(__name__)
 

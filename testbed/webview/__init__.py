@@ -7,6 +7,6 @@ build step, nothing fetched from the network). docs/live.md describes all three.
 
 Owns only the view: it reads result rows and serves them; it never drives a run. `state`
 and `page` are pure (no asyncio, no IO beyond the package's own page file); `server` may
-import aiohttp and runs in a thread of its own. It may import `testbed.results` (the names
+import aiohttp and runs in a thread of its own. It may import `testbed.results.write` (the names
 of the result files); nothing of the system under test or the harness.
 """

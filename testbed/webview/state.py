@@ -5,7 +5,7 @@ in reports (`STATE_VERSION`; documented in docs/live.md): per run its meta.json 
 summary.json as written, and the rows of its five CSV files as column lists plus rows of
 values, with a few fields derived for readers of the API (current token, status, devices,
 current placement). Pure: no IO, no clock, no threads of its own. A live run feeds it from
-its writer's tap (testbed/results.py: one list append per row, on the run's thread);
+its writer's tap (testbed/results/write.py: one list append per row, on the run's thread);
 tools/view.py feeds it the rows of result files. Readers on another thread only take
 lengths and slices of those lists, which CPython does atomically, so no lock is held on
 the run's hot path.
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..results import FILES
+from ..results.write import FILES
 
 STATE_VERSION = 1
 

@@ -1,4 +1,4 @@
-"""`python -m tools.bench_hostile`: an agent process under hostile frames from a token holder.
+"""`python -m tools.bench.hostile`: an agent process under hostile frames from a token holder.
 
 Starts one device agent (`python -m runners.agent`, device pi-b of scenarios/steady.yaml)
 on loopback, connects to it as the other three devices (gateway, the source, loads and
@@ -30,7 +30,7 @@ import msgpack
 import psutil
 import torch
 
-from testbed.agents import protocol as P
+from testbed.agents import messages as P
 from testbed.scenario import load
 from testbed.transport.codec import encode
 
@@ -233,7 +233,7 @@ async def main_async(batch: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_hostile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench.hostile", description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=1000, help="frames per batch (default 1000)")
     args = p.parse_args(argv)
     return asyncio.run(main_async(args.frames))

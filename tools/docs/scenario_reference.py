@@ -1,6 +1,6 @@
 """The scenario reference (docs/) held to the loader's own table of keys.
 
-`python -m tools.scenario_reference [DOC.md ...]` (default: every docs/*.md): exit 0 when
+`python -m tools.docs.scenario_reference [DOC.md ...]` (default: every docs/*.md): exit 0 when
 every key the loader accepts (`testbed.scenario.KEYS`) is documented and every documented
 key is accepted, and the same for the values of `testbed.scenario.CHOICES`; else exit 1
 with one line per problem.

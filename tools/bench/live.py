@@ -1,6 +1,6 @@
 """Does watching slow a run down? Wall time of runs with and without `--live` and a page.
 
-`python -m tools.bench_live [--scenario FILE] [--clocks virtual,real] [--repeats N]
+`python -m tools.bench.live [--scenario FILE] [--clocks virtual,real] [--repeats N]
 [--tokens N] [--time-scale K] [--client browser|stream] [--json PATH]`
 
 For each clock, `--repeats` pairs of runs of the scenario (`python -m runners.run ...
@@ -37,15 +37,15 @@ import psutil
 from testbed.webview.server import dumps
 from testbed.webview.state import TABLES, Cursor, Feed, RunRecord
 
-from .browser import BrowserUnavailable, browser
-from .view import load_feed
+from ..browser import BrowserUnavailable, browser
+from ..view import load_feed
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.05
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_live",
+    p = argparse.ArgumentParser(prog="python -m tools.bench.live",
                                 description="Wall time of runs with and without the live view and a connected page.")
     p.add_argument("--scenario", default="scenarios/bandwidth_drop.yaml")
     p.add_argument("--clocks", default="virtual,real", help="comma-separated: virtual, real")

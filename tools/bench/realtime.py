@@ -1,12 +1,12 @@
 """Real-time fidelity: real-clock runs against their virtual-clock twins, links and lag.
 
-`python -m tools.bench_realtime [--part scenarios,main,links,lag] [--scenarios A,B]
+`python -m tools.bench.realtime [--part scenarios,main,links,lag] [--scenarios A,B]
 [--tokens N] [--doc FILE | --no-doc] [--seconds S] [--rates ...] [--agents 8,16,32] [--json PATH]`
 
 - scenarios (the default part): every shipped scenario (first `--tokens` tokens), run on
   the virtual clock, then on the real clock as a user runs it (time scale `auto`,
   calibrated for each mode) in process and with one process per agent over websockets.
-  Each real-clock run is compared with its virtual twin (`testbed.twin`): mean per-token
+  Each real-clock run is compared with its virtual twin (`testbed.experiments.twin`): mean per-token
   latency within 5 %, p95 within 10 %, migrations within 20 %, at most 1 % of jobs
   overrunning, the reference's tokens. The table, with the command that measured it, is
   written between the `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->`
@@ -44,13 +44,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from testbed import experiment, timescale, twin
 from testbed.emulation.clock import LagMonitor
 from testbed.emulation.clock import run as run_loop
+from testbed.experiments import run as experiment
+from testbed.experiments import timescale, twin
 from testbed.harness.remote import ProcessCluster
-from testbed.results import percentile
+from testbed.results.write import percentile
 from testbed.scenario import Event, load, parse
-from tools.markers import read_between, write_between
+from tools.docs.markers import read_between, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "fidelity.md"  # where the scenarios table lives
@@ -257,7 +258,7 @@ def _tabulate(files: list[Path], doc: Path | None, section: str, cmd: str) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_realtime", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench.realtime", description=__doc__.split("\n")[0])
     ap.add_argument("--part", default="scenarios", help="comma-separated: scenarios, main, links, lag")
     ap.add_argument("--scenarios", default=",".join(sorted(p.stem for p in (ROOT / "scenarios").glob("*.yaml"))),
                     help="scenario names (scenarios/NAME.yaml) for the scenarios part")
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated files written by --json: write their scenarios rows as one table "
                          "(with the command that measured each) instead of running anything")
     args = ap.parse_args(argv)
-    cmd = " ".join(["python -m tools.bench_realtime", *(argv if argv is not None else sys.argv[1:])])
+    cmd = " ".join(["python -m tools.bench.realtime", *(argv if argv is not None else sys.argv[1:])])
     parts = set(args.part.split(","))
     if "scenarios" in parts and not args.no_doc:  # before an hour of runs, not after
         text = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else ""

@@ -1,6 +1,6 @@
 """Generated sections of text files: what lies between a `<!-- NAME:begin -->` line and a
-`<!-- NAME:end -->` line. Tools write their figures there (tools.docfigures, the
-documentation's deterministic figures; tools.bench_realtime, the real-clock table) and
+`<!-- NAME:end -->` line. Tools write their figures there (tools.docs.figures, the
+documentation's deterministic figures; tools.bench.realtime, the real-clock table) and
 the prose around them stays the authors'. Pure string work plus one atomic file write.
 """
 

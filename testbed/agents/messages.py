@@ -55,8 +55,8 @@ import torch
 from ..emulation.memory import CATEGORIES
 from ..model.blocks import TORCH_DTYPES, block_shapes
 from ..model.spec import Block, ModelSpec
-from ..scenario_format import MAX_DEVICES, MAX_MEMORY_MIB, MIB
-from ..scenario_records import Scenario
+from ..scenario.format import MAX_DEVICES, MAX_MEMORY_MIB, MIB
+from ..scenario.records import Scenario
 from .errors import ProtocolError
 
 GEN, LAYER_IN, HEADS, FFN_IN, OUT, LOGITS = "gen", "x", "h", "y", "z", "logits"

@@ -4,9 +4,9 @@ that name one of a few things, and each number's sane range.
 Owns `KEYS` (the one table behind the loader's unknown-key check, and what the reference,
 docs/scenarios.md, is held to), `CHOICES`, the per-action tables of events, the limits
 (`MAX_*`, `*_RANGE`, `MIB`) and `FormatReader`, the strict reader bound to `KEYS`. The
-records are in scenario_records.py, the section readers in scenario_sections.py, the entry
+records are in scenario/records.py, the section readers in scenario/sections.py, the entry
 points in scenario.py (which re-exports all of this). Pure data: imports the strict reader
-(scenario_reader.py), background.py's keys, the model presets and the algorithm names; no
+(scenario/reader.py), background.py's keys, the model presets and the algorithm names; no
 asyncio, no torch, no IO.
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 
+from ..model.spec import PRESETS
+from ..placement import ALGORITHM_NAMES
 from . import background as bg
-from .model.spec import PRESETS
-from .placement import ALGORITHM_NAMES
-from .scenario_reader import Reader
+from .reader import Reader
 
 MIB = 1024 * 1024
 MAX_TIME_SCALE = 10_000.0  # emulation.time_scale: at most this many wall seconds per emulated one

@@ -6,7 +6,7 @@ Owns `Scenario` and its parts, `to_dict()` (the resolved scenario as plain data 
 `--seed/--tokens/--algorithm`), and what every scenario holds to whichever way it was made:
 the prompt and the generated tokens fit the model's context, the model fits the devices
 (`check_fits`) and the host (`check_host`). Pure: imports the format's table and reader
-(scenario_format.py), the model's sizes and costs, the algorithm names and background.py's
+(scenario/format.py), the model's sizes and costs, the algorithm names and background.py's
 records; no asyncio, no torch, no IO. The records are importable from
 `testbed.scenario` too.
 """
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..model import cost
+from ..model.spec import PRESETS, ModelSpec
+from ..placement import ALGORITHM_NAMES
 from . import background as bg
-from .model import cost
-from .model.spec import PRESETS, ModelSpec
-from .placement import ALGORITHM_NAMES
-from .scenario_format import ACTIONS, MAX_SEED, MIB, MODEL_FIELDS, FormatReader
+from .format import ACTIONS, MAX_SEED, MIB, MODEL_FIELDS, FormatReader
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ class Scenario:
     events: tuple[Event, ...] = ()
     description: str = ""
     emulation: EmulationSpec = EmulationSpec()
-    background: bg.BackgroundLoad | None = None  # co-tenant load per token (testbed/background.py)
+    background: bg.BackgroundLoad | None = None  # co-tenant load per token (testbed/scenario/background.py)
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the parsed YAML
 
     def device(self, name: str) -> DeviceSpec:

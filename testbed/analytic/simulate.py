@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from .model import cost
-from .model.spec import ModelSpec, from_name
-from .placement.policy import Decision, Policy, Stop, TokenCharge
-from .placement.problem import DeviceState, LatencyModel, Placement, Snapshot, memory_need
-from .placement.window import LoadWindow
+from ..model import cost
+from ..model.spec import ModelSpec, from_name
+from ..placement.policy import Decision, Policy, Stop, TokenCharge
+from ..placement.problem import DeviceState, LatencyModel, Placement, Snapshot, memory_need
+from ..placement.window import LoadWindow
 
 GB = 1e9
 OPT_ALGS = ["optimal", "resource_aware", "resource_aware_ls", "static", "greedy", "round_robin",

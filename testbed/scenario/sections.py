@@ -5,7 +5,7 @@ Owns how each section is read and what is refused within it (the model, from a p
 or a GGUF file; generation; devices; network; controller; emulation, with
 `parse_time_scale`, which the runner also uses for `--time-scale`; events, in file order,
 with joining devices); `scenario.parse` calls them in order and checks the whole. Pure:
-imports the format (scenario_format.py) and the records (scenario_records.py); reads no file
+imports the format (scenario/format.py) and the records (scenario/records.py); reads no file
 but a GGUF model's metadata (model/gguf_file.py, imported when a scenario names one); no
 asyncio, no torch.
 """
@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from .model.spec import PRESETS, ModelSpec
-from .scenario_format import (
+from ..model.spec import PRESETS, ModelSpec
+from .format import (
     ACTION_REQUIRED,
     ACTIONS,
     CHOICES,
@@ -43,7 +43,7 @@ from .scenario_format import (
     MODEL_MAX,
     FormatReader,
 )
-from .scenario_records import (
+from .records import (
     DEFAULT_LINK,
     ControllerSpec,
     DeviceSpec,
@@ -102,7 +102,7 @@ def read_model(r: FormatReader, value: object) -> ModelSpec:
 def read_gguf_model(r: FormatReader, m: dict, where: str, base: Path) -> ModelSpec:
     """A model read from a GGUF file: its metadata gives the spec; the scenario may choose
     the dtype and a shorter context, and may restate (not change) the sizes."""
-    from .model.gguf_file import GGUFError, ReaderMissing, spec_from_gguf
+    from ..model.gguf_file import GGUFError, ReaderMissing, spec_from_gguf
 
     key = "model.gguf" if where == "model" else where
     raw = r.string(m["gguf"], key)

@@ -8,17 +8,16 @@ replaces the model section. A problem raises `ScenarioError`, whose message name
 and the key path (`devices[1].memory_mib: must be > 0`); the runner prints it on one line
 and exits with status 2. Validation stops at the first problem.
 
-The format lives in four modules besides this one: scenario_format.py (`KEYS`, `CHOICES`,
-the limits `MAX_*`; the reference is docs/scenarios.md), scenario_records.py (`Scenario` and
-its parts, `to_dict()`, written to meta.json, `with_overrides()` for
-`--seed/--tokens/--algorithm`, `check_host`), scenario_sections.py (one reader per section,
-`parse_time_scale`) and scenario_reader.py (`ScenarioError`, the strict YAML loader and
-value checks). Every public name this module defined before the split is importable from
-here still (`__all__`); the library's own modules import records and limits from where they
-live. What events do at run time is not owned here; the optional `background_load` section
-is read by background.py with the same reader. Pure: imports those modules, background.py
-and yaml; reads the scenario file (and, for `model: {gguf: PATH}`, that file's metadata); no
-asyncio, no torch.
+The format lives in the package's other modules: `format` (`KEYS`, `CHOICES`, the limits
+`MAX_*`; the reference is docs/scenarios.md), `records` (`Scenario` and its parts,
+`to_dict()`, written to meta.json, `with_overrides()` for `--seed/--tokens/--algorithm`,
+`check_host`), `sections` (one reader per section, `parse_time_scale`), `reader`
+(`ScenarioError`, the strict YAML loader and value checks) and `background` (the optional
+`background_load` section, read with the same reader). Every public name of the format is
+importable from here (`__all__`); the library's own modules import records and limits from
+where they live. What events do at run time is not owned here. Pure core: imports
+`placement` and `model` below it (testbed.LAYERS) and yaml; reads the scenario file (and,
+for `model: {gguf: PATH}`, that file's metadata); no asyncio, no torch.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import background as bg
-from .scenario_format import (
+from .format import (
     CHOICES,
     FACTOR_RANGE,
     GFLOPS_RANGE,
@@ -56,8 +55,8 @@ from .scenario_format import (
     TOP_REQUIRED,
     FormatReader,
 )
-from .scenario_reader import ScenarioError, StrictLoader, check_nesting, type_name, yaml_problem
-from .scenario_records import (
+from .reader import ScenarioError, StrictLoader, check_nesting, type_name, yaml_problem
+from .records import (
     DEFAULT_LINK,
     ControllerSpec,
     DeviceSpec,
@@ -71,7 +70,7 @@ from .scenario_records import (
     check_host,
     model_bytes,
 )
-from .scenario_sections import (
+from .sections import (
     parse_time_scale,
     read_controller,
     read_devices,

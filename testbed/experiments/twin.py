@@ -5,7 +5,7 @@ is faithful when it reproduces it: the same tokens, per-token latency close to t
 (mean within 5 %, 95th percentile within 10 %), the controller's decisions alike
 (migrations within 20 %), and few jobs or deliveries that overran their emulated windows
 (at most 1 %). Pure: takes two `summary.json` documents, returns the comparison. Used by
-`tools.bench_realtime` and the tests.
+`tools.bench.realtime` and the tests.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Real-time fidelity benchmark of one `EmulatedLink` (python -m tools.bench_link).
+"""Real-time fidelity benchmark of one `EmulatedLink` (python -m tools.bench.link).
 
 For each configured rate (default 1, 10, 100, 1000 Mbit/s; latency 5 ms; burst 0) a sender
 keeps the link backlogged with bulk traffic for about `--seconds` on asyncio's default loop
@@ -200,7 +200,7 @@ def table(results: list[RateResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_link",
+    ap = argparse.ArgumentParser(prog="python -m tools.bench.link",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.5, help="sending time per rate (s)")
     ap.add_argument("--rates", type=str, default="1,10,100,1000",

@@ -1,4 +1,4 @@
-"""`python -m tools.bench_gguf [--out DIR] [--keep]`: peak memory of loading a llama GGUF file
+"""`python -m tools.bench.gguf [--out DIR] [--keep]`: peak memory of loading a llama GGUF file
 of 200+ M parameters, against the size of its dequantised blocks.
 
 Writes a synthetic Llama file with random weights (testbed/model/gguf_synth.py: 14 layers,
@@ -71,7 +71,7 @@ def child(path: str, mode: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_gguf", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench.gguf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="where to write the file (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the file")
     ap.add_argument("--child", nargs=2, metavar=("FILE", "MODE"), help=argparse.SUPPRESS)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     try:
         for mode in ("blocks", "reference"):
-            out = subprocess.run([sys.executable, "-m", "tools.bench_gguf", "--child", str(path), mode],
+            out = subprocess.run([sys.executable, "-m", "tools.bench.gguf", "--child", str(path), mode],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             mib = 2**20

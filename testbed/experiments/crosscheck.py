@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from . import experiment
-from .placement.registry import get_algorithm
-from .scenario import parse
-from .sweep import MAX_LOAD, Instance, instance_to_scenario, make_instance, simulate
+from ..analytic.simulate import MAX_LOAD, Instance, instance_to_scenario, make_instance, simulate
+from ..placement.registry import get_algorithm
+from ..scenario import parse
+from . import run as experiment
 
 MODELS = ("paper-small", "gpt-tiny", "paper-medium")
 ALGORITHMS = ("resource_aware", "resource_aware_ls")

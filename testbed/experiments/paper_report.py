@@ -3,7 +3,7 @@
 `python -m runners.sweep paper` runs the experiments and calls `write_report`; with the CSVs
 already there, `python -m runners.report results/paper` rebuilds the report alone.
 It also cross-checks the analytic mode against the emulator (virtual clock, real tensors)
-on a few small instances with the sweep's background load (testbed/crosscheck.py), and
+on a few small instances with the sweep's background load (testbed/experiments/crosscheck.py), and
 says how close they are.
 
 Every sentence of the report that states a fact is computed from the CSVs, from
@@ -28,8 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from testbed import sweep  # noqa: E402
-from testbed.sweep import (  # noqa: E402
+from ..analytic import simulate as sweep  # noqa: E402
+from ..analytic.simulate import (  # noqa: E402
     OPT_ALGS,
     SCALE_ALGS,
     add_ratios,
@@ -69,7 +69,7 @@ def _fmt(x: float, nd: int = 3) -> str:
 
 def _git() -> str:
     """The revision, `+dirty` when tracked files had uncommitted changes."""
-    from testbed.experiment import git_revision
+    from .run import git_revision
 
     return git_revision()
 
@@ -186,7 +186,7 @@ def _instances_text(rows: list[dict[str, Any]]) -> list[str]:
                                 for r in rows} if k[4] == c) for c in sweep.BANDWIDTH}
     (m0, m1), (c0, c1), (l0, l1), (p0, p1) = (sweep.MEMORY_RANGE, sweep.COMPUTE_RANGE, sweep.LATENCY_RANGE,
                                               sweep.PROMPT_RANGE)
-    return [f"Instances (`testbed/sweep.py`): devices in tiers ({tiers}), log-normal memory {m0 / 1e9:g}-{m1 / 1e9:g} GB "
+    return [f"Instances (`testbed/analytic/simulate.py`): devices in tiers ({tiers}), log-normal memory {m0 / 1e9:g}-{m1 / 1e9:g} GB "
             f"and compute {_sci(c0)}-{_sci(c1)} FLOP/s, link bandwidths from one class per instance ({classes}; "
             f"drawn here: {', '.join(f'{n} {c}' for c, n in drawn.items())}) with {l0 * 1e3:g}-{l1 * 1e3:g} ms latency, "
             f"a {p0}-{p1}-token prompt, and a background load of 0-{_pct(100 * sweep.MAX_LOAD)} of every device's "
@@ -237,7 +237,7 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
           _run_line(meta), "",
           "**Mode: analytic.** Every run below is simulated with the estimator the algorithms use",
           "(per-token critical path, migration delay as a stall on the token that pays it) rather than",
-          "with emulated agents and real tensors (`testbed/sweep.py`). " + _check_text(checks, check), "",
+          "with emulated agents and real tensors (`testbed/analytic/simulate.py`). " + _check_text(checks, check), "",
           *_instances_text(opt_rows + scale_rows), "",
           "`optimal` is the exact minimum of the epoch objective (HiGHS MILP), solved at every epoch: a",
           "myopic optimum, which another algorithm can beat over a whole run (column `beats`).", ""]

@@ -26,19 +26,19 @@ from typing import Any
 
 import torch
 
+from ..agents.controller import Controller, Options, RunFailed
+from ..emulation import clock as clock_mod
+from ..harness.cluster import Cluster
+from ..harness.interface import World
+from ..model.blocks import TORCH_THREADS, Reference, Tensors, WeightSource, fuse_qkv, random_prompt
+from ..model.spec import ModelSpec
+from ..model.weights import weights_for
+from ..placement.plugins import Plugin, PluginFailed, safe_name
+from ..placement.registry import instantiate
+from ..results.write import RunWriter, Tap, summarize, windows
+from ..scenario.records import Event, Scenario
 from . import hostload
-from .agents.controller import Controller, Options, RunFailed
-from .emulation import clock as clock_mod
-from .harness.cluster import Cluster
-from .harness.interface import World
 from .hostload import HostMonitor
-from .model.blocks import TORCH_THREADS, Reference, Tensors, WeightSource, fuse_qkv, random_prompt
-from .model.spec import ModelSpec
-from .model.weights import weights_for
-from .placement.plugins import Plugin, PluginFailed, safe_name
-from .placement.registry import instantiate
-from .results import RunWriter, Tap, summarize, windows
-from .scenario_records import Event, Scenario
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def prepare(scenario: Scenario) -> Prepared:
     tokenizer = None
     gen = scenario.generation
     if gen.prompt is not None:
-        from .model.smollm2 import load_tokenizer
+        from ..model.smollm2 import load_tokenizer
 
         tokenizer = load_tokenizer(model.gguf or None)  # a GGUF model's file, else the preset's
         prompt = tokenizer.encode(gen.prompt)
@@ -375,11 +375,11 @@ def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callab
     """The emulated cluster for a run: agents in this process over in-process queues or
     websockets, or agents in their own processes (websockets), some maybe on other hosts."""
     if processes or attach:
-        from .harness.remote import ProcessCluster
+        from ..harness.remote import ProcessCluster
 
         return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach, on_lost=on_lost)
     if transport == "ws":
-        from .harness.wscluster import WsCluster
+        from ..harness.wscluster import WsCluster
 
         return WsCluster(prep.scenario, prep.model, prep.weights, on_fault)
     return Cluster(prep.scenario, prep.model, prep.weights, on_fault)

@@ -1,4 +1,4 @@
-"""`python -m tools.bench_refusals`: how fast the runner refuses absurd scenario files.
+"""`python -m tools.bench.refusals`: how fast the runner refuses absurd scenario files.
 
 Runs `python -m runners.run FILE` once per class of absurd input (tests/bad_scenarios.py,
 `LIMIT_SCENARIOS`: YAML nested 20,000 deep, a 300-character name, `memory_mib: 1e300`,
@@ -23,7 +23,7 @@ TARGET_S = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_refusals", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench.refusals", description=__doc__.split("\n")[0])
     p.add_argument("--only", help="comma-separated class ids (default: all)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))

@@ -1,6 +1,6 @@
 """Decision time of the placement algorithms on large clusters.
 
-`python -m tools.bench_decision [--repeat N] [--json PATH]`
+`python -m tools.bench.decision [--repeat N] [--json PATH]`
 
 For 25 devices with gpt2-small (12 layers x 12 heads, 168 blocks) and 48 devices with a
 32-layer, 32-head model (1088 blocks), on random clusters in the paper's style (log-normal
@@ -48,7 +48,7 @@ def timed(fn, *args) -> tuple[float, object]:  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_decision", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench.decision", description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=5, help="random instances per case (default 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures to this file")

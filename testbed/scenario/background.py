@@ -9,8 +9,8 @@ anew at every token from the scenario's seed (`{uniform: [lo, hi]}`). The first
 `before_tokens` values of every share come before token 0 (the prefill): the co-tenants
 ran before generation started, and a controller that plans on a window of past tokens
 (`controller.window_tokens`) has watched them. The emulator applies the shares before
-every token (testbed/experiment.py, testbed/harness/world.py); the sweep's instances
-convert to this section exactly (testbed/sweep.py, `instance_to_scenario`).
+every token (testbed/experiments/run.py, testbed/harness/world.py); the sweep's instances
+convert to this section exactly (testbed/analytic/simulate.py, `instance_to_scenario`).
 
 Parsing takes the scenario loader's reader (`ScenarioError` with key paths), so this
 section reads like the rest of the format.
@@ -27,7 +27,7 @@ import numpy as np
 RESOURCES = ("memory", "compute")
 SECTION = "background_load"
 MAX_BEFORE = 1 << 20  # background_load.before_tokens (as a context)
-# the section's keys, part of the loader's one table (scenario_format.KEYS); a share given as a
+# the section's keys, part of the loader's one table (scenario.format.KEYS); a share given as a
 # distribution is a mapping of its own wherever a share may stand
 KEYS: dict[str, tuple[str, ...]] = {
     SECTION: ("before_tokens", "default", "devices"),
@@ -39,7 +39,7 @@ STREAM = 0xB6  # keeps the load's draws apart from every other use of the scenar
 
 
 class Reader(Protocol):
-    """What this section needs of the scenario loader's reader (scenario_format.FormatReader)."""
+    """What this section needs of the scenario loader's reader (scenario.format.FormatReader)."""
 
     def fail(self, path: str, message: str) -> Any: ...
     def section(self, value: object, path: str, sections: str | tuple[str, ...],

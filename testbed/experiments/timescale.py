@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .emulation.compute import ComputeUnit
-from .scenario_format import MAX_TIME_SCALE
+from ..emulation.compute import ComputeUnit
+from ..scenario.format import MAX_TIME_SCALE
 
 LATE_SHARE = ComputeUnit.LATE_SHARE  # as the runs count overruns
 
@@ -126,7 +126,7 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
     """The time scale for running `prep`'s scenario with each of `algorithms` over `transport`
     (agents in `processes` or not): the largest any of them needs, so that they are compared
     at one scale."""
-    from . import experiment
+    from . import run as experiment
 
     w0 = time.perf_counter()
     hop = ws_hop_seconds(prep.model) if transport == "ws" else 0.0
@@ -240,10 +240,10 @@ def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float) -> tuple[li
 def ws_hop_seconds(model: Any, frames: int = 200) -> float:
     """Host seconds per websocket frame of a hidden state (both ends in this process, on
     loopback): encoding, the socket write and read, decoding."""
-    from .emulation.clock import run
-    from .model import cost
-    from .scenario_records import LinkSpec
-    from .transport.ws import WsEndpoint
+    from ..emulation.clock import run
+    from ..model import cost
+    from ..scenario.records import LinkSpec
+    from ..transport.ws import WsEndpoint
 
     size = cost.hidden_bytes(model)
 

@@ -4,7 +4,7 @@ A run directory is any directory holding `tokens.csv` and `meta.json`. `find_run
 run directories or any directory above them; `Run` reads one lazily and gives typed rows;
 `run_stats` computes a run's statistics from its CSV rows (never from summary.json, so a
 run that failed part-way, or crashed before writing its summary, is summarised the same
-way), with `testbed.results`' statistics. `RunsError` carries a one-line message for the
+way), with `testbed.results.write`' statistics. `RunsError` carries a one-line message for the
 command lines (exit status 2).
 """
 
@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from testbed.results import TOKENS, summarize, windows
+from testbed.results.write import TOKENS, summarize, windows
 
 RUN_FILES = ("tokens.csv", "meta.json")
 
@@ -327,7 +327,7 @@ def run_stats(run: Run) -> dict[str, Any]:
 
 
 def run_windows(run: Run, cuts: Sequence[int]) -> list[dict[str, Any]]:
-    """Decode latency between consecutive cut tokens (testbed.results.windows)."""
+    """Decode latency between consecutive cut tokens (testbed.results.write.windows)."""
     return windows(run.tokens, cuts)
 
 
