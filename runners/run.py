@@ -287,14 +287,13 @@ class _progress:
         self.show, self.total = show, total
         self.bar = Progress(TextColumn(f"[bold]{escape(alg)}[/]"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("tokens"), TimeElapsedColumn(), console=console, transient=True)
-        self.task = None
 
     def __enter__(self) -> Any:
         if not self.show:
             return None
         self.bar.start()
-        self.task = self.bar.add_task("run", total=self.total)
-        return lambda k: self.bar.update(self.task, completed=k + 1)
+        task = self.bar.add_task("run", total=self.total)
+        return lambda k: self.bar.update(task, completed=k + 1)
 
     def __exit__(self, *exc: object) -> None:
         if self.show:

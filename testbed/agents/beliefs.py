@@ -12,6 +12,7 @@ No asyncio, no IO: messages come in as dictionaries.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -65,7 +66,7 @@ class Beliefs:
 
     # ---------------------------------------------------------------- reports
 
-    def memory(self, device: str, mem: dict[str, int], at: float, flops: float | None = None) -> None:
+    def memory(self, device: str, mem: Mapping[str, int], at: float, flops: float | None = None) -> None:
         """Fresh memory counters (and maybe compute rate) from a device, if newer."""
         i = self.index(device)
         if at < self.at[i]:

@@ -182,12 +182,12 @@ class Controller:
     def _error(self, m: P.Error) -> None:
         if m.kind == "oom":
             self.stats.oom += 1
-            self.beliefs.memory(m.device, m.memory, m.at)
-            self.rec.event(self.now(), self.k, "oom", m.device,
-                           f"layer={m.get('layer')} bytes={m.get('bytes')} {m.get('detail', '')}")
+            if m.memory is not None and m.at is not None:
+                self.beliefs.memory(m.device, m.memory, m.at)
+            self.rec.event(self.now(), self.k, "oom", m.device, f"layer={m.layer} bytes={m.bytes} {m.detail or ''}")
             fut = self._token_fut
             if fut is not None and not fut.done() and m.seq == self._seq:
-                fut.set_exception(OutOfMemory(m))
+                fut.set_exception(OutOfMemory(m.device, m.detail))
         else:  # the agent is in an unknown state: a lost device (recovered), as if it died
             self.recovery.device_lost(m.device, f"agent error: {m.detail}")
 
@@ -436,7 +436,7 @@ class Controller:
             await self.recovery.recover()
             return 0, 0
         if isinstance(e, OutOfMemory):
-            kind, devices, detail = "oom", [e.msg["device"]], ""
+            kind, devices, detail = "oom", [e.device], ""
         else:
             kind, devices, detail = "stall", [], str(e)
         reason = self.policy.emergency(kind, self.k, devices, detail)

@@ -21,9 +21,11 @@ class RunFailed(Exception):
 
 
 class OutOfMemory(Exception):
-    def __init__(self, msg: dict[str, Any]) -> None:
-        self.msg = msg
-        super().__init__(msg.get("detail", "out of memory"))
+    """A device refused a token's job: running it would cross its memory limit."""
+
+    def __init__(self, device: str, detail: str | None) -> None:
+        self.device = device
+        super().__init__(detail or "out of memory")
 
 
 class DeviceLost(Exception):

@@ -12,14 +12,13 @@ replays; the policy says whether a lost device can be recovered from at all.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..model.spec import Block
 from ..placement.policy import Policy
 from ..placement.problem import Placement, block_index
 from ..scenario.records import Scenario
 from .beliefs import Beliefs
 from .errors import DeviceLost, RunFailed
+from .messages import Join
 from .migration import Migrator
 from .parts import Driver, Recorder, Stats
 from .requests import Requests
@@ -62,16 +61,16 @@ class Recovery:
         elif other in self.unreachable and other not in self.revive:
             self.revive.append(other)
 
-    def joined(self, m: dict[str, Any]) -> None:
-        name = m["device"]
+    def joined(self, m: Join) -> None:
+        name = m.device
         if name in self.beliefs.names:
             return
         links = self.scenario.network
         spec = next((e.join_links or {} for e in self.scenario.events
                      if e.action == "join_device" and e.join is not None and e.join.name == name), {})
-        self.beliefs.add_device(name, m["host_blocks"], {o: spec.get(o, links.default) for o in self.beliefs.names})
-        self.beliefs.memory(name, m["memory"], m["at"], float(m["flops"]))
-        self.rec.event(self.ctl.now(), self.ctl.k, "device_joined", name, f"flops={m['flops']:g}")
+        self.beliefs.add_device(name, m.host_blocks, {o: spec.get(o, links.default) for o in self.beliefs.names})
+        self.beliefs.memory(name, m.memory, m.at, float(m.flops))
+        self.rec.event(self.ctl.now(), self.ctl.k, "device_joined", name, f"flops={m.flops:g}")
         self.ctl.signal(f"join@{name}")
 
     async def rejoin(self) -> None:

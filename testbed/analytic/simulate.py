@@ -78,7 +78,8 @@ def make_instance(spec: ModelSpec | str, n_devices: int, tokens: int, rng: np.ra
                   ident: str = "", max_load: float = MAX_LOAD, bandwidth_class: str | None = None,
                   prompt: tuple[int, int] = PROMPT_RANGE) -> Instance:
     spec = from_name(spec) if isinstance(spec, str) else spec
-    names, probs, mems, flops = zip(*TIERS, strict=True)
+    names = [t[0] for t in TIERS]
+    probs, mems, flops = ([float(t[i]) for t in TIERS] for i in (1, 2, 3))
     tier = rng.choice(len(TIERS), size=n_devices, p=probs)
     memory = np.exp(rng.normal(np.log(np.array(mems)[tier]), 0.35)).clip(*MEMORY_RANGE)
     compute = np.exp(rng.normal(np.log(np.array(flops)[tier]), 0.35)).clip(*COMPUTE_RANGE)

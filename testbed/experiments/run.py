@@ -30,6 +30,7 @@ from ..agents.controller import Controller, Options, RunFailed
 from ..emulation import clock as clock_mod
 from ..harness.cluster import Cluster
 from ..harness.interface import World
+from ..harness.rows import DeviceRow, LinkRow
 from ..model.blocks import TORCH_THREADS, Reference, Tensors, WeightSource, fuse_qkv, random_prompt
 from ..model.spec import ModelSpec
 from ..model.weights import weights_for
@@ -151,7 +152,7 @@ class RunContext:
     hooks: _Hooks | None = None
     total_s: float = math.nan  # emulated seconds from the run's start to the last token
     frames: dict[str, int] = field(default_factory=dict)  # lost, refused
-    link_rows: list[dict[str, Any]] = field(default_factory=list)
+    link_rows: list[LinkRow] = field(default_factory=list)
     host: dict[str, Any] = field(default_factory=dict)  # HostMonitor's record
     wall_s: float = math.nan
 
@@ -176,7 +177,7 @@ class _Hooks:
         self.progress = progress
         self.controller: Controller | None = None
         self.k = 0
-        self.last: dict[str, dict[str, Any]] = {}  # the latest telemetry row per device
+        self.last: dict[str, DeviceRow] = {}  # the latest row per device
         self._t0 = t0  # the run's start: every time in the result files counts from it
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -231,37 +232,34 @@ class _Hooks:
     async def telemetry(self) -> None:
         t = self.now()
         for r in await self.world.device_rows():
-            m, name = r["memory"], r["device"]
-            row = {
-                "t_s": round(t, 9), "token": self.k, "device": name, "mem_current": m["current"],
-                "mem_high": m["high_bytes"], "mem_max": m["max_bytes"], "kv_bytes": r["kv_bytes"],
-                "weights_bytes": r["weights_bytes"], "pressure_bytes": m["pressure_bytes"],
-                "compute_gflops": r["compute_flops"] / 1e9, "mem_peak": m["peak"],
-                "over_high": int(m["current"] > m["high_bytes"]), "high_events": m["high"],
-                "oom_events": m["oom"], "reserved_bytes": m["reserved_bytes"],
-                "background_bytes": m["background_bytes"],
-            }
-            self.w.telemetry(row)
+            m, name = r.memory, r.device
+            self.w.telemetry({
+                "t_s": round(t, 9), "token": self.k, "device": name, "mem_current": m.current,
+                "mem_high": m.high_bytes, "mem_max": m.max_bytes, "kv_bytes": r.kv_bytes,
+                "weights_bytes": r.weights_bytes, "pressure_bytes": m.pressure_bytes,
+                "compute_gflops": r.compute_flops / 1e9, "mem_peak": m.peak,
+                "over_high": int(m.current > m.high_bytes), "high_events": m.high,
+                "oom_events": m.oom, "reserved_bytes": m.reserved_bytes,
+                "background_bytes": m.background_bytes,
+            })
             prev = self.last.get(name)
-            if m["high"] > (prev["high_events"] if prev else 0):
-                self.w.event(t, self.k, "memory_high", name,
-                             f"current={m['current']} high={m['high_bytes']} max={m['max_bytes']}")
-            self.last[name] = {**row, "jobs": r["jobs"], "overruns": r["overruns"],
-                               "host_share_p99": r["host_share_p99"]}
+            if m.high > (prev.memory.high if prev else 0):
+                self.w.event(t, self.k, "memory_high", name, f"current={m.current} high={m.high_bytes} max={m.max_bytes}")
+            self.last[name] = r
 
     async def links(self) -> None:
         t = self.now()
         ctl = self.controller
         belief = ctl.belief if ctl is not None and ctl.opt.telemetry == "measured" else None
+        devices = ctl.devices if ctl is not None else []
         for r in await self.world.link_rows():
-            measured = r["observed_mbps"] if r["observed_mbps"] is not None else math.nan
-            if belief is not None and r["src"] in ctl.devices and r["dst"] in ctl.devices \
-                    and len(ctl.devices) == len(belief.devices):  # type: ignore[union-attr]
-                i, j = ctl.devices.index(r["src"]), ctl.devices.index(r["dst"])  # type: ignore[union-attr]
+            measured = r.observed_mbps if r.observed_mbps is not None else math.nan
+            if belief is not None and r.src in devices and r.dst in devices and len(devices) == len(belief.devices):
+                i, j = devices.index(r.src), devices.index(r.dst)
                 measured = float(belief.rate[i, j]) * 8 / 1e6
-            self.w.link({"t_s": round(t, 9), "token": self.k, "src": r["src"], "dst": r["dst"],
-                         "bandwidth_mbps": r["bandwidth_mbps"], "measured_mbps": measured,
-                         "latency_ms": r["latency_ms"], "bytes": r["bytes"]})
+            self.w.link({"t_s": round(t, 9), "token": self.k, "src": r.src, "dst": r.dst,
+                         "bandwidth_mbps": r.bandwidth_mbps, "measured_mbps": measured,
+                         "latency_ms": r.latency_ms, "bytes": r.bytes})
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -460,13 +458,13 @@ def _summary(prep: Prepared, w: RunWriter, ctx: RunContext,
     st = ctx.controller.stats if ctx.controller is not None else None
     hooks = ctx.hooks
     last = hooks.last if hooks is not None else {}
-    jobs = sum(r["jobs"] for r in last.values())
-    overruns = sum(r["overruns"] for r in last.values())
+    jobs = sum(r.jobs for r in last.values())
+    overruns = sum(r.overruns for r in last.values())
     links = ctx.link_rows
-    delivered = sum(r.get("checked", 0) for r in links)  # frames that are not re-timed
-    late = sum(r.get("late", 0) for r in links)
-    share = max((r.get("host_share_p99", 0.0) for r in last.values()), default=0.0)
-    peak = {name: r["mem_peak"] for name, r in last.items()}
+    delivered = sum(r.checked for r in links)  # frames that are not re-timed
+    late = sum(r.late for r in links)
+    share = max((r.host_share_p99 for r in last.values()), default=0.0)
+    peak = {name: r.memory.peak for name, r in last.items()}
     ids = [int(r["token_id"]) for r in rows]
     cuts = sorted({e.at_token for e in prep.scenario.events if e.at_token is not None})
     extra: dict[str, Any] = {

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..emulation.compute import ComputeUnit
+from ..harness.rows import DeviceRow
 from ..scenario.format import MAX_TIME_SCALE
 
 LATE_SHARE = ComputeUnit.LATE_SHARE  # as the runs count overruns
@@ -164,7 +165,7 @@ def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport:
     percentile of the share of its emulated window a job's host work needed. (A pilot has a
     few dozen jobs per device, where the 99th percentile is the single worst one: one
     wake-up delayed by another process would decide the scale.)"""
-    rows: list[dict[str, Any]] = []
+    rows: list[DeviceRow] = []
 
     async def on_finish(world: Any, controller: Any) -> None:
         rows.extend(await world.device_rows())
@@ -174,7 +175,7 @@ def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport:
                              transport=transport, processes=processes, on_finish=on_finish)
     if not out.ok:
         raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
-    return max((r["host_share_p95"] for r in rows), default=0.0)
+    return max((r.host_share_p95 for r in rows), default=0.0)
 
 
 def _name(alg: Any) -> str:

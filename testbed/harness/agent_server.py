@@ -31,6 +31,10 @@ from ..scenario.records import DeviceSpec, LinkSpec, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import WsEndpoint
 from . import control
+from .control import (  # by name: the class's `control` method hides the module in annotations
+    Op,
+    Send,
+)
 from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger("agent")
@@ -125,7 +129,7 @@ class AgentProcess:
     def _refuse(self, what: str, why: str) -> None:
         self.ep.refusals.refuse("control", what, why, asyncio.get_running_loop().time())
 
-    async def _op(self, o: control.Send | control.Op, out: asyncio.Queue[bytes]) -> dict[str, Any] | None:
+    async def _op(self, o: Send | Op, out: asyncio.Queue[bytes]) -> dict[str, Any] | None:
         if isinstance(o, control.Send):  # the controller's message, leaving from this (source) device
             self.agent.send(o.dst, o.msg)
             return None
@@ -164,9 +168,9 @@ class AgentProcess:
         apply_background(self.agent, float(m["memory"]), float(m["compute"]))
 
     async def _state(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
-        return {"device": device_row(self.agent), "lag": self.lag.stats(),
+        return {"device": device_row(self.agent).wire(), "lag": self.lag.stats(),
                 "frames": {"lost": self.ep.lost_frames, "refused": self.ep.refused + self.agent.refusals.total},
-                "links": [link_row(self.spec.name, p, lk) for p, lk in self.ep.links.items()]}
+                "links": [link_row(self.spec.name, p, lk).wire() for p, lk in self.ep.links.items()]}
 
     async def _bulk_op(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
         """Benchmark: keep the link to `peer` busy with probes, report timings."""

@@ -27,6 +27,7 @@ from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
 from ..scenario.records import DeviceSpec, Event, LinkSpec, Scenario
 from ..transport.inproc import InprocNetwork
+from .rows import DeviceRow, LinkRow
 from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class Cluster:
         return Snapshot.build(self.model, self.device_states(), self.link_matrices(),
                               self.names.index(self.source), seq_len, interval, current)
 
-    async def device_rows(self) -> list[dict[str, Any]]:
+    async def device_rows(self) -> list[DeviceRow]:
         """Instrumentation: per live device its memory, caches, weights and compute."""
         return [device_row(self.agents[n]) for n in self.names if n not in self.failed]
 
@@ -208,6 +209,6 @@ class Cluster:
     def pids(self) -> dict[str, int]:
         return {}  # every agent runs in this process
 
-    async def link_rows(self) -> list[dict[str, Any]]:
+    async def link_rows(self) -> list[LinkRow]:
         return [link_row(src, dst, lk) for (src, dst), lk in self.links().items()
                 if src not in self.failed and dst not in self.failed]

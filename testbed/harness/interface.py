@@ -9,11 +9,12 @@ processes, or attached on other hosts); tests/test_harness.py checks each agains
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ..agents.parts import Port
 from ..placement.problem import Placement, Snapshot
 from ..scenario.records import Event
+from .rows import DeviceRow, LinkRow
 
 
 @runtime_checkable
@@ -40,10 +41,10 @@ class World(Protocol):
     async def background(self, loads: dict[str, tuple[float, float]]) -> None:
         """This token's background load: device -> (memory share, compute share)."""
 
-    async def device_rows(self) -> list[dict[str, Any]]:
+    async def device_rows(self) -> list[DeviceRow]:
         """Instrumentation: per live device its memory, caches, weights and compute."""
 
-    async def link_rows(self) -> list[dict[str, Any]]:
+    async def link_rows(self) -> list[LinkRow]:
         """Instrumentation: per link between live devices its configured and measured state."""
 
     async def frame_counts(self) -> dict[str, int]:

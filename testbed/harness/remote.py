@@ -42,6 +42,7 @@ from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
 from ..scenario.records import Event, Scenario
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import FRAME_EXTRA
+from .rows import DeviceRow, LinkRow
 
 log = logging.getLogger(__name__)
 
@@ -330,12 +331,12 @@ class ProcessCluster:
         states = (await self._states()).values()
         return {k: sum(r["frames"][k] for r in states) for k in ("lost", "refused")}
 
-    async def device_rows(self) -> list[dict[str, Any]]:
-        return [r["device"] for r in (await self._states()).values()]
+    async def device_rows(self) -> list[DeviceRow]:
+        return [DeviceRow.from_wire(r["device"]) for r in (await self._states()).values()]
 
-    async def link_rows(self) -> list[dict[str, Any]]:
-        return [lk for r in (await self._states()).values() for lk in r["links"]
-                if lk["dst"] not in self.failed]
+    async def link_rows(self) -> list[LinkRow]:
+        rows = [LinkRow.from_wire(lk) for r in (await self._states()).values() for lk in r["links"]]
+        return [lk for lk in rows if lk.dst not in self.failed]
 
     async def oracle(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:
         states = await self._states()
@@ -345,9 +346,10 @@ class ProcessCluster:
             if r is None:
                 devices.append(DeviceState(name, 1.0, 0, False, alive=False))
                 continue
-            d = r["device"]
-            devices.append(DeviceState.from_memory(name, d["compute_flops"], d["memory"], d["host_blocks"]))
-            links += [(i, self.names.index(lk["dst"]), lk["rate"], lk["latency"], lk["burst"]) for lk in r["links"]]
+            d = DeviceRow.from_wire(r["device"])
+            devices.append(DeviceState.from_memory(name, d.compute_flops, d.memory.counters(), d.host_blocks))
+            links += [(i, self.names.index(lk.dst), lk.rate, lk.latency, lk.burst)
+                      for lk in map(LinkRow.from_wire, r["links"])]
         return Snapshot.build(self.model, devices, link_matrices(len(self.names), links),
                               self.names.index(self.source), seq_len, interval, current)
 

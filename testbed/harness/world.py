@@ -16,6 +16,7 @@ import numpy as np
 from ..agents import messages as P
 from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
+from .rows import DeviceRow, LinkRow, MemoryRow
 
 MIB = 1024 * 1024
 
@@ -58,15 +59,12 @@ def retimed(msg: dict[str, Any]) -> bool:
     return msg.get("t") in P.DATA
 
 
-def device_row(agent: DeviceAgent) -> dict[str, Any]:
-    """The device's truth: memory counters, caches, weights, compute (with how many jobs
-    overran their emulated window, and the share of its window the host needed, at the
-    95th and 99th percentiles of recent jobs)."""
+def device_row(agent: DeviceAgent) -> DeviceRow:
+    """The device's truth (rows.DeviceRow)."""
     c = agent.compute
-    return {"device": agent.name, "memory": agent.budget.counters(), "kv_bytes": agent.kv_bytes(),
-            "weights_bytes": agent.weight_bytes(), "compute_flops": c.rate,
-            "jobs": c.jobs, "overruns": c.overruns, "host_share_p95": quantile(c.host_shares, 0.95),
-            "host_share_p99": quantile(c.host_shares, 0.99), "host_blocks": agent.spec.host_blocks}
+    return DeviceRow(agent.name, MemoryRow(**agent.budget.counters()), agent.kv_bytes(), agent.weight_bytes(),
+                     c.rate, c.jobs, c.overruns, quantile(c.host_shares, 0.95), quantile(c.host_shares, 0.99),
+                     agent.spec.host_blocks)
 
 
 def quantile(xs: Collection[float], q: float) -> float:
@@ -74,10 +72,8 @@ def quantile(xs: Collection[float], q: float) -> float:
     return float(np.quantile(np.fromiter(xs, float, len(xs)), q)) if xs else 0.0
 
 
-def link_row(src: str, dst: str, link: EmulatedLink) -> dict[str, Any]:
+def link_row(src: str, dst: str, link: EmulatedLink) -> LinkRow:
     obs = link.observed_rate()
-    return {"src": src, "dst": dst, "bandwidth_mbps": link.bandwidth_mbps,
-            "observed_mbps": obs * 8 / 1e6 if obs is not None else None,
-            "latency_ms": link.latency_ms, "bytes": link.bytes_sent,
-            "delivered": link.delivered, "checked": link.checked, "late": link.late,
-            "rate": link.bucket.rate, "latency": link.latency, "burst": link.bucket.burst}
+    return LinkRow(src, dst, link.bandwidth_mbps, obs * 8 / 1e6 if obs is not None else None, link.latency_ms,
+                   link.bytes_sent, link.delivered, link.checked, link.late, link.bucket.rate, link.latency,
+                   link.bucket.burst)

@@ -99,7 +99,7 @@ def prefill_flops(spec: ModelSpec, block: Block | str, p: int) -> float:
     return p * decode_flops(spec, kind, 1)
 
 
-def span_flops(spec: ModelSpec, block: Block | str, pos: int, tokens: int) -> float:
+def span_flops(spec: ModelSpec, block: Block | str, pos: float, tokens: int) -> float:
     """FLOPs for `tokens` new positions pos .. pos+tokens-1 (0-based) in one job: a prefill
     chunk or (tokens = 1) a decode step. Position i attends over i + 1 keys."""
     kind = block if isinstance(block, str) else block.kind

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -117,7 +118,7 @@ class ModelSpec:
             out.append(Block("ffn", layer))
         return tuple(out)
 
-    def with_overrides(self, **fields: object) -> ModelSpec:
+    def with_overrides(self, **fields: Any) -> ModelSpec:
         return replace(self, **fields)
 
 
@@ -150,7 +151,7 @@ class Block:
         raise ValueError(f"not a block name: {name!r} (expected head.L.G, proj.L or ffn.L)")
 
 
-def _p(name: str, layers: int, heads: int, d_model: int, vocab: int, **kw: object) -> ModelSpec:
+def _p(name: str, layers: int, heads: int, d_model: int, vocab: int, **kw: Any) -> ModelSpec:
     return ModelSpec(name=name, layers=layers, heads=heads, d_model=d_model, vocab=vocab, **kw)
 
 

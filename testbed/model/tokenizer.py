@@ -99,7 +99,7 @@ class GGUFTokenizer:
             if self.pre not in BPE_PRE:
                 raise GGUFError(g.path, f"tokenizer.ggml.pre: {self.pre!r} is not supported "
                                 f"(supported: {', '.join(BPE_PRE)})")
-            merges = [tuple(m.split(" ", 1)) for m in g.strings("tokenizer.ggml.merges")]
+            merges = [(a, b) for a, _, b in (m.partition(" ") for m in g.strings("tokenizer.ggml.merges"))]
             unk = self.tokens[self.unk_id] if self.unk_id is not None else None
             tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=False))
             tok.pre_tokenizer = _pre_tokenizer(self.pre)

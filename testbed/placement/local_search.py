@@ -127,8 +127,8 @@ class _State:
                     links[(c, self.a[i])] -= self.mig_bytes[i]
                 if c != j:
                     links[(c, j)] = links.get((c, j), 0.0) + self.mig_bytes[i]
-            a, b = self._mig(links), self._mig(self.links)
-            d_mig = 0.0 if a == b else a - b
+            after, before = self._mig(links), self._mig(self.links)
+            d_mig = 0.0 if after == before else after - before
         d = self.snap.interval * d_time + d_mig
         return None if math.isnan(d) else d
 

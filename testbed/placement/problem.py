@@ -28,9 +28,10 @@ when a token starts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class DeviceState:
         return self.host_blocks and self.alive
 
     @classmethod
-    def from_memory(cls, name: str, flops: float, mem: dict[str, int], host_blocks: bool = True,
+    def from_memory(cls, name: str, flops: float, mem: Mapping[str, int], host_blocks: bool = True,
                     alive: bool = True) -> DeviceState:
         """From a device's memory counters (`MemoryBudget.counters()`): blocks may use what
         the soft limit (`high`) leaves after the source's share, co-tenants (events' and the
@@ -107,7 +108,7 @@ class Snapshot:
         """Mean sequence length over the coming interval (for the latency estimate)."""
         return self.seq_len + (self.interval + 1) / 2
 
-    def with_(self, **kw: object) -> Snapshot:
+    def with_(self, **kw: Any) -> Snapshot:
         return replace(self, **kw)
 
     @classmethod

@@ -70,8 +70,8 @@ class _Layout:
             u, f = self.upstream(layer), self.pos[self.idx("ffn", layer)]
             if u >= 0:
                 t += m.hidden_t[u, :]
-            r = s.head_range(layer)
-            heads = self.pos[r.start:r.stop]
+            hr = s.head_range(layer)
+            heads = self.pos[hr.start:hr.stop]
             placed = np.unique(heads[heads >= 0])
             if placed.size:
                 t += self.out_t[placed, :].max(axis=0)
@@ -82,8 +82,8 @@ class _Layout:
             if p >= 0:
                 t += m.hidden_t[p, :]
             if layer + 1 < s.layers:
-                r = s.head_range(layer + 1)
-                nxt = self.pos[r.start:r.stop + 1]  # its heads and proj
+                hr = s.head_range(layer + 1)
+                nxt = self.pos[hr.start:hr.stop + 1]  # its heads and proj
                 placed = np.unique(nxt[nxt >= 0])
                 if placed.size:
                     t += m.hidden_t[:, placed].max(axis=1)

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..model.spec import PRESETS, ModelSpec
 from .format import (
@@ -56,7 +57,7 @@ from .records import (
 )
 
 
-def _model_fields(r: FormatReader, m: dict, where: str) -> dict[str, object]:
+def _model_fields(r: FormatReader, m: dict, where: str) -> dict[str, Any]:
     fields: dict[str, object] = {}
     for f in MODEL_FIELDS:
         if f in m:
@@ -76,24 +77,24 @@ def read_model(r: FormatReader, value: object) -> ModelSpec:
     fields = _model_fields(r, m, "model")
     if "preset" in m:
         preset = r.choice(m["preset"], "model.preset", CHOICES["model.preset"], "preset")
-        base = PRESETS[preset]
-        if base.weights != "random":
+        named = PRESETS[preset]
+        if named.weights != "random":
             for f, v in fields.items():
-                if getattr(base, f) != v:
-                    r.fail(f"model.{f}", f"preset {preset} has real weights ({base.weights}); "
-                           f"its {f} is {getattr(base, f)} and cannot be overridden")
+                if getattr(named, f) != v:
+                    r.fail(f"model.{f}", f"preset {preset} has real weights ({named.weights}); "
+                           f"its {f} is {getattr(named, f)} and cannot be overridden")
         # sizes that the preset derives (d_ff = 4*d_model, MHA kv_heads = heads) follow the
         # overridden size unless they are given too
-        if "d_model" in fields and "d_ff" not in fields and base.d_ff == 4 * base.d_model:
+        if "d_model" in fields and "d_ff" not in fields and named.d_ff == 4 * named.d_model:
             fields["d_ff"] = 0
-        if "heads" in fields and "kv_heads" not in fields and base.kv_heads == base.heads:
+        if "heads" in fields and "kv_heads" not in fields and named.kv_heads == named.heads:
             fields["kv_heads"] = 0
-        spec = replace(base, **fields)
+        spec = replace(named, **fields)
     else:
         for f in ("layers", "heads", "d_model", "vocab"):
             if f not in fields:
                 r.fail(f"model.{f}", f"is required without a preset (presets: {', '.join(PRESETS)})")
-        spec = ModelSpec(name="custom", **fields)  # type: ignore[arg-type]
+        spec = ModelSpec(name="custom", **fields)
     for f, msg in spec.problems():
         r.fail(f"model.{f}", msg)
     return spec
@@ -125,7 +126,8 @@ def read_gguf_model(r: FormatReader, m: dict, where: str, base: Path) -> ModelSp
                    "come from its file and cannot be overridden")
     if "context" in fields and not 0 < fields["context"] <= spec.context:  # type: ignore[operator]
         r.fail(f"{where}.context", f"must be in 1..{spec.context} (the context of {path.name})")
-    spec = replace(spec, **{f: fields[f] for f in ("dtype", "context") if f in fields})
+    chosen: dict[str, Any] = {f: fields[f] for f in ("dtype", "context") if f in fields}
+    spec = replace(spec, **chosen)
     for f, msg in spec.problems():
         r.fail(f"{where}.{f}", msg)
     return spec

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import os
 import random
@@ -188,7 +189,7 @@ async def main_async(batch: int) -> int:
         worst, missed = 0.0, 0
         runs: list[tuple[str, Callable[[], Any]]] = []
         for kind, who, make in _batches(b.s, rng):
-            runs.append((kind, lambda who=who, make=make: b.send(who, make, batch)))
+            runs.append((kind, functools.partial(b.send, who, make, batch)))
 
         async def control_flood() -> None:
             for i in range(batch):

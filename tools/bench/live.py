@@ -108,6 +108,7 @@ def one_run(args: argparse.Namespace, clock: str, live: bool, out: Path, driver:
     client: dict[str, Any] = {}
     reader = None
     if live:
+        assert p.stderr is not None  # started with stderr=PIPE
         line = p.stderr.readline()
         m = re.search(r"live view: (http://\S+)", line)
         if not m:
@@ -153,7 +154,7 @@ def delta_cost(run_dir: Path) -> tuple[int, float, int]:
     by_token: dict[int, list[tuple[str, dict[str, Any]]]] = {}
     for table, (name, _) in TABLES.items():
         for row in src.rows[table]:
-            by_token.setdefault(int(row.get("token") or 0), []).append((name, row))
+            by_token.setdefault(int(row.get("token") or 0), []).append((name, dict(row)))
     t0, sent = time.thread_time(), 0
     for k in sorted(by_token):
         for name, row in by_token[k]:

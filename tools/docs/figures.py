@@ -24,8 +24,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from testbed.experiments.run import Outcome, Prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_JOB = ("bandwidth_drop", ("static", "resource_aware", "resource_aware_ls"))
@@ -44,8 +48,8 @@ class Runs:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self._prep: dict[str, object] = {}
-        self._done: dict[tuple[str, str], object] = {}
+        self._prep: dict[str, Prepared] = {}
+        self._done: dict[tuple[str, str], Outcome] = {}
 
     def outcome(self, scenario: str, algorithm: str):  # -> experiment.Outcome
         from testbed.experiments import run as experiment
