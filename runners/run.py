@@ -102,7 +102,7 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
     twice = sorted({n for n in shown if shown.count(n) > 1})
     if twice:
         raise ScenarioError(scen.file, "--algorithm", f"two algorithms are named {twice[0]!r}")
-    devices = len(scen.devices) + sum(e.action == "join_device" for e in scen.events)
+    devices = len(scen.devices) + len(scen.joins())
     for name in names:
         why = size_problem(name, scen.model.layers, devices)
         if why:

@@ -245,17 +245,16 @@ def test_full_scenario_events():
     assert [ev.index for ev in e] == list(range(7))
     assert [ev.action for ev in e] == ["set_link", "memory_pressure", "memory_release",
                                        "set_compute", "fail_device", "join_device", "set_link"]
-    assert e[0].between == ("phone", "laptop") and e[0].subject == "phone<->laptop"
-    assert (e[0].bandwidth_mbps, e[0].latency_ms, e[0].burst_kib) == (2.0, 20.0, None)
-    assert (e[1].device, e[1].take_mib, e[1].at_token, e[1].at_s) == ("phone", 40.0, 30, None)
-    assert e[2].mib is None
-    assert (e[3].at_s, e[3].at_token, e[3].factor) == (1.5, None, 0.25)
-    assert e[4].device == "laptop"
-    join = e[5]
-    assert join.device == "tablet" and join.subject == "tablet"
-    assert join.join == sc.DeviceSpec("tablet", 5.0, 256.0, pytest.approx(230.4), True)
-    assert join.join_links == {"phone": LinkSpec(300.0, 2.0, 0.0)}  # latency from network.default
-    assert e[6].between == ("tablet", "hub") and e[6].bandwidth_mbps == 0.0  # a joined device
+    assert e[0].change == sc.SetLink(("phone", "laptop"), 2.0, 20.0, None) and e[0].subject == "phone<->laptop"
+    assert (e[1].change, e[1].at_token, e[1].at_s) == (sc.MemoryPressure("phone", 40.0), 30, None)
+    assert e[2].change == sc.MemoryRelease("phone", None)
+    assert (e[3].at_s, e[3].at_token, e[3].change) == (1.5, None, sc.SetCompute("laptop", 0.25))
+    assert e[4].change == sc.FailDevice("laptop")
+    join = e[5].change
+    assert isinstance(join, sc.JoinDevice) and join.device == "tablet" and e[5].subject == "tablet"
+    assert join.spec == sc.DeviceSpec("tablet", 5.0, 256.0, pytest.approx(230.4), True)
+    assert join.links == {"phone": LinkSpec(300.0, 2.0, 0.0)}  # latency from network.default
+    assert e[6].change == sc.SetLink(("tablet", "hub"), bandwidth_mbps=0.0)  # a joined device
 
 
 def test_defaults():
@@ -359,7 +358,7 @@ events:
   - {at_token: 3, action: set_compute, device: tab, factor: 2}
 """
     s = sc.loads(text)
-    assert [e.device for e in s.events] == ["tab", "tab", "tab"]
+    assert [e.subject for e in s.events] == ["tab", "tab", "tab"]
     assert "only joins at 1 s" in str(_error(text.replace("at_s: 2.0", "at_s: 0.5")))
 
 
@@ -465,8 +464,9 @@ def test_shipped_scenario_loads_and_round_trips(path):
 
 def test_bandwidth_drop_cuts_a_link_to_a_tenth():
     s = sc.load(ROOT / "scenarios" / "bandwidth_drop.yaml")
-    (e,) = s.events
-    assert e.action == "set_link" and e.at_token == 24
+    ((ev,),) = [s.events]
+    e = ev.change
+    assert isinstance(e, sc.SetLink) and ev.at_token == 24 and e.bandwidth_mbps is not None
     before = s.network.link(*e.between)
     assert e.bandwidth_mbps == pytest.approx(before.bandwidth_mbps / 10)
     assert s.source in e.between  # every token crosses it
@@ -474,8 +474,9 @@ def test_bandwidth_drop_cuts_a_link_to_a_tenth():
 
 def test_memory_pressure_squeezes_one_device_but_the_model_still_fits():
     s = sc.load(ROOT / "scenarios" / "memory_pressure.yaml")
-    (e,) = s.events
-    assert e.action == "memory_pressure" and e.at_token == 24
+    ((ev,),) = [s.events]
+    e = ev.change
+    assert isinstance(e, sc.MemoryPressure) and ev.at_token == 24
     spec, n = s.model, s.final_length
     need = cost.model_weight_bytes(spec) + cost.model_cache_bytes(spec, n)
     room = {d.name: d.memory_bytes - (cost.source_weight_bytes(spec) if d.name == s.source else 0)
@@ -547,7 +548,7 @@ def _documents(draw: st.DrawFn) -> object:
 
 
 def _within_limits(s: sc.Scenario) -> None:
-    for d in s.devices + tuple(e.join for e in s.events if e.join is not None):
+    for d in s.devices + tuple(j.spec for j in s.joins().values()):
         assert sc.GFLOPS_RANGE[0] <= d.compute_gflops <= sc.GFLOPS_RANGE[1]
         assert 0 < d.memory_mib <= sc.MAX_MEMORY_MIB and 0 < d.memory_high_mib <= d.memory_mib
         assert len(d.name) <= sc.MAX_NAME

@@ -100,7 +100,7 @@ class Bounds:
 
     @classmethod
     def for_run(cls, scen: Scenario, max_attempts: int = 8) -> Bounds:
-        names = [d.name for d in scen.devices] + [e.join.name for e in scen.events if e.join is not None]
+        names = [d.name for d in scen.devices] + list(scen.joins())
         return cls(scen.model, scen.source, frozenset(names),
                    seq_limit(scen.generation.new_tokens, len(names), len(scen.events), max_attempts),
                    scen.final_length)

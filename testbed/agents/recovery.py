@@ -66,8 +66,8 @@ class Recovery:
         if name in self.beliefs.names:
             return
         links = self.scenario.network
-        spec = next((e.join_links or {} for e in self.scenario.events
-                     if e.action == "join_device" and e.join is not None and e.join.name == name), {})
+        join = self.scenario.joins().get(name)
+        spec = join.links if join is not None else {}
         self.beliefs.add_device(name, m.host_blocks, {o: spec.get(o, links.default) for o in self.beliefs.names})
         self.beliefs.memory(name, m.memory, m.at, float(m.flops))
         self.rec.event(self.ctl.now(), self.ctl.k, "device_joined", name, f"flops={m.flops:g}")

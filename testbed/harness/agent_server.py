@@ -27,7 +27,7 @@ from ..agents.device import DeviceAgent
 from ..emulation.clock import LagMonitor
 from ..model.blocks import TORCH_THREADS
 from ..model.weights import weights_for
-from ..scenario.records import DeviceSpec, LinkSpec, Scenario
+from ..scenario.records import DeviceSpec, LinkSpec, Scenario, SetLink, device_change
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import WsEndpoint
 from . import control
@@ -49,10 +49,10 @@ def device_spec(scen: Scenario, name: str) -> tuple[DeviceSpec, dict[str, LinkSp
     for d in scen.devices:
         if d.name == name:
             return d, {o.name: scen.network.link(name, o.name) for o in scen.devices}
-    for e in scen.events:
-        if e.action == "join_device" and e.join is not None and e.join.name == name:
-            return e.join, dict(e.join_links or {})
-    raise KeyError(name)
+    join = scen.joins().get(name)
+    if join is None:
+        raise KeyError(name)
+    return join.spec, dict(join.links)
 
 
 class AgentProcess:
@@ -159,9 +159,10 @@ class AgentProcess:
             await self.ep.connect([p for p in m["peers"] if p != self.spec.name])
 
     async def _event(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
-        if m["action"] == "set_link":
-            return {"detail": apply_to_link(self.ep.links[m["peer"]], m["fields"])}
-        return {"detail": apply_to_device(self.agent, m["action"], m["fields"])}
+        if m["action"] == SetLink.ACTION:
+            change = SetLink((self.spec.name, m["peer"]), **m["fields"])
+            return {"detail": apply_to_link(self.ep.links[m["peer"]], change)}
+        return {"detail": apply_to_device(self.agent, device_change(self.spec.name, m["action"], m["fields"]))}
 
     async def _background(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
         """This token's background load (testbed/scenario/background.py)."""

@@ -25,7 +25,18 @@ from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
-from ..scenario.records import DeviceSpec, Event, LinkSpec, Scenario
+from ..scenario.records import (
+    DeviceSpec,
+    Event,
+    FailDevice,
+    JoinDevice,
+    LinkSpec,
+    MemoryPressure,
+    MemoryRelease,
+    Scenario,
+    SetCompute,
+    SetLink,
+)
 from ..transport.inproc import InprocNetwork
 from .rows import DeviceRow, LinkRow
 from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
@@ -129,22 +140,19 @@ class Cluster:
 
     async def apply(self, e: Event) -> str:
         """Apply a scenario event to the world; returns a short description for events.csv."""
-        if e.action == "set_link":
-            a, b = e.between  # type: ignore[misc]
-            fields = {"bandwidth_mbps": e.bandwidth_mbps, "latency_ms": e.latency_ms, "burst_kib": e.burst_kib}
-            apply_to_link(self.link(b, a), fields)
-            return apply_to_link(self.link(a, b), fields)
-        if e.action == "join_device":
-            assert e.join is not None
-            agent = self._add(e.join, e.join_links or {})
-            await self._bring_up(agent)
-            return f"compute_gflops={e.join.compute_gflops:g} memory_mib={e.join.memory_mib:g}"
-        if e.action == "fail_device":
-            self.fail(e.device)  # type: ignore[arg-type]
-            return "the device stopped: its blocks and caches are gone"
-        if e.action in ("set_compute", "memory_pressure", "memory_release"):
-            fields = {"factor": e.factor, "take_mib": e.take_mib, "mib": e.mib}
-            return apply_to_device(self.agents[e.device], e.action, fields)  # type: ignore[index]
+        match e.change:
+            case SetLink(between=(a, b)) as c:
+                apply_to_link(self.link(b, a), c)
+                return apply_to_link(self.link(a, b), c)
+            case JoinDevice(spec=spec, links=links):
+                agent = self._add(spec, links)
+                await self._bring_up(agent)
+                return f"compute_gflops={spec.compute_gflops:g} memory_mib={spec.memory_mib:g}"
+            case FailDevice(device=name):
+                self.fail(name)
+                return "the device stopped: its blocks and caches are gone"
+            case SetCompute() | MemoryPressure() | MemoryRelease() as c:
+                return apply_to_device(self.agents[c.device], c)
         raise UnsupportedEvent(f"action {e.action!r} is not supported by the in-process cluster")
 
     async def background(self, loads: dict[str, tuple[float, float]]) -> None:

@@ -39,7 +39,7 @@ import yaml
 from ..emulation.clock import from_wall
 from ..model.spec import ModelSpec
 from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
-from ..scenario.records import Event, Scenario
+from ..scenario.records import Event, FailDevice, JoinDevice, Scenario, SetLink, wire_fields
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import FRAME_EXTRA
 from .rows import DeviceRow, LinkRow
@@ -267,18 +267,17 @@ class ProcessCluster:
     # ------------------------------------------------------------------ events
 
     async def apply(self, e: Event) -> str:
-        gone = [d for d in ((e.between or ()) if e.action == "set_link" else (e.device,)) if d in self.failed]
-        if gone and e.action != "join_device":
-            return f"not applied: {', '.join(gone)} is gone"  # type: ignore[arg-type]
-        if e.action == "set_link":
-            a, b = e.between  # type: ignore[misc]
-            fields = {"bandwidth_mbps": e.bandwidth_mbps, "latency_ms": e.latency_ms, "burst_kib": e.burst_kib}
-            await self._control[b].request("event", action="set_link", peer=a, fields=fields)
-            r = await self._control[a].request("event", action="set_link", peer=b, fields=fields)
+        c = e.change
+        gone = [d for d in (c.between if isinstance(c, SetLink) else (c.device,)) if d in self.failed]
+        if gone and not isinstance(c, JoinDevice):
+            return f"not applied: {', '.join(gone)} is gone"
+        if isinstance(c, SetLink):
+            a, b = c.between
+            await self._control[b].request("event", action=c.ACTION, peer=a, fields=c.fields())
+            r = await self._control[a].request("event", action=c.ACTION, peer=b, fields=c.fields())
             return r["detail"]
-        if e.action == "fail_device":
-            name = e.device
-            assert name is not None
+        if isinstance(c, FailDevice):
+            name = c.device
             self.failed.add(name)
             proc = self.procs.get(name)
             if proc is None:
@@ -286,15 +285,13 @@ class ProcessCluster:
             proc.kill()
             await proc.wait()
             return f"process {proc.pid} killed: its blocks and caches are gone"
-        if e.action == "join_device":
-            assert e.join is not None
-            self.names.append(e.join.name)
-            await self._launch(e.join.name)
+        if isinstance(c, JoinDevice):
+            self.names.append(c.device)
+            await self._launch(c.device)
             await self._introduce()
-            await self._control[e.join.name].request("announce")
-            return f"compute_gflops={e.join.compute_gflops:g} memory_mib={e.join.memory_mib:g}"
-        fields = {"factor": e.factor, "take_mib": e.take_mib, "mib": e.mib}
-        r = await self._control[e.device].request("event", action=e.action, fields=fields)  # type: ignore[index]
+            await self._control[c.device].request("announce")
+            return f"compute_gflops={c.spec.compute_gflops:g} memory_mib={c.spec.memory_mib:g}"
+        r = await self._control[c.device].request("event", action=c.ACTION, fields=wire_fields(c))
         return r["detail"]
 
     async def background(self, loads: dict[str, tuple[float, float]]) -> None:

@@ -16,27 +16,28 @@ import numpy as np
 from ..agents import messages as P
 from ..agents.device import DeviceAgent
 from ..emulation.link import EmulatedLink
+from ..scenario.records import DeviceChange, MemoryPressure, MemoryRelease, SetCompute, SetLink
 from .rows import DeviceRow, LinkRow, MemoryRow
 
 MIB = 1024 * 1024
 
 
-def apply_to_device(agent: DeviceAgent, action: str, fields: dict[str, Any]) -> str:
-    """set_compute, memory_pressure, memory_release on the device; returns a description."""
-    if action == "set_compute":
-        agent.compute.factor = float(fields["factor"])
-        return f"factor={fields['factor']:g} gflops={agent.compute.rate / 1e9:g}"
-    if action == "memory_pressure":
-        want = int(fields["take_mib"] * MIB)
-        got = agent.budget.take_up_to("pressure", want)
-        short = "" if got == want else f" (only {got / MIB:.2f} MiB were free)"
-        return f"took_mib={got / MIB:.2f}{short}"
-    if action == "memory_release":
-        held = agent.budget.by_category["pressure"]
-        amount = held if fields.get("mib") is None else min(held, int(fields["mib"] * MIB))
-        agent.budget.release("pressure", amount)
-        return f"released_mib={amount / MIB:.2f}"
-    raise ValueError(f"not a device action: {action!r}")
+def apply_to_device(agent: DeviceAgent, change: DeviceChange) -> str:
+    """A device's own change (compute rate, co-tenant memory); returns a description."""
+    match change:
+        case SetCompute(factor=factor):
+            agent.compute.factor = factor
+            return f"factor={factor:g} gflops={agent.compute.rate / 1e9:g}"
+        case MemoryPressure(take_mib=take_mib):
+            want = int(take_mib * MIB)
+            got = agent.budget.take_up_to("pressure", want)
+            short = "" if got == want else f" (only {got / MIB:.2f} MiB were free)"
+            return f"took_mib={got / MIB:.2f}{short}"
+        case MemoryRelease(mib=mib):
+            held = agent.budget.by_category["pressure"]
+            amount = held if mib is None else min(held, int(mib * MIB))
+            agent.budget.release("pressure", amount)
+            return f"released_mib={amount / MIB:.2f}"
 
 
 def apply_background(agent: DeviceAgent, memory: float, compute: float) -> None:
@@ -46,9 +47,9 @@ def apply_background(agent: DeviceAgent, memory: float, compute: float) -> None:
     agent.compute.load = compute
 
 
-def apply_to_link(link: EmulatedLink, fields: dict[str, Any]) -> str:
+def apply_to_link(link: EmulatedLink, change: SetLink) -> str:
     """set_link on one direction of a link; returns a description."""
-    link.set(fields.get("bandwidth_mbps"), fields.get("latency_ms"), fields.get("burst_kib"))
+    link.set(change.bandwidth_mbps, change.latency_ms, change.burst_kib)
     return f"bandwidth_mbps={link.bandwidth_mbps:g} latency_ms={link.latency_ms:g}"
 
 

@@ -58,14 +58,22 @@ from .format import (
 from .reader import ScenarioError, StrictLoader, check_nesting, type_name, yaml_problem
 from .records import (
     DEFAULT_LINK,
+    Change,
     ControllerSpec,
+    DeviceChange,
     DeviceSpec,
     EmulationSpec,
     Event,
+    FailDevice,
     GenerationSpec,
+    JoinDevice,
     LinkSpec,
+    MemoryPressure,
+    MemoryRelease,
     NetworkSpec,
     Scenario,
+    SetCompute,
+    SetLink,
     check_fits,
     check_host,
     model_bytes,
@@ -89,6 +97,7 @@ __all__ = [
     "MAX_MEMORY_MIB", "MAX_MEMORY_SHARE", "MAX_NAME", "MAX_NESTING", "MAX_PROMPT", "MAX_SEED",
     "MAX_TIME_SCALE", "MBPS_RANGE", "MIB", "MODEL_MAX", "ControllerSpec", "DeviceSpec", "EmulationSpec",
     "Event", "GenerationSpec", "LinkSpec", "NetworkSpec", "Scenario", "ScenarioError", "check_host",
+    "Change", "DeviceChange", "SetLink", "SetCompute", "MemoryPressure", "MemoryRelease", "FailDevice", "JoinDevice",
     "load", "loads", "parse", "parse_time_scale",
 ]
 

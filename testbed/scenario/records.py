@@ -146,43 +146,130 @@ class EmulationSpec:
         return {"time_scale": "auto" if self.time_scale is None else self.time_scale}
 
 
-@dataclass(frozen=True)
-class Event:
-    """One scenario event. Exactly one of at_token / at_s is set. Fields that an action
-    does not use are None. `index` is the event's position in the file (for messages and
-    for a stable order among events with the same trigger)."""
+# ---- what an event changes: one record per action (`ACTION` is its name in the file)
 
-    index: int
-    action: str  # set_link | set_compute | memory_pressure | memory_release | fail_device | join_device
-    at_token: int | None = None
-    at_s: float | None = None
-    device: str | None = None  # set_compute, memory_*, fail_device; join_device: the new name
-    between: tuple[str, str] | None = None  # set_link
-    bandwidth_mbps: float | None = None  # set_link (0 takes the link down)
-    latency_ms: float | None = None  # set_link (None: unchanged)
-    burst_kib: float | None = None  # set_link (None: unchanged)
-    factor: float | None = None  # set_compute: multiplies the device's base rate
-    take_mib: float | None = None  # memory_pressure
-    mib: float | None = None  # memory_release (None: all)
-    join: DeviceSpec | None = None  # join_device
-    join_links: dict[str, LinkSpec] | None = None  # join_device: optional links to others
+
+@dataclass(frozen=True)
+class SetLink:
+    """Both directions of the link between two devices get new values (None: unchanged);
+    a rate of 0 takes the link down."""
+
+    ACTION = "set_link"
+    between: tuple[str, str]
+    bandwidth_mbps: float | None = None
+    latency_ms: float | None = None
+    burst_kib: float | None = None
 
     @property
     def subject(self) -> str:
-        if self.between:
-            return f"{self.between[0]}<->{self.between[1]}"
-        return self.device or ""
+        return f"{self.between[0]}<->{self.between[1]}"
+
+    def fields(self) -> dict[str, float | None]:
+        """What one direction of the link is set to (the wire form of the change)."""
+        return {"bandwidth_mbps": self.bandwidth_mbps, "latency_ms": self.latency_ms, "burst_kib": self.burst_kib}
+
+
+@dataclass(frozen=True)
+class SetCompute:
+    """The device's compute rate becomes `factor` times its base rate."""
+
+    ACTION = "set_compute"
+    device: str
+    factor: float
+
+
+@dataclass(frozen=True)
+class MemoryPressure:
+    """A co-tenant takes `take_mib` of the device's memory (as much as is free)."""
+
+    ACTION = "memory_pressure"
+    device: str
+    take_mib: float
+
+
+@dataclass(frozen=True)
+class MemoryRelease:
+    """The co-tenant gives back `mib` (None: all it holds)."""
+
+    ACTION = "memory_release"
+    device: str
+    mib: float | None = None
+
+
+@dataclass(frozen=True)
+class FailDevice:
+    """The device stops abruptly: its blocks and caches are gone."""
+
+    ACTION = "fail_device"
+    device: str
+
+
+@dataclass(frozen=True)
+class JoinDevice:
+    """A new device joins, with optional links of its own to devices already there."""
+
+    ACTION = "join_device"
+    spec: DeviceSpec
+    links: dict[str, LinkSpec] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return self.spec.name
+
+
+# what a device applies to itself (in process, or told by its runner over the control channel)
+DeviceChange = SetCompute | MemoryPressure | MemoryRelease
+Change = SetLink | DeviceChange | FailDevice | JoinDevice
+
+
+def device_change(device: str, action: str, fields: dict) -> DeviceChange:
+    """A device's change from its wire form (`wire_fields`): the action and its values."""
+    if action == SetCompute.ACTION:
+        return SetCompute(device, float(fields["factor"]))
+    if action == MemoryPressure.ACTION:
+        return MemoryPressure(device, float(fields["take_mib"]))
+    if action == MemoryRelease.ACTION:
+        return MemoryRelease(device, None if fields.get("mib") is None else float(fields["mib"]))
+    raise ValueError(f"not a device action: {action!r}")
+
+
+def wire_fields(c: DeviceChange) -> dict[str, float | None]:
+    """A device's change as its runner sends it: every value a device action may take."""
+    return {"factor": getattr(c, "factor", None), "take_mib": getattr(c, "take_mib", None),
+            "mib": getattr(c, "mib", None)}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One scenario event: what it changes (`change`, a record per action) and when it
+    fires: exactly one of `at_token` (before that token) and `at_s` (emulated seconds
+    after generation starts). `index` is the event's position in the file (for messages
+    and for a stable order among events with the same trigger)."""
+
+    index: int
+    change: Change
+    at_token: int | None = None
+    at_s: float | None = None
+
+    @property
+    def action(self) -> str:
+        return self.change.ACTION
+
+    @property
+    def subject(self) -> str:
+        c = self.change
+        return c.subject if isinstance(c, SetLink) else c.device
 
     def to_dict(self) -> dict:
         out: dict = {"at_token": self.at_token} if self.at_token is not None else {"at_s": self.at_s}
         out["action"] = self.action
-        if self.action == "join_device":
-            assert self.join is not None
-            out["device"] = self.join.to_dict()
-            out["links"] = [{"to": k, **v.to_dict()} for k, v in (self.join_links or {}).items()]
+        c = self.change
+        if isinstance(c, JoinDevice):
+            out["device"] = c.spec.to_dict()
+            out["links"] = [{"to": k, **v.to_dict()} for k, v in c.links.items()]
             return out
         for key in ACTIONS[self.action]:
-            value = getattr(self, key)
+            value = getattr(c, key)
             if value is not None:
                 out[key] = list(value) if key == "between" else value
         return out
@@ -215,6 +302,10 @@ class Scenario:
     @property
     def device_names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.devices)
+
+    def joins(self) -> dict[str, JoinDevice]:
+        """The devices that join during the run, by name."""
+        return {e.change.device: e.change for e in self.events if isinstance(e.change, JoinDevice)}
 
     @property
     def final_length(self) -> int:

@@ -46,13 +46,20 @@ from .format import (
 )
 from .records import (
     DEFAULT_LINK,
+    Change,
     ControllerSpec,
     DeviceSpec,
     EmulationSpec,
     Event,
+    FailDevice,
     GenerationSpec,
+    JoinDevice,
     LinkSpec,
+    MemoryPressure,
+    MemoryRelease,
     NetworkSpec,
+    SetCompute,
+    SetLink,
     check_context,
 )
 
@@ -330,24 +337,23 @@ def read_events(r: FormatReader, value: object, names: list[str], source: str, g
         else:
             r.fail(p, "needs a trigger: at_token (before token N) or at_s (emulated seconds)")
 
-        kw: dict = {"at_token" if trigger[0] == "at_token" else "at_s": trigger[1]}
+        change: Change
         if action == "set_link":
-            kw["between"] = _pair(r, e["between"], f"{p}.between", known)
-            for k, name in enumerate(kw["between"]):
+            between = _pair(r, e["between"], f"{p}.between", known)
+            for k, name in enumerate(between):
                 _check_joined_before(r, name, f"{p}.between[{k}]", trigger, joined)
-            for key in LINK_KEYS:
-                if key in e:
-                    kw[key] = _link_value(r, e[key], f"{p}.{key}", key, down=True)
-            if not any(key in e for key in LINK_KEYS):
+            values = {key: _link_value(r, e[key], f"{p}.{key}", key, down=True) for key in LINK_KEYS if key in e}
+            if not values:
                 r.fail(p, "set_link needs at least one of bandwidth_mbps, latency_ms, burst_kib")
+            change = SetLink(between, **values)
         elif action == "join_device":
-            kw["join"] = new = _device(r, e["device"], f"{p}.device", whole)
+            new = _device(r, e["device"], f"{p}.device", whole)
             if new.name in known:
                 r.fail(f"{p}.device.name", f"device {new.name!r} already exists")
             if len(known) >= MAX_DEVICES:
                 r.fail(f"{p}.device", f"would be device {len(known) + 1}, more than {MAX_DEVICES}")
-            kw["device"] = new.name
-            kw["join_links"] = links = {}
+            links: dict[str, LinkSpec] = {}
+            change = JoinDevice(new, links)
             for j, item_link in enumerate(r.list_(e.get("links", []), f"{p}.links")):
                 lp = f"{p}.links[{j}]"
                 m = r.section(item_link, lp, "events[].join_device.links[]", ("to",))
@@ -358,16 +364,21 @@ def read_events(r: FormatReader, value: object, names: list[str], source: str, g
             known.append(new.name)
             joined[new.name] = (*trigger, i)
         else:
-            kw["device"] = name = _event_device(r, e["device"], f"{p}.device", known, trigger, joined)
+            name = _event_device(r, e["device"], f"{p}.device", known, trigger, joined)
             if action == "fail_device" and name == source:
                 r.fail(f"{p}.device", "the source device runs the controller and cannot fail")
             if action == "set_compute":
-                kw["factor"] = r.number(e["factor"], f"{p}.factor", ge=FACTOR_RANGE[0], le=FACTOR_RANGE[1])
+                change = SetCompute(name, r.number(e["factor"], f"{p}.factor", ge=FACTOR_RANGE[0], le=FACTOR_RANGE[1]))
             elif action == "memory_pressure":
-                kw["take_mib"] = r.number(e["take_mib"], f"{p}.take_mib", gt=0, le=MAX_MEMORY_MIB)
-            elif action == "memory_release" and "mib" in e:
-                kw["mib"] = r.number(e["mib"], f"{p}.mib", gt=0, le=MAX_MEMORY_MIB)
-        events.append(Event(index=i, action=action, **kw))
+                change = MemoryPressure(name, r.number(e["take_mib"], f"{p}.take_mib", gt=0, le=MAX_MEMORY_MIB))
+            elif action == "memory_release":
+                change = MemoryRelease(name, r.number(e["mib"], f"{p}.mib", gt=0, le=MAX_MEMORY_MIB) if "mib" in e else None)
+            else:
+                change = FailDevice(name)
+        if trigger[0] == "at_token":
+            events.append(Event(i, change, at_token=int(trigger[1])))
+        else:
+            events.append(Event(i, change, at_s=trigger[1]))
     return tuple(events)
 
 

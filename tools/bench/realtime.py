@@ -50,7 +50,7 @@ from testbed.experiments import run as experiment
 from testbed.experiments import timescale, twin
 from testbed.harness.remote import ProcessCluster
 from testbed.results.write import percentile
-from testbed.scenario import Event, load, parse
+from testbed.scenario import Event, SetLink, load, parse
 from tools.docs.markers import read_between, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ async def _links(rates: list[float], seconds: float) -> list[dict[str, Any]]:
     out = []
     try:
         for rate in rates:
-            await cluster.apply(Event(0, "set_link", at_token=0, between=("a", "b"), bandwidth_mbps=rate, latency_ms=5.0))
+            await cluster.apply(Event(0, SetLink(("a", "b"), bandwidth_mbps=rate, latency_ms=5.0), at_token=0))
             size = SIZES.get(rate, 16384)
             count = int(rate * 1e6 / 8 * seconds / size) + 2
             a, b = cluster._control["a"], cluster._control["b"]
