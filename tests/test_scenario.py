@@ -558,7 +558,7 @@ def _within_limits(s: sc.Scenario) -> None:
     assert 1 <= s.controller.interval_tokens <= sc.MAX_INTERVAL
     assert len(s.name) <= sc.MAX_NAME and len(s.description) <= sc.MAX_DESCRIPTION
     for e in s.events:
-        assert e.factor is None or sc.FACTOR_RANGE[0] <= e.factor <= sc.FACTOR_RANGE[1]
+        assert not isinstance(e.change, sc.SetCompute) or sc.FACTOR_RANGE[0] <= e.change.factor <= sc.FACTOR_RANGE[1]
         assert e.at_s is None or 0 <= e.at_s <= sc.MAX_AT_S
 
 

@@ -35,7 +35,7 @@ from testbed.agents import messages as P
 from testbed.scenario import load
 from testbed.transport.codec import encode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = ROOT / "scenarios" / "steady.yaml"
 DEVICE = "pi-b"  # sorts last: it dials nobody, the others (us) dial it
 TOKEN = "bench-hostile-" + "x" * 24

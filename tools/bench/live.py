@@ -40,7 +40,7 @@ from testbed.webview.state import TABLES, Cursor, Feed, RunRecord
 from ..browser import BrowserUnavailable, browser
 from ..view import load_feed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGET = 0.05
 
 

@@ -53,7 +53,7 @@ from testbed.results.write import percentile
 from testbed.scenario import Event, SetLink, load, parse
 from tools.docs.markers import read_between, write_between
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "fidelity.md"  # where the scenarios table lives
 SECTION = "bench_realtime"
 RATES = (1.0, 10.0, 100.0, 1000.0)

@@ -31,7 +31,7 @@ from rich.console import Console
 if TYPE_CHECKING:
     from testbed.experiments.run import Outcome, Prepared
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAIN_JOB = ("bandwidth_drop", ("static", "resource_aware", "resource_aware_ls"))
 PLUGIN = ("bandwidth_drop", ("examples/fastest_first.py:FastestFirst", "resource_aware"))
 SMOLLM2 = ("smollm2_bandwidth_drop", ("static", "resource_aware", "resource_aware_ls"))

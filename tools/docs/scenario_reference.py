@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MARK = re.compile(r"^<!--\s*(keys|values):\s*(.*?)\s*-->\s*$")
 TOP = "top"  # how the reference names the top level (section "" in KEYS)
 
