@@ -18,7 +18,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.markup import escape
@@ -90,8 +90,10 @@ def table(scenario: str, runs: list[Run]) -> tuple[Table, list[dict[str, Any]], 
     names = labels(runs)
     events = scenario_events(runs)
     t = Table(title=f"{escape(scenario)}: {len(runs)} run(s), decode latency per token", title_justify="left")
-    for col, just in (("algorithm", "left"), ("status", "left"), ("tokens", "right"), ("mean", "right"),
-                      ("p50", "right"), ("p95", "right")):
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
+        ("algorithm", "left"), ("status", "left"), ("tokens", "right"), ("mean", "right"), ("p50", "right"),
+        ("p95", "right"))
+    for col, just in columns:
         t.add_column(col, justify=just, overflow="fold")
     for lo, hi in spans:
         t.add_column(f"mean\ntokens {lo}-{hi}", justify="right")

@@ -54,7 +54,7 @@ def summary_path(output: Path) -> Path:
 
 
 def token_rows(runs: list[Run], columns: list[str]) -> list[dict[str, str]]:
-    out = []
+    out: list[dict[str, str]] = []
     for run in runs:
         tags = {**run.tags(), "run_dir": str(run.path), "status": run.status}
         rows = sorted(run.token_file[1], key=lambda r: int(r["token"]) if r["token"].isdigit() else -1)

@@ -132,10 +132,10 @@ def latency_panel(ax: Any, runs: list[Run], names: dict[Path, str], xmax: int, y
             else:
                 ax.plot([x["token"]], [top], marker="^", color=color, ms=7, clip_on=False, zorder=5)
                 arrows = True
-            text = [f"{x['migrations']} block(s) moved"] if moved else []
+            parts = [f"{x['migrations']} block(s) moved"] if moved else []
             if high:
-                text.append(f"{x['latency_ms']:.0f} ms")
-            ax.annotate(", ".join(text), (x["token"], y), xytext=(7, -2), textcoords="offset points",
+                parts.append(f"{x['latency_ms']:.0f} ms")
+            ax.annotate(", ".join(parts), (x["token"], y), xytext=(7, -2), textcoords="offset points",
                         ha="left", va="top", fontsize=7.5, color=color, zorder=7,
                         bbox={"fc": "white", "ec": "none", "alpha": 0.75, "pad": 0.5})
         if not r.ok and dec:
@@ -148,9 +148,9 @@ def latency_panel(ax: Any, runs: list[Run], names: dict[Path, str], xmax: int, y
                         ha="right" if right else "left", zorder=7,
                         bbox={"fc": "white", "ec": "none", "alpha": 0.75, "pad": 0.5})
     scenarios = sorted({r.scenario for r in runs})
-    events = [(tok, f"{scen}: {text}" if len(scenarios) > 1 else text)
-              for scen in scenarios for tok, text in scenario_events([r for r in runs if r.scenario == scen])]
-    for tok, text in events:
+    marks = [(tok, f"{scen}: {text}" if len(scenarios) > 1 else text)
+             for scen in scenarios for tok, text in scenario_events([r for r in runs if r.scenario == scen])]
+    for tok, text in marks:
         ax.axvline(tok - 0.5, color=EVENT_COLOR, ls="--", lw=1.1, zorder=2)
         ax.annotate(text, (tok - 0.5, 1), xycoords=("data", "axes fraction"), xytext=(-3, -4),
                     textcoords="offset points", rotation=90, ha="right", va="top", fontsize=8,

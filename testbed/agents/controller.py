@@ -90,8 +90,7 @@ class Controller:
         self.policy = Policy(algorithm, options.interval, len(prompt))
         self.loop = asyncio.get_running_loop()
         self.stats = Stats()
-        self.requests = Requests(port, self.loop, options.request_timeout_s,
-                                 lambda d, why: self.recovery.device_lost(d, why))
+        self.requests = Requests(port, self.loop, options.request_timeout_s, self._device_lost)
         self.mover = Migrator(model, self.requests, self.beliefs, recorder, self.stats, self)
         self.recovery = Recovery(scenario, port.source, self.beliefs, self.requests, self.mover, recorder,
                                  self.stats, self.policy, self)
@@ -124,6 +123,10 @@ class Controller:
     def belief(self) -> Snapshot | None:
         """The snapshot of the last decision."""
         return self._belief
+
+    def _device_lost(self, device: str, why: str) -> None:
+        """A device stopped answering a request (Requests' timeout)."""
+        self.recovery.device_lost(device, why)
 
     def alive(self) -> list[str]:
         return self.beliefs.alive_names()

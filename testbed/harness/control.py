@@ -70,7 +70,7 @@ def _peer(m: dict[str, Any], key: str, c: Context) -> str:
     v = m.get(key)
     if v not in c.devices or v == c.me:
         raise ControlError(f"{key} must be another device of this run, got {P.show(v)}")
-    return v  # type: ignore[return-value]
+    return v
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def decode(m: dict[str, Any], c: Context) -> Send | Op:
             raise ControlError(f"send: {P.show(dst)} is not a device of this run")
         if not isinstance(msg, dict) or msg.get("t") not in P.FROM_CONTROLLER:
             raise ControlError(f"send: only controller requests leave this way, not {P.show(P.kind_of(msg))}")
-        return Send(dst, msg)  # type: ignore[arg-type]
+        return Send(dst, msg)
     if t != "op":
         raise ControlError(f"unknown control frame {P.show(t)}")
     rid, op = _int(m, "rid", 0, P.MAX_ID), m.get("op")

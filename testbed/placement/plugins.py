@@ -232,7 +232,7 @@ def _check(label: str, target: Any, origin: dict[str, str]) -> Plugin:
     if missing:
         raise PluginRefused(f"{label}: not an Algorithm: no {', '.join(f'`{a}`' for a in missing)} "
                             "(needs name: str, dynamic: bool, place(snapshot) -> Placement)")
-    name, dynamic, place = inst.name, inst.dynamic, inst.place
+    name, dynamic, place = getattr(inst, "name"), getattr(inst, "dynamic"), getattr(inst, "place")  # noqa: B009 (checked above)
     if not isinstance(name, str) or not name.strip():
         raise PluginRefused(f"{label}: `name` must be a non-empty str, got {name!r}")
     if name in ALGORITHM_NAMES:

@@ -188,7 +188,7 @@ def check_nesting(text: str, limit: int) -> None:
             depth += 1
             if depth > limit:
                 raise yaml.parser.ParserError(None, None, f"nested more than {limit} levels deep",
-                                              ev.start_mark)
+                                              ev.start_mark)  # type: ignore[arg-type]  # the C parser's Mark is read alike
         elif isinstance(ev, yaml.CollectionEndEvent):
             depth -= 1
 

@@ -131,7 +131,7 @@ def read_gguf_model(r: FormatReader, m: dict, where: str, base: Path) -> ModelSp
         if getattr(spec, f) != v:
             r.fail(f"{where}.{f}", f"{path.name} gives {f} = {getattr(spec, f)}; a GGUF model's sizes "
                    "come from its file and cannot be overridden")
-    if "context" in fields and not 0 < fields["context"] <= spec.context:  # type: ignore[operator]
+    if "context" in fields and not 0 < fields["context"] <= spec.context:
         r.fail(f"{where}.context", f"must be in 1..{spec.context} (the context of {path.name})")
     chosen: dict[str, Any] = {f: fields[f] for f in ("dtype", "context") if f in fields}
     spec = replace(spec, **chosen)

@@ -92,8 +92,9 @@ class ViewServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else self.port
+        # the port the system chose for port 0: aiohttp's runner lists the addresses it serves
+        addresses = self._runner.addresses
+        self.port = addresses[0][1] if addresses else self.port
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
 

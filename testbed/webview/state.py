@@ -113,7 +113,8 @@ class RunRecord:
 
     def devices(self) -> list[str]:
         """The scenario's devices, then any others the placement used (devices that joined)."""
-        scen = self.meta.get("scenario") if isinstance(self.meta.get("scenario"), dict) else {}
+        found = self.meta.get("scenario")
+        scen: dict[str, Any] = found if isinstance(found, dict) else {}
         names = [str(d.get("name")) for d in scen.get("devices", []) if isinstance(d, dict)]
         for r in self.rows["placements"]:
             if str(r.get("device")) not in names:

@@ -61,7 +61,8 @@ def child(path: str, mode: str) -> None:
         ref = Reference(w)
         nbytes = sum(t.nbytes for t in ref.source.w.values())
         nbytes += sum(t.nbytes for layer in ref.heads for h in layer for t in h.w.values())
-        nbytes += sum(t.nbytes for b in (*ref.proj, *ref.ffn) for t in b.w.values())
+        nbytes += sum(t.nbytes for p in ref.proj for t in p.w.values())
+        nbytes += sum(t.nbytes for f in ref.ffn for t in f.w.values())
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params = (cost.model_weight_bytes(spec) + cost.source_weight_bytes(spec)) // spec.bytes_per_elem
