@@ -188,10 +188,15 @@ class DeviceAgent:
         self.refusals.refuse(sender if self.bounds.known(sender) else "?", kind, why,
                              asyncio.get_running_loop().time())
 
-    async def stop(self) -> None:
+    def halt(self) -> None:
+        """The device dies abruptly: it takes no more messages and every job in flight is
+        cancelled (nothing it was computing is sent)."""
         self._stopped = True
         for task in list(self._tasks):
             task.cancel()
+
+    async def stop(self) -> None:
+        self.halt()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ state

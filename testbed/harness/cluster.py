@@ -173,8 +173,7 @@ class Cluster:
         agent = self.agents[name]
         self.failed.add(name)
         self._kill(name)
-        for task in list(agent._tasks):
-            task.cancel()
+        agent.halt()
         self._announce_down(name)
 
     def _announce_down(self, name: str) -> None:

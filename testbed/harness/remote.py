@@ -67,10 +67,10 @@ class RelayPort:
         self.source = cluster.source
 
     def send(self, dst: str, msg: dict[str, Any]) -> None:
-        self.cluster._control[self.source].send({"t": "send", "dst": dst, "msg": msg})
+        self.cluster.relay(dst, msg)
 
     def attach(self, handler: Callable[[str, dict[str, Any]], None]) -> None:
-        self.cluster._to_controller = handler
+        self.cluster.on_relay(handler)
 
 
 class _Control:
@@ -219,6 +219,14 @@ class ProcessCluster:
             # the source lost its connection to an agent: the controller now treats it as
             # gone; so does the world (a hung process is stopped, never asked again)
             self._lose(msg["device"], "the source lost its connection to it", tell=False)
+
+    def relay(self, dst: str, msg: dict[str, Any]) -> None:
+        """A controller message to `dst`, leaving from the source agent's process."""
+        self._control[self.source].send({"t": "send", "dst": dst, "msg": msg})
+
+    def on_relay(self, handler: Callable[[str, dict[str, Any]], None]) -> None:
+        """Where messages the source agent relays for the controller go."""
+        self._to_controller = handler
 
     def _control_closed(self, name: str) -> None:
         if self._stopping or name in self.failed:

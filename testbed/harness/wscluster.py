@@ -53,7 +53,7 @@ class WsCluster(Cluster):
 
     async def start(self) -> None:
         for ep in self.endpoints.values():
-            if ep._runner is None:
+            if not ep.serving:
                 await ep.start()
         for ep in self.endpoints.values():
             for peer in ep.links:

@@ -233,13 +233,13 @@ class LatencyModel:
         # the head-output frame of k groups is head_base + k * head_per_group bytes
         self.head_per_group, self.head_base = cost.head_output_frame(s, tokens, extra)
         # transfer time of one hidden-state frame on every link, and of the last one home
-        self.hidden_t = self._xfer_matrix(self.hidden)
-        self.tail_t = self._xfer_matrix(self.output)
+        self.hidden_t = self.xfer_matrix(self.hidden)
+        self.tail_t = self.xfer_matrix(self.output)
         self.proj_flops = cost.span_flops(s, "proj", 0, tokens)
         self.ffn_flops = cost.span_flops(s, "ffn", 0, tokens)
         self.src = snap.source
 
-    def _xfer_matrix(self, nbytes: float) -> np.ndarray:
+    def xfer_matrix(self, nbytes: float) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.maximum(0.0, nbytes - self.burst) / self.rate + self.lat
         t[self.rate <= 0] = np.inf  # a link that is down carries nothing (not even burst credit)

@@ -45,7 +45,7 @@ class _Layout:
         V = snap.n_devices
         cur = snap.current.assign if snap.current is not None else None
         self.pos = np.array(cur if cur is not None else [-1] * len(s.blocks), dtype=np.int64)
-        self.out_t = model._xfer_matrix(model.head_bytes(1))  # one group's output j -> k
+        self.out_t = model.xfer_matrix(model.head_bytes(1))  # one group's output j -> k
         self.zero = np.zeros(V)
 
     def idx(self, kind: str, layer: int, g: int = 0) -> int:

@@ -101,6 +101,11 @@ class WsEndpoint:
     def refused(self) -> int:
         return self.refusals.total
 
+    @property
+    def serving(self) -> bool:
+        """Whether `start` has run: the endpoint accepts its peers."""
+        return self._runner is not None
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> int:
@@ -113,7 +118,7 @@ class WsEndpoint:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]  # the port chosen for port 0
         self._session = aiohttp.ClientSession()
         return self.port
 

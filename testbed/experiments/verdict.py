@@ -1,0 +1,119 @@
+"""A run's summary and its check of itself: summary.json's figures from the token rows and
+what the run gathered, and, on the real clock, whether the host kept up with the emulated
+windows (`fidelity`), with the time scale that would have been enough.
+
+Owns `RunContext` (what one run gathers for its summary, filled in as it goes), `fidelity`
+and `summarize_run`. The overrun limit is the twin comparison's (twin.OVERRUN_LIMIT): a run
+whose own check passes meets that criterion of a faithful run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..agents.controller import Controller
+from ..emulation import clock as clock_mod
+from ..harness.interface import World
+from ..harness.rows import LinkRow
+from ..results.write import RunWriter, summarize, windows
+from . import hostload
+from .hooks import RunHooks
+from .hostload import HostMonitor
+from .prepare import Prepared
+from .twin import OVERRUN_LIMIT
+
+
+@dataclass
+class RunContext:
+    """What one run gathers for its summary, filled in as it goes: a run that fails early
+    leaves the rest at these defaults (the summary then says nan or 0)."""
+
+    host_monitor: HostMonitor
+    world: World | None = None  # the emulated cluster
+    controller: Controller | None = None
+    hooks: RunHooks | None = None
+    total_s: float = math.nan  # emulated seconds from the run's start to the last token
+    frames: dict[str, int] = field(default_factory=dict)  # lost, refused
+    link_rows: list[LinkRow] = field(default_factory=list)
+    host: dict[str, Any] = field(default_factory=dict)  # HostMonitor's record
+    wall_s: float = math.nan
+
+
+def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: float,
+             host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's check of itself: on the real clock, did the host keep up with the emulated
+    windows? `share` is the 99th percentile, over recent jobs of every device, of the share
+    of its emulated window the host needed: about `time_scale * share` would have been just
+    enough. A distorted run suggests one and a half times that (at least twice the scale
+    used, since an overrun also delays the jobs behind it). `host` (HostMonitor) tells
+    whether other processes took a good part of the machine meanwhile."""
+    if clock != "real":
+        return {"distorted": False, "reason": "virtual clock: the host's speed does not enter"}
+    needed = round(time_scale * share, 2)
+    worst = max(overrun, late)
+    if worst <= OVERRUN_LIMIT:
+        return {"distorted": False, "needed_time_scale": needed,
+                "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran (limit {OVERRUN_LIMIT:.0%})"}
+    suggest = math.ceil(min(clock_mod.MAX_TIME_SCALE, max(2.0 * time_scale, 1.5 * needed)))
+    busy = ""
+    if hostload.loaded(host):
+        busy = (f"; other processes took {hostload.other_share(host):.1f} of the host's "
+                f"{host['cpus']} CPUs meanwhile")  # type: ignore[index]
+    return {"distorted": True, "needed_time_scale": needed, "suggested_time_scale": suggest,
+            "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran their emulated "
+                      f"windows at time scale {time_scale:g} (limit {OVERRUN_LIMIT:.0%}): the host's speed "
+                      f"entered the results; about --time-scale {suggest} would fit{busy}"}
+
+
+def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
+             status: str, clock: str = "virtual", time_scale: float = 1.0) -> dict[str, Any]:
+    rows = w.token_rows
+    st = ctx.controller.stats if ctx.controller is not None else None
+    hooks = ctx.hooks
+    last = hooks.last if hooks is not None else {}
+    jobs = sum(r.jobs for r in last.values())
+    overruns = sum(r.overruns for r in last.values())
+    links = ctx.link_rows
+    delivered = sum(r.checked for r in links)  # frames that are not re-timed
+    late = sum(r.late for r in links)
+    share = max((r.host_share_p99 for r in last.values()), default=0.0)
+    peak = {name: r.memory.peak for name, r in last.items()}
+    ids = [int(r["token_id"]) for r in rows]
+    cuts = sorted({e.at_token for e in prep.scenario.events if e.at_token is not None})
+    extra: dict[str, Any] = {
+        "status": status,
+        "total_s": ctx.total_s,
+        "emulated_s": ctx.total_s,
+        "wall_s": ctx.wall_s,
+        "time_scale": time_scale if clock == "real" else None,
+        "oom": st.oom if st else 0,
+        "replans": st.replans if st else 0,
+        "emergencies": st.emergencies if st else 0,
+        "failed_migrations": st.failed_migrations if st else 0,
+        "refused_migrations": st.refused_migrations if st else 0,
+        "decision_ms": {"mean": sum(st.decision_ms) / len(st.decision_ms) if st and st.decision_ms else math.nan,
+                        "max": max(st.decision_ms) if st and st.decision_ms else math.nan},
+        "stalls": st.stalls if st else 0,
+        "frames_lost": ctx.frames.get("lost", 0),  # to or from failed devices
+        "frames_refused": ctx.frames.get("refused", 0),  # malformed, from the wire
+        "recover_ms": st.recover_ms if st else [],
+        "overrun_fraction": overruns / jobs if jobs else 0.0,
+        "late_delivery_fraction": late / delivered if delivered else 0.0,
+        "fidelity": fidelity(clock, time_scale, overruns / jobs if jobs else 0.0,
+                             late / delivered if delivered else 0.0, share, ctx.host),
+        "host": ctx.host,
+        "peak_memory_bytes": peak,
+        "correctness": {
+            "tokens_match": bool(rows) and ids == prep.ref_ids[: len(ids)] and len(ids) == len(prep.ref_ids),
+            "tokens_compared": len(ids),
+            "mismatches": st.mismatches if st else 0,
+            "max_abs_logit_diff": st.logit_diff if st else math.nan,
+        },
+        "windows": windows(rows, cuts),
+    }
+    if prep.tokenizer is not None:
+        extra["prompt_text"] = prep.prompt_text
+        extra["generated_text"] = prep.tokenizer.decode(ids)
+    return summarize(rows, **extra)
