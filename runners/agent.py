@@ -28,7 +28,8 @@ import sys
 
 from testbed.emulation.clock import CLOCKS
 from testbed.emulation.clock import run as run_loop
-from testbed.harness.agent_server import TOKEN_ENV, device_spec, serve
+from testbed.harness.agent_server import device_spec, serve
+from testbed.harness.control import TOKEN_ENV
 from testbed.scenario import ScenarioError, load
 
 EXIT_PORT = 3  # the address cannot be bound (port in use, or not ours)

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from testbed.emulation.clock import CLOCKS
+from testbed.harness.control import TOKEN_ENV
 from testbed.placement import ALGORITHM_NAMES
 from testbed.placement.plugins import Plugin, PluginRefused
 from testbed.placement.registry import lookup, size_problem
@@ -67,13 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one OS process per device agent (implies --transport ws)")
     p.add_argument("--attach", action="append", default=[], metavar="NAME=URL",
                    help="use an agent started by hand (e.g. on another host) at URL for device NAME "
-                        "(implies --processes; the run token comes from TESTBED_RUN_TOKEN)")
+                        f"(implies --processes; the run token comes from {TOKEN_ENV})")
     p.add_argument("--live", nargs="?", type=int, const=LIVE_PORT, metavar="PORT",
                    help=f"serve a live view of the run in the browser on PORT (default {LIVE_PORT}; 0: "
                         "any free port) and print its URL (docs/live.md)")
     p.add_argument("--live-host", metavar="HOST",
                    help="address of the live view (default 127.0.0.1); on any other address the page "
-                        "requires the run's token (TESTBED_RUN_TOKEN, else a random one, in the printed URL)")
+                        f"requires the run's token ({TOKEN_ENV}, else a random one, in the printed URL)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no summary, only the run directories (the time scale line goes to stderr)")
     return p.parse_args(argv)
@@ -115,8 +116,8 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
                                 f"scenario, got {item!r}")
         attach[name] = url
     if attach:
-        if len(os.environ.get("TESTBED_RUN_TOKEN", "")) < 16:
-            raise ScenarioError(scen.file, "--attach", "set TESTBED_RUN_TOKEN to the token the agents were started with")
+        if len(os.environ.get(TOKEN_ENV, "")) < 16:
+            raise ScenarioError(scen.file, "--attach", f"set {TOKEN_ENV} to the token the agents were started with")
         args.processes = True
     args.attach = attach
     if args.processes and args.transport == "inproc":
@@ -183,12 +184,11 @@ class Live:
     """The live view (testbed/webview): a server thread reading the rows each run writes."""
 
     def __init__(self, host: str, port: int) -> None:
-        from testbed.harness.agent_server import TOKEN_ENV
         from testbed.webview.server import LOOPBACK, ViewServer
         from testbed.webview.state import Feed
 
         self.feed = Feed("live")
-        # the run's token: the agents' (TESTBED_RUN_TOKEN) if given; off loopback without
+        # the run's token: the agents' (TOKEN_ENV) if given; off loopback without
         # one, a new one, which the agents this run starts then read from the environment
         token = os.environ.get(TOKEN_ENV) or None
         if token is None and host not in LOOPBACK:

@@ -6,12 +6,13 @@ run end to end, its calibration and verdicts, the paper's experiments and their 
 `webview` (watching runs), `harness` (the emulated world), `agents` (the system under test),
 `transport`, `emulation` (clock, links, compute, memory), `analytic` (the paper-style
 instances and their analytic simulation), `scenario` (the format), `placement` (the problem,
-the algorithms and the control policy), `model` (sizes, costs, torch blocks) and `results`
-(writing and reading run directories). A package may import those below it, never those
-above; nothing here imports `runners` or `tools`. `PURE` names the pure core: no asyncio,
-no aiohttp and no torch, however indirectly. tests/test_imports.py enforces both.
+the algorithms and the control policy), `model` (sizes, costs, torch blocks), `results`
+(writing and reading run directories) and `common` (units and the percentile). A package
+may import those below it, never those above; nothing here imports `runners` or `tools`.
+`PURE` names the pure core: no asyncio, no aiohttp and no torch, however indirectly.
+tests/test_imports.py enforces both.
 """
 
 LAYERS = ("experiments", "webview", "harness", "agents", "transport", "emulation", "analytic",
-          "scenario", "placement", "model", "results")
-PURE = ("analytic", "scenario", "placement", "results", "model.spec", "model.cost", "emulation.bucket")
+          "scenario", "placement", "model", "results", "common")
+PURE = ("analytic", "scenario", "placement", "results", "common", "model.spec", "model.cost", "emulation.bucket")

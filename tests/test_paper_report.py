@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runners.sweep import write_csv
-from testbed.analytic import report as paper_report
+from testbed.experiments import paper_report
 
 
 def _opt_rows(ls_ratio: float, ra_ratio: float) -> list[dict[str, Any]]:

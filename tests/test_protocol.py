@@ -132,7 +132,7 @@ def test_an_answer_must_carry_what_its_request_needs() -> None:
 
 
 def test_sequence_numbers_are_bounded_by_the_run() -> None:
-    assert B.max_seq == P.seq_limit(SCEN.generation.new_tokens, len(SCEN.devices), len(SCEN.events), 8)
+    assert B.max_seq == P.seq_limit(SCEN.generation.new_tokens, len(SCEN.devices), len(SCEN.events), P.MAX_ATTEMPTS)
     assert B.max_rows == SCEN.final_length < S.context
     P.for_device({"t": P.ABORT, "rid": 1, "seq": B.max_seq}, SRC, ME, B)
     with pytest.raises(P.ProtocolError):

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from runners import sweep as cli
-from testbed.analytic import crosscheck
 from testbed.analytic.simulate import HEADROOM_WINDOW, instance_to_scenario, make_instance
+from testbed.experiments import crosscheck
 from testbed.scenario import loads, parse
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from runners import run as cli
 from testbed.experiments import run as experiment
-from testbed.harness.agent_server import TOKEN_ENV
+from testbed.harness.control import TOKEN_ENV
 from testbed.scenario import load
 from testbed.webview.page import inline_json, render
 from testbed.webview.server import ViewServer

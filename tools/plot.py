@@ -35,6 +35,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from testbed.common.stats import percentile  # noqa: E402
 from testbed.results.read import (  # noqa: E402
     Run,
     RunsError,
@@ -45,7 +46,6 @@ from testbed.results.read import (  # noqa: E402
     load_runs,
     scenario_events,
 )
-from testbed.results.write import percentile  # noqa: E402
 
 RUN_COLORS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#a6761d", "#e6ab02",
               "#666666", "#1f78b4", "#b2182b"]

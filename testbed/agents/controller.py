@@ -61,7 +61,7 @@ class Options:
     request_timeout_s: float = 30.0  # emulated seconds a device may take to answer
     stall_factor: float = 20.0  # an attempt longer than this x predicted has stalled...
     stall_min_s: float = 1.0  # ... and longer than this
-    max_attempts: int = 8  # per token, before the run fails
+    max_attempts: int = P.MAX_ATTEMPTS  # per token, before the run fails (agents allow no more)
     frame_extra: int = 0  # bytes the transport adds to every frame (priced by the estimate)
     window: int = 1  # tokens of observations the planner's view of load covers (LoadWindow)
 

@@ -52,10 +52,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..common.units import MIB
 from ..emulation.memory import CATEGORIES
 from ..model.blocks import TORCH_DTYPES, block_shapes
 from ..model.spec import Block, ModelSpec
-from ..scenario.format import MAX_DEVICES, MAX_MEMORY_MIB, MIB
+from ..scenario.format import MAX_DEVICES, MAX_MEMORY_MIB
 from ..scenario.records import Scenario
 from .errors import ProtocolError
 
@@ -74,6 +75,12 @@ MAX_TEXT = 4096  # characters of a free-text detail
 MAX_BYTES = int(MAX_MEMORY_MIB * MIB)  # any memory figure
 MAX_COUNT = 1 << 62  # event counters
 MIN_FLOPS = 1e-300  # a measured rate is only checked to be positive: devices may be very slow
+
+
+# attempts at one token before the run fails: the controller's bound and the agents' bound on
+# the sequence numbers it may use, which must agree (one more attempt than the agents allow
+# would have them refuse the controller)
+MAX_ATTEMPTS = 8
 
 
 def seq_limit(new_tokens: int, devices: int, events: int, max_attempts: int) -> int:
@@ -99,7 +106,7 @@ class Bounds:
         object.__setattr__(self, "max_rows", rows)
 
     @classmethod
-    def for_run(cls, scen: Scenario, max_attempts: int = 8) -> Bounds:
+    def for_run(cls, scen: Scenario, max_attempts: int = MAX_ATTEMPTS) -> Bounds:
         names = [d.name for d in scen.devices] + list(scen.joins())
         return cls(scen.model, scen.source, frozenset(names),
                    seq_limit(scen.generation.new_tokens, len(names), len(scen.events), max_attempts),

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from ..common.stats import percentile
+from ..common.units import DEFAULT_HIGH_SHARE, MIB, bytes_to_mbps
 from ..model import cost
 from ..model.spec import ModelSpec, from_name
 from ..placement.policy import Decision, Policy, Stop, TokenCharge
@@ -124,7 +126,7 @@ class RunResult:
         peak = self.peak_memory if self.peak_memory is not None else np.zeros(1)
         return {"algorithm": self.algorithm, "status": self.status, "tokens": len(lat),
                 "latency_mean_ms": self.mean_ms,
-                "latency_p95_ms": float(np.percentile(lat, 95)) if lat else math.nan,
+                "latency_p95_ms": percentile(lat, 95),
                 "stall_ms": float(np.sum(self.stall_ms)), "migrations": self.migrations,
                 "migrated_bytes": self.migrated_bytes, "oom": self.oom, "replans": self.replans,
                 "decision_ms_mean": float(np.mean(self.decision_ms)) if self.decision_ms else math.nan,
@@ -139,7 +141,7 @@ def devices_at(inst: Instance, row: int) -> tuple[DeviceState, ...]:
         mem, load = inst.memory[i], inst.load[row, i]
         taken = load * mem + (fixed if i == inst.source else 0)
         devices.append(DeviceState(f"d{i}", float(inst.flops[i] * (1 - load)),
-                                   int(max(0.0, 0.9 * mem - taken)), True, True, int(max(0.0, mem - taken))))
+                                   int(max(0.0, DEFAULT_HIGH_SHARE * mem - taken)), True, True, int(max(0.0, mem - taken))))
     return tuple(devices)
 
 
@@ -249,7 +251,7 @@ def optimality_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"devices": devices, "algorithm": alg, "instances": len(rs),
                         "compared": len(ratios), "failed": failed,
                         "ratio_mean": float(np.mean(ratios)) if ratios else math.nan,
-                        "ratio_p95": float(np.percentile(ratios, 95)) if ratios else math.nan,
+                        "ratio_p95": percentile(ratios, 95),
                         "ratio_max": float(np.max(ratios)) if ratios else math.nan,
                         "beats_optimal": sum(x < 1 - 1e-9 for x in ratios)})
     return out
@@ -301,13 +303,13 @@ def instance_to_scenario(inst: Instance, algorithm: str) -> dict[str, Any]:
     names = [f"d{i}" for i in range(inst.n_devices)]
     load = [{"device": n, "memory": inst.load[:, i].tolist(), "compute": inst.load[:, i].tolist()}
             for i, n in enumerate(names)]
-    links = [{"between": [names[i], names[j]], "bandwidth_mbps": float(inst.rate[i, j] * 8 / 1e6),
+    links = [{"between": [names[i], names[j]], "bandwidth_mbps": float(bytes_to_mbps(inst.rate[i, j])),
               "latency_ms": float(inst.latency[i, j] * 1e3)}
              for i in range(inst.n_devices) for j in range(i + 1, inst.n_devices)]
     return {"version": 1, "name": inst.ident or "instance", "seed": 0, "model": {"preset": inst.spec.name},
             "generation": {"prompt_tokens": inst.prompt, "new_tokens": inst.tokens + 1},
             "devices": [{"name": n, "compute_gflops": float(inst.flops[i] / 1e9),
-                         "memory_mib": float(inst.memory[i] / 2**20)} for i, n in enumerate(names)],
+                         "memory_mib": float(inst.memory[i] / MIB)} for i, n in enumerate(names)],
             "source": names[inst.source],
             "network": {"default": {"bandwidth_mbps": 100, "latency_ms": 1}, "links": links},
             "controller": {"algorithm": algorithm, "interval_tokens": 1, "telemetry": "oracle",

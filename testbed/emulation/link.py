@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..common.units import KIB, mbps_to_bytes
 from .bucket import Sent, TokenBucket
 
 
@@ -52,7 +53,7 @@ class EmulatedLink:
         self.loop = loop or asyncio.get_running_loop()
         self.bandwidth_mbps = float(bandwidth_mbps)
         self.latency = latency_ms / 1e3
-        self.bucket = TokenBucket(self.bandwidth_mbps * 1e6 / 8, burst_kib * 1024, self.loop.time())
+        self.bucket = TokenBucket(mbps_to_bytes(self.bandwidth_mbps), burst_kib * KIB, self.loop.time())
         # id -> (frame, callback, enqueued time, timer handle or None)
         self._pending: dict[int, list] = {}
         self._sent: dict[int, Sent] = {}
@@ -114,8 +115,8 @@ class EmulatedLink:
         """Apply a rate/latency/burst change from now on (scenario `set_link`)."""
         now = self.loop.time()
         was_down = self.down
-        rate = None if bandwidth_mbps is None else bandwidth_mbps * 1e6 / 8
-        burst = None if burst_kib is None else burst_kib * 1024
+        rate = None if bandwidth_mbps is None else mbps_to_bytes(bandwidth_mbps)
+        burst = None if burst_kib is None else burst_kib * KIB
         self._record_sent(self.bucket.set_rate(now, rate, burst))
         if bandwidth_mbps is not None:
             self.bandwidth_mbps = float(bandwidth_mbps)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 from ..agents.controller import Controller
+from ..common.units import bytes_to_mbps
 from ..harness.interface import World
 from ..harness.rows import DeviceRow
 from ..results.write import RunWriter
@@ -119,7 +120,7 @@ class RunHooks:
             measured = r.observed_mbps if r.observed_mbps is not None else math.nan
             if belief is not None and r.src in devices and r.dst in devices and len(devices) == len(belief.devices):
                 i, j = devices.index(r.src), devices.index(r.dst)
-                measured = float(belief.rate[i, j]) * 8 / 1e6
+                measured = bytes_to_mbps(float(belief.rate[i, j]))
             self.w.link({"t_s": round(t, 9), "token": self.k, "src": r.src, "dst": r.dst,
                          "bandwidth_mbps": r.bandwidth_mbps, "measured_mbps": measured,
                          "latency_ms": r.latency_ms, "bytes": r.bytes})

@@ -40,7 +40,6 @@ from .world import apply_background, apply_to_device, apply_to_link, device_row,
 log = logging.getLogger("agent")
 
 
-TOKEN_ENV = "TESTBED_RUN_TOKEN"
 MAX_REPLIES = 1024  # answers waiting for the runner to read them
 
 

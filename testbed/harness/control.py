@@ -30,6 +30,9 @@ from ..scenario.format import (
     MBPS_RANGE,
 )
 
+# the environment variable that carries the run's token to the agents it starts (and from
+# the user to agents started by hand and to the runner that attaches them)
+TOKEN_ENV = "TESTBED_RUN_TOKEN"
 MAX_BULK_BYTES = 16 * 1024 * 1024  # one benchmark probe
 MAX_BULK_COUNT = 10_000_000
 MAX_BULK_S = 3600.0

@@ -42,11 +42,11 @@ from ..placement.problem import DeviceState, Placement, Snapshot, link_matrices
 from ..scenario.records import Event, FailDevice, JoinDevice, Scenario, SetLink, wire_fields
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import FRAME_EXTRA
+from .control import TOKEN_ENV
 from .rows import DeviceRow, LinkRow
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "TESTBED_RUN_TOKEN"
 ROOT = Path(__file__).resolve().parents[2]
 STATE_TIMEOUT_S = 20.0  # wall seconds an agent may take to answer the harness before it is lost
 _PR_SET_PDEATHSIG = 1

@@ -11,15 +11,13 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-import numpy as np
-
 from ..agents import messages as P
 from ..agents.device import DeviceAgent
+from ..common.stats import percentile
+from ..common.units import MIB, bytes_to_mbps
 from ..emulation.link import EmulatedLink
 from ..scenario.records import DeviceChange, MemoryPressure, MemoryRelease, SetCompute, SetLink
 from .rows import DeviceRow, LinkRow, MemoryRow
-
-MIB = 1024 * 1024
 
 
 def apply_to_device(agent: DeviceAgent, change: DeviceChange) -> str:
@@ -64,17 +62,17 @@ def device_row(agent: DeviceAgent) -> DeviceRow:
     """The device's truth (rows.DeviceRow)."""
     c = agent.compute
     return DeviceRow(agent.name, MemoryRow(**agent.budget.counters()), agent.kv_bytes(), agent.weight_bytes(),
-                     c.rate, c.jobs, c.overruns, quantile(c.host_shares, 0.95), quantile(c.host_shares, 0.99),
+                     c.rate, c.jobs, c.overruns, share(c.host_shares, 95), share(c.host_shares, 99),
                      agent.spec.host_blocks)
 
 
-def quantile(xs: Collection[float], q: float) -> float:
-    """The q-quantile (linear interpolation) of xs; 0 when there are none."""
-    return float(np.quantile(np.fromiter(xs, float, len(xs)), q)) if xs else 0.0
+def share(xs: Collection[float], q: float) -> float:
+    """The q-th percentile of the shares of their windows that jobs needed; 0 before any."""
+    return percentile(xs, q) if xs else 0.0
 
 
 def link_row(src: str, dst: str, link: EmulatedLink) -> LinkRow:
     obs = link.observed_rate()
-    return LinkRow(src, dst, link.bandwidth_mbps, obs * 8 / 1e6 if obs is not None else None, link.latency_ms,
+    return LinkRow(src, dst, link.bandwidth_mbps, bytes_to_mbps(obs) if obs is not None else None, link.latency_ms,
                    link.bytes_sent, link.delivered, link.checked, link.late, link.bucket.rate, link.latency,
                    link.bucket.burst)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..common.stats import percentile
+
 FORMAT_VERSION = 1
 
 TOKENS = ["token", "t_start_s", "latency_ms", "predicted_ms", "stall_ms", "migrations",
@@ -155,16 +157,6 @@ class RunWriter:
 
 
 # ---------------------------------------------------------------------------- statistics
-
-
-def percentile(xs: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), NaN for no samples."""
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def latency_stats(xs: Sequence[float]) -> dict[str, float]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from ..common.units import MIB
 from . import background as bg
 from .format import (
     CHOICES,
@@ -49,7 +50,6 @@ from .format import (
     MAX_SEED,
     MAX_TIME_SCALE,
     MBPS_RANGE,
-    MIB,
     MODEL_MAX,
     SCENARIO_NAME,
     TOP_REQUIRED,

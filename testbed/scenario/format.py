@@ -3,7 +3,7 @@ that name one of a few things, and each number's sane range.
 
 Owns `KEYS` (the one table behind the loader's unknown-key check, and what the reference,
 docs/scenarios.md, is held to), `CHOICES`, the per-action tables of events, the limits
-(`MAX_*`, `*_RANGE`, `MIB`) and `FormatReader`, the strict reader bound to `KEYS`. The
+(`MAX_*`, `*_RANGE`) and `FormatReader`, the strict reader bound to `KEYS`. The
 records are in scenario/records.py, the section readers in scenario/sections.py, the entry
 points in scenario.py (which re-exports all of this). Pure data: imports the strict reader
 (scenario/reader.py), background.py's keys, the model presets and the algorithm names; no
@@ -19,7 +19,6 @@ from ..placement import ALGORITHM_NAMES
 from . import background as bg
 from .reader import Reader
 
-MIB = 1024 * 1024
 MAX_TIME_SCALE = 10_000.0  # emulation.time_scale: at most this many wall seconds per emulated one
 
 # Sane ranges (README, "Scenario limits"). Beyond them a number is a typo or an attack: it

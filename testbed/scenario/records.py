@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..common.units import MIB, mbps_to_bytes
 from ..model import cost
 from ..model.spec import PRESETS, ModelSpec
 from ..placement import ALGORITHM_NAMES
 from . import background as bg
-from .format import ACTIONS, MAX_SEED, MIB, MODEL_FIELDS, FormatReader
+from .format import ACTIONS, MAX_SEED, MODEL_FIELDS, FormatReader
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class LinkSpec:
     @property
     def rate_bytes(self) -> float:
         """Bytes per second."""
-        return self.bandwidth_mbps * 1e6 / 8
+        return mbps_to_bytes(self.bandwidth_mbps)
 
     @property
     def latency_s(self) -> float:

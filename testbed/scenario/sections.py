@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..common.units import DEFAULT_HIGH_SHARE, MIB
 from ..model.spec import PRESETS, ModelSpec
 from .format import (
     ACTION_REQUIRED,
@@ -39,7 +40,6 @@ from .format import (
     MAX_PROMPT,
     MAX_TIME_SCALE,
     MBPS_RANGE,
-    MIB,
     MODEL_FIELDS,
     MODEL_MAX,
     FormatReader,
@@ -183,7 +183,7 @@ def _device(r: FormatReader, value: object, path: str, whole: int) -> DeviceSpec
         if high > memory:
             r.fail(f"{path}.memory_high_mib", f"must be <= memory_mib ({memory:g}), got {high:g}")
     else:
-        high = 0.9 * memory
+        high = DEFAULT_HIGH_SHARE * memory
     host = r.boolean(d.get("host_blocks", True), f"{path}.host_blocks")
     return DeviceSpec(name=name, compute_gflops=gflops, memory_mib=memory,
                       memory_high_mib=high, host_blocks=host)

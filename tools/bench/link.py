@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+from testbed.common.stats import percentile
 from testbed.emulation.clock import run
 from testbed.emulation.link import EmulatedLink
 
@@ -65,12 +66,6 @@ def message_size(rate_mbps: float) -> int:
         return SIZES[rate_mbps]
     per_ms = rate_mbps * 1e6 / 8 / 1e3
     return int(min(65_536, max(1500, 2 ** round(math.log2(max(per_ms, 1.0))))))
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
-    s = sorted(xs)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
 @dataclass
