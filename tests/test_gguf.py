@@ -10,7 +10,10 @@ with an independent implementation (transformers) is tests/test_gguf_crosscheck.
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -302,10 +305,99 @@ def test_not_gguf_truncated_and_missing(synth_gguf: Any, tmp_path: Path) -> None
         spec_from_gguf(text)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(synth_gguf("llama", "Q4_0").read_bytes()[:3000])
-    with pytest.raises(GGUFError, match=r"cut.gguf: broken GGUF file \("):
+    with pytest.raises(GGUFError, match=r"cut.gguf: metadata '[a-z.]+': .*(does not fit|past the end|ends inside)"):
         spec_from_gguf(cut)
     with pytest.raises(GGUFError, match="nowhere.gguf: no such file"):
         spec_from_gguf(tmp_path / "nowhere.gguf")
+
+
+def _set_array_count(key: str, count: int) -> Any:
+    return lambda r: r.fields[key].parts[4].__setitem__(0, count)  # [klen, key, type, item type, count]
+
+
+def _set_offset(name: str, offset: Any) -> Any:
+    def edit(r: Any) -> None:
+        t = next(t for t in r.tensors if t.name == name)
+        t.field.parts[5][0] = offset(r) if callable(offset) else offset
+    return edit
+
+
+def _set_dim(name: str, dim: int, value: int) -> Any:
+    def edit(r: Any) -> None:
+        next(t for t in r.tensors if t.name == name).field.parts[3][dim] = value
+    return edit
+
+
+def _hostile_files(src: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (path, the one line spec_from_gguf must give) for files that hung the reader,
+    grew without bound, printed a traceback or ran on wrapped-around weights."""
+    out: dict[str, tuple[Path, str]] = {}
+
+    def edited(name: str, edit: Any, message: str) -> None:
+        out[name] = (_edited(src, folder / f"{name}.gguf", edit), message)
+
+    # the reader looped 2^62 times on empty reads past the end (numbers), or failed (strings)
+    edited("count", _set_array_count("tokenizer.ggml.token_type", 2**62),
+           "metadata 'tokenizer.ggml.token_type': array of 4611686018427387904 items exceeds the limit of 16777216")
+    edited("strcount", _set_array_count("tokenizer.ggml.tokens", 2**62),
+           "metadata 'tokenizer.ggml.tokens': array of 4611686018427387904 items exceeds the limit of 16777216")
+    edited("fitcount", _set_array_count("tokenizer.ggml.tokens", 2**23),
+           "metadata 'tokenizer.ggml.tokens': array of 8388608 string items does not fit in the ")
+    edited("wrap", _set_offset("output_norm.weight", 2**64 - 1),
+           "tensor 'output_norm.weight': offset 18446744073709551615 is not a multiple of the alignment 32")
+    # aligned, and start + offset wraps to 0 in 64-bit arithmetic: the header's own bytes
+    edited("wrap0", _set_offset("output_norm.weight", lambda r: 2**64 - int(r.data_offset)),
+           "tensor 'output_norm.weight': offset ")
+    edited("overlap", _set_offset("output_norm.weight", 0),
+           "tensor 'token_embd.weight': offset 0 overlaps the tensor before it (ends at ")
+    edited("dims", _set_dim("token_embd.weight", 1, 2**40), "tensor 'token_embd.weight': shape ")
+    fifo = folder / "fifo.gguf"
+    os.mkfifo(fifo)
+    out["fifo"] = (fifo, "is a FIFO, not a regular file")
+    loop = folder / "loop.gguf"
+    loop.symlink_to(folder / "loop2.gguf")
+    (folder / "loop2.gguf").symlink_to(loop)
+    out["loop"] = (loop, "symlink loop (too many levels of symbolic links)")
+    out["device"] = (Path("/dev/zero"), "is a character device, not a regular file")
+    return out
+
+
+def test_hostile_files_give_one_line_in_bounded_time(synth_gguf: Any, tmp_path: Path) -> None:
+    """Each file is refused with one line naming the file and the field: first in a child
+    process under a time limit (a regression hangs or grows there, not here), then through
+    the runner, exit 2. The wrapped offsets ran before on weights read from the header."""
+    files = _hostile_files(synth_gguf("llama", "F16"), tmp_path)
+    code = ("import sys, time\nfrom testbed.model.gguf_file import GGUFError, spec_from_gguf\n"
+            "for p in sys.argv[1:]:\n    t = time.monotonic()\n    try:\n        spec_from_gguf(p)\n"
+            "        print('ACCEPTED', p)\n    except GGUFError as e:\n        print(e)\n"
+            "    assert time.monotonic() - t < 5, p\n")
+    res = subprocess.run([sys.executable, "-c", code, *(str(p) for p, _ in files.values())], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == len(files), res.stdout
+    for (path, message), line in zip(files.values(), lines, strict=True):
+        assert line.startswith(f"{path}: {message}"), line
+    scen = ROOT / "scenarios" / "gguf_model.yaml"
+    for name in ("count", "wrap0", "fifo", "loop"):
+        path, message = files[name]
+        res = subprocess.run([sys.executable, "-m", "runners.run", str(scen), "--model-gguf", str(path),
+                              "--clock", "virtual", "--out", str(tmp_path / "out")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, (name, res.stdout, res.stderr)
+        err = res.stderr.strip()
+        assert "\n" not in err and err.startswith(f"error: {scen}: --model-gguf: {path}: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_header_walk_accepts_every_written_file(synth_gguf: Any) -> None:
+    """The walk's data offset and tensor count are the reader's, for every variant."""
+    from testbed.model.gguf_header import check_file
+
+    for variant in VARIANTS:
+        path = synth_gguf(variant, "Q4_K")
+        h, r = check_file(path), gguf.GGUFReader(str(path))
+        assert (h.data_offset, h.tensors, h.size) == (r.data_offset, len(r.tensors), len(r.data))
 
 
 # ---------------------------------------------------------------------------- scenarios
