@@ -255,3 +255,129 @@ def test_identical_runs_are_told_apart(runs_root: Path, tmp_path: Path,
     assert compare.main([str(src), str(tmp_path / "again")]) == 0
     text = capsys.readouterr().out
     assert "static [run-static]" in text and "static [again]" in text
+
+
+# ---------------------------------------------------------------------------- hostile run directories
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One completed six-token run (gpt-tiny, virtual clock): what hostile copies start from."""
+    from .conftest import make_scenario, run_virtual
+
+    out = tmp_path_factory.mktemp("small")
+    assert run_virtual(make_scenario(new_tokens=6), "resource_aware", out).ok
+    (run,) = out.iterdir()
+    return run
+
+
+# every tool that reads run directories, as the child process below calls it
+_TOOLS_SCRIPT = """
+import contextlib, io, json, sys, time
+from tools import compare, latency, plot, report, view
+out = sys.argv[1]
+calls = {
+    "report": lambda d: report.main([d, "-o", out + "/r.html"]),
+    "compare": lambda d: compare.main([d]),
+    "latency": lambda d: latency.main([d, "-o", out + "/l.csv"]),
+    "plot": lambda d: plot.main([d, "-o", out + "/p.png", "--dpi", "40"]),
+    "view": lambda d: view.load_feed([d], "view") and 0,
+}
+for d in sys.argv[2:]:
+    for name, call in calls.items():
+        err, t = io.StringIO(), time.monotonic()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = call(d)
+            except Exception as e:
+                code = repr(e)
+        print(json.dumps([d, name, code, err.getvalue(), time.monotonic() - t]), flush=True)
+"""
+
+
+# the files of a run directory each tool reads (report and view: all)
+RESULT_FILES = ("meta.json", "summary.json", "tokens.csv", "events.csv", "placements.csv", "telemetry.csv",
+                "links.csv")
+_READS = {"compare": ("meta.json", "tokens.csv", "events.csv"), "latency": ("meta.json", "tokens.csv", "events.csv"),
+          "plot": ("meta.json", "tokens.csv", "events.csv", "placements.csv")}
+
+
+def _run_tools(dirs: list[Path], out: Path) -> list[list]:
+    """Each tool on each directory in one child process, within a time limit: a tool that
+    blocks on a FIFO or reads /dev/zero fails this test instead of hanging it."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _TOOLS_SCRIPT, str(out), *map(str, dirs)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_hostile_run_directories_are_refused_with_one_line(small_run: Path, tmp_path: Path) -> None:
+    """/dev/zero, FIFOs, a link out of the directory, markup or text in number columns, bytes
+    that are not UTF-8, a 128 KiB field: every tool that reads the file exits 2 with the
+    same one line naming the file (and row and column), in well under a second each
+    (compare, latency and plot read only some of the files)."""
+    from .hostile_runs import refused_copies
+
+    cases = refused_copies(small_run, tmp_path / "cases")
+    (tmp_path / "out").mkdir()
+    results = _run_tools([d for d, _ in cases.values()], tmp_path / "out")
+    assert len(results) == 5 * len(cases)
+    expect = {str(d): message for d, message in cases.values()}
+    for d, tool, code, err, seconds in results:
+        lines = err.strip().splitlines()
+        file = expect[d][len(d) + 1:].split(":")[0]
+        if file not in _READS.get(tool, RESULT_FILES):
+            assert (code, err) == (0, ""), (d, tool)  # a file this tool does not read
+            continue
+        view_ok = tool == "view" and code.startswith("RunsError(")  # load_feed raises; main prints
+        assert code == 2 or view_ok, (d, tool, code, err)
+        if tool != "view":
+            assert len(lines) == 1 and lines[0].startswith(f"error: {expect[d]}"), (tool, err)
+        else:
+            assert f"{d}/{file}:" in code, code
+        assert seconds < 5, (d, tool, seconds)
+    assert not (tmp_path / "out" / "r.html").exists()  # report refuses every case
+
+
+def test_infinite_latencies_are_numbers(small_run: Path, tmp_path: Path) -> None:
+    """inf and -inf in float columns are read as numbers: the statistics keep them, the page
+    gets null for them (JSON has no infinity), and plot draws inf cut at the top."""
+    from .hostile_runs import infinite_copy
+
+    run = infinite_copy(small_run, tmp_path / "inf")
+    (loaded,) = load_runs([run])
+    assert loaded.tokens[2]["latency_ms"] == np.inf and loaded.tokens[3]["predicted_ms"] == -np.inf
+    assert run_stats(loaded)["latency_max_ms"] == np.inf
+    (tmp_path / "out").mkdir()
+    results = _run_tools([run], tmp_path / "out")
+    assert {tool: code for _, tool, code, _, _ in results} == {t: 0 for t in ("report", "compare", "latency",
+                                                                             "plot", "view")}
+    top, cut = plot._ylimit([loaded], None)
+    assert cut and np.isfinite(top)
+
+
+def test_run_files_must_stay_inside_the_run_directory(small_run: Path, tmp_path: Path) -> None:
+    """A link inside the run directory is read; a link that leaves it, however it is spelled,
+    is refused; a link loop is one line."""
+    from tools.runs import read_csv as runs_read_csv
+    from tools.runs import read_text
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "copy.csv").write_text("a\n1\n")
+    (run / "inside.csv").symlink_to("copy.csv")
+    assert runs_read_csv(run / "inside.csv") == (["a"], [{"a": "1"}])
+    (run / "sub").mkdir()
+    (run / "up.csv").symlink_to("sub/../../run/copy.csv")
+    assert read_text(run / "up.csv", 100) == "a\n1\n"  # still inside, spelled oddly
+    (run / "out.csv").symlink_to(small_run / "tokens.csv")
+    (run / "loop.csv").symlink_to("loop.csv")
+    for name, says in (("out.csv", "outside the run directory"), ("loop.csv", "symlink loop")):
+        with pytest.raises(RunsError) as info:
+            read_text(run / name, 100)
+        assert says in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(RunsError, match="copy.csv: 4 bytes, over the limit of 3 for this file"):
+        read_text(run / "copy.csv", 3)
