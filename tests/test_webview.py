@@ -243,6 +243,46 @@ def test_off_loopback_the_token_is_required() -> None:
         assert get_json(api(url, "api/state"))["mode"] == "view"
         req = urllib.request.Request(bare + "api/state", headers={"Authorization": f"Bearer {token}"})
         assert json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"] == []
+        # the token alone is not a bearer token; with it, any Host is fine (the token is the check)
+        for header in (token, f"Basic {token}", f"Bearer{token}", f"Bearer {token}x"):
+            assert _get(bare + "api/state", {"Authorization": header})[0] == 401, header
+        assert _get(bare + "api/state", {"Authorization": f"bearer {token}", "Host": "evil.example"})[0] == 200
+    finally:
+        server.stop(linger_s=0)
+
+
+def _get(url: str, headers: dict[str, str], timeout: float = 10) -> tuple[int, bytes]:
+    """Status and body of a GET with exactly these headers (Host included, if given)."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.putrequest("GET", u.path + (f"?{u.query}" if u.query else ""), skip_host="Host" in headers)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_without_a_token_only_loopback_host_names_are_served() -> None:
+    """A page on another site can point its own name at 127.0.0.1 (DNS rebinding) and read
+    what the browser fetches: without a token, a request whose Host is not loopback gets
+    421 and nothing of the state."""
+    server = ViewServer(Feed("view"))
+    url = server.start()
+    try:
+        assert "token=" not in url
+        port = urllib.parse.urlsplit(url).port
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", "[::1]", f"[::1]:{port}"):
+            status, body = _get(url + "api/state", {"Host": host})
+            assert status == 200 and json.loads(body)["mode"] == "view", host
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil:80",
+                     "127.0.0.2", "[::2]", "localhost:80:80", "[::1]x", "0.0.0.0", ""):
+            for path in ("", "api/state", "api/stream"):
+                status, body = _get(url + path, {"Host": host})
+                assert status == 421 and b"runs" not in body, (host, path, status)
     finally:
         server.stop(linger_s=0)
 
