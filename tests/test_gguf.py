@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,9 @@ def _hostile_files(src: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     # aligned, and start + offset wraps to 0 in 64-bit arithmetic: the header's own bytes
     edited("wrap0", _set_offset("output_norm.weight", lambda r: 2**64 - int(r.data_offset)),
            "tensor 'output_norm.weight': offset ")
+    # found by the fuzzer: a layer count as large as a uint32 built a dict per layer first
+    edited("layers", _set_int("llama.block_count", 2**32 - 1),
+           "llama.block_count: 4294967295 layers, but the file holds 20 tensors")
     edited("overlap", _set_offset("output_norm.weight", 0),
            "tensor 'token_embd.weight': offset 0 overlaps the tensor before it (ends at ")
     edited("dims", _set_dim("token_embd.weight", 1, 2**40), "tensor 'token_embd.weight': shape ")
@@ -483,3 +487,76 @@ def test_readme_scenario_runs_a_model_named_by_path(synth_gguf: Any, tmp_path: P
              + cost.model_cache_bytes(s.model, s.final_length)) / 2**20
     assert all(d.memory_mib < whole for d in s.devices)  # no device holds the model alone
     assert math.isclose(sum(d.memory_mib for d in s.devices), 1.5 * whole, rel_tol=1e-3)
+
+
+# ---------------------------------------------------------------------------- fuzzing the header
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from .conftest import fresh_dir  # noqa: E402
+
+# examples per fuzz test, as in test_protocol.py: TESTBED_FUZZ_EXAMPLES=5000 searches longer
+# (TESTBED_HYPOTHESIS=explore draws new ones)
+EXAMPLES = int(os.environ.get("TESTBED_FUZZ_EXAMPLES", "200"))
+# values that break readers: zero, one, the edges of 32 and 64 bits, huge counts
+EDGES = [0, 1, 2, 31, 32, 33, 64, 255, 2**16, 2**31 - 1, 2**32 - 1, 2**32, 2**62, 2**63 - 1, 2**64 - 32, 2**64 - 1]
+
+
+@st.composite
+def _header_edits(draw: Any, header_len: int) -> list[tuple[int, int, int]]:
+    """(offset in the header, width in bytes, value) overwrites, little-endian."""
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        width = draw(st.sampled_from([1, 4, 8]))
+        offset = draw(st.integers(0, header_len - width))
+        value = draw(st.one_of(st.sampled_from(EDGES), st.integers(0, 2**(8 * width) - 1)))
+        out.append((offset, width, value % 2**(8 * width)))
+    return out
+
+
+class _Base(tuple):
+    """(bytes, header length), shown short in hypothesis' reports."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self[0])} bytes, header {self[1]}>"
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(synth_gguf: Any) -> tuple[bytes, int]:
+    """A small valid file's bytes and its header's length (where the data starts)."""
+    path = synth_gguf("llama", "Q8_0")
+    return _Base((path.read_bytes(), int(gguf.GGUFReader(str(path)).data_offset)))
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_gguf_headers(data: Any, fuzz_base: tuple[bytes, int], tmp_path: Path) -> None:
+    """Overwrite bytes, 32- and 64-bit fields of a valid header with edge values (counts,
+    lengths, types, dims, offsets), maybe cut the file: reading it gives a spec or one
+    GGUFError line naming the file, in well under a second (5 s allows for a busy host),
+    and never anything else; a file the header walk accepts has every tensor inside it."""
+    from testbed.model.gguf_header import HeaderError, check_header, type_sizes
+
+    base, header_len = fuzz_base
+    buf = bytearray(base)
+    for offset, width, value in data.draw(_header_edits(header_len), label="edits"):
+        buf[offset:offset + width] = value.to_bytes(width, "little")
+    cut = data.draw(st.one_of(st.none(), st.integers(0, len(buf))), label="cut")
+    if cut is not None:
+        del buf[cut:]
+    path = fresh_dir(tmp_path) / "fuzz.gguf"
+    path.write_bytes(buf)
+    t0 = time.monotonic()
+    try:
+        spec_from_gguf(path)
+    except GGUFError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e), str(e)
+    assert time.monotonic() - t0 < 5.0
+    try:
+        h = check_header(bytes(buf), type_sizes())
+    except HeaderError:
+        return
+    for t in gguf.GGUFReader(str(path)).tensors:  # accepted: the reader's view is in bounds
+        assert h.data_offset <= t.data_offset and t.data_offset + t.n_bytes <= len(buf)

@@ -8,6 +8,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -381,3 +382,112 @@ def test_run_files_must_stay_inside_the_run_directory(small_run: Path, tmp_path:
         assert says in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(RunsError, match="copy.csv: 4 bytes, over the limit of 3 for this file"):
         read_text(run / "copy.csv", 3)
+
+
+# ---------------------------------------------------------------------------- fuzzing run directories
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# examples per fuzz test, as in test_protocol.py: TESTBED_FUZZ_EXAMPLES=5000 searches longer
+# (TESTBED_HYPOTHESIS=explore draws new ones)
+EXAMPLES = int(__import__("os").environ.get("TESTBED_FUZZ_EXAMPLES", "200"))
+CELLS = st.one_of(
+    st.sampled_from(["", "inf", "-inf", "nan", "1e309", "-0", "0x10", "1_000", " 7", "7 ", "NaN", "∞",
+                     "<b>1</b>", "\"", "\r", "\n", "9" * 400, "-9223372036854775809"]),
+    st.text(max_size=30),
+)
+
+
+@st.composite
+def _spoil(draw: Any) -> tuple[str, str, Any]:
+    """(file, how, what): a cell of a CSV replaced, a JSON value replaced, bytes inserted
+    or the file cut short."""
+    from .hostile_runs import MARKUP
+
+    name = draw(st.sampled_from(RESULT_FILES))
+    how = draw(st.sampled_from(["cell", "bytes", "cut"] if name.endswith(".csv") else ["json", "bytes", "cut"]))
+    if how == "cell":
+        return name, how, (draw(st.integers(0, 200)), draw(st.integers(0, 20)), draw(CELLS))
+    if how == "json":
+        value = draw(st.one_of(CELLS, st.just(MARKUP), st.integers(), st.floats(), st.none(),
+                               st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3)))
+        return name, how, (draw(st.sampled_from(["status", "algorithm", "scenario", "seed", "clock", "migrations",
+                                                 "latency_ms", "fidelity", "tokens"])), value)
+    if how == "bytes":
+        return name, how, (draw(st.integers(0, 10_000)), draw(st.binary(min_size=1, max_size=40)))
+    return name, how, draw(st.integers(0, 10_000))
+
+
+def _apply(run: Path, name: str, how: str, what: Any) -> None:
+    path = run / name
+    if how == "cell":
+        row, col, value = what
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+        except (ValueError, csv.Error):
+            return  # spoilt already
+        if not rows:
+            return
+        r = rows[row % len(rows)]
+        if not r:
+            return
+        r[col % len(r)] = value
+        with open(path, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(rows)
+    elif how == "json":
+        key, value = what
+        try:
+            doc = json.loads(path.read_text())
+            doc[key] = value
+        except (ValueError, TypeError):
+            return  # spoilt already (bytes inserted, cut short)
+        path.write_text(json.dumps(doc))  # NaN and inf as JSON spells them (not strictly JSON)
+    elif how == "bytes":
+        at, blob = what
+        data = path.read_bytes()
+        at %= len(data) + 1
+        path.write_bytes(data[:at] + blob + data[at:])
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[:what % (len(data) + 1)])
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(spoils=st.lists(_spoil(), min_size=1, max_size=3))
+def test_fuzz_run_directories(spoils: list[tuple[str, str, Any]], small_run: Path, tmp_path: Path) -> None:
+    """A run directory with cells, JSON values and bytes changed, or files cut short: the
+    tools' readers (load_runs, run_stats and windows, compare's rows, tools.view's feed and
+    the report page) either work or raise RunsError with one line naming a file of the run,
+    in well under a second (5 s allows for a busy host); what they hand the page is strict
+    JSON."""
+    import time
+
+    from testbed.webview.page import render
+    from testbed.webview.server import dumps
+    from tools.view import load_feed
+
+    from .conftest import fresh_dir
+
+    run = fresh_dir(tmp_path) / "run"
+    shutil.copytree(small_run, run)
+    for name, how, what in spoils:
+        _apply(run, name, how, what)
+    t0 = time.monotonic()
+    try:
+        runs = load_runs([run])
+        for r in runs:
+            run_stats(r)
+            r.event_tokens()
+            r.devices()
+        compare.compare_rows(runs)
+        feed = load_feed([run], "report")
+        snap = feed.snapshot()
+        dumps(snap)  # allow_nan=False: no NaN or infinity reaches the page
+        assert "<!--DATA-->" not in render(snap)
+    except RunsError as e:
+        msg = str(e)
+        assert "\n" not in msg and msg.startswith(str(run)), msg
+    assert time.monotonic() - t0 < 5.0

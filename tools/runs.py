@@ -51,6 +51,11 @@ MAX_CSV_BYTES = 512 << 20
 # columns of the known result files that must hold numbers (empty: NaN), and the integer ones
 NUMBER_COLUMNS = {name: frozenset(c for c in cols if c not in TEXT_COLUMNS) for name, cols in FILES.items()}
 INT_COLUMNS = frozenset(_INT_COLS | {"token"})
+# columns the tools index by name: a result file without them is refused
+REQUIRED_COLUMNS = {"tokens.csv": tuple(c for c in TOKENS if c != "phase"),  # summarize's (phase: derived)
+                    "events.csv": ("token", "kind"),
+                    "placements.csv": ("token", "block", "device"), "telemetry.csv": ("token", "device"),
+                    "links.csv": ("token", "src", "dst")}
 
 # the summary row of a run, in this order (latency_* over decode tokens, prefill apart)
 STAT_COLUMNS = ["tokens", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_mean_ms",
@@ -185,6 +190,12 @@ def _check_number(path: Path, line: int, column: str, value: str) -> None:
         raise RunsError(f"{path}: row {line}, column {column!r}: {shown} is not {kind}") from None
 
 
+def one_line(text: str, limit: int = 80) -> str:
+    """`text` shown in one line of at most `limit` characters."""
+    s = repr(text)[1:-1]
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """Header and rows of a CSV file of a run directory; ([], []) if it is missing. A row
     cut short (a run killed mid-write) is dropped. RunsError (read_text's checks, a broken
@@ -197,6 +208,10 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     try:
+        header = reader.fieldnames or []
+        missing = [c for c in REQUIRED_COLUMNS.get(path.name, ()) if c not in header]
+        if header and missing:
+            raise RunsError(f"{path}: row 1: no column {missing[0]!r} (its header: {one_line(','.join(header))})")
         for r in reader:
             if None in r.values() or None in r:
                 continue

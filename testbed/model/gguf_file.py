@@ -257,6 +257,8 @@ def _read_spec(g: GGUFFile) -> ModelSpec:
         return kind(value)
 
     layers, D = key("block_count"), key("embedding_length")
+    if not 0 < layers <= len(g.tensors):  # before anything is built per layer
+        raise GGUFError(g.path, f"{arch}.block_count: {layers} layers, but the file holds {len(g.tensors)} tensors")
     heads = key("attention.head_count")
     kv_heads = key("attention.head_count_kv", heads)
     if heads <= 0 or kv_heads <= 0 or D % heads or heads % kv_heads:
