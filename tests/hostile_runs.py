@@ -140,6 +140,9 @@ REFUSED: dict[str, tuple[Callable[[Path], None], str]] = {
                  "events.csv: line "),
     "big_field": (_append("events.csv", b"0.1,3,replan,x," + b"y" * (128 * 1024 + 1) + b"\n"),
                   "events.csv: row "),
+    "no_column": (lambda d: (d / "placements.csv").write_text(
+        (d / "placements.csv").read_text().replace("token,block,device", "token,block,devise", 1)),
+        "placements.csv: row 1: no column 'device' (its header: token,block,devise)"),
     "inf_token_id": (_set_cell("tokens.csv", "token_id", "inf"),
                      "tokens.csv: row 3, column 'token_id': 'inf' is not an integer"),
 }

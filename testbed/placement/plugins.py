@@ -148,15 +148,17 @@ def _ctrl_c() -> Iterator[threading.Event]:
         yield flag
         return
 
+    handler: Callable[[int, Any], Any] = prev
+
     def on_sigint(signum: int, frame: Any) -> None:
         flag.set()
-        prev(signum, frame)
+        handler(signum, frame)
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, prev)
+        signal.signal(signal.SIGINT, handler)
 
 
 @dataclass(frozen=True)
