@@ -12,6 +12,7 @@ refusal takes about a second.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import secrets
@@ -29,7 +30,7 @@ from rich.table import Table
 from testbed.emulation.clock import CLOCKS
 from testbed.harness.control import TOKEN_ENV
 from testbed.placement import ALGORITHM_NAMES
-from testbed.placement.plugins import Plugin, PluginRefused
+from testbed.placement.plugins import DECISION_TIMEOUT_S, Plugin, PluginRefused
 from testbed.placement.registry import lookup, size_problem
 from testbed.results.write import Tap
 from testbed.scenario import Scenario, ScenarioError, check_host, load, parse_time_scale
@@ -51,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"({', '.join(ALGORITHM_NAMES)}), your own as path/to/file.py:ClassName or "
                    "package.module:ClassName, or an installed plug-in's name (docs/plugins.md); "
                    "default: the scenario's")
+    p.add_argument("--decision-timeout", type=float, metavar="SECONDS",
+                   help="a plug-in's place() (or constructor) not done within this many seconds fails "
+                        "that algorithm's run, and the command goes on (default: the plug-in's own "
+                        f"decision_timeout_s, else {DECISION_TIMEOUT_S:g})")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: results/)")
     p.add_argument("--model-gguf", metavar="PATH",
                    help="run this GGUF model (llama or qwen2 architecture) instead of the scenario's model")
@@ -94,11 +99,17 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
     if len(set(names)) != len(names):
         raise ScenarioError(scen.file, "--algorithm", "an algorithm is listed twice")
     algorithms: list[str | Plugin] = []
+    limit = args.decision_timeout
+    if limit is not None and not (math.isfinite(limit) and limit > 0):
+        raise ScenarioError(scen.file, "--decision-timeout", f"must be a positive number of seconds, not {limit:g}")
     for name in names:
         try:
-            algorithms.append(lookup(name))
+            found = lookup(name)
         except PluginRefused as e:
             raise ScenarioError(scen.file, "--algorithm", str(e)) from None
+        if isinstance(found, Plugin) and limit is not None:
+            found = dataclasses.replace(found, decision_timeout_s=limit)
+        algorithms.append(found)
     shown = [name_of(a) for a in algorithms]
     twice = sorted({n for n in shown if shown.count(n) > 1})
     if twice:

@@ -158,3 +158,91 @@ def test_report_file_works_offline(driver: Any, finished: Path, tmp_path: Path) 
     _open(driver, out.as_uri())
     _check_replay(driver, finished)
     assert "2 runs (report)" in wait_for(driver, STATUS, 10)
+
+
+# ---------------------------------------------------------------------------- hostile files
+
+# what a page that ran the files' markup would show: its elements, its scripts' effect
+PWNED = ("return [window.__pwned === undefined, document.querySelectorAll('#pwn, img').length,"
+         "[...document.scripts].filter(s => s.id !== 'data' && s.textContent.includes('__pwned')).length,"
+         "document.body.innerText]")
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A six-token run, copied with markup in every text field the tools accept."""
+    from .conftest import make_scenario, run_virtual
+    from .hostile_runs import marked_copy
+
+    out = tmp_path_factory.mktemp("hostile")
+    assert run_virtual(make_scenario(new_tokens=6), "resource_aware", out / "runs").ok
+    (run,) = (out / "runs").iterdir()
+    return marked_copy(run, out / "marked" / "run")
+
+
+def _check_inert(driver: Any) -> None:
+    """The page drew the run (its cards and its markup as text) and ran none of it."""
+    from .hostile_runs import MARKUP
+
+    wait_for(driver, "document.querySelectorAll('.card .events li').length > 0", 20)
+    clean, elements, scripts, text = driver.execute_script(PWNED)
+    assert clean and elements == 0 and scripts == 0
+    assert text.count("<img id=pwn") >= 5 and "<script>window.__pwned=2</script>" in text
+    assert MARKUP in driver.execute_script("return document.getElementById('title').textContent")
+    assert "[object Object]" not in text  # no markup was turned into a plain string
+    _slide(driver, 0)  # the slider redraws every part from the same rows
+    assert driver.execute_script(PWNED)[:3] == [True, 0, 0]
+    assert console_errors(driver) == []
+
+
+def test_hostile_report_runs_nothing(driver: Any, hostile: Path, tmp_path: Path) -> None:
+    from tools import report
+
+    out = tmp_path / "report.html"
+    assert report.main([str(hostile), "-o", str(out)]) == 0
+    _open(driver, out.as_uri())
+    _check_inert(driver)
+
+
+def test_hostile_view_runs_nothing(driver: Any, hostile: Path) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "tools.view", str(hostile)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://\S+", p.stdout.readline()).group(0)
+        _open(driver, url)
+        _check_inert(driver)
+    finally:
+        _leave(driver)
+        p.terminate()
+        p.wait(timeout=20)
+
+
+def test_markup_in_number_cells_stays_text(driver: Any, hostile: Path, tmp_path: Path) -> None:
+    """The tools refuse a number column holding text; a state fed by other means (the
+    live server takes the writer's rows as they are) can still carry it: the page shows
+    it as text too. Every number cell of tokens.csv and the links is markup here."""
+    from testbed.results.read import read_csv, read_json
+    from testbed.webview.page import render
+    from testbed.webview.state import TABLES, Feed, RunRecord
+
+    from .hostile_runs import MARKUP
+
+    rec = RunRecord("run", str(hostile), "alg" + MARKUP)
+    rec.record("meta.json", read_json(hostile / "meta.json"))
+    rec.record("summary.json", read_json(hostile / "summary.json"))
+    for table, (name, _) in TABLES.items():
+        header, rows = read_csv(hostile / name)
+        if name in ("tokens.csv", "links.csv", "events.csv"):
+            rows = [{c: (MARKUP if c not in ("phase", "src", "dst", "kind", "subject", "detail", "token") else v)
+                     for c, v in r.items()} for r in rows]
+        rec.load(table, header, rows)
+    feed = Feed("report")
+    feed.add(rec)
+    feed.finished = True
+    out = tmp_path / "cells.html"
+    out.write_text(render(feed.snapshot(), title="cells"), encoding="utf-8")
+    _open(driver, out.as_uri())
+    wait_for(driver, "document.querySelectorAll('.card').length > 0", 20)
+    clean, elements, scripts, text = driver.execute_script(PWNED)
+    assert clean and elements == 0 and scripts == 0 and "<img id=pwn" in text
+    assert console_errors(driver) == []

@@ -10,7 +10,11 @@ with an independent implementation (transformers) is tests/test_gguf_crosscheck.
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -302,10 +306,102 @@ def test_not_gguf_truncated_and_missing(synth_gguf: Any, tmp_path: Path) -> None
         spec_from_gguf(text)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(synth_gguf("llama", "Q4_0").read_bytes()[:3000])
-    with pytest.raises(GGUFError, match=r"cut.gguf: broken GGUF file \("):
+    with pytest.raises(GGUFError, match=r"cut.gguf: metadata '[a-z.]+': .*(does not fit|past the end|ends inside)"):
         spec_from_gguf(cut)
     with pytest.raises(GGUFError, match="nowhere.gguf: no such file"):
         spec_from_gguf(tmp_path / "nowhere.gguf")
+
+
+def _set_array_count(key: str, count: int) -> Any:
+    return lambda r: r.fields[key].parts[4].__setitem__(0, count)  # [klen, key, type, item type, count]
+
+
+def _set_offset(name: str, offset: Any) -> Any:
+    def edit(r: Any) -> None:
+        t = next(t for t in r.tensors if t.name == name)
+        t.field.parts[5][0] = offset(r) if callable(offset) else offset
+    return edit
+
+
+def _set_dim(name: str, dim: int, value: int) -> Any:
+    def edit(r: Any) -> None:
+        next(t for t in r.tensors if t.name == name).field.parts[3][dim] = value
+    return edit
+
+
+def _hostile_files(src: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (path, the one line spec_from_gguf must give) for files that hung the reader,
+    grew without bound, printed a traceback or ran on wrapped-around weights."""
+    out: dict[str, tuple[Path, str]] = {}
+
+    def edited(name: str, edit: Any, message: str) -> None:
+        out[name] = (_edited(src, folder / f"{name}.gguf", edit), message)
+
+    # the reader looped 2^62 times on empty reads past the end (numbers), or failed (strings)
+    edited("count", _set_array_count("tokenizer.ggml.token_type", 2**62),
+           "metadata 'tokenizer.ggml.token_type': array of 4611686018427387904 items exceeds the limit of 16777216")
+    edited("strcount", _set_array_count("tokenizer.ggml.tokens", 2**62),
+           "metadata 'tokenizer.ggml.tokens': array of 4611686018427387904 items exceeds the limit of 16777216")
+    edited("fitcount", _set_array_count("tokenizer.ggml.tokens", 2**23),
+           "metadata 'tokenizer.ggml.tokens': array of 8388608 string items does not fit in the ")
+    edited("wrap", _set_offset("output_norm.weight", 2**64 - 1),
+           "tensor 'output_norm.weight': offset 18446744073709551615 is not a multiple of the alignment 32")
+    # aligned, and start + offset wraps to 0 in 64-bit arithmetic: the header's own bytes
+    edited("wrap0", _set_offset("output_norm.weight", lambda r: 2**64 - int(r.data_offset)),
+           "tensor 'output_norm.weight': offset ")
+    # found by the fuzzer: a layer count as large as a uint32 built a dict per layer first
+    edited("layers", _set_int("llama.block_count", 2**32 - 1),
+           "llama.block_count: 4294967295 layers, but the file holds 20 tensors")
+    edited("overlap", _set_offset("output_norm.weight", 0),
+           "tensor 'token_embd.weight': offset 0 overlaps the tensor before it (ends at ")
+    edited("dims", _set_dim("token_embd.weight", 1, 2**40), "tensor 'token_embd.weight': shape ")
+    fifo = folder / "fifo.gguf"
+    os.mkfifo(fifo)
+    out["fifo"] = (fifo, "is a FIFO, not a regular file")
+    loop = folder / "loop.gguf"
+    loop.symlink_to(folder / "loop2.gguf")
+    (folder / "loop2.gguf").symlink_to(loop)
+    out["loop"] = (loop, "symlink loop (too many levels of symbolic links)")
+    out["device"] = (Path("/dev/zero"), "is a character device, not a regular file")
+    return out
+
+
+def test_hostile_files_give_one_line_in_bounded_time(synth_gguf: Any, tmp_path: Path) -> None:
+    """Each file is refused with one line naming the file and the field: first in a child
+    process under a time limit (a regression hangs or grows there, not here), then through
+    the runner, exit 2. The wrapped offsets ran before on weights read from the header."""
+    files = _hostile_files(synth_gguf("llama", "F16"), tmp_path)
+    code = ("import sys, time\nfrom testbed.model.gguf_file import GGUFError, spec_from_gguf\n"
+            "for p in sys.argv[1:]:\n    t = time.monotonic()\n    try:\n        spec_from_gguf(p)\n"
+            "        print('ACCEPTED', p)\n    except GGUFError as e:\n        print(e)\n"
+            "    assert time.monotonic() - t < 5, p\n")
+    res = subprocess.run([sys.executable, "-c", code, *(str(p) for p, _ in files.values())], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == len(files), res.stdout
+    for (path, message), line in zip(files.values(), lines, strict=True):
+        assert line.startswith(f"{path}: {message}"), line
+    scen = ROOT / "scenarios" / "gguf_model.yaml"
+    for name in ("count", "wrap0", "fifo", "loop"):
+        path, message = files[name]
+        res = subprocess.run([sys.executable, "-m", "runners.run", str(scen), "--model-gguf", str(path),
+                              "--clock", "virtual", "--out", str(tmp_path / "out")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, (name, res.stdout, res.stderr)
+        err = res.stderr.strip()
+        assert "\n" not in err and err.startswith(f"error: {scen}: --model-gguf: {path}: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_header_walk_accepts_every_written_file(synth_gguf: Any) -> None:
+    """The walk's data offset and tensor count are the reader's, for every variant."""
+    from testbed.model.gguf_header import check_file
+
+    for variant in VARIANTS:
+        path = synth_gguf(variant, "Q4_K")
+        h, r = check_file(path), gguf.GGUFReader(str(path))
+        assert (h.data_offset, h.tensors, h.size) == (r.data_offset, len(r.tensors), len(r.data))
 
 
 # ---------------------------------------------------------------------------- scenarios
@@ -391,3 +487,76 @@ def test_readme_scenario_runs_a_model_named_by_path(synth_gguf: Any, tmp_path: P
              + cost.model_cache_bytes(s.model, s.final_length)) / 2**20
     assert all(d.memory_mib < whole for d in s.devices)  # no device holds the model alone
     assert math.isclose(sum(d.memory_mib for d in s.devices), 1.5 * whole, rel_tol=1e-3)
+
+
+# ---------------------------------------------------------------------------- fuzzing the header
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from .conftest import fresh_dir  # noqa: E402
+
+# examples per fuzz test, as in test_protocol.py: TESTBED_FUZZ_EXAMPLES=5000 searches longer
+# (TESTBED_HYPOTHESIS=explore draws new ones)
+EXAMPLES = int(os.environ.get("TESTBED_FUZZ_EXAMPLES", "200"))
+# values that break readers: zero, one, the edges of 32 and 64 bits, huge counts
+EDGES = [0, 1, 2, 31, 32, 33, 64, 255, 2**16, 2**31 - 1, 2**32 - 1, 2**32, 2**62, 2**63 - 1, 2**64 - 32, 2**64 - 1]
+
+
+@st.composite
+def _header_edits(draw: Any, header_len: int) -> list[tuple[int, int, int]]:
+    """(offset in the header, width in bytes, value) overwrites, little-endian."""
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        width = draw(st.sampled_from([1, 4, 8]))
+        offset = draw(st.integers(0, header_len - width))
+        value = draw(st.one_of(st.sampled_from(EDGES), st.integers(0, 2**(8 * width) - 1)))
+        out.append((offset, width, value % 2**(8 * width)))
+    return out
+
+
+class _Base(tuple):
+    """(bytes, header length), shown short in hypothesis' reports."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self[0])} bytes, header {self[1]}>"
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(synth_gguf: Any) -> tuple[bytes, int]:
+    """A small valid file's bytes and its header's length (where the data starts)."""
+    path = synth_gguf("llama", "Q8_0")
+    return _Base((path.read_bytes(), int(gguf.GGUFReader(str(path)).data_offset)))
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_gguf_headers(data: Any, fuzz_base: tuple[bytes, int], tmp_path: Path) -> None:
+    """Overwrite bytes, 32- and 64-bit fields of a valid header with edge values (counts,
+    lengths, types, dims, offsets), maybe cut the file: reading it gives a spec or one
+    GGUFError line naming the file, in well under a second (5 s allows for a busy host),
+    and never anything else; a file the header walk accepts has every tensor inside it."""
+    from testbed.model.gguf_header import HeaderError, check_header, type_sizes
+
+    base, header_len = fuzz_base
+    buf = bytearray(base)
+    for offset, width, value in data.draw(_header_edits(header_len), label="edits"):
+        buf[offset:offset + width] = value.to_bytes(width, "little")
+    cut = data.draw(st.one_of(st.none(), st.integers(0, len(buf))), label="cut")
+    if cut is not None:
+        del buf[cut:]
+    path = fresh_dir(tmp_path) / "fuzz.gguf"
+    path.write_bytes(buf)
+    t0 = time.monotonic()
+    try:
+        spec_from_gguf(path)
+    except GGUFError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e), str(e)
+    assert time.monotonic() - t0 < 5.0
+    try:
+        h = check_header(bytes(buf), type_sizes())
+    except HeaderError:
+        return
+    for t in gguf.GGUFReader(str(path)).tensors:  # accepted: the reader's view is in bounds
+        assert h.data_offset <= t.data_offset and t.data_offset + t.n_bytes <= len(buf)

@@ -10,7 +10,10 @@ bandwidth_drop.yaml with the reference's tokens.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -162,6 +165,67 @@ class CalledGreedy:
 
 class AlsoGood(Good):
     pass
+
+
+class Sleeper:
+    """Never answers: waits forever (a blocking call, which no exception stops)."""
+
+    name = "sleeper"
+    dynamic = False
+
+    def place(self, snap):
+        import threading
+        threading.Event().wait()
+
+
+class Spinner:
+    """Never answers: loops forever in Python (stopped once abandoned)."""
+
+    name = "spinner"
+    dynamic = False
+    decision_timeout_s = 0.5  # its own limit
+
+    def place(self, snap):
+        while True:
+            pass
+
+
+class Exiter:
+    name = "exiter"
+    dynamic = False
+
+    def place(self, snap):
+        import sys
+        sys.exit(3)
+
+
+class Interrupter:
+    name = "interrupter"
+    dynamic = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def place(self, snap):
+        self.calls += 1
+        if self.calls > 1:
+            raise KeyboardInterrupt
+        return Good().place(snap)
+
+
+class ExitsWhenMade:
+    name = "exits_when_made"
+    dynamic = False
+
+    def __init__(self):
+        raise SystemExit("bye")
+
+    def place(self, snap):
+        return None
+
+
+class BadLimit(Good):
+    decision_timeout_s = -1
 '''
 
 
@@ -511,3 +575,85 @@ def test_protocol_module_is_the_controllers() -> None:
     from testbed.placement import algorithm as protocol
 
     assert controller.Algorithm is protocol.Algorithm
+
+
+# ---------------------------------------------------------------------------- code that never returns
+
+
+def _cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """runners.run in a child process under a time limit: a plug-in that hangs the command
+    fails this test instead of hanging it."""
+    return subprocess.run([sys.executable, "-m", "runners.run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_plugins_that_never_return_exit_or_interrupt_fail_alone(plugin_file: Path, scen_file: Path,
+                                                                 tmp_path: Path) -> None:
+    """A place() that sleeps forever or loops forever fails its run at the decision time
+    limit (--decision-timeout, or the plug-in's own); sys.exit and KeyboardInterrupt raised
+    by place() fail that run only; the command runs every algorithm, exits 1, and no
+    meta.json is left `running`."""
+    out = tmp_path / "out"
+    algs = ",".join(f"{plugin_file}:{c}" for c in ("Sleeper", "Spinner", "Exiter", "Interrupter")) + ",static"
+    t0 = time.monotonic()
+    res = _cli([str(scen_file), "--clock", "virtual", "--out", str(out), "--algorithm", algs,
+                "--decision-timeout", "2"], timeout=180)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    runs = _runs(out)
+    assert set(runs) == {"sleeper", "spinner", "exiter", "interrupter", "static"}, runs
+    status = {name: read_json(d / "meta.json")["status"] for name, d in runs.items()}
+    assert status == {
+        "sleeper": "failed: sleeper: place() did not return within 2 s (the decision time limit; "
+                   "--decision-timeout sets it)",
+        "spinner": "failed: spinner: place() did not return within 2 s (the decision time limit; "
+                   "--decision-timeout sets it)",
+        "exiter": "failed: exiter: place() raised SystemExit (sys.exit(3))",
+        "interrupter": "failed: interrupter: place() raised KeyboardInterrupt",
+        "static": "completed",
+    }, status
+    for d in runs.values():
+        assert read_json(d / "summary.json")["status"] == read_json(d / "meta.json")["status"]
+    assert "raise KeyboardInterrupt" in read_json(runs["interrupter"] / "meta.json")["error"]["traceback"]
+    assert len((runs["interrupter"] / "tokens.csv").read_text().splitlines()) == 1 + 2  # failed at the re-plan
+    assert time.monotonic() - t0 < 120
+
+
+def test_plugins_own_limit_and_constructor_failures(plugin_file: Path) -> None:
+    """The plug-in's own decision_timeout_s applies without --decision-timeout; a constructor
+    calling sys.exit is refused at loading (one line); a limit that is not a positive number
+    is refused."""
+    spinner = lookup(f"{plugin_file}:Spinner")
+    assert isinstance(spinner, Plugin) and spinner.decision_timeout_s == 0.5
+    t0 = time.monotonic()
+    with pytest.raises(PluginFailed, match=r"^spinner: place\(\) did not return within 0.5 s"):
+        instantiate(spinner).place(snapshot())
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(PluginRefused, match=r"ExitsWhenMade\(\) with no arguments raised SystemExit \(sys.exit\('bye'\)\)$"):
+        lookup(f"{plugin_file}:ExitsWhenMade")
+    with pytest.raises(PluginRefused, match="`decision_timeout_s` must be a positive number of seconds, got -1"):
+        lookup(f"{plugin_file}:BadLimit")
+
+
+def test_real_ctrl_c_still_interrupts_a_plugin_that_never_returns(plugin_file: Path, scen_file: Path,
+                                                                   tmp_path: Path) -> None:
+    """SIGINT while the main thread waits for a sleeping place(): the command stops at once
+    (exit 130), its run says `failed: interrupted`, and the next algorithm never starts."""
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "runners.run", str(scen_file), "--clock", "virtual", "--out",
+                          str(out), "--algorithm", f"{plugin_file}:Sleeper,static"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/*sleeper*/meta.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the run is in place() now (it never returns)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == cli.EXIT_INTERRUPTED
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    runs = _runs(out)
+    assert set(runs) == {"sleeper"}
+    assert read_json(runs["sleeper"] / "meta.json")["status"] == "failed: interrupted"

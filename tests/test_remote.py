@@ -182,3 +182,24 @@ def test_hostile_frames_mid_run_change_nothing(tmp_path: Path) -> None:
     kinds = [e["kind"] for e in read_csv(run_dir / "events.csv")]
     assert "device_failed" not in kinds and "fault" not in kinds, kinds
     _check_times(run_dir)
+
+
+def test_sigkill_of_the_source_agent_fails_the_run_promptly(tmp_path: Path) -> None:
+    """Issue 25: SIGKILL of the source agent (the controller's port, the embedding and the
+    LM head) left the runner making no progress. The run now fails within seconds with a
+    one-line reason; every file is closed (meta.json not `running`), exit status 1."""
+    killed_at: list[float] = []
+
+    def kill(runner: int, run_dir: Path) -> None:
+        _agents(runner)[SOURCE].send_signal(signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    status, err, run_dir = _run(tmp_path, tokens=200, at_token=10, act=kill)
+    took = time.monotonic() - killed_at[0]
+    assert status == 1, err
+    assert took < 60, took
+    meta = read_json(run_dir / "meta.json")
+    assert meta["status"].startswith(f"failed: {SOURCE}: the source device is lost ("), meta["status"]
+    assert "\n" not in meta["status"] and "cannot go on" in meta["status"]
+    assert read_json(run_dir / "summary.json")["tokens"] < 200
+    assert any(e["kind"] == "fault" and e["subject"] == SOURCE for e in read_csv(run_dir / "events.csv"))

@@ -8,6 +8,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -255,3 +256,238 @@ def test_identical_runs_are_told_apart(runs_root: Path, tmp_path: Path,
     assert compare.main([str(src), str(tmp_path / "again")]) == 0
     text = capsys.readouterr().out
     assert "static [run-static]" in text and "static [again]" in text
+
+
+# ---------------------------------------------------------------------------- hostile run directories
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One completed six-token run (gpt-tiny, virtual clock): what hostile copies start from."""
+    from .conftest import make_scenario, run_virtual
+
+    out = tmp_path_factory.mktemp("small")
+    assert run_virtual(make_scenario(new_tokens=6), "resource_aware", out).ok
+    (run,) = out.iterdir()
+    return run
+
+
+# every tool that reads run directories, as the child process below calls it
+_TOOLS_SCRIPT = """
+import contextlib, io, json, sys, time
+from tools import compare, latency, plot, report, view
+out = sys.argv[1]
+calls = {
+    "report": lambda d: report.main([d, "-o", out + "/r.html"]),
+    "compare": lambda d: compare.main([d]),
+    "latency": lambda d: latency.main([d, "-o", out + "/l.csv"]),
+    "plot": lambda d: plot.main([d, "-o", out + "/p.png", "--dpi", "40"]),
+    "view": lambda d: view.load_feed([d], "view") and 0,
+}
+for d in sys.argv[2:]:
+    for name, call in calls.items():
+        err, t = io.StringIO(), time.monotonic()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = call(d)
+            except Exception as e:
+                code = repr(e)
+        print(json.dumps([d, name, code, err.getvalue(), time.monotonic() - t]), flush=True)
+"""
+
+
+# the files of a run directory each tool reads (report and view: all)
+RESULT_FILES = ("meta.json", "summary.json", "tokens.csv", "events.csv", "placements.csv", "telemetry.csv",
+                "links.csv")
+_READS = {"compare": ("meta.json", "tokens.csv", "events.csv"), "latency": ("meta.json", "tokens.csv", "events.csv"),
+          "plot": ("meta.json", "tokens.csv", "events.csv", "placements.csv")}
+
+
+def _run_tools(dirs: list[Path], out: Path) -> list[list]:
+    """Each tool on each directory in one child process, within a time limit: a tool that
+    blocks on a FIFO or reads /dev/zero fails this test instead of hanging it."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _TOOLS_SCRIPT, str(out), *map(str, dirs)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_hostile_run_directories_are_refused_with_one_line(small_run: Path, tmp_path: Path) -> None:
+    """/dev/zero, FIFOs, a link out of the directory, markup or text in number columns, bytes
+    that are not UTF-8, a 128 KiB field: every tool that reads the file exits 2 with the
+    same one line naming the file (and row and column), in well under a second each
+    (compare, latency and plot read only some of the files)."""
+    from .hostile_runs import refused_copies
+
+    cases = refused_copies(small_run, tmp_path / "cases")
+    (tmp_path / "out").mkdir()
+    results = _run_tools([d for d, _ in cases.values()], tmp_path / "out")
+    assert len(results) == 5 * len(cases)
+    expect = {str(d): message for d, message in cases.values()}
+    for d, tool, code, err, seconds in results:
+        lines = err.strip().splitlines()
+        file = expect[d][len(d) + 1:].split(":")[0]
+        if file not in _READS.get(tool, RESULT_FILES):
+            assert (code, err) == (0, ""), (d, tool)  # a file this tool does not read
+            continue
+        view_ok = tool == "view" and code.startswith("RunsError(")  # load_feed raises; main prints
+        assert code == 2 or view_ok, (d, tool, code, err)
+        if tool != "view":
+            assert len(lines) == 1 and lines[0].startswith(f"error: {expect[d]}"), (tool, err)
+        else:
+            assert f"{d}/{file}:" in code, code
+        assert seconds < 5, (d, tool, seconds)
+    assert not (tmp_path / "out" / "r.html").exists()  # report refuses every case
+
+
+def test_infinite_latencies_are_numbers(small_run: Path, tmp_path: Path) -> None:
+    """inf and -inf in float columns are read as numbers: the statistics keep them, the page
+    gets null for them (JSON has no infinity), and plot draws inf cut at the top."""
+    from .hostile_runs import infinite_copy
+
+    run = infinite_copy(small_run, tmp_path / "inf")
+    (loaded,) = load_runs([run])
+    assert loaded.tokens[2]["latency_ms"] == np.inf and loaded.tokens[3]["predicted_ms"] == -np.inf
+    assert run_stats(loaded)["latency_max_ms"] == np.inf
+    (tmp_path / "out").mkdir()
+    results = _run_tools([run], tmp_path / "out")
+    assert {tool: code for _, tool, code, _, _ in results} == {t: 0 for t in ("report", "compare", "latency",
+                                                                             "plot", "view")}
+    top, cut = plot._ylimit([loaded], None)
+    assert cut and np.isfinite(top)
+
+
+def test_run_files_must_stay_inside_the_run_directory(small_run: Path, tmp_path: Path) -> None:
+    """A link inside the run directory is read; a link that leaves it, however it is spelled,
+    is refused; a link loop is one line."""
+    from testbed.results.read import read_csv as runs_read_csv
+    from testbed.results.read import read_text
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "copy.csv").write_text("a\n1\n")
+    (run / "inside.csv").symlink_to("copy.csv")
+    assert runs_read_csv(run / "inside.csv") == (["a"], [{"a": "1"}])
+    (run / "sub").mkdir()
+    (run / "up.csv").symlink_to("sub/../../run/copy.csv")
+    assert read_text(run / "up.csv", 100) == "a\n1\n"  # still inside, spelled oddly
+    (run / "out.csv").symlink_to(small_run / "tokens.csv")
+    (run / "loop.csv").symlink_to("loop.csv")
+    for name, says in (("out.csv", "outside the run directory"), ("loop.csv", "symlink loop")):
+        with pytest.raises(RunsError) as info:
+            read_text(run / name, 100)
+        assert says in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(RunsError, match="copy.csv: 4 bytes, over the limit of 3 for this file"):
+        read_text(run / "copy.csv", 3)
+
+
+# ---------------------------------------------------------------------------- fuzzing run directories
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# examples per fuzz test, as in test_protocol.py: TESTBED_FUZZ_EXAMPLES=5000 searches longer
+# (TESTBED_HYPOTHESIS=explore draws new ones)
+EXAMPLES = int(__import__("os").environ.get("TESTBED_FUZZ_EXAMPLES", "200"))
+CELLS = st.one_of(
+    st.sampled_from(["", "inf", "-inf", "nan", "1e309", "-0", "0x10", "1_000", " 7", "7 ", "NaN", "∞",
+                     "<b>1</b>", "\"", "\r", "\n", "9" * 400, "-9223372036854775809"]),
+    st.text(max_size=30),
+)
+
+
+@st.composite
+def _spoil(draw: Any) -> tuple[str, str, Any]:
+    """(file, how, what): a cell of a CSV replaced, a JSON value replaced, bytes inserted
+    or the file cut short."""
+    from .hostile_runs import MARKUP
+
+    name = draw(st.sampled_from(RESULT_FILES))
+    how = draw(st.sampled_from(["cell", "bytes", "cut"] if name.endswith(".csv") else ["json", "bytes", "cut"]))
+    if how == "cell":
+        return name, how, (draw(st.integers(0, 200)), draw(st.integers(0, 20)), draw(CELLS))
+    if how == "json":
+        value = draw(st.one_of(CELLS, st.just(MARKUP), st.integers(), st.floats(), st.none(),
+                               st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3)))
+        return name, how, (draw(st.sampled_from(["status", "algorithm", "scenario", "seed", "clock", "migrations",
+                                                 "latency_ms", "fidelity", "tokens"])), value)
+    if how == "bytes":
+        return name, how, (draw(st.integers(0, 10_000)), draw(st.binary(min_size=1, max_size=40)))
+    return name, how, draw(st.integers(0, 10_000))
+
+
+def _apply(run: Path, name: str, how: str, what: Any) -> None:
+    path = run / name
+    if how == "cell":
+        row, col, value = what
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+        except (ValueError, csv.Error):
+            return  # spoilt already
+        if not rows:
+            return
+        r = rows[row % len(rows)]
+        if not r:
+            return
+        r[col % len(r)] = value
+        with open(path, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(rows)
+    elif how == "json":
+        key, value = what
+        try:
+            doc = json.loads(path.read_text())
+            doc[key] = value
+        except (ValueError, TypeError):
+            return  # spoilt already (bytes inserted, cut short)
+        path.write_text(json.dumps(doc))  # NaN and inf as JSON spells them (not strictly JSON)
+    elif how == "bytes":
+        at, blob = what
+        data = path.read_bytes()
+        at %= len(data) + 1
+        path.write_bytes(data[:at] + blob + data[at:])
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[:what % (len(data) + 1)])
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(spoils=st.lists(_spoil(), min_size=1, max_size=3))
+def test_fuzz_run_directories(spoils: list[tuple[str, str, Any]], small_run: Path, tmp_path: Path) -> None:
+    """A run directory with cells, JSON values and bytes changed, or files cut short: the
+    tools' readers (load_runs, run_stats and windows, compare's rows, tools.view's feed and
+    the report page) either work or raise RunsError with one line naming a file of the run,
+    in well under a second (5 s allows for a busy host); what they hand the page is strict
+    JSON."""
+    import time
+
+    from testbed.webview.page import render
+    from testbed.webview.server import dumps
+    from tools.view import load_feed
+
+    from .conftest import fresh_dir
+
+    run = fresh_dir(tmp_path) / "run"
+    shutil.copytree(small_run, run)
+    for name, how, what in spoils:
+        _apply(run, name, how, what)
+    t0 = time.monotonic()
+    try:
+        runs = load_runs([run])
+        for r in runs:
+            run_stats(r)
+            r.event_tokens()
+            r.devices()
+        compare.compare_rows(runs)
+        feed = load_feed([run], "report")
+        snap = feed.snapshot()
+        dumps(snap)  # allow_nan=False: no NaN or infinity reaches the page
+        assert "<!--DATA-->" not in render(snap)
+    except RunsError as e:
+        msg = str(e)
+        assert "\n" not in msg and msg.startswith(str(run)), msg
+    assert time.monotonic() - t0 < 5.0

@@ -114,6 +114,59 @@ def test_inline_json_cannot_end_its_script_element() -> None:
     assert "/*JS*/" not in page and "/*CSS*/" not in page
 
 
+def _code(js: str) -> str:
+    """view.js without its comments (// to the end of a line, outside strings well enough
+    for this file: it has no '//' inside a string)."""
+    return re.sub(r"(?m)^\s*//.*$|\s//\s.*$", "", js)
+
+
+def test_view_js_builds_markup_only_through_the_escaping_tag() -> None:
+    """The page makes markup in one way: the `h` template tag escapes every value, and the
+    one innerHTML assignment (in setHtml) refuses anything `h` did not build. So: no other
+    innerHTML, outerHTML, insertAdjacentHTML, document.write or eval; `esc` and `new Html`
+    used only inside the tag; no markup template without the tag; and no `+` joining
+    markup (which would turn it into a plain string)."""
+    js = _code((ROOT / "testbed/webview/static/view.js").read_text())
+    assert re.findall(r"\.innerHTML\b", js) == [".innerHTML"]
+    assert re.search(r"function setHtml\(el, html\) \{\n.*instanceof Html.*\n\s*el\.innerHTML = html\.s;", js)
+    for bad in ("outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function", "srcdoc",
+                "createContextualFragment", "DOMParser"):
+        assert bad not in js, bad
+    assert len(re.findall(r"\bnew Html\(", js)) == 1 and len(re.findall(r"\besc\(", js)) == 1
+    # every template literal that starts with markup is tagged h
+    untagged = re.findall(r"(?<!\bh)`\s*<", js)
+    assert untagged == [], untagged
+    joined = re.findall(r"`\s*\+\s*h`|h`[^`\n]*`\s*\+", js)
+    assert joined == [], joined
+
+
+def test_view_js_escaping_tag_in_node(tmp_path: Path) -> None:
+    """The tag itself, run by node: values are escaped in text and attributes, markup built
+    by the tag (and arrays of it) is kept, and setHtml refuses a plain string."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    js = (ROOT / "testbed/webview/static/view.js").read_text()
+    start = js.index("  const esc = ")
+    end = js.index("  const api = ")
+    script = tmp_path / "tag.js"
+    script.write_text(js[start:end] + """
+const evil = `"'><img src=x onerror=alert(1)>&`;
+const out = h`<p title="${evil}">${evil}${[h`<b>${evil}</b>`, h`<i>ok</i>`]}</p>`.s;
+let refused = false;
+try { setHtml({}, "<b>raw</b>"); } catch (e) { refused = e instanceof TypeError; }
+const el = {};
+setHtml(el, h`<u>${1.5}</u>`);
+console.log(JSON.stringify([out, refused, el.innerHTML]));
+""")
+    res = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    out, refused, inner = json.loads(res.stdout)
+    e = "&quot;&#39;&gt;&lt;img src=x onerror=alert(1)&gt;&amp;"
+    assert out == f'<p title="{e}">{e}<b>{e}</b><i>ok</i></p>'
+    assert refused and inner == "<u>1.5</u>"
+
+
 # ---------------------------------------------------------------------------- the server
 
 
@@ -190,6 +243,46 @@ def test_off_loopback_the_token_is_required() -> None:
         assert get_json(api(url, "api/state"))["mode"] == "view"
         req = urllib.request.Request(bare + "api/state", headers={"Authorization": f"Bearer {token}"})
         assert json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"] == []
+        # the token alone is not a bearer token; with it, any Host is fine (the token is the check)
+        for header in (token, f"Basic {token}", f"Bearer{token}", f"Bearer {token}x"):
+            assert _get(bare + "api/state", {"Authorization": header})[0] == 401, header
+        assert _get(bare + "api/state", {"Authorization": f"bearer {token}", "Host": "evil.example"})[0] == 200
+    finally:
+        server.stop(linger_s=0)
+
+
+def _get(url: str, headers: dict[str, str], timeout: float = 10) -> tuple[int, bytes]:
+    """Status and body of a GET with exactly these headers (Host included, if given)."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.putrequest("GET", u.path + (f"?{u.query}" if u.query else ""), skip_host="Host" in headers)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_without_a_token_only_loopback_host_names_are_served() -> None:
+    """A page on another site can point its own name at 127.0.0.1 (DNS rebinding) and read
+    what the browser fetches: without a token, a request whose Host is not loopback gets
+    421 and nothing of the state."""
+    server = ViewServer(Feed("view"))
+    url = server.start()
+    try:
+        assert "token=" not in url
+        port = urllib.parse.urlsplit(url).port
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", "[::1]", f"[::1]:{port}"):
+            status, body = _get(url + "api/state", {"Host": host})
+            assert status == 200 and json.loads(body)["mode"] == "view", host
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil:80",
+                     "127.0.0.2", "[::2]", "localhost:80:80", "[::1]x", "0.0.0.0", ""):
+            for path in ("", "api/state", "api/stream"):
+                status, body = _get(url + path, {"Host": host})
+                assert status == 421 and b"runs" not in body, (host, path, status)
     finally:
         server.stop(linger_s=0)
 

@@ -92,16 +92,18 @@ def device_colors(runs: list[Run]) -> dict[str, Any]:
 
 
 def _ylimit(runs: list[Run], ymax: float | None) -> tuple[float, bool]:
-    """Top of the latency axis and whether points above it are cut."""
-    lat = {r.path: [x["latency_ms"] for x in r.decode if not math.isnan(x["latency_ms"])] for r in runs}
+    """Top of the latency axis and whether points above it are cut (an infinite latency,
+    which a hand-edited tokens.csv may hold, is always drawn cut, at the top)."""
+    lat = {r.path: [x["latency_ms"] for x in r.decode if math.isfinite(x["latency_ms"])] for r in runs}
+    infinite = any(math.isinf(x["latency_ms"]) for r in runs for x in r.decode)
     top = max((max(v) for v in lat.values() if v), default=1.0)
     if ymax is not None:
-        return ymax, top > ymax
+        return ymax, top > ymax or infinite
     bulk = max((percentile(v, 95) for v in lat.values() if v), default=top)
     cut = bulk * 1.6
     if top > cut * 1.2:
         return cut, True
-    return top * 1.08 if top > 0 else 1.0, False
+    return top * 1.08 if top > 0 else 1.0, infinite
 
 
 def latency_panel(ax: Any, runs: list[Run], names: dict[Path, str], xmax: int, ymax: float | None) -> None:

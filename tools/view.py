@@ -14,7 +14,6 @@ on stderr: a path that does not exist or holds no run, a port that cannot be had
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -38,12 +37,8 @@ def load_feed(paths: Iterable[str | os.PathLike], mode: str) -> Feed:
         ids.add(rid)
         rec = RunRecord(rid, str(r.path), names[r.path])
         rec.record("meta.json", r.meta)
-        try:
-            summary = json.loads((r.path / "summary.json").read_text())
-            if isinstance(summary, dict):
-                rec.record("summary.json", summary)
-        except (OSError, ValueError):
-            pass  # a crashed run has none (or half of one): the page says so from meta.json
+        if r.summary is not None:  # a crashed run has none: the page says so from meta.json
+            rec.record("summary.json", r.summary)
         for table, (name, _) in TABLES.items():
             header, rows = read_csv(r.path / name)
             rec.load(table, header, rows)

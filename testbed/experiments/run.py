@@ -200,7 +200,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         meta["error"] = e.record()
     except KeyboardInterrupt:
         status = "failed: interrupted"
-    except Exception as e:  # a bug: keep the traceback beside the results
+    except (Exception, SystemExit) as e:  # a bug: keep the traceback beside the results
         status = f"failed: {type(e).__name__}: {e}"
         (run_dir / "error.log").write_text(traceback.format_exc())
     ctx.wall_s = time.perf_counter() - wall0

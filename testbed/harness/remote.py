@@ -10,8 +10,12 @@ scenario events. `fail_device` kills the agent's process; `join_device` starts a
 An agent that dies or stops answering for any other reason (killed from outside, crashed,
 hung) is a lost device, as with `fail_device`: its control connection closes (or a request
 to it times out), the cluster stops asking it for anything and tells the controller
-(`on_lost`), which re-places its blocks and replays their caches; the run goes on. Only
-the source device, which runs the controller's port, cannot be lost.
+(`on_lost`), which re-places its blocks and replays their caches; the run goes on. The
+source device cannot be recovered so: its agent is the controller's port (every message of
+the run leaves and arrives through it) and holds the embedding, the LM head and the caches
+of the blocks it hosts, and a new one would be a new run's first state, not this run's. So
+a lost source ends the run at once as failed, with one line saying why (`on_fault`), and
+the run's files are closed as for any failure.
 
 No orphans: every child gets PR_SET_PDEATHSIG, so it dies with the runner even if the
 runner is killed; `stop()` (also on failure and Ctrl-C) asks each to stop, then terminates
@@ -247,7 +251,10 @@ class ProcessCluster:
         if proc is not None and proc.returncode is None:
             proc.kill()
         log.info("%s: lost: %s", name, why)
-        if tell:
+        if name == self.source:  # the controller's port: nothing can go on without it
+            self.on_fault(name, f"the source device is lost ({why}): it carries every message of the run "
+                          "and holds the embedding and LM head, so the run cannot go on")
+        elif tell:
             self.on_lost(name, why)
 
     def port(self) -> RelayPort:

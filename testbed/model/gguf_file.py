@@ -1,7 +1,8 @@
 """A llama-family GGUF file: its metadata as a `ModelSpec`, its tensors dequantised by rows.
 
-Owns: `GGUFError` (one line that names the file), `open_gguf` (the file through the `gguf`
-library's reader: memory-mapped, nothing is read until asked), `spec_from_gguf`, the checks
+Owns: `GGUFError` (one line that names the file), `open_gguf` (the file, once
+gguf_header.py has checked its header, through the `gguf` library's reader: memory-mapped,
+nothing is read until asked), `spec_from_gguf`, the checks
 that the tensors are the ones a llama-family model needs, with the shapes its metadata
 implies, and `iter_rows` (dequantise a row range, a chunk at a time, then let the kernel
 drop the mapped pages again). Pure: numpy and gguf, no torch, no asyncio.
@@ -15,6 +16,7 @@ re-orders into interleaved pairs). Tensor types in `TYPES`, dequantised by the g
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.util
 import math
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .gguf_header import HeaderError, check_file
 from .spec import ModelSpec
 
 ARCHS = ("llama", "qwen2")
@@ -32,7 +35,6 @@ ARCHS = ("llama", "qwen2")
 # can write F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; the k-quants are read-only there)
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
          "Q5_K", "Q6_K")
-MAGIC = b"GGUF"
 CHUNK_ELEMS = 1 << 22  # dequantise at most this many values at a time (16 MiB as float32)
 GGUF_HINT = "pip install 'gguf>=0.17.1' (the smollm2 extra)"
 
@@ -71,21 +73,16 @@ class GGUFFile:
         import gguf
 
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(4)
-        except FileNotFoundError:
-            raise GGUFError(path, "no such file") from None
-        except IsADirectoryError:
-            raise GGUFError(path, "is a directory, not a GGUF file") from None
-        except OSError as e:
-            raise GGUFError(path, f"cannot read: {e.strerror or e}") from None
-        if head != MAGIC:
-            raise GGUFError(path, "not a GGUF file (bad magic)")
+        try:  # the reader trusts the header: it is checked first (gguf_header.py)
+            header = check_file(self.path)
+        except HeaderError as e:
+            raise GGUFError(path, str(e)) from None
         try:
             self.reader = _reader_class(gguf)(str(self.path))
-        except Exception as e:  # truncated or corrupt: the reader fails in many ways
+        except Exception as e:  # what the walk does not model: the reader fails in many ways
             raise GGUFError(path, f"broken GGUF file ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        if (len(self.reader.data), int(self.reader.data_offset)) != (header.size, header.data_offset):
+            raise GGUFError(path, "the file changed while it was being read")
         self.tensors: dict[str, TensorInfo] = {}
         self.spec: ModelSpec | None = None  # set by spec_from_gguf, once
         self._data: dict[str, Any] = {}
@@ -201,6 +198,8 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     except FileNotFoundError:
         raise GGUFError(path, "no such file") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise GGUFError(path, "symlink loop (too many levels of symbolic links)") from None
         raise GGUFError(path, f"cannot read: {e.strerror or e}") from None
     return _open(str(p), st.st_size, st.st_mtime_ns)
 
@@ -258,6 +257,8 @@ def _read_spec(g: GGUFFile) -> ModelSpec:
         return kind(value)
 
     layers, D = key("block_count"), key("embedding_length")
+    if not 0 < layers <= len(g.tensors):  # before anything is built per layer
+        raise GGUFError(g.path, f"{arch}.block_count: {layers} layers, but the file holds {len(g.tensors)} tensors")
     heads = key("attention.head_count")
     kv_heads = key("attention.head_count_kv", heads)
     if heads <= 0 or kv_heads <= 0 or D % heads or heads % kv_heads:

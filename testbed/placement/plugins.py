@@ -11,22 +11,37 @@ Owns loading and checking a plug-in and guarding its calls:
   read-only matrices and checks what comes back (`protocol.check_placement`); a plug-in
   that raises (anything but `Infeasible`) or returns an invalid placement raises
   `PluginFailed`, which carries the reason and the plug-in's traceback.
+- `guarded`: every call into plug-in code after loading (creating it, `place`) runs in a
+  thread of its own under a time limit (`Plugin.decision_timeout_s`; default
+  `DECISION_TIMEOUT_S`, a plug-in may declare its own `decision_timeout_s`, the runner's
+  `--decision-timeout` overrides both). Past it, or when that code raises `SystemExit` or
+  `KeyboardInterrupt` (or any other exception), the plug-in has failed, not the command: a
+  real Ctrl-C reaches the main thread, which only waits. Python cannot stop a thread: a
+  call past its limit is sent an exception (which stops Python code, not a C call that
+  blocks) and is otherwise left behind, its answer discarded.
 The protocol is in protocol.py; docs/plugins.md is the tutorial.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import math
 import re
+import signal
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +50,10 @@ from .algorithm import check_placement
 from .problem import Infeasible, Placement, Snapshot
 
 ENTRY_POINT_GROUP = "edge_llm_testbed.algorithms"
+# seconds one call into a plug-in (a decision, its constructor) may take: generous, since
+# an exact solver may need minutes; a plug-in may declare its own `decision_timeout_s`
+DECISION_TIMEOUT_S = 600.0
+T = TypeVar("T")
 
 
 class PluginRefused(ValueError):
@@ -65,8 +84,81 @@ def one_line(text: str, limit: int = 200) -> str:
 
 
 def _describe(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"SystemExit (sys.exit({e.code!r}))"
     msg = one_line(str(e))
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+class TimedOut(Exception):
+    """A call into a plug-in did not return within its limit."""
+
+
+class CtrlC(KeyboardInterrupt):
+    """A real Ctrl-C while waiting for a plug-in (not a KeyboardInterrupt the plug-in raised)."""
+
+
+class _Abandoned(BaseException):
+    """Sent into a plug-in's thread past its limit, to stop Python code that loops."""
+
+
+def guarded(call: Callable[[], T], limit_s: float, what: str) -> T:
+    """call() in a daemon thread, waited for at most `limit_s` seconds. Its result, or what
+    it raised (any BaseException: SystemExit and KeyboardInterrupt raised by plug-in code
+    are the plug-in's), re-raised here; TimedOut past the limit. The wait is interruptible,
+    so a real Ctrl-C (delivered to the main thread) still interrupts."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller, whatever it is
+            box["error"] = e
+        finally:
+            done.set()
+
+    t = threading.Thread(target=work, name=f"plug-in: {what}", daemon=True)
+    limit_s = limit_s if math.isfinite(limit_s) else 1e9
+    with _ctrl_c() as interrupted:
+        t.start()
+        end = time.monotonic() + limit_s
+        while not done.wait(max(0.0, min(0.1, end - time.monotonic()))):
+            if interrupted.is_set():
+                raise CtrlC
+            if time.monotonic() >= end:
+                if t.ident is not None:  # stops a Python loop; a blocking C call ignores it
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident),
+                                                               ctypes.py_object(_Abandoned))
+                raise TimedOut(f"{what} did not return within {limit_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@contextlib.contextmanager
+def _ctrl_c() -> Iterator[threading.Event]:
+    """An event set by a real Ctrl-C (SIGINT) while the block runs, on the main thread. The
+    handler in force is still called: asyncio's (a run's loop) only cancels the main task,
+    which cannot happen while the loop waits here, so `guarded` raises KeyboardInterrupt
+    itself; Python's default one raises it at once."""
+    flag = threading.Event()
+    prev = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(prev):  # not the main thread, or SIGINT ignored or left to C
+        yield flag
+        return
+
+    handler: Callable[[int, Any], Any] = prev
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        flag.set()
+        handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 @dataclass(frozen=True)
@@ -77,30 +169,40 @@ class Plugin:
     cls: type
     name: str
     origin: dict[str, str] = field(default_factory=dict)  # recorded in meta.json
+    decision_timeout_s: float = DECISION_TIMEOUT_S  # per call into it (guarded)
 
     def create(self) -> Checked:
         try:
-            inst = self.cls()
-        except Exception as e:
+            inst = guarded(self.cls, self.decision_timeout_s, f"{self.name}: {self.cls.__name__}()")
+        except TimedOut as e:
+            raise PluginFailed(f"{e} (its decision time limit)") from None
+        except CtrlC:
+            raise
+        except BaseException as e:  # whatever the plug-in raised is its failure
             raise PluginFailed(f"{self.name}: creating {self.cls.__name__}() raised {_describe(e)}",
                                _own_traceback(e)) from None
-        return Checked(inst, self.name)
+        return Checked(inst, self.name, self.decision_timeout_s)
 
 
 class Checked:
     """A plug-in instance as the controller sees it: same `name` and `dynamic`, and a
     `place` that never hands out the controller's arrays nor lets a bad answer through."""
 
-    def __init__(self, inner: Any, name: str) -> None:
-        self.inner, self.name = inner, name
+    def __init__(self, inner: Any, name: str, decision_timeout_s: float = DECISION_TIMEOUT_S) -> None:
+        self.inner, self.name, self.decision_timeout_s = inner, name, decision_timeout_s
         self.dynamic = bool(inner.dynamic)
 
     def place(self, snap: Snapshot) -> Placement:
+        view = _read_only(snap)
         try:
-            p = self.inner.place(_read_only(snap))
+            p = guarded(lambda: self.inner.place(view), self.decision_timeout_s, f"{self.name}: place()")
         except Infeasible:
             raise
-        except Exception as e:
+        except TimedOut as e:
+            raise PluginFailed(f"{e} (the decision time limit; --decision-timeout sets it)") from None
+        except CtrlC:
+            raise
+        except BaseException as e:  # SystemExit, KeyboardInterrupt too: the plug-in's failure
             raise PluginFailed(f"{self.name}: place() raised {_describe(e)}", _own_traceback(e)) from None
         problems = check_placement(snap, p)
         if problems:
@@ -110,8 +212,10 @@ class Checked:
 
 
 def _own_traceback(e: BaseException) -> str:
-    """e's traceback from the plug-in's frames on (this module's call into it left out)."""
-    tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+    """e's traceback from the plug-in's frames on (this module's calls into it left out)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
     return "".join(traceback.format_exception(type(e), e, tb))
 
 
@@ -183,7 +287,7 @@ def _load_file(spec: str, where: str) -> Any:
     sys.modules[name] = module  # dataclasses, pickling and typing look modules up here
     try:
         mod_spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a real Ctrl-C while loading interrupts the command
         del sys.modules[name]
         raise PluginRefused(f"{spec}: loading {where} raised {_describe(e)}{_line_in(e, resolved)}") from None
     return module
@@ -204,7 +308,7 @@ def _import(spec: str, module: str) -> Any:
         if e.name and (module == e.name or module.startswith(e.name + ".")):
             raise PluginRefused(f"{spec}: no module named {e.name!r}") from None
         raise PluginRefused(f"{spec}: importing {module} raised {_describe(e)}") from None
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise PluginRefused(f"{spec}: importing {module} raised {_describe(e)}") from None
 
 
@@ -224,9 +328,16 @@ def _check(label: str, target: Any, origin: dict[str, str]) -> Plugin:
     if not inspect.isclass(target):
         what = "a function" if inspect.isroutine(target) else f"a {type(target).__name__}"
         raise PluginRefused(f"{label}: is {what}, not a class")
+    limit = getattr(target, "decision_timeout_s", DECISION_TIMEOUT_S)
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0:
+        raise PluginRefused(f"{label}: `decision_timeout_s` must be a positive number of seconds, got {limit!r}")
     try:
-        inst = target()
-    except Exception as e:
+        inst = guarded(target, float(limit), f"{target.__name__}()")
+    except TimedOut as e:
+        raise PluginRefused(f"{label}: {e}") from None
+    except CtrlC:
+        raise
+    except BaseException as e:  # SystemExit, KeyboardInterrupt too: the plug-in's
         raise PluginRefused(f"{label}: {target.__name__}() with no arguments raised {_describe(e)}") from None
     missing = [a for a in ("name", "dynamic", "place") if not hasattr(inst, a)]
     if missing:
@@ -248,7 +359,7 @@ def _check(label: str, target: Any, origin: dict[str, str]) -> Plugin:
     except ValueError:
         pass  # no signature to check (a builtin); the call will tell
     origin = {**origin, "class": target.__qualname__}
-    return Plugin(label, target, name, origin)
+    return Plugin(label, target, name, origin, float(limit))
 
 
 def safe_name(name: str) -> str:

@@ -6,22 +6,31 @@ run directories or any directory above them; `Run` reads one lazily and gives ty
 run that failed part-way, or crashed before writing its summary, is summarised the same
 way), with `testbed.results.write`' statistics. `RunsError` carries a one-line message for the
 command lines (exit status 2).
+
+Run directories get shared, downloaded and attached to bug reports, so their files are
+read defensively (`read_text`): a regular file inside the run directory only (a symlink out
+of it, a FIFO or a device is refused without being read), at most `MAX_JSON_BYTES` /
+`MAX_CSV_BYTES`, UTF-8, and every number column of the known result files a number (`inf`
+included), else one line naming the file, row and column.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import io
 import json
 import math
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from testbed.results.write import TOKENS, summarize, windows
+from .write import FILES, TEXT_COLUMNS, TOKENS, summarize, windows
 
 RUN_FILES = ("tokens.csv", "meta.json")
 
@@ -34,6 +43,18 @@ _INT_COLS = {"token", "migrations", "migrated_bytes", "token_id", "ref_token_id"
 _FLOAT_COLS = {"t_start_s", "latency_ms", "predicted_ms", "stall_ms"}
 
 _KIND_ORDER = {"head": 0, "proj": 1, "ffn": 2}
+
+# the largest result files read (a 100k-token run's tokens.csv is about 10 MB)
+MAX_JSON_BYTES = 16 << 20
+MAX_CSV_BYTES = 512 << 20
+# columns of the known result files that must hold numbers (empty: NaN), and the integer ones
+NUMBER_COLUMNS = {name: frozenset(c for c in cols if c not in TEXT_COLUMNS) for name, cols in FILES.items()}
+INT_COLUMNS = frozenset(_INT_COLS | {"token"})
+# columns the tools index by name: a result file without them is refused
+REQUIRED_COLUMNS = {"tokens.csv": tuple(c for c in TOKENS if c != "phase"),  # summarize's (phase: derived)
+                    "events.csv": ("token", "kind"),
+                    "placements.csv": ("token", "block", "device"), "telemetry.csv": ("token", "device"),
+                    "links.csv": ("token", "src", "dst")}
 
 # the summary row of a run, in this order (latency_* over decode tokens, prefill apart)
 STAT_COLUMNS = ["tokens", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_mean_ms",
@@ -91,15 +112,114 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
 # ---------------------------------------------------------------------------- reading
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def read_text(path: Path, limit: int) -> str | None:
+    """The text of a file of a run directory (`path.parent`); None if there is none.
+    RunsError, without reading, for a link that leads out of the directory, anything but a
+    regular file (opened with O_NONBLOCK, so a FIFO never blocks, and checked on the open
+    descriptor) and a file over `limit` bytes; RunsError for bytes that are not UTF-8."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise RunsError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        real, root = path.resolve(strict=True), path.parent.resolve(strict=True)
+    except FileNotFoundError:
+        raise RunsError(f"{path}: a link to nothing") from None
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise RunsError(f"{path}: symlink loop") from None
+    if root not in real.parents:
+        raise RunsError(f"{path}: a link to {real}, outside the run directory (refused)")
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        what = "symlink loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise RunsError(f"{path}: cannot read ({what})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RunsError(f"{path}: is {_kind(st.st_mode)}, not a regular file (refused)")
+        if st.st_size > limit:
+            raise RunsError(f"{path}: {st.st_size} bytes, over the limit of {limit} for this file")
+        os.set_blocking(fd, True)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise RunsError(f"{path}: over the limit of {limit} bytes for this file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RunsError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON document of a run directory (read_text's checks); None if there is none."""
+    text = read_text(path, MAX_JSON_BYTES)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise RunsError(f"{path}: not JSON ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise RunsError(f"{path}: not JSON (nested too deeply)") from None
+
+
+def _check_number(path: Path, line: int, column: str, value: str) -> None:
+    if value == "":
+        return
+    try:
+        if column in INT_COLUMNS:
+            int(value)
+        else:
+            float(value)
+    except ValueError:
+        shown = repr(value if len(value) <= 40 else value[:40] + "...")
+        kind = "an integer" if column in INT_COLUMNS else "a number"
+        raise RunsError(f"{path}: row {line}, column {column!r}: {shown} is not {kind}") from None
+
+
+def one_line(text: str, limit: int = 80) -> str:
+    """`text` shown in one line of at most `limit` characters."""
+    s = repr(text)[1:-1]
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows of a CSV file; ([], []) if it is missing. A row cut short (a run
-    killed mid-write) is dropped."""
-    if not path.is_file():
+    """Header and rows of a CSV file of a run directory; ([], []) if it is missing. A row
+    cut short (a run killed mid-write) is dropped. RunsError (read_text's checks, a broken
+    row, a field over the csv module's limit of 128 KiB, or a cell of a number column that
+    is not a number) names the file, and the row (its line) and column."""
+    text = read_text(path, MAX_CSV_BYTES)
+    if text is None:
         return [], []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [r for r in reader if None not in r.values() and None not in r]
-        return list(reader.fieldnames or []), rows
+    numbers = NUMBER_COLUMNS.get(path.name, frozenset())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        header = reader.fieldnames or []
+        missing = [c for c in REQUIRED_COLUMNS.get(path.name, ()) if c not in header]
+        if header and missing:
+            raise RunsError(f"{path}: row 1: no column {missing[0]!r} (its header: {one_line(','.join(header))})")
+        for r in reader:
+            if None in r.values() or None in r:
+                continue
+            for c in numbers & r.keys():
+                _check_number(path, reader.line_num, c, r[c])
+            rows.append(r)
+    except csv.Error as e:
+        raise RunsError(f"{path}: row {reader.line_num}: {e}") from None
+    return list(reader.fieldnames or []), rows
 
 
 def num(s: str | None) -> float:
@@ -142,13 +262,21 @@ class Run:
 
     @cached_property
     def meta(self) -> dict[str, Any]:
-        try:
-            data = json.loads((self.path / "meta.json").read_text())
-        except (OSError, ValueError) as e:
-            raise RunsError(f"{self.path / 'meta.json'}: unreadable ({e})") from None
+        data = read_json(self.path / "meta.json")
         if not isinstance(data, dict):
             raise RunsError(f"{self.path / 'meta.json'}: not a JSON object")
         return data
+
+    @cached_property
+    def summary(self) -> dict[str, Any] | None:
+        """summary.json, or None if the run has none (a crashed run) or half of one."""
+        try:
+            data = read_json(self.path / "summary.json")
+        except RunsError as e:
+            if str(e).startswith(f"{self.path / 'summary.json'}: not JSON"):
+                return None  # cut short by a crash: the page says so from meta.json
+            raise
+        return data if isinstance(data, dict) else None
 
     @property
     def scenario_dict(self) -> dict[str, Any]:

@@ -34,6 +34,8 @@ LINKS = ["t_s", "token", "src", "dst", "bandwidth_mbps", "measured_mbps", "laten
 
 FILES = {"tokens.csv": TOKENS, "events.csv": EVENTS, "placements.csv": PLACEMENTS,
          "telemetry.csv": TELEMETRY, "links.csv": LINKS}
+# the columns of those files that hold text; every other column is a number (or empty)
+TEXT_COLUMNS = frozenset({"kind", "subject", "detail", "phase", "block", "device", "src", "dst"})
 
 # (file name, row or document) after each write; it must only take note (it runs on the
 # run's hot path) and must not modify what it is given

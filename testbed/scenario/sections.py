@@ -117,7 +117,10 @@ def read_gguf_model(r: FormatReader, m: dict, where: str, base: Path) -> ModelSp
     if not raw:
         r.fail(key, "must name a GGUF file")
     path = Path(raw).expanduser()
-    path = (path if path.is_absolute() else base / path).resolve()
+    try:
+        path = (path if path.is_absolute() else base / path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        r.fail(key, f"{path}: symlink loop (too many levels of symbolic links)")
     try:
         spec = spec_from_gguf(path)
     except GGUFError as e:

@@ -6,8 +6,11 @@ time (dilated, or virtual and jumping), in which an HTTP server's timeouts and t
 interval would mean nothing, and the run's loop must not spend its emulated windows on
 serving pages. The thread only reads the feed, every `PUSH_S`, and only while a page is
 connected. It binds 127.0.0.1 by default; bound to any other address it requires the
-run's token (`?token=` in the URL, or `Authorization: Bearer`), as the agents do
-(testbed/transport/ws.py).
+run's token (`?token=` in the URL, or `Authorization: Bearer TOKEN`; a bare token is not
+a bearer token), as the agents do (testbed/transport/ws.py). Loopback is not a trust
+boundary for browsers: a page on another site can make the browser send requests to
+127.0.0.1 under its own name (DNS rebinding), so without a token only requests whose
+`Host` names loopback are served (HTTP 421 otherwise).
 """
 
 from __future__ import annotations
@@ -27,6 +30,24 @@ from .state import Cursor, Feed
 
 PUSH_S = 0.25  # how often a connected page is sent what is new (4 updates a second at most)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def loopback_host(value: str | None) -> bool:
+    """Whether a Host header names loopback: 127.0.0.1, localhost or [::1], any port."""
+    if not value:
+        return False
+    v = value.strip().lower()
+    if v.startswith("["):  # [::1] or [::1]:8765
+        name, sep, rest = v[1:].partition("]")
+        return bool(sep) and name == "::1" and (rest == "" or (rest[0] == ":" and rest[1:].isdigit()))
+    name, _, port = v.partition(":")
+    return name in ("127.0.0.1", "localhost") and (port == "" or port.isdigit()) and v.count(":") <= 1
+
+
+def bearer(header: str) -> str:
+    """The token of an `Authorization: Bearer TOKEN` header ("" for anything else)."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def dumps(data: Any) -> str:
@@ -114,9 +135,12 @@ class ViewServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self.token is not None:
-            given = request.query.get("token") or request.headers.get("Authorization", "").removeprefix("Bearer ")
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
+            given = request.query.get("token") or bearer(request.headers.get("Authorization", ""))
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode()):
                 return web.Response(status=401, text="missing or wrong run token: open the URL the run printed\n")
+        elif not loopback_host(request.headers.get("Host")):
+            return web.Response(status=421, text="this server answers only requests addressed to 127.0.0.1, "
+                                "localhost or [::1] (without a run token)\n")
         return await handler(request)
 
     async def _page(self, request: web.Request) -> web.Response:

@@ -18,15 +18,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..results.write import FILES
+from ..results.write import FILES, TEXT_COLUMNS
 
 STATE_VERSION = 1
 
 # table name in the state -> result file and its columns
 TABLES = {name.removesuffix(".csv"): (name, cols) for name, cols in FILES.items()}
 _TABLE_OF_FILE = {name: table for table, (name, _) in TABLES.items()}
-# columns that hold text; every other column is a number (or empty)
-TEXT_COLUMNS = frozenset({"kind", "subject", "detail", "phase", "block", "device", "src", "dst"})
 
 
 def cell(column: str, v: Any) -> Any:

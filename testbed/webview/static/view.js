@@ -17,6 +17,18 @@
 
   const $ = (id) => document.getElementById(id);
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+  // Markup is built only by the template tag `h`, which escapes every value put into it
+  // (text or attribute) unless the value is itself markup `h` built (an Html, or an array
+  // of them); `setHtml`, the one place that assigns innerHTML, takes nothing else. So no
+  // string from a run's files (names, statuses, cells, summaries) ever becomes markup;
+  // tests/test_webview.py holds view.js to this.
+  class Html { constructor(s) { this.s = s; } }
+  const piece = (v) => (v instanceof Html ? v.s : Array.isArray(v) ? v.map(piece).join("") : esc(v));
+  const h = (strings, ...values) => new Html(strings.reduce((out, str, i) => out + piece(values[i - 1]) + str));
+  function setHtml(el, html) {
+    if (!(html instanceof Html)) throw new TypeError("setHtml: markup must be built by h``");
+    el.innerHTML = html.s;
+  }
   const api = (path) => (TOKEN ? `${path}?token=${encodeURIComponent(TOKEN)}` : path);
   const num = (x) => (typeof x === "number" && isFinite(x) ? x : null);
   const fmt = (x, d = 2) => (num(x) === null ? "-" : x.toFixed(d));
@@ -200,9 +212,9 @@
     const key = S.runs.map((r) => r.id + (S.hidden.has(r.id) ? "-" : "+")).join(",");
     if (box.dataset.key === key) return;
     box.dataset.key = key;
-    box.innerHTML = S.runs.length < 2 ? "" : S.runs.map((r, i) =>
-      `<label class="toggle"><input type="checkbox" data-run="${esc(r.id)}"${S.hidden.has(r.id) ? "" : " checked"}>` +
-      `<span class="swatch" style="background:${RUN_COLORS[i % RUN_COLORS.length]}"></span>${esc(r.label || r.meta.algorithm || r.id)}</label>`).join(" ");
+    setHtml(box, S.runs.length < 2 ? h`` : h`${S.runs.map((r, i) => [
+      h`<label class="toggle"><input type="checkbox" data-run="${r.id}"${S.hidden.has(r.id) ? h`` : h` checked`}>`,
+      h`<span class="swatch" style="background:${RUN_COLORS[i % RUN_COLORS.length]}"></span>${r.label || r.meta.algorithm || r.id}</label> `])}`);
   }
 
   function niceTicks(lo, hi, n) {
@@ -245,15 +257,15 @@
     const y = (v) => T + (H - T - B) * (1 - Math.min(v, ymax) / ymax);
     const parts = [];
     for (const v of niceTicks(0, ymax, 5)) {
-      parts.push(`<line class="grid" x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}"/>`,
-        `<text class="tick" x="${L - 6}" y="${y(v) + 4}" text-anchor="end">${v}</text>`);
+      parts.push(h`<line class="grid" x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}"/>`,
+        h`<text class="tick" x="${L - 6}" y="${y(v) + 4}" text-anchor="end">${v}</text>`);
     }
     for (const v of niceTicks(1, n, 8)) {
       if (v < 1 || v !== Math.round(v)) continue;
-      parts.push(`<text class="tick" x="${x(v)}" y="${H - B + 16}" text-anchor="middle">${v}</text>`);
+      parts.push(h`<text class="tick" x="${x(v)}" y="${H - B + 16}" text-anchor="middle">${v}</text>`);
     }
-    parts.push(`<text class="axis" x="12" y="${T + (H - T - B) / 2}" transform="rotate(-90 12 ${T + (H - T - B) / 2})" text-anchor="middle">ms</text>`,
-      `<line class="axisline" x1="${L}" x2="${W - R}" y1="${H - B}" y2="${H - B}"/>`);
+    parts.push(h`<text class="axis" x="12" y="${T + (H - T - B) / 2}" transform="rotate(-90 12 ${T + (H - T - B) / 2})" text-anchor="middle">ms</text>`,
+      h`<line class="axisline" x1="${L}" x2="${W - R}" y1="${H - B}" y2="${H - B}"/>`);
     const seen = new Set();
     let lane = 0;
     for (const [r] of runs) for (const e of scenarioEvents(r)) {
@@ -261,8 +273,8 @@
       if (seen.has(key)) continue;
       seen.add(key);
       const ex = x(Math.max(1, e.token - 0.5));
-      parts.push(`<line class="event" x1="${ex}" x2="${ex}" y1="${T}" y2="${H - B}"><title>${esc(label)}</title></line>`,
-        `<text class="event-label" x="${ex + 4}" y="${T - 8 + 12 * (lane++ % 2)}">${esc(label)}</text>`);
+      parts.push(h`<line class="event" x1="${ex}" x2="${ex}" y1="${T}" y2="${H - B}"><title>${label}</title></line>`,
+        h`<text class="event-label" x="${ex + 4}" y="${T - 8 + 12 * (lane++ % 2)}">${label}</text>`);
     }
     let points = 0;
     const prefill = [];
@@ -273,26 +285,26 @@
       if (pre) prefill.push(`${r.label || r.meta.algorithm}: ${fmt(pre.latency_ms)} ms`);
       points += dec.length;
       const line = (key) => dec.filter((t) => num(t[key]) !== null).map((t) => `${x(t.token).toFixed(1)},${y(t[key]).toFixed(1)}`).join(" ");
-      parts.push(`<polyline class="pred" stroke="${c}" points="${line("predicted_ms")}"/>`,
-        `<polyline class="lat" stroke="${c}" data-run="${i}" points="${line("latency_ms")}"/>`);
+      parts.push(h`<polyline class="pred" stroke="${c}" points="${line("predicted_ms")}"/>`,
+        h`<polyline class="lat" stroke="${c}" data-run="${i}" points="${line("latency_ms")}"/>`);
       for (const t of dec) {
         if (t.latency_ms > ymax) {
-          parts.push(`<path class="cut" fill="${c}" d="M${x(t.token) - 4},${T + 6}l4,-6l4,6z"><title>token ${t.token}: ${fmt(t.latency_ms)} ms</title></path>`,
-            `<text class="cut-label" x="${x(t.token) + 5}" y="${T + 6}">${fmt(t.latency_ms, 0)}</text>`);
+          parts.push(h`<path class="cut" fill="${c}" d="M${x(t.token) - 4},${T + 6}l4,-6l4,6z"><title>token ${t.token}: ${fmt(t.latency_ms)} ms</title></path>`,
+            h`<text class="cut-label" x="${x(t.token) + 5}" y="${T + 6}">${fmt(t.latency_ms, 0)}</text>`);
         }
         if (t.migrations > 0) {
           const cx = x(t.token), cy = y(t.latency_ms);
-          parts.push(`<path class="migr" fill="${c}" d="M${cx},${cy - 5}l5,5l-5,5l-5,-5z"><title>token ${t.token}: ${t.migrations} migration(s), ${mib(t.migrated_bytes)} MiB, stall ${fmt(t.stall_ms)} ms</title></path>`);
+          parts.push(h`<path class="migr" fill="${c}" d="M${cx},${cy - 5}l5,5l-5,5l-5,-5z"><title>token ${t.token}: ${t.migrations} migration(s), ${mib(t.migrated_bytes)} MiB, stall ${fmt(t.stall_ms)} ms</title></path>`);
         }
       }
       const last = dec[dec.length - 1];
       if (last && String(r.status).startsWith("failed")) {
-        parts.push(`<text class="fail" x="${x(last.token)}" y="${y(last.latency_ms) + 5}" fill="${c}" text-anchor="middle">✕<title>${esc(r.status)}</title></text>`);
+        parts.push(h`<text class="fail" x="${x(last.token)}" y="${y(last.latency_ms) + 5}" fill="${c}" text-anchor="middle">✕<title>${r.status}</title></text>`);
       }
     }
     const cx = x(Math.max(1, S.token));
-    parts.push(`<line class="cursor" x1="${cx}" x2="${cx}" y1="${T}" y2="${H - B}"/>`);
-    svg.innerHTML = parts.join("");
+    parts.push(h`<line class="cursor" x1="${cx}" x2="${cx}" y1="${T}" y2="${H - B}"/>`);
+    setHtml(svg, h`${parts}`);
     svg.dataset.points = String(points);
     svg.dataset.ymax = ymax.toFixed(3);
     $("latency-note").textContent = (prefill.length ? `prefill (token 0, not drawn): ${prefill.join(", ")}. ` : "") +
@@ -319,10 +331,10 @@
         card = document.createElement("article");
         card.className = "card";
         card.dataset.run = r.id;
-        card.innerHTML = `<div class="part head"></div><div class="row"><div><h4>Placement at token <span class="k-at"></span></h4>` +
-          `<div class="part placement-box"></div></div><div class="grow"><h4>Memory</h4><div class="part memory"></div>` +
-          `<h4>Links</h4><div class="part links-box"></div></div></div><h4>Events up to token <span class="k-at"></span></h4>` +
-          `<div class="part events-box"></div>`;
+        setHtml(card, h`${[h`<div class="part head"></div><div class="row"><div><h4>Placement at token <span class="k-at"></span></h4>`,
+          h`<div class="part placement-box"></div></div><div class="grow"><h4>Memory</h4><div class="part memory"></div>`,
+          h`<h4>Links</h4><div class="part links-box"></div></div></div><h4>Events up to token <span class="k-at"></span></h4>`,
+          h`<div class="part events-box"></div>`]}`);
         box.appendChild(card);
       }
       const k = Math.min(S.token, num(r.token) === null ? 0 : r.token);
@@ -342,7 +354,7 @@
     const k = key.join("|");
     if (el.dataset.key === k) return;
     el.dataset.key = k;
-    el.innerHTML = html();
+    setHtml(el, html());
   }
 
   function headHtml(r, i, k) {
@@ -350,16 +362,17 @@
     const st = statusText(r);
     const cls = st === "completed" ? "ok" : st.startsWith("failed") || st.startsWith("ended") ? "bad" : "";
     const s = r.summary && r.summary.latency_ms ? r.summary.latency_ms : null;
-    return `<h3><span class="swatch" style="background:${c}"></span>${esc(r.label || r.meta.algorithm || r.id)}` +
-      ` <span class="runstatus ${cls}">${esc(st)}</span></h3>` +
-      `<div class="muted small">token ${k} of ${num(r.token) === null ? "-" : r.token}` +
-      (s ? ` · mean ${fmt(s.mean)} ms, p95 ${fmt(s.p95)} ms, ${r.summary.migrations} migrations` : "") + "</div>" +
-      (r.summary && r.summary.fidelity && r.summary.fidelity.distorted ? `<div class="warn small">distorted: ${esc(r.summary.fidelity.reason)}</div>` : "");
+    return h`${[
+      h`<h3><span class="swatch" style="background:${c}"></span>${r.label || r.meta.algorithm || r.id}`,
+      h` <span class="runstatus ${cls}">${st}</span></h3>`,
+      h`<div class="muted small">token ${k} of ${num(r.token) === null ? "-" : r.token}`,
+      s ? h` · mean ${fmt(s.mean)} ms, p95 ${fmt(s.p95)} ms, ${r.summary.migrations} migrations` : h``, h`</div>`,
+      r.summary && r.summary.fidelity && r.summary.fidelity.distorted ? h`<div class="warn small">distorted: ${r.summary.fidelity.reason}</div>` : h``]}`;
   }
 
   function placementSvg(r, k, colors) {
     const at = placementAt(r, k);
-    if (!at.size) return `<p class="muted">no placement yet</p>`;
+    if (!at.size) return h`<p class="muted">no placement yet</p>`;
     let layers = 0, groups = 0;
     const cellOf = (b) => {
       const p = b.split(".");
@@ -375,64 +388,65 @@
     const cs = Math.max(10, Math.min(22, Math.floor(300 / (groups + 2)))), gap = 2, left = 30, topm = 18;
     const colX = (g) => left + (g >= 0 ? g : groups + (g === -1 ? 0 : 1) + 0.3) * (cs + gap) + (g < 0 ? 6 : 0);
     const moved = new Set(r.placements.filter((p) => p.token === k && k > 0).map((p) => p.block));
-    const w = colX(-2) + cs + 4, h = topm + layers * (cs + gap) + 4;
+    const w = colX(-2) + cs + 4, ht = topm + layers * (cs + gap) + 4;
     const parts = [];
-    for (let g = 0; g < groups; g++) if (groups <= 16 || g % 2 === 0) parts.push(`<text class="tick" x="${colX(g) + cs / 2}" y="12" text-anchor="middle">h${g}</text>`);
-    parts.push(`<text class="tick" x="${colX(-1) + cs / 2}" y="12" text-anchor="middle">proj</text>`,
-      `<text class="tick" x="${colX(-2) + cs / 2}" y="12" text-anchor="middle">ffn</text>`);
-    for (let l = 0; l < layers; l++) parts.push(`<text class="tick" x="${left - 4}" y="${topm + l * (cs + gap) + cs * 0.7}" text-anchor="end">L${l}</text>`);
+    for (let g = 0; g < groups; g++) if (groups <= 16 || g % 2 === 0) parts.push(h`<text class="tick" x="${colX(g) + cs / 2}" y="12" text-anchor="middle">h${g}</text>`);
+    parts.push(h`<text class="tick" x="${colX(-1) + cs / 2}" y="12" text-anchor="middle">proj</text>`,
+      h`<text class="tick" x="${colX(-2) + cs / 2}" y="12" text-anchor="middle">ffn</text>`);
+    for (let l = 0; l < layers; l++) parts.push(h`<text class="tick" x="${left - 4}" y="${topm + l * (cs + gap) + cs * 0.7}" text-anchor="end">L${l}</text>`);
     for (const [b, dev] of at) {
       const [l, g] = cellOf(b);
       if (isNaN(l)) continue;
-      parts.push(`<rect class="cell${moved.has(b) ? " moved" : ""}" data-block="${esc(b)}" data-device="${esc(dev)}" ` +
-        `x="${colX(g)}" y="${topm + l * (cs + gap)}" width="${cs}" height="${cs}" fill="${colors[dev] || "#ccc"}"><title>${esc(b)} on ${esc(dev)}</title></rect>`);
+      parts.push(h`<rect class="cell${moved.has(b) ? " moved" : ""}" data-block="${b}" data-device="${dev}" `,
+        h`x="${colX(g)}" y="${topm + l * (cs + gap)}" width="${cs}" height="${cs}" fill="${colors[dev] || "#ccc"}"><title>${b} on ${dev}</title></rect>`);
     }
     const legend = S.devices.filter((d) => [...at.values()].includes(d) || ((r.meta.scenario || {}).devices || []).some((x) => x.name === d))
-      .map((d) => `<span class="legend"><span class="swatch" style="background:${colors[d]}"></span>${esc(d)}</span>`).join(" ");
-    return `<svg class="placement" width="${w}" height="${h}" viewBox="0 0 ${w} ${h}">${parts.join("")}</svg><div class="small">${legend}</div>`;
+      .map((d) => h`<span class="legend"><span class="swatch" style="background:${colors[d]}"></span>${d}</span> `);
+    return h`<svg class="placement" width="${w}" height="${ht}" viewBox="0 0 ${w} ${ht}">${parts}</svg><div class="small">${legend}</div>`;
   }
 
   function memoryHtml(r, k, colors) {
     const rows = latestBy(r.telemetry, k, (t) => t.device);
-    if (!rows.size) return `<p class="muted">no telemetry yet</p>`;
+    if (!rows.size) return h`<p class="muted">no telemetry yet</p>`;
     const out = [];
     for (const [dev, t] of rows) {
       const max = t.mem_max || 1, pct = (b) => `${Math.max(0, 100 * (b || 0) / max).toFixed(3)}%`;
       const other = Math.max(0, (t.mem_current || 0) - (t.weights_bytes || 0) - (t.kv_bytes || 0) - (t.pressure_bytes || 0) - (t.reserved_bytes || 0));
-      const seg = (cls, b, what) => (b > 0 ? `<span class="seg ${cls}" style="width:${pct(b)}" title="${what}: ${mib(b)} MiB"></span>` : "");
-      out.push(`<div class="mem" data-device="${esc(dev)}"><span class="name"><span class="swatch" style="background:${colors[dev] || "#ccc"}"></span>${esc(dev)}</span>` +
-        `<span class="bar">${seg("w", t.weights_bytes, "weights")}${seg("kv", t.kv_bytes, "K/V caches")}${seg("res", t.reserved_bytes, "reserved for migrations")}` +
-        `${seg("pr", t.pressure_bytes, "co-tenant")}${seg("oth", other, "other")}` +
-        `<span class="high" style="left:${pct(t.mem_high)}" title="high ${mib(t.mem_high)} MiB"></span></span>` +
-        `<span class="val${t.over_high ? " warn" : ""}">${mib(t.mem_current)} / ${mib(t.mem_high)} / ${mib(t.mem_max)} MiB</span></div>`);
+      const seg = (cls, b, what) => (b > 0 ? h`<span class="seg ${cls}" style="width:${pct(b)}" title="${what}: ${mib(b)} MiB"></span>` : h``);
+      out.push(h`<div class="mem" data-device="${dev}"><span class="name"><span class="swatch" style="background:${colors[dev] || "#ccc"}"></span>${dev}</span>`,
+        h`<span class="bar">${seg("w", t.weights_bytes, "weights")}${seg("kv", t.kv_bytes, "K/V caches")}${seg("res", t.reserved_bytes, "reserved for migrations")}`,
+        h`${seg("pr", t.pressure_bytes, "co-tenant")}${seg("oth", other, "other")}`,
+        h`<span class="high" style="left:${pct(t.mem_high)}" title="high ${mib(t.mem_high)} MiB"></span></span>`,
+        h`<span class="val${t.over_high ? " warn" : ""}">${mib(t.mem_current)} / ${mib(t.mem_high)} / ${mib(t.mem_max)} MiB</span></div>`);
     }
-    return `<div class="muted small">current / high / max; bar: weights, <span class="k kv">caches</span>, <span class="k pr">co-tenant</span>, tick at high</div>` + out.join("");
+    return h`<div class="muted small">current / high / max; bar: weights, <span class="k kv">caches</span>, <span class="k pr">co-tenant</span>, tick at high</div>${out}`;
   }
 
   function linksHtml(r, k) {
     const rows = latestBy(r.links, k, (l) => `${l.src}>${l.dst}`);
-    if (!rows.size) return `<p class="muted">no link records yet</p>`;
+    if (!rows.size) return h`<p class="muted">no link records yet</p>`;
     const first = latestBy(r.links, 0, (l) => `${l.src}>${l.dst}`);
     let top = 1;
-    for (const l of rows.values()) top = Math.max(top, l.bandwidth_mbps || 0, l.measured_mbps || 0);
+    for (const l of rows.values()) top = Math.max(top, num(l.bandwidth_mbps) || 0, num(l.measured_mbps) || 0);
     const body = [...rows.values()].sort((a, b) => (a.src + a.dst < b.src + b.dst ? -1 : 1)).map((l) => {
       const was = first.get(`${l.src}>${l.dst}`);
       const changed = was && was.bandwidth_mbps !== l.bandwidth_mbps;
-      return `<tr class="${changed ? "changed" : ""}" data-link="${esc(l.src)}>${esc(l.dst)}"><td>${esc(l.src)} → ${esc(l.dst)}</td>` +
-        `<td class="num">${fmt(l.bandwidth_mbps, 1)}</td><td class="num">${fmt(l.measured_mbps, 1)}</td>` +
-        `<td><span class="rate"><span class="cfg" style="width:${(100 * (l.bandwidth_mbps || 0) / top).toFixed(1)}%"></span>` +
-        `<span class="meas" style="width:${(100 * (l.measured_mbps || 0) / top).toFixed(1)}%"></span></span></td>` +
-        `<td class="num">${fmt(l.latency_ms, 2)}</td></tr>`;
+      const pct = (x) => (100 * (num(x) || 0) / top).toFixed(1);
+      return [h`<tr class="${changed ? "changed" : ""}" data-link="${l.src}>${l.dst}"><td>${l.src} → ${l.dst}</td>`,
+        h`<td class="num">${fmt(l.bandwidth_mbps, 1)}</td><td class="num">${fmt(l.measured_mbps, 1)}</td>`,
+        h`<td><span class="rate"><span class="cfg" style="width:${pct(l.bandwidth_mbps)}%"></span>`,
+        h`<span class="meas" style="width:${pct(l.measured_mbps)}%"></span></span></td>`,
+        h`<td class="num">${fmt(l.latency_ms, 2)}</td></tr>`];
     });
-    return `<table class="links"><thead><tr><th>link</th><th>configured Mbit/s</th><th>measured</th><th></th><th>latency ms</th></tr></thead><tbody>${body.join("")}</tbody></table>`;
+    return h`<table class="links"><thead><tr><th>link</th><th>configured Mbit/s</th><th>measured</th><th></th><th>latency ms</th></tr></thead><tbody>${body}</tbody></table>`;
   }
 
   function eventsHtml(r, k) {
     const evs = r.events.filter((e) => e.token <= k);
-    if (!evs.length) return `<p class="muted">none</p>`;
+    if (!evs.length) return h`<p class="muted">none</p>`;
     const shown = evs.slice(-8).reverse();
-    return `<ul class="events">${shown.map((e) => `<li class="ev-${esc(e.kind)}"><span class="muted">token ${e.token}, ${fmt(e.t_s, 3)} s</span> <b>${esc(e.kind)}</b> ${esc(e.subject)} <span class="muted">${esc(e.detail || "")}</span></li>`).join("")}</ul>` +
-      (evs.length > shown.length ? `<div class="muted small">and ${evs.length - shown.length} earlier</div>` : "");
+    return h`<ul class="events">${shown.map((e) => h`<li class="ev-${e.kind}"><span class="muted">token ${e.token}, ${fmt(e.t_s, 3)} s</span> <b>${e.kind}</b> ${e.subject} <span class="muted">${e.detail || ""}</span></li>`)}</ul>${
+      evs.length > shown.length ? h`<div class="muted small">and ${evs.length - shown.length} earlier</div>` : h``}`;
   }
 
   // ------------------------------------------------------------------ controls
