@@ -12,6 +12,7 @@ import pytest
 
 from testbed import twin
 from testbed.experiment import DISTORTED, fidelity
+from testbed.results import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 1e-3  # "just": a tenth of a percentage point either side of a limit
@@ -163,3 +164,13 @@ def test_a_loaded_host_is_named_in_the_verdict() -> None:
     assert "other processes took" in v["reason"]
     assert "other processes" not in fidelity("real", 8.0, 0.05, 0.0, share=0.5,
                                              host={"wall_s": 10.0, "other_cpu_s": 0.5, "cpus": 2})["reason"]
+
+
+def test_the_summary_counts_the_stall_of_tokens_that_migrated() -> None:
+    """`migration_stall_ms`: the stall of the tokens that moved blocks, not that of a
+    re-plan that moved nothing or of a recovery without moves."""
+    rows = [{"token": k, "phase": "prefill" if k == 0 else "decode", "latency_ms": 5.0, "predicted_ms": 5.0,
+             "stall_ms": stall, "migrations": moved, "migrated_bytes": 100 * moved}
+            for k, (stall, moved) in enumerate([(0.0, 0), (0.4, 0), (30.0, 3), (2.0, 0), (12.5, 1)])]
+    s = summarize(rows)
+    assert s["stall_ms"] == 44.9 and s["migration_stall_ms"] == 42.5 and s["migrations"] == 4
