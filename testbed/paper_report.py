@@ -33,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import testbed  # noqa: E402
 from testbed import sweep  # noqa: E402
 from testbed.sweep import (  # noqa: E402
     OPT_ALGS,
@@ -53,6 +54,7 @@ HEAD_LEVEL = ("resource_aware", "resource_aware_ls")  # of SCALE_ALGS; the other
 # The code the tables are computed with: the sweep's jobs, the analytic simulation, the
 # algorithms, and what these import at module level (`sources`). The report's cross-check
 # runs the emulator too, but tests/test_sweep.py holds that agreement on every run.
+_ROOT = Path(testbed.__file__).resolve().parents[1]  # holds the packages testbed and runners
 SOURCE_ROOTS = ("runners.sweep", sweep.__name__, "testbed.placement.registry", "testbed.placement.optimal")
 
 
@@ -99,14 +101,15 @@ def sources(roots: tuple[str, ...] = SOURCE_ROOTS) -> dict[str, str]:
         name = todo.pop()
         if name in out:
             continue
-        try:
-            spec = importlib.util.find_spec(name)
-        except ModuleNotFoundError:
-            spec = None
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        # the file is found, not imported: the library never imports a runner
+        base = _ROOT.joinpath(*name.split("."))
+        if (base / "__init__.py").is_file():
+            path, package = base / "__init__.py", name
+        elif base.with_suffix(".py").is_file():
+            path, package = base.with_suffix(".py"), name.rpartition(".")[0]
+        else:
             continue  # a name imported from a module, not a module
-        tree = ast.parse(Path(spec.origin).read_text(), spec.origin)
-        package = name if spec.submodule_search_locations else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(), str(path))
         todo.extend(_module_imports(tree, package))
         out[name] = _code_digest(tree)
     return dict(sorted(out.items()))
