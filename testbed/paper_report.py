@@ -86,7 +86,11 @@ def _code_digest(tree: ast.Module) -> str:
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
                 and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-    tree.body = [n for n in tree.body if not isinstance(n, (ast.Import, ast.ImportFrom))]
+    for node in ast.walk(tree):  # every import, also those inside functions
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if isinstance(body, list):
+                setattr(node, field, [n for n in body if not isinstance(n, (ast.Import, ast.ImportFrom))])
     # the code written back canonically (ast.unparse), not ast.dump, whose format changes
     # between Python versions
     return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]

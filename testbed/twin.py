@@ -4,8 +4,9 @@ The virtual clock gives the emulated system's own answer, free of the host; a re
 is faithful when it reproduces it: the same tokens, per-token latency close to the twin's
 (mean within 5 %, 95th percentile within 10 %), the controller's decisions alike
 (migrations within 10 %, and the stall of the tokens that migrated within 10 %), and few
-jobs or deliveries that overran their emulated windows (at most 1 %). Pure: takes two `summary.json` documents, returns the comparison. Used by
-`tools.bench_realtime` and the tests.
+jobs or deliveries that overran their emulated windows (at most 1 %). Pure: takes two
+`summary.json` documents, returns the comparison. Used by `tools.bench_realtime` and the
+tests.
 """
 
 from __future__ import annotations

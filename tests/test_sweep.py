@@ -172,8 +172,10 @@ def _digest(code: str) -> str:
 
 
 def test_the_code_digest_sees_code_and_ignores_prose_and_layout() -> None:
-    base = '"""Doc."""\nfrom .a import b\n\ndef f(x):\n    """Doc."""\n    return b(x) + 1  # note\n'
-    same = ['"""Other words."""\nfrom ..pkg.a import b\n\n\ndef f(x):\n    return b(x) + 1\n',
+    base = ('"""Doc."""\nfrom .a import b\n\ndef f(x):\n    """Doc."""\n    return b(x) + 1  # note\n\n'
+            'def g():\n    from .c import d\n    return d\n')
+    same = ['"""Other words."""\nfrom ..pkg.a import b\n\n\ndef f(x):\n    return b(x) + 1\n\n'
+            'def g():\n    from ..pkg.c import d\n    return d\n',
             base.replace("  # note", "") + "\n# a trailing comment\n"]
     other = [base.replace("+ 1", "+ 2"), base.replace("def f(x)", "def f(x, y=0)"), base + "K = 3\n"]
     assert all(_digest(c) == _digest(base) for c in same)
