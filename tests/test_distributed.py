@@ -52,12 +52,18 @@ def test_random_placements_gpt_tiny(data: st.DataObject, tmp_path: Path) -> None
     check_correct(prep, assign, fresh_dir(tmp_path))
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# gpt-mini's attention variants: multi-head (8 groups of 1 query head), grouped-query with 4
+# and 2 K/V groups (2 and 4 query heads each), multi-query (1 group of 8); each gets its own
+# examples, so none depends on a draw
+ATTENTION = {"mha": {}, "gqa4": {"kv_heads": 4}, "gqa2": {"kv_heads": 2}, "mqa": {"kv_heads": 1}}
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_random_placements_gpt_mini_and_gqa(data: st.DataObject, tmp_path: Path) -> None:
-    kind = data.draw(st.sampled_from(["mha", "gqa"]))
-    kw = {} if kind == "mha" else {"kv_heads": 2}
-    prep = prepared("gpt-mini", 3, new_tokens=4, prompt=5, **kw)
+def test_random_placements_gpt_mini_attention_variants(kind: str, data: st.DataObject, tmp_path: Path) -> None:
+    prep = prepared("gpt-mini", 3, new_tokens=4, prompt=5, **ATTENTION[kind])
+    assert prep.model.groups == ATTENTION[kind].get("kv_heads", 8)
     assign = data.draw(st.lists(st.integers(0, 2), min_size=len(prep.model.blocks),
                                 max_size=len(prep.model.blocks)))
     check_correct(prep, assign, fresh_dir(tmp_path))
@@ -110,10 +116,11 @@ def test_estimate_matches_emulation_steady(alg: str, tmp_path: Path) -> None:
     assert max(errors) <= 0.05, max(errors)
 
 
+@pytest.mark.parametrize("kind", ["mha", "gqa2"])
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_estimate_matches_emulation_random_placements(data: st.DataObject, tmp_path: Path) -> None:
-    prep = prepared("gpt-mini", 4, new_tokens=6, prompt=8, latency_ms=0.5)
+def test_estimate_matches_emulation_random_placements(kind: str, data: st.DataObject, tmp_path: Path) -> None:
+    prep = prepared("gpt-mini", 4, new_tokens=6, prompt=8, latency_ms=0.5, **ATTENTION[kind])
     assign = data.draw(st.lists(st.integers(0, 3), min_size=len(prep.model.blocks), max_size=len(prep.model.blocks)))
     errors = _fidelity(prep, Fixed(assign), fresh_dir(tmp_path))
     assert max(errors) <= 0.05, max(errors)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -39,13 +40,14 @@ def check_final_state(cluster: Cluster, ctl: Controller, n: int) -> None:
     assert total_kv == cost.model_cache_bytes(spec, n)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])  # gpt-tiny has 4 heads
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_random_migrations_lose_nothing(data: st.DataObject, tmp_path: Path) -> None:
+def test_random_migrations_lose_nothing(kv_heads: int, data: st.DataObject, tmp_path: Path) -> None:
     new_tokens, prompt, interval = 9, 3, 2
     small = data.draw(st.lists(st.sampled_from([0.05, 0.3, 8.0]), min_size=3, max_size=3), label="MiB")
     scen = make_scenario(n_devices=4, new_tokens=new_tokens, prompt=prompt, interval=interval,
-                         algorithm="resource_aware", telemetry="oracle")
+                         algorithm="resource_aware", telemetry="oracle", kv_heads=kv_heads)
     devices = [scen.devices[0], *[d.__class__(d.name, d.compute_gflops, m, m) for d, m in zip(scen.devices[1:], small, strict=True)]]
     scen = scen.__class__(**{**scen.__dict__, "devices": tuple(devices)})
     prep = experiment.prepare(scen)

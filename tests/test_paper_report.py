@@ -66,6 +66,7 @@ def test_how_the_sweep_ran_follows_its_record(tmp_path: Path) -> None:
     text = _report(tmp_path, jobs=3)
     meta = json.loads((tmp_path / "sweep.json").read_text())
     assert meta["jobs"] == 3 and meta["revision"] == "abc1234+dirty" and meta["cpus"] == os.cpu_count()
+    assert meta["sources"] == paper_report.sources() and "testbed.analytic.simulate" in meta["sources"]  # stamped by the sweep
     assert "revision `abc1234+dirty`" in text
     assert "3 worker processes" in text and f"{os.cpu_count()} CPU" in text and "42 s wall time" in text
     assert ".venv/bin/python -m runners.sweep paper --quick" in text

@@ -7,13 +7,18 @@ on a few small instances with the sweep's background load (testbed/experiments/c
 says how close they are.
 
 Every sentence of the report that states a fact is computed from the CSVs, from
-`sweep.json` (how the sweep ran: revision, machine, worker processes) or from the
-cross-check; what is quoted from the paper says so.
+`sweep.json` (how the sweep ran: revision, machine, worker processes, and `sources`, the
+digest of the code the tables are computed with) or from the cross-check; what is quoted
+from the paper says so. tests/test_sweep.py fails when that code changed since the sweep
+(the tables are then regenerated, not left).
 """
 
 from __future__ import annotations
 
+import ast
 import csv
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +32,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+import testbed  # noqa: E402
 
 from ..analytic import simulate as sweep  # noqa: E402
 from ..analytic.simulate import (  # noqa: E402
@@ -44,6 +51,84 @@ PAPER_OPT = {"resource_aware": "within 15-20 % of the optimum (1.15-1.20)",
              "round_robin": "40-60 % above (1.4-1.6), secondary summary, unverified"}
 TARGET_MEAN, TARGET_P95 = 1.05, 1.15
 HEAD_LEVEL = ("resource_aware", "resource_aware_ls")  # of SCALE_ALGS; the others keep layers whole
+
+# The code the tables are computed with: the sweep's jobs, the analytic simulation, the
+# algorithms, and what these import at module level (`sources`). The report's cross-check
+# runs the emulator too, but tests/test_sweep.py holds that agreement on every run.
+_ROOT = Path(testbed.__file__).resolve().parents[1]  # holds the packages testbed and runners
+SOURCE_ROOTS = ("runners.sweep", sweep.__name__, "testbed.placement.registry", "testbed.placement.optimal")
+
+
+def _module_imports(tree: ast.Module, package: str) -> set[str]:
+    """Project modules a module imports at module level (not inside functions, which
+    load what a run may not need: the runner's report, the emulator)."""
+    out: set[str] = set()
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                else node.module or ""
+            out.update([base, *(f"{base}.{a.name}" for a in node.names)])
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        todo.extend(ast.iter_child_nodes(node))
+    return {m for m in out if m.split(".")[0] in ("testbed", "runners")}
+
+
+def _code_digest(tree: ast.Module) -> str:
+    """A module's code without its docstrings and imports: comments, formatting, prose and
+    where modules live (the package layout) do not change it; any statement does."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    for node in ast.walk(tree):  # every import, also those inside functions
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if isinstance(body, list):
+                setattr(node, field, [n for n in body if not isinstance(n, (ast.Import, ast.ImportFrom))])
+    # the code written back canonically (ast.unparse), not ast.dump, whose format changes
+    # between Python versions
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
+
+
+def sources(roots: tuple[str, ...] = SOURCE_ROOTS) -> dict[str, str]:
+    """Module name -> digest of its code (`_code_digest`), for `roots` and every project
+    module they import at module level, transitively."""
+    out: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        # the file is found, not imported: the library never imports a runner
+        base = _ROOT.joinpath(*name.split("."))
+        if (base / "__init__.py").is_file():
+            path, package = base / "__init__.py", name
+        elif base.with_suffix(".py").is_file():
+            path, package = base.with_suffix(".py"), name.rpartition(".")[0]
+        else:
+            continue  # a name imported from a module, not a module
+        tree = ast.parse(path.read_text(), str(path))
+        todo.extend(_module_imports(tree, package))
+        out[name] = _code_digest(tree)
+    return dict(sorted(out.items()))
+
+
+def stale_sources(recorded: dict[str, str], current: dict[str, str] | None = None) -> list[str]:
+    """The modules whose code is not what the tables were measured with (compared by digest,
+    so a module that only moved is not stale); empty when the tables are current."""
+    current = sources() if current is None else current
+    if sorted(recorded.values()) == sorted(current.values()):
+        return []
+    known = set(recorded.values())
+    changed = [name for name, digest in current.items() if digest not in known]
+    return changed or [f"{len(recorded) - len(current)} module(s) fewer than recorded"]
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -216,7 +301,7 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
         meta_file.write_text(json.dumps({"wall_s": wall_s, "argv": argv or [], "revision": revision or _git(),
                                          "date": f"{datetime.now(UTC):%Y-%m-%d}", "machine": platform.machine(),
                                          "python": platform.python_version(), "cpus": os.cpu_count(),
-                                         "jobs": jobs}, indent=2) + "\n")
+                                         "jobs": jobs, "sources": sources()}, indent=2) + "\n")
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     opt_rows, scale_rows = _read(out / "optimality.csv"), _read(out / "scale.csv")
     if opt_rows:

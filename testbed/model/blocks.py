@@ -55,7 +55,10 @@ def _seed_for(seed: int, what: str) -> int:
 
 class RandomWeights:
     """Gaussian initialisation, each block seeded from (seed, block name), so any
-    process can build any block by itself and every run with a seed has the same model."""
+    process can build any block by itself and every run with a seed has the same model.
+    The layer's pre-attention norm is seeded from (seed, layer) instead, so that all head
+    blocks of a layer hold the same norm: the model is then an ordinary GPT-2 (one `ln_1`
+    per layer), which transformers can check (tests/test_gpt_crosscheck.py)."""
 
     def __init__(self, spec: ModelSpec, seed: int = 0) -> None:
         self.spec = spec
@@ -89,7 +92,9 @@ class RandomWeights:
 
         w: Tensors = {}
         if b.kind == "head":
-            w.update(self._norm(normal))
+            # one pre-attention norm per layer, as in GPT-2 and Llama: every head block of
+            # the layer holds a copy of the same values, drawn from the layer's own stream
+            w.update(self._norm(self._gen(f"attn_norm.{b.layer}")))
             w["wq"], w["wk"], w["wv"] = mat(q * d, D), mat(d, D), mat(d, D)
             if s.attn_bias:
                 w["bq"], w["bk"], w["bv"] = normal(q * d), normal(d), normal(d)

@@ -199,6 +199,8 @@ def summarize(rows: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "prefill_ms": float(pre[0]["latency_ms"]) if pre else math.nan,
         "predicted_ms": latency_stats([float(r["predicted_ms"]) for r in dec if r["predicted_ms"] == r["predicted_ms"]]),
         "stall_ms": sum(float(r["stall_ms"]) for r in rows),
+        # the stall of the tokens that moved blocks: what migrating cost (testbed/twin.py)
+        "migration_stall_ms": sum(float(r["stall_ms"]) for r in rows if int(r["migrations"])),
         "migrations": sum(int(r["migrations"]) for r in rows),
         "migrated_bytes": sum(int(r["migrated_bytes"]) for r in rows),
     }

@@ -7,7 +7,7 @@
   the virtual clock, then on the real clock as a user runs it (time scale `auto`,
   calibrated for each mode) in process and with one process per agent over websockets.
   Each real-clock run is compared with its virtual twin (`testbed.experiments.twin`): mean per-token
-  latency within 5 %, p95 within 10 %, migrations within 20 %, at most 1 % of jobs
+  latency within 5 %, p95 within 10 %, migrations and their stall within 10 %, at most 1 % of jobs
   overrunning, the reference's tokens. The table, with the command that measured it, is
   written between the `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->`
   lines of docs/fidelity.md (`--doc FILE` for another file, `--readme FILE` its old name;
