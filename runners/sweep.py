@@ -53,8 +53,8 @@ from testbed.placement.registry import get_algorithm
 OPT_MODELS = ["paper-small", "paper-medium", "paper-large", "paper-xl", "gpt-tiny"]
 SCALE_CASES = [(25, "gpt2-small"), (48, "gpt-32x32"), (25, "paper-xl"), (48, "paper-xl")]
 # resource_aware_ls's evaluation budget per decision in `scale` (hundreds of decisions on up
-# to 1088 blocks): about what its former 0.1 s budget allowed, and on the scale instances
-# never a worse plan than that gave
+# to 1088 blocks): a count, so the tables do not depend on the host's speed, small enough
+# for the sweep to finish in minutes
 SCALE_LS_EVALS = 3000
 
 

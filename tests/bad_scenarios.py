@@ -244,7 +244,7 @@ devices:
      "background_load.default.memory.normal"),
 ]
 
-# absurd numbers and sizes (issue 14, finding 6): each is refused in one line before anything
+# absurd numbers and sizes: each is refused in one line before anything
 # is written (the last field: a substring of that line). `model_too_large_for_host` (about
 # 900 GiB of weights) is refused by the runner, against this host's memory, not by the loader
 _HUGE_MODEL = "model: {layers: 2, heads: 8, d_model: 65536, vocab: 2097152}\n"

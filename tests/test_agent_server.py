@@ -1,7 +1,7 @@
 """A live agent (testbed/harness/agent_server.py) under hostile input from a token holder,
 over loopback: every message on every channel is checked, a refused one is counted and
 logged (rate-limited) and changes nothing, what a peer can make the agent hold is bounded,
-and the agent answers a legitimate request afterwards (issue 14, findings 4 and 5).
+and the agent answers a legitimate request afterwards.
 Hypothesis sends random frames too. Every wait is bounded."""
 
 from __future__ import annotations
@@ -121,15 +121,14 @@ def _routed_here(layer: int) -> list[int]:
     return [1 if b.layer == layer else 0 for b in S.blocks], devices  # type: ignore[return-value]
 
 
-# ------------------------------------------------------------------------ finding 1
+# ------------------------------------------------------------------------ what reaches the controller
 
 
 def test_reports_for_the_controller_over_peer_are_checked_before_relaying() -> None:
     """An `ack` without `rid` (or a report about another device) sent over /peer to the
-    source used to be relayed unchecked to the runner's controller, which then ended the
-    run. (In a run every device's name is connected, so tests/test_remote.py cannot send
-    these over /peer; here the name is free.) Now each is refused and counted at the
-    source, nothing reaches the controller, and the agent serves on."""
+    source is refused and counted there, nothing reaches the runner's controller, and the
+    agent serves on. (In a run every device's name is connected, so tests/test_remote.py
+    cannot send these over /peer; here the name is free.)"""
 
     async def body(lv: Live) -> None:
         ctl = await lv.control()
@@ -152,7 +151,7 @@ def test_reports_for_the_controller_over_peer_are_checked_before_relaying() -> N
     live(SOURCE, body)
 
 
-# ------------------------------------------------------------------------ finding 4
+# ------------------------------------------------------------------------ what the agent holds
 
 
 def test_set_compute_with_a_factor_out_of_range_is_refused() -> None:
@@ -166,16 +165,16 @@ def test_set_compute_with_a_factor_out_of_range_is_refused() -> None:
         r = await lv.op(ws, t="op", op="event", rid=2, action="set_compute", fields={"factor": 0.5})
         assert r["ok"] and lv.agent.compute.factor == 0.5
         state = await lv.op(ws, t="op", op="state", rid=3)
-        assert state["frames"]["refused"] >= 5  # control refusals are counted (finding 5)
+        assert state["frames"]["refused"] >= 5  # control refusals are counted
         await lv.legit()
 
     live("pi-a", body)
 
 
 def test_messages_the_agent_addresses_to_itself_are_checked() -> None:
-    """A control `send` to the source itself used to skip the check: an abort with seq 1e308
-    silenced the agent; a negative reservation or a token outside the vocabulary raised in a
-    callback. Now each is refused and counted; a controller-bound kind cannot be sent."""
+    """A control `send` to the source itself is checked like any message: an abort with seq
+    1e308 (it would silence the agent), a negative reservation or a token outside the
+    vocabulary is refused and counted; a controller-bound kind cannot be sent."""
 
     async def body(lv: Live) -> None:
         ws = await lv.control()
@@ -215,8 +214,8 @@ def test_an_abort_beyond_the_run_on_peer_is_refused_and_later_tokens_flow() -> N
 
 
 def test_an_output_longer_than_the_run_is_refused() -> None:
-    """An `OUT` of 100,000 rows (100 MiB) on a 2,048-token model used to be accepted; now
-    the frame is over what this run can need, and fewer rows are over the run's length."""
+    """An `OUT` of 100,000 rows (100 MiB) on a 2,048-token model is refused: the frame is
+    over what this run can need, and fewer rows are over the run's length."""
 
     async def body(lv: Live) -> None:
         rows = lv.ep.max_frame // (4 * S.d_model) - 16  # the most that fits in a frame
@@ -235,8 +234,8 @@ def test_an_output_longer_than_the_run_is_refused() -> None:
 
 
 def test_distinct_sequence_numbers_cannot_grow_the_agent() -> None:
-    """1,200 `h` frames with distinct seq used to be kept forever (300 MiB); now a peer
-    contributes to at most `quota` pending inputs and the rest is refused."""
+    """1,200 `h` frames with distinct seq (300 MiB if all were kept): a peer contributes to
+    at most `quota` pending inputs and the rest is refused."""
 
     async def body(lv: Live) -> None:
         src, peer = await lv.peer(SOURCE), await lv.peer("pi-b")
@@ -256,7 +255,7 @@ def test_distinct_sequence_numbers_cannot_grow_the_agent() -> None:
     live("pi-a", body)
 
 
-# ------------------------------------------------------------------------ finding 5
+# ------------------------------------------------------------------------ authentication
 
 
 def test_a_non_utf8_authorization_header_is_401() -> None:
@@ -347,8 +346,8 @@ def test_fuzz_a_live_agent_keeps_serving(peer_frames: list[bytes], control_frame
 
 
 def test_a_second_connection_in_a_connected_peers_name_is_refused() -> None:
-    """A token holder claiming the name of a connected device used to replace (and so cut
-    off) its connection; now it gets HTTP 409 and the device stays connected."""
+    """A token holder claiming the name of a connected device gets HTTP 409 and the device
+    stays connected (its connection is not replaced, so not cut off)."""
 
     async def body(lv: Live) -> None:
         first = await lv.peer("pi-b")

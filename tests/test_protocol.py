@@ -93,13 +93,13 @@ def test_every_valid_message_is_its_record_and_back(kind: str) -> None:
 
 
 @pytest.mark.parametrize(("raw", "sender", "me", "why"), [
-    # finding 4: an abort far beyond the run's attempts would silence the agent for good
+    # an abort far beyond the run's attempts (it would silence the agent for good)
     ({"t": P.ABORT, "rid": 1, "seq": 2**64 - 1}, SRC, ME, "seq"),
     ({"t": P.ABORT, "rid": 1, "seq": 1e308}, SRC, SRC, "seq"),
-    # finding 4: a negative reservation, a token outside the vocabulary
+    # a negative reservation, a token outside the vocabulary
     ({"t": P.RESERVE, "rid": 1, "blocks": {"ffn.0": -1}}, SRC, SRC, "blocks.ffn.0"),
     ({"t": P.GEN, "seq": 1, "tokens": [S.vocab], "pos": 0}, SRC, SRC, "tokens"),
-    # finding 4: an output of 100,000 rows on a 2,048-token model
+    # an output of 100,000 rows on a 2,048-token model
     ({"t": P.OUT, "seq": 1, "x": torch.zeros(100_000, S.d_model)}, PEER, SRC, "rows"),
     # rows past the run's length, a layer the model does not have, a dtype it does not use
     ({"t": P.LAYER_IN, "seq": 1, "layer": 0, "pos": B.max_rows - 1, "x": torch.zeros(2, S.d_model)}, PEER, ME, "rows"),
@@ -112,7 +112,7 @@ def test_every_valid_message_is_its_record_and_back(kind: str) -> None:
     ({"t": P.PRESSURE, "device": ME, "memory": dict.fromkeys(P.COUNTERS, 0), "at": 0.0}, PEER, SRC, "sent by"),
     ({"t": P.DOWN, "device": ME}, PEER, SRC, "own report"),
     ({"t": P.GEN, "seq": 1, "tokens": [1], "pos": 0}, SRC, ME, "source device"),
-    # finding 1: an answer without a request id
+    # an answer without a request id
     ({"t": P.ACK, "ok": True, "device": PEER}, PEER, SRC, "rid"),
 ])
 def test_hostile_messages_are_refused(raw: dict[str, Any], sender: str, me: str, why: str) -> None:
@@ -251,8 +251,8 @@ class _Recorder:
     st.sampled_from([_valid()[k] for k in sorted(P.TO_CONTROLLER)]), st.sampled_from([SRC, PEER, ME, "phone"]),
     st.just(SRC))), min_size=1, max_size=5))
 def test_fuzz_the_controller_takes_anything(cases: list[tuple[dict[str, Any], str, str]]) -> None:
-    """Whatever reaches the controller (finding 1: an answer without rid ended the run),
-    it never raises; a fault (the end of the run) only ever names the source device."""
+    """Whatever reaches the controller (an answer without rid among it), it never raises;
+    a fault (the end of the run) only ever names the source device."""
     from testbed.agents.controller import Controller, Options
     from testbed.emulation.clock import run as run_loop
     from testbed.placement.resource_aware import ResourceAware

@@ -103,8 +103,8 @@ def _head_host(run_dir: Path) -> str:
 
 
 def test_sigkill_of_a_head_hosting_agent_is_recovered(tmp_path: Path) -> None:
-    """Issue 14, finding 2: an agent killed from outside mid-run is a lost device; the run
-    completes (exit 0) with the reference's tokens, and events.csv says what happened."""
+    """An agent killed from outside mid-run is a lost device: the run completes (exit 0)
+    with the reference's tokens, and events.csv says what happened."""
     killed: list[str] = []
 
     def kill(runner: int, run_dir: Path) -> None:
@@ -165,11 +165,10 @@ def _hostile(port: int) -> None:
 
 
 def test_hostile_frames_mid_run_change_nothing(tmp_path: Path) -> None:
-    """Issue 14, finding 1 (a controller-bound frame without `rid` from a token holder, over
-    /peer or /control, ended the run as 'control connection closed') and finding 3 (a
-    completed --processes run wrote false device_failed rows at its last token, and its
-    first events.csv row an absolute time): the run completes, records no failure, counts
-    the refusals, and every time counts from the run's start."""
+    """Controller-bound frames without `rid` sent by a token holder over /peer and /control
+    mid-run: the run completes, records no failure (no device_failed row when the agents
+    stop at its end), counts the refusals, and every time in events.csv counts from the
+    run's start."""
 
     def attack(runner: int, run_dir: Path) -> None:
         _hostile(_port(_agents(runner)[SOURCE]))
@@ -185,9 +184,9 @@ def test_hostile_frames_mid_run_change_nothing(tmp_path: Path) -> None:
 
 
 def test_sigkill_of_the_source_agent_fails_the_run_promptly(tmp_path: Path) -> None:
-    """Issue 25: SIGKILL of the source agent (the controller's port, the embedding and the
-    LM head) left the runner making no progress. The run now fails within seconds with a
-    one-line reason; every file is closed (meta.json not `running`), exit status 1."""
+    """SIGKILL of the source agent (the controller's port, the embedding and the LM head):
+    the run fails within seconds with a one-line reason; every file is closed (meta.json
+    not `running`), exit status 1."""
     killed_at: list[float] = []
 
     def kill(runner: int, run_dir: Path) -> None:

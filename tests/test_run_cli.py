@@ -106,7 +106,7 @@ SUBPROCESS_TABLE_IDS = [
     "duplicate_device_names", "unknown_device_in_link", "unknown_algorithm",
     "model_fits_nowhere", "longer_than_context", "at_token_beyond_run", "join_link_to_unknown",
     "background_negative_in_series",
-    # every class of absurd input (issue 14, finding 6): refused end to end, fast
+    # every class of absurd input: refused end to end, fast
     *(id_ for id_, _, _ in LIMIT_SCENARIOS),
 ]
 _BY_ID = {c.id: c for c in ALL_CASES}
@@ -342,9 +342,9 @@ def test_failed_run_exits_1_with_partial_results(tmp_path: Path, capsys: pytest.
 
 
 def test_ctrl_c_on_an_in_process_run_is_one_line_and_exit_130(tmp_path: Path) -> None:
-    """Issue 14, finding 7, with the agents in the runner's process (the default; tests/test_ws.py
-    covers --processes): Ctrl-C mid-run used to end in a KeyboardInterrupt traceback; now the
-    run's files are written (status `failed: interrupted`), stderr is one line, exit 130."""
+    """Ctrl-C mid-run with the agents in the runner's process (the default; tests/test_ws.py
+    covers --processes): the run's files are written (status `failed: interrupted`), stderr
+    is one line (no traceback), exit 130."""
     out = tmp_path / "results"
     # a fixed time scale (no calibration pilot) slow enough that the run is still going
     runner = subprocess.Popen([sys.executable, "-m", "runners.run", str(SCENARIOS / "steady.yaml"),

@@ -87,8 +87,8 @@ def _assert_one_line(err: ScenarioError, file: str, path: str) -> None:
                                                if case[0] != "model_too_large_for_host"],
                          ids=[case[0] for case in LIMIT_SCENARIOS if case[0] != "model_too_large_for_host"])
 def test_absurd_numbers_and_sizes_are_refused_in_one_line(text, expect):
-    """Issue 14, finding 6: nesting, file size, names, memory, compute, intervals, factors,
-    rates, latencies, times, seeds and model sizes out of their documented ranges."""
+    """Nesting, file size, names, memory, compute, intervals, factors, rates, latencies,
+    times, seeds and model sizes out of their documented ranges."""
     err = _error(text)
     assert "\n" not in str(err) and expect in str(err), str(err)
 
@@ -121,8 +121,8 @@ def test_a_model_larger_than_the_host_is_refused():
 
 def test_the_clock_survives_a_device_far_slower_than_the_limits(tmp_path):
     """A device below the compute range (1e-12 GFLOP/s: one job outlasts the float
-    resolution of 1 ns) once hung the virtual clock at 100 % CPU; the loader refuses it, and
-    the clock no longer depends on that."""
+    resolution of 1 ns, and a fixed 1 ns timer resolution would spin the virtual clock at
+    100 % CPU): the loader refuses it, and the clock advances regardless."""
     from testbed.experiments import run as experiment
 
     scen = sc.load(ROOT / "scenarios" / "steady.yaml").with_overrides(new_tokens=2)
@@ -501,7 +501,7 @@ def test_scenario_is_frozen():
 
 
 # ---------------------------------------------------------------------------------------------
-# fuzzing the loader (issue 14, deliverable 6): hypothesis-generated documents
+# fuzzing the loader: hypothesis-generated documents
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -163,7 +163,7 @@ def test_bandwidth_drop_over_processes_matches_virtual(tmp_path: Path) -> None:
     assert meta["transport"] == "ws" and meta["processes"] and meta["status"] == "completed"
     summary = read_json(pd / "summary.json")
     assert summary["correctness"]["tokens_match"]
-    # issue 14, finding 3: a run that ends normally records no failure (agents stopping after
+    # a run that ends normally records no failure (agents stopping after
     # the last token are not news), and every time counts from the run's start
     events = read_csv(pd / "events.csv")
     assert not [e for e in events if e["kind"] in ("device_failed", "fault")], events

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..model.spec import ModelSpec
-from ..placement.algorithm import Algorithm  # re-exported: the protocol used to live here
+from ..placement.algorithm import Algorithm  # re-exported: what the controller's caller passes
 from ..placement.policy import Policy, Stop, TokenCharge
 from ..placement.problem import LatencyModel, Placement, Snapshot
 from ..placement.window import LoadWindow

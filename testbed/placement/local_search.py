@@ -37,9 +37,9 @@ from .problem import (
 from .resource_aware import plan
 
 EPS = 1e-12
-# candidate steps priced per decision, over all starts (see ResourceAwareLS): more than the
-# former wall-clock budget of 0.25 s allowed on a 2-core machine on the sweep's optimality
-# instances and the shipped scenarios, so its plans there are as good or better
+# candidate steps priced per decision, over all starts (see ResourceAwareLS): a count, not a
+# time, so a plan never depends on the host's speed; large enough that more steps found no
+# better plan on the sweep's optimality instances and the shipped scenarios
 MAX_EVALS = 20000
 
 
