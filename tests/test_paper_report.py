@@ -113,7 +113,7 @@ def test_what_the_runs_were_follows_the_rows(tmp_path: Path) -> None:
 
 
 def test_the_report_command_rebuilds_from_the_csvs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runners import report
+    from runners import paper_report as report
 
     assert report.main([str(tmp_path / "empty"), "--no-check"]) == 2
     assert "no optimality.csv or scale.csv" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The reference results of results/paper/: tables, figures and README from the sweep CSVs.
 
 `python -m runners.sweep paper` runs the experiments and calls `write_report`; with the CSVs
-already there, `python -m runners.report results/paper` rebuilds the report alone.
+already there, `python -m runners.paper_report results/paper` rebuilds the report alone.
 It also cross-checks the analytic mode against the emulator (virtual clock, real tensors)
 on a few small instances with the sweep's background load (testbed/experiments/crosscheck.py), and
 says how close they are.

@@ -1,4 +1,4 @@
-"""`python -m runners.report [DIR]`: rebuild the paper report (README, figures) of a sweep
+"""`python -m runners.paper_report [DIR]`: rebuild the paper report (README, figures) of a sweep
 directory from its CSVs, without running the sweep again (testbed/experiments/paper_report.py)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from testbed.experiments.paper_report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runners.report", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m runners.paper_report", description=__doc__.split("\n")[0])
     ap.add_argument("dir", type=Path, nargs="?", default=Path("results/paper"))
     ap.add_argument("--no-check", action="store_true", help="skip the emulator cross-check")
     args = ap.parse_args(argv)
