@@ -336,11 +336,27 @@ def _parse(r: _Reader, data: object, file: str) -> Experiment:
                       seeds, tokens, clock, time_scale, report, tuple(cells), tuple(runs), data)
 
 
-def _blame(path: str, keys: list[str]) -> str | None:
+def _index_path(data: dict, key: str) -> str:
+    """`key` with its list items by name written by index (`devices[phone]` -> `devices[3]`),
+    as the scenario's own errors name them."""
+    out, node = "", data
+    for part in split_path(key):
+        if isinstance(part, str) and not part.startswith("["):
+            out = f"{out}.{part}" if out else part
+            node = node.get(part) if isinstance(node, dict) else None
+        else:
+            idx = _item(node, part, out) if isinstance(node, list) else -1
+            out += f"[{idx}]"
+            node = node[idx] if idx >= 0 else None
+    return out
+
+
+def _blame(path: str, keys: list[str], data: dict) -> str | None:
     """The axis (or fixed) key a scenario error at `path` comes from, if any."""
     for key in keys:
-        if path == key or path.startswith((f"{key}.", f"{key}[")):
-            return key
+        for form in {key, _index_path(data, key)}:
+            if path == form or path.startswith((f"{form}.", f"{form}[")):
+                return key
     return None
 
 
@@ -356,11 +372,13 @@ def _resolve(r: _Reader, cell: Cell, seed: int, tokens: int | None, scen_file: s
         return parse_scenario(data, scen_file)
     except ScenarioError as e:
         names = [p for p, _ in cell.values]
-        key = _blame(e.path, names)
+        key = _blame(e.path, names, data)
         kind = "axes"
         if key is None:
-            key = _blame(e.path, [p for p, _ in fixed])
+            key = _blame(e.path, [p for p, _ in fixed], data)
             kind = "set" if key is not None else kind
+        if key is None and len(names) == 1:
+            key, kind = names[0], "axes"  # the only value that differs between cells
         where = f"{kind}.{key}" if key else ("tokens" if e.path.startswith("generation") and tokens else "axes")
         r.fail(where, f"cell {cell.index} ({cell.label()}), seed {seed}: makes an invalid scenario: "
                f"{e.path + ': ' if e.path else ''}{e.message}")
