@@ -21,6 +21,7 @@ from scipy import stats as sps
 
 from runners import sweep as cli
 from testbed.grid import spec
+from testbed.scenario import SetLink
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "scenarios" / "bandwidth_drop.yaml"
@@ -101,7 +102,8 @@ def test_axes_cross_or_zip_and_runs_keyed_by_what_they_run(tmp_path: Path) -> No
     zipped = spec.load(write(tmp_path, two + "combine: zip\n", "zip.yaml"))
     assert len(zipped.cells) == 2
     phone = [d for d in zipped.runs[-1].scenario.devices if d.name == "phone"][0]
-    assert phone.compute_gflops == 1.0 and zipped.runs[-1].scenario.events[0].change.bandwidth_mbps == 50
+    change = zipped.runs[-1].scenario.events[0].change
+    assert phone.compute_gflops == 1.0 and isinstance(change, SetLink) and change.bandwidth_mbps == 50
     keys = [r.key for r in crossed.runs]
     assert len(set(keys)) == len(keys)
     # 50 written as 50.0 is the same resolved scenario: the same run
@@ -140,7 +142,7 @@ def test_summary_agrees_with_a_mean_and_interval_recomputed_from_runs(name: str)
 # ---------------------------------------------------------------------------- the shipped examples
 
 
-def _lines_by_run(text: str) -> dict[tuple[str, str, str], str]:
+def _lines_by_run(text: str) -> dict[tuple[str, ...], str]:
     lines = text.splitlines()
     head = next(csv.reader([lines[0]]))
     at = [head.index(k) for k in ("cell", "algorithm", "seed")]

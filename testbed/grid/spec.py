@@ -339,7 +339,8 @@ def _parse(r: _Reader, data: object, file: str) -> Experiment:
 def _index_path(data: dict, key: str) -> str:
     """`key` with its list items by name written by index (`devices[phone]` -> `devices[3]`),
     as the scenario's own errors name them."""
-    out, node = "", data
+    out = ""
+    node: Any = data
     for part in split_path(key):
         if isinstance(part, str) and not part.startswith("["):
             out = f"{out}.{part}" if out else part
