@@ -380,7 +380,7 @@ def test_run_files_must_stay_inside_the_run_directory(small_run: Path, tmp_path:
         with pytest.raises(RunsError) as info:
             read_text(run / name, 100)
         assert says in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(RunsError, match="copy.csv: 4 bytes, over the limit of 3 for this file"):
+    with pytest.raises(RunsError, match="copy.csv: 4 bytes, larger than the limit of 3 bytes for this file"):
         read_text(run / "copy.csv", 3)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from ..common.files import FileRefused, read_limited, utf8
 from ..scenario import (
     MAX_FILE_BYTES,
     MAX_NESTING,
@@ -184,19 +185,9 @@ def set_path(data: dict, path: str, value: Any) -> None:
 def load(path: str | os.PathLike) -> Experiment:
     file = os.fspath(path)
     try:
-        with open(file, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-        if len(raw) > MAX_FILE_BYTES:
-            raise ExperimentError(file, "", f"larger than {MAX_FILE_BYTES // 1024} KiB: not an experiment file")
-        text = raw.decode("utf-8")
-    except FileNotFoundError:
-        raise ExperimentError(file, "", "no such file") from None
-    except IsADirectoryError:
-        raise ExperimentError(file, "", "is a directory, not an experiment file") from None
-    except UnicodeDecodeError as e:
-        raise ExperimentError(file, "", f"not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ExperimentError(file, "", f"cannot read: {e.strerror or e}") from None
+        text = utf8(read_limited(file, MAX_FILE_BYTES, "an experiment file"))
+    except FileRefused as e:
+        raise ExperimentError(file, "", str(e)) from None
     try:
         check_nesting(text, MAX_NESTING)
         data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)

@@ -19,14 +19,14 @@ from the `gguf` package when it is installed (`type_sizes`), so both agree on nb
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
-import stat
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
+
+from ..common import files
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -74,37 +74,12 @@ def type_sizes() -> dict[int, tuple[str, int, int]]:
 
 
 def open_regular(path: str | os.PathLike) -> BinaryIO:
-    """The file opened for reading if it is a regular file, else HeaderError. Opened with O_NONBLOCK and checked on the descriptor, so a FIFO never blocks and a file
-    swapped for one between a stat and the open is still refused."""
+    """The file opened for reading if it is a regular file, else HeaderError (common/files.py:
+    a FIFO never blocks, a symlink loop is one line)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise HeaderError("no such file") from None
-    except IsADirectoryError:
-        raise HeaderError("is a directory, not a GGUF file") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise HeaderError("symlink loop (too many levels of symbolic links)") from None
-        raise HeaderError(f"cannot read: {e.strerror or e}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise HeaderError(f"is {_kind(mode)}, not a regular file")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a plain file"
+        return files.open_regular(path, "a GGUF file")
+    except files.FileRefused as e:
+        raise HeaderError(str(e)) from None
 
 
 class _Cursor:

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import errno
 import io
 import json
 import math
 import os
-import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ..common.files import FileRefused, read_limited, utf8
 from .write import FILES, TEXT_COLUMNS, TOKENS, summarize, windows
 
 RUN_FILES = ("tokens.csv", "meta.json")
@@ -112,15 +111,6 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
 # ---------------------------------------------------------------------------- reading
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a plain file"
-
-
 def read_text(path: Path, limit: int) -> str | None:
     """The text of a file of a run directory (`path.parent`); None if there is none.
     RunsError, without reading, for a link that leads out of the directory, anything but a
@@ -141,25 +131,9 @@ def read_text(path: Path, limit: int) -> str | None:
     if root not in real.parents:
         raise RunsError(f"{path}: a link to {real}, outside the run directory (refused)")
     try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        what = "symlink loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
-        raise RunsError(f"{path}: cannot read ({what})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RunsError(f"{path}: is {_kind(st.st_mode)}, not a regular file (refused)")
-        if st.st_size > limit:
-            raise RunsError(f"{path}: {st.st_size} bytes, over the limit of {limit} for this file")
-        os.set_blocking(fd, True)
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise RunsError(f"{path}: over the limit of {limit} bytes for this file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise RunsError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        return utf8(read_limited(real, limit, "this file"))
+    except FileRefused as e:
+        raise RunsError(f"{path}: {e}") from None
 
 
 def read_json(path: Path) -> Any:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from ..common.files import FileRefused, read_limited, utf8
 from ..common.units import MIB
 from . import background as bg
 from .format import (
@@ -107,19 +108,9 @@ def load(path: str | os.PathLike, model_gguf: str | None = None) -> Scenario:
     (a path) replaces the file's model section with that GGUF model."""
     file = os.fspath(path)
     try:
-        with open(file, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-        if len(raw) > MAX_FILE_BYTES:
-            raise ScenarioError(file, "", f"larger than {MAX_FILE_BYTES // 1024} KiB: not a scenario file")
-        text = raw.decode("utf-8")
-    except FileNotFoundError:
-        raise ScenarioError(file, "", "no such file") from None
-    except IsADirectoryError:
-        raise ScenarioError(file, "", "is a directory, not a scenario file") from None
-    except UnicodeDecodeError as e:
-        raise ScenarioError(file, "", f"not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ScenarioError(file, "", f"cannot read: {e.strerror or e}") from None
+        text = utf8(read_limited(file, MAX_FILE_BYTES, "a scenario file"))
+    except FileRefused as e:
+        raise ScenarioError(file, "", str(e)) from None
     return loads(text, file, model_gguf)
 
 
