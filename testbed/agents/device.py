@@ -322,6 +322,8 @@ class DeviceAgent:
 
         def work() -> torch.Tensor:
             with torch.inference_mode():
+                if len(heads) == 1:
+                    return heads[0].forward(x, pos)  # type: ignore[union-attr]
                 return torch.cat([h.forward(x, pos) for h in heads], dim=-1)  # type: ignore[union-attr]
 
         out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), work, ready=ready)

@@ -13,6 +13,7 @@ weights are stored [out, in] as in torch.nn.Linear.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -123,9 +124,9 @@ class RandomWeights:
 
 def _norm(x: torch.Tensor, w: Tensors, spec: ModelSpec, prefix: str = "norm") -> torch.Tensor:
     if spec.norm == "rmsnorm":
-        xf = x.float()
+        xf = x if x.dtype == torch.float32 else x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
-        return y.to(x.dtype) * w[f"{prefix}.w"]
+        return (y if y.dtype == x.dtype else y.to(x.dtype)) * w[f"{prefix}.w"]
     return F.layer_norm(x, (spec.d_model,), w[f"{prefix}.w"], w[f"{prefix}.b"], spec.norm_eps)
 
 
@@ -133,20 +134,34 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return F.linear(x, w, b)
 
 
+ROPE_ROWS = 256  # the smallest rotary table; tables grow by doubling to cover a position
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(d: int, base: float, freqs: tuple[float, ...], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [rows, 1, d/2] of positions 0 .. rows-1: built once per process for a
+    head size, base and scaling, and sliced by every call (elementwise the same products
+    as computing them for the call's own positions, so the same bits)."""
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
+    if freqs:
+        inv = inv / torch.tensor(freqs, dtype=torch.float32)
+    ang = torch.arange(0, rows, dtype=torch.float32)[:, None] * inv[None, :]  # [rows, d/2]
+    return ang.cos()[:, None, :], ang.sin()[:, None, :]
+
+
 def rope(x: torch.Tensor, pos0: int, base: float, freqs: tuple[float, ...] = ()) -> torch.Tensor:
     """Rotary embedding on interleaved pairs (x0,x1), (x2,x3), ... as llama.cpp lays out
     Q/K rows. x: [T, heads, d]; positions pos0 .. pos0+T-1. `freqs`, when given, divides
     pair i's frequency by freqs[i] (llama.cpp's rope_freqs: Llama 3's long-context scaling)."""
     T, _, d = x.shape
-    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
-    if freqs:
-        inv = inv / torch.tensor(freqs, dtype=torch.float32)
-    ang = torch.arange(pos0, pos0 + T, dtype=torch.float32)[:, None] * inv[None, :]  # [T, d/2]
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]  # [T, 1, d/2]
-    xf = x.float()
+    rows = max(ROPE_ROWS, 1 << (pos0 + T - 1).bit_length())
+    cos_t, sin_t = _rope_table(d, float(base), tuple(freqs), rows)
+    cos, sin = cos_t[pos0:pos0 + T], sin_t[pos0:pos0 + T]  # [T, 1, d/2]
+    xf = x if x.dtype == torch.float32 else x.float()
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [T, h, d/2, 2]
-    return out.flatten(-2).to(x.dtype)
+    out = out.flatten(-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class KVCache:
@@ -228,7 +243,10 @@ class HeadBlock:
         if T > 1:  # causal: query t (position pos+t) sees keys 0..pos+t
             mask = torch.arange(pos + T)[None, :] > (pos + torch.arange(T))[:, None]
             att = att.masked_fill(mask, float("-inf"))
-        att = torch.softmax(att.float(), dim=-1).to(x.dtype)
+        if att.dtype == torch.float32:
+            att = torch.softmax(att, dim=-1)
+        else:
+            att = torch.softmax(att.float(), dim=-1).to(x.dtype)
         return torch.matmul(att, V).transpose(0, 1).reshape(T, q * d)  # [T, q*d]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..emulation.link import EmulatedLink
 from ..scenario_records import LinkSpec
-from .codec import FrameError, decode, encode
+from .codec import EncodeOnce, FrameError, decode
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class InprocNetwork:
         # messages whose receiver acts on them as of their due time (see EmulatedLink.send)
         self.retimed: Callable[[dict[str, Any]], bool] = lambda msg: False
         self.lost_frames = 0
+        self._encode = EncodeOnce()  # a message sent to several devices is encoded once
 
     def add_link(self, src: str, dst: str, spec: LinkSpec) -> EmulatedLink:
         link = EmulatedLink(src, dst, spec.bandwidth_mbps, spec.latency_ms, spec.burst_kib, self.loop)
@@ -70,7 +71,7 @@ class InprocNetwork:
         if src == dst:
             self.loop.call_soon(self._call, src, dst, msg, at)
             return 0
-        frame = encode(msg)
+        frame = self._encode(msg)
         link = self.links[(src, dst)]
         if self.drop is not None and self.drop(src, dst, msg):
             link.send(frame, lambda f: None, at)  # it costs the link, then vanishes
