@@ -233,10 +233,12 @@ class HeadBlock:
         s, w = self.spec, self.w
         T, d, q = x.shape[0], s.d_head, s.q_per_group
         qkv = _linear(_norm(x, w, s), w["wqkv"], w.get("bqkv"))  # [T, (q+2)d]
-        qs, k, v = qkv[:, : q * d].view(T, q, d), qkv[:, q * d:(q + 1) * d], qkv[:, (q + 1) * d:]
-        if s.positions == "rope":
-            qs = rope(qs, pos, s.rope_base, s.rope_freqs)
-            k = rope(k.view(T, 1, d), pos, s.rope_base, s.rope_freqs).view(T, d)
+        v = qkv[:, (q + 1) * d:]
+        if s.positions == "rope":  # the queries and the key rotated in one call
+            qk = rope(qkv[:, :(q + 1) * d].view(T, q + 1, d), pos, s.rope_base, s.rope_freqs)
+            qs, k = qk[:, :q], qk[:, q]
+        else:
+            qs, k = qkv[:, : q * d].view(T, q, d), qkv[:, q * d:(q + 1) * d]
         self.cache.write(pos, k, v)
         K, V = self.cache.k[: pos + T], self.cache.v[: pos + T]  # [n, d]
         att = torch.matmul(qs.transpose(0, 1), K.t()) / math.sqrt(d)  # [q, T, n]
