@@ -229,9 +229,21 @@ class HeadBlock:
         return cls(spec, fuse_qkv(w), KVCache(spec.d_head, w.get("wqkv", w.get("wk")).dtype))
 
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """x: [T, D] hidden states of positions pos..pos+T-1 -> [T, q*d] attention outputs."""
+        """x: [T, D] hidden states of positions pos..pos+T-1 -> [T, q*d] attention outputs;
+        their K/V rows are written to the cache."""
+        out, k, v = self.attend(x, pos)
+        self.cache.write(pos, k, v)
+        return out
+
+    def attend(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` without its state change: the attention outputs [T, q*d] and the new
+        K and V rows [T, d] that `forward` writes to the cache. It reads only the cache's
+        positions before `pos`, so it may run ahead of the job that commits the rows (a
+        device computing as soon as a frame's content arrives)."""
         s, w = self.spec, self.w
         T, d, q = x.shape[0], s.d_head, s.q_per_group
+        if pos > self.cache.n:
+            raise ValueError(f"cache gap: position {pos} with {self.cache.n} positions held")
         qkv = _linear(_norm(x, w, s), w["wqkv"], w.get("bqkv"))  # [T, (q+2)d]
         v = qkv[:, (q + 1) * d:]
         if s.positions == "rope":  # the queries and the key rotated in one call
@@ -239,8 +251,8 @@ class HeadBlock:
             qs, k = qk[:, :q], qk[:, q]
         else:
             qs, k = qkv[:, : q * d].view(T, q, d), qkv[:, q * d:(q + 1) * d]
-        self.cache.write(pos, k, v)
-        K, V = self.cache.k[: pos + T], self.cache.v[: pos + T]  # [n, d]
+        K = torch.cat((self.cache.k[:pos], k))  # [pos + T, d]
+        V = torch.cat((self.cache.v[:pos], v))
         att = torch.matmul(qs.transpose(0, 1), K.t()) / math.sqrt(d)  # [q, T, n]
         if T > 1:  # causal: query t (position pos+t) sees keys 0..pos+t
             mask = torch.arange(pos + T)[None, :] > (pos + torch.arange(T))[:, None]
@@ -249,7 +261,7 @@ class HeadBlock:
             att = torch.softmax(att, dim=-1)
         else:
             att = torch.softmax(att.float(), dim=-1).to(x.dtype)
-        return torch.matmul(att, V).transpose(0, 1).reshape(T, q * d)  # [T, q*d]
+        return torch.matmul(att, V).transpose(0, 1).reshape(T, q * d), k, v  # [T, q*d]
 
 
 def block_shapes(spec: ModelSpec, kind: str) -> dict[str, tuple[int, ...]]:
