@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -274,3 +275,64 @@ def test_late_control_frames_count_and_late_data_frames_do_not() -> None:
     delivered, checked, late, lat = clock.run(main, "real")
     assert (delivered, checked, late) == (2, 1, 1)
     assert lat == pytest.approx(0.005, abs=1e-6)  # the link's latency, not the host's delay
+
+
+# ---------------------------------------------------------------------------- computing early
+
+
+def test_work_done_ahead_of_its_window_is_no_overrun_and_work_not_done_by_its_end_is() -> None:
+    """Arithmetic started on a worker thread when the input's content arrived (30 ms of it
+    before a 10 ms window opens) is no overrun: the window commits it and ends on time. The
+    same work started only as the window opens does not fit, and the job ends late."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from testbed.emulation.compute import ComputeUnit
+
+    def work() -> str:
+        time.sleep(0.03)
+        return "rows"
+
+    async def main() -> tuple[float, int, str, float, int, list[str]]:
+        loop = asyncio.get_running_loop()
+        unit = ComputeUnit("d", 1e9)  # 1e7 FLOPs: a 10 ms window
+        seen: list[str] = []
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(work)
+            await asyncio.sleep(0.035)  # the frame's emulated arrival
+            start = loop.time()
+            got, fin = await unit.run(1e7, lambda value: value + " committed", ready=start, early=ahead,
+                                      on_result=seen.append)
+            first = (fin - start, unit.overruns, got)
+            late = pool.submit(work)  # content only as the window opens
+            start2 = loop.time()
+            _, fin2 = await unit.run(1e7, lambda value: value, ready=start2, early=late)
+        return first[0], first[1], first[2], fin2 - start2, unit.overruns, seen
+
+    ended, overruns, got, ended2, overruns2, seen = clock.run(main, "real")
+    assert ended == pytest.approx(0.010, abs=1e-9) and overruns == 0 and got == "rows committed"
+    assert seen == ["rows committed"]  # handed on when known, before the window's end
+    assert ended2 >= 0.025 and overruns2 == 1
+
+
+def test_a_real_clock_run_computes_ahead_and_loses_nothing_across_migrations(tmp_path: Path) -> None:
+    """bandwidth_drop on the real clock (in process, K 10): most jobs compute as soon as their
+    input's content exists, ahead of its emulated arrival; the re-plan after the drop moves
+    blocks (results computed early for a block that left are dropped), and every token still
+    equals the reference's, every cache holds exactly the positions generated."""
+    scen = _short("bandwidth_drop", 32, 0)
+    prep = experiment.prepare(scen)
+    jobs: dict[str, tuple[int, int]] = {}
+    caches: dict[str, int] = {}
+
+    async def finish(world: Any, controller: Any) -> None:
+        for name, agent in world.agents.items():
+            jobs[name] = (agent.compute.jobs, agent.compute.early_jobs)
+            caches.update(agent.cache_lengths())
+
+    out = experiment.run(prep, scen.controller.algorithm, tmp_path / "real", clock="real", time_scale=10,
+                         on_finish=finish)
+    assert out.ok and out.summary["correctness"]["tokens_match"], out.summary["correctness"]
+    assert out.summary["migrations"] > 0
+    assert sum(e for _, e in jobs.values()) > 0.5 * sum(j for j, _ in jobs.values()), jobs
+    n = len(prep.prompt) + 32 - 1  # the last token is generated, never fed back
+    assert caches and set(caches.values()) == {n}, caches

@@ -17,6 +17,16 @@ whoever sent it, the agent itself included), then the handler of its kind (`_HAN
 refused message is counted and logged (`refusals`) and changes nothing. What a peer can
 make the agent hold is bounded per peer: the partial inputs of `proj` it contributes to
 and the jobs it has queued, each at most `quota` (twice what a pipeline ever has in flight).
+
+Computing early (real clock, in process: `compute_early`): a data frame's content reaches
+its receiver when it is sent (`preview`), or when the job producing it has its result (at
+the start of that job's window, not its end); the receiver starts the arithmetic on its
+worker thread at once, without touching its state (`HeadBlock.attend` returns the K/V rows
+instead of writing them). The frame still arrives at its emulated time, and its job's
+window commits the result then: rows appended, memory charged, the result released at the
+window's end, so every emulated figure is what it would have been. A result computed for
+blocks that are no longer the ones here (moved, lost, replaced) is dropped, as are those of
+aborted attempts; a job whose early result is missing computes it in its window.
 """
 
 from __future__ import annotations
@@ -25,8 +35,9 @@ import asyncio
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
@@ -55,6 +66,7 @@ Send = Callable[[str, dict[str, Any], float | None], int]  # (destination, messa
 Outgoing = Callable[[], dict[str, EmulatedLink]]  # peer -> this device's link to it
 
 AnyBlock = HeadBlock | ProjBlock | FfnBlock
+T = TypeVar("T")
 
 
 class DeviceAgent:
@@ -99,6 +111,13 @@ class DeviceAgent:
         self._tel_since = -math.inf
         self.probe_log: list[tuple[str, int | None, int, float]] | None = None  # benchmarks
         self._jobs_at_tel = (0.0, 0.0)  # (flops, busy seconds) at the last report
+        # computing early (real clock, `compute_early`): a worker thread, and the arithmetic
+        # it started per job key, with the blocks it used
+        self._pool: ThreadPoolExecutor | None = None
+        self._early: dict[tuple[Any, ...], tuple[tuple[object, ...], Future[Any]]] = {}
+        self._pview: dict[tuple[int, int], dict[str, Any]] = {}  # proj's inputs seen early
+        # hands a message's content to another device ahead of its frame (set by the world)
+        self.early_send: Callable[[str, dict[str, Any]], None] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -193,6 +212,129 @@ class DeviceAgent:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._drop_early(math.inf)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ computing early
+
+    def compute_early(self) -> None:
+        """Compute as soon as a data frame's content arrives (`preview`), on a worker thread
+        (torch releases the GIL; the loop's timers stay on time), ahead of the frame's
+        emulated arrival; the job's window still opens at the arrival and commits the result
+        then (cache rows, memory), so every emulated figure stays what it was. For the real
+        clock: on the virtual clock the host's time is not seen, and nothing is gained."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-early")
+
+    def preview(self, sender: str, msg: dict[str, Any]) -> None:
+        """The content of a data frame whose emulated arrival is still ahead: start the
+        arithmetic of the job it will ask for, if its blocks are here. A frame that would
+        be refused, or a job that cannot start yet, is left to its arrival."""
+        if self._pool is None or self._stopped or msg.get("t") not in _EARLY_KINDS:
+            return
+        try:
+            m = P.for_device(msg, sender, self.name, self.bounds)
+        except P.ProtocolError:
+            return  # refused, and counted, when it arrives
+        if getattr(m, "seq", -1) <= self.floor:
+            return
+        key: tuple[Any, ...]
+        blocks: tuple[object, ...]
+        if isinstance(m, P.Heads):
+            self._preview_proj(m.seq, m.layer, m.pos, None, m.groups, m.out)
+            return
+        if isinstance(m, P.Hidden) and self._proj.get(m.layer) == self.name:
+            self._preview_proj(m.seq, m.layer, m.pos, m.x)
+        if isinstance(m, P.Hidden):
+            groups = self._my_heads.get(m.layer)
+            heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups or ()]
+            if not heads or not all(isinstance(h, HeadBlock) and h.cache.n >= m.pos for h in heads):
+                return
+            key, blocks = ("x", m.seq, m.layer, m.pos), tuple(heads)
+            work: Callable[[], Any] = _attend(heads, m.x, m.pos)  # type: ignore[arg-type]
+        elif isinstance(m, P.FfnIn):
+            ffn = self.blocks.get(f"ffn.{m.layer}")
+            if not isinstance(ffn, FfnBlock):
+                return
+            key, blocks = ("y", m.seq, m.layer, m.pos), (ffn,)
+            work = _ffn(ffn, m.x)
+        elif isinstance(m, P.Out) and self.source_block is not None:
+            key, blocks = ("z", m.seq), (self.source_block,)
+            work = _logits(self.source_block, m.x)
+        else:
+            return
+        if key in self._early:
+            return
+        if len(self._early) >= self.quota:  # bounded: the oldest is dropped (computed again on arrival)
+            self._early.pop(next(iter(self._early)))[1].cancel()
+        self._early[key] = (blocks, self._pool.submit(_quiet(work)))
+
+    def _ahead(self, seq: int, outputs: Callable[[torch.Tensor], list[tuple[str, dict[str, Any]]]]
+               ) -> Callable[[torch.Tensor], None] | None:
+        """When computing early: a job's result is known when its window opens, long before
+        it is released at the window's end; its receivers get the content then (`preview`),
+        so a chain of jobs runs ahead as far as the data allows."""
+        if self._pool is None:
+            return None
+
+        def ahead(y: torch.Tensor) -> None:
+            if seq <= self.floor or self._stopped:
+                return
+            try:
+                targets = outputs(y)
+            except KeyError:  # not routed (any more): the release at the end will say so
+                return
+            for dst, msg in targets:
+                if dst == self.name:
+                    self.preview(self.name, msg)
+                elif self.early_send is not None:
+                    self.early_send(dst, msg)
+        return ahead
+
+    def _preview_proj(self, seq: int, layer: int, pos: int, x: torch.Tensor | None,
+                      groups: Sequence[int] = (), out: torch.Tensor | None = None) -> None:
+        """Collect proj's inputs as they arrive early; start it when all are there."""
+        block = self.blocks.get(f"proj.{layer}")
+        if not isinstance(block, ProjBlock) or self._proj.get(layer) != self.name:
+            return
+        buf = self._pview.get((seq, layer))
+        if buf is None:
+            if len(self._pview) >= self.quota:
+                self._pview.pop(next(iter(self._pview)))
+            buf = self._pview[(seq, layer)] = {"x": None, "outs": {}}
+        if x is not None:
+            buf["x"] = x
+        if out is not None:
+            w = self.model.q_per_group * self.model.d_head
+            for i, g in enumerate(groups):
+                buf["outs"][g] = out[:, i * w:(i + 1) * w]
+        if buf["x"] is None or len(buf["outs"]) < self.model.groups:
+            return
+        del self._pview[(seq, layer)]
+        key = ("p", seq, layer, pos)
+        if key not in self._early and self._pool is not None:
+            bx, outs, groups_n = buf["x"], buf["outs"], self.model.groups
+
+            def work() -> torch.Tensor:
+                return block.forward(concat_heads(outs, groups_n), bx)
+            self._early[key] = ((block,), self._pool.submit(_quiet(work)))
+
+    def _take_early(self, key: tuple[Any, ...], blocks: Sequence[object]) -> Future[Any] | None:
+        """The arithmetic started early for this job, if it used exactly these blocks."""
+        entry = self._early.pop(key, None)
+        if entry is None:
+            return None
+        if len(entry[0]) != len(blocks) or any(a is not b for a, b in zip(entry[0], blocks, strict=False)):
+            entry[1].cancel()  # the block left or came back since: its result is dropped
+            return None
+        return entry[1]
+
+    def _drop_early(self, floor: float) -> None:
+        for key in [k for k in self._early if k[1] <= floor]:
+            self._early.pop(key)[1].cancel()
+        for pkey in [k for k in self._pview if k[0] <= floor]:
+            del self._pview[pkey]
 
     # ------------------------------------------------------------------ state
 
@@ -278,11 +420,10 @@ class DeviceAgent:
         src = self.source_block
         assert src is not None
 
-        def work() -> torch.Tensor:
-            with torch.inference_mode():
-                return src.logits(x[-1:])[0]
-
-        logits, done = await self.compute.run(cost.source_flops(self.model), work, ready=ready)
+        work = _logits(src, x)
+        early = self._take_early(("z", seq), (src,))
+        logits, done = await self.compute.run(cost.source_flops(self.model), _or_now(work) if early else work,
+                                              ready=ready, early=early)
         if seq > self.floor and self.controller is not None:
             self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits, "at": done})
 
@@ -320,16 +461,26 @@ class DeviceAgent:
                                     "memory": self.budget.counters(), "at": asyncio.get_running_loop().time()})
             return
 
-        def work() -> torch.Tensor:
-            with torch.inference_mode():
-                if len(heads) == 1:
-                    return heads[0].forward(x, pos)  # type: ignore[union-attr]
-                return torch.cat([h.forward(x, pos) for h in heads], dim=-1)  # type: ignore[union-attr]
+        attend = _attend(heads, x, pos)  # type: ignore[arg-type]
 
-        out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), work, ready=ready)
+        def commit(parts: list[tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
+            """The window's state change: the K/V rows appended (computed now if not early)."""
+            parts = attend() if parts is None else parts
+            with torch.inference_mode():
+                for h, (_, k, v) in zip(heads, parts, strict=True):
+                    h.cache.write(pos, k, v)  # type: ignore[union-attr]
+                return parts[0][0] if len(parts) == 1 else torch.cat([o for o, _, _ in parts], dim=-1)
+
+        def outputs(out: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
+            return [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
+                                         "groups": groups, "out": out})]
+
+        early = self._take_early(("x", seq, layer, pos), heads)
+        out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), commit,
+                                           ready=ready, early=early, on_result=self._ahead(seq, outputs))
         if seq > self.floor:
-            self._forward(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
-                                              "groups": groups, "out": out}, done)
+            for dst, msg in outputs(out):
+                self._forward(dst, msg, done)
 
     def _buf(self, seq: int, layer: int, at: float | None, sender: str) -> dict[str, Any]:
         """proj's inputs for (seq, layer), with `sender` among its contributors (at most
@@ -402,17 +553,21 @@ class DeviceAgent:
                     return block.forward(concat_heads(outs, s.groups), x)
                 return block.forward(x)  # type: ignore[union-attr,call-arg]
 
-        y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), work, ready=ready)
+        def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
+            if kind == "proj":
+                return [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y})]
+            if layer + 1 < s.layers:
+                msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": y}
+                return [(dst, msg) for dst in self.layer_targets(layer + 1)]
+            return [(self.source, {"t": P.OUT, "seq": seq, "x": y})]
+
+        early = self._take_early(("y" if kind == "ffn" else "p", seq, layer, pos), (block,))
+        y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), _or_now(work) if early else work,
+                                         ready=ready, early=early, on_result=self._ahead(seq, outputs))
         if seq <= self.floor:
             return
-        if kind == "proj":
-            self._forward(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y}, done)
-        elif layer + 1 < s.layers:
-            msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": y}
-            for dst in self.layer_targets(layer + 1):
-                self._forward(dst, msg, done)
-        else:
-            self._forward(self.source, {"t": P.OUT, "seq": seq, "x": y}, done)
+        for dst, msg in outputs(y):
+            self._forward(dst, msg, done)
 
     def _routed(self) -> bool:
         return self.route_version >= 0
@@ -502,6 +657,7 @@ class DeviceAgent:
         self.floor = max(self.floor, m.seq)
         for key in [k for k in self._proj_buf if k[0] <= self.floor]:
             self._drop_buf(key)
+        self._drop_early(self.floor)
         self._acks.add(self._spawn(self._abort_ack(m), sender))
 
     async def _abort_ack(self, m: P.Abort) -> None:
@@ -541,6 +697,46 @@ class DeviceAgent:
         if self.probe_log is not None and len(self.probe_log) < 1_000_000:
             self.probe_log.append((sender, m.n, len(m.pad), asyncio.get_running_loop().time()))
 
+
+def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Arithmetic run early: None instead of an exception (the job then computes it itself
+    when its window opens, and any error surfaces there, as it always did)."""
+    def run() -> Any:
+        try:
+            with torch.inference_mode():
+                return fn()
+        except Exception:
+            return None
+    return run
+
+
+def _attend(heads: list[HeadBlock], x: torch.Tensor, pos: int) -> Callable[[], list[tuple[torch.Tensor, ...]]]:
+    def run() -> list[tuple[torch.Tensor, ...]]:
+        with torch.inference_mode():
+            return [h.attend(x, pos) for h in heads]
+    return run
+
+
+def _ffn(block: FfnBlock, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return block.forward(x)
+    return run
+
+
+def _logits(src: SourceBlock, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return src.logits(x[-1:])[0]
+    return run
+
+
+def _or_now(work: Callable[[], T]) -> Callable[[T | None], T]:
+    """A job's commit when its arithmetic ran early: that result, or (it failed) work now."""
+    return lambda value: work() if value is None else value
+
+
+_EARLY_KINDS = frozenset((P.LAYER_IN, P.HEADS, P.FFN_IN, P.OUT))
 
 # the one dispatch table of a device: every record kind the agent acts on, by its type
 _HANDLERS: dict[type[P.Message], Callable[[DeviceAgent, str, Any, float | None], None]] = {
