@@ -336,3 +336,28 @@ def test_a_real_clock_run_computes_ahead_and_loses_nothing_across_migrations(tmp
     assert sum(e for _, e in jobs.values()) > 0.5 * sum(j for j, _ in jobs.values()), jobs
     n = len(prep.prompt) + 32 - 1  # the last token is generated, never fed back
     assert caches and set(caches.values()) == {n}, caches
+
+
+def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps() -> None:
+    """In process the scale is measured by real-clock pilots: from where the host only just
+    keeps pace, doubling until a pilot's jobs and deliveries are on time; past twice the
+    replay's bound (a host too busy to say), that bound."""
+    from types import SimpleNamespace
+
+    from testbed import timescale
+
+    tried: list[float] = []
+
+    def fake(fits_at: float) -> Any:
+        def run(prep: Any, alg: Any, path: Path, clock: str, time_scale: float) -> Any:
+            tried.append(time_scale)
+            late = 0.0 if time_scale >= fits_at else 0.2
+            return SimpleNamespace(ok=True, status="completed",
+                                   summary={"overrun_fraction": late, "late_delivery_fraction": 0.0})
+        return SimpleNamespace(run=run)
+
+    assert timescale._smallest_on_time(fake(6.0), None, "a", floor=1.3, first=40.0) == 8.0
+    assert tried == [2.0, 4.0, 8.0]
+    tried.clear()
+    assert timescale._smallest_on_time(fake(1000.0), None, "a", floor=0.2, first=5.0) == 10.0
+    assert tried == [1.0, 2.0, 4.0, 8.0]

@@ -116,6 +116,7 @@ class DeviceAgent:
         self._pool: ThreadPoolExecutor | None = None
         self._early: dict[tuple[Any, ...], tuple[tuple[object, ...], Future[Any]]] = {}
         self._pview: dict[tuple[int, int], dict[str, Any]] = {}  # proj's inputs seen early
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the worker's results are handed on
         # hands a message's content to another device ahead of its frame (set by the world)
         self.early_send: Callable[[str, dict[str, Any]], None] | None = None
 
@@ -226,6 +227,7 @@ class DeviceAgent:
         clock: on the virtual clock the host's time is not seen, and nothing is gained."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-early")
+            self._loop = asyncio.get_running_loop()
 
     def preview(self, sender: str, msg: dict[str, Any]) -> None:
         """The content of a data frame whose emulated arrival is still ahead: start the
@@ -244,9 +246,9 @@ class DeviceAgent:
         if isinstance(m, P.Heads):
             self._preview_proj(m.seq, m.layer, m.pos, None, m.groups, m.out)
             return
-        if isinstance(m, P.Hidden) and self._proj.get(m.layer) == self.name:
+        if type(m) is P.Hidden and self._proj.get(m.layer) == self.name:  # (FfnIn is a Hidden too)
             self._preview_proj(m.seq, m.layer, m.pos, m.x)
-        if isinstance(m, P.Hidden):
+        if type(m) is P.Hidden:
             groups = self._my_heads.get(m.layer)
             heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups or ()]
             if not heads or not all(isinstance(h, HeadBlock) and h.cache.n >= m.pos for h in heads):
@@ -268,7 +270,52 @@ class DeviceAgent:
             return
         if len(self._early) >= self.quota:  # bounded: the oldest is dropped (computed again on arrival)
             self._early.pop(next(iter(self._early)))[1].cancel()
-        self._early[key] = (blocks, self._pool.submit(_quiet(work)))
+        self._submit(key, blocks, work)
+
+    def _submit(self, key: tuple[Any, ...], blocks: tuple[object, ...], work: Callable[[], Any]) -> None:
+        """Start a job's arithmetic on the worker; when it is done, its outputs' content goes
+        on at once (the next job's arithmetic can start before this job's window opens)."""
+        assert self._pool is not None and self._loop is not None
+        fut = self._pool.submit(_quiet(work))
+        self._early[key] = (blocks, fut)
+        loop = self._loop
+
+        def done(f: Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is None and f.result() is not None:
+                loop.call_soon_threadsafe(self._early_outputs, key, f.result())
+        fut.add_done_callback(done)
+
+    def _early_outputs(self, key: tuple[Any, ...], value: Any) -> None:
+        """The messages the job of `key` will send, from its early result, previewed."""
+        if self._stopped or key[1] <= self.floor:
+            return
+        kind, seq = key[0], key[1]
+        try:
+            if kind == "x":
+                _, _, layer, pos = key
+                groups = self._my_heads.get(layer, [])
+                out = value[0][0] if len(value) == 1 else torch.cat([o for o, _, _ in value], dim=-1)
+                targets = [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
+                                                "groups": groups, "out": out})]
+            elif kind == "p":
+                _, _, layer, pos = key
+                targets = [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": value})]
+            elif kind == "y":
+                _, _, layer, pos = key
+                if layer + 1 < self.model.layers:
+                    msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": value}
+                    targets = [(dst, msg) for dst in self.layer_targets(layer + 1)]
+                else:
+                    targets = [(self.source, {"t": P.OUT, "seq": seq, "x": value})]
+            else:
+                return
+        except KeyError:  # routed elsewhere since: the job itself will find out
+            return
+        for dst, msg in targets:
+            if dst == self.name:
+                self.preview(self.name, msg)
+            elif self.early_send is not None:
+                self.early_send(dst, msg)
 
     def _ahead(self, seq: int, outputs: Callable[[torch.Tensor], list[tuple[str, dict[str, Any]]]]
                ) -> Callable[[torch.Tensor], None] | None:
@@ -318,7 +365,7 @@ class DeviceAgent:
 
             def work() -> torch.Tensor:
                 return block.forward(concat_heads(outs, groups_n), bx)
-            self._early[key] = ((block,), self._pool.submit(_quiet(work)))
+            self._submit(key, (block,), work)
 
     def _take_early(self, key: tuple[Any, ...], blocks: Sequence[object]) -> Future[Any] | None:
         """The arithmetic started early for this job, if it used exactly these blocks."""
