@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..emulation.compute import ComputeUnit
+from ..emulation.compute import Ahead, ComputeUnit
 from ..emulation.link import EmulatedLink
 from ..emulation.memory import MemoryBudget, MemoryRefused
 from ..model import cost
@@ -114,7 +114,9 @@ class DeviceAgent:
         # computing early (real clock, `compute_early`): a worker thread, and the arithmetic
         # it started per job key, with the blocks it used
         self._pool: ThreadPoolExecutor | None = None
-        self._early: dict[tuple[Any, ...], tuple[tuple[object, ...], Future[Any]]] = {}
+        # per job key: (the blocks and the input tensors it used, its arithmetic)
+        self._early: dict[tuple[Any, ...], tuple[tuple[object, ...], tuple[torch.Tensor, ...], Future[Ahead]]] = {}
+        self._early_max = 2 * len(model.blocks) + 8  # a token's jobs here, twice over
         self._pview: dict[tuple[int, int], dict[str, Any]] = {}  # proj's inputs seen early
         self._loop: asyncio.AbstractEventLoop | None = None  # where the worker's results are handed on
         # hands a message's content to another device ahead of its frame (set by the world)
@@ -253,36 +255,37 @@ class DeviceAgent:
             heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups or ()]
             if not heads or not all(isinstance(h, HeadBlock) and h.cache.n >= m.pos for h in heads):
                 return
-            key, blocks = ("x", m.seq, m.layer, m.pos), tuple(heads)
+            key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups or ())), tuple(heads), (m.x,)
             work: Callable[[], Any] = _attend(heads, m.x, m.pos)  # type: ignore[arg-type]
         elif isinstance(m, P.FfnIn):
             ffn = self.blocks.get(f"ffn.{m.layer}")
             if not isinstance(ffn, FfnBlock):
                 return
-            key, blocks = ("y", m.seq, m.layer, m.pos), (ffn,)
+            key, blocks, inputs = ("y", m.seq, m.layer, m.pos), (ffn,), (m.x,)
             work = _ffn(ffn, m.x)
         elif isinstance(m, P.Out) and self.source_block is not None:
-            key, blocks = ("z", m.seq), (self.source_block,)
+            key, blocks, inputs = ("z", m.seq), (self.source_block,), (m.x,)
             work = _logits(self.source_block, m.x)
         else:
             return
-        if key in self._early:
-            return
-        if len(self._early) >= self.quota:  # bounded: the oldest is dropped (computed again on arrival)
-            self._early.pop(next(iter(self._early)))[1].cancel()
-        self._submit(key, blocks, work)
+        self._submit(key, blocks, inputs, work)
 
-    def _submit(self, key: tuple[Any, ...], blocks: tuple[object, ...], work: Callable[[], Any]) -> None:
+    def _submit(self, key: tuple[Any, ...], blocks: tuple[object, ...], inputs: tuple[torch.Tensor, ...],
+                work: Callable[[], Any]) -> None:
         """Start a job's arithmetic on the worker; when it is done, its outputs' content goes
         on at once (the next job's arithmetic can start before this job's window opens)."""
         assert self._pool is not None and self._loop is not None
-        fut = self._pool.submit(_quiet(work))
-        self._early[key] = (blocks, fut)
+        if key in self._early:
+            return
+        if len(self._early) >= self._early_max:  # bounded: the oldest is dropped (computed on arrival)
+            self._early.pop(next(iter(self._early)))[2].cancel()
         loop = self._loop
+        fut = self._pool.submit(_quiet(work, loop))
+        self._early[key] = (blocks, inputs, fut)
 
-        def done(f: Future[Any]) -> None:
-            if not f.cancelled() and f.exception() is None and f.result() is not None:
-                loop.call_soon_threadsafe(self._early_outputs, key, f.result())
+        def done(f: Future[Ahead]) -> None:
+            if not f.cancelled() and f.exception() is None and f.result().value is not None:
+                loop.call_soon_threadsafe(self._early_outputs, key, f.result().value)
         fut.add_done_callback(done)
 
     def _early_outputs(self, key: tuple[Any, ...], value: Any) -> None:
@@ -292,11 +295,10 @@ class DeviceAgent:
         kind, seq = key[0], key[1]
         try:
             if kind == "x":
-                _, _, layer, pos = key
-                groups = self._my_heads.get(layer, [])
+                _, _, layer, pos, groups = key
                 out = value[0][0] if len(value) == 1 else torch.cat([o for o, _, _ in value], dim=-1)
                 targets = [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
-                                                "groups": groups, "out": out})]
+                                                "groups": list(groups), "out": out})]
             elif kind == "p":
                 _, _, layer, pos = key
                 targets = [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": value})]
@@ -359,27 +361,32 @@ class DeviceAgent:
         if buf["x"] is None or len(buf["outs"]) < self.model.groups:
             return
         del self._pview[(seq, layer)]
-        key = ("p", seq, layer, pos)
-        if key not in self._early and self._pool is not None:
+        if self._pool is not None:
             bx, outs, groups_n = buf["x"], buf["outs"], self.model.groups
 
             def work() -> torch.Tensor:
                 return block.forward(concat_heads(outs, groups_n), bx)
-            self._submit(key, (block,), work)
+            self._submit(("p", seq, layer, pos), (block,), (bx, *(outs[g] for g in range(groups_n))), work)
 
-    def _take_early(self, key: tuple[Any, ...], blocks: Sequence[object]) -> Future[Any] | None:
-        """The arithmetic started early for this job, if it used exactly these blocks."""
+    def _take_early(self, key: tuple[Any, ...], blocks: Sequence[object],
+                    inputs: Sequence[torch.Tensor]) -> Future[Ahead] | None:
+        """The arithmetic started early for this job, if it used exactly these blocks and
+        these inputs (the frame's content as it arrived)."""
+        if not self._early:
+            return None
         entry = self._early.pop(key, None)
         if entry is None:
             return None
-        if len(entry[0]) != len(blocks) or any(a is not b for a, b in zip(entry[0], blocks, strict=False)):
-            entry[1].cancel()  # the block left or came back since: its result is dropped
+        used, seen, fut = entry
+        if (len(used) != len(blocks) or any(a is not b for a, b in zip(used, blocks, strict=False))
+                or len(seen) != len(inputs) or not all(torch.equal(a, b) for a, b in zip(seen, inputs, strict=False))):
+            fut.cancel()  # the block left or came back since, or other content: the result is dropped
             return None
-        return entry[1]
+        return fut
 
     def _drop_early(self, floor: float) -> None:
         for key in [k for k in self._early if k[1] <= floor]:
-            self._early.pop(key)[1].cancel()
+            self._early.pop(key)[2].cancel()
         for pkey in [k for k in self._pview if k[0] <= floor]:
             del self._pview[pkey]
 
@@ -453,6 +460,8 @@ class DeviceAgent:
         with torch.inference_mode():
             x = self.source_block.embed(list(m.tokens), m.pos)
         msg = {"t": P.LAYER_IN, "seq": m.seq, "layer": 0, "pos": m.pos, "x": x}
+        if self._pool is not None and self.name in self.layer_targets(0):
+            self.preview(self.name, msg)  # computing early: on the worker, like any other input
         for dst in self.layer_targets(0):
             self._forward(dst, msg, at)
 
@@ -468,7 +477,7 @@ class DeviceAgent:
         assert src is not None
 
         work = _logits(src, x)
-        early = self._take_early(("z", seq), (src,))
+        early = self._take_early(("z", seq), (src,), (x,))
         logits, done = await self.compute.run(cost.source_flops(self.model), _or_now(work) if early else work,
                                               ready=ready, early=early)
         if seq > self.floor and self.controller is not None:
@@ -522,7 +531,7 @@ class DeviceAgent:
             return [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
                                          "groups": groups, "out": out})]
 
-        early = self._take_early(("x", seq, layer, pos), heads)
+        early = self._take_early(("x", seq, layer, pos, tuple(groups)), heads, (x,))
         out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), commit,
                                            ready=ready, early=early, on_result=self._ahead(seq, outputs))
         if seq > self.floor:
@@ -608,7 +617,9 @@ class DeviceAgent:
                 return [(dst, msg) for dst in self.layer_targets(layer + 1)]
             return [(self.source, {"t": P.OUT, "seq": seq, "x": y})]
 
-        early = self._take_early(("y" if kind == "ffn" else "p", seq, layer, pos), (block,))
+        early = (self._take_early(("y", seq, layer, pos), (block,), (x,)) if kind == "ffn" else
+                 self._take_early(("p", seq, layer, pos), (block,), (x, *(outs[g] for g in range(s.groups))))
+                 if outs is not None else None)
         y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), _or_now(work) if early else work,
                                          ready=ready, early=early, on_result=self._ahead(seq, outputs))
         if seq <= self.floor:
@@ -745,15 +756,17 @@ class DeviceAgent:
             self.probe_log.append((sender, m.n, len(m.pad), asyncio.get_running_loop().time()))
 
 
-def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """Arithmetic run early: None instead of an exception (the job then computes it itself
-    when its window opens, and any error surfaces there, as it always did)."""
-    def run() -> Any:
+def _quiet(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> Callable[[], Ahead]:
+    """Arithmetic run early, with the loop time it was done (the loop's clock is a pure
+    function of the monotonic clock: safe to read here); None instead of an exception (the
+    job then computes it itself when its window opens, and any error surfaces there)."""
+    def run() -> Ahead:
         try:
             with torch.inference_mode():
-                return fn()
+                value = fn()
         except Exception:
-            return None
+            value = None
+        return Ahead(value, loop.time())
     return run
 
 

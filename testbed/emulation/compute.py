@@ -29,11 +29,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .clock import sleep_until
 
 T = TypeVar("T")
+
+
+class Ahead(NamedTuple):
+    """Arithmetic run ahead of its window: its result (None: it failed, and the job computes
+    it in its window) and the loop time at which it was done."""
+
+    value: Any
+    done: float
 
 
 class ComputeUnit:
@@ -77,10 +85,11 @@ class ComputeUnit:
                   ready: float | None = None, early: Future[Any] | None = None,
                   on_result: Callable[[T], None] | None = None) -> tuple[T, float]:
         """Run fn inside the job's emulated window; returns (result, emulated finish).
-        `early`: the job's arithmetic, started on a worker thread when its input's content
-        reached the device ahead of its emulated arrival (real clock); `fn` then gets its
-        result as its first argument when the window opens (it commits it: cache rows,
-        memory), and the job overruns only if that arithmetic is not done by the finish.
+        `early`: the job's arithmetic (an `Ahead`), started on a worker thread when its
+        input's content reached the device ahead of its emulated arrival (real clock); `fn`
+        then gets its value as its first argument when the window opens (it commits it:
+        cache rows, memory), and the job overruns only if that arithmetic was not done by
+        the finish.
         `on_result` sees the result as soon as it is known, before the window ends (to hand
         its content on early)."""
         async with self._lock:
@@ -89,13 +98,18 @@ class ComputeUnit:
             start = max(self._free_at, now if ready is None else min(ready, now))
             emulated = self.duration(flops)
             w0 = time.perf_counter() if self.trace is not None else 0.0
+            ahead: Ahead | None = None
             if early is None:
                 result = fn(*args)
             else:
                 self.early_jobs += 1
-                value = early.result() if early.done() else await asyncio.wrap_future(early)
-                result = fn(value, *args)
+                ahead = early.result() if early.done() else await asyncio.wrap_future(early)
+                result = fn(ahead.value, *args)
             t1 = loop.time()
+            if ahead is not None and ahead.value is not None:
+                # the host's work ended when the worker finished it; a loop that merely
+                # wakes late to commit it (other work, another process) does not delay it
+                t1 = min(t1, ahead.done)
             if on_result is not None:
                 on_result(result)
             if self.trace is not None:
@@ -105,7 +119,7 @@ class ComputeUnit:
             # the host's work did not fit in the window: the device really finished late
             overran = t1 > finish + self.LATE_SHARE * emulated
             if emulated > 0:
-                self.host_shares.append((t1 - start) / emulated)
+                self.host_shares.append(max(0.0, t1 - start) / emulated)
             if overran:
                 self.overruns += 1
                 self.overrun_s += t1 - finish
