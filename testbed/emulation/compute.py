@@ -82,7 +82,7 @@ class ComputeUnit:
         return flops / self.rate
 
     async def run(self, flops: float, fn: Callable[..., T], *args: object,
-                  ready: float | None = None, early: Future[Any] | None = None,
+                  ready: float | None = None, early: Future[Ahead] | None = None,
                   on_result: Callable[[T], None] | None = None) -> tuple[T, float]:
         """Run fn inside the job's emulated window; returns (result, emulated finish).
         `early`: the job's arithmetic (an `Ahead`), started on a worker thread when its
@@ -103,8 +103,9 @@ class ComputeUnit:
                 result = fn(*args)
             else:
                 self.early_jobs += 1
-                ahead = early.result() if early.done() else await asyncio.wrap_future(early)
-                result = fn(ahead.value, *args)
+                got = early.result() if early.done() else await asyncio.wrap_future(early)
+                ahead = got
+                result = fn(got.value, *args)
             t1 = loop.time()
             if ahead is not None and ahead.value is not None:
                 # the host's work ended when the worker finished it; a loop that merely
