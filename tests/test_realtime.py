@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from testbed import experiment, hostload
 from testbed.emulation import clock
@@ -365,3 +366,91 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     tried.clear()
     assert timescale._smallest_on_time(fake(1000.0), None, "a", floor=0.2, first=5.0) == 10.0
     assert tried == [1.0, 2.0, 4.0, 8.0]
+
+
+def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) -> Any:
+    """A device holding layer 0's heads of gpt-tiny, computing early, with room for the
+    heads and `memory_positions` positions of their caches."""
+    from testbed.agents import protocol as P
+    from testbed.agents.device import DeviceAgent
+    from testbed.model import cost
+    from testbed.model.blocks import RandomWeights
+    from testbed.model.spec import from_name
+    from testbed.scenario_records import DeviceSpec
+
+    spec = from_name("gpt-tiny")
+    heads = [f"head.0.{g}" for g in range(spec.groups)]
+    need = len(heads) * (cost.weight_bytes(spec, "head") + memory_positions * cost.cache_bytes_per_token(spec))
+    dev = DeviceSpec("d", compute_gflops=10, memory_mib=need / 2**20, memory_high_mib=need / 2**20)
+    agent = DeviceAgent(dev, spec, RandomWeights(spec, 0), lambda dst, m, at=None: sent.append((dst, m)) or 0,
+                        source="src")
+    agent.compute_early()
+    agent.handle("src", {"t": P.LOAD, "rid": 1, "blocks": heads})
+    assign = [0 if b.name in heads else 1 for b in spec.blocks]
+    agent.handle("src", {"t": P.ROUTE, "rid": 2, "version": 1, "devices": ["d", "other"], "assign": assign})
+    return agent
+
+
+def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them() -> None:
+    """Content early, state on time: a head job computed ahead writes its cache rows only
+    when its frame arrives, and its output is the one computed in the window; a result
+    computed for blocks that left and came back (new objects) is dropped and computed again;
+    an out-of-memory refusal at arrival leaves every cache as it was although the rows were
+    computed ahead."""
+    from testbed.agents import protocol as P
+    from testbed.model.spec import from_name
+
+    spec = from_name("gpt-tiny")
+    xs = [torch.randn(1, spec.d_model, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def frame(seq: int, pos: int) -> dict[str, Any]:
+        return {"t": P.LAYER_IN, "seq": seq, "layer": 0, "pos": pos, "x": xs[pos]}
+
+    async def main() -> dict[str, Any]:
+        sent: list[tuple[str, dict[str, Any]]] = []
+        agent = _early_agent(2, sent)
+        agent.preview("src", frame(1, 0))
+        await asyncio.sleep(0.05)  # the worker computed it: no cache row yet
+        rows_before = dict(agent.cache_lengths())
+        agent.handle("src", frame(1, 0))
+        await asyncio.sleep(0.05)
+        early_1 = agent.compute.early_jobs
+        out_1 = [m for d, m in sent if m.get("t") == P.HEADS][-1]["out"]
+        # the blocks leave and come back: what was computed for the old ones is dropped
+        agent.preview("src", frame(2, 1))
+        await asyncio.sleep(0.05)
+        heads = [b.name for b in spec.blocks if b.name.startswith("head.0.")]
+        saved = {n: agent.blocks[n] for n in heads}
+        for n in heads:
+            agent._free(n)
+        for n, b in saved.items():  # installed again as new objects with the same caches
+            agent._install(n, b.w, b.cache)
+        agent.handle("src", frame(2, 1))
+        await asyncio.sleep(0.05)
+        early_2 = agent.compute.early_jobs
+        rows_2 = dict(agent.cache_lengths())
+        # a third position does not fit: refused at arrival, caches untouched
+        agent.preview("src", frame(3, 2))
+        await asyncio.sleep(0.05)
+        kv = {n: (b.cache.k.clone(), b.cache.v.clone()) for n, b in agent.blocks.items()}
+        agent.handle("src", frame(3, 2))
+        await asyncio.sleep(0.05)
+        errors = [m for _, m in sent if m.get("t") == P.ERROR]
+        same = all(torch.equal(b.cache.k, kv[n][0]) and torch.equal(b.cache.v, kv[n][1])
+                   for n, b in agent.blocks.items())
+        await agent.stop()
+        return {"rows_before": rows_before, "early_1": early_1, "out_1": out_1, "early_2": early_2,
+                "rows_2": rows_2, "errors": errors, "same": same, "rows_3": dict(agent.cache_lengths())}
+
+    r = clock.run(main, "real")
+    assert set(r["rows_before"].values()) == {0} and r["early_1"] == 1
+    # the same output as the monolithic reference's blocks computing it in the window
+    from testbed.model.blocks import RandomWeights, Reference
+
+    ref = Reference(RandomWeights(spec, 0))
+    with torch.inference_mode():
+        want = torch.cat([h.forward(xs[0], 0) for h in ref.heads[0]], dim=-1)
+    assert torch.equal(r["out_1"], want)
+    assert r["early_2"] == 1 and set(r["rows_2"].values()) == {2}  # dropped, computed in its window
+    assert len(r["errors"]) == 1 and r["errors"][0]["kind"] == "oom" and r["errors"][0]["seq"] == 3
+    assert r["same"] and set(r["rows_3"].values()) == {2}
