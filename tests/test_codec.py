@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testbed.transport.codec import MAX_DIMS, WIRE_DTYPES, FrameError, decode, encode
+from testbed.transport.codec import MAX_DIMS, WIRE_DTYPES, EncodeOnce, FrameError, decode, encode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
@@ -101,3 +101,18 @@ def test_every_message_round_trips_exactly(t: str, fields: dict[str, object]) ->
     msg = {"t": t, **fields}
     back = decode(encode(msg))
     assert _same(msg, back), (msg, back)
+
+
+def test_a_message_sent_to_several_devices_is_encoded_once() -> None:
+    calls: list[dict[str, object]] = []
+
+    def counted(msg: dict[str, object]) -> bytes:
+        calls.append(msg)
+        return encode(msg)
+
+    once = EncodeOnce(counted)
+    msg = {"t": "x", "x": torch.arange(6, dtype=torch.float32)}
+    frames = [once(msg) for _ in range(3)]  # one hidden state to three devices
+    assert len(calls) == 1 and frames[0] == frames[1] == frames[2] == encode(msg)
+    same = dict(msg)  # an equal but new message is a new frame
+    assert once(same) == frames[0] and len(calls) == 2

@@ -42,6 +42,29 @@ def test_rope_rotates_pairs_and_keeps_norms() -> None:
     assert torch.allclose(rope(x[:1], 0, 10000.0), x[:1])  # position 0 is the identity
 
 
+def _rope_per_call(x: torch.Tensor, pos0: int, base: float, freqs: tuple[float, ...] = ()) -> torch.Tensor:
+    """The rotary embedding computed from the call's own positions (its formula written out)."""
+    T, _, d = x.shape
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if freqs:
+        inv = inv / torch.tensor(freqs, dtype=torch.float32)
+    ang = torch.arange(pos0, pos0 + T, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("d", [2, 6, 8, 16, 64, 128])
+def test_rope_from_the_shared_table_equals_the_per_call_formula_bit_for_bit(d: int) -> None:
+    # the tables are built once per process; the runs' tokens and logits must not move
+    g = torch.Generator().manual_seed(d)
+    freqs = tuple(1.0 + i / 7 for i in range(d // 2))
+    for pos0, T in ((0, 1), (5, 1), (3, 7), (255, 1), (255, 2), (1000, 3), (4095, 1), (8190, 2)):
+        x = torch.randn(T, 3, d, generator=g)
+        for f in ((), freqs):
+            assert torch.equal(rope(x, pos0, 10000.0, f), _rope_per_call(x, pos0, 10000.0, f)), (d, pos0, T, f)
+
+
 def test_reference_is_deterministic_and_bounded_by_context() -> None:
     spec = from_name("gpt-tiny")
     p = random_prompt(spec, 3, 6)

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from testbed.emulation import clock
 from testbed.experiments import hostload
@@ -294,3 +296,181 @@ def test_late_control_frames_count_and_late_data_frames_do_not() -> None:
     delivered, checked, late, lat = clock.run(main, "real")
     assert (delivered, checked, late) == (2, 1, 1)
     assert lat == pytest.approx(0.005, abs=1e-6)  # the link's latency, not the host's delay
+
+
+# ---------------------------------------------------------------------------- computing early
+
+
+def test_work_done_ahead_of_its_window_is_no_overrun_and_work_not_done_by_its_end_is() -> None:
+    """Arithmetic started on a worker thread when the input's content arrived (30 ms of it
+    before a 10 ms window opens) is no overrun, even when the loop wakes late to commit it:
+    the window commits it and ends on time. The same work started only as the window opens
+    does not fit, and the job ends late."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from testbed.emulation.compute import Ahead, ComputeUnit
+
+    async def main() -> tuple[float, int, str, float, int, list[str]]:
+        loop = asyncio.get_running_loop()
+
+        def work() -> Ahead:
+            time.sleep(0.03)
+            return Ahead("rows", loop.time())
+
+        unit = ComputeUnit("d", 1e9)  # 1e7 FLOPs: a 10 ms window
+        seen: list[str] = []
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(work)
+            await asyncio.sleep(0.035)  # the frame's emulated arrival
+            start = loop.time()
+            loop.call_soon(time.sleep, 0.02)  # the loop is busy past the window's end
+            await asyncio.sleep(0)
+            got, fin = await unit.run(1e7, lambda value: value + " committed", ready=start, early=ahead,
+                                      on_result=seen.append)
+            first = (fin - start, unit.overruns, got)
+            late = pool.submit(work)  # content only as the window opens
+            start2 = loop.time()
+            _, fin2 = await unit.run(1e7, lambda value: value, ready=start2, early=late)
+        return first[0], first[1], first[2], fin2 - start2, unit.overruns, seen
+
+    ended, overruns, got, ended2, overruns2, seen = clock.run(main, "real")
+    assert ended == pytest.approx(0.010, abs=1e-9) and overruns == 0 and got == "rows committed"
+    assert seen == ["rows committed"]  # handed on when known, before the window's end
+    assert ended2 >= 0.025 and overruns2 == 1
+
+
+def test_a_real_clock_run_computes_ahead_and_loses_nothing_across_migrations(tmp_path: Path) -> None:
+    """bandwidth_drop on the real clock (in process, K 10): most jobs compute as soon as their
+    input's content exists, ahead of its emulated arrival; the re-plan after the drop moves
+    blocks (results computed early for a block that left are dropped), and every token still
+    equals the reference's, every cache holds exactly the positions generated."""
+    scen = _short("bandwidth_drop", 32, 0)
+    prep = experiment.prepare(scen)
+    jobs: dict[str, tuple[int, int]] = {}
+    caches: dict[str, int] = {}
+
+    async def finish(world: Any, controller: Any) -> None:
+        for name, agent in world.agents.items():
+            jobs[name] = (agent.compute.jobs, agent.compute.early_jobs)
+            caches.update(agent.cache_lengths())
+
+    out = experiment.run(prep, scen.controller.algorithm, tmp_path / "real", clock="real", time_scale=10,
+                         on_finish=finish)
+    assert out.ok and out.summary["correctness"]["tokens_match"], out.summary["correctness"]
+    assert out.summary["migrations"] > 0
+    assert sum(e for _, e in jobs.values()) > 0.5 * sum(j for j, _ in jobs.values()), jobs
+    n = len(prep.prompt) + 32 - 1  # the last token is generated, never fed back
+    assert caches and set(caches.values()) == {n}, caches
+
+
+def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps() -> None:
+    """In process the scale is measured by real-clock pilots: from where the host only just
+    keeps pace, doubling until a pilot's jobs and deliveries are on time; past twice the
+    replay's bound (a host too busy to say), that bound."""
+    from types import SimpleNamespace
+
+    from testbed.experiments import timescale
+
+    tried: list[float] = []
+
+    def fake(fits_at: float) -> Any:
+        def run(prep: Any, alg: Any, path: Path, clock: str, time_scale: float) -> Any:
+            tried.append(time_scale)
+            late = 0.0 if time_scale >= fits_at else 0.2
+            return SimpleNamespace(ok=True, status="completed",
+                                   summary={"overrun_fraction": late, "late_delivery_fraction": 0.0})
+        return SimpleNamespace(run=run)
+
+    assert timescale._smallest_on_time(fake(6.0), None, "a", floor=1.3, first=40.0) == 8.0
+    assert tried == [2.0, 4.0, 8.0]
+    tried.clear()
+    assert timescale._smallest_on_time(fake(1000.0), None, "a", floor=0.2, first=5.0) == 10.0
+    assert tried == [1.0, 2.0, 4.0, 8.0]
+
+
+def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) -> Any:
+    """A device holding layer 0's heads of gpt-tiny, computing early, with room for the
+    heads and `memory_positions` positions of their caches."""
+    from testbed.agents import protocol as P
+    from testbed.agents.device import DeviceAgent
+    from testbed.model import cost
+    from testbed.model.blocks import RandomWeights
+    from testbed.model.spec import from_name
+    from testbed.scenario.records import DeviceSpec
+
+    spec = from_name("gpt-tiny")
+    heads = [f"head.0.{g}" for g in range(spec.groups)]
+    need = len(heads) * (cost.weight_bytes(spec, "head") + memory_positions * cost.cache_bytes_per_token(spec))
+    dev = DeviceSpec("d", compute_gflops=10, memory_mib=need / 2**20, memory_high_mib=need / 2**20)
+    agent = DeviceAgent(dev, spec, RandomWeights(spec, 0), lambda dst, m, at=None: sent.append((dst, m)) or 0,
+                        source="src")
+    agent.compute_early()
+    agent.handle("src", {"t": P.LOAD, "rid": 1, "blocks": heads})
+    assign = [0 if b.name in heads else 1 for b in spec.blocks]
+    agent.handle("src", {"t": P.ROUTE, "rid": 2, "version": 1, "devices": ["d", "other"], "assign": assign})
+    return agent
+
+
+def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them() -> None:
+    """Content early, state on time: a head job computed ahead writes its cache rows only
+    when its frame arrives, and its output is the one computed in the window; a result
+    computed for blocks that left and came back (new objects) is dropped and computed again;
+    an out-of-memory refusal at arrival leaves every cache as it was although the rows were
+    computed ahead."""
+    from testbed.agents import protocol as P
+    from testbed.model.spec import from_name
+
+    spec = from_name("gpt-tiny")
+    xs = [torch.randn(1, spec.d_model, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def frame(seq: int, pos: int) -> dict[str, Any]:
+        return {"t": P.LAYER_IN, "seq": seq, "layer": 0, "pos": pos, "x": xs[pos]}
+
+    async def main() -> dict[str, Any]:
+        sent: list[tuple[str, dict[str, Any]]] = []
+        agent = _early_agent(2, sent)
+        agent.preview("src", frame(1, 0))
+        await asyncio.sleep(0.05)  # the worker computed it: no cache row yet
+        rows_before = dict(agent.cache_lengths())
+        agent.handle("src", frame(1, 0))
+        await asyncio.sleep(0.05)
+        early_1 = agent.compute.early_jobs
+        out_1 = [m for d, m in sent if m.get("t") == P.HEADS][-1]["out"]
+        # the blocks leave and come back: what was computed for the old ones is dropped
+        agent.preview("src", frame(2, 1))
+        await asyncio.sleep(0.05)
+        heads = [b.name for b in spec.blocks if b.name.startswith("head.0.")]
+        saved = {n: agent.blocks[n] for n in heads}
+        for n in heads:
+            agent._free(n)
+        for n, b in saved.items():  # installed again as new objects with the same caches
+            agent._install(n, b.w, b.cache)
+        agent.handle("src", frame(2, 1))
+        await asyncio.sleep(0.05)
+        early_2 = agent.compute.early_jobs
+        rows_2 = dict(agent.cache_lengths())
+        # a third position does not fit: refused at arrival, caches untouched
+        agent.preview("src", frame(3, 2))
+        await asyncio.sleep(0.05)
+        kv = {n: (b.cache.k.clone(), b.cache.v.clone()) for n, b in agent.blocks.items()}
+        agent.handle("src", frame(3, 2))
+        await asyncio.sleep(0.05)
+        errors = [m for _, m in sent if m.get("t") == P.ERROR]
+        same = all(torch.equal(b.cache.k, kv[n][0]) and torch.equal(b.cache.v, kv[n][1])
+                   for n, b in agent.blocks.items())
+        await agent.stop()
+        return {"rows_before": rows_before, "early_1": early_1, "out_1": out_1, "early_2": early_2,
+                "rows_2": rows_2, "errors": errors, "same": same, "rows_3": dict(agent.cache_lengths())}
+
+    r = clock.run(main, "real")
+    assert set(r["rows_before"].values()) == {0} and r["early_1"] == 1
+    # the same output as the monolithic reference's blocks computing it in the window
+    from testbed.model.blocks import RandomWeights, Reference
+
+    ref = Reference(RandomWeights(spec, 0))
+    with torch.inference_mode():
+        want = torch.cat([h.forward(xs[0], 0) for h in ref.heads[0]], dim=-1)
+    assert torch.equal(r["out_1"], want)
+    assert r["early_2"] == 1 and set(r["rows_2"].values()) == {2}  # dropped, computed in its window
+    assert len(r["errors"]) == 1 and r["errors"][0]["kind"] == "oom" and r["errors"][0]["seq"] == 3
+    assert r["same"] and set(r["rows_3"].values()) == {2}

@@ -17,6 +17,16 @@ whoever sent it, the agent itself included), then the handler of its kind (`_HAN
 refused message is counted and logged (`refusals`) and changes nothing. What a peer can
 make the agent hold is bounded per peer: the partial inputs of `proj` it contributes to
 and the jobs it has queued, each at most `quota` (twice what a pipeline ever has in flight).
+
+Computing early (real clock, in process: `compute_early`): a data frame's content reaches
+its receiver when it is sent (`preview`), or when the job producing it has its result (at
+the start of that job's window, not its end); the receiver starts the arithmetic on its
+worker thread at once, without touching its state (`HeadBlock.attend` returns the K/V rows
+instead of writing them). The frame still arrives at its emulated time, and its job's
+window commits the result then: rows appended, memory charged, the result released at the
+window's end, so every emulated figure is what it would have been. A result computed for
+blocks that are no longer the ones here (moved, lost, replaced) is dropped, as are those of
+aborted attempts; a job whose early result is missing computes it in its window.
 """
 
 from __future__ import annotations
@@ -25,12 +35,13 @@ import asyncio
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
-from ..emulation.compute import ComputeUnit
+from ..emulation.compute import Ahead, ComputeUnit
 from ..emulation.link import EmulatedLink
 from ..emulation.memory import MemoryBudget, MemoryRefused
 from ..model import cost
@@ -55,6 +66,7 @@ Send = Callable[[str, dict[str, Any], float | None], int]  # (destination, messa
 Outgoing = Callable[[], dict[str, EmulatedLink]]  # peer -> this device's link to it
 
 AnyBlock = HeadBlock | ProjBlock | FfnBlock
+T = TypeVar("T")
 
 
 class DeviceAgent:
@@ -99,6 +111,16 @@ class DeviceAgent:
         self._tel_since = -math.inf
         self.probe_log: list[tuple[str, int | None, int, float]] | None = None  # benchmarks
         self._jobs_at_tel = (0.0, 0.0)  # (flops, busy seconds) at the last report
+        # computing early (real clock, `compute_early`): a worker thread, and the arithmetic
+        # it started per job key, with the blocks it used
+        self._pool: ThreadPoolExecutor | None = None
+        # per job key: (the blocks and the input tensors it used, its arithmetic)
+        self._early: dict[tuple[Any, ...], tuple[tuple[object, ...], tuple[torch.Tensor, ...], Future[Ahead]]] = {}
+        self._early_max = 2 * len(model.blocks) + 8  # a token's jobs here, twice over
+        self._pview: dict[tuple[int, int], dict[str, Any]] = {}  # proj's inputs seen early
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the worker's results are handed on
+        # hands a message's content to another device ahead of its frame (set by the world)
+        self.early_send: Callable[[str, dict[str, Any]], None] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -198,6 +220,180 @@ class DeviceAgent:
     async def stop(self) -> None:
         self.halt()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._drop_early(math.inf)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ computing early
+
+    def compute_early(self) -> None:
+        """Compute as soon as a data frame's content arrives (`preview`), on a worker thread
+        (torch releases the GIL; the loop's timers stay on time), ahead of the frame's
+        emulated arrival; the job's window still opens at the arrival and commits the result
+        then (cache rows, memory), so every emulated figure stays what it was. For the real
+        clock: on the virtual clock the host's time is not seen, and nothing is gained."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-early")
+            self._loop = asyncio.get_running_loop()
+
+    def preview(self, sender: str, msg: dict[str, Any]) -> None:
+        """The content of a data frame whose emulated arrival is still ahead: start the
+        arithmetic of the job it will ask for, if its blocks are here. A frame that would
+        be refused, or a job that cannot start yet, is left to its arrival."""
+        if self._pool is None or self._stopped or msg.get("t") not in _EARLY_KINDS:
+            return
+        try:
+            m = P.for_device(msg, sender, self.name, self.bounds)
+        except P.ProtocolError:
+            return  # refused, and counted, when it arrives
+        if getattr(m, "seq", -1) <= self.floor:
+            return
+        key: tuple[Any, ...]
+        blocks: tuple[object, ...]
+        if isinstance(m, P.Heads):
+            self._preview_proj(m.seq, m.layer, m.pos, None, m.groups, m.out)
+            return
+        if type(m) is P.Hidden and self._proj.get(m.layer) == self.name:  # (FfnIn is a Hidden too)
+            self._preview_proj(m.seq, m.layer, m.pos, m.x)
+        if type(m) is P.Hidden:
+            groups = self._my_heads.get(m.layer)
+            heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups or ()]
+            if not heads or not all(isinstance(h, HeadBlock) and h.cache.n >= m.pos for h in heads):
+                return
+            key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups or ())), tuple(heads), (m.x,)
+            work: Callable[[], Any] = _attend(heads, m.x, m.pos)  # type: ignore[arg-type]
+        elif isinstance(m, P.FfnIn):
+            ffn = self.blocks.get(f"ffn.{m.layer}")
+            if not isinstance(ffn, FfnBlock):
+                return
+            key, blocks, inputs = ("y", m.seq, m.layer, m.pos), (ffn,), (m.x,)
+            work = _ffn(ffn, m.x)
+        elif isinstance(m, P.Out) and self.source_block is not None:
+            key, blocks, inputs = ("z", m.seq), (self.source_block,), (m.x,)
+            work = _logits(self.source_block, m.x)
+        else:
+            return
+        self._submit(key, blocks, inputs, work)
+
+    def _submit(self, key: tuple[Any, ...], blocks: tuple[object, ...], inputs: tuple[torch.Tensor, ...],
+                work: Callable[[], Any]) -> None:
+        """Start a job's arithmetic on the worker; when it is done, its outputs' content goes
+        on at once (the next job's arithmetic can start before this job's window opens)."""
+        assert self._pool is not None and self._loop is not None
+        if key in self._early:
+            return
+        if len(self._early) >= self._early_max:  # bounded: the oldest is dropped (computed on arrival)
+            self._early.pop(next(iter(self._early)))[2].cancel()
+        loop = self._loop
+        fut = self._pool.submit(_quiet(work, loop))
+        self._early[key] = (blocks, inputs, fut)
+
+        def done(f: Future[Ahead]) -> None:
+            if not f.cancelled() and f.exception() is None and f.result().value is not None:
+                loop.call_soon_threadsafe(self._early_outputs, key, f.result().value)
+        fut.add_done_callback(done)
+
+    def _early_outputs(self, key: tuple[Any, ...], value: Any) -> None:
+        """The messages the job of `key` will send, from its early result, previewed."""
+        if self._stopped or key[1] <= self.floor:
+            return
+        kind, seq = key[0], key[1]
+        try:
+            if kind == "x":
+                _, _, layer, pos, groups = key
+                out = value[0][0] if len(value) == 1 else torch.cat([o for o, _, _ in value], dim=-1)
+                targets = [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
+                                                "groups": list(groups), "out": out})]
+            elif kind == "p":
+                _, _, layer, pos = key
+                targets = [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": value})]
+            elif kind == "y":
+                _, _, layer, pos = key
+                if layer + 1 < self.model.layers:
+                    msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": value}
+                    targets = [(dst, msg) for dst in self.layer_targets(layer + 1)]
+                else:
+                    targets = [(self.source, {"t": P.OUT, "seq": seq, "x": value})]
+            else:
+                return
+        except KeyError:  # routed elsewhere since: the job itself will find out
+            return
+        for dst, msg in targets:
+            if dst == self.name:
+                self.preview(self.name, msg)
+            elif self.early_send is not None:
+                self.early_send(dst, msg)
+
+    def _ahead(self, seq: int, outputs: Callable[[torch.Tensor], list[tuple[str, dict[str, Any]]]]
+               ) -> Callable[[torch.Tensor], None] | None:
+        """When computing early: a job's result is known when its window opens, long before
+        it is released at the window's end; its receivers get the content then (`preview`),
+        so a chain of jobs runs ahead as far as the data allows."""
+        if self._pool is None:
+            return None
+
+        def ahead(y: torch.Tensor) -> None:
+            if seq <= self.floor or self._stopped:
+                return
+            try:
+                targets = outputs(y)
+            except KeyError:  # not routed (any more): the release at the end will say so
+                return
+            for dst, msg in targets:
+                if dst == self.name:
+                    self.preview(self.name, msg)
+                elif self.early_send is not None:
+                    self.early_send(dst, msg)
+        return ahead
+
+    def _preview_proj(self, seq: int, layer: int, pos: int, x: torch.Tensor | None,
+                      groups: Sequence[int] = (), out: torch.Tensor | None = None) -> None:
+        """Collect proj's inputs as they arrive early; start it when all are there."""
+        block = self.blocks.get(f"proj.{layer}")
+        if not isinstance(block, ProjBlock) or self._proj.get(layer) != self.name:
+            return
+        buf = self._pview.get((seq, layer))
+        if buf is None:
+            if len(self._pview) >= self.quota:
+                self._pview.pop(next(iter(self._pview)))
+            buf = self._pview[(seq, layer)] = {"x": None, "outs": {}}
+        if x is not None:
+            buf["x"] = x
+        if out is not None:
+            w = self.model.q_per_group * self.model.d_head
+            for i, g in enumerate(groups):
+                buf["outs"][g] = out[:, i * w:(i + 1) * w]
+        if buf["x"] is None or len(buf["outs"]) < self.model.groups:
+            return
+        del self._pview[(seq, layer)]
+        if self._pool is not None:
+            bx, outs, groups_n = buf["x"], buf["outs"], self.model.groups
+
+            def work() -> torch.Tensor:
+                return block.forward(concat_heads(outs, groups_n), bx)
+            self._submit(("p", seq, layer, pos), (block,), (bx, *(outs[g] for g in range(groups_n))), work)
+
+    def _take_early(self, key: tuple[Any, ...], blocks: Sequence[object],
+                    inputs: Sequence[torch.Tensor]) -> Future[Ahead] | None:
+        """The arithmetic started early for this job, if it used exactly these blocks and
+        these inputs (the frame's content as it arrived)."""
+        if not self._early:
+            return None
+        entry = self._early.pop(key, None)
+        if entry is None:
+            return None
+        used, seen, fut = entry
+        if (len(used) != len(blocks) or any(a is not b for a, b in zip(used, blocks, strict=False))
+                or len(seen) != len(inputs) or not all(torch.equal(a, b) for a, b in zip(seen, inputs, strict=False))):
+            fut.cancel()  # the block left or came back since, or other content: the result is dropped
+            return None
+        return fut
+
+    def _drop_early(self, floor: float) -> None:
+        for key in [k for k in self._early if k[1] <= floor]:
+            self._early.pop(key)[2].cancel()
+        for pkey in [k for k in self._pview if k[0] <= floor]:
+            del self._pview[pkey]
 
     # ------------------------------------------------------------------ state
 
@@ -269,6 +465,8 @@ class DeviceAgent:
         with torch.inference_mode():
             x = self.source_block.embed(list(m.tokens), m.pos)
         msg = {"t": P.LAYER_IN, "seq": m.seq, "layer": 0, "pos": m.pos, "x": x}
+        if self._pool is not None and self.name in self.layer_targets(0):
+            self.preview(self.name, msg)  # computing early: on the worker, like any other input
         for dst in self.layer_targets(0):
             self._forward(dst, msg, at)
 
@@ -283,11 +481,10 @@ class DeviceAgent:
         src = self.source_block
         assert src is not None
 
-        def work() -> torch.Tensor:
-            with torch.inference_mode():
-                return src.logits(x[-1:])[0]
-
-        logits, done = await self.compute.run(cost.source_flops(self.model), work, ready=ready)
+        work = _logits(src, x)
+        early = self._take_early(("z", seq), (src,), (x,))
+        logits, done = await self.compute.run(cost.source_flops(self.model), _or_now(work) if early else work,
+                                              ready=ready, early=early)
         if seq > self.floor and self.controller is not None:
             self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits, "at": done})
 
@@ -325,14 +522,26 @@ class DeviceAgent:
                                     "memory": self.budget.counters(), "at": asyncio.get_running_loop().time()})
             return
 
-        def work() -> torch.Tensor:
-            with torch.inference_mode():
-                return torch.cat([h.forward(x, pos) for h in heads], dim=-1)  # type: ignore[union-attr]
+        attend = _attend(heads, x, pos)  # type: ignore[arg-type]
 
-        out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), work, ready=ready)
+        def commit(parts: list[tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
+            """The window's state change: the K/V rows appended (computed now if not early)."""
+            parts = attend() if parts is None else parts
+            with torch.inference_mode():
+                for h, (_, k, v) in zip(heads, parts, strict=True):
+                    h.cache.write(pos, k, v)  # type: ignore[union-attr]
+                return parts[0][0] if len(parts) == 1 else torch.cat([o for o, _, _ in parts], dim=-1)
+
+        def outputs(out: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
+            return [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
+                                         "groups": groups, "out": out})]
+
+        early = self._take_early(("x", seq, layer, pos, tuple(groups)), heads, (x,))
+        out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), commit,
+                                           ready=ready, early=early, on_result=self._ahead(seq, outputs))
         if seq > self.floor:
-            self._forward(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
-                                              "groups": groups, "out": out}, done)
+            for dst, msg in outputs(out):
+                self._forward(dst, msg, done)
 
     def _buf(self, seq: int, layer: int, at: float | None, sender: str) -> dict[str, Any]:
         """proj's inputs for (seq, layer), with `sender` among its contributors (at most
@@ -405,17 +614,23 @@ class DeviceAgent:
                     return block.forward(concat_heads(outs, s.groups), x)
                 return block.forward(x)  # type: ignore[union-attr,call-arg]
 
-        y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), work, ready=ready)
+        def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
+            if kind == "proj":
+                return [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y})]
+            if layer + 1 < s.layers:
+                msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": y}
+                return [(dst, msg) for dst in self.layer_targets(layer + 1)]
+            return [(self.source, {"t": P.OUT, "seq": seq, "x": y})]
+
+        early = (self._take_early(("y", seq, layer, pos), (block,), (x,)) if kind == "ffn" else
+                 self._take_early(("p", seq, layer, pos), (block,), (x, *(outs[g] for g in range(s.groups))))
+                 if outs is not None else None)
+        y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), _or_now(work) if early else work,
+                                         ready=ready, early=early, on_result=self._ahead(seq, outputs))
         if seq <= self.floor:
             return
-        if kind == "proj":
-            self._forward(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y}, done)
-        elif layer + 1 < s.layers:
-            msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": y}
-            for dst in self.layer_targets(layer + 1):
-                self._forward(dst, msg, done)
-        else:
-            self._forward(self.source, {"t": P.OUT, "seq": seq, "x": y}, done)
+        for dst, msg in outputs(y):
+            self._forward(dst, msg, done)
 
     def _routed(self) -> bool:
         return self.route_version >= 0
@@ -505,6 +720,7 @@ class DeviceAgent:
         self.floor = max(self.floor, m.seq)
         for key in [k for k in self._proj_buf if k[0] <= self.floor]:
             self._drop_buf(key)
+        self._drop_early(self.floor)
         self._acks.add(self._spawn(self._abort_ack(m), sender))
 
     async def _abort_ack(self, m: P.Abort) -> None:
@@ -544,6 +760,48 @@ class DeviceAgent:
         if self.probe_log is not None and len(self.probe_log) < 1_000_000:
             self.probe_log.append((sender, m.n, len(m.pad), asyncio.get_running_loop().time()))
 
+
+def _quiet(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> Callable[[], Ahead]:
+    """Arithmetic run early, with the loop time it was done (the loop's clock is a pure
+    function of the monotonic clock: safe to read here); None instead of an exception (the
+    job then computes it itself when its window opens, and any error surfaces there)."""
+    def run() -> Ahead:
+        try:
+            with torch.inference_mode():
+                value = fn()
+        except Exception:
+            value = None
+        return Ahead(value, loop.time())
+    return run
+
+
+def _attend(heads: list[HeadBlock], x: torch.Tensor, pos: int) -> Callable[[], list[tuple[torch.Tensor, ...]]]:
+    def run() -> list[tuple[torch.Tensor, ...]]:
+        with torch.inference_mode():
+            return [h.attend(x, pos) for h in heads]
+    return run
+
+
+def _ffn(block: FfnBlock, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return block.forward(x)
+    return run
+
+
+def _logits(src: SourceBlock, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return src.logits(x[-1:])[0]
+    return run
+
+
+def _or_now(work: Callable[[], T]) -> Callable[[T | None], T]:
+    """A job's commit when its arithmetic ran early: that result, or (it failed) work now."""
+    return lambda value: work() if value is None else value
+
+
+_EARLY_KINDS = frozenset((P.LAYER_IN, P.HEADS, P.FFN_IN, P.OUT))
 
 # the one dispatch table of a device: every record kind the agent acts on, by its type
 _HANDLERS: dict[type[P.Message], Callable[[DeviceAgent, str, Any, float | None], None]] = {

@@ -13,6 +13,12 @@ asked for it) or when the previous job ended, whichever is later, not when the h
 around to it: on the real clock, decoding a message and scheduling the task take host time
 that the emulated device would not spend. That host time is absorbed as long as the job's
 window covers it; when it does not, the job ends late and counts as an overrun.
+
+On the real clock a device may also compute early: the arithmetic starts on a worker
+thread as soon as the input's content exists (`early`), and the job's window, which still
+opens at the emulated arrival, commits its result; the job then overruns only if that
+arithmetic is not done by the window's end. The result is known when the window opens
+(`on_result`), long before it is released at the end.
 """
 
 from __future__ import annotations
@@ -22,11 +28,20 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, NamedTuple, TypeVar
 
 from .clock import sleep_until
 
 T = TypeVar("T")
+
+
+class Ahead(NamedTuple):
+    """Arithmetic run ahead of its window: its result (None: it failed, and the job computes
+    it in its window) and the loop time at which it was done."""
+
+    value: Any
+    done: float
 
 
 class ComputeUnit:
@@ -48,6 +63,7 @@ class ComputeUnit:
         self.overrun_s = 0.0
         self.busy_s = 0.0
         self.flops_done = 0.0
+        self.early_jobs = 0  # jobs whose arithmetic ran ahead of their window (real clock)
         self._free_at = -math.inf  # emulated end of the last job
         # per recent job: the share of its emulated window the host needed (from the start of
         # the window to the end of the torch work).
@@ -66,16 +82,37 @@ class ComputeUnit:
         return flops / self.rate
 
     async def run(self, flops: float, fn: Callable[..., T], *args: object,
-                  ready: float | None = None) -> tuple[T, float]:
-        """Run fn inside the job's emulated window; returns (result, emulated finish)."""
+                  ready: float | None = None, early: Future[Ahead] | None = None,
+                  on_result: Callable[[T], None] | None = None) -> tuple[T, float]:
+        """Run fn inside the job's emulated window; returns (result, emulated finish).
+        `early`: the job's arithmetic (an `Ahead`), started on a worker thread when its
+        input's content reached the device ahead of its emulated arrival (real clock); `fn`
+        then gets its value as its first argument when the window opens (it commits it:
+        cache rows, memory), and the job overruns only if that arithmetic was not done by
+        the finish.
+        `on_result` sees the result as soon as it is known, before the window ends (to hand
+        its content on early)."""
         async with self._lock:
             loop = asyncio.get_running_loop()
             now = loop.time()
             start = max(self._free_at, now if ready is None else min(ready, now))
             emulated = self.duration(flops)
             w0 = time.perf_counter() if self.trace is not None else 0.0
-            result = fn(*args)
+            ahead: Ahead | None = None
+            if early is None:
+                result = fn(*args)
+            else:
+                self.early_jobs += 1
+                got = early.result() if early.done() else await asyncio.wrap_future(early)
+                ahead = got
+                result = fn(got.value, *args)
             t1 = loop.time()
+            if ahead is not None and ahead.value is not None:
+                # the host's work ended when the worker finished it; a loop that merely
+                # wakes late to commit it (other work, another process) does not delay it
+                t1 = min(t1, ahead.done)
+            if on_result is not None:
+                on_result(result)
             if self.trace is not None:
                 self.trace.append((start, start + emulated, time.perf_counter() - w0))
             self.jobs += 1
@@ -83,7 +120,7 @@ class ComputeUnit:
             # the host's work did not fit in the window: the device really finished late
             overran = t1 > finish + self.LATE_SHARE * emulated
             if emulated > 0:
-                self.host_shares.append((t1 - start) / emulated)
+                self.host_shares.append(max(0.0, t1 - start) / emulated)
             if overran:
                 self.overruns += 1
                 self.overrun_s += t1 - finish

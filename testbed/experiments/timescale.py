@@ -20,8 +20,16 @@ algorithm of the command (the largest K wins, so algorithms are compared at one 
    sockets). Each device reports the share of its jobs' windows the host needed; at the
    95th percentile, probe x share is the scale that would be just enough.
 
-K is the larger of the two, times MARGIN for the noise of a shared machine. Every run
-checks the result: `summary.json` reports the jobs and deliveries that still overran
+K is the larger of the two, times MARGIN for the noise of a shared machine.
+
+In process, devices compute early on the real clock (a job's arithmetic starts when its
+input's content exists, long before its emulated arrival; see `agents/device.py`), so the
+replay's constraint (each job's host work inside its own window) is only an upper bound:
+what counts is that the arithmetic is done by the window's end and that the host keeps
+pace with the emulated tokens. That is measured directly: real-clock pilots at falling
+scales from where the host only just keeps pace (the virtual pilot's host time over its
+emulated time) up by doubling, until a pilot keeps its jobs and deliveries on time (at
+most EARLY_ALLOWED of either late); that scale, times EARLY_MARGIN, is K. Every run checks the result: `summary.json` reports the jobs and deliveries that still overran
 (`fidelity`), and which K would have fitted.
 """
 
@@ -47,6 +55,8 @@ REAL_PILOT_TOKENS = 8  # real-clock pilot, prefill included
 PROBE_FACTOR = 2.0  # the real pilot runs at this multiple of the virtual pilot's fit
 MARGIN = 3.0
 ALLOWED_LATE = 0.002  # fraction of replayed jobs that may miss their window at the fitted K
+EARLY_ALLOWED = 0.02  # in process: the share of a pilot's jobs, and of its deliveries, that may be late (as a run's own check)
+EARLY_MARGIN = 2.0  # ... and the margin over the smallest scale whose pilot kept up (measured, not replayed)
 
 
 @dataclass(frozen=True)
@@ -100,16 +110,22 @@ class Calibration:
     seconds: float  # the calibration's own wall time
     expected_wall_s: float  # of one run at this scale (extrapolated from the virtual pilot)
     skipped: dict[str, str] = field(default_factory=dict)  # algorithms whose pilot failed, and why
+    margin: float = MARGIN
+    early: bool = False  # in process: devices compute early, and real pilots found the scale
 
     def line(self) -> str:
-        return (f"time scale {self.time_scale:g} (auto): this host needs {self.host_ms_median:.3f} ms per job "
-                f"against emulated windows of {self.window_ms_median:.3f} ms (medians of a virtual pilot); "
-                f"a {self.tokens}-token pilot at {self.probe_scale:g}x used up to {self.probe_share:.0%} of a "
-                f"window (p95), so {self.fitted:.3g}x is just enough; x{MARGIN:g} margin; "
-                f"calibrated in {self.seconds:.1f} s; expect about {self.expected_wall_s:.0f} s of wall time per run")
+        head = (f"time scale {self.time_scale:g} (auto): this host needs {self.host_ms_median:.3f} ms per job "
+                f"against emulated windows of {self.window_ms_median:.3f} ms (medians of a virtual pilot); ")
+        tail = (f"x{self.margin:g} margin; calibrated in {self.seconds:.1f} s; "
+                f"expect about {self.expected_wall_s:.0f} s of wall time per run")
+        if self.early:
+            return (head + f"computing early, a {self.tokens}-token real-clock pilot kept its jobs and deliveries "
+                    f"on time at {self.fitted:.3g}x; " + tail)
+        return (head + f"a {self.tokens}-token pilot at {self.probe_scale:g}x used up to {self.probe_share:.0%} of a "
+                f"window (p95), so {self.fitted:.3g}x is just enough; " + tail)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"time_scale": self.time_scale, "fitted": round(self.fitted, 3), "margin": MARGIN,
+        return {"time_scale": self.time_scale, "fitted": round(self.fitted, 3), "margin": self.margin, "early": self.early,
                 "pilot_tokens": self.tokens, "probe_time_scale": self.probe_scale,
                 "probe_host_share_p95": round(self.probe_share, 4), "jobs": self.jobs,
                 "host_ms_median": round(self.host_ms_median, 4), "window_ms_median": round(self.window_ms_median, 4),
@@ -143,21 +159,48 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
             # transport, agents in processes if asked): a host that sleeps between jobs pays
             # more per job (cold caches, timer wake-ups, sockets). The share of its window the
             # host needed, at the 95th percentile, says which scale would be just enough.
-            probe = min(MAX_TIME_SCALE, max(2.0, float(math.ceil(PROBE_FACTOR * first))))
-            s = _real_share(experiment, _shorter(prep, real_tokens), alg, probe, transport, processes)
+            if transport == "inproc" and not processes:
+                floor = summary["wall_s"] / max(1e-9, summary["emulated_s"])
+                probe = _smallest_on_time(experiment, _shorter(prep, real_tokens), alg, floor, first)
+                s = 1.0
+            else:
+                probe = min(MAX_TIME_SCALE, max(2.0, float(math.ceil(PROBE_FACTOR * first))))
+                s = _real_share(experiment, _shorter(prep, real_tokens), alg, probe, transport, processes)
         except RuntimeError as e:  # this algorithm fails anyway: its own run will say why
             failed[_name(alg)] = str(e)
             continue
-        k = max(first, probe * s)
+        k = probe if transport == "inproc" and not processes else max(first, probe * s)
         if k >= fitted:
             fitted, best, k_probe, share = k, jobs, probe, s
     if len(failed) == len(algorithms):
         raise RuntimeError("; ".join(f"{a}: {why}" for a, why in failed.items()))
-    k = min(MAX_TIME_SCALE, float(math.ceil(fitted * MARGIN)))
+    margin = EARLY_MARGIN if transport == "inproc" and not processes else MARGIN
+    k = min(MAX_TIME_SCALE, float(math.ceil(fitted * margin)))
     return Calibration(k, fitted, len(best), min(real_tokens, prep.scenario.generation.new_tokens), k_probe,
                        share, 1e3 * _median([j.host_s for j in best]),
                        1e3 * _median([j.finish - j.start for j in best]), 1e3 * hop, time.perf_counter() - w0,
-                       k * per_token * prep.scenario.generation.new_tokens, failed)
+                       k * per_token * prep.scenario.generation.new_tokens, failed, margin,
+                       transport == "inproc" and not processes)
+
+
+def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, first: float) -> float:
+    """In process, computing early: the smallest scale in floor, 2 floor, 4 floor, ... (whole
+    numbers, at least 1) at which a real-clock pilot keeps its jobs and deliveries on time;
+    `floor` is where the host only just keeps pace with the emulated tokens (the virtual
+    pilot's host time over its emulated time). Past PROBE_FACTOR x `first` (the replay's
+    bound without computing early), that bound: a host too busy to say."""
+    k = max(1.0, float(math.ceil(floor)))
+    cap = max(1.0, PROBE_FACTOR * first)
+    while k < cap:
+        with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
+            out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k)
+        if not out.ok:
+            raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
+        s = out.summary
+        if s["overrun_fraction"] <= EARLY_ALLOWED and s["late_delivery_fraction"] <= EARLY_ALLOWED:
+            return k
+        k = float(math.ceil(2 * k))
+    return min(MAX_TIME_SCALE, cap)
 
 
 def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport: str, processes: bool) -> float:

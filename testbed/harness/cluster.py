@@ -21,6 +21,7 @@ import numpy as np
 
 from ..agents import messages as P
 from ..agents.device import DeviceAgent
+from ..emulation.clock import time_scale
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
@@ -99,6 +100,10 @@ class Cluster:
     # the in-process network; WsCluster overrides these four
     def _connect(self, agent: DeviceAgent) -> None:
         self.net.register(agent.name, agent.handle)
+        if time_scale(self.loop) is not None:  # real clock: compute as soon as content arrives
+            agent.compute_early()
+            self.net.previews[agent.name] = agent.preview
+            agent.early_send = lambda dst, msg, src=agent.name: self.net.preview(src, dst, msg)
 
     def _add_link(self, a: str, b: str, spec: LinkSpec) -> EmulatedLink:
         return self.net.add_link(a, b, spec)

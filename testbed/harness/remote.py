@@ -331,6 +331,10 @@ class ProcessCluster:
 
     # ------------------------------------------------------------------ truth
 
+    async def ask(self, name: str, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """One control operation on one agent (harness/control.py's table), its answer."""
+        return await self._control[name].request(op, timeout=timeout, **fields)
+
     async def _states(self) -> dict[str, dict[str, Any]]:
         """Every live agent's state; one that cannot answer is lost (and left out)."""
         return await self._each("state", {n: {} for n in self.names})

@@ -13,6 +13,7 @@ weights are stored [out, in] as in torch.nn.Linear.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -128,9 +129,9 @@ class RandomWeights:
 
 def _norm(x: torch.Tensor, w: Tensors, spec: ModelSpec, prefix: str = "norm") -> torch.Tensor:
     if spec.norm == "rmsnorm":
-        xf = x.float()
+        xf = x if x.dtype == torch.float32 else x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
-        return y.to(x.dtype) * w[f"{prefix}.w"]
+        return (y if y.dtype == x.dtype else y.to(x.dtype)) * w[f"{prefix}.w"]
     return F.layer_norm(x, (spec.d_model,), w[f"{prefix}.w"], w[f"{prefix}.b"], spec.norm_eps)
 
 
@@ -138,20 +139,34 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return F.linear(x, w, b)
 
 
+ROPE_ROWS = 256  # the smallest rotary table; tables grow by doubling to cover a position
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(d: int, base: float, freqs: tuple[float, ...], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [rows, 1, d/2] of positions 0 .. rows-1: built once per process for a
+    head size, base and scaling, and sliced by every call (elementwise the same products
+    as computing them for the call's own positions, so the same bits)."""
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
+    if freqs:
+        inv = inv / torch.tensor(freqs, dtype=torch.float32)
+    ang = torch.arange(0, rows, dtype=torch.float32)[:, None] * inv[None, :]  # [rows, d/2]
+    return ang.cos()[:, None, :], ang.sin()[:, None, :]
+
+
 def rope(x: torch.Tensor, pos0: int, base: float, freqs: tuple[float, ...] = ()) -> torch.Tensor:
     """Rotary embedding on interleaved pairs (x0,x1), (x2,x3), ... as llama.cpp lays out
     Q/K rows. x: [T, heads, d]; positions pos0 .. pos0+T-1. `freqs`, when given, divides
     pair i's frequency by freqs[i] (llama.cpp's rope_freqs: Llama 3's long-context scaling)."""
     T, _, d = x.shape
-    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
-    if freqs:
-        inv = inv / torch.tensor(freqs, dtype=torch.float32)
-    ang = torch.arange(pos0, pos0 + T, dtype=torch.float32)[:, None] * inv[None, :]  # [T, d/2]
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]  # [T, 1, d/2]
-    xf = x.float()
+    rows = max(ROPE_ROWS, 1 << (pos0 + T - 1).bit_length())
+    cos_t, sin_t = _rope_table(d, float(base), tuple(freqs), rows)
+    cos, sin = cos_t[pos0:pos0 + T], sin_t[pos0:pos0 + T]  # [T, 1, d/2]
+    xf = x if x.dtype == torch.float32 else x.float()
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [T, h, d/2, 2]
-    return out.flatten(-2).to(x.dtype)
+    out = out.flatten(-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class KVCache:
@@ -219,22 +234,39 @@ class HeadBlock:
         return cls(spec, fuse_qkv(w), KVCache(spec.d_head, w.get("wqkv", w.get("wk")).dtype))
 
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """x: [T, D] hidden states of positions pos..pos+T-1 -> [T, q*d] attention outputs."""
+        """x: [T, D] hidden states of positions pos..pos+T-1 -> [T, q*d] attention outputs;
+        their K/V rows are written to the cache."""
+        out, k, v = self.attend(x, pos)
+        self.cache.write(pos, k, v)
+        return out
+
+    def attend(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` without its state change: the attention outputs [T, q*d] and the new
+        K and V rows [T, d] that `forward` writes to the cache. It reads only the cache's
+        positions before `pos`, so it may run ahead of the job that commits the rows (a
+        device computing as soon as a frame's content arrives)."""
         s, w = self.spec, self.w
         T, d, q = x.shape[0], s.d_head, s.q_per_group
+        if pos > self.cache.n:
+            raise ValueError(f"cache gap: position {pos} with {self.cache.n} positions held")
         qkv = _linear(_norm(x, w, s), w["wqkv"], w.get("bqkv"))  # [T, (q+2)d]
-        qs, k, v = qkv[:, : q * d].view(T, q, d), qkv[:, q * d:(q + 1) * d], qkv[:, (q + 1) * d:]
-        if s.positions == "rope":
-            qs = rope(qs, pos, s.rope_base, s.rope_freqs)
-            k = rope(k.view(T, 1, d), pos, s.rope_base, s.rope_freqs).view(T, d)
-        self.cache.write(pos, k, v)
-        K, V = self.cache.k[: pos + T], self.cache.v[: pos + T]  # [n, d]
+        v = qkv[:, (q + 1) * d:]
+        if s.positions == "rope":  # the queries and the key rotated in one call
+            qk = rope(qkv[:, :(q + 1) * d].view(T, q + 1, d), pos, s.rope_base, s.rope_freqs)
+            qs, k = qk[:, :q], qk[:, q]
+        else:
+            qs, k = qkv[:, : q * d].view(T, q, d), qkv[:, q * d:(q + 1) * d]
+        K = torch.cat((self.cache.k[:pos], k))  # [pos + T, d]
+        V = torch.cat((self.cache.v[:pos], v))
         att = torch.matmul(qs.transpose(0, 1), K.t()) / math.sqrt(d)  # [q, T, n]
         if T > 1:  # causal: query t (position pos+t) sees keys 0..pos+t
             mask = torch.arange(pos + T)[None, :] > (pos + torch.arange(T))[:, None]
             att = att.masked_fill(mask, float("-inf"))
-        att = torch.softmax(att.float(), dim=-1).to(x.dtype)
-        return torch.matmul(att, V).transpose(0, 1).reshape(T, q * d)  # [T, q*d]
+        if att.dtype == torch.float32:
+            att = torch.softmax(att, dim=-1)
+        else:
+            att = torch.softmax(att.float(), dim=-1).to(x.dtype)
+        return torch.matmul(att, V).transpose(0, 1).reshape(T, q * d), k, v  # [T, q*d]
 
 
 def block_shapes(spec: ModelSpec, kind: str) -> dict[str, tuple[int, ...]]:

@@ -12,6 +12,7 @@ Pure: no IO, no asyncio.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -58,6 +59,23 @@ def encode(msg: dict[str, Any]) -> bytes:
     if len(frame) > MAX_FRAME:
         raise FrameError(f"frame of {len(frame)} B exceeds the limit of {MAX_FRAME} B")
     return frame
+
+
+class EncodeOnce:
+    """`encode` (or `fn`) that encodes a message once however many destinations it goes to:
+    a device sends one hidden state to every device of the next layer as the same map. It
+    keeps the last message and its frame; a message is never changed after it is sent."""
+
+    def __init__(self, fn: Callable[[dict[str, Any]], bytes] = encode) -> None:
+        self._fn = fn
+        self._msg: dict[str, Any] | None = None
+        self._frame = b""
+
+    def __call__(self, msg: dict[str, Any]) -> bytes:
+        if msg is not self._msg:
+            self._frame = self._fn(msg)
+            self._msg = msg
+        return self._frame
 
 
 def _tensor(d: dict[str, Any]) -> torch.Tensor:

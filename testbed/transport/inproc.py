@@ -17,7 +17,7 @@ from typing import Any
 
 from ..emulation.link import EmulatedLink
 from ..scenario.records import LinkSpec
-from .codec import FrameError, decode, encode
+from .codec import EncodeOnce, FrameError, decode
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class InprocNetwork:
         # messages whose receiver acts on them as of their due time (see EmulatedLink.send)
         self.retimed: Callable[[dict[str, Any]], bool] = lambda msg: False
         self.lost_frames = 0
+        self._encode = EncodeOnce()  # a message sent to several devices is encoded once
+        # content early (real clock): each agent's `preview` gets a frame's message as soon
+        # as it is sent; the frame still arrives, and is acted on, at its emulated time
+        self.previews: dict[str, Callable[[str, dict[str, Any]], None]] = {}
 
     def add_link(self, src: str, dst: str, spec: LinkSpec) -> EmulatedLink:
         link = EmulatedLink(src, dst, spec.bandwidth_mbps, spec.latency_ms, spec.burst_kib, self.loop)
@@ -51,11 +55,13 @@ class InprocNetwork:
 
     def unregister(self, name: str) -> None:
         self.handlers.pop(name, None)
+        self.previews.pop(name, None)
 
     def kill(self, name: str) -> None:
         """An agent dies: it receives nothing more and what it was sending is lost."""
         self.dead.add(name)
         self.handlers.pop(name, None)
+        self.previews.pop(name, None)
         for (src, _), link in self.links.items():
             if src == name:
                 self.lost_frames += link.drop_all()
@@ -70,13 +76,20 @@ class InprocNetwork:
         if src == dst:
             self.loop.call_soon(self._call, src, dst, msg, at)
             return 0
-        frame = encode(msg)
+        frame = self._encode(msg)
         link = self.links[(src, dst)]
         if self.drop is not None and self.drop(src, dst, msg):
             link.send(frame, lambda f: None, at)  # it costs the link, then vanishes
             return len(frame)
         link.send(frame, lambda f: self._deliver(src, dst, f, link.due), at, self.retimed(msg))
+        self.preview(src, dst, msg)
         return len(frame)
+
+    def preview(self, src: str, dst: str, msg: dict[str, Any]) -> None:
+        """Hand msg's content to dst ahead of its frame (when dst computes early)."""
+        preview = self.previews.get(dst)
+        if preview is not None and src not in self.dead:
+            self.loop.call_soon(preview, src, msg)
 
     def _deliver(self, src: str, dst: str, frame: bytes, due: float) -> None:
         try:

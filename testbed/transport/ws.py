@@ -40,7 +40,7 @@ from aiohttp import web
 from ..emulation.clock import from_wall
 from ..emulation.link import EmulatedLink
 from ..scenario.records import LinkSpec
-from .codec import MAX_FRAME, FrameError, decode, encode
+from .codec import MAX_FRAME, EncodeOnce, FrameError, decode, encode
 from .refusals import Refusals
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ class WsEndpoint:
         self.refusals = Refusals(name, log)
         self._queued: dict[str, int] = {}  # bytes waiting per peer socket
         self.lost_frames = 0
+        # a message sent to several peers is encoded once, with a place for its due time
+        self._encode = EncodeOnce(lambda msg: encode({"due": 0.0, **msg}))
 
     @property
     def refused(self) -> int:
@@ -270,7 +272,7 @@ class WsEndpoint:
         if dst == self.name:
             self.loop.call_soon(self._local, msg, at)
             return 0
-        frame = bytearray(encode({"due": 0.0, **msg}))
+        frame = bytearray(self._encode(msg))  # a copy: its due time is written in at hand-over
         link = self.links.get(dst)
         if link is None:
             self.lost_frames += 1

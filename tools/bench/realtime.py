@@ -1,6 +1,6 @@
 """Real-time fidelity: real-clock runs against their virtual-clock twins, links and lag.
 
-`python -m tools.bench.realtime [--part scenarios,main,links,lag] [--scenarios A,B]
+`python -m tools.bench.realtime [--part scenarios,main,links,lag,host] [--scenarios A,B]
 [--tokens N] [--doc FILE | --no-doc] [--seconds S] [--rates ...] [--agents 8,16,32] [--json PATH]`
 
 - scenarios (the default part): every shipped scenario (first `--tokens` tokens), run on
@@ -27,6 +27,11 @@
   5 %).
 - lag: event-loop lag (how late a 10 ms timer wakes) in every agent process and in the
   runner during a run at wall-clock speed (time scale 1) with 8, 16 and 32 agents.
+- host: the host's own work, on the virtual clock (default scenario smollm2_bandwidth_drop,
+  first `--tokens`): each block kind's forward at decode against one `F.linear` over its
+  weight matrices stacked (the same multiply-adds and weight bytes as one torch call;
+  target: at most 2x), and the distributed run's host time per decoded token against the
+  monolithic reference's `Reference.forward` per token (target: at most 1.5x).
 - links and lag run at wall-clock speed (time scale 1): they measure the host's timers and
   sockets themselves.
 Figures are reported as measured on this machine; it has 2 cores and other work may run.
@@ -36,20 +41,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import math
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from testbed.common.stats import percentile
 from testbed.emulation.clock import LagMonitor
 from testbed.emulation.clock import run as run_loop
 from testbed.experiments import run as experiment
 from testbed.experiments import timescale, twin
 from testbed.harness.remote import ProcessCluster
-from testbed.results.write import percentile
+from testbed.model.blocks import TORCH_DTYPES, HeadBlock, ProjBlock, Reference, make_block
 from testbed.scenario import Event, SetLink, load, parse
 from tools.docs.markers import read_between, write_between
 
@@ -58,6 +70,7 @@ DOC = ROOT / "docs" / "fidelity.md"  # where the scenarios table lives
 SECTION = "bench_realtime"
 RATES = (1.0, 10.0, 100.0, 1000.0)
 SIZES = {1.0: 1500, 10.0: 4096, 100.0: 16384, 1000.0: 65536}
+ALL = ",".join(sorted(p.stem for p in (ROOT / "scenarios").glob("*.yaml")))
 
 
 def _cluster_dict(n: int, gflops: float = 1.0, mbps: float = 1000.0, latency_ms: float = 5.0) -> dict[str, Any]:
@@ -164,6 +177,111 @@ def _main_job() -> dict[str, Any]:
             "overrun": {k: v["overrun_fraction"] for k, v in res.items() if k.startswith("real")}, "pass": ok}
 
 
+# ---------------------------------------------------------------------------- host work
+
+def _median_s(fn: Callable[[], Any], repeat: int) -> float:
+    """Median wall seconds of one call of fn (after two warm-up calls)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _stacked(block: Any) -> torch.Tensor:
+    """The block's weight matrices as one [rows, D] matrix: one `F.linear` over it does the
+    same multiply-adds and reads the same weight bytes as the block's own products."""
+    mats = [w if w.shape[-1] == block.spec.d_model else w.t() for w in block.w.values() if w.dim() == 2]
+    return torch.cat(mats).contiguous()
+
+
+def _forward_of(block: Any, x: torch.Tensor, pos: int) -> Callable[[], Any]:
+    """One decode-time forward of `block` (a head with a cache of `pos` positions)."""
+    s = block.spec
+    if isinstance(block, HeadBlock):
+        block.cache.write(0, torch.zeros(pos, s.d_head, dtype=x.dtype), torch.zeros(pos, s.d_head, dtype=x.dtype))
+        return lambda: block.forward(x, pos)
+    if isinstance(block, ProjBlock):
+        outs = x.clone()
+        return lambda: block.forward(outs, x)
+    return lambda: block.forward(x)
+
+
+def _block_jobs(prep: Any, pos: int, repeat: int) -> list[dict[str, Any]]:
+    """Per block kind (layer 0): host microseconds of the block's forward at decode (one new
+    position at `pos`) against one `F.linear` call with the same weight multiply-adds."""
+    s = prep.model
+    out = []
+    x = torch.randn(1, s.d_model, generator=torch.Generator().manual_seed(0)).to(TORCH_DTYPES[s.dtype])
+    for kind, name in (("head", "head.0.0"), ("proj", "proj.0"), ("ffn", "ffn.0")):
+        block = make_block(s, name, prep.weights.block(name))
+        w = _stacked(block)
+        with torch.inference_mode():
+            block_s = _median_s(_forward_of(block, x, pos), repeat)
+            one_s = _median_s(functools.partial(F.linear, x, w), repeat)
+        out.append({"kind": kind, "block_us": 1e6 * block_s, "one_call_us": 1e6 * one_s,
+                    "ratio": block_s / one_s, "weights": int(w.numel())})
+    return out
+
+
+def _host(name: str, tokens: int, algorithm: str | None, repeat: int) -> dict[str, Any]:
+    """Host work of `name` (its first `tokens` tokens): per block job against one torch call,
+    and the distributed virtual run's host time per decoded token against the monolithic
+    reference's (the same blocks in one process, `Reference.forward` per token)."""
+    scen = load(ROOT / "scenarios" / f"{name}.yaml")
+    if tokens:
+        scen = scen.with_overrides(new_tokens=min(tokens, scen.generation.new_tokens))
+    prep = experiment.prepare(scen)
+    n = scen.generation.new_tokens
+    jobs = _block_jobs(prep, len(prep.prompt) + n // 2, repeat)
+    ref = Reference(prep.weights)
+    ref_s: list[float] = []
+    with torch.inference_mode():
+        ref.forward(list(prep.prompt))
+        for tok in prep.ref_ids[:-1]:
+            t0 = time.perf_counter()
+            ref.forward([tok])
+            ref_s.append(time.perf_counter() - t0)
+    alg = algorithm or scen.controller.algorithm
+    marks: list[float] = []
+    traces: list[list[tuple[float, float, float]]] = []
+
+    def setup(world: Any) -> None:
+        for agent in world.agents.values():
+            agent.compute.trace = []
+            traces.append(agent.compute.trace)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        o = experiment.run(prep, alg, Path(tmp) / "virtual", clock="virtual", setup=setup,
+                           progress=lambda k: marks.append(time.perf_counter()))
+    per_token = [b - a for a, b in zip(marks, marks[1:], strict=False)]  # tokens 1..n-1: decode
+    njobs = sum(len(t) for t in traces)
+    ref_mean = statistics.fmean(ref_s) if ref_s else math.nan
+    run_mean = statistics.fmean(per_token) if per_token else math.nan
+    return {"scenario": name, "algorithm": alg, "tokens": n, "status": o.status, "blocks": jobs,
+            "reference_decode_ms": 1e3 * ref_mean, "reference_decode_median_ms": 1e3 * statistics.median(ref_s),
+            "run_decode_ms": 1e3 * run_mean, "run_decode_median_ms": 1e3 * statistics.median(per_token),
+            "run_ratio": run_mean / ref_mean, "run_median_ratio": statistics.median(per_token) / statistics.median(ref_s),
+            "jobs": njobs, "torch_us_per_job": 1e6 * statistics.fmean(w for t in traces for _, _, w in t),
+            "host_us_per_job": 1e6 * o.summary["wall_s"] / njobs}
+
+
+def host_report(r: dict[str, Any]) -> str:
+    lines = [f"host work, {r['scenario']} ({r['tokens']} tokens, {r['algorithm']}; {r['status']})",
+             f"{'block':>6} {'forward us':>11} {'one call us':>12} {'ratio':>6}"]
+    for b in r["blocks"]:
+        lines.append(f"{b['kind']:>6} {b['block_us']:11.1f} {b['one_call_us']:12.1f} {b['ratio']:6.2f}")
+    lines.append(f"virtual run: {r['jobs']} jobs, torch {r['torch_us_per_job']:.1f} us per job, all host work "
+                 f"{r['host_us_per_job']:.1f} us per job")
+    lines.append(f"per decoded token: run {r['run_decode_ms']:.1f} ms (median {r['run_decode_median_ms']:.1f}), "
+                 f"reference {r['reference_decode_ms']:.1f} ms (median {r['reference_decode_median_ms']:.1f}): "
+                 f"{r['run_ratio']:.2f}x (medians {r['run_median_ratio']:.2f}x)")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- links
 
 async def _links(rates: list[float], seconds: float) -> list[dict[str, Any]]:
@@ -176,12 +294,11 @@ async def _links(rates: list[float], seconds: float) -> list[dict[str, Any]]:
             await cluster.apply(Event(0, SetLink(("a", "b"), bandwidth_mbps=rate, latency_ms=5.0), at_token=0))
             size = SIZES.get(rate, 16384)
             count = int(rate * 1e6 / 8 * seconds / size) + 2
-            a, b = cluster._control["a"], cluster._control["b"]
-            await b.request("probe_log", on=True)
-            sent = (await a.request("bulk", peer="b", size=size, count=count, seconds=seconds,
-                                    timeout=seconds + 60))["transfers"]
+            await cluster.ask("b", "probe_log", on=True)
+            sent = (await cluster.ask("a", "bulk", peer="b", size=size, count=count, seconds=seconds,
+                                      timeout=seconds + 60))["transfers"]
             await asyncio.sleep(0.05)
-            got = (await b.request("probe_log", on=False))["arrivals"]
+            got = (await cluster.ask("b", "probe_log", on=False))["arrivals"]
             arrival = {n: t for _, n, _, t in got}
             late = [arrival[i] - sched for i, _, sched, _ in sent if i in arrival]
             times = sorted(arrival.values())
@@ -259,9 +376,12 @@ def _tabulate(files: list[Path], doc: Path | None, section: str, cmd: str) -> in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench.realtime", description=__doc__.split("\n")[0])
-    ap.add_argument("--part", default="scenarios", help="comma-separated: scenarios, main, links, lag")
-    ap.add_argument("--scenarios", default=",".join(sorted(p.stem for p in (ROOT / "scenarios").glob("*.yaml"))),
-                    help="scenario names (scenarios/NAME.yaml) for the scenarios part")
+    ap.add_argument("--part", default="scenarios", help="comma-separated: scenarios, main, links, lag, host")
+    ap.add_argument("--scenarios", default=ALL,
+                    help="scenario names (scenarios/NAME.yaml) for the scenarios part (default: all) and the "
+                         "host part (default: smollm2_bandwidth_drop)")
+    ap.add_argument("--algorithm", help="host part: the algorithm of the virtual run (default: the scenario's)")
+    ap.add_argument("--repeat", type=int, default=200, help="host part: timed calls per block")
     ap.add_argument("--calibrate-only", default="",
                     help="scenario names to calibrate but not run (their real-clock runs take too long)")
     ap.add_argument("--doc", "--readme", dest="doc", type=Path, default=DOC,
@@ -340,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['mbps']:8g} {r['frame_bytes']:8d} {r['received']:7d} {r['measured_mbps']:10.3f} "
                   f"{r['error_pct']:8.3f} {r['late_mean_ms']:10.3f} {r['late_p99_ms']:7.3f} {r['late_max_ms']:7.3f}  "
                   f"{'PASS' if r['pass'] else 'FAIL'}")
+    if "host" in parts:
+        names = [x for x in args.scenarios.split(",") if x] if args.scenarios != ALL else ["smollm2_bandwidth_drop"]
+        rows = [_host(n, args.tokens, args.algorithm, args.repeat) for n in names]
+        report["host"] = rows
+        for r in rows:
+            print(host_report(r))
     if "lag" in parts:
         rows = _lag([int(x) for x in args.agents.split(",")], args.tokens)
         report["lag"] = rows
