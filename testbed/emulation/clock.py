@@ -47,10 +47,11 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
     every iteration; if nothing at all is scheduled the loop blocks on real I/O."""
 
     def __init__(self, start: float = 0.0) -> None:
-        super().__init__(selectors.DefaultSelector())
+        selector = selectors.DefaultSelector()
+        super().__init__(selector)
         self._vnow = float(start)
-        self._real_select = self._selector.select
-        self._selector.select = self._select  # type: ignore[method-assign]
+        self._real_select = selector.select
+        selector.select = self._select  # type: ignore[method-assign]  # the loop waits here: time jumps here
 
     def time(self) -> float:
         return self._vnow
@@ -75,8 +76,9 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
             return self._real_select(None)
         # nothing runnable: jump exactly to the earliest deadline (asyncio has already
         # dropped cancelled handles from the head of the heap)
-        if self._scheduled:
-            self._vnow = max(self._vnow, self._scheduled[0]._when)
+        heap = self._scheduled  # type: ignore[attr-defined]  # asyncio's timer heap (private, untyped)
+        if heap:
+            self._vnow = max(self._vnow, heap[0]._when)
         return []
 
 
@@ -93,9 +95,10 @@ class ScaledEventLoop(asyncio.SelectorEventLoop):
     SPIN_S = 1e-3
 
     def __init__(self, time_scale: float = 1.0, epoch: float | None = None) -> None:
-        super().__init__(selectors.SelectSelector())
-        self._real_select = self._selector.select
-        self._selector.select = self._select  # type: ignore[method-assign]
+        selector = selectors.SelectSelector()
+        super().__init__(selector)
+        self._real_select = selector.select
+        selector.select = self._select  # type: ignore[method-assign]  # the loop waits here: waits stretch here
         self.set_time_scale(time_scale, time.time() if epoch is None else epoch)
 
     def set_time_scale(self, time_scale: float, epoch: float) -> None:

@@ -79,7 +79,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
                      progress: Callable[[int], None] | None, ctx: RunContext,
                      transport: str = "inproc", processes: bool = False,
                      setup: Callable[[Any], None] | None = None,
-                     on_finish: Callable[[Any, Controller], None] | None = None,
+                     on_finish: Callable[[Any, Controller], object] | None = None,
                      attach: dict[str, str] | None = None) -> None:
     scen = prep.scenario
     controller: Controller | None = None
@@ -150,7 +150,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         progress: Callable[[int], None] | None = None, processes: bool = False,
         attach: dict[str, str] | None = None,
         setup: Callable[[Any], None] | None = None,
-        on_finish: Callable[[Any, Controller], None] | None = None,
+        on_finish: Callable[[Any, Controller], object] | None = None,
         time_scale: float = 1.0, calibration: dict[str, Any] | None = None,
         tap: Tap | None = None) -> Outcome:
     """Run one algorithm (a registered name, a loaded `Plugin`, or any object with `name`,

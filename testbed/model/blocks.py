@@ -231,7 +231,8 @@ class HeadBlock:
 
     @classmethod
     def create(cls, spec: ModelSpec, w: Tensors) -> HeadBlock:
-        return cls(spec, fuse_qkv(w), KVCache(spec.d_head, w.get("wqkv", w.get("wk")).dtype))
+        fused = fuse_qkv(w)
+        return cls(spec, fused, KVCache(spec.d_head, fused["wqkv"].dtype))
 
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x: [T, D] hidden states of positions pos..pos+T-1 -> [T, q*d] attention outputs;

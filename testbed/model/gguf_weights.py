@@ -54,8 +54,9 @@ def check_spec(spec: ModelSpec, path: str | Path) -> ModelSpec:
         if f.name in FREE_FIELDS:
             continue
         ours, theirs = getattr(spec, f.name), getattr(file_spec, f.name)
+        same: bool
         if isinstance(theirs, float):
-            same = torch.tensor(ours, dtype=torch.float32) == torch.tensor(theirs, dtype=torch.float32)
+            same = bool(torch.tensor(ours, dtype=torch.float32) == torch.tensor(theirs, dtype=torch.float32))
         elif isinstance(theirs, tuple):
             same = len(ours) == len(theirs) and bool(
                 (torch.tensor(ours, dtype=torch.float32) == torch.tensor(theirs, dtype=torch.float32)).all())

@@ -87,7 +87,11 @@ def _cluster_dict(n: int, gflops: float = 1.0, mbps: float = 1000.0, latency_ms:
 MODES = (("in process", "inproc", False), ("processes", "ws", True))
 
 
-def _scenarios(names: list[str], tokens: int, calibrate_only: set[str] = frozenset(),
+def _start_monitor(mon: LagMonitor, world: Any) -> None:
+    mon.start()
+
+
+def _scenarios(names: list[str], tokens: int, calibrate_only: frozenset[str] | set[str] = frozenset(),
                modes: tuple[tuple[str, str, bool], ...] = MODES,
                on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:
     """Run each scenario on both clocks and compare, in each of `modes`; for those in
@@ -303,7 +307,7 @@ async def _links(rates: list[float], seconds: float) -> list[dict[str, Any]]:
             late = [arrival[i] - sched for i, _, sched, _ in sent if i in arrival]
             times = sorted(arrival.values())
             frame = {i: sz for i, sz, _, _ in sent}  # bytes the link carried (the whole frame)
-            first = min(arrival, key=arrival.get) if arrival else None
+            first = min(arrival, key=lambda i: arrival[i]) if arrival else None
             nbytes = sum(frame[i] for i in arrival if i != first)
             measured = nbytes * 8 / (times[-1] - times[0]) / 1e6 if len(times) > 1 else float("nan")
             err = 100 * (measured - rate) / rate
@@ -334,7 +338,7 @@ def _lag(agents: list[int], tokens: int) -> list[dict[str, Any]]:
 
         with tempfile.TemporaryDirectory() as tmp:
             o = experiment.run(prep, "resource_aware", Path(tmp) / "run", clock="real", transport="ws",
-                               processes=True, setup=lambda world, mon=mon: mon.start(), on_finish=finish)
+                               processes=True, setup=functools.partial(_start_monitor, mon), on_finish=finish)
         runner = mon.stats()
         out.append({"agents": n, "status": o.status,
                     "agent_lag_mean_ms": statistics.fmean(v["mean_ms"] for v in lags.values()) if lags else None,
