@@ -58,6 +58,20 @@ def test_links_lead_somewhere(page: Path) -> None:
     assert not broken, f"{page.name}: {broken}"
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_the_code_a_page_names_exists(page: Path) -> None:
+    """Every `testbed/...py`-style path and every `python -m tools.X` / `runners.X` command a
+    page names is a file of the repository (a move of the code updates its docs)."""
+    text = page.read_text(encoding="utf-8")
+    missing = [p for p in re.findall(r"`((?:testbed|tools|runners|tests)/[\w/]+\.(?:py|js|html|css))`", text)
+               if not (ROOT / p).exists()]
+    for mod in re.findall(r"python -m ((?:tools|runners)(?:\.\w+)+)", text):
+        path = ROOT.joinpath(*mod.split("."))
+        if not (path.with_suffix(".py").exists() or (path / "__init__.py").exists()):
+            missing.append(mod)
+    assert not missing, f"{page.name}: {sorted(set(missing))}"
+
+
 def repository_files() -> list[Path]:
     out = []
     for path in ROOT.rglob("*"):
