@@ -246,6 +246,16 @@ def test_default_real_clock_run_reproduces_its_virtual_twin(name: str, tokens: i
     assert c["faithful"], (c["problems"], f"attempt {c['attempt']} at K {c['time_scale']}")
 
 
+def test_the_main_job_in_process_makes_its_virtual_twins_decisions(tmp_path: Path) -> None:
+    """bandwidth_drop, short (the drop before token 8 of 16): in process, where the devices
+    compute early and commit on time, the real-clock run migrates the blocks its virtual twin
+    migrates (count and stall within the twin's tolerances) and is faithful."""
+    c = _twin("bandwidth_drop", 16, 16, tmp_path)
+    print(f"bandwidth_drop: {c}")
+    assert c["twin_migrations"] > 0  # the short form still re-plans after the drop
+    assert c["faithful"], (c["problems"], f"attempt {c['attempt']} at K {c['time_scale']}")
+
+
 @pytest.mark.parametrize("name, tokens, shift", TWINS)
 def test_real_clock_with_agent_processes_reproduces_its_virtual_twin(name: str, tokens: int, shift: int,
                                                                      tmp_path: Path) -> None:
