@@ -83,7 +83,7 @@ class DeviceAgent:
             self.source_block = SourceBlock(model, weights.source())
             self.budget.charge("fixed", sum(t.nbytes for t in self.source_block.w.values()))
         self.budget.on_high = self.budget.on_pressure = self._pressure
-        self.compute = ComputeUnit(spec.name, spec.flops)
+        self.compute = ComputeUnit(spec.name, spec.flops, spec.bandwidth)
         self.blocks: dict[str, AnyBlock] = {}
         self.reserved: dict[str, int] = {}
         self.route_version = -1
@@ -287,7 +287,8 @@ class DeviceAgent:
             with torch.inference_mode():
                 return src.logits(x[-1:])[0]
 
-        logits, done = await self.compute.run(cost.source_flops(self.model), work, ready=ready)
+        logits, done = await self.compute.run(cost.source_flops(self.model), work, ready=ready,
+                                               nbytes=cost.source_bytes(self.model))
         if seq > self.floor and self.controller is not None:
             self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits, "at": done})
 
@@ -329,7 +330,8 @@ class DeviceAgent:
             with torch.inference_mode():
                 return torch.cat([h.forward(x, pos) for h in heads], dim=-1)  # type: ignore[union-attr]
 
-        out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), work, ready=ready)
+        out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), work, ready=ready,
+                                           nbytes=len(groups) * cost.span_bytes(s, "head", pos, T))
         if seq > self.floor:
             self._forward(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
                                               "groups": groups, "out": out}, done)
@@ -405,7 +407,8 @@ class DeviceAgent:
                     return block.forward(concat_heads(outs, s.groups), x)
                 return block.forward(x)  # type: ignore[union-attr,call-arg]
 
-        y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), work, ready=ready)
+        y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), work, ready=ready,
+                                         nbytes=cost.span_bytes(s, kind, pos, x.shape[0]))
         if seq <= self.floor:
             return
         if kind == "proj":
