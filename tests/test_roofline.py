@@ -190,3 +190,26 @@ def test_every_preset_has_its_sources() -> None:
         assert all(len(src) > 10 for src in (d.compute_source, d.bandwidth_source, d.memory_source))
     for lk in P.LINKS.values():
         assert lk.bandwidth_mbps > 0 and lk.latency_ms > 0 and lk.rate_source and lk.latency_source
+
+
+def test_a_roofline_instance_differs_only_by_its_bandwidth() -> None:
+    from testbed.analytic.simulate import BALANCE_RANGE, devices_at, make_instance
+
+    a = make_instance("paper-small", 4, 8, np.random.default_rng(3))
+    b = make_instance("paper-small", 4, 8, np.random.default_rng(3), roofline=True)
+    assert a.memory_bandwidth is None and b.memory_bandwidth is not None
+    for f in ("memory", "flops", "rate", "latency", "load"):
+        assert np.array_equal(getattr(a, f), getattr(b, f))
+    balance = b.flops / b.memory_bandwidth
+    assert ((balance >= BALANCE_RANGE[0]) & (balance <= BALANCE_RANGE[1])).all()
+    load = b.load[0]
+    assert [d.bandwidth for d in devices_at(b, 0)] == pytest.approx(list(b.memory_bandwidth * (1 - load)))
+    assert all(d.bandwidth == math.inf for d in devices_at(a, 0))
+
+
+def test_the_paper_sweep_refuses_the_roofline(capsys: pytest.CaptureFixture[str]) -> None:
+    from runners import sweep
+
+    assert sweep.main(["paper", "--roofline"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --roofline:") and "\n" not in err

@@ -209,6 +209,38 @@ def edge_presets(runs: Runs) -> str:
     return f"{_note('virtual clock, deterministic')}\n```text\n$ {command(scenario, algs)}\n{body}\n```"
 
 
+ROOFLINE_SWEEP = ["optimality", "--instances", "4", "--tokens", "8", "--jobs", "1"]
+
+
+def roofline_sweep(runs: Runs) -> str:
+    """The paper's optimality comparison, small, on the same instances with the FLOP model
+    and with the roofline (`runners.sweep optimality ... [--roofline]`): mean per-token
+    latency over the optimum's, per algorithm and cluster size."""
+    import contextlib
+    import csv
+
+    from runners import sweep
+
+    ratios: dict[str, dict[tuple[str, str], str]] = {}
+    for model, flag in (("flop", []), ("roofline", ["--roofline"])):
+        out = runs.out / f"sweep_{model}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            if sweep.main([*ROOFLINE_SWEEP, "--out", str(out), *flag]) != 0:
+                raise RuntimeError(f"runners.sweep {' '.join(ROOFLINE_SWEEP)} {' '.join(flag)} failed")
+        with open(out / "optimality_summary.csv", newline="") as f:
+            ratios[model] = {(r["algorithm"], r["devices"]): r["ratio_mean"] for r in csv.DictReader(f)}
+    sizes = sorted({d for _, d in ratios["flop"]}, key=int)
+    algs = list(dict.fromkeys(a for a, _ in ratios["flop"]))
+    cmd = f"python -m runners.sweep {' '.join(ROOFLINE_SWEEP)} [--roofline]"
+    head = " | ".join(f"FLOP, {d} devices" for d in sizes) + " | " + " | ".join(f"roofline, {d} devices" for d in sizes)
+    out = [_note(f"`{cmd}`, analytic mode, deterministic"),
+           f"| algorithm | {head} |", "|---|" + "---|" * (2 * len(sizes))]
+    for a in algs:
+        cells = [f"{float(ratios[m][(a, d)]):.3f}" for m in ("flop", "roofline") for d in sizes]
+        out.append(f"| `{a}` | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 @dataclass(frozen=True)
 class Section:
     file: str  # relative to the repository
@@ -225,6 +257,7 @@ SECTIONS: dict[str, Section] = {
     "link_presets": Section("docs/devices.md", link_presets),
     "validation": Section("docs/devices.md", validation),
     "edge_presets": Section("docs/devices.md", edge_presets),
+    "roofline_sweep": Section("docs/devices.md", roofline_sweep),
 }
 
 
