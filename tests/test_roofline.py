@@ -9,12 +9,15 @@ telemetry, virtual clock); presets resolve, are overridable, and a wrong one is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from testbed.emulation.clock import new_loop
 from testbed.emulation.compute import ComputeUnit
@@ -26,6 +29,7 @@ from testbed.scenario import ScenarioError, load, loads
 from testbed.scenario import presets as P
 
 from .conftest import read_csv, run_virtual, scenario_dict
+from .test_optimal import check_against_exhaustive, instances
 
 ROOT = Path(__file__).resolve().parents[1]
 PI5 = P.DEVICES["raspberry-pi-5"]
@@ -213,3 +217,13 @@ def test_the_paper_sweep_refuses_the_roofline(capsys: pytest.CaptureFixture[str]
     assert sweep.main(["paper", "--roofline"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --roofline:") and "\n" not in err
+
+
+@settings(max_examples=30, deadline=None)
+@given(instances(), st.lists(st.floats(-2.0, 1.0), min_size=4, max_size=4))
+def test_optimal_equals_exhaustive_on_the_roofline(snap: Snapshot, balance: list[float]) -> None:
+    """The exact solver prices jobs as the estimator does: on snapshots where some devices
+    are memory-bound (bandwidth = FLOP/s x 10^b, a few FLOPs per byte or fewer) it still
+    finds the minimum of the objective over every placement."""
+    devices = tuple(dataclasses.replace(d, bandwidth=d.flops * 10 ** b) for d, b in zip(snap.devices, balance[:snap.n_devices], strict=True))
+    check_against_exhaustive(dataclasses.replace(snap, devices=devices), record=False)
