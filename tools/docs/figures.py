@@ -223,11 +223,11 @@ def roofline_sweep(runs: Runs) -> str:
 
     ratios: dict[str, dict[tuple[str, str], str]] = {}
     for model, flag in (("flop", []), ("roofline", ["--roofline"])):
-        out = runs.out / f"sweep_{model}"
+        where = runs.out / f"sweep_{model}"
         with contextlib.redirect_stdout(io.StringIO()):
-            if sweep.main([*ROOFLINE_SWEEP, "--out", str(out), *flag]) != 0:
+            if sweep.main([*ROOFLINE_SWEEP, "--out", str(where), *flag]) != 0:
                 raise RuntimeError(f"runners.sweep {' '.join(ROOFLINE_SWEEP)} {' '.join(flag)} failed")
-        with open(out / "optimality_summary.csv", newline="") as f:
+        with open(where / "optimality_summary.csv", newline="") as f:
             ratios[model] = {(r["algorithm"], r["devices"]): r["ratio_mean"] for r in csv.DictReader(f)}
     sizes = sorted({d for _, d in ratios["flop"]}, key=int)
     algs = list(dict.fromkeys(a for a, _ in ratios["flop"]))
