@@ -1,6 +1,14 @@
-"""`python -m runners.sweep EXPERIMENT`: every algorithm on identical random instances.
+"""`python -m runners.sweep EXPERIMENT`: an experiment file of your own, or the paper's sweeps.
 
-Experiments (the paper's claims): `optimality` (3, 4 and 5 devices; per-token latency of every
+`python -m runners.sweep EXPERIMENT.yaml` runs an experiment file (docs/experiments.md):
+every cell x algorithm x seed through the full emulator, in parallel processes or on a Dask
+cluster, skipping the runs already in its directory (default results/experiments/NAME/),
+and writes runs.csv, summary.csv, figures and README.md there. Exit status: 0 every run
+completed, 1 a run failed (the others ran; runs.csv says which), 2 bad input (one line
+naming the file, key and cell; nothing written), 130 interrupted (the runs under way end and
+are kept; the same command resumes).
+
+The paper's sweeps (every algorithm on identical random instances): (the paper's claims): `optimality` (3, 4 and 5 devices; per-token latency of every
 algorithm divided by the exact optimum's), `scale` (25 and 48 devices, long generations:
 head-level algorithms against layer-based partitioning), `paper` (both, written to
 results/paper/ with tables and figures: the committed reference results). `--roofline`
@@ -20,7 +28,7 @@ import csv
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,13 +95,14 @@ class ClusterUnavailable(Exception):
 
 
 @contextmanager
-def pool(workers: int, cluster: str | None = None) -> Iterator[Executor]:
+def pool(workers: int, cluster: str | None = None,
+         initializer: Callable[[], None] | None = None) -> Iterator[Executor]:
     """Where the jobs run: `workers` local processes, or a Dask cluster (`cluster`: a
     scheduler's address, or `local` to start one here with `workers` single-threaded worker
     processes). Dask's executor is a concurrent.futures one, so the rest is the same code;
     the jobs are pure functions of their arguments, so where they run changes no result."""
     if cluster is None:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
+        with ProcessPoolExecutor(max_workers=workers, initializer=initializer) as ex:
             yield ex
         return
     try:
@@ -188,9 +197,17 @@ def scale(args: argparse.Namespace, ex: Executor, console: Console) -> tuple[lis
     return rows, scale_table(rows)
 
 
+PAPER_SWEEPS = ("optimality", "scale", "paper")
+
+
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    first = next((a for a in args_in if not a.startswith("-")), None)
+    if first is not None and first not in PAPER_SWEEPS and "-h" not in args_in and "--help" not in args_in:
+        return grid_main(args_in)
     ap = argparse.ArgumentParser(prog="python -m runners.sweep", description=__doc__.split("\n")[0])
-    ap.add_argument("experiment", choices=("optimality", "scale", "paper"))
+    ap.add_argument("experiment", help="optimality, scale or paper; or an experiment file (EXPERIMENT.yaml, "
+                    "docs/experiments.md; `python -m runners.sweep X.yaml --help` for its options)")
     ap.add_argument("--instances", type=int, help="instances per size (optimality: 50, scale: 3)")
     ap.add_argument("--tokens", type=int, help="tokens per run (optimality: 16, scale: 1000)")
     ap.add_argument("--algorithms", help="comma-separated (default: the experiment's set)")
@@ -207,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="devices also have a memory bandwidth (a job takes max(FLOPs / rate, bytes / bandwidth); "
                          "docs/devices.md); not with `paper`, whose experiments keep the FLOP model")
     args = ap.parse_args(argv)
+    if args.experiment not in PAPER_SWEEPS:
+        return grid_main(args_in)
     if args.roofline and args.experiment == "paper":
         print("error: --roofline: the paper's experiments keep the FLOP model; run optimality or scale with it",
               file=sys.stderr)
@@ -258,6 +277,146 @@ def main(argv: list[str] | None = None) -> int:
                      check=not args.no_check, jobs=args.jobs, revision=revision)
     console.print(f"wrote {out} in {time.perf_counter() - t0:.0f} s", markup=False)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment files
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _ignore_sigint() -> None:
+    """A worker's: Ctrl-C is the parent's to handle (it lets the runs under way end)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def grid_main(argv: list[str]) -> int:
+    from testbed.experiments import grid_run
+    from testbed.grid import spec
+
+    ap = argparse.ArgumentParser(prog="python -m runners.sweep EXPERIMENT.yaml",
+                                 description="Run an experiment file: a grid of scenario values x algorithms x "
+                                             "seeds (docs/experiments.md).")
+    ap.add_argument("experiment", type=Path, help="the experiment file")
+    ap.add_argument("--out", type=Path, help="its directory (default results/experiments/NAME)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="runs at once: worker processes (here, or of --cluster local)")
+    ap.add_argument("--cluster", metavar="ADDRESS",
+                    help="run on a Dask cluster: a scheduler's address (tcp://host:8786), or `local` to start "
+                         "one here (needs the `cluster` extra)")
+    ap.add_argument("--cells", help="only these cells (comma-separated indices, as in runs.csv)")
+    ap.add_argument("--seeds", help="only these seeds (comma-separated)")
+    args = ap.parse_args(argv)
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+    console = Console(highlight=False, emoji=False) if sys.stdout.isatty() else Console(highlight=False, width=160)
+    try:
+        exp = spec.load(args.experiment)
+        cells = _ints(args.cells, "--cells") if args.cells else None
+        seeds = _ints(args.seeds, "--seeds") if args.seeds else None
+    except (spec.ExperimentError, ValueError) as e:
+        err.print(f"error: {e}", markup=False)
+        return 2
+    if cells is not None and (bad := [c for c in cells if not 0 <= c < len(exp.cells)]):
+        err.print(f"error: {args.experiment}: --cells: no cell {bad[0]} (cells 0 to {len(exp.cells) - 1})", markup=False)
+        return 2
+    if seeds is not None and (bad := [s for s in seeds if s not in exp.seeds]):
+        err.print(f"error: {args.experiment}: --seeds: seed {bad[0]} is not one of the experiment's", markup=False)
+        return 2
+    if args.jobs < 1:
+        err.print(f"error: {args.experiment}: --jobs: must be >= 1", markup=False)
+        return 2
+    problem = _check_algorithms(exp)
+    if problem:
+        err.print(f"error: {problem}", markup=False)
+        return 2
+    out = args.out or Path("results") / "experiments" / exp.name
+    runs = grid_run.selected(exp, cells, seeds)
+    try:
+        (out / grid_run.RUNS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err.print(f"error: --out: cannot create {out}: {e.strerror or e}", markup=False)
+        return 2
+    grid_run.clean_partial(out)
+    todo = [r for r in runs if not grid_run.done(out, r)]
+    console.print(f"{exp.name}: {len(exp.cells)} cell(s) x {len(exp.algorithms)} algorithm(s) x "
+                  f"{len(exp.seeds)} seed(s); {len(runs)} run(s) selected, {len(runs) - len(todo)} already done, "
+                  f"{len(todo)} to run", markup=False)
+    t0 = time.perf_counter()
+    timing: dict[str, float] = {}
+    try:
+        with pool(args.jobs, args.cluster, _ignore_sigint) as ex:
+            _run_grid(exp, todo, out, ex, console, timing)
+    except ClusterUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        left = sum(not grid_run.done(out, r) for r in runs)
+        err.print(f"interrupted: {len(runs) - left} of {len(runs)} runs done; the same command runs the other "
+                  f"{left}", markup=False)
+        return 130
+    command = " ".join(["python -m runners.sweep", str(args.experiment),
+                        *([f"--out {args.out}"] if args.out else []),
+                        *([f"--cells {args.cells}"] if args.cells else []),
+                        *([f"--seeds {args.seeds}"] if args.seeds else [])])
+    rows, _ = grid_run.write_outputs(exp, runs, out, command, timing)
+    failed = [r for r in rows if r["status"] != grid_run.STATUS_DONE]
+    for r in failed[:10]:
+        err.print(f"failed: cell {r['cell']}, {r['algorithm']}, seed {r['seed']}: {r['status']} "
+                  f"({out / grid_run.RUNS / r['run']})", markup=False)
+    if len(failed) > 10:
+        err.print(f"... and {len(failed) - 10} more failed run(s): see runs.csv", markup=False)
+    console.print(f"ran {len(todo)} run(s) in {time.perf_counter() - t0:.0f} s; {len(rows) - len(failed)} of "
+                  f"{len(rows)} completed; wrote {out}/runs.csv, summary.csv, README.md", markup=False)
+    return 1 if failed else 0
+
+
+def _check_algorithms(exp: Any) -> str | None:
+    """Every algorithm loads (plug-ins included) and takes every cell's size: else why not."""
+    from testbed.placement.plugins import PluginRefused
+    from testbed.placement.registry import lookup, size_problem
+
+    for i, name in enumerate(exp.algorithms):
+        try:
+            lookup(name)
+        except PluginRefused as e:
+            return f"{exp.file}: algorithms[{i}]: {e}"
+        for cell in exp.cells:
+            scen = next(r.scenario for r in exp.runs if r.cell is cell)
+            why = size_problem(name, scen.model.layers, len(scen.devices) + len(scen.joins()))
+            if why:
+                return f"{exp.file}: algorithms[{i}]: cell {cell.index} ({cell.label()}): {why}"
+    return None
+
+
+def _run_grid(exp: Any, todo: list[Any], out: Path, ex: Executor, console: Console,
+              timing: dict[str, float]) -> None:
+    from testbed.experiments import grid_run
+
+    bar = Progress(TextColumn(f"[bold]{exp.name}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console,
+                   disable=not console.is_terminal)
+    futs = [ex.submit(grid_run.run_one, grid_run.job(exp, r, out)) for r in todo]
+    try:
+        with bar:
+            task = bar.add_task(exp.name, total=len(todo))
+            for f in as_completed(futs):
+                try:
+                    res = f.result()
+                    timing[res["key"]] = res["wall_s"]
+                except Exception as e:  # noqa: BLE001 (a worker lost: that run stays missing, the rest go on)
+                    console.print(f"a run's worker failed: {type(e).__name__}: {e}", markup=False)
+                bar.advance(task)
+    except KeyboardInterrupt:
+        for f in futs:
+            f.cancel()  # the runs under way end and are kept; the rest are not started
+        raise
 
 
 if __name__ == "__main__":

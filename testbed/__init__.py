@@ -5,8 +5,9 @@ Owns nothing but the layer order of its packages, top down (`LAYERS`): `experime
 run end to end, its calibration and verdicts, the paper's experiments and their report),
 `webview` (watching runs), `harness` (the emulated world), `agents` (the system under test),
 `transport`, `emulation` (clock, links, compute, memory), `analytic` (the paper-style
-instances and their analytic simulation), `scenario` (the format), `placement` (the problem,
-the algorithms and the control policy), `model` (sizes, costs, torch blocks), `results`
+instances and their analytic simulation), `grid` (experiment files: a grid of scenario
+values, algorithms and seeds, and its statistics), `scenario` (the format), `placement` (the
+problem, the algorithms and the control policy), `model` (sizes, costs, torch blocks), `results`
 (writing and reading run directories) and `common` (units and the percentile). A package
 may import those below it, never those above; nothing here imports `runners` or `tools`.
 `PURE` names the pure core: no asyncio, no aiohttp and no torch, however indirectly.
@@ -14,5 +15,5 @@ tests/test_imports.py enforces both.
 """
 
 LAYERS = ("experiments", "webview", "harness", "agents", "transport", "emulation", "analytic",
-          "scenario", "placement", "model", "results", "common")
-PURE = ("analytic", "scenario", "placement", "results", "common", "model.spec", "model.cost", "emulation.bucket")
+          "grid", "scenario", "placement", "model", "results", "common")
+PURE = ("analytic", "grid", "scenario", "placement", "results", "common", "model.spec", "model.cost", "emulation.bucket")

@@ -10,6 +10,10 @@ whether every token equals the reference. Statistics come from the CSV rows, so 
 runs are compared over the tokens they produced (a window a run did not finish is marked
 with *). `--csv` also writes the table, one row per run (window columns are named
 `mean_ms_tokens_<from>_<to>`). Exit status: 0 done, 2 bad input (one line on stderr).
+
+An experiment directory (`python -m runners.sweep EXPERIMENT.yaml`, docs/experiments.md:
+one with `summary.csv` and `experiment.yaml`) is shown as its summary instead: per cell and
+algorithm the mean, 95 % interval and n of `--figure` (default latency_mean_ms).
 """
 
 from __future__ import annotations
@@ -45,7 +49,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Compare runs side by side: latency overall and between scenario events.")
     add_runs_argument(p)
     p.add_argument("--csv", type=Path, metavar="PATH", help="also write the table as CSV")
+    p.add_argument("--figure", default="latency_mean_ms",
+                   help="experiment directories: the figure of summary.csv to show (default latency_mean_ms)")
     return p.parse_args(argv)
+
+
+def is_experiment(path: str) -> bool:
+    return (Path(path) / "summary.csv").is_file() and (Path(path) / "experiment.yaml").is_file()
+
+
+def experiment_table(path: str, figure: str) -> Table:
+    """An experiment directory's summary.csv for one figure: a row per cell and algorithm."""
+    import csv as csv_mod
+
+    try:
+        with open(Path(path) / "summary.csv", newline="") as f:
+            rows = list(csv_mod.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv_mod.Error) as e:
+        raise RunsError(f"{path}/summary.csv: cannot read ({e})") from None
+    need = ("cell", "algorithm", "figure", "n", "failed", "mean", "ci95_low", "ci95_high")
+    if rows and (missing := [c for c in need if c not in rows[0]]):
+        raise RunsError(f"{path}/summary.csv: no column {missing[0]!r}: not an experiment's summary")
+    figures = sorted({r["figure"] for r in rows})
+    if figure not in figures:
+        raise RunsError(f"{path}: --figure: no figure {figure!r} in summary.csv (figures: {', '.join(figures)})")
+    axes = [c for c in (rows[0] if rows else {}) if c not in (*need, "sd")]
+    t = Table(title=f"{escape(Path(path).name)}: {escape(figure)}, mean [95 % interval] (n)", title_justify="left")
+    for col in ("cell", *axes, "algorithm"):
+        t.add_column(escape(col))
+    for col in ("mean", "95 % interval", "n", "failed"):
+        t.add_column(col, justify="right")
+
+    def num(x: str) -> str:
+        return "-" if x == "" else f"{float(x):.3f}"
+
+    for r in rows:
+        if r["figure"] != figure:
+            continue
+        ci = "-" if r["ci95_low"] == "" else f"{num(r['ci95_low'])} .. {num(r['ci95_high'])}"
+        t.add_row(r["cell"], *(escape(r[a]) for a in axes), escape(r["algorithm"]), num(r["mean"]), ci, r["n"],
+                  r["failed"])
+    return t
 
 
 def window_bounds(runs: list[Run]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -136,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(highlight=False)
     if not out.is_terminal:  # logs and pipes: wide enough for the table
         out = Console(highlight=False, width=160)
+    experiments = [p for p in args.runs if is_experiment(p)]
+    args.runs = [p for p in args.runs if p not in experiments]
     try:
+        for path in experiments:
+            out.print(experiment_table(path, args.figure))
+        if not args.runs:
+            return 0
         runs = load_runs(args.runs)
         all_rows: list[dict[str, Any]] = []
         window_cols: list[str] = []

@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -259,8 +260,8 @@ class Controller:
         self.window.observe(k, devices)
 
     async def _telemetry_round(self) -> None:
-        replies = await self.requests.ask({d: {"t": P.TELEMETRY, "probe_bytes": self.opt.probe_bytes}
-                                   for d in self.alive()}, "telemetry")
+        replies = await self.requests.ask({d: partial(P.Telemetry, probe_bytes=self.opt.probe_bytes)
+                                           for d in self.alive()}, "telemetry")
         for d, r in replies.items():
             self.beliefs.telemetry(d, r)
 
@@ -332,7 +333,7 @@ class Controller:
             raise RunFailed(f"{self._seq} attempts: more than a run of this scenario can need")
         fut: asyncio.Future[tuple[torch.Tensor, float | None]] = self.loop.create_future()
         self._token_fut = fut
-        self.port.send(self.source_name, {"t": P.GEN, "seq": self._seq, "tokens": tokens, "pos": pos})
+        self.port.send(self.source_name, P.Gen(self._seq, tuple(tokens), pos).wire())
         limit = self.opt.stall_min_s
         if math.isfinite(predicted_ms):
             limit = max(limit, self.opt.stall_factor * predicted_ms / 1e3)
@@ -354,7 +355,7 @@ class Controller:
         await self._attempt((self.prompt + self.ids)[:n], 0, replay=True)
 
     async def abort(self) -> None:
-        await self.requests.ask({d: {"t": P.ABORT, "seq": self._seq} for d in self.alive()}, "abort")
+        await self.requests.ask({d: partial(P.Abort, seq=self._seq) for d in self.alive()}, "abort")
 
     async def produce(self, k: int) -> dict[str, Any]:
         """Produce token k (k = 0 is the prefill); returns its tokens.csv row."""

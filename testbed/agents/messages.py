@@ -248,9 +248,10 @@ COUNTERS = frozenset(("current", "peak", "high", "max", "oom", "max_bytes", "hig
 
 
 class Message:
-    """Base of every record: a frozen dataclass whose fields are the message's. Read as
-    attributes; `m["field"]` and `m.get("field")` also work (call sites that used the
-    wire maps). `wire()` gives the map to send."""
+    """Base of every record: a frozen dataclass whose fields are the message's, stated once:
+    the keys its wire map may hold (`wire_keys`) are its fields, and a sender builds the
+    record and sends `wire()`. Read as attributes; `m["field"]` and `m.get("field")` also
+    work (call sites that used the wire maps)."""
 
     __slots__ = ()
     KIND: ClassVar[str]
@@ -276,6 +277,15 @@ class Message:
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
+
+    @classmethod
+    def wire_keys(cls) -> frozenset[str]:
+        """The keys its wire map may hold besides "t": the record's fields."""
+        return frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+
+    def answered_by(self, device: str) -> frozenset[str]:
+        """Who may acknowledge this request when it is sent to `device`."""
+        return frozenset((device,))
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.KIND}
@@ -315,7 +325,6 @@ class Gen(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Gen:
-        f.extra(frozenset(("seq", "tokens", "pos")))
         toks = f.m.get("tokens")
         pos = f.int_("pos", 0, b.max_rows - 1)
         lo, hi = _rows(f, b, pos)
@@ -338,7 +347,6 @@ class Hidden(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Hidden:
-        f.extra(frozenset(("seq", "layer", "pos", "x")))
         s = b.model
         pos = f.int_("pos", 0, b.max_rows - 1)
         x = f.tensor("x", (None, s.d_model), TORCH_DTYPES[s.dtype], _rows(f, b, pos))
@@ -361,7 +369,6 @@ class Heads(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Heads:
-        f.extra(frozenset(("seq", "layer", "pos", "groups", "out")))
         s = b.model
         groups = f.m.get("groups")
         if not isinstance(groups, list) or not 0 < len(groups) <= s.groups or len(set(map(repr, groups))) != len(groups):
@@ -381,7 +388,6 @@ class Out(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Out:
-        f.extra(frozenset(("seq", "x")))
         x = f.tensor("x", (None, b.model.d_model), TORCH_DTYPES[b.model.dtype], (1, b.max_rows))
         return cls(f.seq(b), x)
 
@@ -395,7 +401,6 @@ class Logits(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Logits:
-        f.extra(frozenset(("seq", "logits", "at")))
         return cls(f.seq(b), f.tensor("logits", (b.model.vocab,), torch.float32),
                    f.num("at", -math.inf, math.inf, optional=True))
 
@@ -408,7 +413,6 @@ class Load(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Load:
-        f.extra(frozenset(("rid", "blocks")))
         return cls(f.rid(), f.blocks("blocks", b))
 
 
@@ -427,7 +431,6 @@ class Route(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Route:
-        f.extra(frozenset(("rid", "version", "devices", "assign")))
         devices, assign = f.m.get("devices"), f.m.get("assign")
         if not isinstance(devices, list) or not 0 < len(devices) <= MAX_DEVICES or len(set(map(repr, devices))) != len(devices):
             raise f.fail("devices", f"must list 1 to {MAX_DEVICES} distinct devices")
@@ -448,7 +451,6 @@ class Reserve(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Reserve:
-        f.extra(frozenset(("rid", "blocks")))
         v = f.m.get("blocks")
         if not isinstance(v, dict) or len(v) > len(b.model.blocks):
             raise f.fail("blocks", "must map at most every block of the model to a size in bytes")
@@ -465,9 +467,12 @@ class Migrate(Message):
     block: str
     to: str
 
+    def answered_by(self, device: str) -> frozenset[str]:
+        """Its destination, once the block is installed; its source, when it cannot send."""
+        return frozenset((device, self.to))
+
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Migrate:
-        f.extra(frozenset(("rid", "block", "to")))
         return cls(f.rid(), f.block("block", b), f.device("to", b))
 
 
@@ -484,7 +489,6 @@ class BlockSnapshot(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> BlockSnapshot:
-        f.extra(frozenset(("rid", "block", "w", "k", "v")))
         name = f.block("block", b)
         kind = Block.parse(name).kind
         dt = TORCH_DTYPES[b.model.dtype]
@@ -509,7 +513,6 @@ class Abort(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Abort:
-        f.extra(frozenset(("rid", "seq")))
         return cls(f.rid(), f.seq(b))
 
 
@@ -521,7 +524,6 @@ class Telemetry(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Telemetry:
-        f.extra(frozenset(("rid", "probe_bytes")))
         return cls(f.rid(), f.int_("probe_bytes", 0, (1 << 20) - 1))
 
 
@@ -533,7 +535,6 @@ class Probe(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Probe:
-        f.extra(frozenset(("pad", "n")))
         pad = f.m.get("pad")
         if not isinstance(pad, bytes) or len(pad) > MAX_PROBE:
             raise f.fail("pad", f"must be at most {MAX_PROBE} bytes")
@@ -612,8 +613,12 @@ class Ack(Message):
     reply: MappingProxyType  # the answer's fields (REPLY_FIELDS)
 
     @classmethod
+    def wire_keys(cls) -> frozenset[str]:
+        """rid, ok, device, and on the wire beside them the answer's fields."""
+        return frozenset(("rid", "ok", "device", *REPLY_FIELDS))
+
+    @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Ack:
-        f.extra(frozenset(("rid", "ok", "device", *REPLY_FIELDS)))
         reply = {k: REPLY_FIELDS[k](f, b) for k in REPLY_FIELDS if k in f.m}
         return cls(f.rid(), f.bool_("ok"), f.device("device", b), MappingProxyType(reply))
 
@@ -654,7 +659,6 @@ class Error(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Error:
-        f.extra(frozenset(("kind", "device", "detail", "seq", "layer", "bytes", "memory", "at")))
         kind = f.m.get("kind")
         if kind not in ("oom", "agent"):
             raise f.fail("kind", f"must be oom or agent, got {show(kind)}")
@@ -674,7 +678,6 @@ class Pressure(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Pressure:
-        f.extra(frozenset(("device", "memory", "at")))
         return cls(f.device("device", b), f.counters(), f.num("at", -math.inf))  # type: ignore[arg-type]
 
 
@@ -689,7 +692,6 @@ class LinkChange(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> LinkChange:
-        f.extra(frozenset(("device", "peer", "rate", "latency", "at")))
         device, peer = f.device("device", b), f.device("peer", b)
         if peer == device:
             raise f.fail("peer", "a link joins two different devices")
@@ -704,7 +706,6 @@ class Down(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Down:
-        f.extra(frozenset(("device",)))
         device = f.device("device", b)
         if device == b.source:
             raise f.fail("device", "the source cannot report itself gone")
@@ -722,7 +723,6 @@ class Join(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Join:
-        f.extra(frozenset(("device", "memory", "flops", "host_blocks", "at")))
         return cls(f.device("device", b), f.counters(), f.num("flops", MIN_FLOPS, 1e18),  # type: ignore[arg-type]
                    f.bool_("host_blocks"), f.num("at", -math.inf))  # type: ignore[arg-type]
 
@@ -747,7 +747,9 @@ def _parse(raw: object, b: Bounds) -> Message:
     cls = TABLE.get(raw.get("t"))  # type: ignore[arg-type]
     if cls is None:
         raise ProtocolError(f"unknown message kind {show(raw.get('t'))}")
-    return cls.parse(_Fields(raw, cls.KIND), b)
+    f = _Fields(raw, cls.KIND)
+    f.extra(cls.wire_keys())
+    return cls.parse(f, b)
 
 
 def for_device(raw: object, sender: str, me: str, b: Bounds) -> Message:

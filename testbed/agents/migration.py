@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from functools import partial
+from types import MappingProxyType
 
 from ..model import cost
 from ..model.spec import Block, ModelSpec
@@ -18,7 +19,7 @@ from . import messages as P
 from .beliefs import Beliefs
 from .errors import RunFailed
 from .parts import Progress, Recorder, Stats
-from .requests import Requests
+from .requests import Make, Requests
 
 
 class Migrator:
@@ -35,7 +36,7 @@ class Migrator:
         by_dev: dict[str, list[str]] = {}
         for block, dev in where.items():
             by_dev.setdefault(dev, []).append(block)
-        replies = await self.requests.ask({d: {"t": P.LOAD, "blocks": names} for d, names in by_dev.items()}, what)
+        replies = await self.requests.ask({d: partial(P.Load, blocks=tuple(names)) for d, names in by_dev.items()}, what)
         for d in by_dev:
             r = replies.get(d)
             if r is None or not r["ok"]:
@@ -43,10 +44,10 @@ class Migrator:
                 self.rec.event(self.at.now(), self.at.k, "infeasible", d, detail)
                 raise RunFailed(f"infeasible: {d} refused blocks at {what} ({detail})")
 
-    def route_message(self, placement: Placement) -> dict[str, Any]:
-        """The routing of `placement` at the current version."""
-        return {"t": P.ROUTE, "version": self.route_version, "devices": list(self.beliefs.names),
-                "assign": list(placement.assign)}
+    def route_message(self, placement: Placement) -> Make:
+        """The routing of `placement` at the current version, as a request."""
+        return partial(P.Route, version=self.route_version, devices=tuple(self.beliefs.names),
+                       assign=tuple(placement.assign))
 
     async def route(self, placement: Placement) -> None:
         """Switch routing on every live device to `placement` (sources free what left)."""
@@ -66,7 +67,8 @@ class Migrator:
         by_dst: dict[str, dict[str, int]] = {}
         for b, _, c in moves:
             by_dst.setdefault(names[c], {})[b.name] = sizes[b.name]
-        acks = await self.requests.ask({d: {"t": P.RESERVE, "blocks": bl} for d, bl in by_dst.items()}, "reservation")
+        acks = await self.requests.ask({d: partial(P.Reserve, blocks=MappingProxyType(bl)) for d, bl in by_dst.items()},
+                                       "reservation")
         reserved = {name for a in acks.values() for name in a["reserved"]}
         go = []
         down = [] if view is None else [
@@ -78,7 +80,7 @@ class Migrator:
             reserved.discard(b.name)
             by_dst[names[c]].pop(b.name, None)
         if down:
-            await self.requests.ask({names[c]: {"t": P.CANCEL, "blocks": [b.name]} for b, _, c in down
+            await self.requests.ask({names[c]: partial(P.Cancel, blocks=(b.name,)) for b, _, c in down
                              if names[c] in self.beliefs.alive_names()}, "cancel")
         for b, a, c in moves:
             if (b, a, c) in down:
@@ -91,7 +93,7 @@ class Migrator:
                                f"from={names[a]} to={names[c]} bytes={sizes[b.name]} (no room at destination)")
         # phase 2: snapshots over the links; the destination acknowledges the install
         starts = {b.name: self.loop.time() for b, _, _ in go}
-        futs = [self.requests.request(names[a], {"t": P.MIGRATE, "block": b.name, "to": names[c]}) for b, a, c in go]
+        futs = [self.requests.request(names[a], partial(P.Migrate, block=b.name, to=names[c])) for b, a, c in go]
         if futs:
             await asyncio.wait(futs, timeout=self._timeout(view, go, n))
         assign = list(self.placement.assign)
@@ -115,7 +117,7 @@ class Migrator:
                                f"from={names[a]} to={names[c]} bytes={sizes[b.name]} {why}")
                 failed.setdefault(names[c], []).append(b.name)
         alive = set(self.beliefs.alive_names())
-        cancel = {d: {"t": P.CANCEL, "blocks": bl} for d, bl in failed.items() if d in alive}
+        cancel: dict[str, Make] = {d: partial(P.Cancel, blocks=tuple(bl)) for d, bl in failed.items() if d in alive}
         await self.requests.ask(cancel, "cancel")  # give back the reservations of moves that did not happen
         new = Placement(self.model, tuple(assign))
         changes = [(b.name, names[c]) for b, _, c in self.placement.moves(new)]

@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import ProtocolError, RunFailed
 from .parts import Port
 
 if TYPE_CHECKING:  # (the protocol's records hold tensors: this part stays torch-free)
-    from .messages import Ack
+    from .messages import Ack, Message
 
-MIGRATE = "migrate"  # protocol.MIGRATE: answered by its destination
+# a request as its sender states it: the record, given the request id this part assigns
+Make = Callable[[int], "Message"]
 
 
 class Requests:
@@ -29,20 +30,20 @@ class Requests:
                  on_silent: Callable[[str, str], None]) -> None:
         self.port, self.loop, self.timeout_s, self.on_silent = port, loop, timeout_s, on_silent
         self._rid = itertools.count(1)
-        self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+        self._pending: dict[int, tuple[str, asyncio.Future[Ack]]] = {}
         self._asked: dict[int, tuple[str, frozenset[str]]] = {}  # rid -> (request, who may answer)
 
-    def request(self, dev: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    def request(self, dev: str, make: Make) -> asyncio.Future[Ack]:
         rid = next(self._rid)
-        fut = self.loop.create_future()
+        msg = make(rid)
+        fut: asyncio.Future[Ack] = self.loop.create_future()
         self._pending[rid] = (dev, fut)
-        self._asked[rid] = (msg["t"], frozenset((dev, msg["to"])) if msg["t"] == MIGRATE else frozenset((dev,)))
+        self._asked[rid] = (msg.KIND, msg.answered_by(dev))
         fut.add_done_callback(lambda _: self._asked.pop(rid, None))
-        self.port.send(dev, {**msg, "rid": rid})
+        self.port.send(dev, msg.wire())
         return fut
 
-    async def ask(self, requests: dict[str, dict[str, Any]], what: str,
-                  timeout: float | None = None) -> dict[str, dict[str, Any]]:
+    async def ask(self, requests: dict[str, Make], what: str, timeout: float | None = None) -> dict[str, Ack]:
         """Send one request per device and wait for the answers. A device that does not
         answer in time is unreachable: it is treated as lost and left out of the result."""
         futs = {d: self.request(d, m) for d, m in requests.items()}
@@ -71,7 +72,7 @@ class Requests:
         m.answers(request)
         entry = self._pending.pop(m.rid, None)
         if entry is not None and not entry[1].done():
-            entry[1].set_result(m)  # type: ignore[arg-type]
+            entry[1].set_result(m)
 
     def fail_device(self, device: str, err: Exception) -> None:
         """Everything that waits on `device` fails with `err`."""

@@ -202,7 +202,7 @@ class AgentProcess:
         n = 0
         while n < count and loop.time() < end:
             while link.bucket.queued < 4 and n < count:  # never idle: a few frames always wait
-                self.agent.send(peer, {"t": "probe", "pad": bytes(size), "n": n})
+                self.agent.send(peer, P.Probe(bytes(size), n).wire())
                 n += 1
             await asyncio.sleep(0.0005)
         while link.in_flight and loop.time() < end + 5:
