@@ -11,7 +11,8 @@ are kept; the same command resumes).
 The paper's sweeps (every algorithm on identical random instances): (the paper's claims): `optimality` (3, 4 and 5 devices; per-token latency of every
 algorithm divided by the exact optimum's), `scale` (25 and 48 devices, long generations:
 head-level algorithms against layer-based partitioning), `paper` (both, written to
-results/paper/ with tables and figures: the committed reference results).
+results/paper/ with tables and figures: the committed reference results). `--roofline`
+gives the devices a memory bandwidth too (optimality and scale only; docs/devices.md).
 Analytic mode (testbed/analytic/simulate.py): the shared estimator instead of emulated agents; every
 output says so. Instances and seeds are identical for every algorithm; jobs run in
 parallel processes (`--jobs`), or on a Dask cluster (`--cluster ADDRESS`, or `local` for
@@ -67,13 +68,14 @@ SCALE_LS_EVALS = 3000
 
 
 def _job(kind: str, devices: int, model: str, index: int, seed: int, tokens: int, interval: int,
-         algorithms: list[str]) -> list[dict[str, Any]]:
-    """One instance, every algorithm (runs in a worker process)."""
+         algorithms: list[str], roofline: bool = False) -> list[dict[str, Any]]:
+    """One instance, every algorithm (runs in a worker process); `roofline`: the devices
+    have a memory bandwidth too (the same instance otherwise)."""
     import torch  # noqa: F401  (imported by the registry anyway; keep threads low)
 
     torch.set_num_threads(1)
     rng = np.random.default_rng([seed, devices, index, OPT_MODELS.index(model) if model in OPT_MODELS else 99])
-    inst = make_instance(model, devices, tokens, rng, ident=f"{kind}-{devices}-{index}")
+    inst = make_instance(model, devices, tokens, rng, ident=f"{kind}-{devices}-{index}", roofline=roofline)
     rows = []
     for name in algorithms:
         alg = get_algorithm(name)
@@ -83,7 +85,8 @@ def _job(kind: str, devices: int, model: str, index: int, seed: int, tokens: int
         r = simulate(inst, alg, interval=interval)
         rows.append({"experiment": kind, "mode": "analytic", "devices": devices, "instance": index,
                      "model": model, "bandwidth_class": inst.bandwidth_class, "prompt": inst.prompt,
-                     "interval": interval, "seed": seed, **r.row(), "wall_s": time.perf_counter() - t0})
+                     "interval": interval, "seed": seed, **({"compute_model": "roofline"} if roofline else {}),
+                     **r.row(), "wall_s": time.perf_counter() - t0})
     return rows
 
 
@@ -179,7 +182,7 @@ def optimality(args: argparse.Namespace, ex: Executor,
     algs = args.algorithms.split(",") if args.algorithms else OPT_ALGS
     if "optimal" not in algs:
         algs = ["optimal", *algs]
-    jobs = [("optimality", d, OPT_MODELS[i % len(OPT_MODELS)], i, args.seed, args.tokens or 16, 1, algs)
+    jobs = [("optimality", d, OPT_MODELS[i % len(OPT_MODELS)], i, args.seed, args.tokens or 16, 1, algs, args.roofline)
             for d in (3, 4, 5) for i in range(args.instances or 50)]
     rows = run_jobs(jobs, ex, console, "optimality")
     add_ratios(rows)
@@ -188,7 +191,7 @@ def optimality(args: argparse.Namespace, ex: Executor,
 
 def scale(args: argparse.Namespace, ex: Executor, console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     algs = args.algorithms.split(",") if args.algorithms else SCALE_ALGS
-    jobs = [("scale", d, m, i, args.seed, args.tokens or 1000, 4, algs)
+    jobs = [("scale", d, m, i, args.seed, args.tokens or 1000, 4, algs, args.roofline)
             for d, m in SCALE_CASES for i in range(args.instances or 3)]
     rows = run_jobs(jobs, ex, console, "scale")
     return rows, scale_table(rows)
@@ -217,9 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="directory for the CSVs (default results/sweeps/ or results/paper/)")
     ap.add_argument("--quick", action="store_true", help="a reduced version (CI): few instances and tokens")
     ap.add_argument("--no-check", action="store_true", help="paper: skip the report's emulator cross-check")
+    ap.add_argument("--roofline", action="store_true",
+                    help="devices also have a memory bandwidth (a job takes max(FLOPs / rate, bytes / bandwidth); "
+                         "docs/devices.md); not with `paper`, whose experiments keep the FLOP model")
     args = ap.parse_args(argv)
     if args.experiment not in PAPER_SWEEPS:
         return grid_main(args_in)
+    if args.roofline and args.experiment == "paper":
+        print("error: --roofline: the paper's experiments keep the FLOP model; run optimality or scale with it",
+              file=sys.stderr)
+        return 2
     if args.quick:
         args.instances = args.instances or 4
         args.tokens = args.tokens or 8
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --algorithm: unknown {', '.join(bad)} (known: {', '.join(ALGORITHM_NAMES)})", file=sys.stderr)
             return 2
     console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=160)
-    out = args.out or Path("results") / ("paper" if args.experiment == "paper" else "sweeps")
+    out = args.out or Path("results") / ("paper" if args.experiment == "paper" else
+                                         "sweeps_roofline" if args.roofline else "sweeps")
     t0 = time.perf_counter()
     from testbed.experiments.run import git_revision
 

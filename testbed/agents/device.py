@@ -95,7 +95,7 @@ class DeviceAgent:
             self.source_block = SourceBlock(model, weights.source())
             self.budget.charge("fixed", sum(t.nbytes for t in self.source_block.w.values()))
         self.budget.on_high = self.budget.on_pressure = self._pressure
-        self.compute = ComputeUnit(spec.name, spec.flops)
+        self.compute = ComputeUnit(spec.name, spec.flops, spec.bandwidth)
         self.blocks: dict[str, AnyBlock] = {}
         self.reserved: dict[str, int] = {}
         self.route_version = -1
@@ -484,7 +484,7 @@ class DeviceAgent:
         work = _logits(src, x)
         early = self._take_early(("z", seq), (src,), (x,))
         logits, done = await self.compute.run(cost.source_flops(self.model), _or_now(work) if early else work,
-                                              ready=ready, early=early)
+                                              ready=ready, early=early, nbytes=cost.source_bytes(self.model))
         if seq > self.floor and self.controller is not None:
             self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits, "at": done})
 
@@ -538,7 +538,8 @@ class DeviceAgent:
 
         early = self._take_early(("x", seq, layer, pos, tuple(groups)), heads, (x,))
         out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), commit,
-                                           ready=ready, early=early, on_result=self._ahead(seq, outputs))
+                                           ready=ready, early=early, on_result=self._ahead(seq, outputs),
+                                           nbytes=len(groups) * cost.span_bytes(s, "head", pos, T))
         if seq > self.floor:
             for dst, msg in outputs(out):
                 self._forward(dst, msg, done)
@@ -626,7 +627,8 @@ class DeviceAgent:
                  self._take_early(("p", seq, layer, pos), (block,), (x, *(outs[g] for g in range(s.groups))))
                  if outs is not None else None)
         y, done = await self.compute.run(cost.span_flops(s, kind, pos, x.shape[0]), _or_now(work) if early else work,
-                                         ready=ready, early=early, on_result=self._ahead(seq, outputs))
+                                         ready=ready, early=early, on_result=self._ahead(seq, outputs),
+                                         nbytes=cost.span_bytes(s, kind, pos, x.shape[0]))
         if seq <= self.floor:
             return
         for dst, msg in outputs(y):

@@ -38,6 +38,7 @@ from ..model.spec import ModelSpec, from_name
 from ..placement.policy import Decision, Policy, Stop, TokenCharge
 from ..placement.problem import DeviceState, LatencyModel, Placement, Snapshot, memory_need
 from ..placement.window import LoadWindow
+from ..scenario.presets import DEVICES as DEVICE_PRESETS
 
 GB = 1e9
 OPT_ALGS = ["optimal", "resource_aware", "resource_aware_ls", "static", "greedy", "round_robin",
@@ -51,6 +52,12 @@ LATENCY_RANGE = (1e-4, 1e-3)  # s per link
 PROMPT_RANGE = (16, 128)  # tokens
 MAX_LOAD = 0.3  # background load: up to this fraction of memory and compute, every token
 HEADROOM_WINDOW = 16  # tokens of background-load history the planner's memory view covers
+# With the roofline (`make_instance(..., roofline=True)`, `runners.sweep --roofline`) a device
+# also has a memory bandwidth: its FLOP/s over a machine balance (FLOPs per byte of memory
+# traffic) drawn log-uniformly over the range of the device presets' peak figures
+# (testbed/scenario/presets.py: from 7.5 for a Raspberry Pi 4 to 51 for a phone's GPU)
+BALANCE_RANGE = (min(p.compute_gflops / p.memory_bandwidth_gbps for p in DEVICE_PRESETS.values()),
+                 max(p.compute_gflops / p.memory_bandwidth_gbps for p in DEVICE_PRESETS.values()))
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class Instance:
     bandwidth_class: str
     tiers: tuple[str, ...]
     source: int = 0
+    memory_bandwidth: np.ndarray | None = None  # bytes/s per device, unloaded; None: the FLOP model
 
     @property
     def n_devices(self) -> int:
@@ -78,7 +86,9 @@ class Instance:
 
 def make_instance(spec: ModelSpec | str, n_devices: int, tokens: int, rng: np.random.Generator,
                   ident: str = "", max_load: float = MAX_LOAD, bandwidth_class: str | None = None,
-                  prompt: tuple[int, int] = PROMPT_RANGE) -> Instance:
+                  prompt: tuple[int, int] = PROMPT_RANGE, roofline: bool = False) -> Instance:
+    """A random instance; `roofline`: devices get a memory bandwidth too (drawn after
+    everything else, so the rest of the instance is the same either way)."""
     spec = from_name(spec) if isinstance(spec, str) else spec
     names = [t[0] for t in TIERS]
     probs, mems, flops = ([float(t[i]) for t in TIERS] for i in (1, 2, 3))
@@ -98,8 +108,11 @@ def make_instance(spec: ModelSpec | str, n_devices: int, tokens: int, rng: np.ra
     # the background load already ran before generation starts (HEADROOM_WINDOW tokens of
     # history), so the first plan sees it too
     load = rng.uniform(0.0, max_load, (HEADROOM_WINDOW + tokens, n_devices))
+    membw = None
+    if roofline:
+        membw = compute / np.exp(rng.uniform(np.log(BALANCE_RANGE[0]), np.log(BALANCE_RANGE[1]), n_devices))
     return Instance(ident, spec, memory, compute, rate, lat, p, tokens, load, bw,
-                    tuple(names[i] for i in tier))
+                    tuple(names[i] for i in tier), memory_bandwidth=membw)
 
 
 @dataclass
@@ -140,8 +153,10 @@ def devices_at(inst: Instance, row: int) -> tuple[DeviceState, ...]:
     for i in range(inst.n_devices):
         mem, load = inst.memory[i], inst.load[row, i]
         taken = load * mem + (fixed if i == inst.source else 0)
+        membw = math.inf if inst.memory_bandwidth is None else float(inst.memory_bandwidth[i] * (1 - load))
         devices.append(DeviceState(f"d{i}", float(inst.flops[i] * (1 - load)),
-                                   int(max(0.0, DEFAULT_HIGH_SHARE * mem - taken)), True, True, int(max(0.0, mem - taken))))
+                                   int(max(0.0, DEFAULT_HIGH_SHARE * mem - taken)), True, True, int(max(0.0, mem - taken)),
+                                   membw))
     return tuple(devices)
 
 
@@ -309,7 +324,10 @@ def instance_to_scenario(inst: Instance, algorithm: str) -> dict[str, Any]:
     return {"version": 1, "name": inst.ident or "instance", "seed": 0, "model": {"preset": inst.spec.name},
             "generation": {"prompt_tokens": inst.prompt, "new_tokens": inst.tokens + 1},
             "devices": [{"name": n, "compute_gflops": float(inst.flops[i] / 1e9),
-                         "memory_mib": float(inst.memory[i] / MIB)} for i, n in enumerate(names)],
+                         "memory_mib": float(inst.memory[i] / MIB),
+                         **({} if inst.memory_bandwidth is None else
+                            {"memory_bandwidth_gbps": float(inst.memory_bandwidth[i] / 1e9)})}
+                        for i, n in enumerate(names)],
             "source": names[inst.source],
             "network": {"default": {"bandwidth_mbps": 100, "latency_ms": 1}, "links": links},
             "controller": {"algorithm": algorithm, "interval_tokens": 1, "telemetry": "oracle",

@@ -1,5 +1,7 @@
 """Compute-time emulation: a device with rate C FLOP/s finishes `flops` of work `flops / C`
-after it starts, one job at a time (FIFO). The real torch computation runs inside that
+after it starts, one job at a time (FIFO); a device with a memory bandwidth W bytes/s too
+takes max(flops / C, nbytes / W) for a job that moves `nbytes` (the roofline,
+`model.cost.roofline_time`). Slowdowns and background load scale C and W alike. The real torch computation runs inside that
 window; when it takes longer than the emulated time (real clock: it really does delay the
 device: when the torch work ends more than 5 % of the job's length after the job's emulated
 finish), the job is counted as an overrun and really ends when the work did. Both are
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, NamedTuple, TypeVar
 
+from ..model.cost import roofline_time
 from .clock import sleep_until
 
 T = TypeVar("T")
@@ -50,11 +53,14 @@ class ComputeUnit:
     LATE_SHARE = 0.05
     KEEP = 4096  # recent jobs whose host share is kept (bounded)
 
-    def __init__(self, name: str, flops: float) -> None:
+    def __init__(self, name: str, flops: float, bandwidth: float = math.inf) -> None:
         if flops <= 0:
             raise ValueError(f"{name}: compute rate must be > 0")
+        if bandwidth <= 0:
+            raise ValueError(f"{name}: memory bandwidth must be > 0")
         self.name = name
         self.base_flops = float(flops)
+        self.base_bandwidth = float(bandwidth)  # bytes/s; inf: the FLOP model
         self.factor = 1.0  # scenario slowdowns multiply the base rate
         self.load = 0.0  # the share a background co-tenant takes of what is left (per token)
         self._lock = asyncio.Lock()  # FIFO among waiters: one job at a time
@@ -78,13 +84,21 @@ class ComputeUnit:
         """Effective FLOP/s now."""
         return self.base_flops * self.factor * (1.0 - self.load)
 
-    def duration(self, flops: float) -> float:
-        return flops / self.rate
+    @property
+    def bandwidth(self) -> float:
+        """Effective memory bandwidth now (bytes/s; inf without one)."""
+        if self.base_bandwidth == math.inf:
+            return math.inf
+        return self.base_bandwidth * self.factor * (1.0 - self.load)
+
+    def duration(self, flops: float, nbytes: float = 0.0) -> float:
+        return roofline_time(flops, nbytes, self.rate, self.bandwidth)
 
     async def run(self, flops: float, fn: Callable[..., T], *args: object,
                   ready: float | None = None, early: Future[Ahead] | None = None,
-                  on_result: Callable[[T], None] | None = None) -> tuple[T, float]:
+                  on_result: Callable[[T], None] | None = None, nbytes: float = 0.0) -> tuple[T, float]:
         """Run fn inside the job's emulated window; returns (result, emulated finish).
+        `nbytes`: what the job moves through memory (matters with a bandwidth only).
         `early`: the job's arithmetic (an `Ahead`), started on a worker thread when its
         input's content reached the device ahead of its emulated arrival (real clock); `fn`
         then gets its value as its first argument when the window opens (it commits it:
@@ -96,7 +110,7 @@ class ComputeUnit:
             loop = asyncio.get_running_loop()
             now = loop.time()
             start = max(self._free_at, now if ready is None else min(ready, now))
-            emulated = self.duration(flops)
+            emulated = self.duration(flops, nbytes)
             w0 = time.perf_counter() if self.trace is not None else 0.0
             ahead: Ahead | None = None
             if early is None:

@@ -194,7 +194,7 @@ class Cluster:
         for name in self.names:
             a = self.agents[name]
             out.append(DeviceState.from_memory(name, a.compute.rate, a.budget.counters(), a.spec.host_blocks,
-                                               alive=name not in self.failed))
+                                               alive=name not in self.failed, bandwidth=a.compute.bandwidth))
         return tuple(out)
 
     def link_matrices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

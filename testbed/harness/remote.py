@@ -28,6 +28,7 @@ import asyncio
 import ctypes
 import itertools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -363,7 +364,8 @@ class ProcessCluster:
                 devices.append(DeviceState(name, 1.0, 0, False, alive=False))
                 continue
             d = DeviceRow.from_wire(r["device"])
-            devices.append(DeviceState.from_memory(name, d.compute_flops, d.memory.counters(), d.host_blocks))
+            devices.append(DeviceState.from_memory(name, d.compute_flops, d.memory.counters(), d.host_blocks,
+                                                   bandwidth=d.memory_bandwidth or math.inf))
             links += [(i, self.names.index(lk.dst), lk.rate, lk.latency, lk.burst)
                       for lk in map(LinkRow.from_wire, r["links"])]
         return Snapshot.build(self.model, devices, link_matrices(len(self.names), links),

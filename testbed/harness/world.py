@@ -8,6 +8,7 @@ call these on their agents directly; an agent process calls them when its runner
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -63,7 +64,7 @@ def device_row(agent: DeviceAgent) -> DeviceRow:
     c = agent.compute
     return DeviceRow(agent.name, MemoryRow(**agent.budget.counters()), agent.kv_bytes(), agent.weight_bytes(),
                      c.rate, c.jobs, c.overruns, share(c.host_shares, 95), share(c.host_shares, 99),
-                     agent.spec.host_blocks)
+                     agent.spec.host_blocks, c.bandwidth if math.isfinite(c.bandwidth) else 0.0)
 
 
 def share(xs: Collection[float], q: float) -> float:

@@ -1,4 +1,5 @@
-"""Bytes and FLOPs of every block, the source's fixed share, and message sizes (pure).
+"""Bytes and FLOPs of every block, the source's fixed share, message sizes and the roofline
+(a job's time from its FLOPs and the bytes it moves) (pure).
 
 Owns the bytes-and-FLOPs arithmetic of the placeable blocks (head, proj, ffn); the
 `tests/test_cost.py` check holds it to the live tensors (`nbytes` of weights and caches).
@@ -16,6 +17,7 @@ Extensions of the design formulas, so that the numbers equal the real tensors:
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 from .spec import Block, ModelSpec
@@ -107,6 +109,46 @@ def span_flops(spec: ModelSpec, block: Block | str, pos: float, tokens: int) -> 
         D, d, q = spec.d_model, spec.d_head, spec.q_per_group
         return tokens * 2.0 * D * d * (q + 2) + 4.0 * d * q * (tokens * pos + tokens * (tokens + 1) / 2)
     return tokens * decode_flops(spec, kind, 1)
+
+
+def span_bytes(spec: ModelSpec, block: Block | str, pos: float, tokens: int) -> float:
+    """Bytes a job moves through memory for `tokens` new positions pos .. pos+tokens-1 (as
+    `span_flops`): its weights read once, a head's K/V cache read over the pos + tokens
+    positions it attends to and written for the `tokens` new ones, and the activations read
+    and written (a head: x in, its q query heads' outputs out; proj: the concatenated head
+    outputs and the residual in, D out; ffn: D in, D out). What a memory-bound device pays
+    per job (`roofline_time`); prefill and decode alike."""
+    kind = block if isinstance(block, str) else block.kind
+    D, b = spec.d_model, spec.bytes_per_elem
+    w = float(weight_bytes(spec, kind))
+    if kind == "head":
+        kv = cache_bytes_per_token(spec)
+        return (w + kv * (pos + tokens) + kv * tokens
+                + tokens * (D + spec.q_per_group * spec.d_head) * b)
+    if kind == "proj":
+        return w + tokens * 3 * D * b
+    if kind == "ffn":
+        return w + tokens * 2 * D * b
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def source_bytes(spec: ModelSpec, tokens: int = 1) -> float:
+    """Bytes the source's LM head moves for `tokens` positions: the V x D head matrix (the
+    embedding when tied) and the final norm read, the hidden state in and the logits out."""
+    head = spec.vocab * spec.d_model + _norm_elems(spec)
+    return float((head + tokens * (spec.d_model + spec.vocab)) * spec.bytes_per_elem)
+
+
+def roofline_time(flops: float, nbytes: float, rate: float, bandwidth: float = math.inf) -> float:
+    """Seconds of a job of `flops` FLOPs moving `nbytes` bytes on a device of `rate` FLOP/s
+    and `bandwidth` bytes/s of memory bandwidth: max(flops / rate, nbytes / bandwidth), the
+    roofline. Without a bandwidth (inf) exactly flops / rate, the FLOP model. The one place
+    both the emulated compute unit and the estimator (`placement.problem.LatencyModel`) take
+    a job's time from."""
+    t = flops / rate
+    if bandwidth == math.inf:
+        return t
+    return max(t, nbytes / bandwidth)
 
 
 def source_weight_bytes(spec: ModelSpec) -> int:

@@ -66,7 +66,11 @@ def layer_ranges(snap: Snapshot) -> tuple[list[tuple[int, int, int]], float]:
     layer_flops = s.groups * model.head_flops(snap.n_mid) + model.proj_flops + model.ffn_flops
     layer_bytes = (s.groups * cost.block_bytes(s, "head", snap.n_end) + cost.block_bytes(s, "proj", snap.n_end)
                    + cost.block_bytes(s, "ffn", snap.n_end))
-    comp = layer_flops / model.flops[dev]  # [K] seconds per layer
+    if model.bound:  # each job on the roofline: the layer's heads as one job, proj, ffn
+        comp = (model.times(s.groups * model.head_flops(snap.n_mid), s.groups * model.head_bytes_moved(snap.n_mid))
+                + model.times(model.proj_flops, model.proj_bytes) + model.times(model.ffn_flops, model.ffn_bytes))[dev]
+    else:
+        comp = layer_flops / model.flops[dev]  # [K] seconds per layer
     max_layers = [min(L, snap.devices[j].capacity // layer_bytes) for j in order]
     H = link_times(model)
     Hd = H[np.ix_(dev, dev)]  # [K, K]
@@ -93,7 +97,7 @@ def layer_ranges(snap: Snapshot) -> tuple[list[tuple[int, int, int]], float]:
         best[:, i] = cand[k0, kk]
         from_k[:, i] = k0
         from_i[:, i] = prev[k0]
-    total = best[L] + link_times(model, model.tail_t)[dev, src] + cost.source_flops(s) / model.flops[src]
+    total = best[L] + link_times(model, model.tail_t)[dev, src] + model.lm_time
     i = int(total.argmin())
     if not math.isfinite(total[i]):
         raise Infeasible(f"layer_dp: no partition into contiguous layer ranges fits ({L} layers of "

@@ -170,11 +170,13 @@ class _Formulation:
         down = self.down = rate <= 0
         np.fill_diagonal(down, False)
         hf, pf, ff = model.head_flops(snap.n_mid), model.proj_flops, model.ffn_flops
-        self.lm = cost.source_flops(s) / C[src]
+        self.lm = model.lm_time
         tau = self.tau = I * (L * (G * hf + pf + ff) / max(C[j] for j in U) + self.lm)
         H = self.H = np.where(down, 0.0, link_times(model)) / tau  # only links that are up are used
         Ht = np.where(down, 0.0, link_times(model, model.tail_t)) / tau  # the last hidden state home
-        head_t, proj_t, ffn_t = hf / C / tau, pf / C / tau, ff / C / tau  # [V] each
+        # [V] each: a job's time on every device (the roofline where a device has a bandwidth)
+        head_t = model.times(hf, model.head_bytes_moved(snap.n_mid)) / tau
+        proj_t, ffn_t = model.times(pf, model.proj_bytes) / tau, model.times(ff, model.ffn_bytes) / tau
         opg, FO = model.head_per_group, model.head_base  # head-output frame: FO + k opg bytes
         views = layer_views(snap.current) if snap.current is not None else None
 

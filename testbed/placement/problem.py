@@ -51,6 +51,7 @@ class DeviceState:
     host_blocks: bool = True
     alive: bool = True
     hard_capacity: int = -1  # bytes up to the hard limit (-1: same as capacity)
+    bandwidth: float = math.inf  # effective memory bandwidth now, bytes/s (inf: the FLOP model)
 
     def __post_init__(self) -> None:
         if self.hard_capacity < 0:
@@ -62,13 +63,13 @@ class DeviceState:
 
     @classmethod
     def from_memory(cls, name: str, flops: float, mem: Mapping[str, int], host_blocks: bool = True,
-                    alive: bool = True) -> DeviceState:
+                    alive: bool = True, bandwidth: float = math.inf) -> DeviceState:
         """From a device's memory counters (`MemoryBudget.counters()`): blocks may use what
         the soft limit (`high`) leaves after the source's share, co-tenants (events' and the
         background load's) and pending reservations; `hard_capacity` is the same up to `max`."""
         other = mem["fixed_bytes"] + mem["pressure_bytes"] + mem["background_bytes"] + mem["reserved_bytes"]
         return cls(name, flops, max(0, mem["high_bytes"] - other), host_blocks, alive,
-                   max(0, mem["max_bytes"] - other))
+                   max(0, mem["max_bytes"] - other), bandwidth)
 
     def hard(self) -> DeviceState:
         return replace(self, capacity=self.hard_capacity)
@@ -212,7 +213,10 @@ class LatencyModel:
     """Per-token latency of a placement: the critical path of the dataflow, per layer.
     `tokens` > 1 models a prefill chunk (T positions in one pass).
 
-    What it models, as the emulator does it: compute jobs take FLOPs / FLOP/s; a frame of
+    What it models, as the emulator does it: compute jobs take FLOPs / FLOP/s, or on a
+    device with a memory bandwidth the roofline max(FLOPs / FLOP/s, bytes / bandwidth)
+    (`cost.roofline_time`, `cost.span_bytes`: a head job of k groups moves k groups'
+    bytes); a frame of
     b bytes on an idle link with burst credit B takes max(0, b - B) / rate + latency; the
     frames are the encoded messages with the transport's `frame_extra` (x and y `hidden`,
     z `output`, h `head_bytes(k)`; within a few bytes, see `cost.head_output_frame`);
@@ -226,6 +230,9 @@ class LatencyModel:
         self.snap = snap
         self.tokens = tokens
         self.flops = np.array([d.flops for d in snap.devices], dtype=float)
+        self.bandwidth = np.array([d.bandwidth for d in snap.devices], dtype=float)
+        # some device is memory-bound for some job: times come from the roofline
+        self.bound = bool(np.isfinite(self.bandwidth).any())
         self.rate, self.lat, self.burst = snap.rate, snap.latency, snap.burst
         extra = snap.frame_extra
         self.hidden = cost.hidden_bytes(s, tokens, extra)  # x into a layer, y from proj to ffn
@@ -237,7 +244,22 @@ class LatencyModel:
         self.tail_t = self.xfer_matrix(self.output)
         self.proj_flops = cost.span_flops(s, "proj", 0, tokens)
         self.ffn_flops = cost.span_flops(s, "ffn", 0, tokens)
+        self.proj_bytes = cost.span_bytes(s, "proj", 0, tokens)
+        self.ffn_bytes = cost.span_bytes(s, "ffn", 0, tokens)
         self.src = snap.source
+        self.lm_time = self.time(self.src, cost.source_flops(s), cost.source_bytes(s))
+
+    def time(self, j: int, flops: float, nbytes: float) -> float:
+        """Seconds of a job on device j (`cost.roofline_time`: flops / rate without a bandwidth)."""
+        return cost.roofline_time(flops, nbytes, float(self.flops[j]), float(self.bandwidth[j]))
+
+    def times(self, flops: float | np.ndarray, nbytes: float | np.ndarray) -> np.ndarray:
+        """`time` of a job on every device at once ([V]; flops and nbytes scalars or [V])."""
+        t = flops / self.flops
+        if not self.bound:
+            return t
+        with np.errstate(divide="ignore"):
+            return np.maximum(t, nbytes / self.bandwidth)
 
     def xfer_matrix(self, nbytes: float) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -259,6 +281,10 @@ class LatencyModel:
         """One head block's FLOPs for the step that ends at sequence length n."""
         return cost.span_flops(self.spec, "head", n - self.tokens, self.tokens)
 
+    def head_bytes_moved(self, n: float) -> float:
+        """Bytes one head block's job moves for the step that ends at sequence length n."""
+        return cost.span_bytes(self.spec, "head", n - self.tokens, self.tokens)
+
     def layer_time(self, u: int, heads: dict[int, int], proj: int, ffn: int, n: float) -> float:
         """Time from x being ready on device u to the layer's output being ready on ffn.
 
@@ -268,19 +294,20 @@ class LatencyModel:
         have gone through that link's bucket back to back, i.e. before
         xfer(u, proj, x + h bytes) (with full credit at the start this is exact: the later
         of the two bounds is when the outputs arrive)."""
-        hf = self.head_flops(n)
+        hf, hb = self.head_flops(n), self.head_bytes_moved(n)
         ready = self.hidden_t[u, proj]  # the residual
         for j, k in heads.items():
-            done = self.hidden_t[u, j] + k * hf / self.flops[j]
+            done = self.hidden_t[u, j] + self.time(j, k * hf, k * hb)
             h = self.head_bytes(k)
             ready = max(ready, done + self.xfer(j, proj, h))
             if j == u and u != proj:  # queued behind the residual on the link u -> proj
                 ready = max(ready, self.xfer(u, proj, self.hidden + h))
-        return ready + self.proj_flops / self.flops[proj] + self.hidden_t[proj, ffn] + self.ffn_flops / self.flops[ffn]
+        return (ready + self.time(proj, self.proj_flops, self.proj_bytes) + self.hidden_t[proj, ffn]
+                + self.time(ffn, self.ffn_flops, self.ffn_bytes))
 
     def tail_time(self, last_ffn: int) -> float:
         """Last hidden state back to the source, then the LM head there."""
-        return self.tail_t[last_ffn, self.src] + cost.source_flops(self.spec) / self.flops[self.src]
+        return self.tail_t[last_ffn, self.src] + self.lm_time
 
     def token_time(self, p: Placement, n: float) -> float:
         """Per-token latency (s) when the new token is position n (1-based)."""

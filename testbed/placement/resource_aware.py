@@ -109,6 +109,8 @@ def plan(snap: Snapshot) -> Placement:
     flops_of = {"head": model.head_flops(snap.n_mid), "proj": model.proj_flops, "ffn": model.ffn_flops}
     mem = np.array([mem_of[k] for k in kinds])
     flops = np.array([flops_of[k] for k in kinds])
+    bytes_of = {"head": model.head_bytes_moved(snap.n_mid), "proj": model.proj_bytes, "ffn": model.ffn_bytes}
+    moved = np.array([bytes_of[k] for k in kinds])
     demand = mem / capacity[usable].max() + flops / rate[usable].max()
     order = np.argsort(-demand, kind="stable")
 
@@ -120,6 +122,7 @@ def plan(snap: Snapshot) -> Placement:
                 lay.pos[i] = -1
     used = np.zeros(V)
     layer_load = np.zeros((s.layers, V))
+    layer_moved = np.zeros((s.layers, V))  # bytes of the heads of a layer on a device (one job)
     for i in order:
         i = int(i)
         layer, r = divmod(i, s.per_layer)
@@ -129,7 +132,8 @@ def plan(snap: Snapshot) -> Placement:
         if not feasible.any():
             raise Infeasible(f"{s.blocks[i].name} ({int(mem[i])} B) fits on no device "
                              f"(largest free: {int(avail[usable].max())} B)")
-        compute = ((layer_load[layer] if is_head else 0.0) + flops[i]) / rate
+        compute = model.times((layer_load[layer] if is_head else 0.0) + flops[i],
+                              (layer_moved[layer] if is_head else 0.0) + moved[i])
         comm = lay.comm(i)
         with np.errstate(divide="ignore"):
             memratio = np.where(avail > 0, mem[i] / avail, math.inf)
@@ -150,6 +154,7 @@ def plan(snap: Snapshot) -> Placement:
         used[j] += mem[i]
         if is_head:
             layer_load[layer, j] += flops[i]
+            layer_moved[layer, j] += moved[i]
     return Placement(s, tuple(int(x) for x in lay.pos))
 
 

@@ -4,7 +4,7 @@ Owns one rule, shared by the controller and the analytic simulation (testbed/ana
 when co-tenants take a different share of a device's memory and compute at every token, a
 plan made on the latest observation alone runs out of memory at the next token, and a
 compute rate read at one instant is noise. So the planner sees, per device, the mean
-compute rate and the least room for blocks (soft and hard) over the observations of the
+compute rate (and memory bandwidth) and the least room for blocks (soft and hard) over the observations of the
 last `tokens` tokens, the current one included. With `tokens` = 1 (the controller's
 default) the view is the latest observation unchanged.
 
@@ -28,7 +28,7 @@ class LoadWindow:
         if tokens < 1:
             raise ValueError(f"a load window covers at least one token, got {tokens}")
         self.tokens = tokens
-        # token -> (names of the devices alive then, [3, V] flops, capacity, hard capacity)
+        # token -> (names of the devices alive then, [4, V] flops, capacity, hard capacity, bandwidth)
         self._seen: dict[int, tuple[tuple[str, ...], np.ndarray]] = {}
 
     def observe(self, token: int, devices: Sequence[DeviceState]) -> tuple[DeviceState, ...]:
@@ -38,7 +38,8 @@ class LoadWindow:
         never observed alive in the window."""
         alive = [d for d in devices if d.alive]
         self._seen[token] = (tuple(d.name for d in alive),
-                             np.array([[d.flops, d.capacity, d.hard_capacity] for d in alive], float).T.reshape(3, -1))
+                             np.array([[d.flops, d.capacity, d.hard_capacity, d.bandwidth] for d in alive],
+                                      float).T.reshape(4, -1))
         for old in [k for k in self._seen if k <= token - self.tokens]:
             del self._seen[old]
         if self.tokens == 1:
@@ -46,12 +47,15 @@ class LoadWindow:
         names = self._seen[token][0]
         rows = [self._seen[k] for k in sorted(self._seen)]
         if all(n == names for n, _ in rows):  # the usual case: the same devices throughout
-            stack = np.stack([x for _, x in rows])  # [tokens, 3, V]
+            stack = np.stack([x for _, x in rows])  # [tokens, 4, V]
             flops, cap, hard = stack[:, 0].mean(axis=0), stack[:, 1].min(axis=0), stack[:, 2].min(axis=0)
+            bw = stack[:, 3].mean(axis=0)
         else:  # devices joined or left within the window: each over the tokens it was seen
             seen = [np.array([x[:, ns.index(n)] for ns, x in rows if n in ns]) for n in names]
             flops, cap, hard = (np.array([s[:, 0].mean() for s in seen]), np.array([s[:, 1].min() for s in seen]),
                                 np.array([s[:, 2].min() for s in seen]))
+            bw = np.array([s[:, 3].mean() for s in seen])
         at = {n: i for i, n in enumerate(names)}
         return tuple(replace(d, flops=float(flops[at[d.name]]), capacity=int(cap[at[d.name]]),
-                             hard_capacity=int(hard[at[d.name]])) if d.alive else d for d in devices)
+                             hard_capacity=int(hard[at[d.name]]), bandwidth=float(bw[at[d.name]]))
+                     if d.alive else d for d in devices)

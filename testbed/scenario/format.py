@@ -17,6 +17,7 @@ import re
 from ..model.spec import PRESETS
 from ..placement import ALGORITHM_NAMES
 from . import background as bg
+from . import presets
 from .reader import Reader
 
 MAX_TIME_SCALE = 10_000.0  # emulation.time_scale: at most this many wall seconds per emulated one
@@ -34,6 +35,7 @@ MAX_SEED = (1 << 63) - 1
 MAX_DEVICES = 256  # declared plus joining
 MAX_EVENTS = 10_000
 GFLOPS_RANGE = (1e-3, 1e6)  # compute_gflops: 1 MFLOP/s .. 1 PFLOP/s
+GBPS_RANGE = (1e-3, 1e5)  # memory_bandwidth_gbps: 1 MB/s .. 100 TB/s
 MAX_MEMORY_MIB = float(1 << 20)  # 1 TiB: memory_mib, memory_high_mib, take_mib, mib
 MAX_MEMORY_SHARE = 1000.0  # memory_share (a multiple of the whole model)
 MBPS_RANGE = (1e-3, 1e6)  # bandwidth_mbps: 1 kbit/s .. 1 Tbit/s (set_link may also give 0)
@@ -61,10 +63,11 @@ KEYS: dict[str, tuple[str, ...]] = {
          "network", "controller", "emulation", "events", "background_load"),
     "model": ("preset", "gguf", *MODEL_FIELDS),
     "generation": ("new_tokens", "prompt_tokens", "prompt"),
-    "devices[]": ("name", "compute_gflops", "memory_mib", "memory_share", "memory_high_mib", "host_blocks"),
+    "devices[]": ("name", "preset", "compute_gflops", "memory_bandwidth_gbps", "memory_mib", "memory_share",
+                  "memory_high_mib", "host_blocks"),
     "network": ("default", "links"),
-    "network.default": LINK_KEYS,
-    "network.links[]": ("between", *LINK_KEYS),
+    "network.default": ("preset", *LINK_KEYS),
+    "network.links[]": ("between", "preset", *LINK_KEYS),
     "controller": ("algorithm", "interval_tokens", "telemetry", "window_tokens"),
     "emulation": ("time_scale",),
     "events[]": ("at_token", "at_s", "action"),
@@ -84,6 +87,9 @@ ACTIONS: dict[str, tuple[str, ...]] = {
 # the values of the keys that name one of a few things (the reference lists them too)
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(PRESETS),
+    "devices[].preset": tuple(presets.DEVICES),
+    "network.default.preset": tuple(presets.LINKS),
+    "network.links[].preset": tuple(presets.LINKS),
     "controller.algorithm": ALGORITHM_NAMES,
     "controller.telemetry": ("measured", "oracle"),
     "events[].action": tuple(ACTIONS),

@@ -13,6 +13,7 @@ records; no asyncio, no torch, no IO. The records are importable from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from ..common.units import MIB, mbps_to_bytes
@@ -30,10 +31,17 @@ class DeviceSpec:
     memory_mib: float
     memory_high_mib: float  # resolved: default 90 % of memory_mib
     host_blocks: bool = True
+    memory_bandwidth_gbps: float | None = None  # GB/s (10^9 bytes/s); None: the FLOP model
+    preset: str | None = None  # the device preset its values came from (scenario/presets.py)
 
     @property
     def flops(self) -> float:
         return self.compute_gflops * 1e9
+
+    @property
+    def bandwidth(self) -> float:
+        """Memory bandwidth in bytes/s; inf without one (a job takes FLOPs / rate)."""
+        return math.inf if self.memory_bandwidth_gbps is None else self.memory_bandwidth_gbps * 1e9
 
     @property
     def memory_bytes(self) -> int:
@@ -50,6 +58,9 @@ class DeviceSpec:
             "memory_mib": self.memory_mib,
             "memory_high_mib": self.memory_high_mib,
             "host_blocks": self.host_blocks,
+            # only when given, so that a scenario without them resolves as before
+            **({"memory_bandwidth_gbps": self.memory_bandwidth_gbps} if self.memory_bandwidth_gbps is not None else {}),
+            **({"preset": self.preset} if self.preset is not None else {}),
         }
 
 

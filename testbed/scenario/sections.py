@@ -20,12 +20,14 @@ from typing import Any
 
 from ..common.units import DEFAULT_HIGH_SHARE, MIB
 from ..model.spec import PRESETS, ModelSpec
+from . import presets
 from .format import (
     ACTION_REQUIRED,
     ACTIONS,
     CHOICES,
     DEVICE_NAME,
     FACTOR_RANGE,
+    GBPS_RANGE,
     GFLOPS_RANGE,
     LINK_KEYS,
     MAX_AT_S,
@@ -167,12 +169,29 @@ def read_generation(r: FormatReader, value: object, model: ModelSpec) -> Generat
 
 
 def _device(r: FormatReader, value: object, path: str, whole: int) -> DeviceSpec:
-    d = r.section(value, path, "devices[]", ("name", "compute_gflops"))
+    d = r.section(value, path, "devices[]", ("name",))
     name = r.string(d["name"], f"{path}.name", pattern=DEVICE_NAME, max_len=MAX_NAME)
-    gflops = r.number(d["compute_gflops"], f"{path}.compute_gflops", ge=GFLOPS_RANGE[0], le=GFLOPS_RANGE[1])
-    if ("memory_mib" in d) == ("memory_share" in d):
+    preset = None
+    if "preset" in d:  # its values are the defaults of the keys below
+        preset = presets.DEVICES[r.choice(d["preset"], f"{path}.preset", CHOICES["devices[].preset"], "device preset")]
+    if "compute_gflops" in d:
+        gflops = r.number(d["compute_gflops"], f"{path}.compute_gflops", ge=GFLOPS_RANGE[0], le=GFLOPS_RANGE[1])
+    elif preset is not None:
+        gflops = preset.compute_gflops
+    else:
+        r.fail(path, "needs compute_gflops (or a preset that gives it)")
+    bandwidth = None
+    if "memory_bandwidth_gbps" in d:
+        bandwidth = r.number(d["memory_bandwidth_gbps"], f"{path}.memory_bandwidth_gbps",
+                             ge=GBPS_RANGE[0], le=GBPS_RANGE[1])
+    elif preset is not None:
+        bandwidth = preset.memory_bandwidth_gbps
+    if "memory_mib" in d and "memory_share" in d or preset is None and "memory_mib" not in d and "memory_share" not in d:
         r.fail(path, "give exactly one of memory_mib or memory_share (a share of the whole model)")
-    if "memory_mib" in d:
+    if "memory_mib" not in d and "memory_share" not in d:
+        assert preset is not None
+        memory = preset.memory_mib
+    elif "memory_mib" in d:
         memory = r.number(d["memory_mib"], f"{path}.memory_mib", gt=0, le=MAX_MEMORY_MIB)
     else:
         share = r.number(d["memory_share"], f"{path}.memory_share", gt=0, le=MAX_MEMORY_SHARE)
@@ -189,7 +208,8 @@ def _device(r: FormatReader, value: object, path: str, whole: int) -> DeviceSpec
         high = DEFAULT_HIGH_SHARE * memory
     host = r.boolean(d.get("host_blocks", True), f"{path}.host_blocks")
     return DeviceSpec(name=name, compute_gflops=gflops, memory_mib=memory,
-                      memory_high_mib=high, host_blocks=host)
+                      memory_high_mib=high, host_blocks=host, memory_bandwidth_gbps=bandwidth,
+                      preset=None if preset is None else preset.name)
 
 
 def read_devices(r: FormatReader, value: object, whole: int) -> tuple[DeviceSpec, ...]:
@@ -213,7 +233,13 @@ def read_devices(r: FormatReader, value: object, whole: int) -> tuple[DeviceSpec
 
 
 def _link(r: FormatReader, m: dict, path: str, base: LinkSpec) -> LinkSpec:
-    """Link values from an already-checked mapping; missing ones come from `base`."""
+    """Link values from an already-checked mapping; missing ones come from its `preset`
+    (network.default, network.links[]), then from `base`."""
+    if "preset" in m:
+        section = "network.default" if path == "network.default" else "network.links[]"
+        lp = presets.LINKS[r.choice(m["preset"], f"{path}.preset", CHOICES[f"{section}.preset"], "link preset")]
+        base = replace(base, bandwidth_mbps=lp.bandwidth_mbps, latency_ms=lp.latency_ms)
+
     def get(key: str, fallback: float) -> float:
         return _link_value(r, m[key], f"{path}.{key}", key, down=False) if key in m else fallback
     return LinkSpec(

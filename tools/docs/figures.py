@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MAIN_JOB = ("bandwidth_drop", ("static", "resource_aware", "resource_aware_ls"))
 PLUGIN = ("bandwidth_drop", ("examples/fastest_first.py:FastestFirst", "resource_aware"))
 SMOLLM2 = ("smollm2_bandwidth_drop", ("static", "resource_aware", "resource_aware_ls"))
+EDGE_PRESETS = ("edge_presets", ("resource_aware", "resource_aware_ls", "layer_dp"))
 PICTURE = ROOT / "docs" / "main_job.png"
 
 
@@ -168,6 +169,78 @@ def paper(runs: Runs) -> str:
     return _note("copied from the report") + "\n".join(f"  {x}" if x.startswith("- ") else f"- {x}" for x in keep)
 
 
+def device_presets(runs: Runs) -> str:
+    """The device presets and the source of each number (testbed/scenario/presets.py)."""
+    from testbed.scenario import presets as P
+
+    out = [_note("from testbed/scenario/presets.py"),
+           "| preset | device | GFLOP/s | memory bandwidth (GB/s) | memory (GiB) | sources |",
+           "|---|---|---|---|---|---|"]
+    for d in P.DEVICES.values():
+        out.append(f"| `{d.name}` | {d.description} | {d.compute_gflops:g} | {d.memory_bandwidth_gbps:g} | "
+                   f"{d.memory_mib / 1024:g} | FLOP/s: {d.compute_source}. Bandwidth: {d.bandwidth_source}. "
+                   f"Memory: {d.memory_source}. |")
+    return "\n".join(out)
+
+
+def link_presets(runs: Runs) -> str:
+    """The link presets and the source of each number."""
+    from testbed.scenario import presets as P
+
+    out = [_note("from testbed/scenario/presets.py"),
+           "| preset | network | Mbit/s | latency (ms, one way) | sources |", "|---|---|---|---|---|"]
+    for lk in P.LINKS.values():
+        out.append(f"| `{lk.name}` | {lk.description} | {lk.bandwidth_mbps:g} | {lk.latency_ms:g} | "
+                   f"Rate: {lk.rate_source}. Latency: {lk.latency_source}. |")
+    return "\n".join(out)
+
+
+def validation(runs: Runs) -> str:
+    """Emulated decode speed on preset devices beside published llama.cpp figures."""
+    from tools.bench import roofline
+
+    return (f"{_note('`python -m tools.bench.roofline` prints the same table; virtual clock, deterministic')}\n"
+            f"{roofline.table()}")
+
+
+def edge_presets(runs: Runs) -> str:
+    scenario, algs = EDGE_PRESETS
+    body = comparison(runs, scenario, algs, summary_of="resource_aware")
+    return f"{_note('virtual clock, deterministic')}\n```text\n$ {command(scenario, algs)}\n{body}\n```"
+
+
+ROOFLINE_SWEEP = ["optimality", "--instances", "4", "--tokens", "8", "--jobs", "1"]
+
+
+def roofline_sweep(runs: Runs) -> str:
+    """The paper's optimality comparison, small, on the same instances with the FLOP model
+    and with the roofline (`runners.sweep optimality ... [--roofline]`): mean per-token
+    latency over the optimum's, per algorithm and cluster size."""
+    import contextlib
+    import csv
+
+    from runners import sweep
+
+    ratios: dict[str, dict[tuple[str, str], str]] = {}
+    for model, flag in (("flop", []), ("roofline", ["--roofline"])):
+        where = runs.out / f"sweep_{model}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            if sweep.main([*ROOFLINE_SWEEP, "--out", str(where), *flag]) != 0:
+                raise RuntimeError(f"runners.sweep {' '.join(ROOFLINE_SWEEP)} {' '.join(flag)} failed")
+        with open(where / "optimality_summary.csv", newline="") as f:
+            ratios[model] = {(r["algorithm"], r["devices"]): r["ratio_mean"] for r in csv.DictReader(f)}
+    sizes = sorted({d for _, d in ratios["flop"]}, key=int)
+    algs = list(dict.fromkeys(a for a, _ in ratios["flop"]))
+    cmd = f"python -m runners.sweep {' '.join(ROOFLINE_SWEEP)} [--roofline]"
+    head = " | ".join(f"FLOP, {d} devices" for d in sizes) + " | " + " | ".join(f"roofline, {d} devices" for d in sizes)
+    out = [_note(f"`{cmd}`, analytic mode, deterministic"),
+           f"| algorithm | {head} |", "|---|" + "---|" * (2 * len(sizes))]
+    for a in algs:
+        cells = [f"{float(ratios[m][(a, d)]):.3f}" for m in ("flop", "roofline") for d in sizes]
+        out.append(f"| `{a}` | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 @dataclass(frozen=True)
 class Section:
     file: str  # relative to the repository
@@ -180,6 +253,11 @@ SECTIONS: dict[str, Section] = {
     "presets": Section("docs/scenarios.md", presets),
     "smollm2": Section("docs/models.md", smollm2),
     "paper": Section("docs/paper.md", paper),
+    "device_presets": Section("docs/devices.md", device_presets),
+    "link_presets": Section("docs/devices.md", link_presets),
+    "validation": Section("docs/devices.md", validation),
+    "edge_presets": Section("docs/devices.md", edge_presets),
+    "roofline_sweep": Section("docs/devices.md", roofline_sweep),
 }
 
 
