@@ -15,4 +15,5 @@ tests/test_imports.py enforces both.
 
 LAYERS = ("experiments", "webview", "harness", "agents", "transport", "emulation", "analytic",
           "scenario", "placement", "model", "results", "common")
-PURE = ("analytic", "scenario", "placement", "results", "common", "model.spec", "model.cost", "emulation.bucket")
+PURE = ("analytic", "scenario", "placement", "results", "common", "model.spec", "model.cost", "emulation.bucket",
+        "harness.netplan")
