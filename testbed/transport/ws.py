@@ -96,6 +96,12 @@ class WsEndpoint:
         self.refusals = Refusals(name, log)
         self._queued: dict[str, int] = {}  # bytes waiting per peer socket
         self.lost_frames = 0
+        # `--links kernel`: the kernel's token-bucket filters shape the bytes on veth pairs
+        # (testbed/harness/kernel.py); the emulated link keeps only the sender's accounts
+        # (telemetry, rate alarms) and its latency, added before the frame is written, and
+        # the receiver takes a frame's real arrival, not the time the emulation says it is due
+        self.kernel_links = False
+        self._kernel_last: dict[str, float] = {}  # per peer: the last frame's write time (FIFO)
 
     @property
     def refused(self) -> int:
@@ -241,7 +247,7 @@ class WsEndpoint:
             self._refuse(peer, str(e))
             return
         due = msg.pop("due", None)
-        if isinstance(due, float) and arrived - 1.0 <= due <= arrived:
+        if not self.kernel_links and isinstance(due, float) and arrived - 1.0 <= due <= arrived:
             arrived = due  # the socket hop and the decoding are the host's, not the link's
         if self.handler is None:
             return
@@ -276,6 +282,13 @@ class WsEndpoint:
             self.lost_frames += 1
             self.on_fault(f"{self.name}->{dst}", f"no link to {dst}: a {msg.get('t')!r} message was dropped")
             return 0
+        if self.kernel_links:
+            link.send(frame, lambda f: None, at, self.retimed(msg))  # type: ignore[arg-type]  # the accounts only
+            now = self.loop.time()
+            write = max((now if at is None else min(at, now)) + link.latency, self._kernel_last.get(dst, now))
+            self._kernel_last[dst] = write
+            self.loop.call_at(write, self._put, dst, frame, write)
+            return len(frame)
         link.send(frame, lambda f: self._put(dst, f, link.due), at, self.retimed(msg))  # type: ignore[arg-type]
         return len(frame)
 

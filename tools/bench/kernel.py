@@ -24,6 +24,11 @@ packet larger than its bucket) and what TCP did (retransmissions; the rest of th
 difference after headers: slow start, ACK clocking, the host). The trace is cut to about
 `--seconds` of traffic at each rate, so a rate costs about that much wall time.
 
+`--run SCENARIO` instead runs the scenario twice with agent processes at one time scale
+(`runners.run --processes --quiet`, `--links emulated`, then `--links kernel`) and prints
+each run's per-token latency (mean, p50, p95, max), its tokens against the reference, its
+migrations and overruns side by side (results/kernel/runs.json).
+
 Needs root and ip/tc (refused in one line, exit 2, otherwise). Writes
 results/kernel/kernel.json and prints the markdown table (docs/fidelity.md quotes it).
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -219,6 +225,46 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+RUN_TIMEOUT_S = 1800.0  # wall seconds one run of the scenario may take
+
+
+def run_both(scenario: Path, tokens: int, time_scale: float, out: Path) -> list[dict[str, Any]]:
+    """The scenario with emulated links, then kernel links; one summary each."""
+    from testbed.common.stats import percentile as pct
+    from testbed.results.read import read_csv
+
+    rows = []
+    for links in ("emulated", "kernel"):
+        cmd = [sys.executable, "-m", "runners.run", str(scenario), "--processes", "--links", links,
+               "--tokens", str(tokens), "--time-scale", f"{time_scale:g}", "--quiet", "--out", str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT_S)
+        lines = [ln.split(" ", 1) for ln in r.stdout.splitlines() if ln.strip()]
+        if r.returncode not in (0, 1) or not lines:
+            raise RuntimeError(f"--links {links}: exit {r.returncode}: {r.stderr.strip()[-300:]}")
+        run_dir = Path(lines[-1][1])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        _, toks = read_csv(run_dir / "tokens.csv")
+        lat = [float(t["latency_ms"]) for t in toks if t["phase"] == "decode"]
+        rows.append({"links": links, "status": summary["status"], "tokens": len(toks),
+                     "equal": all(t["token_id"] == t["ref_token_id"] for t in toks),
+                     "prefill_ms": float(toks[0]["latency_ms"]) if toks else math.nan,
+                     "mean_ms": sum(lat) / len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
+                     "max_ms": max(lat), "migrations": summary["migrations"],
+                     "overruns": summary["overrun_fraction"], "late": summary["late_delivery_fraction"],
+                     "run_dir": str(run_dir)})
+    return rows
+
+
+def run_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| links | status | tokens | equal to the reference | prefill ms | decode ms mean / p50 / p95 / max "
+           "| migrations | overrun jobs / late deliveries |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['links']} | {r['status']} | {r['tokens']} | {'yes' if r['equal'] else 'NO'} "
+                   f"| {r['prefill_ms']:.2f} | {r['mean_ms']:.2f} / {r['p50_ms']:.2f} / {r['p95_ms']:.2f} / "
+                   f"{r['max_ms']:.2f} | {r['migrations']} | {r['overruns']:.1%} / {r['late']:.1%} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench.kernel", description=__doc__.split("\n")[0])
     p.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="Mbit/s, comma-separated")
@@ -227,11 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0,
                    help="backlogged traffic per rate and burst, wall seconds (the paced pass: half)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "kernel")
+    p.add_argument("--run", type=Path, metavar="SCENARIO",
+                   help="compare a scenario's runs with emulated and kernel links instead (--tokens, --time-scale)")
+    p.add_argument("--time-scale", type=float, default=32.0, help="with --run: the runs' time scale K")
     args = p.parse_args(argv)
     why = kernel.refusal()
     if why:
         print(f"error: {why}", file=sys.stderr)
         return 2
+    if args.run is not None:
+        if not args.run.is_file():
+            print(f"error: --run: no such scenario file {args.run}", file=sys.stderr)
+            return 2
+        runs = run_both(args.run.resolve(), args.tokens, args.time_scale, args.out / "runs")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+        print(run_table(runs))
+        return 0 if all(r["status"] == "completed" and r["equal"] for r in runs) else 1
     try:
         rates = [float(x) for x in args.rates.split(",")]
         bursts = [int(x) for x in args.bursts.split(",")]
