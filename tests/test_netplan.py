@@ -119,3 +119,20 @@ def test_kernel_links_are_refused_in_one_line_without_root_or_iproute2(monkeypat
     monkeypatch.setattr(kernel.os, "geteuid", lambda: 0)
     monkeypatch.setattr(kernel.shutil, "which", lambda t: None if t == "tc" else "/sbin/" + t)
     assert kernel.refusal() == "--links kernel needs tc (iproute2) on the PATH"
+
+
+@pytest.mark.parametrize("extra, why", [
+    (("--processes",), "--links kernel needs root (network namespaces, veth pairs and tc)"),
+    ((), "add --processes"),
+])
+def test_runners_run_refuses_kernel_links_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: object, extra: tuple[str, ...], why: str) -> None:
+    from runners import run
+    from testbed.harness import kernel
+
+    monkeypatch.setattr(kernel.os, "geteuid", lambda: 1000)  # as a user who is not root
+    status = run.main(["scenarios/bandwidth_drop.yaml", "--links", "kernel", *extra, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.rstrip("\n")
+    assert status == 2
+    assert "\n" not in err and err.startswith("error: scenarios/bandwidth_drop.yaml: --links: ") and why in err

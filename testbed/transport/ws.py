@@ -174,13 +174,20 @@ class WsEndpoint:
             missing = [p for p in want if not self._connected[p].is_set()]
             raise ConnectionError(f"{self.name}: no connection to {', '.join(missing)} within {timeout:g} s") from None
 
+    def _heartbeat(self) -> float | None:
+        """The ping interval of a peer connection. None with kernel links: their pings queue
+        behind the data in the shaped qdisc (at a dilated rate a migration holds the link for
+        minutes), so a late pong would say the link is busy, not that the peer hangs; the
+        runner's unshaped control connection still finds an agent that hangs."""
+        return None if self.kernel_links else from_wall(HEARTBEAT_S, self.loop)
+
     async def _dial(self, peer: str) -> None:
         assert self._session is not None
         delay = 0.05
         for attempt in range(40):
             try:
                 ws = await self._session.ws_connect(
-                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop),
+                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=self._heartbeat(),
                     headers={"Authorization": f"Bearer {self.token}", "X-Agent": self.name})
                 break
             except (aiohttp.ClientError, OSError) as e:
@@ -203,7 +210,7 @@ class WsEndpoint:
         if live is not None and not live.closed:  # a second connection claiming a connected peer
             self._refuse(peer, "a second connection while one is open", "peer")
             return web.Response(status=409, text="already connected")
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop))
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=self._heartbeat())
         await ws.prepare(request)
         await self._serve(peer, ws)
         return ws
