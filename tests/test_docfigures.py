@@ -49,7 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs(tmp_path_factory.mktemp("docruns"))
 
 
-@pytest.mark.parametrize("name", ["main_job", "plugin", "presets", "paper"])
+@pytest.mark.parametrize("name", ["main_job", "plugin", "presets", "paper", "kernel_burst"])
 def test_the_quoted_figures_are_current(name: str, runs: Runs) -> None:
     """Regenerate with `python -m tools.docs.figures` when this fails (after checking that the
     change in the figures is meant)."""
