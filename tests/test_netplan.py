@@ -136,3 +136,10 @@ def test_runners_run_refuses_kernel_links_in_one_line(monkeypatch: pytest.Monkey
     err = capsys.readouterr().err.rstrip("\n")
     assert status == 2
     assert "\n" not in err and err.startswith("error: scenarios/bandwidth_drop.yaml: --links: ") and why in err
+
+
+def test_isolate_sets_down_exactly_the_devices_own_ends() -> None:
+    p = _plan(["a", "b", "c"])
+    cmds = netplan.isolate(p, "b")
+    assert cmds == [["ip", "-n", p.namespace("b"), "link", "set", p.pair("b", "a").dev, "down"],
+                    ["ip", "-n", p.namespace("b"), "link", "set", p.pair("b", "c").dev, "down"]]

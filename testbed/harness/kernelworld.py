@@ -8,8 +8,9 @@ the runner over its unshaped control veth and by its peers at its own address ov
 shaped veth pairs. Under time dilation K the kernel shapes rate / K. Latency is added by
 the emulator at the sender, before the frame is written (testbed/transport/ws.py,
 `kernel_links`): this project's kernels lack netem; whether this one has it is detected
-and recorded in meta.json (`kernel_links`), with how latency was added. A `set_link` changes both directions' tbf (a rate of 0 sets the
-ends down) and, through the agents, the latency; the runner's process owns the
+and recorded in meta.json (`kernel_links`), with how latency was added. A `set_link`
+changes both directions' tbf (a rate of 0 sets the ends down) and, through the agents, the
+latency; `fail_device` sets the device's ends down. The runner's process owns the
 namespaces, so they go with `stop()`, Ctrl-C included, or with the next run's start after
 a runner that was killed.
 """
@@ -21,7 +22,7 @@ from typing import Any
 from ..scenario.records import LinkSpec, Scenario, SetLink
 from . import kernel
 from .kernel import KernelLinks
-from .netplan import Shape, plan, shape
+from .netplan import Shape, isolate, plan, shape
 
 
 def link_spec(scen: Scenario, a: str, b: str) -> LinkSpec:
@@ -74,6 +75,13 @@ class KernelWorld:
             out.append(f"{s}->{d} " + ("down" if tbf.down else f"tbf rate {tbf.rate * 8 / 1e6:g} Mbit/s "
                                                                  f"burst {tbf.burst} B (wall clock)"))
         return "; ".join(out)
+
+    async def fail(self, device: str) -> str:
+        """fail_device: the device's ends of its veth pairs go down."""
+        cmds = isolate(self.plan, device)
+        for cmd in cmds:
+            await kernel.run_async(cmd)
+        return f"its {len(cmds)} veth ends set down"
 
     def info(self) -> dict[str, Any]:
         """What meta.json records of the run's links."""

@@ -224,6 +224,13 @@ class Plan:
                 ["ip", "-n", end.ns, "link", "set", end.dev, "up"]]
 
 
+def isolate(plan_: Plan, device: str) -> list[list[str]]:
+    """The commands that cut a device off (fail_device): its ends of every veth pair down."""
+    i = plan_.index(device)
+    ends = [p.a if p.i == i else p.b for p in plan_.pairs if i in (p.i, p.j)]
+    return [["ip", "-n", e.ns, "link", "set", e.dev, "down"] for e in ends]
+
+
 def _host(net: ipaddress.IPv4Network, k: int) -> str:
     return str(net.network_address + k)
 

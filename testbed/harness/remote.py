@@ -314,6 +314,8 @@ class ProcessCluster:
                 raise RuntimeError(f"{name} runs on another host: the runner cannot kill it")
             proc.kill()
             await proc.wait()
+            if self.kernel is not None:
+                return f"process {proc.pid} killed: its blocks and caches are gone; {await self.kernel.fail(name)}"
             return f"process {proc.pid} killed: its blocks and caches are gone"
         if isinstance(c, JoinDevice):
             self.names.append(c.device)
