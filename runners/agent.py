@@ -54,6 +54,8 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--allow-remote", action="store_true",
                    help="allow listening on an address other than loopback (runs across hosts)")
     p.add_argument("--clock", choices=CLOCKS, default="real", help=argparse.SUPPRESS)
+    p.add_argument("--links", choices=("emulated", "kernel"), default="emulated",
+                   help="kernel: the runner shapes this agent's links in the kernel (runners.run --links kernel)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s {args.device}: %(message)s")
     token = os.environ.get(TOKEN_ENV, "")
@@ -70,7 +72,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {args.scenario}: no device {args.device!r} (declared or joining)", file=sys.stderr)
         return 2
     try:
-        run_loop(lambda: serve(scen, args.device, token, args.host, args.port, args.allow_remote), "real")
+        run_loop(lambda: serve(scen, args.device, token, args.host, args.port, args.allow_remote,
+                                   args.links == "kernel"), "real")
     except ValueError as e:  # e.g. a non-loopback address without --allow-remote
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -74,6 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attach", action="append", default=[], metavar="NAME=URL",
                    help="use an agent started by hand (e.g. on another host) at URL for device NAME "
                         f"(implies --processes; the run token comes from {TOKEN_ENV})")
+    p.add_argument("--links", choices=("emulated", "kernel"), default="emulated",
+                   help="with --processes: kernel runs each agent in a network namespace of its own, its "
+                        "links veth pairs shaped by the kernel's tbf (needs root and ip/tc; "
+                        "docs/architecture.md, links through the kernel)")
     p.add_argument("--live", nargs="?", type=int, const=LIVE_PORT, metavar="PORT",
                    help=f"serve a live view of the run in the browser on PORT (default {LIVE_PORT}; 0: "
                         "any free port) and print its URL (docs/live.md)")
@@ -134,6 +138,15 @@ def resolve(args: argparse.Namespace) -> tuple[Scenario, list[str | Plugin]]:
     if args.processes and args.transport == "inproc":
         raise ScenarioError(scen.file, "--processes", "agents in separate processes talk over --transport ws")
     args.transport = args.transport or ("ws" if args.processes else "inproc")
+    if args.links == "kernel":
+        if not args.processes or attach:
+            raise ScenarioError(scen.file, "--links", "kernel links run agent processes started by the runner: "
+                                "add --processes (and no --attach)")
+        from testbed.harness.kernel import refusal
+
+        why = refusal()
+        if why:
+            raise ScenarioError(scen.file, "--links", why)
     if args.time_scale is not None and args.clock == "virtual":
         raise ScenarioError(scen.file, "--time-scale", "applies to the real clock only (the virtual clock "
                             "does not run at any wall-clock speed)")
@@ -266,6 +279,7 @@ def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugi
             with _progress(out, show, name_of(alg), scen.generation.new_tokens) as progress:
                 outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
                                          processes=args.processes, attach=args.attach, progress=progress,
+                                         links=args.links,
                                          time_scale=k, calibration=calibration,
                                          tap=live.tap(run_dir, name_of(alg)) if live is not None else None)
         except experiment.Interrupted as e:

@@ -16,4 +16,5 @@ tests/test_imports.py enforces both.
 
 LAYERS = ("experiments", "webview", "harness", "agents", "transport", "emulation", "analytic",
           "grid", "scenario", "placement", "model", "results", "common")
-PURE = ("analytic", "grid", "scenario", "placement", "results", "common", "model.spec", "model.cost", "emulation.bucket")
+PURE = ("analytic", "grid", "scenario", "placement", "results", "common", "model.spec", "model.cost", "emulation.bucket",
+        "harness.netplan")

@@ -50,7 +50,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
 
 @pytest.mark.parametrize("name", ["main_job", "plugin", "presets", "paper", "device_presets", "link_presets",
-                                  "validation", "edge_presets", "roofline_sweep"])
+                                  "validation", "edge_presets", "roofline_sweep", "kernel_burst"])
 def test_the_quoted_figures_are_current(name: str, runs: Runs) -> None:
     """Regenerate with `python -m tools.docs.figures` when this fails (after checking that the
     change in the figures is meant)."""

@@ -47,9 +47,16 @@ class EmulatedLink:
     # due is late: the host more than doubled what the emulated link took
     LATE_SHARE = 1.0
 
+    MSS = 1448  # TCP payload bytes a segment on an Ethernet MTU of 1500 (with timestamps)
+
     def __init__(self, src: str, dst: str, bandwidth_mbps: float, latency_ms: float,
-                 burst_kib: float = 0.0, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 burst_kib: float = 0.0, loop: asyncio.AbstractEventLoop | None = None,
+                 header_bytes: int = 0) -> None:
         self.src, self.dst = src, dst
+        # bytes the wire adds to every MSS bytes of a frame (the kernel's TCP over Ethernet:
+        # 66, see tools/bench/kernel.py), in proportion: TCP packs a backlogged stream into
+        # full segments whatever its frames; 0: the frame's own bytes only
+        self.header_bytes = header_bytes
         self.loop = loop or asyncio.get_running_loop()
         self.bandwidth_mbps = float(bandwidth_mbps)
         self.latency = latency_ms / 1e3
@@ -99,7 +106,7 @@ class EmulatedLink:
         time (data frames), so a late delivery does not delay the emulated system and is
         not counted as late."""
         now = self.loop.time() if at is None else min(at, self.loop.time())
-        mid, done = self.bucket.enqueue(now, len(frame))
+        mid, done = self.bucket.enqueue(now, self.wire_bytes(len(frame)))
         self._pending[mid] = [frame, deliver, now, None, retimed]  # before recording: it may be done
         self._record_sent(done)
         self.bytes_sent += len(frame)
@@ -109,6 +116,10 @@ class EmulatedLink:
         if finish is None:
             finish = self.bucket.projection()[-1][1]
         self._schedule(mid, finish)
+
+    def wire_bytes(self, size: int) -> int:
+        """The bytes a frame of `size` takes on the link (its share of headers included)."""
+        return size + round(self.header_bytes * size / self.MSS)
 
     def set(self, bandwidth_mbps: float | None = None, latency_ms: float | None = None,
             burst_kib: float | None = None) -> None:

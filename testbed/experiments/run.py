@@ -80,7 +80,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
                      transport: str = "inproc", processes: bool = False,
                      setup: Callable[[Any], None] | None = None,
                      on_finish: Callable[[Any, Controller], object] | None = None,
-                     attach: dict[str, str] | None = None) -> None:
+                     attach: dict[str, str] | None = None, links: str = "emulated") -> None:
     scen = prep.scenario
     controller: Controller | None = None
     hooks: RunHooks | None = None
@@ -98,7 +98,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         else:
             controller.recovery.device_lost(device, why)
 
-    world = make_world(prep, transport, processes, on_fault, attach, on_lost)
+    world = make_world(prep, transport, processes, on_fault, attach, on_lost, links)
     ctx.world = world
     try:
         await world.start()
@@ -152,13 +152,15 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         setup: Callable[[Any], None] | None = None,
         on_finish: Callable[[Any, Controller], object] | None = None,
         time_scale: float = 1.0, calibration: dict[str, Any] | None = None,
-        tap: Tap | None = None) -> Outcome:
+        tap: Tap | None = None, links: str = "emulated") -> Outcome:
     """Run one algorithm (a registered name, a loaded `Plugin`, or any object with `name`,
     `dynamic` and `place`) on a prepared scenario; always leaves meta.json and summary.json.
     A plug-in that fails fails only this run: its reason and traceback go to meta.json's
     `error`. On the real clock, emulated time runs `time_scale` times slower than the wall
     clock (`calibration`: how that scale was chosen, recorded in meta.json). `tap` sees every
-    result row as it is written (the live view)."""
+    result row as it is written (the live view). `links="kernel"` (agent processes only):
+    the links are veth pairs between network namespaces shaped by the kernel's tbf
+    (testbed/harness/kernelworld.py); meta.json's `kernel_links` says how."""
     scen = prep.scenario
     alg_name = algorithm if isinstance(algorithm, str) else algorithm.name
     # per-head work is a few tiny matrix products: one thread avoids OpenMP spin and
@@ -177,7 +179,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         "time_scale": time_scale if clock == "real" else None,
         "time_scale_calibration": calibration if clock == "real" else None,
         "transport": transport,
-        "processes": processes or bool(attach), "attached": sorted(attach or {}),
+        "processes": processes or bool(attach), "attached": sorted(attach or {}), "links": links,
         "git_revision": git_revision(), "python": sys.version.split()[0], "torch": torch.__version__,
         "host": socket.gethostname(), "platform": platform.platform(), "start": utc_now(), "end": None,
         "status": "running", "prompt_tokens": len(prep.prompt),
@@ -190,7 +192,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     wall0 = time.perf_counter()
     try:
         clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, ctx, transport, processes,
-                                         setup, on_finish, attach), clock, time_scale)
+                                         setup, on_finish, attach, links), clock, time_scale)
     except RunFailed as e:
         status = f"failed: {e}"
         if e.error is not None:
@@ -204,6 +206,9 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         status = f"failed: {type(e).__name__}: {e}"
         (run_dir / "error.log").write_text(traceback.format_exc())
     ctx.wall_s = time.perf_counter() - wall0
+    kw = getattr(ctx.world, "kernel", None)
+    if kw is not None:
+        meta["kernel_links"] = kw.info()
     summary = summarize_run(prep, writer, ctx, status, clock, time_scale)
     writer.summary(summary)
     meta.update(end=utc_now(), status=status, fidelity=summary["fidelity"])

@@ -15,13 +15,14 @@ from .prepare import Prepared
 
 def make_world(prep: Prepared, transport: str, processes: bool, on_fault: Callable[[str, str], None],
                attach: dict[str, str] | None = None,
-               on_lost: Callable[[str, str], None] | None = None) -> World:
+               on_lost: Callable[[str, str], None] | None = None, links: str = "emulated") -> World:
     """The emulated cluster for a run: agents in this process over in-process queues or
-    websockets, or agents in their own processes (websockets), some maybe on other hosts."""
+    websockets, or agents in their own processes (websockets), some maybe on other hosts;
+    `links="kernel"`: agent processes in network namespaces, their links shaped by the kernel."""
     if processes or attach:
         from ..harness.remote import ProcessCluster
 
-        return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach, on_lost=on_lost)
+        return ProcessCluster(prep.scenario, prep.model, on_fault, attach=attach, on_lost=on_lost, links=links)
     if transport == "ws":
         from ..harness.wscluster import WsCluster
 

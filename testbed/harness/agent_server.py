@@ -223,9 +223,11 @@ assert set(_OPS) == set(control.OPS), "the control channel checks operations the
 
 
 async def serve(scen: Scenario, device: str, token: str, host: str, port: int,
-                allow_remote: bool) -> None:
-    """Serve one agent until the runner (or SIGTERM/SIGINT) stops it; prints `READY <port>`."""
+                allow_remote: bool, kernel_links: bool = False) -> None:
+    """Serve one agent until the runner (or SIGTERM/SIGINT) stops it; prints `READY <port>`.
+    `kernel_links`: the kernel shapes this agent's links (see WsEndpoint.kernel_links)."""
     proc = AgentProcess(scen, device, token, host, port, allow_remote)
+    proc.ep.kernel_links = kernel_links
     port = await proc.ep.start()
     proc.lag.start()
     loop = asyncio.get_running_loop()

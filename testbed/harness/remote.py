@@ -48,6 +48,7 @@ from ..scenario.records import Event, FailDevice, JoinDevice, Scenario, SetLink,
 from ..transport.codec import MAX_FRAME, FrameError, decode, encode
 from ..transport.ws import FRAME_EXTRA
 from .control import TOKEN_ENV
+from .kernelworld import KernelWorld
 from .rows import DeviceRow, LinkRow
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class ProcessCluster:
 
     def __init__(self, scenario: Scenario, model: ModelSpec, on_fault: Callable[[str, str], None],
                  attach: dict[str, str] | None = None, token: str | None = None,
-                 on_lost: Callable[[str, str], None] | None = None) -> None:
+                 on_lost: Callable[[str, str], None] | None = None, links: str = "emulated") -> None:
         self.scenario, self.model, self.on_fault = scenario, model, on_fault
         # a device gone without a scenario event: (device, why) to the controller
         self.on_lost = on_lost or (lambda name, why: on_fault(name, why))
@@ -172,10 +173,16 @@ class ProcessCluster:
         self._file = Path(self._dir.name) / "scenario.yaml"
         self._file.write_text(yaml.safe_dump(scenario.to_dict(), sort_keys=False))
         self._stopping = False
+        self.links = links  # "kernel": namespaces and tbf-shaped veth pairs (kernelworld.py)
+        self.kernel: KernelWorld | None = None
+        self.peer_urls: dict[str, str] = {}  # where peers reach an agent, if not at self.urls
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        if self.links == "kernel":
+            self.kernel = KernelWorld(self.scenario, getattr(self.loop, "time_scale", 1.0))
+            self.kernel.up()
         self._session = aiohttp.ClientSession()
         await asyncio.gather(*(self._launch(n) for n in self.names))
         await self._introduce()
@@ -186,9 +193,11 @@ class ProcessCluster:
             self.urls[name] = self.attach[name].rstrip("/")
         else:
             env = {**os.environ, TOKEN_ENV: self.token, "PYTHONPATH": str(ROOT)}
+            argv = [sys.executable, "-m", "runners.agent", "--scenario", str(self._file), "--device", name]
+            if self.kernel is not None:
+                argv = self.kernel.agent_command(name, argv)
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "runners.agent", "--scenario", str(self._file), "--device", name,
-                stdout=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT), preexec_fn=_die_with_parent)
+                *argv, stdout=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT), preexec_fn=_die_with_parent)
             self.procs[name] = proc
             assert proc.stdout is not None
             try:
@@ -198,6 +207,8 @@ class ProcessCluster:
             if not line.startswith(b"READY "):
                 raise RuntimeError(f"agent {name} failed to start (exit {await proc.wait()})")
             self.urls[name] = f"http://127.0.0.1:{int(line.split()[1])}"
+            if self.kernel is not None:
+                self.urls[name], self.peer_urls[name] = self.kernel.urls(name, int(line.split()[1]))
         assert self._session is not None
         ws = await self._session.ws_connect(self.urls[name] + "/control", max_msg_size=MAX_FRAME,
                                             headers={"Authorization": f"Bearer {self.token}"})
@@ -210,7 +221,7 @@ class ProcessCluster:
         """Tell agents about their peers, then have them connect to each other. In two
         rounds: an agent refuses a connection from a name it does not know yet, so every
         agent learns the whole book before any of them dials."""
-        book = {n: self.urls[n] for n in self.names if n not in self.failed}
+        book = {n: self.peer_urls.get(n, self.urls[n]) for n in self.names if n not in self.failed}
         for dial in (False, True):
             await asyncio.gather(*(self._control[n].request("peers", peers=book, dial=dial) for n in book))
 
@@ -278,6 +289,8 @@ class ProcessCluster:
             await _reap(proc)
         if self._session is not None:
             await self._session.close()
+        if self.kernel is not None:
+            self.kernel.down()
         self._dir.cleanup()
 
     # ------------------------------------------------------------------ events
@@ -291,6 +304,8 @@ class ProcessCluster:
             a, b = c.between
             await self._control[b].request("event", action=c.ACTION, peer=a, fields=c.fields())
             r = await self._control[a].request("event", action=c.ACTION, peer=b, fields=c.fields())
+            if self.kernel is not None:
+                return f"{r['detail']}; {await self.kernel.set_link(c)}"
             return r["detail"]
         if isinstance(c, FailDevice):
             name = c.device
@@ -300,6 +315,8 @@ class ProcessCluster:
                 raise RuntimeError(f"{name} runs on another host: the runner cannot kill it")
             proc.kill()
             await proc.wait()
+            if self.kernel is not None:
+                return f"process {proc.pid} killed: its blocks and caches are gone; {await self.kernel.fail(name)}"
             return f"process {proc.pid} killed: its blocks and caches are gone"
         if isinstance(c, JoinDevice):
             self.names.append(c.device)

@@ -98,6 +98,12 @@ class WsEndpoint:
         self.lost_frames = 0
         # a message sent to several peers is encoded once, with a place for its due time
         self._encode = EncodeOnce(lambda msg: encode({"due": 0.0, **msg}))
+        # `--links kernel`: the kernel's token-bucket filters shape the bytes on veth pairs
+        # (testbed/harness/kernel.py); the emulated link keeps only the sender's accounts
+        # (telemetry, rate alarms) and its latency, added before the frame is written, and
+        # the receiver takes a frame's real arrival, not the time the emulation says it is due
+        self.kernel_links = False
+        self._kernel_last: dict[str, float] = {}  # per peer: the last frame's write time (FIFO)
 
     @property
     def refused(self) -> int:
@@ -170,13 +176,20 @@ class WsEndpoint:
             missing = [p for p in want if not self._connected[p].is_set()]
             raise ConnectionError(f"{self.name}: no connection to {', '.join(missing)} within {timeout:g} s") from None
 
+    def _heartbeat(self) -> float | None:
+        """The ping interval of a peer connection. None with kernel links: their pings queue
+        behind the data in the shaped qdisc (at a dilated rate a migration holds the link for
+        minutes), so a late pong would say the link is busy, not that the peer hangs; the
+        runner's unshaped control connection still finds an agent that hangs."""
+        return None if self.kernel_links else from_wall(HEARTBEAT_S, self.loop)
+
     async def _dial(self, peer: str) -> None:
         assert self._session is not None
         delay = 0.05
         for attempt in range(40):
             try:
                 ws = await self._session.ws_connect(
-                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop),
+                    self.book[peer] + "/peer", max_msg_size=self.max_frame, heartbeat=self._heartbeat(),
                     headers={"Authorization": f"Bearer {self.token}", "X-Agent": self.name})
                 break
             except (aiohttp.ClientError, OSError) as e:
@@ -199,7 +212,7 @@ class WsEndpoint:
         if live is not None and not live.closed:  # a second connection claiming a connected peer
             self._refuse(peer, "a second connection while one is open", "peer")
             return web.Response(status=409, text="already connected")
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=from_wall(HEARTBEAT_S, self.loop))
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=self._heartbeat())
         await ws.prepare(request)
         await self._serve(peer, ws)
         return ws
@@ -243,7 +256,7 @@ class WsEndpoint:
             self._refuse(peer, str(e))
             return
         due = msg.pop("due", None)
-        if isinstance(due, float) and arrived - 1.0 <= due <= arrived:
+        if not self.kernel_links and isinstance(due, float) and arrived - 1.0 <= due <= arrived:
             arrived = due  # the socket hop and the decoding are the host's, not the link's
         if self.handler is None:
             return
@@ -278,6 +291,13 @@ class WsEndpoint:
             self.lost_frames += 1
             self.on_fault(f"{self.name}->{dst}", f"no link to {dst}: a {msg.get('t')!r} message was dropped")
             return 0
+        if self.kernel_links:
+            link.send(frame, lambda f: None, at, self.retimed(msg))  # type: ignore[arg-type]  # the accounts only
+            now = self.loop.time()
+            write = max((now if at is None else min(at, now)) + link.latency, self._kernel_last.get(dst, now))
+            self._kernel_last[dst] = write
+            self.loop.call_at(write, self._put, dst, frame, write)
+            return len(frame)
         link.send(frame, lambda f: self._put(dst, f, link.due), at, self.retimed(msg))  # type: ignore[arg-type]
         return len(frame)
 

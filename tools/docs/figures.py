@@ -168,6 +168,28 @@ def paper(runs: Runs) -> str:
     # the report's own bullets (peak memory per case) nest under the sentence before them
     return _note("copied from the report") + "\n".join(f"  {x}" if x.startswith("- ") else f"- {x}" for x in keep)
 
+def kernel_burst(runs: Runs) -> str:
+    """bandwidth_drop (32 tokens) on the virtual clock with the scenario's links (no burst)
+    and with the burst the kernel's tbf cannot go below (one Ethernet frame): the cause of
+    the kernel-link run's shorter tokens (docs/architecture.md)."""
+    from dataclasses import replace
+
+    from testbed.experiments import run as experiment
+    from testbed.harness.netplan import ETH_FRAME
+    from testbed.scenario import load
+
+    base = load(ROOT / "scenarios" / "bandwidth_drop.yaml").with_overrides(new_tokens=32)
+    net = base.network
+    burst = replace(base, network=replace(net, default=replace(net.default, burst_kib=ETH_FRAME / 1024)))
+    rows = ["| links | decode ms mean / p50 / p95 | migrations |", "|---|---|---|"]
+    for label, scen in (("the scenario's (no burst)", base), (f"burst {ETH_FRAME} B, as tbf", burst)):
+        prep = experiment.prepare(scen)
+        o = experiment.run(prep, "resource_aware", experiment.run_dir_for(runs.out / "kernel", scen, label[:3], 0),
+                           clock="virtual")
+        lat = o.summary["latency_ms"]
+        rows.append(f"| {label} | {lat['mean']:.2f} / {lat['p50']:.2f} / {lat['p95']:.2f} | {o.summary['migrations']} |")
+    return f"{_note('virtual clock, deterministic')}\n" + "\n".join(rows)
+
 
 def device_presets(runs: Runs) -> str:
     """The device presets and the source of each number (testbed/scenario/presets.py)."""
@@ -258,6 +280,7 @@ SECTIONS: dict[str, Section] = {
     "validation": Section("docs/devices.md", validation),
     "edge_presets": Section("docs/devices.md", edge_presets),
     "roofline_sweep": Section("docs/devices.md", roofline_sweep),
+    "kernel_burst": Section("docs/architecture.md", kernel_burst),
 }
 
 
