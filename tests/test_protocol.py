@@ -92,6 +92,16 @@ def test_every_valid_message_is_its_record_and_back(kind: str) -> None:
     assert type(again) is type(m)
 
 
+@pytest.mark.parametrize("kind", sorted(_valid()))
+def test_a_record_sent_is_as_many_bytes_as_the_map_it_came_from(kind: str) -> None:
+    # links charge a frame's length: a sender building the record instead of the map must not
+    # change it (a required field that is None, as a link change's unknown latency, is sent)
+    raw = dict(_valid()[kind])
+    if kind == P.LINK_CHANGE:
+        raw["latency"] = None
+    assert len(encode(_accept(raw).wire())) == len(encode(raw))
+
+
 @pytest.mark.parametrize(("raw", "sender", "me", "why"), [
     # an abort far beyond the run's attempts (it would silence the agent for good)
     ({"t": P.ABORT, "rid": 1, "seq": 2**64 - 1}, SRC, ME, "seq"),

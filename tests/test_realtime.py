@@ -391,7 +391,7 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
 def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) -> Any:
     """A device holding layer 0's heads of gpt-tiny, computing early, with room for the
     heads and `memory_positions` positions of their caches."""
-    from testbed.agents import protocol as P
+    from testbed.agents import messages as P
     from testbed.agents.device import DeviceAgent
     from testbed.model import cost
     from testbed.model.blocks import RandomWeights
@@ -417,7 +417,7 @@ def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them(
     computed for blocks that left and came back (new objects) is dropped and computed again;
     an out-of-memory refusal at arrival leaves every cache as it was although the rows were
     computed ahead."""
-    from testbed.agents import protocol as P
+    from testbed.agents import messages as P
     from testbed.model.spec import from_name
 
     spec = from_name("gpt-tiny")

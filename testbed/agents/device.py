@@ -37,6 +37,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
@@ -129,8 +130,9 @@ class DeviceAgent:
         the job that produced it), default now."""
         return self._send(dst, msg, at)
 
-    def _reply(self, m: P.Message, **payload: Any) -> None:
-        self.send(self.source, {"t": P.ACK, "rid": m.rid, "device": self.name, **payload})  # type: ignore[attr-defined]
+    def _reply(self, rid: int, ok: bool, **answer: Any) -> None:
+        """Answer request `rid`; `answer`: the fields the request's answer carries (`P.REPLY`)."""
+        self.send(self.source, P.Ack(rid, ok, self.name, MappingProxyType(answer)).wire())
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], sender: str | None = None) -> asyncio.Task[Any]:
         """Run coro as a task; `sender`: a job queued on behalf of that peer's message
@@ -162,30 +164,27 @@ class DeviceAgent:
         exc = task.exception()
         if exc is not None:
             log.error("%s: task failed", self.name, exc_info=exc)
-            self.send(self.source, {"t": P.ERROR, "kind": "agent", "device": self.name,
-                                    "detail": f"{type(exc).__name__}: {exc}"})
+            self.send(self.source, P.Error("agent", self.name, f"{type(exc).__name__}: {exc}").wire())
 
     def _pressure(self) -> None:
         """Crossing high, or a co-tenant taking or returning memory, is a pressure signal:
         tell the controller at once (as memory.high / PSI notifications would)."""
-        self.send(self.source, {"t": P.PRESSURE, "device": self.name, "memory": self.budget.counters(),
-                                "at": asyncio.get_running_loop().time()})
+        self.send(self.source, P.Pressure(self.name, MappingProxyType(self.budget.counters()),
+                                          asyncio.get_running_loop().time()).wire())
 
     def link_changed(self, peer: str, rate: float, latency: float | None) -> None:
         """A link of ours streams at a very different rate than before: tell the controller."""
-        self.send(self.source, {"t": P.LINK_CHANGE, "device": self.name, "peer": peer, "rate": rate,
-                                "latency": latency, "at": asyncio.get_running_loop().time()})
+        self.send(self.source, P.LinkChange(self.name, peer, rate, latency, asyncio.get_running_loop().time()).wire())
 
     def peer_down(self, peer: str) -> None:
         """The transport lost its connection to a peer; the source tells the controller."""
         if self.source_block is not None and self.controller is not None:
-            self.controller(self.name, {"t": P.DOWN, "device": peer})
+            self.controller(self.name, P.Down(peer).wire())
 
     def announce(self) -> None:
         """A joining device introduces itself to the controller (via the source)."""
-        self.send(self.source, {"t": P.JOIN, "device": self.name, "memory": self.budget.counters(),
-                                "flops": self.compute.rate, "host_blocks": self.spec.host_blocks,
-                                "at": asyncio.get_running_loop().time()})
+        self.send(self.source, P.Join(self.name, MappingProxyType(self.budget.counters()), self.compute.rate,
+                                      self.spec.host_blocks, asyncio.get_running_loop().time()).wire())
 
     def handle(self, sender: str, msg: dict[str, Any], at: float | None = None) -> None:
         """Entry point for every message addressed to this device, from a peer or from
@@ -302,18 +301,17 @@ class DeviceAgent:
             if kind == "x":
                 _, _, layer, pos, groups = key
                 out = value[0][0] if len(value) == 1 else torch.cat([o for o, _, _ in value], dim=-1)
-                targets = [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
-                                                "groups": list(groups), "out": out})]
+                targets = [(self._proj[layer], P.Heads(seq, layer, pos, tuple(groups), out).wire())]
             elif kind == "p":
                 _, _, layer, pos = key
-                targets = [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": value})]
+                targets = [(self._ffn[layer], P.FfnIn(seq, layer, pos, value).wire())]
             elif kind == "y":
                 _, _, layer, pos = key
                 if layer + 1 < self.model.layers:
-                    msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": value}
+                    msg = P.Hidden(seq, layer + 1, pos, value).wire()
                     targets = [(dst, msg) for dst in self.layer_targets(layer + 1)]
                 else:
-                    targets = [(self.source, {"t": P.OUT, "seq": seq, "x": value})]
+                    targets = [(self.source, P.Out(seq, value).wire())]
             else:
                 return
         except KeyError:  # routed elsewhere since: the job itself will find out
@@ -464,7 +462,7 @@ class DeviceAgent:
             raise P.ProtocolError("no routing yet")
         with torch.inference_mode():
             x = self.source_block.embed(list(m.tokens), m.pos)
-        msg = {"t": P.LAYER_IN, "seq": m.seq, "layer": 0, "pos": m.pos, "x": x}
+        msg = P.Hidden(m.seq, 0, m.pos, x).wire()
         if self._pool is not None and self.name in self.layer_targets(0):
             self.preview(self.name, msg)  # computing early: on the worker, like any other input
         for dst in self.layer_targets(0):
@@ -486,7 +484,7 @@ class DeviceAgent:
         logits, done = await self.compute.run(cost.source_flops(self.model), _or_now(work) if early else work,
                                               ready=ready, early=early)
         if seq > self.floor and self.controller is not None:
-            self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits, "at": done})
+            self.controller(self.name, P.Logits(seq, logits, done).wire())
 
     def _on_x(self, sender: str, m: P.Hidden, at: float | None) -> None:
         seq, layer = m.seq, m.layer
@@ -517,9 +515,9 @@ class DeviceAgent:
         try:
             self.budget.charge("kv", grow)
         except MemoryRefused as e:
-            self.send(self.source, {"t": P.ERROR, "kind": "oom", "device": self.name, "seq": seq,
-                                    "layer": layer, "bytes": e.nbytes, "detail": str(e),
-                                    "memory": self.budget.counters(), "at": asyncio.get_running_loop().time()})
+            self.send(self.source, P.Error("oom", self.name, str(e), seq, layer, e.nbytes,
+                                           MappingProxyType(self.budget.counters()),
+                                           asyncio.get_running_loop().time()).wire())
             return
 
         attend = _attend(heads, x, pos)  # type: ignore[arg-type]
@@ -533,8 +531,7 @@ class DeviceAgent:
                 return parts[0][0] if len(parts) == 1 else torch.cat([o for o, _, _ in parts], dim=-1)
 
         def outputs(out: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
-            return [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
-                                         "groups": groups, "out": out})]
+            return [(self._proj[layer], P.Heads(seq, layer, pos, tuple(groups), out).wire())]
 
         early = self._take_early(("x", seq, layer, pos, tuple(groups)), heads, (x,))
         out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), commit,
@@ -616,11 +613,11 @@ class DeviceAgent:
 
         def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
             if kind == "proj":
-                return [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y})]
+                return [(self._ffn[layer], P.FfnIn(seq, layer, pos, y).wire())]
             if layer + 1 < s.layers:
-                msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": y}
+                msg = P.Hidden(seq, layer + 1, pos, y).wire()  # one map to every target: encoded once
                 return [(dst, msg) for dst in self.layer_targets(layer + 1)]
-            return [(self.source, {"t": P.OUT, "seq": seq, "x": y})]
+            return [(self.source, P.Out(seq, y).wire())]
 
         early = (self._take_early(("y", seq, layer, pos), (block,), (x,)) if kind == "ffn" else
                  self._take_early(("p", seq, layer, pos), (block,), (x, *(outs[g] for g in range(s.groups))))
@@ -655,7 +652,7 @@ class DeviceAgent:
                 ok.append(name)
             except MemoryRefused as e:
                 refused[name] = str(e)
-        self._reply(m, ok=not refused, loaded=ok, refused=refused)
+        self._reply(m.rid, not refused, loaded=ok, refused=refused)
 
     def _on_route(self, sender: str, m: P.Route, at: float | None = None) -> None:
         devices, assign = list(m.devices), list(m.assign)
@@ -666,7 +663,7 @@ class DeviceAgent:
             if devices[j] != self.name and b.name in self.blocks:
                 self._free(b.name)
                 freed.append(b.name)
-        self._reply(m, ok=True, freed=freed)
+        self._reply(m.rid, True, freed=freed)
 
     def _on_reserve(self, sender: str, m: P.Reserve, at: float | None = None) -> None:
         ok, refused = [], []
@@ -677,7 +674,7 @@ class DeviceAgent:
             self.budget.charge("reserved", nbytes)
             self.reserved[name] = nbytes
             ok.append(name)
-        self._reply(m, ok=not refused, reserved=ok, refused=refused,
+        self._reply(m.rid, not refused, reserved=ok, refused=refused,
                     available=self.budget.available)
 
     def _on_cancel(self, sender: str, m: P.Cancel, at: float | None = None) -> None:
@@ -685,35 +682,34 @@ class DeviceAgent:
             nbytes = self.reserved.pop(name, 0)
             if nbytes:
                 self.budget.release("reserved", nbytes)
-        self._reply(m, ok=True)
+        self._reply(m.rid, True)
 
     def _on_migrate(self, sender: str, m: P.Migrate, at: float | None = None) -> None:
         name, dst = m.block, m.to
         block = self.blocks.get(name)
         if block is None or dst == self.name:
-            self._reply(m, ok=False, detail=f"{self.name} does not hold {name}" if block is None
+            self._reply(m.rid, False, detail=f"{self.name} does not hold {name}" if block is None
                         else f"{name} is here already")
             return
-        msg: dict[str, Any] = {"t": P.BLOCK, "rid": m.rid, "block": name, "w": block.w}
-        if isinstance(block, HeadBlock):
-            msg["k"], msg["v"] = block.cache.k, block.cache.v
-        nbytes = self.send(dst, msg)
+        snapshot = (P.BlockSnapshot(m.rid, name, MappingProxyType(block.w), block.cache.k, block.cache.v)
+                    if isinstance(block, HeadBlock) else P.BlockSnapshot(m.rid, name, MappingProxyType(block.w)))
+        nbytes = self.send(dst, snapshot.wire())
         log.debug("%s: sent %s to %s (%d B)", self.name, name, dst, nbytes)
 
     def _on_block(self, sender: str, m: P.BlockSnapshot, at: float | None = None) -> None:
         name = m.block
         nbytes = self.reserved.pop(name, None)
         if nbytes is None:
-            self._reply(m, ok=False, block=name, detail=f"{self.name} has no reservation for {name}")
+            self._reply(m.rid, False, block=name, detail=f"{self.name} has no reservation for {name}")
             return
         self.budget.release("reserved", nbytes)
         cache = KVCache.from_state(m.k, m.v) if m.k is not None else None
         try:
             installed = self._install(name, dict(m.w), cache)
         except (MemoryRefused, KeyError, ValueError) as e:
-            self._reply(m, ok=False, block=name, detail=f"install failed: {e}")
+            self._reply(m.rid, False, block=name, detail=f"install failed: {e}")
             return
-        self._reply(m, ok=True, block=name, bytes=installed)
+        self._reply(m.rid, True, block=name, bytes=installed)
 
     def _on_abort(self, sender: str, m: P.Abort, at: float | None = None) -> None:
         self._admit(sender)
@@ -731,7 +727,7 @@ class DeviceAgent:
             pending = [t for t in self._work if t is not me and t not in self._acks]
             if pending:
                 await asyncio.wait(pending)
-            self._reply(m, ok=True)
+            self._reply(m.rid, True)
         finally:
             self._acks.discard(me)  # type: ignore[arg-type]
 
@@ -746,12 +742,12 @@ class DeviceAgent:
             rate = 0.0 if link.down else link.observed_rate(since)
             links[peer] = {"rate": rate, "latency": link.observed_latency(since), "bytes": link.bytes_sent}
             if rate is None and m.probe_bytes and not link.in_flight:
-                self.send(peer, {"t": P.PROBE, "pad": bytes(m.probe_bytes)})
+                self.send(peer, P.Probe(bytes(m.probe_bytes)).wire())
         f0, s0 = self._jobs_at_tel
         c = self.compute
         self._jobs_at_tel = (c.flops_done, c.busy_s)
         df, ds = c.flops_done - f0, c.busy_s - s0
-        self._reply(m, ok=True, at=self._tel_since, memory=self.budget.counters(), kv=self.kv_bytes(),
+        self._reply(m.rid, True, at=self._tel_since, memory=self.budget.counters(), kv=self.kv_bytes(),
                     weights=self.weight_bytes(), flops=df / ds if df > 0 and ds > 0 else c.rate,
                     links=links)
 

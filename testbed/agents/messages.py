@@ -45,6 +45,7 @@ is a handful of comparisons.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from types import MappingProxyType
@@ -288,16 +289,24 @@ class Message:
         return frozenset((device,))
 
     def wire(self) -> dict[str, Any]:
+        """The wire map: "t", then every field in order; an optional field (one whose
+        default is None) is left out when it is None, a required one is sent as None."""
         out: dict[str, Any] = {"t": self.KIND}
-        for f in fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if v is not None:
-                out[f.name] = _plain(v)
+        for name, optional in _layout(type(self)):
+            v = getattr(self, name)
+            if v is not None or not optional:
+                out[name] = _plain(v)
         return out
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Message:
         raise NotImplementedError
+
+
+@functools.cache
+def _layout(cls: type[Message]) -> tuple[tuple[str, bool], ...]:
+    """A record's fields in order, each with whether it is optional (defaults to None)."""
+    return tuple((f.name, f.default is None) for f in fields(cls))  # type: ignore[arg-type]
 
 
 def _plain(v: Any) -> Any:
