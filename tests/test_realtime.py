@@ -424,7 +424,7 @@ def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them(
     xs = [torch.randn(1, spec.d_model, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
     def frame(seq: int, pos: int) -> dict[str, Any]:
-        return {"t": P.LAYER_IN, "seq": seq, "layer": 0, "pos": pos, "x": xs[pos]}
+        return {"t": P.LAYER_INPUT, "seq": seq, "layer": 0, "pos": pos, "x": xs[pos]}
 
     async def main() -> dict[str, Any]:
         sent: list[tuple[str, dict[str, Any]]] = []
@@ -435,7 +435,7 @@ def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them(
         agent.handle("src", frame(1, 0))
         await asyncio.sleep(0.05)
         early_1 = agent.compute.early_jobs
-        out_1 = [m for d, m in sent if m.get("t") == P.HEADS][-1]["out"]
+        out_1 = [m for d, m in sent if m.get("t") == P.HEAD_OUTPUTS][-1]["out"]
         # the blocks leave and come back: what was computed for the old ones is dropped
         agent.preview("src", frame(2, 1))
         await asyncio.sleep(0.05)

@@ -263,7 +263,7 @@ class Controller:
         replies = await self.requests.ask({d: partial(P.Telemetry, probe_bytes=self.opt.probe_bytes)
                                            for d in self.alive()}, "telemetry")
         for d, r in replies.items():
-            self.beliefs.telemetry(d, r)
+            self.beliefs.telemetry(d, r.reply)
 
     def _guess_ms(self, tokens: int, n: int) -> float:
         """The estimate under the last decision's view (no requests)."""

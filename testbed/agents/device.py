@@ -249,25 +249,25 @@ class DeviceAgent:
             return
         key: tuple[Any, ...]
         blocks: tuple[object, ...]
-        if isinstance(m, P.Heads):
+        if isinstance(m, P.HeadOutputs):
             self._preview_proj(m.seq, m.layer, m.pos, None, m.groups, m.out)
             return
-        if type(m) is P.Hidden and self._proj.get(m.layer) == self.name:  # (FfnIn is a Hidden too)
+        if type(m) is P.LayerInput and self._proj.get(m.layer) == self.name:  # (FfnInput is a LayerInput too)
             self._preview_proj(m.seq, m.layer, m.pos, m.x)
-        if type(m) is P.Hidden:
+        if type(m) is P.LayerInput:
             groups = self._my_heads.get(m.layer)
             heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups or ()]
             if not heads or not all(isinstance(h, HeadBlock) and h.cache.n >= m.pos for h in heads):
                 return
             key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups or ())), tuple(heads), (m.x,)
             work: Callable[[], Any] = _attend(heads, m.x, m.pos)  # type: ignore[arg-type]
-        elif isinstance(m, P.FfnIn):
+        elif isinstance(m, P.FfnInput):
             ffn = self.blocks.get(f"ffn.{m.layer}")
             if not isinstance(ffn, FfnBlock):
                 return
             key, blocks, inputs = ("y", m.seq, m.layer, m.pos), (ffn,), (m.x,)
             work = _ffn(ffn, m.x)
-        elif isinstance(m, P.Out) and self.source_block is not None:
+        elif isinstance(m, P.LastHidden) and self.source_block is not None:
             key, blocks, inputs = ("z", m.seq), (self.source_block,), (m.x,)
             work = _logits(self.source_block, m.x)
         else:
@@ -301,17 +301,17 @@ class DeviceAgent:
             if kind == "x":
                 _, _, layer, pos, groups = key
                 out = value[0][0] if len(value) == 1 else torch.cat([o for o, _, _ in value], dim=-1)
-                targets = [(self._proj[layer], P.Heads(seq, layer, pos, tuple(groups), out).wire())]
+                targets = [(self._proj[layer], P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
             elif kind == "p":
                 _, _, layer, pos = key
-                targets = [(self._ffn[layer], P.FfnIn(seq, layer, pos, value).wire())]
+                targets = [(self._ffn[layer], P.FfnInput(seq, layer, pos, value).wire())]
             elif kind == "y":
                 _, _, layer, pos = key
                 if layer + 1 < self.model.layers:
-                    msg = P.Hidden(seq, layer + 1, pos, value).wire()
+                    msg = P.LayerInput(seq, layer + 1, pos, value).wire()
                     targets = [(dst, msg) for dst in self.layer_targets(layer + 1)]
                 else:
-                    targets = [(self.source, P.Out(seq, value).wire())]
+                    targets = [(self.source, P.LastHidden(seq, value).wire())]
             else:
                 return
         except KeyError:  # routed elsewhere since: the job itself will find out
@@ -462,13 +462,13 @@ class DeviceAgent:
             raise P.ProtocolError("no routing yet")
         with torch.inference_mode():
             x = self.source_block.embed(list(m.tokens), m.pos)
-        msg = P.Hidden(m.seq, 0, m.pos, x).wire()
+        msg = P.LayerInput(m.seq, 0, m.pos, x).wire()
         if self._pool is not None and self.name in self.layer_targets(0):
             self.preview(self.name, msg)  # computing early: on the worker, like any other input
         for dst in self.layer_targets(0):
             self._forward(dst, msg, at)
 
-    def _on_out(self, sender: str, m: P.Out, at: float | None) -> None:
+    def _on_last_hidden(self, sender: str, m: P.LastHidden, at: float | None) -> None:
         if self.source_block is None:
             raise P.ProtocolError(f"{self.name} is not the source device")
         if m.seq > self.floor:
@@ -486,7 +486,7 @@ class DeviceAgent:
         if seq > self.floor and self.controller is not None:
             self.controller(self.name, P.Logits(seq, logits, done).wire())
 
-    def _on_x(self, sender: str, m: P.Hidden, at: float | None) -> None:
+    def _on_layer_input(self, sender: str, m: P.LayerInput, at: float | None) -> None:
         seq, layer = m.seq, m.layer
         if seq <= self.floor:
             return
@@ -531,7 +531,7 @@ class DeviceAgent:
                 return parts[0][0] if len(parts) == 1 else torch.cat([o for o, _, _ in parts], dim=-1)
 
         def outputs(out: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
-            return [(self._proj[layer], P.Heads(seq, layer, pos, tuple(groups), out).wire())]
+            return [(self._proj[layer], P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
 
         early = self._take_early(("x", seq, layer, pos, tuple(groups)), heads, (x,))
         out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), commit,
@@ -565,7 +565,7 @@ class DeviceAgent:
                 del self._held[peer]
         return buf
 
-    def _on_h(self, sender: str, m: P.Heads, at: float | None) -> None:
+    def _on_head_outputs(self, sender: str, m: P.HeadOutputs, at: float | None) -> None:
         seq, layer = m.seq, m.layer
         if seq <= self.floor:
             return
@@ -591,7 +591,7 @@ class DeviceAgent:
         self._admit(sender)
         self._spawn(self._run_block(seq, layer, pos, "proj", buf["x"], buf["outs"], buf["at"]), sender)
 
-    def _on_y(self, sender: str, m: P.FfnIn, at: float | None) -> None:
+    def _on_ffn_input(self, sender: str, m: P.FfnInput, at: float | None) -> None:
         if m.seq <= self.floor:
             return
         if self._ffn.get(m.layer) != self.name or f"ffn.{m.layer}" not in self.blocks:
@@ -613,11 +613,11 @@ class DeviceAgent:
 
         def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
             if kind == "proj":
-                return [(self._ffn[layer], P.FfnIn(seq, layer, pos, y).wire())]
+                return [(self._ffn[layer], P.FfnInput(seq, layer, pos, y).wire())]
             if layer + 1 < s.layers:
-                msg = P.Hidden(seq, layer + 1, pos, y).wire()  # one map to every target: encoded once
+                msg = P.LayerInput(seq, layer + 1, pos, y).wire()  # one map to every target: encoded once
                 return [(dst, msg) for dst in self.layer_targets(layer + 1)]
-            return [(self.source, P.Out(seq, y).wire())]
+            return [(self.source, P.LastHidden(seq, y).wire())]
 
         early = (self._take_early(("y", seq, layer, pos), (block,), (x,)) if kind == "ffn" else
                  self._take_early(("p", seq, layer, pos), (block,), (x, *(outs[g] for g in range(s.groups))))
@@ -696,7 +696,7 @@ class DeviceAgent:
         nbytes = self.send(dst, snapshot.wire())
         log.debug("%s: sent %s to %s (%d B)", self.name, name, dst, nbytes)
 
-    def _on_block(self, sender: str, m: P.BlockSnapshot, at: float | None = None) -> None:
+    def _on_block_snapshot(self, sender: str, m: P.BlockSnapshot, at: float | None = None) -> None:
         name = m.block
         nbytes = self.reserved.pop(name, None)
         if nbytes is None:
@@ -797,21 +797,21 @@ def _or_now(work: Callable[[], T]) -> Callable[[T | None], T]:
     return lambda value: work() if value is None else value
 
 
-_EARLY_KINDS = frozenset((P.LAYER_IN, P.HEADS, P.FFN_IN, P.OUT))
+_EARLY_KINDS = frozenset((P.LAYER_INPUT, P.HEAD_OUTPUTS, P.FFN_INPUT, P.LAST_HIDDEN))
 
 # the one dispatch table of a device: every record kind the agent acts on, by its type
 _HANDLERS: dict[type[P.Message], Callable[[DeviceAgent, str, Any, float | None], None]] = {
     P.Gen: DeviceAgent._on_gen,
-    P.Out: DeviceAgent._on_out,
-    P.Hidden: DeviceAgent._on_x,
-    P.Heads: DeviceAgent._on_h,
-    P.FfnIn: DeviceAgent._on_y,
+    P.LastHidden: DeviceAgent._on_last_hidden,
+    P.LayerInput: DeviceAgent._on_layer_input,
+    P.HeadOutputs: DeviceAgent._on_head_outputs,
+    P.FfnInput: DeviceAgent._on_ffn_input,
     P.Load: DeviceAgent._on_load,
     P.Route: DeviceAgent._on_route,
     P.Reserve: DeviceAgent._on_reserve,
     P.Cancel: DeviceAgent._on_cancel,
     P.Migrate: DeviceAgent._on_migrate,
-    P.BlockSnapshot: DeviceAgent._on_block,
+    P.BlockSnapshot: DeviceAgent._on_block_snapshot,
     P.Abort: DeviceAgent._on_abort,
     P.Telemetry: DeviceAgent._on_telemetry,
     P.Probe: DeviceAgent._on_probe,
