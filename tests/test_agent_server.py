@@ -248,7 +248,7 @@ def test_distinct_sequence_numbers_cannot_grow_the_agent() -> None:
             await peer.send_bytes(encode({"t": P.HEAD_OUTPUTS, "seq": seq, "layer": 1, "pos": 0, "groups": [0], "out": out}))
         quota = 2 * S.layers + 4  # twice what a pipeline has in flight
         await asyncio.sleep(2.0)
-        assert len(lv.agent._proj_buf) <= quota
+        assert len(lv.agent.join) <= quota
         assert lv.agent.quota == quota and lv.agent.refusals.total >= 1200 - quota
         await lv.legit()
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import MappingProxyType
@@ -60,6 +59,9 @@ from ..model.spec import ModelSpec
 from ..scenario.records import DeviceSpec
 from ..transport.refusals import Refusals
 from . import messages as P
+from .admission import Quota
+from .join import ProjectionJoin, ProjInputs
+from .routing import Routing
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,7 @@ class DeviceAgent:
         self.bounds = bounds or P.Bounds(model, source)
         self.refusals = Refusals(spec.name, log)
         self.quota = 2 * model.layers + 4  # proj inputs and queued jobs per peer
-        self._held: Counter[str] = Counter()  # proj buffer entries each peer contributes to
-        self._queued: Counter[str] = Counter()  # jobs each peer's messages have queued
+        self.admission = Quota(self.quota, "{sender} has {limit} jobs queued here already")
         self._work: set[asyncio.Task[Any]] = set()  # jobs queued for peers (an abort waits for them)
         self._acks: set[asyncio.Task[Any]] = set()  # answers to aborts, waiting for the jobs
         self.weights = weights
@@ -99,18 +100,15 @@ class DeviceAgent:
         self.compute = ComputeUnit(spec.name, spec.flops)
         self.blocks: dict[str, AnyBlock] = {}
         self.reserved: dict[str, int] = {}
-        self.route_version = -1
-        self._my_heads: dict[int, list[int]] = {}
-        self._head_devs: dict[int, list[str]] = {}
-        self._proj: dict[int, str] = {}
-        self._ffn: dict[int, str] = {}
+        self.routing = Routing(model, spec.name)
         self.floor = -1  # attempts <= floor are stale
-        self._proj_buf: dict[tuple[int, int], dict[str, Any]] = {}
+        self.join = ProjectionJoin(model.groups, model.q_per_group * model.d_head, self.quota)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False  # after stop(): no new work (the run is over or interrupted)
         self.controller: Callable[[str, dict[str, Any]], None] | None = None  # on the source only
         self._tel_since = -math.inf
-        self.probe_log: list[tuple[str, int | None, int, float]] | None = None  # benchmarks
+        # measurement traffic arriving: (sender, the probe, loop time) to whoever listens
+        self.on_probe: Callable[[str, P.Probe, float], None] | None = None
         self._jobs_at_tel = (0.0, 0.0)  # (flops, busy seconds) at the last report
         # computing early (real clock, `compute_early`): a worker thread, and the arithmetic
         # it started per job key, with the blocks it used
@@ -118,7 +116,7 @@ class DeviceAgent:
         # per job key: (the blocks and the input tensors it used, its arithmetic)
         self._early: dict[tuple[Any, ...], tuple[tuple[object, ...], tuple[torch.Tensor, ...], Future[Ahead]]] = {}
         self._early_max = 2 * len(model.blocks) + 8  # a token's jobs here, twice over
-        self._pview: dict[tuple[int, int], dict[str, Any]] = {}  # proj's inputs seen early
+        self._pview: dict[tuple[int, int], ProjInputs] = {}  # proj's inputs seen early
         self._loop: asyncio.AbstractEventLoop | None = None  # where the worker's results are handed on
         # hands a message's content to another device ahead of its frame (set by the world)
         self.early_send: Callable[[str, dict[str, Any]], None] | None = None
@@ -140,7 +138,7 @@ class DeviceAgent:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         if sender is not None:
-            self._queued[sender] += 1
+            self.admission.take(sender)
             self._work.add(task)
             task.add_done_callback(lambda t: self._unqueue(sender, t))
         task.add_done_callback(self._task_done)
@@ -148,14 +146,11 @@ class DeviceAgent:
 
     def _admit(self, sender: str) -> None:
         """A peer may have at most `quota` jobs queued here (ProtocolError beyond)."""
-        if self._queued[sender] >= self.quota:
-            raise P.ProtocolError(f"{sender} has {self.quota} jobs queued here already")
+        self.admission.check(sender)
 
     def _unqueue(self, sender: str, task: asyncio.Task[Any]) -> None:
         self._work.discard(task)
-        self._queued[sender] -= 1
-        if self._queued[sender] <= 0:
-            del self._queued[sender]
+        self.admission.give(sender)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -252,14 +247,14 @@ class DeviceAgent:
         if isinstance(m, P.HeadOutputs):
             self._preview_proj(m.seq, m.layer, m.pos, None, m.groups, m.out)
             return
-        if type(m) is P.LayerInput and self._proj.get(m.layer) == self.name:  # (FfnInput is a LayerInput too)
+        if type(m) is P.LayerInput and self.routing.proj_here(m.layer):  # (FfnInput is a LayerInput too)
             self._preview_proj(m.seq, m.layer, m.pos, m.x)
         if type(m) is P.LayerInput:
-            groups = self._my_heads.get(m.layer)
-            heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups or ()]
+            groups = self.routing.my_heads(m.layer)
+            heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups]
             if not heads or not all(isinstance(h, HeadBlock) and h.cache.n >= m.pos for h in heads):
                 return
-            key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups or ())), tuple(heads), (m.x,)
+            key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups)), tuple(heads), (m.x,)
             work: Callable[[], Any] = _attend(heads, m.x, m.pos)  # type: ignore[arg-type]
         elif isinstance(m, P.FfnInput):
             ffn = self.blocks.get(f"ffn.{m.layer}")
@@ -301,15 +296,15 @@ class DeviceAgent:
             if kind == "x":
                 _, _, layer, pos, groups = key
                 out = value[0][0] if len(value) == 1 else torch.cat([o for o, _, _ in value], dim=-1)
-                targets = [(self._proj[layer], P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
+                targets = [(self.routing.proj(layer), P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
             elif kind == "p":
                 _, _, layer, pos = key
-                targets = [(self._ffn[layer], P.FfnInput(seq, layer, pos, value).wire())]
+                targets = [(self.routing.ffn(layer), P.FfnInput(seq, layer, pos, value).wire())]
             elif kind == "y":
                 _, _, layer, pos = key
                 if layer + 1 < self.model.layers:
                     msg = P.LayerInput(seq, layer + 1, pos, value).wire()
-                    targets = [(dst, msg) for dst in self.layer_targets(layer + 1)]
+                    targets = [(dst, msg) for dst in self.routing.layer_targets(layer + 1)]
                 else:
                     targets = [(self.source, P.LastHidden(seq, value).wire())]
             else:
@@ -348,24 +343,22 @@ class DeviceAgent:
                       groups: Sequence[int] = (), out: torch.Tensor | None = None) -> None:
         """Collect proj's inputs as they arrive early; start it when all are there."""
         block = self.blocks.get(f"proj.{layer}")
-        if not isinstance(block, ProjBlock) or self._proj.get(layer) != self.name:
+        if not isinstance(block, ProjBlock) or not self.routing.proj_here(layer):
             return
         buf = self._pview.get((seq, layer))
         if buf is None:
             if len(self._pview) >= self.quota:
                 self._pview.pop(next(iter(self._pview)))
-            buf = self._pview[(seq, layer)] = {"x": None, "outs": {}}
+            buf = self._pview[(seq, layer)] = ProjInputs()
         if x is not None:
-            buf["x"] = x
+            buf.residual = x
         if out is not None:
-            w = self.model.q_per_group * self.model.d_head
-            for i, g in enumerate(groups):
-                buf["outs"][g] = out[:, i * w:(i + 1) * w]
-        if buf["x"] is None or len(buf["outs"]) < self.model.groups:
+            buf.add_outputs(groups, out, self.join.width)
+        if buf.residual is None or not buf.complete(self.model.groups):
             return
         del self._pview[(seq, layer)]
         if self._pool is not None:
-            bx, outs, groups_n = buf["x"], buf["outs"], self.model.groups
+            bx, outs, groups_n = buf.residual, buf.outputs, self.model.groups
 
             def work() -> torch.Tensor:
                 return block.forward(concat_heads(outs, groups_n), bx)
@@ -427,28 +420,6 @@ class DeviceAgent:
         if isinstance(block, HeadBlock):
             self.budget.release("kv", block.cache.nbytes)
 
-    def _set_route(self, devices: list[str], assign: list[int]) -> None:
-        self._my_heads, self._head_devs, self._proj, self._ffn = {}, {}, {}, {}
-        for b, j in zip(self.model.blocks, assign, strict=True):
-            dev = devices[j]
-            if b.kind == "head":
-                if dev == self.name:
-                    self._my_heads.setdefault(b.layer, []).append(b.index)
-                devs = self._head_devs.setdefault(b.layer, [])
-                if dev not in devs:
-                    devs.append(dev)
-            elif b.kind == "proj":
-                self._proj[b.layer] = dev
-            else:
-                self._ffn[b.layer] = dev
-
-    def layer_targets(self, layer: int) -> list[str]:
-        """Devices that need the input of `layer`: its head devices, then its proj device."""
-        out = list(self._head_devs[layer])
-        if self._proj[layer] not in out:
-            out.append(self._proj[layer])
-        return out
-
     # ------------------------------------------------------------------ data path
 
     def _on_gen(self, sender: str, m: P.Gen, at: float | None) -> None:
@@ -458,14 +429,14 @@ class DeviceAgent:
             raise P.ProtocolError(f"{self.name} is not the source device")
         if m.seq <= self.floor:
             return
-        if not self._routed():
+        if not self.routing.routed:
             raise P.ProtocolError("no routing yet")
         with torch.inference_mode():
             x = self.source_block.embed(list(m.tokens), m.pos)
         msg = P.LayerInput(m.seq, 0, m.pos, x).wire()
-        if self._pool is not None and self.name in self.layer_targets(0):
+        if self._pool is not None and self.name in self.routing.layer_targets(0):
             self.preview(self.name, msg)  # computing early: on the worker, like any other input
-        for dst in self.layer_targets(0):
+        for dst in self.routing.layer_targets(0):
             self._forward(dst, msg, at)
 
     def _on_last_hidden(self, sender: str, m: P.LastHidden, at: float | None) -> None:
@@ -490,8 +461,8 @@ class DeviceAgent:
         seq, layer = m.seq, m.layer
         if seq <= self.floor:
             return
-        groups = self._my_heads.get(layer)
-        proj = self._proj.get(layer) == self.name
+        groups = self.routing.my_heads(layer)
+        proj = self.routing.proj_here(layer)
         if not groups and not proj:
             raise P.ProtocolError(f"layer {layer} is not routed here")
         if groups:
@@ -499,8 +470,7 @@ class DeviceAgent:
                 raise P.ProtocolError(f"layer {layer}'s heads routed here are not loaded")
             self._admit(sender)
         if proj:  # before the job: a refused buffer leaves nothing half done
-            buf = self._buf(seq, layer, at, sender)
-            buf["x"] = m.x
+            self.join.add_residual((seq, layer), sender, at, m.x)
         if groups:
             self._spawn(self._heads(seq, layer, m.pos, m.x, groups, at), sender)
         if proj:
@@ -531,7 +501,7 @@ class DeviceAgent:
                 return parts[0][0] if len(parts) == 1 else torch.cat([o for o, _, _ in parts], dim=-1)
 
         def outputs(out: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
-            return [(self._proj[layer], P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
+            return [(self.routing.proj(layer), P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
 
         early = self._take_early(("x", seq, layer, pos, tuple(groups)), heads, (x,))
         out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), commit,
@@ -540,61 +510,31 @@ class DeviceAgent:
             for dst, msg in outputs(out):
                 self._forward(dst, msg, done)
 
-    def _buf(self, seq: int, layer: int, at: float | None, sender: str) -> dict[str, Any]:
-        """proj's inputs for (seq, layer), with `sender` among its contributors (at most
-        `quota` entries per peer: ProtocolError beyond); `at` keeps when the last of them
-        was due."""
-        key = (seq, layer)
-        buf = self._proj_buf.get(key)
-        if buf is None or sender not in buf["by"]:
-            if self._held[sender] >= self.quota:
-                raise P.ProtocolError(f"{sender} already contributes to {self.quota} pending inputs here")
-            if buf is None:
-                buf = self._proj_buf[key] = {"x": None, "outs": {}, "at": None, "by": set()}
-            buf["by"].add(sender)
-            self._held[sender] += 1
-        if at is not None:
-            buf["at"] = at if buf["at"] is None else max(buf["at"], at)
-        return buf
-
-    def _drop_buf(self, key: tuple[int, int]) -> dict[str, Any]:
-        buf = self._proj_buf.pop(key)
-        for peer in buf["by"]:
-            self._held[peer] -= 1
-            if self._held[peer] <= 0:
-                del self._held[peer]
-        return buf
-
     def _on_head_outputs(self, sender: str, m: P.HeadOutputs, at: float | None) -> None:
         seq, layer = m.seq, m.layer
         if seq <= self.floor:
             return
-        if self._proj.get(layer) != self.name:
+        if not self.routing.proj_here(layer):
             raise P.ProtocolError(f"proj.{layer} is not routed here")
-        outs = self._buf(seq, layer, at, sender)["outs"]
-        w = self.model.q_per_group * self.model.d_head
-        for i, g in enumerate(m.groups):
-            outs[g] = m.out[:, i * w:(i + 1) * w]
+        self.join.add_outputs((seq, layer), sender, at, m.groups, m.out)
         self._check_proj(seq, layer, m.pos, sender)
 
     def _check_proj(self, seq: int, layer: int, pos: int, sender: str) -> None:
-        buf = self._proj_buf[(seq, layer)]
-        if buf["x"] is None or len(buf["outs"]) < self.model.groups:
+        if not self.join.ready((seq, layer)):
             return
+        inputs = self.join.take((seq, layer))
+        assert inputs.residual is not None
         if f"proj.{layer}" not in self.blocks:
-            self._drop_buf((seq, layer))
             raise P.ProtocolError(f"proj.{layer} is routed here but not loaded")
-        if buf["x"].shape[0] != buf["outs"][0].shape[0]:
-            self._drop_buf((seq, layer))
+        if inputs.residual.shape[0] != inputs.outputs[0].shape[0]:
             raise P.ProtocolError(f"proj.{layer}: inputs of different lengths")
-        self._drop_buf((seq, layer))
         self._admit(sender)
-        self._spawn(self._run_block(seq, layer, pos, "proj", buf["x"], buf["outs"], buf["at"]), sender)
+        self._spawn(self._run_block(seq, layer, pos, "proj", inputs.residual, inputs.outputs, inputs.due), sender)
 
     def _on_ffn_input(self, sender: str, m: P.FfnInput, at: float | None) -> None:
         if m.seq <= self.floor:
             return
-        if self._ffn.get(m.layer) != self.name or f"ffn.{m.layer}" not in self.blocks:
+        if not self.routing.ffn_here(m.layer) or f"ffn.{m.layer}" not in self.blocks:
             raise P.ProtocolError(f"ffn.{m.layer} is not here")
         self._admit(sender)
         self._spawn(self._run_block(m.seq, m.layer, m.pos, "ffn", m.x, None, at), sender)
@@ -613,10 +553,10 @@ class DeviceAgent:
 
         def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
             if kind == "proj":
-                return [(self._ffn[layer], P.FfnInput(seq, layer, pos, y).wire())]
+                return [(self.routing.ffn(layer), P.FfnInput(seq, layer, pos, y).wire())]
             if layer + 1 < s.layers:
                 msg = P.LayerInput(seq, layer + 1, pos, y).wire()  # one map to every target: encoded once
-                return [(dst, msg) for dst in self.layer_targets(layer + 1)]
+                return [(dst, msg) for dst in self.routing.layer_targets(layer + 1)]
             return [(self.source, P.LastHidden(seq, y).wire())]
 
         early = (self._take_early(("y", seq, layer, pos), (block,), (x,)) if kind == "ffn" else
@@ -628,9 +568,6 @@ class DeviceAgent:
             return
         for dst, msg in outputs(y):
             self._forward(dst, msg, done)
-
-    def _routed(self) -> bool:
-        return self.route_version >= 0
 
     def _forward(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
         """Data onwards at emulated time `at`: to ourselves at once, else over the link."""
@@ -655,12 +592,10 @@ class DeviceAgent:
         self._reply(m.rid, not refused, loaded=ok, refused=refused)
 
     def _on_route(self, sender: str, m: P.Route, at: float | None = None) -> None:
-        devices, assign = list(m.devices), list(m.assign)
-        self._set_route(devices, assign)
-        self.route_version = m.version
+        self.routing.set(m.devices, m.assign, m.version)
         freed = []
-        for b, j in zip(self.model.blocks, assign, strict=True):
-            if devices[j] != self.name and b.name in self.blocks:
+        for b in self.model.blocks:
+            if self.routing.host(b.name) != self.name and b.name in self.blocks:
                 self._free(b.name)
                 freed.append(b.name)
         self._reply(m.rid, True, freed=freed)
@@ -714,8 +649,7 @@ class DeviceAgent:
     def _on_abort(self, sender: str, m: P.Abort, at: float | None = None) -> None:
         self._admit(sender)
         self.floor = max(self.floor, m.seq)
-        for key in [k for k in self._proj_buf if k[0] <= self.floor]:
-            self._drop_buf(key)
+        self.join.drop_through(self.floor)
         self._drop_early(self.floor)
         self._acks.add(self._spawn(self._abort_ack(m), sender))
 
@@ -752,9 +686,9 @@ class DeviceAgent:
                     links=links)
 
     def _on_probe(self, sender: str, m: P.Probe, at: float | None = None) -> None:
-        """Measurement traffic: dropped, but timed when a benchmark asks for it."""
-        if self.probe_log is not None and len(self.probe_log) < 1_000_000:
-            self.probe_log.append((sender, m.n, len(m.pad), asyncio.get_running_loop().time()))
+        """Measurement traffic: dropped (after telling `on_probe`, if set)."""
+        if self.on_probe is not None:
+            self.on_probe(sender, m, asyncio.get_running_loop().time())
 
 
 def _quiet(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> Callable[[], Ahead]:
