@@ -141,8 +141,8 @@ class Controller:
             return
         try:
             m = P.for_controller(raw, sender, self.bounds)
-            if m.KIND == P.ACK:
-                self.requests.answered(m, sender)  # type: ignore[arg-type]
+            if isinstance(m, P.Ack):
+                self.requests.answered(m, sender)
             else:
                 self._on_report(m)
         except P.ProtocolError as e:

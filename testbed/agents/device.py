@@ -251,11 +251,12 @@ class DeviceAgent:
             self._preview_proj(m.seq, m.layer, m.pos, m.x)
         if type(m) is P.LayerInput:
             groups = self.routing.my_heads(m.layer)
-            heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups]
-            if not heads or not all(isinstance(h, HeadBlock) and h.cache.n >= m.pos for h in heads):
+            found = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups]
+            heads = [h for h in found if isinstance(h, HeadBlock)]
+            if not heads or len(heads) != len(found) or not all(h.cache.n >= m.pos for h in heads):
                 return
             key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups)), tuple(heads), (m.x,)
-            work: Callable[[], Any] = _attend(heads, m.x, m.pos)  # type: ignore[arg-type]
+            work: Callable[[], Any] = _attend(heads, m.x, m.pos)
         elif isinstance(m, P.FfnInput):
             ffn = self.blocks.get(f"ffn.{m.layer}")
             if not isinstance(ffn, FfnBlock):
@@ -388,6 +389,11 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ state
 
+    def _head(self, name: str) -> HeadBlock:
+        block = self.blocks[name]
+        assert isinstance(block, HeadBlock), name
+        return block
+
     def kv_bytes(self) -> int:
         return sum(b.cache.nbytes for b in self.blocks.values() if isinstance(b, HeadBlock))
 
@@ -480,8 +486,8 @@ class DeviceAgent:
                      ready: float | None) -> None:
         s = self.model
         T = x.shape[0]
-        heads = [self.blocks[f"head.{layer}.{g}"] for g in groups]
-        grow = sum(max(0, pos + T - h.cache.n) for h in heads) * cost.cache_bytes_per_token(s)  # type: ignore[union-attr]
+        heads = [self._head(f"head.{layer}.{g}") for g in groups]
+        grow = sum(max(0, pos + T - h.cache.n) for h in heads) * cost.cache_bytes_per_token(s)
         try:
             self.budget.charge("kv", grow)
         except MemoryRefused as e:
@@ -490,14 +496,14 @@ class DeviceAgent:
                                            asyncio.get_running_loop().time()).wire())
             return
 
-        attend = _attend(heads, x, pos)  # type: ignore[arg-type]
+        attend = _attend(heads, x, pos)
 
         def commit(parts: list[tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
             """The window's state change: the K/V rows appended (computed now if not early)."""
             parts = attend() if parts is None else parts
             with torch.inference_mode():
                 for h, (_, k, v) in zip(heads, parts, strict=True):
-                    h.cache.write(pos, k, v)  # type: ignore[union-attr]
+                    h.cache.write(pos, k, v)
                 return parts[0][0] if len(parts) == 1 else torch.cat([o for o, _, _ in parts], dim=-1)
 
         def outputs(out: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
@@ -549,7 +555,8 @@ class DeviceAgent:
                 if isinstance(block, ProjBlock):
                     assert outs is not None
                     return block.forward(concat_heads(outs, s.groups), x)
-                return block.forward(x)  # type: ignore[union-attr,call-arg]
+                assert isinstance(block, FfnBlock)
+                return block.forward(x)
 
         def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
             if kind == "proj":
@@ -638,7 +645,7 @@ class DeviceAgent:
             self._reply(m.rid, False, block=name, detail=f"{self.name} has no reservation for {name}")
             return
         self.budget.release("reserved", nbytes)
-        cache = KVCache.from_state(m.k, m.v) if m.k is not None else None
+        cache = KVCache.from_state(m.k, m.v) if m.k is not None and m.v is not None else None
         try:
             installed = self._install(name, dict(m.w), cache)
         except (MemoryRefused, KeyError, ValueError) as e:
@@ -663,7 +670,8 @@ class DeviceAgent:
                 await asyncio.wait(pending)
             self._reply(m.rid, True)
         finally:
-            self._acks.discard(me)  # type: ignore[arg-type]
+            if me is not None:
+                self._acks.discard(me)
 
     def _on_telemetry(self, sender: str, m: P.Telemetry, at: float | None = None) -> None:
         """Report memory, compute and what our outgoing links showed since the last report;

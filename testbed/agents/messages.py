@@ -185,7 +185,7 @@ class _Fields:
         v = value if given else self.m.get(key)
         if not b.known(v):
             raise self.fail(key, f"not a device of this run: {show(v)}")
-        return v  # type: ignore[return-value]
+        return v  # type: ignore[return-value]  # known() accepts only a str
 
     def block(self, key: str, b: Bounds, value: object = None, given: bool = False) -> str:
         v = value if given else self.m.get(key)
@@ -266,7 +266,7 @@ class Message:
     @classmethod
     def wire_keys(cls) -> frozenset[str]:
         """The keys its wire map may hold besides "t": the record's fields."""
-        return frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+        return frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]  # every subclass is a dataclass; the base is not
 
     def answered_by(self, device: str) -> frozenset[str]:
         """Who may acknowledge this request when it is sent to `device`."""
@@ -291,7 +291,7 @@ def _layout(cls: type[Message]) -> tuple[tuple[str, bool], ...]:
     """A record's fields in order, each with whether it is optional (defaults to None)."""
     layout = _LAYOUTS.get(cls)
     if layout is None:
-        layout = _LAYOUTS[cls] = tuple((f.name, f.default is None) for f in fields(cls))  # type: ignore[arg-type]
+        layout = _LAYOUTS[cls] = tuple((f.name, f.default is None) for f in fields(cls))  # type: ignore[arg-type]  # every subclass is a dataclass; the base is not
     return layout
 
 
@@ -666,7 +666,7 @@ class Pressure(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Pressure:
-        return cls(f.device("device", b), f.counters(), f.num("at", -math.inf))  # type: ignore[arg-type]
+        return cls(f.device("device", b), f.counters(), f.num("at", -math.inf))  # type: ignore[arg-type]  # num() is None only when optional
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,8 +683,8 @@ class LinkChange(Message):
         device, peer = f.device("device", b), f.device("peer", b)
         if peer == device:
             raise f.fail("peer", "a link joins two different devices")
-        return cls(device, peer, f.num("rate", 0), f.num("latency", 0, optional=True),  # type: ignore[arg-type]
-                   f.num("at", -math.inf))  # type: ignore[arg-type]
+        return cls(device, peer, f.num("rate", 0), f.num("latency", 0, optional=True),  # type: ignore[arg-type]  # num() is None only when optional
+                   f.num("at", -math.inf))  # type: ignore[arg-type]  # num() is None only when optional
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,8 +711,8 @@ class Join(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Join:
-        return cls(f.device("device", b), f.counters(), f.num("flops", MIN_FLOPS, 1e18),  # type: ignore[arg-type]
-                   f.bool_("host_blocks"), f.num("at", -math.inf))  # type: ignore[arg-type]
+        return cls(f.device("device", b), f.counters(), f.num("flops", MIN_FLOPS, 1e18),  # type: ignore[arg-type]  # num() is None only when optional
+                   f.bool_("host_blocks"), f.num("at", -math.inf))  # type: ignore[arg-type]  # num() is None only when optional
 
 
 # ---------------------------------------------------------------------------------- the table
@@ -732,7 +732,7 @@ def kind_of(raw: object) -> str:
 def _parse(raw: object, b: Bounds) -> Message:
     if not isinstance(raw, dict):
         raise ProtocolError(f"a message must be a map, got {type(raw).__name__}")
-    cls = TABLE.get(raw.get("t"))  # type: ignore[arg-type]
+    cls = TABLE.get(raw.get("t"))  # type: ignore[arg-type]  # any value: a non-str is simply not found
     if cls is None:
         raise ProtocolError(f"unknown message kind {show(raw.get('t'))}")
     f = _Fields(raw, cls.KIND)
@@ -754,8 +754,8 @@ def for_device(raw: object, sender: str, me: str, b: Bounds) -> Message:
         raise ProtocolError(f"{m.KIND!r} is for the source device, not {me}")
     if m.FROM == "source":  # the source's own reports never travel as messages
         raise ProtocolError(f"{m.KIND!r} is the source's own report, not a message")
-    if m.FROM == "sender" and m.device != sender:  # type: ignore[attr-defined]
-        raise ProtocolError(f"{m.KIND!r} about {m.device} sent by {sender}")  # type: ignore[attr-defined]
+    if m.FROM == "sender" and m.device != sender:  # type: ignore[attr-defined]  # every "sender" record has a device
+        raise ProtocolError(f"{m.KIND!r} about {m.device} sent by {sender}")  # type: ignore[attr-defined]  # as above
     if m.KIND in TO_CONTROLLER and me != b.source:
         raise ProtocolError(f"{m.KIND!r} is for the controller, which {me} does not run")
     return m
@@ -771,6 +771,6 @@ def for_controller(raw: object, sender: str, b: Bounds) -> Message:
         raise ProtocolError(f"{m.KIND!r} from an unknown sender {show(sender)}")
     if m.FROM == "source" and sender != b.source:
         raise ProtocolError(f"{m.KIND!r} comes from the source device, not from {sender}")
-    if m.FROM == "sender" and m.device != sender:  # type: ignore[attr-defined]
-        raise ProtocolError(f"{m.KIND!r} about {m.device} sent by {sender}")  # type: ignore[attr-defined]
+    if m.FROM == "sender" and m.device != sender:  # type: ignore[attr-defined]  # every "sender" record has a device
+        raise ProtocolError(f"{m.KIND!r} about {m.device} sent by {sender}")  # type: ignore[attr-defined]  # as above
     return m
