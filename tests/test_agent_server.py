@@ -202,7 +202,7 @@ def test_an_abort_beyond_the_run_on_peer_is_refused_and_later_tokens_flow() -> N
         await _settle()
         assert lv.agent.floor == -1
         jobs = lv.agent.compute.jobs
-        await src.send_bytes(encode({"t": P.LAYER_IN, "seq": 5, "layer": 0, "pos": 0, "x": torch.zeros(2, S.d_model)}))
+        await src.send_bytes(encode({"t": P.LAYER_INPUT, "seq": 5, "layer": 0, "pos": 0, "x": torch.zeros(2, S.d_model)}))
         for _ in range(50):  # the valid attempt runs (heads, proj, ffn of layer 0)
             await asyncio.sleep(0.05)
             if lv.agent.compute.jobs >= jobs + 3:
@@ -214,7 +214,7 @@ def test_an_abort_beyond_the_run_on_peer_is_refused_and_later_tokens_flow() -> N
 
 
 def test_an_output_longer_than_the_run_is_refused() -> None:
-    """An `OUT` of 100,000 rows (100 MiB) on a 2,048-token model is refused: the frame is
+    """An `LAST_HIDDEN` of 100,000 rows (100 MiB) on a 2,048-token model is refused: the frame is
     over what this run can need, and fewer rows are over the run's length."""
 
     async def body(lv: Live) -> None:
@@ -222,7 +222,7 @@ def test_an_output_longer_than_the_run_is_refused() -> None:
         for n, name in ((100_000, "pi-a"), (rows, "pi-b")):
             peer = await lv.peer(name)
             try:
-                await peer.send_bytes(encode({"t": P.OUT, "seq": 1, "x": torch.zeros(n, S.d_model)}))
+                await peer.send_bytes(encode({"t": P.LAST_HIDDEN, "seq": 1, "x": torch.zeros(n, S.d_model)}))
             except ConnectionError:  # the agent closes a connection that sends an oversized frame
                 pass
             await _settle()
@@ -245,10 +245,10 @@ def test_distinct_sequence_numbers_cannot_grow_the_agent() -> None:
         await _settle()
         out = torch.zeros(4, S.q_per_group * S.d_head)
         for seq in range(1, 1201):
-            await peer.send_bytes(encode({"t": P.HEADS, "seq": seq, "layer": 1, "pos": 0, "groups": [0], "out": out}))
+            await peer.send_bytes(encode({"t": P.HEAD_OUTPUTS, "seq": seq, "layer": 1, "pos": 0, "groups": [0], "out": out}))
         quota = 2 * S.layers + 4  # twice what a pipeline has in flight
         await asyncio.sleep(2.0)
-        assert len(lv.agent._proj_buf) <= quota
+        assert len(lv.agent.join) <= quota
         assert lv.agent.quota == quota and lv.agent.refusals.total >= 1200 - quota
         await lv.legit()
 
@@ -278,7 +278,7 @@ def test_a_flood_of_bad_frames_writes_few_log_lines(caplog: pytest.LogCaptureFix
     async def body(lv: Live) -> None:
         peer = await lv.peer("pi-b")
         for i in range(20_000):
-            await peer.send_bytes(b"\xc1" if i % 2 else encode({"t": P.LAYER_IN, "seq": -1}))
+            await peer.send_bytes(b"\xc1" if i % 2 else encode({"t": P.LAYER_INPUT, "seq": -1}))
         for _ in range(200):  # the undecodable half is the endpoint's to refuse
             await asyncio.sleep(0.05)
             if lv.ep.refused >= 10_000:

@@ -99,13 +99,13 @@ def test_refused_cache_append_leaves_caches_intact() -> None:
         assign = [0 if b.name in heads else 1 for b in spec.blocks]
         agent.handle("src", {"t": P.ROUTE, "rid": 2, "version": 1, "devices": ["d", "other"], "assign": assign})
         for pos in range(3):  # three positions fit exactly
-            agent.handle("src", {"t": P.LAYER_IN, "seq": pos + 1, "layer": 0, "pos": pos,
+            agent.handle("src", {"t": P.LAYER_INPUT, "seq": pos + 1, "layer": 0, "pos": pos,
                                  "x": torch.randn(1, spec.d_model)})
             await asyncio.sleep(1)
         assert all(n == 3 for n in agent.cache_lengths().values())
         kv = {n: (b.cache.k.clone(), b.cache.v.clone()) for n, b in agent.blocks.items()}
         usage = dict(agent.budget.by_category)
-        agent.handle("src", {"t": P.LAYER_IN, "seq": 4, "layer": 0, "pos": 3, "x": torch.randn(1, spec.d_model)})
+        agent.handle("src", {"t": P.LAYER_INPUT, "seq": 4, "layer": 0, "pos": 3, "x": torch.randn(1, spec.d_model)})
         await asyncio.sleep(1)
         errors = [m for _, m in sent if m["t"] == P.ERROR]
         assert len(errors) == 1 and errors[0]["kind"] == "oom" and errors[0]["seq"] == 4

@@ -38,10 +38,10 @@ def _valid() -> dict[str, dict[str, Any]]:
     mem = dict.fromkeys(P.COUNTERS, 0)
     return {
         P.GEN: {"t": P.GEN, "seq": 4, "tokens": [1, 2, 3], "pos": 0},
-        P.LAYER_IN: {"t": P.LAYER_IN, "seq": 4, "layer": 1, "pos": 16, "x": x},
-        P.FFN_IN: {"t": P.FFN_IN, "seq": 4, "layer": 1, "pos": 16, "x": x},
-        P.HEADS: {"t": P.HEADS, "seq": 4, "layer": 1, "pos": 16, "groups": [0, 2], "out": torch.zeros(3, 2 * q * d)},
-        P.OUT: {"t": P.OUT, "seq": 4, "x": x},
+        P.LAYER_INPUT: {"t": P.LAYER_INPUT, "seq": 4, "layer": 1, "pos": 16, "x": x},
+        P.FFN_INPUT: {"t": P.FFN_INPUT, "seq": 4, "layer": 1, "pos": 16, "x": x},
+        P.HEAD_OUTPUTS: {"t": P.HEAD_OUTPUTS, "seq": 4, "layer": 1, "pos": 16, "groups": [0, 2], "out": torch.zeros(3, 2 * q * d)},
+        P.LAST_HIDDEN: {"t": P.LAST_HIDDEN, "seq": 4, "x": x},
         P.LOGITS: {"t": P.LOGITS, "seq": 4, "logits": torch.zeros(S.vocab), "at": 1.5},
         P.LOAD: {"t": P.LOAD, "rid": 1, "blocks": ["head.0.0", "proj.3", "ffn.2"]},
         P.CANCEL: {"t": P.CANCEL, "rid": 1, "blocks": ["ffn.2"]},
@@ -73,7 +73,7 @@ def _accept(raw: dict[str, Any]) -> P.Message:
         return P.for_controller(raw, raw["device"], B)
     if t in P.FROM_CONTROLLER:
         return P.for_device(raw, SRC, SRC if t == P.GEN else ME, B)
-    return P.for_device(raw, PEER, SRC if t == P.OUT else ME, B)
+    return P.for_device(raw, PEER, SRC if t == P.LAST_HIDDEN else ME, B)
 
 
 def test_the_table_covers_every_kind_once() -> None:
@@ -86,10 +86,20 @@ def test_the_table_covers_every_kind_once() -> None:
 def test_every_valid_message_is_its_record_and_back(kind: str) -> None:
     raw = _valid()[kind]
     m = _accept(raw)
-    assert type(m) is P.TABLE[kind] and m.t == kind and m["t"] == kind
+    assert type(m) is P.TABLE[kind] and m.t == kind
     wire = decode(encode(m.wire()))  # a record goes back on the wire as the map it came from
     again = _accept(wire)
     assert type(again) is type(m)
+
+
+@pytest.mark.parametrize("kind", sorted(_valid()))
+def test_a_record_sent_is_as_many_bytes_as_the_map_it_came_from(kind: str) -> None:
+    # links charge a frame's length: a sender building the record instead of the map must not
+    # change it (a required field that is None, as a link change's unknown latency, is sent)
+    raw = dict(_valid()[kind])
+    if kind == P.LINK_CHANGE:
+        raw["latency"] = None
+    assert len(encode(_accept(raw).wire())) == len(encode(raw))
 
 
 @pytest.mark.parametrize(("raw", "sender", "me", "why"), [
@@ -100,11 +110,11 @@ def test_every_valid_message_is_its_record_and_back(kind: str) -> None:
     ({"t": P.RESERVE, "rid": 1, "blocks": {"ffn.0": -1}}, SRC, SRC, "blocks.ffn.0"),
     ({"t": P.GEN, "seq": 1, "tokens": [S.vocab], "pos": 0}, SRC, SRC, "tokens"),
     # an output of 100,000 rows on a 2,048-token model
-    ({"t": P.OUT, "seq": 1, "x": torch.zeros(100_000, S.d_model)}, PEER, SRC, "rows"),
+    ({"t": P.LAST_HIDDEN, "seq": 1, "x": torch.zeros(100_000, S.d_model)}, PEER, SRC, "rows"),
     # rows past the run's length, a layer the model does not have, a dtype it does not use
-    ({"t": P.LAYER_IN, "seq": 1, "layer": 0, "pos": B.max_rows - 1, "x": torch.zeros(2, S.d_model)}, PEER, ME, "rows"),
-    ({"t": P.LAYER_IN, "seq": 1, "layer": S.layers, "pos": 0, "x": torch.zeros(1, S.d_model)}, PEER, ME, "layer"),
-    ({"t": P.LAYER_IN, "seq": 1, "layer": 0, "pos": 0, "x": torch.zeros(1, S.d_model, dtype=torch.float16)},
+    ({"t": P.LAYER_INPUT, "seq": 1, "layer": 0, "pos": B.max_rows - 1, "x": torch.zeros(2, S.d_model)}, PEER, ME, "rows"),
+    ({"t": P.LAYER_INPUT, "seq": 1, "layer": S.layers, "pos": 0, "x": torch.zeros(1, S.d_model)}, PEER, ME, "layer"),
+    ({"t": P.LAYER_INPUT, "seq": 1, "layer": 0, "pos": 0, "x": torch.zeros(1, S.d_model, dtype=torch.float16)},
      PEER, ME, "dtype"),
     # who may send what: controller requests only from the source; reports about their sender
     ({"t": P.ABORT, "rid": 1, "seq": 1}, PEER, ME, "controller"),

@@ -401,7 +401,7 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
 def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) -> Any:
     """A device holding layer 0's heads of gpt-tiny, computing early, with room for the
     heads and `memory_positions` positions of their caches."""
-    from testbed.agents import protocol as P
+    from testbed.agents import messages as P
     from testbed.agents.device import DeviceAgent
     from testbed.model import cost
     from testbed.model.blocks import RandomWeights
@@ -427,14 +427,14 @@ def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them(
     computed for blocks that left and came back (new objects) is dropped and computed again;
     an out-of-memory refusal at arrival leaves every cache as it was although the rows were
     computed ahead."""
-    from testbed.agents import protocol as P
+    from testbed.agents import messages as P
     from testbed.model.spec import from_name
 
     spec = from_name("gpt-tiny")
     xs = [torch.randn(1, spec.d_model, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
     def frame(seq: int, pos: int) -> dict[str, Any]:
-        return {"t": P.LAYER_IN, "seq": seq, "layer": 0, "pos": pos, "x": xs[pos]}
+        return {"t": P.LAYER_INPUT, "seq": seq, "layer": 0, "pos": pos, "x": xs[pos]}
 
     async def main() -> dict[str, Any]:
         sent: list[tuple[str, dict[str, Any]]] = []
@@ -445,7 +445,7 @@ def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them(
         agent.handle("src", frame(1, 0))
         await asyncio.sleep(0.05)
         early_1 = agent.compute.early_jobs
-        out_1 = [m for d, m in sent if m.get("t") == P.HEADS][-1]["out"]
+        out_1 = [m for d, m in sent if m.get("t") == P.HEAD_OUTPUTS][-1]["out"]
         # the blocks leave and come back: what was computed for the old ones is dropped
         agent.preview("src", frame(2, 1))
         await asyncio.sleep(0.05)

@@ -76,7 +76,8 @@ class Beliefs:
         rate = flops if flops is not None else (old.flops if old is not None else math.nan)
         self.states[i] = DeviceState.from_memory(device, rate, mem, self.host[i], self.alive[i])
 
-    def telemetry(self, device: str, reply: dict[str, Any]) -> None:
+    def telemetry(self, device: str, reply: Mapping[str, Any]) -> None:
+        """A device's answer to a telemetry request (`Ack.reply`): its links and memory."""
         i = self.index(device)
         for peer, obs in reply["links"].items():
             if peer not in self.names:

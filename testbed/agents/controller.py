@@ -141,8 +141,8 @@ class Controller:
             return
         try:
             m = P.for_controller(raw, sender, self.bounds)
-            if m.KIND == P.ACK:
-                self.requests.answered(m, sender)  # type: ignore[arg-type]
+            if isinstance(m, P.Ack):
+                self.requests.answered(m, sender)
             else:
                 self._on_report(m)
         except P.ProtocolError as e:
@@ -263,7 +263,7 @@ class Controller:
         replies = await self.requests.ask({d: partial(P.Telemetry, probe_bytes=self.opt.probe_bytes)
                                            for d in self.alive()}, "telemetry")
         for d, r in replies.items():
-            self.beliefs.telemetry(d, r)
+            self.beliefs.telemetry(d, r.reply)
 
     def _guess_ms(self, tokens: int, n: int) -> float:
         """The estimate under the last decision's view (no requests)."""

@@ -34,9 +34,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
@@ -59,6 +59,9 @@ from ..model.spec import ModelSpec
 from ..scenario.records import DeviceSpec
 from ..transport.refusals import Refusals
 from . import messages as P
+from .admission import Quota
+from .join import ProjectionJoin, ProjInputs
+from .routing import Routing
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,7 @@ class DeviceAgent:
         self.bounds = bounds or P.Bounds(model, source)
         self.refusals = Refusals(spec.name, log)
         self.quota = 2 * model.layers + 4  # proj inputs and queued jobs per peer
-        self._held: Counter[str] = Counter()  # proj buffer entries each peer contributes to
-        self._queued: Counter[str] = Counter()  # jobs each peer's messages have queued
+        self.admission = Quota(self.quota, "{sender} has {limit} jobs queued here already")
         self._work: set[asyncio.Task[Any]] = set()  # jobs queued for peers (an abort waits for them)
         self._acks: set[asyncio.Task[Any]] = set()  # answers to aborts, waiting for the jobs
         self.weights = weights
@@ -98,18 +100,15 @@ class DeviceAgent:
         self.compute = ComputeUnit(spec.name, spec.flops, spec.bandwidth)
         self.blocks: dict[str, AnyBlock] = {}
         self.reserved: dict[str, int] = {}
-        self.route_version = -1
-        self._my_heads: dict[int, list[int]] = {}
-        self._head_devs: dict[int, list[str]] = {}
-        self._proj: dict[int, str] = {}
-        self._ffn: dict[int, str] = {}
+        self.routing = Routing(model, spec.name)
         self.floor = -1  # attempts <= floor are stale
-        self._proj_buf: dict[tuple[int, int], dict[str, Any]] = {}
+        self.join = ProjectionJoin(model.groups, model.q_per_group * model.d_head, self.quota)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False  # after stop(): no new work (the run is over or interrupted)
         self.controller: Callable[[str, dict[str, Any]], None] | None = None  # on the source only
         self._tel_since = -math.inf
-        self.probe_log: list[tuple[str, int | None, int, float]] | None = None  # benchmarks
+        # measurement traffic arriving: (sender, the probe, loop time) to whoever listens
+        self.on_probe: Callable[[str, P.Probe, float], None] | None = None
         self._jobs_at_tel = (0.0, 0.0)  # (flops, busy seconds) at the last report
         # computing early (real clock, `compute_early`): a worker thread, and the arithmetic
         # it started per job key, with the blocks it used
@@ -117,7 +116,7 @@ class DeviceAgent:
         # per job key: (the blocks and the input tensors it used, its arithmetic)
         self._early: dict[tuple[Any, ...], tuple[tuple[object, ...], tuple[torch.Tensor, ...], Future[Ahead]]] = {}
         self._early_max = 2 * len(model.blocks) + 8  # a token's jobs here, twice over
-        self._pview: dict[tuple[int, int], dict[str, Any]] = {}  # proj's inputs seen early
+        self._pview: dict[tuple[int, int], ProjInputs] = {}  # proj's inputs seen early
         self._loop: asyncio.AbstractEventLoop | None = None  # where the worker's results are handed on
         # hands a message's content to another device ahead of its frame (set by the world)
         self.early_send: Callable[[str, dict[str, Any]], None] | None = None
@@ -129,8 +128,9 @@ class DeviceAgent:
         the job that produced it), default now."""
         return self._send(dst, msg, at)
 
-    def _reply(self, m: P.Message, **payload: Any) -> None:
-        self.send(self.source, {"t": P.ACK, "rid": m.rid, "device": self.name, **payload})  # type: ignore[attr-defined]
+    def _reply(self, rid: int, ok: bool, **answer: Any) -> None:
+        """Answer request `rid`; `answer`: the fields the request's answer carries (`P.REPLY`)."""
+        self.send(self.source, P.Ack(rid, ok, self.name, MappingProxyType(answer)).wire())
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], sender: str | None = None) -> asyncio.Task[Any]:
         """Run coro as a task; `sender`: a job queued on behalf of that peer's message
@@ -138,7 +138,7 @@ class DeviceAgent:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         if sender is not None:
-            self._queued[sender] += 1
+            self.admission.take(sender)
             self._work.add(task)
             task.add_done_callback(lambda t: self._unqueue(sender, t))
         task.add_done_callback(self._task_done)
@@ -146,14 +146,11 @@ class DeviceAgent:
 
     def _admit(self, sender: str) -> None:
         """A peer may have at most `quota` jobs queued here (ProtocolError beyond)."""
-        if self._queued[sender] >= self.quota:
-            raise P.ProtocolError(f"{sender} has {self.quota} jobs queued here already")
+        self.admission.check(sender)
 
     def _unqueue(self, sender: str, task: asyncio.Task[Any]) -> None:
         self._work.discard(task)
-        self._queued[sender] -= 1
-        if self._queued[sender] <= 0:
-            del self._queued[sender]
+        self.admission.give(sender)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -162,30 +159,27 @@ class DeviceAgent:
         exc = task.exception()
         if exc is not None:
             log.error("%s: task failed", self.name, exc_info=exc)
-            self.send(self.source, {"t": P.ERROR, "kind": "agent", "device": self.name,
-                                    "detail": f"{type(exc).__name__}: {exc}"})
+            self.send(self.source, P.Error("agent", self.name, f"{type(exc).__name__}: {exc}").wire())
 
     def _pressure(self) -> None:
         """Crossing high, or a co-tenant taking or returning memory, is a pressure signal:
         tell the controller at once (as memory.high / PSI notifications would)."""
-        self.send(self.source, {"t": P.PRESSURE, "device": self.name, "memory": self.budget.counters(),
-                                "at": asyncio.get_running_loop().time()})
+        self.send(self.source, P.Pressure(self.name, MappingProxyType(self.budget.counters()),
+                                          asyncio.get_running_loop().time()).wire())
 
     def link_changed(self, peer: str, rate: float, latency: float | None) -> None:
         """A link of ours streams at a very different rate than before: tell the controller."""
-        self.send(self.source, {"t": P.LINK_CHANGE, "device": self.name, "peer": peer, "rate": rate,
-                                "latency": latency, "at": asyncio.get_running_loop().time()})
+        self.send(self.source, P.LinkChange(self.name, peer, rate, latency, asyncio.get_running_loop().time()).wire())
 
     def peer_down(self, peer: str) -> None:
         """The transport lost its connection to a peer; the source tells the controller."""
         if self.source_block is not None and self.controller is not None:
-            self.controller(self.name, {"t": P.DOWN, "device": peer})
+            self.controller(self.name, P.Down(peer).wire())
 
     def announce(self) -> None:
         """A joining device introduces itself to the controller (via the source)."""
-        self.send(self.source, {"t": P.JOIN, "device": self.name, "memory": self.budget.counters(),
-                                "flops": self.compute.rate, "host_blocks": self.spec.host_blocks,
-                                "at": asyncio.get_running_loop().time()})
+        self.send(self.source, P.Join(self.name, MappingProxyType(self.budget.counters()), self.compute.rate,
+                                      self.spec.host_blocks, asyncio.get_running_loop().time()).wire())
 
     def handle(self, sender: str, msg: dict[str, Any], at: float | None = None) -> None:
         """Entry point for every message addressed to this device, from a peer or from
@@ -250,25 +244,26 @@ class DeviceAgent:
             return
         key: tuple[Any, ...]
         blocks: tuple[object, ...]
-        if isinstance(m, P.Heads):
+        if isinstance(m, P.HeadOutputs):
             self._preview_proj(m.seq, m.layer, m.pos, None, m.groups, m.out)
             return
-        if type(m) is P.Hidden and self._proj.get(m.layer) == self.name:  # (FfnIn is a Hidden too)
+        if type(m) is P.LayerInput and self.routing.proj_here(m.layer):  # (FfnInput is a LayerInput too)
             self._preview_proj(m.seq, m.layer, m.pos, m.x)
-        if type(m) is P.Hidden:
-            groups = self._my_heads.get(m.layer)
-            heads = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups or ()]
-            if not heads or not all(isinstance(h, HeadBlock) and h.cache.n >= m.pos for h in heads):
+        if type(m) is P.LayerInput:
+            groups = self.routing.my_heads(m.layer)
+            found = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups]
+            heads = [h for h in found if isinstance(h, HeadBlock)]
+            if not heads or len(heads) != len(found) or not all(h.cache.n >= m.pos for h in heads):
                 return
-            key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups or ())), tuple(heads), (m.x,)
-            work: Callable[[], Any] = _attend(heads, m.x, m.pos)  # type: ignore[arg-type]
-        elif isinstance(m, P.FfnIn):
+            key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups)), tuple(heads), (m.x,)
+            work: Callable[[], Any] = _attend(heads, m.x, m.pos)
+        elif isinstance(m, P.FfnInput):
             ffn = self.blocks.get(f"ffn.{m.layer}")
             if not isinstance(ffn, FfnBlock):
                 return
             key, blocks, inputs = ("y", m.seq, m.layer, m.pos), (ffn,), (m.x,)
             work = _ffn(ffn, m.x)
-        elif isinstance(m, P.Out) and self.source_block is not None:
+        elif isinstance(m, P.LastHidden) and self.source_block is not None:
             key, blocks, inputs = ("z", m.seq), (self.source_block,), (m.x,)
             work = _logits(self.source_block, m.x)
         else:
@@ -302,18 +297,17 @@ class DeviceAgent:
             if kind == "x":
                 _, _, layer, pos, groups = key
                 out = value[0][0] if len(value) == 1 else torch.cat([o for o, _, _ in value], dim=-1)
-                targets = [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
-                                                "groups": list(groups), "out": out})]
+                targets = [(self.routing.proj(layer), P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
             elif kind == "p":
                 _, _, layer, pos = key
-                targets = [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": value})]
+                targets = [(self.routing.ffn(layer), P.FfnInput(seq, layer, pos, value).wire())]
             elif kind == "y":
                 _, _, layer, pos = key
                 if layer + 1 < self.model.layers:
-                    msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": value}
-                    targets = [(dst, msg) for dst in self.layer_targets(layer + 1)]
+                    msg = P.LayerInput(seq, layer + 1, pos, value).wire()
+                    targets = [(dst, msg) for dst in self.routing.layer_targets(layer + 1)]
                 else:
-                    targets = [(self.source, {"t": P.OUT, "seq": seq, "x": value})]
+                    targets = [(self.source, P.LastHidden(seq, value).wire())]
             else:
                 return
         except KeyError:  # routed elsewhere since: the job itself will find out
@@ -350,24 +344,22 @@ class DeviceAgent:
                       groups: Sequence[int] = (), out: torch.Tensor | None = None) -> None:
         """Collect proj's inputs as they arrive early; start it when all are there."""
         block = self.blocks.get(f"proj.{layer}")
-        if not isinstance(block, ProjBlock) or self._proj.get(layer) != self.name:
+        if not isinstance(block, ProjBlock) or not self.routing.proj_here(layer):
             return
         buf = self._pview.get((seq, layer))
         if buf is None:
             if len(self._pview) >= self.quota:
                 self._pview.pop(next(iter(self._pview)))
-            buf = self._pview[(seq, layer)] = {"x": None, "outs": {}}
+            buf = self._pview[(seq, layer)] = ProjInputs()
         if x is not None:
-            buf["x"] = x
+            buf.residual = x
         if out is not None:
-            w = self.model.q_per_group * self.model.d_head
-            for i, g in enumerate(groups):
-                buf["outs"][g] = out[:, i * w:(i + 1) * w]
-        if buf["x"] is None or len(buf["outs"]) < self.model.groups:
+            buf.add_outputs(groups, out, self.join.width)
+        if buf.residual is None or not buf.complete(self.model.groups):
             return
         del self._pview[(seq, layer)]
         if self._pool is not None:
-            bx, outs, groups_n = buf["x"], buf["outs"], self.model.groups
+            bx, outs, groups_n = buf.residual, buf.outputs, self.model.groups
 
             def work() -> torch.Tensor:
                 return block.forward(concat_heads(outs, groups_n), bx)
@@ -396,6 +388,11 @@ class DeviceAgent:
             del self._pview[pkey]
 
     # ------------------------------------------------------------------ state
+
+    def _head(self, name: str) -> HeadBlock:
+        block = self.blocks[name]
+        assert isinstance(block, HeadBlock), name
+        return block
 
     def kv_bytes(self) -> int:
         return sum(b.cache.nbytes for b in self.blocks.values() if isinstance(b, HeadBlock))
@@ -429,28 +426,6 @@ class DeviceAgent:
         if isinstance(block, HeadBlock):
             self.budget.release("kv", block.cache.nbytes)
 
-    def _set_route(self, devices: list[str], assign: list[int]) -> None:
-        self._my_heads, self._head_devs, self._proj, self._ffn = {}, {}, {}, {}
-        for b, j in zip(self.model.blocks, assign, strict=True):
-            dev = devices[j]
-            if b.kind == "head":
-                if dev == self.name:
-                    self._my_heads.setdefault(b.layer, []).append(b.index)
-                devs = self._head_devs.setdefault(b.layer, [])
-                if dev not in devs:
-                    devs.append(dev)
-            elif b.kind == "proj":
-                self._proj[b.layer] = dev
-            else:
-                self._ffn[b.layer] = dev
-
-    def layer_targets(self, layer: int) -> list[str]:
-        """Devices that need the input of `layer`: its head devices, then its proj device."""
-        out = list(self._head_devs[layer])
-        if self._proj[layer] not in out:
-            out.append(self._proj[layer])
-        return out
-
     # ------------------------------------------------------------------ data path
 
     def _on_gen(self, sender: str, m: P.Gen, at: float | None) -> None:
@@ -460,17 +435,17 @@ class DeviceAgent:
             raise P.ProtocolError(f"{self.name} is not the source device")
         if m.seq <= self.floor:
             return
-        if not self._routed():
+        if not self.routing.routed:
             raise P.ProtocolError("no routing yet")
         with torch.inference_mode():
             x = self.source_block.embed(list(m.tokens), m.pos)
-        msg = {"t": P.LAYER_IN, "seq": m.seq, "layer": 0, "pos": m.pos, "x": x}
-        if self._pool is not None and self.name in self.layer_targets(0):
+        msg = P.LayerInput(m.seq, 0, m.pos, x).wire()
+        if self._pool is not None and self.name in self.routing.layer_targets(0):
             self.preview(self.name, msg)  # computing early: on the worker, like any other input
-        for dst in self.layer_targets(0):
+        for dst in self.routing.layer_targets(0):
             self._forward(dst, msg, at)
 
-    def _on_out(self, sender: str, m: P.Out, at: float | None) -> None:
+    def _on_last_hidden(self, sender: str, m: P.LastHidden, at: float | None) -> None:
         if self.source_block is None:
             raise P.ProtocolError(f"{self.name} is not the source device")
         if m.seq > self.floor:
@@ -486,14 +461,14 @@ class DeviceAgent:
         logits, done = await self.compute.run(cost.source_flops(self.model), _or_now(work) if early else work,
                                               ready=ready, early=early, nbytes=cost.source_bytes(self.model))
         if seq > self.floor and self.controller is not None:
-            self.controller(self.name, {"t": P.LOGITS, "seq": seq, "logits": logits, "at": done})
+            self.controller(self.name, P.Logits(seq, logits, done).wire())
 
-    def _on_x(self, sender: str, m: P.Hidden, at: float | None) -> None:
+    def _on_layer_input(self, sender: str, m: P.LayerInput, at: float | None) -> None:
         seq, layer = m.seq, m.layer
         if seq <= self.floor:
             return
-        groups = self._my_heads.get(layer)
-        proj = self._proj.get(layer) == self.name
+        groups = self.routing.my_heads(layer)
+        proj = self.routing.proj_here(layer)
         if not groups and not proj:
             raise P.ProtocolError(f"layer {layer} is not routed here")
         if groups:
@@ -501,8 +476,7 @@ class DeviceAgent:
                 raise P.ProtocolError(f"layer {layer}'s heads routed here are not loaded")
             self._admit(sender)
         if proj:  # before the job: a refused buffer leaves nothing half done
-            buf = self._buf(seq, layer, at, sender)
-            buf["x"] = m.x
+            self.join.add_residual((seq, layer), sender, at, m.x)
         if groups:
             self._spawn(self._heads(seq, layer, m.pos, m.x, groups, at), sender)
         if proj:
@@ -512,29 +486,28 @@ class DeviceAgent:
                      ready: float | None) -> None:
         s = self.model
         T = x.shape[0]
-        heads = [self.blocks[f"head.{layer}.{g}"] for g in groups]
-        grow = sum(max(0, pos + T - h.cache.n) for h in heads) * cost.cache_bytes_per_token(s)  # type: ignore[union-attr]
+        heads = [self._head(f"head.{layer}.{g}") for g in groups]
+        grow = sum(max(0, pos + T - h.cache.n) for h in heads) * cost.cache_bytes_per_token(s)
         try:
             self.budget.charge("kv", grow)
         except MemoryRefused as e:
-            self.send(self.source, {"t": P.ERROR, "kind": "oom", "device": self.name, "seq": seq,
-                                    "layer": layer, "bytes": e.nbytes, "detail": str(e),
-                                    "memory": self.budget.counters(), "at": asyncio.get_running_loop().time()})
+            self.send(self.source, P.Error("oom", self.name, str(e), seq, layer, e.nbytes,
+                                           MappingProxyType(self.budget.counters()),
+                                           asyncio.get_running_loop().time()).wire())
             return
 
-        attend = _attend(heads, x, pos)  # type: ignore[arg-type]
+        attend = _attend(heads, x, pos)
 
         def commit(parts: list[tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
             """The window's state change: the K/V rows appended (computed now if not early)."""
             parts = attend() if parts is None else parts
             with torch.inference_mode():
                 for h, (_, k, v) in zip(heads, parts, strict=True):
-                    h.cache.write(pos, k, v)  # type: ignore[union-attr]
+                    h.cache.write(pos, k, v)
                 return parts[0][0] if len(parts) == 1 else torch.cat([o for o, _, _ in parts], dim=-1)
 
         def outputs(out: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
-            return [(self._proj[layer], {"t": P.HEADS, "seq": seq, "layer": layer, "pos": pos,
-                                         "groups": groups, "out": out})]
+            return [(self.routing.proj(layer), P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
 
         early = self._take_early(("x", seq, layer, pos, tuple(groups)), heads, (x,))
         out, done = await self.compute.run(len(groups) * cost.span_flops(s, "head", pos, T), commit,
@@ -544,61 +517,31 @@ class DeviceAgent:
             for dst, msg in outputs(out):
                 self._forward(dst, msg, done)
 
-    def _buf(self, seq: int, layer: int, at: float | None, sender: str) -> dict[str, Any]:
-        """proj's inputs for (seq, layer), with `sender` among its contributors (at most
-        `quota` entries per peer: ProtocolError beyond); `at` keeps when the last of them
-        was due."""
-        key = (seq, layer)
-        buf = self._proj_buf.get(key)
-        if buf is None or sender not in buf["by"]:
-            if self._held[sender] >= self.quota:
-                raise P.ProtocolError(f"{sender} already contributes to {self.quota} pending inputs here")
-            if buf is None:
-                buf = self._proj_buf[key] = {"x": None, "outs": {}, "at": None, "by": set()}
-            buf["by"].add(sender)
-            self._held[sender] += 1
-        if at is not None:
-            buf["at"] = at if buf["at"] is None else max(buf["at"], at)
-        return buf
-
-    def _drop_buf(self, key: tuple[int, int]) -> dict[str, Any]:
-        buf = self._proj_buf.pop(key)
-        for peer in buf["by"]:
-            self._held[peer] -= 1
-            if self._held[peer] <= 0:
-                del self._held[peer]
-        return buf
-
-    def _on_h(self, sender: str, m: P.Heads, at: float | None) -> None:
+    def _on_head_outputs(self, sender: str, m: P.HeadOutputs, at: float | None) -> None:
         seq, layer = m.seq, m.layer
         if seq <= self.floor:
             return
-        if self._proj.get(layer) != self.name:
+        if not self.routing.proj_here(layer):
             raise P.ProtocolError(f"proj.{layer} is not routed here")
-        outs = self._buf(seq, layer, at, sender)["outs"]
-        w = self.model.q_per_group * self.model.d_head
-        for i, g in enumerate(m.groups):
-            outs[g] = m.out[:, i * w:(i + 1) * w]
+        self.join.add_outputs((seq, layer), sender, at, m.groups, m.out)
         self._check_proj(seq, layer, m.pos, sender)
 
     def _check_proj(self, seq: int, layer: int, pos: int, sender: str) -> None:
-        buf = self._proj_buf[(seq, layer)]
-        if buf["x"] is None or len(buf["outs"]) < self.model.groups:
+        if not self.join.ready((seq, layer)):
             return
+        inputs = self.join.take((seq, layer))
+        assert inputs.residual is not None
         if f"proj.{layer}" not in self.blocks:
-            self._drop_buf((seq, layer))
             raise P.ProtocolError(f"proj.{layer} is routed here but not loaded")
-        if buf["x"].shape[0] != buf["outs"][0].shape[0]:
-            self._drop_buf((seq, layer))
+        if inputs.residual.shape[0] != inputs.outputs[0].shape[0]:
             raise P.ProtocolError(f"proj.{layer}: inputs of different lengths")
-        self._drop_buf((seq, layer))
         self._admit(sender)
-        self._spawn(self._run_block(seq, layer, pos, "proj", buf["x"], buf["outs"], buf["at"]), sender)
+        self._spawn(self._run_block(seq, layer, pos, "proj", inputs.residual, inputs.outputs, inputs.due), sender)
 
-    def _on_y(self, sender: str, m: P.FfnIn, at: float | None) -> None:
+    def _on_ffn_input(self, sender: str, m: P.FfnInput, at: float | None) -> None:
         if m.seq <= self.floor:
             return
-        if self._ffn.get(m.layer) != self.name or f"ffn.{m.layer}" not in self.blocks:
+        if not self.routing.ffn_here(m.layer) or f"ffn.{m.layer}" not in self.blocks:
             raise P.ProtocolError(f"ffn.{m.layer} is not here")
         self._admit(sender)
         self._spawn(self._run_block(m.seq, m.layer, m.pos, "ffn", m.x, None, at), sender)
@@ -613,15 +556,16 @@ class DeviceAgent:
                 if isinstance(block, ProjBlock):
                     assert outs is not None
                     return block.forward(concat_heads(outs, s.groups), x)
-                return block.forward(x)  # type: ignore[union-attr,call-arg]
+                assert isinstance(block, FfnBlock)
+                return block.forward(x)
 
         def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
             if kind == "proj":
-                return [(self._ffn[layer], {"t": P.FFN_IN, "seq": seq, "layer": layer, "pos": pos, "x": y})]
+                return [(self.routing.ffn(layer), P.FfnInput(seq, layer, pos, y).wire())]
             if layer + 1 < s.layers:
-                msg = {"t": P.LAYER_IN, "seq": seq, "layer": layer + 1, "pos": pos, "x": y}
-                return [(dst, msg) for dst in self.layer_targets(layer + 1)]
-            return [(self.source, {"t": P.OUT, "seq": seq, "x": y})]
+                msg = P.LayerInput(seq, layer + 1, pos, y).wire()  # one map to every target: encoded once
+                return [(dst, msg) for dst in self.routing.layer_targets(layer + 1)]
+            return [(self.source, P.LastHidden(seq, y).wire())]
 
         early = (self._take_early(("y", seq, layer, pos), (block,), (x,)) if kind == "ffn" else
                  self._take_early(("p", seq, layer, pos), (block,), (x, *(outs[g] for g in range(s.groups))))
@@ -633,9 +577,6 @@ class DeviceAgent:
             return
         for dst, msg in outputs(y):
             self._forward(dst, msg, done)
-
-    def _routed(self) -> bool:
-        return self.route_version >= 0
 
     def _forward(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
         """Data onwards at emulated time `at`: to ourselves at once, else over the link."""
@@ -657,18 +598,16 @@ class DeviceAgent:
                 ok.append(name)
             except MemoryRefused as e:
                 refused[name] = str(e)
-        self._reply(m, ok=not refused, loaded=ok, refused=refused)
+        self._reply(m.rid, not refused, loaded=ok, refused=refused)
 
     def _on_route(self, sender: str, m: P.Route, at: float | None = None) -> None:
-        devices, assign = list(m.devices), list(m.assign)
-        self._set_route(devices, assign)
-        self.route_version = m.version
+        self.routing.set(m.devices, m.assign, m.version)
         freed = []
-        for b, j in zip(self.model.blocks, assign, strict=True):
-            if devices[j] != self.name and b.name in self.blocks:
+        for b in self.model.blocks:
+            if self.routing.host(b.name) != self.name and b.name in self.blocks:
                 self._free(b.name)
                 freed.append(b.name)
-        self._reply(m, ok=True, freed=freed)
+        self._reply(m.rid, True, freed=freed)
 
     def _on_reserve(self, sender: str, m: P.Reserve, at: float | None = None) -> None:
         ok, refused = [], []
@@ -679,7 +618,7 @@ class DeviceAgent:
             self.budget.charge("reserved", nbytes)
             self.reserved[name] = nbytes
             ok.append(name)
-        self._reply(m, ok=not refused, reserved=ok, refused=refused,
+        self._reply(m.rid, not refused, reserved=ok, refused=refused,
                     available=self.budget.available)
 
     def _on_cancel(self, sender: str, m: P.Cancel, at: float | None = None) -> None:
@@ -687,41 +626,39 @@ class DeviceAgent:
             nbytes = self.reserved.pop(name, 0)
             if nbytes:
                 self.budget.release("reserved", nbytes)
-        self._reply(m, ok=True)
+        self._reply(m.rid, True)
 
     def _on_migrate(self, sender: str, m: P.Migrate, at: float | None = None) -> None:
         name, dst = m.block, m.to
         block = self.blocks.get(name)
         if block is None or dst == self.name:
-            self._reply(m, ok=False, detail=f"{self.name} does not hold {name}" if block is None
+            self._reply(m.rid, False, detail=f"{self.name} does not hold {name}" if block is None
                         else f"{name} is here already")
             return
-        msg: dict[str, Any] = {"t": P.BLOCK, "rid": m.rid, "block": name, "w": block.w}
-        if isinstance(block, HeadBlock):
-            msg["k"], msg["v"] = block.cache.k, block.cache.v
-        nbytes = self.send(dst, msg)
+        snapshot = (P.BlockSnapshot(m.rid, name, MappingProxyType(block.w), block.cache.k, block.cache.v)
+                    if isinstance(block, HeadBlock) else P.BlockSnapshot(m.rid, name, MappingProxyType(block.w)))
+        nbytes = self.send(dst, snapshot.wire())
         log.debug("%s: sent %s to %s (%d B)", self.name, name, dst, nbytes)
 
-    def _on_block(self, sender: str, m: P.BlockSnapshot, at: float | None = None) -> None:
+    def _on_block_snapshot(self, sender: str, m: P.BlockSnapshot, at: float | None = None) -> None:
         name = m.block
         nbytes = self.reserved.pop(name, None)
         if nbytes is None:
-            self._reply(m, ok=False, block=name, detail=f"{self.name} has no reservation for {name}")
+            self._reply(m.rid, False, block=name, detail=f"{self.name} has no reservation for {name}")
             return
         self.budget.release("reserved", nbytes)
-        cache = KVCache.from_state(m.k, m.v) if m.k is not None else None
+        cache = KVCache.from_state(m.k, m.v) if m.k is not None and m.v is not None else None
         try:
             installed = self._install(name, dict(m.w), cache)
         except (MemoryRefused, KeyError, ValueError) as e:
-            self._reply(m, ok=False, block=name, detail=f"install failed: {e}")
+            self._reply(m.rid, False, block=name, detail=f"install failed: {e}")
             return
-        self._reply(m, ok=True, block=name, bytes=installed)
+        self._reply(m.rid, True, block=name, bytes=installed)
 
     def _on_abort(self, sender: str, m: P.Abort, at: float | None = None) -> None:
         self._admit(sender)
         self.floor = max(self.floor, m.seq)
-        for key in [k for k in self._proj_buf if k[0] <= self.floor]:
-            self._drop_buf(key)
+        self.join.drop_through(self.floor)
         self._drop_early(self.floor)
         self._acks.add(self._spawn(self._abort_ack(m), sender))
 
@@ -733,9 +670,10 @@ class DeviceAgent:
             pending = [t for t in self._work if t is not me and t not in self._acks]
             if pending:
                 await asyncio.wait(pending)
-            self._reply(m, ok=True)
+            self._reply(m.rid, True)
         finally:
-            self._acks.discard(me)  # type: ignore[arg-type]
+            if me is not None:
+                self._acks.discard(me)
 
     def _on_telemetry(self, sender: str, m: P.Telemetry, at: float | None = None) -> None:
         """Report memory, compute and what our outgoing links showed since the last report;
@@ -748,19 +686,19 @@ class DeviceAgent:
             rate = 0.0 if link.down else link.observed_rate(since)
             links[peer] = {"rate": rate, "latency": link.observed_latency(since), "bytes": link.bytes_sent}
             if rate is None and m.probe_bytes and not link.in_flight:
-                self.send(peer, {"t": P.PROBE, "pad": bytes(m.probe_bytes)})
+                self.send(peer, P.Probe(bytes(m.probe_bytes)).wire())
         f0, s0 = self._jobs_at_tel
         c = self.compute
         self._jobs_at_tel = (c.flops_done, c.busy_s)
         df, ds = c.flops_done - f0, c.busy_s - s0
-        self._reply(m, ok=True, at=self._tel_since, memory=self.budget.counters(), kv=self.kv_bytes(),
+        self._reply(m.rid, True, at=self._tel_since, memory=self.budget.counters(), kv=self.kv_bytes(),
                     weights=self.weight_bytes(), flops=df / ds if df > 0 and ds > 0 else c.rate,
                     links=links)
 
     def _on_probe(self, sender: str, m: P.Probe, at: float | None = None) -> None:
-        """Measurement traffic: dropped, but timed when a benchmark asks for it."""
-        if self.probe_log is not None and len(self.probe_log) < 1_000_000:
-            self.probe_log.append((sender, m.n, len(m.pad), asyncio.get_running_loop().time()))
+        """Measurement traffic: dropped (after telling `on_probe`, if set)."""
+        if self.on_probe is not None:
+            self.on_probe(sender, m, asyncio.get_running_loop().time())
 
 
 def _quiet(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> Callable[[], Ahead]:
@@ -803,21 +741,21 @@ def _or_now(work: Callable[[], T]) -> Callable[[T | None], T]:
     return lambda value: work() if value is None else value
 
 
-_EARLY_KINDS = frozenset((P.LAYER_IN, P.HEADS, P.FFN_IN, P.OUT))
+_EARLY_KINDS = frozenset((P.LAYER_INPUT, P.HEAD_OUTPUTS, P.FFN_INPUT, P.LAST_HIDDEN))
 
 # the one dispatch table of a device: every record kind the agent acts on, by its type
 _HANDLERS: dict[type[P.Message], Callable[[DeviceAgent, str, Any, float | None], None]] = {
     P.Gen: DeviceAgent._on_gen,
-    P.Out: DeviceAgent._on_out,
-    P.Hidden: DeviceAgent._on_x,
-    P.Heads: DeviceAgent._on_h,
-    P.FfnIn: DeviceAgent._on_y,
+    P.LastHidden: DeviceAgent._on_last_hidden,
+    P.LayerInput: DeviceAgent._on_layer_input,
+    P.HeadOutputs: DeviceAgent._on_head_outputs,
+    P.FfnInput: DeviceAgent._on_ffn_input,
     P.Load: DeviceAgent._on_load,
     P.Route: DeviceAgent._on_route,
     P.Reserve: DeviceAgent._on_reserve,
     P.Cancel: DeviceAgent._on_cancel,
     P.Migrate: DeviceAgent._on_migrate,
-    P.BlockSnapshot: DeviceAgent._on_block,
+    P.BlockSnapshot: DeviceAgent._on_block_snapshot,
     P.Abort: DeviceAgent._on_abort,
     P.Telemetry: DeviceAgent._on_telemetry,
     P.Probe: DeviceAgent._on_probe,

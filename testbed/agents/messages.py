@@ -1,13 +1,14 @@
 """The messages between agents and the controller: one frozen record per kind, decoded and
 checked in one place for every channel and direction, and one table of kinds.
 
-Data path (one attempt `seq` at one token; `pos` is the first position of the chunk):
-  gen  GEN       {seq, tokens, pos}                   controller -> source: embed, fan out
-  x    LAYER_IN  {seq, layer, pos, x[T, D]}            upstream -> head devices and proj device
-  h    HEADS     {seq, layer, pos, groups, out[T, k*q*d]} head device -> proj device
-  y    FFN_IN    {seq, layer, pos, x[T, D]}            proj device -> ffn device
-  z    OUT       {seq, x[T, D]}                        last ffn device -> source (LM head)
-  logits LOGITS  {seq, logits[V], at}                  source -> controller (last position)
+Data path (one attempt `seq` at one token; `pos` is the first position of the chunk); the
+wire kind (one byte on the link, never renamed), its constant and record, and its fields:
+  gen    GEN / Gen                   {seq, tokens, pos}          controller -> source: embed, fan out
+  x      LAYER_INPUT / LayerInput    {seq, layer, pos, x[T, D]}  upstream -> head devices and proj device
+  h      HEAD_OUTPUTS / HeadOutputs  {seq, layer, pos, groups, out[T, k*q*d]}  head device -> proj device
+  y      FFN_INPUT / FfnInput        {seq, layer, pos, x[T, D]}  proj device -> ffn device
+  z      LAST_HIDDEN / LastHidden    {seq, x[T, D]}              last ffn device -> source (LM head)
+  logits LOGITS / Logits             {seq, logits[V], at}        source -> controller (last position)
 Control (controller -> device; every request has `rid` and is answered by an ACK with it):
   load     {rid, blocks}                 install blocks from local weights (deployment)
   route    {rid, version, devices, assign} routing table; frees blocks now routed elsewhere
@@ -60,13 +61,13 @@ from ..scenario.format import MAX_DEVICES, MAX_MEMORY_MIB
 from ..scenario.records import Scenario
 from .errors import ProtocolError
 
-GEN, LAYER_IN, HEADS, FFN_IN, OUT, LOGITS = "gen", "x", "h", "y", "z", "logits"
+GEN, LAYER_INPUT, HEAD_OUTPUTS, FFN_INPUT, LAST_HIDDEN, LOGITS = "gen", "x", "h", "y", "z", "logits"
 LOAD, ROUTE, RESERVE, CANCEL, MIGRATE, BLOCK, ABORT, TELEMETRY, PROBE = (
     "load", "route", "reserve", "cancel", "migrate", "block", "abort", "tel", "probe")
 ACK, ERROR, PRESSURE, LINK_CHANGE, DOWN, JOIN = "ack", "err", "press", "linkx", "down", "join"
 
 TO_CONTROLLER = frozenset((ACK, ERROR, PRESSURE, LINK_CHANGE, DOWN, JOIN, LOGITS))
-DATA = frozenset((GEN, LAYER_IN, HEADS, FFN_IN, OUT))
+DATA = frozenset((GEN, LAYER_INPUT, HEAD_OUTPUTS, FFN_INPUT, LAST_HIDDEN))
 FROM_CONTROLLER = frozenset((GEN, LOAD, ROUTE, RESERVE, CANCEL, MIGRATE, ABORT, TELEMETRY))
 
 MAX_ID = 1 << 62  # request ids and route versions
@@ -184,7 +185,7 @@ class _Fields:
         v = value if given else self.m.get(key)
         if not b.known(v):
             raise self.fail(key, f"not a device of this run: {show(v)}")
-        return v  # type: ignore[return-value]
+        return v  # type: ignore[return-value]  # known() accepts only a str
 
     def block(self, key: str, b: Bounds, value: object = None, given: bool = False) -> str:
         v = value if given else self.m.get(key)
@@ -250,8 +251,7 @@ COUNTERS = frozenset(("current", "peak", "high", "max", "oom", "max_bytes", "hig
 class Message:
     """Base of every record: a frozen dataclass whose fields are the message's, stated once:
     the keys its wire map may hold (`wire_keys`) are its fields, and a sender builds the
-    record and sends `wire()`. Read as attributes; `m["field"]` and `m.get("field")` also
-    work (call sites that used the wire maps)."""
+    record and sends `wire()`. Read as attributes (an answer's fields: `Ack.reply`)."""
 
     __slots__ = ()
     KIND: ClassVar[str]
@@ -263,41 +263,39 @@ class Message:
     def t(self) -> str:
         return self.KIND
 
-    def __getitem__(self, key: str) -> Any:
-        if key == "t":
-            return self.KIND
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        v = getattr(self, key, None) if key != "t" else self.KIND
-        return default if v is None else v
-
-    def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
-
     @classmethod
     def wire_keys(cls) -> frozenset[str]:
         """The keys its wire map may hold besides "t": the record's fields."""
-        return frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+        return frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]  # every subclass is a dataclass; the base is not
 
     def answered_by(self, device: str) -> frozenset[str]:
         """Who may acknowledge this request when it is sent to `device`."""
         return frozenset((device,))
 
     def wire(self) -> dict[str, Any]:
+        """The wire map: "t", then every field in order; an optional field (one whose
+        default is None) is left out when it is None, a required one is sent as None."""
         out: dict[str, Any] = {"t": self.KIND}
-        for f in fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if v is not None:
-                out[f.name] = _plain(v)
+        for name, optional in _layout(type(self)):
+            v = getattr(self, name)
+            if v is not None or not optional:
+                out[name] = _plain(v)
         return out
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Message:
         raise NotImplementedError
+
+
+def _layout(cls: type[Message]) -> tuple[tuple[str, bool], ...]:
+    """A record's fields in order, each with whether it is optional (defaults to None)."""
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        layout = _LAYOUTS[cls] = tuple((f.name, f.default is None) for f in fields(cls))  # type: ignore[arg-type]  # every subclass is a dataclass; the base is not
+    return layout
+
+
+_LAYOUTS: dict[type[Message], tuple[tuple[str, bool], ...]] = {}
 
 
 def _plain(v: Any) -> Any:
@@ -336,17 +334,17 @@ class Gen(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Hidden(Message):
+class LayerInput(Message):
     """x (a layer's input) and y (proj's output, ffn's input): the same fields."""
 
-    KIND, FROM = LAYER_IN, "device"
+    KIND, FROM = LAYER_INPUT, "device"
     seq: int
     layer: int
     pos: int
     x: torch.Tensor
 
     @classmethod
-    def parse(cls, f: _Fields, b: Bounds) -> Hidden:
+    def parse(cls, f: _Fields, b: Bounds) -> LayerInput:
         s = b.model
         pos = f.int_("pos", 0, b.max_rows - 1)
         x = f.tensor("x", (None, s.d_model), TORCH_DTYPES[s.dtype], _rows(f, b, pos))
@@ -354,13 +352,13 @@ class Hidden(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class FfnIn(Hidden):
-    KIND = FFN_IN
+class FfnInput(LayerInput):
+    KIND = FFN_INPUT
 
 
 @dataclass(frozen=True, slots=True)
-class Heads(Message):
-    KIND, FROM = HEADS, "device"
+class HeadOutputs(Message):
+    KIND, FROM = HEAD_OUTPUTS, "device"
     seq: int
     layer: int
     pos: int
@@ -368,7 +366,7 @@ class Heads(Message):
     out: torch.Tensor
 
     @classmethod
-    def parse(cls, f: _Fields, b: Bounds) -> Heads:
+    def parse(cls, f: _Fields, b: Bounds) -> HeadOutputs:
         s = b.model
         groups = f.m.get("groups")
         if not isinstance(groups, list) or not 0 < len(groups) <= s.groups or len(set(map(repr, groups))) != len(groups):
@@ -381,13 +379,13 @@ class Heads(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Out(Message):
-    KIND, FROM = OUT, "device"
+class LastHidden(Message):
+    KIND, FROM = LAST_HIDDEN, "device"
     seq: int
     x: torch.Tensor
 
     @classmethod
-    def parse(cls, f: _Fields, b: Bounds) -> Out:
+    def parse(cls, f: _Fields, b: Bounds) -> LastHidden:
         x = f.tensor("x", (None, b.model.d_model), TORCH_DTYPES[b.model.dtype], (1, b.max_rows))
         return cls(f.seq(b), x)
 
@@ -622,16 +620,6 @@ class Ack(Message):
         reply = {k: REPLY_FIELDS[k](f, b) for k in REPLY_FIELDS if k in f.m}
         return cls(f.rid(), f.bool_("ok"), f.device("device", b), MappingProxyType(reply))
 
-    def __getitem__(self, key: str) -> Any:
-        if key in self.reply:
-            return self.reply[key]
-        return Message.__getitem__(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key in self.reply:
-            return self.reply[key]
-        return Message.get(self, key, default)
-
     def wire(self) -> dict[str, Any]:
         return {"t": ACK, "rid": self.rid, "ok": self.ok, "device": self.device, **_plain(self.reply)}
 
@@ -678,7 +666,7 @@ class Pressure(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Pressure:
-        return cls(f.device("device", b), f.counters(), f.num("at", -math.inf))  # type: ignore[arg-type]
+        return cls(f.device("device", b), f.counters(), f.num("at", -math.inf))  # type: ignore[arg-type]  # num() is None only when optional
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,8 +683,8 @@ class LinkChange(Message):
         device, peer = f.device("device", b), f.device("peer", b)
         if peer == device:
             raise f.fail("peer", "a link joins two different devices")
-        return cls(device, peer, f.num("rate", 0), f.num("latency", 0, optional=True),  # type: ignore[arg-type]
-                   f.num("at", -math.inf))  # type: ignore[arg-type]
+        return cls(device, peer, f.num("rate", 0), f.num("latency", 0, optional=True),  # type: ignore[arg-type]  # num() is None only when optional
+                   f.num("at", -math.inf))  # type: ignore[arg-type]  # num() is None only when optional
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,14 +711,14 @@ class Join(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Join:
-        return cls(f.device("device", b), f.counters(), f.num("flops", MIN_FLOPS, 1e18),  # type: ignore[arg-type]
-                   f.bool_("host_blocks"), f.num("at", -math.inf))  # type: ignore[arg-type]
+        return cls(f.device("device", b), f.counters(), f.num("flops", MIN_FLOPS, 1e18),  # type: ignore[arg-type]  # num() is None only when optional
+                   f.bool_("host_blocks"), f.num("at", -math.inf))  # type: ignore[arg-type]  # num() is None only when optional
 
 
 # ---------------------------------------------------------------------------------- the table
 
 TABLE: dict[str, type[Message]] = {c.KIND: c for c in (
-    Gen, Hidden, FfnIn, Heads, Out, Logits, Load, Cancel, Route, Reserve, Migrate, BlockSnapshot, Abort,
+    Gen, LayerInput, FfnInput, HeadOutputs, LastHidden, Logits, Load, Cancel, Route, Reserve, Migrate, BlockSnapshot, Abort,
     Telemetry, Probe, Ack, Error, Pressure, LinkChange, Down, Join)}
 assert set(TABLE) == DATA | TO_CONTROLLER | FROM_CONTROLLER | {BLOCK, PROBE}
 
@@ -744,7 +732,7 @@ def kind_of(raw: object) -> str:
 def _parse(raw: object, b: Bounds) -> Message:
     if not isinstance(raw, dict):
         raise ProtocolError(f"a message must be a map, got {type(raw).__name__}")
-    cls = TABLE.get(raw.get("t"))  # type: ignore[arg-type]
+    cls = TABLE.get(raw.get("t"))  # type: ignore[arg-type]  # any value: a non-str is simply not found
     if cls is None:
         raise ProtocolError(f"unknown message kind {show(raw.get('t'))}")
     f = _Fields(raw, cls.KIND)
@@ -762,12 +750,12 @@ def for_device(raw: object, sender: str, me: str, b: Bounds) -> Message:
         raise ProtocolError(f"{m.KIND!r} from an unknown sender {show(sender)}")
     if m.FROM == "controller" and sender != b.source:
         raise ProtocolError(f"{m.KIND!r} comes from the controller, not from {sender}")
-    if m.KIND in (GEN, OUT) and me != b.source:
+    if m.KIND in (GEN, LAST_HIDDEN) and me != b.source:
         raise ProtocolError(f"{m.KIND!r} is for the source device, not {me}")
     if m.FROM == "source":  # the source's own reports never travel as messages
         raise ProtocolError(f"{m.KIND!r} is the source's own report, not a message")
-    if m.FROM == "sender" and m.device != sender:  # type: ignore[attr-defined]
-        raise ProtocolError(f"{m.KIND!r} about {m.device} sent by {sender}")  # type: ignore[attr-defined]
+    if m.FROM == "sender" and m.device != sender:  # type: ignore[attr-defined]  # every "sender" record has a device
+        raise ProtocolError(f"{m.KIND!r} about {m.device} sent by {sender}")  # type: ignore[attr-defined]  # as above
     if m.KIND in TO_CONTROLLER and me != b.source:
         raise ProtocolError(f"{m.KIND!r} is for the controller, which {me} does not run")
     return m
@@ -783,6 +771,6 @@ def for_controller(raw: object, sender: str, b: Bounds) -> Message:
         raise ProtocolError(f"{m.KIND!r} from an unknown sender {show(sender)}")
     if m.FROM == "source" and sender != b.source:
         raise ProtocolError(f"{m.KIND!r} comes from the source device, not from {sender}")
-    if m.FROM == "sender" and m.device != sender:  # type: ignore[attr-defined]
-        raise ProtocolError(f"{m.KIND!r} about {m.device} sent by {sender}")  # type: ignore[attr-defined]
+    if m.FROM == "sender" and m.device != sender:  # type: ignore[attr-defined]  # every "sender" record has a device
+        raise ProtocolError(f"{m.KIND!r} about {m.device} sent by {sender}")  # type: ignore[attr-defined]  # as above
     return m

@@ -39,8 +39,8 @@ class Migrator:
         replies = await self.requests.ask({d: partial(P.Load, blocks=tuple(names)) for d, names in by_dev.items()}, what)
         for d in by_dev:
             r = replies.get(d)
-            if r is None or not r["ok"]:
-                detail = "; ".join(f"{k}: {v}" for k, v in r["refused"].items()) if r else "no answer"
+            if r is None or not r.ok:
+                detail = "; ".join(f"{k}: {v}" for k, v in r.reply["refused"].items()) if r else "no answer"
                 self.rec.event(self.at.now(), self.at.k, "infeasible", d, detail)
                 raise RunFailed(f"infeasible: {d} refused blocks at {what} ({detail})")
 
@@ -69,7 +69,7 @@ class Migrator:
             by_dst.setdefault(names[c], {})[b.name] = sizes[b.name]
         acks = await self.requests.ask({d: partial(P.Reserve, blocks=MappingProxyType(bl)) for d, bl in by_dst.items()},
                                        "reservation")
-        reserved = {name for a in acks.values() for name in a["reserved"]}
+        reserved = {name for a in acks.values() for name in a.reply["reserved"]}
         go = []
         down = [] if view is None else [
             (b, a, c) for b, a, c in moves if self.beliefs.rate[a, c] <= 0 and b.name in reserved]
@@ -103,7 +103,7 @@ class Migrator:
             r = fut.result() if fut.done() and not fut.cancelled() and fut.exception() is None else None
             if not fut.done():
                 fut.cancel()
-            if r is not None and r.get("ok"):
+            if r is not None and r.ok:
                 assign[block_index(self.model)[b.name]] = c
                 count += 1
                 nbytes += sizes[b.name]
@@ -112,7 +112,7 @@ class Migrator:
                                f"from={names[a]} to={names[c]} bytes={sizes[b.name]} ms={ms:.3f}")
             else:
                 self.stats.failed_migrations += 1
-                why = r.get("detail") if r else "no acknowledgement"
+                why = r.reply.get("detail") if r else "no acknowledgement"
                 self.rec.event(self.at.now(), self.at.k, "migration_failed", b.name,
                                f"from={names[a]} to={names[c]} bytes={sizes[b.name]} {why}")
                 failed.setdefault(names[c], []).append(b.name)

@@ -75,6 +75,12 @@ class AgentProcess:
         self.ep.control = self.control
         self.stopped = asyncio.Event()
         self.lag = LagMonitor()
+        self.probe_log: list[tuple[str, int | None, int, float]] | None = None  # probe arrivals (benchmarks)
+        self.agent.on_probe = self._probe_arrived
+
+    def _probe_arrived(self, sender: str, m: P.Probe, at: float) -> None:
+        if self.probe_log is not None and len(self.probe_log) < 1_000_000:
+            self.probe_log.append((sender, m.n, len(m.pad), at))
 
     def _link_spec(self, peer: str) -> LinkSpec:
         if peer in self.links:
@@ -178,7 +184,7 @@ class AgentProcess:
 
     async def _probe_log(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
         """Benchmark: time probe arrivals here (on) / hand them over (off)."""
-        log_, self.agent.probe_log = self.agent.probe_log, [] if m["on"] else None
+        log_, self.probe_log = self.probe_log, [] if m["on"] else None
         return {"arrivals": [list(x) for x in (log_ or [])]}
 
     async def _attach(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
