@@ -135,7 +135,7 @@ class Controller:
     # ------------------------------------------------------------------ messages
 
     def _on_message(self, sender: str, raw: dict[str, Any]) -> None:
-        """Every message for the controller: checked (`protocol.for_controller`; a refused
+        """Every message for the controller: checked (`messages.for_controller`; a refused
         one is counted and logged, and changes nothing), then acted on by kind."""
         if self._over:
             return

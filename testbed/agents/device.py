@@ -2,7 +2,7 @@
 reports telemetry, sends and receives migrated blocks. It never decides placement.
 
 A thin asyncio shell: the arithmetic is in the model blocks, the memory budget, the compute
-unit and the cost model; messages are listed in `protocol.py`. Compute runs as tasks that
+unit and the cost model; messages are listed in `messages.py`. Compute runs as tasks that
 the device's `ComputeUnit` serialises (one job at a time, FIFO).
 
 Data path per token and layer (routing comes from the controller's `route` message):
@@ -12,7 +12,7 @@ the next layer to its head devices and proj device, or `z` back to the source.
 Every data message carries `seq` (one attempt at one token); after an `abort` the agent
 drops anything at or below it, so a retried token never mixes with a stale attempt.
 
-Everything that arrives goes through `handle`: the protocol's check (`protocol.for_device`,
+Everything that arrives goes through `handle`: the protocol's check (`messages.for_device`,
 whoever sent it, the agent itself included), then the handler of its kind (`_HANDLERS`). A
 refused message is counted and logged (`refusals`) and changes nothing. What a peer can
 make the agent hold is bounded per peer: the partial inputs of `proj` it contributes to

@@ -8,7 +8,7 @@ from typing import Any
 
 class ProtocolError(Exception):
     """A message that the receiver cannot accept (unknown kind, missing or bad field, a
-    sender that may not send it, a buffer that is full). Raised by protocol.py's checks."""
+    sender that may not send it, a buffer that is full). Raised by messages.py's checks."""
 
 
 class RunFailed(Exception):

@@ -5,7 +5,7 @@ not answer in time is reported to `on_silent` (the controller treats it as lost)
 out of the answers; a run failure carried by an answer is raised. An answer is taken only
 for a request that waits, from a device it was asked of (a migration is answered by its
 destination, or by its source when it cannot send), carrying what that request's answer
-carries (`protocol.Ack.answers`); anything else is refused (ProtocolError).
+carries (`messages.Ack.answers`); anything else is refused (ProtocolError).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Placement: the problem (problem.py: snapshot, placement, latency estimate, objective),
-the algorithms behind the `Algorithm` protocol (protocol.py), plug-ins, and the control
+the algorithms behind the `Algorithm` protocol (algorithm.py), plug-ins, and the control
 policy (policy.py) that decides when and how the controller and the analytic simulation
 call them.
 

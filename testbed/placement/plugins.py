@@ -8,7 +8,7 @@ Owns loading and checking a plug-in and guarding its calls:
   `dynamic` (bool) and a callable `place(snapshot)`. Anything else is `PluginRefused`, with
   a one-line message.
 - `Checked`: the plug-in instance the controller calls. It hands `place` a snapshot with
-  read-only matrices and checks what comes back (`protocol.check_placement`); a plug-in
+  read-only matrices and checks what comes back (`algorithm.check_placement`); a plug-in
   that raises (anything but `Infeasible`) or returns an invalid placement raises
   `PluginFailed`, which carries the reason and the plug-in's traceback.
 - `guarded`: every call into plug-in code after loading (creating it, `place`) runs in a
@@ -19,7 +19,7 @@ Owns loading and checking a plug-in and guarding its calls:
   real Ctrl-C reaches the main thread, which only waits. Python cannot stop a thread: a
   call past its limit is sent an exception (which stops Python code, not a C call that
   blocks) and is otherwise left behind, its answer discarded.
-The protocol is in protocol.py; docs/plugins.md is the tutorial.
+The protocol is in algorithm.py; docs/plugins.md is the tutorial.
 """
 
 from __future__ import annotations

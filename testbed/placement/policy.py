@@ -20,7 +20,7 @@ estimator, so that both follow one copy:
   between its attempts on decisions, migrations and recoveries (`TokenCharge`).
 No asyncio, no IO, no clock: token numbers, views and outcomes come in as arguments; the
 callers time the decisions and measure (emulator) or predict (analytic) the stalls.
-The `Algorithm` protocol that `decide` calls is beside it, in protocol.py.
+The `Algorithm` protocol that `decide` calls is beside it, in algorithm.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Name -> placement algorithm: the built-in table, and plug-ins from outside (plugins.py).
 
-Every algorithm implements the `Algorithm` protocol (protocol.py): `name`, `dynamic`
+Every algorithm implements the `Algorithm` protocol (algorithm.py): `name`, `dynamic`
 (re-plans at decision epochs and on emergencies) and `place(snapshot) -> Placement`.
 `lookup` turns what `--algorithm` names into a built-in name or a checked `Plugin`;
 `instantiate` makes a fresh algorithm for one run from either."""
