@@ -47,6 +47,7 @@ from typing import Any
 from ..emulation.compute import ComputeUnit
 from ..harness.rows import DeviceRow
 from ..scenario.format import MAX_TIME_SCALE
+from .twin import OVERRUN_LIMIT
 
 LATE_SHARE = ComputeUnit.LATE_SHARE  # as the runs count overruns
 
@@ -55,7 +56,9 @@ REAL_PILOT_TOKENS = 8  # real-clock pilot, prefill included
 PROBE_FACTOR = 2.0  # the real pilot runs at this multiple of the virtual pilot's fit
 MARGIN = 3.0
 ALLOWED_LATE = 0.002  # fraction of replayed jobs that may miss their window at the fitted K
-EARLY_ALLOWED = 0.02  # in process: the share of a pilot's jobs, and of its deliveries, that may be late (as a run's own check)
+# in process: the share of a pilot's jobs, and of its deliveries, that may be late: the run's
+# own check's limit (verdict.fidelity), the twin comparison's
+EARLY_ALLOWED = OVERRUN_LIMIT
 EARLY_MARGIN = 2.0  # ... and the margin over the smallest scale whose pilot kept up (measured, not replayed)
 
 
