@@ -312,6 +312,10 @@ class DeviceAgent:
                 return
         except KeyError:  # routed elsewhere since: the job itself will find out
             return
+        self._hand_on_early(targets)
+
+    def _hand_on_early(self, targets: list[tuple[str, dict[str, Any]]]) -> None:
+        """Content known early goes to its receivers' previews (ours directly)."""
         for dst, msg in targets:
             if dst == self.name:
                 self.preview(self.name, msg)
@@ -333,11 +337,7 @@ class DeviceAgent:
                 targets = outputs(y)
             except KeyError:  # not routed (any more): the release at the end will say so
                 return
-            for dst, msg in targets:
-                if dst == self.name:
-                    self.preview(self.name, msg)
-                elif self.early_send is not None:
-                    self.early_send(dst, msg)
+            self._hand_on_early(targets)
         return ahead
 
     def _preview_proj(self, seq: int, layer: int, pos: int, x: torch.Tensor | None,
