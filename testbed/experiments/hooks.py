@@ -53,7 +53,8 @@ class RunHooks:
         token started, as the scenario format says) and take the first rows."""
         begin = self.loop.time()
         for e in self.at_s:
-            self.loop.call_at(begin + e.at_s, self._later, e)  # type: ignore[operator]
+            assert e.at_s is not None  # at_s events only
+            self.loop.call_at(begin + e.at_s, self._later, e)
         await self.links()
         await self.telemetry()
 

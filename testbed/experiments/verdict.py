@@ -60,7 +60,7 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
     busy = ""
     if hostload.loaded(host):
         busy = (f"; other processes took {hostload.other_share(host):.1f} of the host's "
-                f"{host['cpus']} CPUs meanwhile")  # type: ignore[index]
+                f"{host['cpus']} CPUs meanwhile")  # type: ignore[index]  # loaded() holds only for HostMonitor's record
     return {"distorted": True, "needed_time_scale": needed, "suggested_time_scale": suggest,
             "reason": f"{overrun:.1%} of jobs and {late:.1%} of deliveries overran their emulated "
                       f"windows at time scale {time_scale:g} (limit {OVERRUN_LIMIT:.0%}): the host's speed "

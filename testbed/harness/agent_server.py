@@ -146,7 +146,7 @@ class AgentProcess:
     async def _clock(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
         """The run's timeline: its time scale and epoch (before anything else)."""
         loop = asyncio.get_running_loop()
-        loop.set_time_scale(float(m["time_scale"]), float(m["epoch"]))  # type: ignore[attr-defined]
+        loop.set_time_scale(float(m["time_scale"]), float(m["epoch"]))  # type: ignore[attr-defined]  # the agent's loop is the clock's (clock.run)
         self.lag.stop()
         self.lag = LagMonitor()
         self.lag.start()

@@ -143,7 +143,7 @@ def _background(m: dict[str, Any], c: Context) -> dict[str, Any]:
     """This token's background load: shares of the device, from 0 up to, not including, 1
     (as background_load's values in the scenario)."""
     out = {k: _num(m, k, 0.0, 1.0) for k in ("memory", "compute")}
-    if any(v >= 1.0 for v in out.values()):  # type: ignore[operator]
+    if any(v >= 1.0 for v in out.values()):  # type: ignore[operator]  # each value was just checked to be a number
         raise ControlError("background: a share must be below 1 (a device keeps some)")
     return out
 
@@ -175,7 +175,7 @@ def decode(m: dict[str, Any], c: Context) -> Send | Op:
     if t != "op":
         raise ControlError(f"unknown control frame {P.show(t)}")
     rid, op = _int(m, "rid", 0, P.MAX_ID), m.get("op")
-    check = OPS.get(op)  # type: ignore[arg-type]
+    check = OPS.get(op)  # type: ignore[arg-type]  # any op is looked up; an unknown one is refused below
     if check is None:
         raise ControlError(f"unknown control operation {P.show(op)}")
-    return Op(op, rid, check(m, c))  # type: ignore[arg-type]
+    return Op(op, rid, check(m, c))  # type: ignore[arg-type]  # rid and op were checked above

@@ -133,7 +133,7 @@ class _Control:
                     except Exception:  # the controller's problem, not the connection's
                         log.exception("control %s: relaying %r failed", self.name, m["msg"].get("t"))
                 elif m["t"] == "re":
-                    fut = self._waiting.get(m.get("rid"))  # type: ignore[arg-type]
+                    fut = self._waiting.get(m.get("rid"))  # type: ignore[arg-type]  # any rid is looked up; an unknown one finds no waiter
                     if fut is not None and not fut.done():
                         fut.set_result(m)
         finally:

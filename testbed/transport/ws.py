@@ -298,7 +298,7 @@ class WsEndpoint:
             self._kernel_last[dst] = write
             self.loop.call_at(write, self._put, dst, frame, write)
             return len(frame)
-        link.send(frame, lambda f: self._put(dst, f, link.due), at, self.retimed(msg))  # type: ignore[arg-type]
+        link.send(frame, lambda f: self._put(dst, f, link.due), at, self.retimed(msg))  # type: ignore[arg-type]  # link.due is set by the send that calls back
         return len(frame)
 
     def _local(self, msg: dict[str, Any], at: float | None) -> None:
