@@ -30,12 +30,12 @@ from ..emulation import clock as clock_mod
 from ..model.blocks import TORCH_THREADS
 from ..placement.plugins import Plugin, PluginFailed, safe_name
 from ..placement.registry import instantiate
-from ..results.provenance import git_revision, utc_now
 from ..results.write import RunWriter, Tap
 from ..scenario.records import Scenario
 from .hooks import RunHooks
 from .hostload import HostMonitor
 from .prepare import Prepared, prepare
+from .provenance import git_revision, utc_now
 from .verdict import RunContext, summarize_run
 from .worlds import make_world
 
