@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,7 @@ def run_all(checkout: Path, scenarios: list[str], jobs: int) -> dict[str, str]:
     for run in sorted(p for p in out.glob("*/*") if p.is_dir()):
         for f in sorted(run.iterdir()):
             digests[f"{run.parent.name}/{f.name}"] = hashlib.sha256(canonical(f.name, f.read_bytes())).hexdigest()
-    subprocess.run(["rm", "-rf", str(out)], check=False)
+    shutil.rmtree(out, ignore_errors=True)
     return digests
 
 

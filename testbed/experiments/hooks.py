@@ -2,8 +2,8 @@
 background load before every token, and the per-token instrumentation (telemetry.csv,
 links.csv, memory_high events, progress).
 
-Owns `RunHooks`, the `RunHooks` interface the controller calls (agents/parts.py), with
-the latest `DeviceRow` of every device for the run's summary. Reads the world only through
+Owns `RunHooks`, which implements the hooks interface the controller calls (agents/parts.py)
+and keeps the latest `DeviceRow` of every device for the run's summary. Reads the world only through
 its interface (harness/interface.py).
 """
 
