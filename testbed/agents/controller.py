@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..emulation import clock
 from ..model.spec import ModelSpec
 from ..placement.algorithm import Algorithm  # re-exported: what the controller's caller passes
 from ..placement.policy import Policy, Stop, TokenCharge
@@ -287,21 +288,30 @@ class Controller:
         """Initial placement: plan, load blocks from local weights, route."""
         snap = await self.snapshot()
         try:
-            placement = self.plan(snap, "initial")
+            placement = await self.plan(snap, "initial")
         except Stop as e:
             raise self._stopped(e) from None
         await self.mover.load({b.name: self.devices[j] for b, j in placement.items()}, "deployment")
         await self.mover.route(placement)
         self.rec.placement(0, [(b.name, self.devices[j]) for b, j in placement.items()])
 
-    def plan(self, snap: Snapshot, reason: str) -> Placement:
-        """Decide on `snap` under the policy; record the decision."""
+    async def plan(self, snap: Snapshot, reason: str) -> Placement:
+        """Decide on `snap` under the policy; record the decision. It takes its modelled
+        cost on the controller's device (`Policy.cost_s`), the same on both clocks: the
+        plan is returned when that much emulated time has passed since the decision began.
+        The host's own time for it is recorded only; on the real clock it is absorbed when
+        it fits the cost (its wall time / K), and counted in `late_decisions` when not."""
+        s0 = self.loop.time()
         w0 = time.perf_counter()  # decision time is the host's: wall clock, for the record only
         d = self.policy.decide(snap, reason)
         ms = (time.perf_counter() - w0) * 1e3
+        cost = self.policy.cost_s(d)
         self.stats.decision_ms.append(ms)
         self.stats.replans += 1
-        self.rec.event(self.now(), self.k, "replan", self.alg.name, d.describe(ms))
+        if self.loop.time() > s0 + cost:
+            self.stats.late_decisions += 1
+        self.rec.event(s0 - self.t0, self.k, "replan", self.alg.name, d.describe(ms, cost))
+        await clock.sleep_until(s0 + cost)
         return d.placement
 
     def _stopped(self, e: Stop) -> RunFailed:
@@ -314,7 +324,7 @@ class Controller:
         """Re-plan and migrate; returns (migrations, bytes) applied."""
         snap = await self.snapshot()
         await self.hooks.on_epoch(self.k)
-        new = self.plan(snap, reason)
+        new = await self.plan(snap, reason)
         assert self.placement is not None
         moves = self.placement.moves(new)
         if not moves:

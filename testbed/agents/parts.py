@@ -73,7 +73,8 @@ class Driver(Progress, Protocol):
 
     async def snapshot(self) -> Snapshot: ...
 
-    def plan(self, snap: Snapshot, reason: str) -> Placement: ...
+    async def plan(self, snap: Snapshot, reason: str) -> Placement:
+        """Decide on `snap`; returns when the decision's modelled cost has passed."""
 
     async def abort(self) -> None:
         """Abort the attempt in flight on every device."""
@@ -91,6 +92,7 @@ class Stats:
     failed_migrations: int = 0
     refused_migrations: int = 0
     replans: int = 0
+    late_decisions: int = 0  # real clock: the host's decision took longer than its modelled cost
     emergencies: int = 0
     oom: int = 0
     stalls: int = 0

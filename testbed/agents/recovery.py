@@ -97,7 +97,7 @@ class Recovery:
         await ctl.abort()
         snap = await ctl.snapshot()
         self.stats.emergencies += 1
-        new = ctl.plan(snap, reason)
+        new = await ctl.plan(snap, reason)
         names = self.beliefs.names
         dead = {names.index(d) for d in lost}
         orphans = {b.name: names[c] for b, a, c in mover.placement.moves(new) if a in dead}

@@ -18,8 +18,9 @@ at every epoch of its schedule, the soft-to-hard memory fallback, and an out-of-
 emergency when the placement no longer fits a device's memory at a token (the next cache
 append would be refused): an algorithm that re-plans re-plans at once, one that does not
 stops there (as the run fails). Per token: the world's state for the token, the decision
-if one is due, the migration delay of its moves added to that token's latency (a stall, as
-in the emulator), the token's latency, each device's memory.
+if one is due, its modelled cost (`policy.decision_cost_s`) and the migration delay of its
+moves added to that token's latency (a stall, as in the emulator), the token's latency,
+each device's memory.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def simulate(inst: Instance, algorithm: Any, interval: int = 1) -> RunResult:
                     reason = policy.emergency("oom", k, oom)
             if reason is not None:
                 d = _decide(policy, res, snap, reason)
+                charge.add(policy.cost_s(d))  # the decision's modelled cost, as the controller waits it out
                 if d.moves:
                     charge.add(d.migration_delay(world), len(d.moves),
                                sum(cost.block_bytes(spec, b, n) for b, _, _ in d.moves))

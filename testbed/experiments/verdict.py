@@ -95,6 +95,7 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
         "refused_migrations": st.refused_migrations if st else 0,
         "decision_ms": {"mean": sum(st.decision_ms) / len(st.decision_ms) if st and st.decision_ms else math.nan,
                         "max": max(st.decision_ms) if st and st.decision_ms else math.nan},
+        "late_decisions": st.late_decisions if st else 0,  # real clock: host time beyond the modelled cost
         "stalls": st.stalls if st else 0,
         "frames_lost": ctx.frames.get("lost", 0),  # to or from failed devices
         "frames_refused": ctx.frames.get("refused", 0),  # malformed, from the wire

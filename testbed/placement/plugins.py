@@ -191,6 +191,7 @@ class Checked:
     def __init__(self, inner: Any, name: str, decision_timeout_s: float = DECISION_TIMEOUT_S) -> None:
         self.inner, self.name, self.decision_timeout_s = inner, name, decision_timeout_s
         self.dynamic = bool(inner.dynamic)
+        self.decision_cost = getattr(inner, "decision_cost", None)  # its declared cost, if any (policy.py)
 
     def place(self, snap: Snapshot) -> Placement:
         view = _read_only(snap)

@@ -16,10 +16,13 @@ estimator, so that both follow one copy:
   limits it places once more with every device filled up to its hard limit; infeasible,
   a failing plug-in or a failing solver stop the run; the predicted gain is the epoch
   objective of staying put minus that of the new plan, on the view it was made on;
+- a decision's cost: one modelled duration on the controller's device (`decision_cost_s`),
+  the same on both clocks and in the analytic simulation: the new plan takes effect when
+  it has passed (the host's own time for the decision is recorded, never counted);
 - stall accounting: a token's latency includes its stall, the time spent before and
   between its attempts on decisions, migrations and recoveries (`TokenCharge`).
 No asyncio, no IO, no clock: token numbers, views and outcomes come in as arguments; the
-callers time the decisions and measure (emulator) or predict (analytic) the stalls.
+callers wait out the decisions' cost and measure (emulator) or predict (analytic) the stalls.
 The `Algorithm` protocol that `decide` calls is beside it, in algorithm.py.
 """
 
@@ -36,7 +39,39 @@ from .algorithm import Algorithm
 from .plugins import PluginFailed
 from .problem import Infeasible, LatencyModel, Placement, Snapshot, epoch_objective, migration_delay
 
-__all__ = ["Decision", "Policy", "Stop", "TokenCharge"]
+__all__ = ["DECISION_COST", "Decision", "Policy", "Stop", "TokenCharge", "decision_cost_s"]
+
+# What a decision costs on the controller's device, declared per algorithm as
+# (seconds, seconds per block and device): a fixed part, and a part in proportion to the
+# size of the assignment every built-in scans (blocks x devices). Declared, not counted: a
+# plug-in's work cannot be counted, and a declared cost is the same on every host and
+# clock. Fitted to the decision times of the paper's sweeps on this project's machine
+# (results/paper/timing.csv: 30 to 52,224 block-device pairs; e.g. resource_aware 0.8 ms
+# on small instances and 40 ms on 1088 blocks x 48 devices, the local search 22 ms and
+# 305 ms, the exact solver about 20 ms on every instance it solves). A plug-in may declare
+# its own as an attribute `decision_cost = (seconds, seconds_per_pair)`.
+DECISION_COST: dict[str, tuple[float, float]] = {
+    "static": (4e-4, 3e-6), "greedy": (4e-5, 1.5e-7), "round_robin": (4e-5, 1.5e-7), "equal_split": (5e-5, 1e-8),
+    "layer_dp": (3e-4, 2.5e-8), "layer_dp_dynamic": (6e-4, 1.7e-7),
+    "resource_aware": (8e-4, 7.5e-7), "resource_aware_ls": (2e-2, 5.5e-6), "optimal": (2e-2, 0.0),
+}
+DEFAULT_DECISION_COST = DECISION_COST["resource_aware"]  # a plug-in that declares none
+
+
+def decision_cost_s(algorithm: Algorithm, snap: Snapshot) -> float:
+    """The emulated seconds a decision of `algorithm` on `snap` takes on the controller's
+    device (`DECISION_COST`)."""
+    declared = getattr(algorithm, "decision_cost", None)
+    if declared is None:
+        declared = DECISION_COST.get(algorithm.name, DEFAULT_DECISION_COST)
+    try:
+        fixed, per_pair = (float(x) for x in declared)
+    except (TypeError, ValueError):
+        raise ValueError(f"{algorithm.name}: decision_cost must be (seconds, seconds per block and device), "
+                         f"not {declared!r}") from None
+    if not (0 <= fixed < math.inf and 0 <= per_pair < math.inf):
+        raise ValueError(f"{algorithm.name}: decision_cost must be finite and not negative, not {declared!r}")
+    return fixed + per_pair * len(snap.spec.blocks) * len(snap.devices)
 
 
 class Stop(Exception):
@@ -77,12 +112,14 @@ class Decision:
         """Seconds to apply the moves over `world`'s links (the analytic stall)."""
         return migration_delay(world, self.moves)
 
-    def describe(self, decision_ms: float) -> str:
-        """The detail of its `replan` row in events.csv."""
+    def describe(self, decision_ms: float, cost_s: float | None = None) -> str:
+        """The detail of its `replan` row in events.csv: `decision_ms` the host's time,
+        `cost_ms` the emulated one (`decision_cost_s`)."""
         moves = len(self.moves) if self.snap.current is not None else len(self.placement.spec.blocks)
         g = self.predicted_gain_s
         gain = f" predicted_gain_ms={g * 1e3:.3f}" if math.isfinite(g) else ""
-        return f"reason={self.reason} decision_ms={decision_ms:.3f} moves={moves}{gain}"
+        cost = f" cost_ms={cost_s * 1e3:.3f}" if cost_s is not None else ""
+        return f"reason={self.reason} decision_ms={decision_ms:.3f}{cost} moves={moves}{gain}"
 
 
 @dataclass
@@ -113,6 +150,11 @@ class Policy:
     @property
     def name(self) -> str:
         return self.algorithm.name
+
+    def cost_s(self, d: Decision) -> float:
+        """The emulated duration of decision `d` (`decision_cost_s` on the view it was made
+        on; a malformed declaration was refused by `decide`)."""
+        return decision_cost_s(self.algorithm, d.snap)
 
     # ---------------------------------------------------------------- schedule
 
@@ -182,4 +224,8 @@ class Policy:
             raise Stop(str(e), "algorithm_error", str(e), e.record()) from None
         except (ValueError, RuntimeError) as e:  # e.g. an exact solver refusing or timing out
             raise Stop(f"{alg.name} failed: {e}", "algorithm_error", str(e)) from None
+        try:
+            decision_cost_s(alg, snap)
+        except ValueError as e:  # a plug-in's own declaration of its cost
+            raise Stop(str(e), "algorithm_error", str(e)) from None
         return Decision(new, reason, snap)
