@@ -175,3 +175,47 @@ def test_the_summary_counts_the_stall_of_tokens_that_migrated() -> None:
             for k, (stall, moved) in enumerate([(0.0, 0), (0.4, 0), (30.0, 3), (2.0, 0), (12.5, 1)])]
     s = summarize(rows)
     assert s["stall_ms"] == 44.9 and s["migration_stall_ms"] == 42.5 and s["migrations"] == 4
+
+
+# ---------------------------------------------------------------------------- decisions
+
+def rows(moves_to: str = "pi-b", stall: float = 90.0, reason: str = "emergency:link_change@gateway->pi-a",
+         at: int = 25) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """events.csv and tokens.csv rows of a run that re-plans before token 16 (nothing moves)
+    and at token `at` (two heads move to `moves_to`, with `stall` ms on that token)."""
+    events = [{"token": 0, "kind": "replan", "subject": "ra", "detail": "reason=initial decision_ms=9.1 moves=40"},
+              {"token": 16, "kind": "replan", "subject": "ra",
+               "detail": "reason=interval decision_ms=1.0 cost_ms=1.048 moves=0 predicted_gain_ms=0.000"},
+              {"token": at, "kind": "replan", "subject": "ra", "detail": f"reason={reason} decision_ms=3.7 moves=2"}]
+    events += [{"token": at, "kind": "migration", "subject": f"head.0.{g}", "detail": f"from=pi-a to={moves_to} ms=1"}
+               for g in (4, 3)]
+    tokens = [{"token": k, "stall_ms": stall if k == at else (1.048 if k == 16 else 0.0),
+               "migrations": 2 if k == at else 0} for k in range(32)]
+    return events, tokens
+
+
+def test_the_twins_own_decisions_are_the_same() -> None:
+    d = twin.decisions(*rows())
+    assert d["replans"][2] == (25, "emergency:link_change@gateway->pi-a", 2)
+    assert d["moved"] == [(25, "head.0.3", "pi-a", "pi-b"), (25, "head.0.4", "pi-a", "pi-b")]
+    assert d["stall_ms"] == {25: 90.0}
+    c = twin.same_decisions(d, twin.decisions(*rows()))
+    assert c["same"] and c["problems"] == [] and c["worst_stall_error"] == 0.0
+
+
+@pytest.mark.parametrize("real, says", [
+    (rows(moves_to="phone"), "moved blocks differ"),
+    (rows(at=26), "re-plans differ"),
+    (rows(reason="interval"), "re-plans differ"),
+    (rows(stall=90.0 * (1 + twin.DECISION_STALL_TOLERANCE + EPS)), "token 25: stall"),
+    (rows(stall=90.0 * (1 - twin.DECISION_STALL_TOLERANCE - EPS)), "token 25: stall"),
+])
+def test_other_decisions_are_named(real: tuple[list[dict[str, Any]], list[dict[str, Any]]], says: str) -> None:
+    c = twin.same_decisions(twin.decisions(*real), twin.decisions(*rows()))
+    assert not c["same"] and any(p.startswith(says) for p in c["problems"]), c["problems"]
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_decision_stall_just_inside(sign: int) -> None:
+    real = rows(stall=90.0 * (1 + sign * (twin.DECISION_STALL_TOLERANCE - EPS)))
+    assert twin.same_decisions(twin.decisions(*real), twin.decisions(*rows()))["same"]

@@ -7,6 +7,11 @@ is faithful when it reproduces it: the same tokens, per-token latency close to t
 jobs or deliveries that overran their emulated windows (at most 1 %). Pure: takes two
 `summary.json` documents, returns the comparison. Used by `tools.bench.realtime` and the
 tests.
+
+`same_decisions` is the stricter check of the decisions alone: the same re-plans (token,
+reason, moves), the same blocks moved between the same devices at the same tokens, and the
+stall of every token that moved blocks within 2 % of the twin's. It takes the rows of
+`events.csv` and `tokens.csv` of both runs.
 """
 
 from __future__ import annotations
@@ -61,3 +66,48 @@ def compare(real: dict[str, Any], virtual: dict[str, Any]) -> dict[str, Any]:
     out["problems"] = problems
     out["faithful"] = not problems
     return out
+
+
+DECISION_STALL_TOLERANCE = 0.02  # per token that moved blocks
+
+
+def _kv(detail: str) -> dict[str, str]:
+    return dict(p.partition("=")[::2] for p in str(detail).split() if "=" in p)
+
+
+def decisions(events: list[dict[str, Any]], tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's decisions from its rows: re-plans as (token, reason, moves), migrations as
+    (token, block, from, to) in a fixed order, and the stall (ms) of each token that
+    moved blocks."""
+    replans = [(int(e["token"]), _kv(e["detail"]).get("reason", ""), int(_kv(e["detail"]).get("moves", -1)))
+               for e in events if e["kind"] == "replan"]
+    moved = sorted((int(e["token"]), str(e["subject"]), _kv(e["detail"]).get("from", ""), _kv(e["detail"]).get("to", ""))
+                   for e in events if e["kind"] == "migration")
+    stall = {int(t["token"]): float(t["stall_ms"]) for t in tokens if int(t.get("migrations") or 0) > 0}
+    return {"replans": replans, "moved": moved, "stall_ms": stall}
+
+
+def same_decisions(real: dict[str, Any], virtual: dict[str, Any]) -> dict[str, Any]:
+    """Whether `real` (a `decisions` result) made exactly the decisions of `virtual`;
+    `problems` says where they differ first."""
+    problems = []
+    if real["replans"] != virtual["replans"]:
+        diff = next(((a, b) for a, b in zip(real["replans"], virtual["replans"], strict=False) if a != b),
+                    (real["replans"][len(virtual["replans"]):][:1], virtual["replans"][len(real["replans"]):][:1]))
+        problems.append(f"re-plans differ: {diff[0]} against the twin's {diff[1]} "
+                        f"({len(real['replans'])} against {len(virtual['replans'])})")
+    if real["moved"] != virtual["moved"]:
+        only, twin_only = set(real["moved"]) - set(virtual["moved"]), set(virtual["moved"]) - set(real["moved"])
+        problems.append(f"moved blocks differ: {sorted(only)[:3]} against the twin's {sorted(twin_only)[:3]}")
+    worst = 0.0
+    for k in sorted(set(real["stall_ms"]) | set(virtual["stall_ms"])):
+        s, vs = real["stall_ms"].get(k), virtual["stall_ms"].get(k)
+        if s is None or vs is None:
+            problems.append(f"token {k} moved blocks in one run only")
+            continue
+        err = abs(_rel(s, vs))
+        worst = max(worst, err)
+        if err > DECISION_STALL_TOLERANCE:
+            problems.append(f"token {k}: stall {s:.2f} ms against the twin's {vs:.2f} ms")
+    return {"same": not problems, "problems": problems, "worst_stall_error": worst,
+            "replans": len(real["replans"]), "moved": len(real["moved"])}

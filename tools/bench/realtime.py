@@ -8,8 +8,9 @@
   calibrated for each mode) in process and with one process per agent over websockets.
   Each real-clock run is compared with its virtual twin (`testbed.experiments.twin`): mean per-token
   latency within 5 %, p95 within 10 %, migrations and their stall within 10 %, at most 1 % of jobs
-  overrunning, the reference's tokens. The table, with the command that measured it, is
-  written between the `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->`
+  overrunning, the reference's tokens; and the decisions alone (`twin.same_decisions`: the
+  same re-plans, the same blocks moved at the same tokens, their stall within 2 %). The
+  table, with the command that measured it, is written between the `<!-- bench_realtime:begin -->` and `<!-- bench_realtime:end -->`
   lines of docs/fidelity.md (`--doc FILE` for another file, `--readme FILE` its old name;
   `--no-doc` only prints it), replacing the table there: run every scenario.
 
@@ -62,6 +63,7 @@ from testbed.experiments import run as experiment
 from testbed.experiments import timescale, twin
 from testbed.harness.remote import ProcessCluster
 from testbed.model.blocks import TORCH_DTYPES, HeadBlock, ProjBlock, Reference, make_block
+from testbed.results.read import Run
 from testbed.scenario import Event, SetLink, load, parse
 from tools.docs.markers import read_between, write_between
 
@@ -125,11 +127,20 @@ def _scenarios(names: list[str], tokens: int, calibrate_only: frozenset[str] | s
                 real = experiment.run(prep, alg, Path(tmp) / transport, clock="real", transport=transport,
                                       processes=processes, time_scale=cal.time_scale, calibration=cal.to_dict())
                 c = twin.compare(real.summary, virtual.summary)
+                d = twin.same_decisions(_decisions(real.run_dir), _decisions(virtual.run_dir))
+                c = {**c, "same_decisions": d["same"], "decision_problems": d["problems"]}
                 out.append({"scenario": name, "mode": label, "tokens": scen.generation.new_tokens,
                             "calibration_s": cal.seconds, **c})
-                print(f"  {name}, {label}: {'faithful' if c['faithful'] else '; '.join(c['problems'])}", flush=True)
+                print(f"  {name}, {label}: {'faithful' if c['faithful'] else '; '.join(c['problems'])}; "
+                      f"{'the same decisions' if d['same'] else '; '.join(d['problems'])}", flush=True)
                 on_row(out)
     return out
+
+
+def _decisions(run_dir: Path) -> dict[str, Any]:
+    """A run's decisions (`twin.decisions`) from its directory."""
+    run = Run(run_dir)
+    return twin.decisions(run.events, run.tokens)
 
 
 def scenarios_table(rows: list[dict[str, Any]]) -> str:
@@ -147,7 +158,8 @@ def scenarios_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['mean_ms']:.2f} ({r['twin_mean_ms']:.2f}) | {r['mean_error']:+.1%} "
             f"| {r['p95_ms']:.2f} ({r['twin_p95_ms']:.2f}) | {r['p95_error']:+.1%} "
             f"| {r['migrations']} ({r['twin_migrations']}) | {r['overrun_fraction']:.1%} "
-            f"| {'faithful' if r['faithful'] else '; '.join(r['problems'])} |")
+            f"| {'faithful' if r['faithful'] else '; '.join(r['problems'])}"
+            f"{'' if r.get('same_decisions', True) else '; other decisions: ' + '; '.join(r['decision_problems'])} |")
     return "\n".join(lines)
 
 
