@@ -24,6 +24,8 @@ parts with declared interfaces (parts.py), not mixins.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
 import time
@@ -49,10 +51,14 @@ from .migration import Migrator
 from .parts import Oracle, Port, Recorder, RunHooks, Stats
 from .recovery import Recovery
 from .requests import Requests
+from .timeline import Timeline
 
 __all__ = ["Algorithm", "Controller", "Options", "RunFailed", "OutOfMemory", "DeviceLost", "Stalled"]
 
 log = logging.getLogger(__name__)
+
+REPORT_LOOKAHEAD_WALL_S = 0.01  # real clock: wall time the host may take to carry a report to the
+# controller (socket and relay hops measured at p99 1-2.4 ms, at most 8.5 ms: docs/fidelity.md)
 
 
 @dataclass
@@ -92,7 +98,8 @@ class Controller:
         self.policy = Policy(algorithm, options.interval, len(prompt))
         self.loop = asyncio.get_running_loop()
         self.stats = Stats()
-        self.requests = Requests(port, self.loop, options.request_timeout_s, self._device_lost)
+        self.timeline = Timeline(self.loop)  # the controller's emulated instant (timeline.py)
+        self.requests = Requests(port, self.loop, options.request_timeout_s, self._device_lost, self.timeline)
         self.mover = Migrator(model, self.requests, self.beliefs, recorder, self.stats, self)
         self.recovery = Recovery(scenario, port.source, self.beliefs, self.requests, self.mover, recorder,
                                  self.stats, self.policy, self)
@@ -111,6 +118,11 @@ class Controller:
         self.bounds = P.Bounds.for_run(scenario, options.max_attempts)
         self.refusals = Refusals("controller", log)
         self._over = False  # the run is over: agents going away now are not failures
+        # reports (and background telemetry rounds) due after the controller's instant, in
+        # due order: on the real clock the host may hand them over before the controller
+        # has reached their emulated arrival (`_in_order`)
+        self._later: list[tuple[float, int, Callable[[], None]]] = []
+        self._n = itertools.count()
 
     @property
     def devices(self) -> list[str]:
@@ -135,26 +147,50 @@ class Controller:
 
     # ------------------------------------------------------------------ messages
 
-    def _on_message(self, sender: str, raw: dict[str, Any]) -> None:
-        """Every message for the controller: checked (`messages.for_controller`; a refused
-        one is counted and logged, and changes nothing), then acted on by kind."""
+    def _on_message(self, sender: str, raw: dict[str, Any], due: float | None = None) -> None:
+        """Every message for the controller, due at emulated time `due` (its arrival at the
+        source): checked (`messages.for_controller`; a refused one is counted and logged,
+        and changes nothing), then acted on by kind."""
         if self._over:
             return
         try:
             m = P.for_controller(raw, sender, self.bounds)
             if isinstance(m, P.Ack):
-                self.requests.answered(m, sender)
+                self.requests.answered(m, sender, due)
             else:
-                self._on_report(m)
+                self._on_report(m, due)
         except P.ProtocolError as e:
             self.refusals.refuse(sender if self.bounds.known(sender) else "?", P.kind_of(raw), str(e),
                                  self.loop.time())
 
-    def _on_report(self, m: Any) -> None:
+    def _on_report(self, m: Any, due: float | None = None) -> None:
         if isinstance(m, P.Pressure | P.LinkChange | P.Error) and (
                 m.device not in self.devices or (isinstance(m, P.LinkChange) and m.peer not in self.devices)):
             raise P.ProtocolError(f"{m.KIND!r} about a device that has not joined")
+        if isinstance(m, P.Pressure) or (isinstance(m, P.LinkChange) and m.rate > 0):
+            # what a decision sees: taken at its emulated arrival, in order (a link
+            # down to the source cuts a device off at once: recovery's, not a view's)
+            self._in_order(due, partial(_REPORTS[type(m)], self, m))
+            return
+        if isinstance(m, P.Error) and m.kind == "oom" and due is not None:
+            self.timeline.reach(due)  # the attempt the controller waits for fails as of then
         _REPORTS[type(m)](self, m)
+
+    def _in_order(self, due: float | None, apply: Callable[[], None]) -> None:
+        """Apply a report (or a telemetry round) due at emulated time `due` once the
+        controller's instant has reached it, after those due before it. On the virtual
+        clock everything arrives at its due time: applied at once, as it comes."""
+        if self.timeline.virtual or due is None or due <= self.timeline.now():
+            self._take_reports()
+            apply()
+        else:
+            heapq.heappush(self._later, (due, next(self._n), apply))
+
+    def _take_reports(self) -> None:
+        """Apply the reports due by the controller's instant, in due order."""
+        now = self.timeline.now()
+        while self._later and self._later[0][0] <= now:
+            heapq.heappop(self._later)[2]()
 
     # ---- reports, by kind (the dispatch table `_REPORTS` below)
 
@@ -213,7 +249,8 @@ class Controller:
         self._urgent = self._urgent or reason
 
     def now(self) -> float:
-        return self.loop.time() - self.t0
+        """Emulated seconds since the first token, at the controller's instant."""
+        return self.timeline.now() - self.t0
 
     # ------------------------------------------------------------------ snapshots
 
@@ -230,9 +267,10 @@ class Controller:
             snap = await self._oracle(n, interval)
         else:
             if not self.beliefs.ready:
-                await self._telemetry_round()
+                await self._telemetry_round(wait=True)
             elif self._tel_task is None or self._tel_task.done():
                 self._tel_task = self.loop.create_task(self._telemetry_round())
+            self._take_reports()
             snap = self.beliefs.snapshot(n, interval, self.placement)
         snap = snap.with_(devices=self.window.observe(self.k, snap.devices), frame_extra=self.opt.frame_extra)
         self._belief = snap
@@ -255,16 +293,23 @@ class Controller:
         if self.opt.telemetry == "oracle":
             devices = (await self._oracle(0, 1)).devices
         elif self.beliefs.ready:  # what the reports say so far; no extra round
+            self._take_reports()
             devices = self.beliefs.snapshot(0, 1, None).devices
         else:
             return
         self.window.observe(k, devices)
 
-    async def _telemetry_round(self) -> None:
-        replies = await self.requests.ask({d: partial(P.Telemetry, probe_bytes=self.opt.probe_bytes)
-                                           for d in self.alive()}, "telemetry")
-        for d, r in replies.items():
-            self.beliefs.telemetry(d, r.reply)
+    async def _telemetry_round(self, wait: bool = False) -> None:
+        """Ask every device for a report; the answers count from when the last was due
+        (`wait`: the controller waits for them; otherwise the round runs beside it)."""
+        replies, due = await self.requests.ask_at({d: partial(P.Telemetry, probe_bytes=self.opt.probe_bytes)
+                                                   for d in self.alive()}, "telemetry", move=wait)
+
+        def apply() -> None:
+            for d, r in replies.items():
+                if d in self.beliefs.names:
+                    self.beliefs.telemetry(d, r.reply)
+        self._in_order(due, apply)
 
     def _guess_ms(self, tokens: int, n: int) -> float:
         """The estimate under the last decision's view (no requests)."""
@@ -301,17 +346,19 @@ class Controller:
         plan is returned when that much emulated time has passed since the decision began.
         The host's own time for it is recorded only; on the real clock it is absorbed when
         it fits the cost (its wall time / K), and counted in `late_decisions` when not."""
-        s0 = self.loop.time()
+        s0 = self.timeline.now()
         w0 = time.perf_counter()  # decision time is the host's: wall clock, for the record only
         d = self.policy.decide(snap, reason)
         ms = (time.perf_counter() - w0) * 1e3
         cost = self.policy.cost_s(d)
         self.stats.decision_ms.append(ms)
         self.stats.replans += 1
-        if self.loop.time() > s0 + cost:
+        k = clock.time_scale(self.loop)
+        if k is not None and ms / 1e3 / k > cost:  # its host time did not fit its cost
             self.stats.late_decisions += 1
         self.rec.event(s0 - self.t0, self.k, "replan", self.alg.name, d.describe(ms, cost))
         await clock.sleep_until(s0 + cost)
+        self.timeline.reach(s0 + cost)
         return d.placement
 
     def _stopped(self, e: Stop) -> RunFailed:
@@ -343,7 +390,7 @@ class Controller:
             raise RunFailed(f"{self._seq} attempts: more than a run of this scenario can need")
         fut: asyncio.Future[tuple[torch.Tensor, float | None]] = self.loop.create_future()
         self._token_fut = fut
-        self.port.send(self.source_name, P.Gen(self._seq, tuple(tokens), pos).wire())
+        self.port.send(self.source_name, P.Gen(self._seq, tuple(tokens), pos).wire(), self.timeline.now())
         limit = self.opt.stall_min_s
         if math.isfinite(predicted_ms):
             limit = max(limit, self.opt.stall_factor * predicted_ms / 1e3)
@@ -352,12 +399,15 @@ class Controller:
         try:
             logits, at = await asyncio.wait_for(fut, limit)
         except TimeoutError:
+            self.timeline.reach(None)
             raise Stalled(f"token {self.k} took over {limit:g} s") from None
         finally:
             self._token_fut = None
         now = self.loop.time()
         # a stamp from another host's clock (or none) is not trusted: then it is now
-        return logits, at if at is not None and now - 1.0 <= at <= now else now
+        done = at if at is not None and now - 1.0 <= at <= now else now
+        self.timeline.reach(done)
+        return logits, done
 
     async def replay(self, n: int) -> None:
         """Run the first n positions of the token history through the pipeline again
@@ -378,23 +428,30 @@ class Controller:
     async def _produce(self, k: int) -> dict[str, Any]:
         if self._fault:
             raise RunFailed(self._fault)
-        t_start = self.loop.time()
+        t_start = self.timeline.now()
         charge = TokenCharge()  # its latency below is measured from t_start: stalls included
-        await asyncio.sleep(0)  # take in the signals that arrived before this token starts
+        # take in the signals due before this token starts: on the real clock, once the host
+        # has had `REPORT_LOOKAHEAD_WALL_S` to carry them (a websocket, the relay between
+        # processes); those due later wait for the controller's instant (`_in_order`)
+        if self.timeline.virtual:
+            await asyncio.sleep(0)
+        else:
+            await clock.sleep_until(self.timeline.now() + clock.from_wall(REPORT_LOOKAHEAD_WALL_S, self.loop))
+        self._take_reports()
         await self.observe(k)
         if self.recovery.lost:
             await self.recovery.recover()
-            charge.add(self.loop.time() - t_start)
+            charge.add(self.timeline.now() - t_start)
         if self.recovery.revive:
             await self.recovery.rejoin()
         urgent, self._urgent = self._urgent, None
         reason = self.policy.due(k, urgent)
         if reason is not None:
-            s0 = self.loop.time()
+            s0 = self.timeline.now()
             if urgent:
                 self.stats.emergencies += 1
             m, b = await self.epoch(reason)
-            charge.add(self.loop.time() - s0, m, b)
+            charge.add(self.timeline.now() - s0, m, b)
         if k == 0:
             tokens, pos = list(self.prompt), 0
         else:
@@ -406,17 +463,17 @@ class Controller:
         for _attempt in range(self.opt.max_attempts):
             if self.recovery.lost:  # lost while this token re-planned (with agents in processes,
                 # a failure is heard a little later): repair first, not after a stalled attempt
-                s0 = self.loop.time()
+                s0 = self.timeline.now()
                 await self.recovery.recover()
-                charge.add(self.loop.time() - s0)
+                charge.add(self.timeline.now() - s0)
                 guess = self._guess_ms(len(tokens), pos + len(tokens))
             try:
                 logits, done = await self._attempt(tokens, pos, predicted_ms=guess)
                 break
             except (OutOfMemory, Stalled, DeviceLost) as e:
-                s0 = self.loop.time()
+                s0 = self.timeline.now()
                 m, b = await self._emergency(e)
-                charge.add(self.loop.time() - s0, m, b)
+                charge.add(self.timeline.now() - s0, m, b)
                 guess = self._guess_ms(len(tokens), pos + len(tokens))
         else:
             raise RunFailed(f"token {k} failed {self.opt.max_attempts} times in a row")

@@ -105,7 +105,8 @@ class DeviceAgent:
         self.join = ProjectionJoin(model.groups, model.q_per_group * model.d_head, self.quota)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False  # after stop(): no new work (the run is over or interrupted)
-        self.controller: Callable[[str, dict[str, Any]], None] | None = None  # on the source only
+        # on the source only: (sender, message, its emulated arrival or None)
+        self.controller: Callable[[str, dict[str, Any], float | None], None] | None = None
         self._tel_since = -math.inf
         # measurement traffic arriving: (sender, the probe, loop time) to whoever listens
         self.on_probe: Callable[[str, P.Probe, float], None] | None = None
@@ -120,6 +121,7 @@ class DeviceAgent:
         self._loop: asyncio.AbstractEventLoop | None = None  # where the worker's results are handed on
         # hands a message's content to another device ahead of its frame (set by the world)
         self.early_send: Callable[[str, dict[str, Any]], None] | None = None
+        self._due: float | None = None  # the emulated arrival of the message being handled
 
     # ------------------------------------------------------------------ plumbing
 
@@ -129,8 +131,11 @@ class DeviceAgent:
         return self._send(dst, msg, at)
 
     def _reply(self, rid: int, ok: bool, **answer: Any) -> None:
-        """Answer request `rid`; `answer`: the fields the request's answer carries (`P.REPLY`)."""
-        self.send(self.source, P.Ack(rid, ok, self.name, MappingProxyType(answer)).wire())
+        """Answer request `rid`; `answer`: the fields the request's answer carries (`P.REPLY`).
+        A request answered while it is handled leaves as of its emulated arrival (`_due`):
+        control traffic follows the emulated timeline, not the host's delay in handing it
+        over."""
+        self.send(self.source, P.Ack(rid, ok, self.name, MappingProxyType(answer)).wire(), self._due)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], sender: str | None = None) -> asyncio.Task[Any]:
         """Run coro as a task; `sender`: a job queued on behalf of that peer's message
@@ -174,7 +179,7 @@ class DeviceAgent:
     def peer_down(self, peer: str) -> None:
         """The transport lost its connection to a peer; the source tells the controller."""
         if self.source_block is not None and self.controller is not None:
-            self.controller(self.name, P.Down(peer).wire())
+            self.controller(self.name, P.Down(peer).wire(), None)
 
     def announce(self) -> None:
         """A joining device introduces itself to the controller (via the source)."""
@@ -194,9 +199,13 @@ class DeviceAgent:
             if m.KIND in P.TO_CONTROLLER:  # on the source: checked here, then the controller's
                 if self.controller is None:
                     raise P.ProtocolError(f"{self.name} runs no controller")
-                self.controller(sender, msg)
+                self.controller(sender, msg, at)
                 return
-            _HANDLERS[type(m)](self, sender, m, at)
+            self._due = at
+            try:
+                _HANDLERS[type(m)](self, sender, m, at)
+            finally:
+                self._due = None
         except P.ProtocolError as e:
             self.refused(sender, P.kind_of(msg), str(e))
 
@@ -461,7 +470,7 @@ class DeviceAgent:
         logits, done = await self.compute.run(cost.source_flops(self.model), _or_now(work) if early else work,
                                               ready=ready, early=early, nbytes=cost.source_bytes(self.model))
         if seq > self.floor and self.controller is not None:
-            self.controller(self.name, P.Logits(seq, logits, done).wire())
+            self.controller(self.name, P.Logits(seq, logits, done).wire(), done)
 
     def _on_layer_input(self, sender: str, m: P.LayerInput, at: float | None) -> None:
         seq, layer = m.seq, m.layer
@@ -637,7 +646,7 @@ class DeviceAgent:
             return
         snapshot = (P.BlockSnapshot(m.rid, name, MappingProxyType(block.w), block.cache.k, block.cache.v)
                     if isinstance(block, HeadBlock) else P.BlockSnapshot(m.rid, name, MappingProxyType(block.w)))
-        nbytes = self.send(dst, snapshot.wire())
+        nbytes = self.send(dst, snapshot.wire(), at)
         log.debug("%s: sent %s to %s (%d B)", self.name, name, dst, nbytes)
 
     def _on_block_snapshot(self, sender: str, m: P.BlockSnapshot, at: float | None = None) -> None:
@@ -680,13 +689,14 @@ class DeviceAgent:
         probe the links that carried nothing since then (and carry no probe yet), so the
         next report covers them."""
         since = self._tel_since
-        self._tel_since = asyncio.get_running_loop().time()
+        # as of the request's emulated arrival: what the links delivered by then
+        self._tel_since = now = asyncio.get_running_loop().time() if at is None else at
         links = {}
         for peer, link in self._outgoing().items():
-            rate = 0.0 if link.down else link.observed_rate(since)
-            links[peer] = {"rate": rate, "latency": link.observed_latency(since), "bytes": link.bytes_sent}
+            rate = 0.0 if link.down else link.observed_rate(since, now)
+            links[peer] = {"rate": rate, "latency": link.observed_latency(since, now), "bytes": link.bytes_sent}
             if rate is None and m.probe_bytes and not link.in_flight:
-                self.send(peer, P.Probe(bytes(m.probe_bytes)).wire())
+                self.send(peer, P.Probe(bytes(m.probe_bytes)).wire(), at)
         f0, s0 = self._jobs_at_tel
         c = self.compute
         self._jobs_at_tel = (c.flops_done, c.busy_s)

@@ -7,7 +7,6 @@ source). Owns the placement in force and the routing version; reaches the device
 
 from __future__ import annotations
 
-import asyncio
 import math
 from functools import partial
 from types import MappingProxyType
@@ -92,10 +91,10 @@ class Migrator:
                 self.rec.event(self.at.now(), self.at.k, "migration_refused", b.name,
                                f"from={names[a]} to={names[c]} bytes={sizes[b.name]} (no room at destination)")
         # phase 2: snapshots over the links; the destination acknowledges the install
-        starts = {b.name: self.loop.time() for b, _, _ in go}
+        start = self.requests.timeline.now()  # the controller's emulated instant (requests.py)
         futs = [self.requests.request(names[a], partial(P.Migrate, block=b.name, to=names[c])) for b, a, c in go]
         if futs:
-            await asyncio.wait(futs, timeout=self._timeout(view, go, n))
+            await self.requests.wait(futs, self._timeout(view, go, n))
         assign = list(self.placement.assign)
         count = nbytes = 0
         failed: dict[str, list[str]] = {}
@@ -107,7 +106,7 @@ class Migrator:
                 assign[block_index(self.model)[b.name]] = c
                 count += 1
                 nbytes += sizes[b.name]
-                ms = (self.loop.time() - starts[b.name]) * 1e3
+                ms = (self.requests.timeline.now() - start) * 1e3
                 self.rec.event(self.at.now(), self.at.k, "migration", b.name,
                                f"from={names[a]} to={names[c]} bytes={sizes[b.name]} ms={ms:.3f}")
             else:

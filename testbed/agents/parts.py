@@ -26,9 +26,12 @@ class Port(Protocol):
 
     source: str
 
-    def send(self, dst: str, msg: dict[str, Any]) -> None: ...
+    def send(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
+        """Send from the source, handed over at emulated time `at` (default now)."""
 
-    def attach(self, handler: Callable[[str, dict[str, Any]], None]) -> None: ...
+    def attach(self, handler: Callable[[str, dict[str, Any], float | None], None]) -> None:
+        """`handler(sender, message, due)`: every message for the controller, with its
+        emulated arrival at the source (None: now)."""
 
 
 class Recorder(Protocol):

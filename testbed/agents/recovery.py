@@ -90,7 +90,7 @@ class Recovery:
         """Re-place the blocks of lost devices, load them from local weights, and rebuild
         their caches by replaying the token history through the pipeline."""
         lost, self.lost = self.lost, []
-        t0 = self.loop.time()
+        t0 = self.ctl.now()  # the controller's emulated instant
         mover, ctl = self.mover, self.ctl
         assert mover.placement is not None
         reason = self.policy.emergency("lost", ctl.k, lost)  # Stop if it does not re-plan
@@ -119,7 +119,7 @@ class Recovery:
         n = ctl.seq_len()
         if n > 0 and any(Block.parse(b).kind == "head" for b in orphans):
             await ctl.replay(n)
-        ms = (self.loop.time() - t0) * 1e3
+        ms = (self.ctl.now() - t0) * 1e3
         self.stats.recover_ms.append(ms)
         self.rec.event(self.ctl.now(), ctl.k, "recovered", ",".join(lost),
                        f"reloaded={len(orphans)} replayed_positions={n} ms={ms:.3f}")

@@ -225,21 +225,22 @@ class EmulatedLink:
             if self.on_change is not None:
                 self.on_change(rate)
 
-    def observed_rate(self, since: float = -math.inf) -> float | None:
-        """Bytes/s the sender saw its frames stream at (frames finished after `since`,
-        ignoring those covered by burst credit); None without such frames. Frames before
+    def observed_rate(self, since: float = -math.inf, until: float = math.inf) -> float | None:
+        """Bytes/s the sender saw its frames stream at (frames finished after `since` and
+        due by `until`, ignoring those covered by burst credit); None without such frames. Frames before
         the last change of rate the sender noticed are left out: an average across a drop
         is neither rate, and which frames it mixes depends on timing (in real time, on the
         host), so a decision built on it would too."""
         streamed = tx = 0.0
         for t in self.history:
-            if t.finish > since and t.start >= self._regime_from and t.tx_time > 0:
+            if t.finish > since and t.scheduled <= until and t.start >= self._regime_from and t.tx_time > 0:
                 streamed += t.streamed
                 tx += t.tx_time
         return streamed / tx if tx > 0 else None
 
-    def observed_latency(self, since: float = -math.inf) -> float | None:
+    def observed_latency(self, since: float = -math.inf, until: float = math.inf) -> float | None:
         """The smallest delay seen from a frame's last byte to its emulated arrival (the
-        propagation latency; a delivery the host ran late does not count against the link)."""
-        lat = [t.scheduled - t.finish for t in self.history if t.finish > since]
+        propagation latency; a delivery the host ran late does not count against the link),
+        of frames finished after `since` and due by `until`."""
+        lat = [t.scheduled - t.finish for t in self.history if t.finish > since and t.scheduled <= until]
         return min(lat) if lat else None

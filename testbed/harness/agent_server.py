@@ -136,7 +136,7 @@ class AgentProcess:
 
     async def _op(self, o: Send | Op, out: asyncio.Queue[bytes]) -> dict[str, Any] | None:
         if isinstance(o, control.Send):  # the controller's message, leaving from this (source) device
-            self.agent.send(o.dst, o.msg)
+            self.agent.send(o.dst, o.msg, o.at)
             return None
         detail = await _OPS[o.op](self, o.fields, out)
         return {"t": "re", "rid": o.rid, "ok": True, **(detail or {})}
@@ -189,7 +189,9 @@ class AgentProcess:
 
     async def _attach(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
         """Controller-bound messages go to the runner from now on."""
-        self.agent.controller = lambda sender, msg: out.put_nowait(encode({"t": "ctl", "sender": sender, "msg": msg}))
+        # with its emulated arrival here, so the controller acts on it as of then
+        self.agent.controller = lambda sender, msg, at: out.put_nowait(
+            encode({"t": "ctl", "sender": sender, "msg": msg, "at": at}))
 
     async def _announce(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
         self.agent.announce()

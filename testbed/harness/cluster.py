@@ -56,10 +56,10 @@ class AgentPort:
         self.agent = agent
         self.source = agent.name
 
-    def send(self, dst: str, msg: dict[str, Any]) -> None:
-        self.agent.send(dst, msg)
+    def send(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
+        self.agent.send(dst, msg, at)
 
-    def attach(self, handler: Callable[[str, dict[str, Any]], None]) -> None:
+    def attach(self, handler: Callable[[str, dict[str, Any], float | None], None]) -> None:
         self.agent.controller = handler
 
 

@@ -2,8 +2,9 @@
 checked against the run's scenario before the agent acts on it.
 
 The runner (`remote.py`) sends `{"t": "op", "op": NAME, "rid": N, ...}` and gets
-`{"t": "re", "rid": N, "ok": ..., ...}` back; `{"t": "send", "dst": D, "msg": M}` carries a
-controller request that leaves from the source agent (its content is checked by the
+`{"t": "re", "rid": N, "ok": ..., ...}` back; `{"t": "send", "dst": D, "msg": M, "at": T}` carries a
+controller request that leaves from the source agent as of emulated time T (optional: the
+controller's instant, not when the relay reached the agent; its content is checked by the
 device that receives it, as every message is: `agents/messages.py`). `decode` turns a
 frame's map into its record or raises ControlError: unknown operations, missing fields,
 devices and links that the scenario does not have, and numbers outside the scenario's
@@ -82,6 +83,7 @@ class Send:
 
     dst: str
     msg: dict[str, Any]
+    at: float | None = None  # the emulated time it is handed over (default: when it arrives)
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def decode(m: dict[str, Any], c: Context) -> Send | Op:
             raise ControlError(f"send: {P.show(dst)} is not a device of this run")
         if not isinstance(msg, dict) or msg.get("t") not in P.FROM_CONTROLLER:
             raise ControlError(f"send: only controller requests leave this way, not {P.show(P.kind_of(msg))}")
-        return Send(dst, msg)
+        return Send(dst, msg, _num(m, "at", 0.0, 1e11, optional=True))
     if t != "op":
         raise ControlError(f"unknown control frame {P.show(t)}")
     rid, op = _int(m, "rid", 0, P.MAX_ID), m.get("op")

@@ -72,10 +72,10 @@ class RelayPort:
         self.cluster = cluster
         self.source = cluster.source
 
-    def send(self, dst: str, msg: dict[str, Any]) -> None:
-        self.cluster.relay(dst, msg)
+    def send(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
+        self.cluster.relay(dst, msg, at)
 
-    def attach(self, handler: Callable[[str, dict[str, Any]], None]) -> None:
+    def attach(self, handler: Callable[[str, dict[str, Any], float | None], None]) -> None:
         self.cluster.on_relay(handler)
 
 
@@ -83,7 +83,7 @@ class _Control:
     """One control connection: requests with ids, replies, and relayed messages."""
 
     def __init__(self, name: str, ws: aiohttp.ClientWebSocketResponse,
-                 on_relay: Callable[[str, dict[str, Any]], None], on_close: Callable[[str], None]) -> None:
+                 on_relay: Callable[[str, dict[str, Any], float | None], None], on_close: Callable[[str], None]) -> None:
         self.name, self.ws = name, ws
         self._rid = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -128,8 +128,11 @@ class _Control:
                     if not isinstance(m.get("sender"), str) or not isinstance(m.get("msg"), dict):
                         log.warning("control %s: refused a relay without sender and message", self.name)
                         continue
+                    at = m.get("at")  # its emulated arrival at the source (a finite number, or none)
+                    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+                        at = None
                     try:
-                        self.on_relay(m["sender"], m["msg"])
+                        self.on_relay(m["sender"], m["msg"], at)
                     except Exception:  # the controller's problem, not the connection's
                         log.exception("control %s: relaying %r failed", self.name, m["msg"].get("t"))
                 elif m["t"] == "re":
@@ -167,7 +170,7 @@ class ProcessCluster:
         self.urls: dict[str, str] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._control: dict[str, _Control] = {}
-        self._to_controller: Callable[[str, dict[str, Any]], None] | None = None
+        self._to_controller: Callable[[str, dict[str, Any], float | None], None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="testbed-run-")
         self._file = Path(self._dir.name) / "scenario.yaml"
@@ -225,22 +228,23 @@ class ProcessCluster:
         for dial in (False, True):
             await asyncio.gather(*(self._control[n].request("peers", peers=book, dial=dial) for n in book))
 
-    def _relay(self, sender: str, msg: dict[str, Any]) -> None:
+    def _relay(self, sender: str, msg: dict[str, Any], at: float | None = None) -> None:
         if self._stopping:  # the run is over: agents going away are not news
             return
         if self._to_controller is not None:
-            self._to_controller(sender, msg)
+            self._to_controller(sender, msg, at)
         if (sender == self.source and msg.get("t") == "down" and msg.get("device") in self.names
                 and msg.get("device") != self.source):
             # the source lost its connection to an agent: the controller now treats it as
             # gone; so does the world (a hung process is stopped, never asked again)
             self._lose(msg["device"], "the source lost its connection to it", tell=False)
 
-    def relay(self, dst: str, msg: dict[str, Any]) -> None:
-        """A controller message to `dst`, leaving from the source agent's process."""
-        self._control[self.source].send({"t": "send", "dst": dst, "msg": msg})
+    def relay(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
+        """A controller message to `dst`, leaving from the source agent's process as of
+        emulated time `at` (the controller's instant; None: when it gets there)."""
+        self._control[self.source].send({"t": "send", "dst": dst, "msg": msg, **({"at": at} if at is not None else {})})
 
-    def on_relay(self, handler: Callable[[str, dict[str, Any]], None]) -> None:
+    def on_relay(self, handler: Callable[[str, dict[str, Any], float | None], None]) -> None:
         """Where messages the source agent relays for the controller go."""
         self._to_controller = handler
 

@@ -55,7 +55,11 @@ def apply_to_link(link: EmulatedLink, change: SetLink) -> str:
 def retimed(msg: dict[str, Any]) -> bool:
     """Data messages: their receiver acts on them as of their due time (a job starts when
     its input was due), so a delivery the host runs late does not delay the emulated
-    system; control messages (acknowledgements, telemetry) count from when they arrive."""
+    system. Control messages (acknowledgements, telemetry, reports) are acted on as of
+    their due time too (a device answers as of the request's arrival, the controller moves
+    its instant to the answer's: agents/timeline.py), but their late deliveries are still
+    counted (`late_delivery_fraction`): the controller's wake-ups and the relays between
+    processes are where the host's delay shows on the control path."""
     return msg.get("t") in P.DATA
 
 
