@@ -123,3 +123,41 @@ def test_a_link_report_covers_what_was_due_by_the_requests_arrival() -> None:
     assert rate_by_3ms == pytest.approx(1e6)  # 8 Mbit/s
     assert rate_by_1ms is None and lat_by_1ms is None  # nothing was due by 1.5 ms
     assert lat_all == pytest.approx(0.001)
+
+
+def test_reports_take_effect_in_due_order_once_the_controllers_instant_reaches_them() -> None:
+    """Real clock: the host hands the controller two link alarms, the later one first. The
+    one due after the controller's instant waits (no signal, beliefs as they were); once
+    the instant passes both, they apply in due order, so the later one's rate stands."""
+    import torch
+
+    from testbed.agents.controller import Controller, Options
+    from testbed.placement.resource_aware import ResourceAware
+
+    from .test_protocol import PEER, S, SCEN, SRC, _Port, _Recorder
+
+    async def main() -> tuple[str | None, float, str | None, float]:
+        class Hooks:
+            async def on_epoch(self, k: int) -> None:
+                pass
+
+        async def oracle(*a: Any) -> Any:
+            raise AssertionError("not asked")
+
+        ctl = Controller(SCEN, S, ResourceAware(), _Port(), ([], torch.zeros(0, S.vocab)), [1, 2], _Recorder(),
+                         Hooks(), Options(interval=4, telemetry="measured"), oracle)
+        t = ctl.timeline.now()
+        i, j = ctl.beliefs.index(PEER), ctl.beliefs.index(SRC)
+        before = float(ctl.beliefs.rate[i, j])
+        await asyncio.sleep(0.02)  # the host is 20 ms past the controller's instant
+        ctl._on_message(PEER, P.LinkChange(PEER, SRC, 2e5, None, t + 0.010).wire(), t + 0.010)
+        ctl._on_message(PEER, P.LinkChange(PEER, SRC, 1e5, None, t + 0.005).wire(), t + 0.005)
+        early = (ctl._urgent, float(ctl.beliefs.rate[i, j]))
+        assert early[1] == before
+        ctl.timeline.reach(t + 0.011)
+        ctl._take_reports()
+        return early[0], early[1], ctl._urgent, float(ctl.beliefs.rate[i, j])
+
+    urgent0, rate0, urgent1, rate1 = clock.run(main, "real")
+    assert urgent0 is None and rate0 != 2e5
+    assert urgent1 == f"link_change@{PEER}->{SRC}" and rate1 == 2e5  # the later alarm, applied last

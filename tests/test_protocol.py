@@ -235,7 +235,7 @@ def test_fuzz_random_and_truncated_frames(blob: bytes) -> None:
 class _Port:
     source = SRC
 
-    def send(self, dst: str, msg: dict[str, Any]) -> None:
+    def send(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
         pass
 
     def attach(self, handler: Any) -> None:
