@@ -134,7 +134,7 @@ def test_reports_take_effect_in_due_order_once_the_controllers_instant_reaches_t
     from testbed.agents.controller import Controller, Options
     from testbed.placement.resource_aware import ResourceAware
 
-    from .test_protocol import PEER, S, SCEN, SRC, _Port, _Recorder
+    from .test_protocol import PEER, SCEN, SRC, S, _Port, _Recorder
 
     async def main() -> tuple[str | None, float, str | None, float]:
         class Hooks:
