@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from testbed.emulation import clock
-from testbed.experiments import hostload
+from testbed.experiments import hostload, twin
 from testbed.experiments import run as experiment
 from testbed.experiments.timescale import Job, calibrate, fit_time_scale, late_fraction
 from testbed.experiments.twin import compare
+from testbed.results.read import Run
 from testbed.scenario import Scenario, ScenarioError, load, parse
 
 from .conftest import scenario_dict
@@ -484,3 +485,35 @@ def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them(
     assert r["early_2"] == 1 and set(r["rows_2"].values()) == {2}  # dropped, computed in its window
     assert len(r["errors"]) == 1 and r["errors"][0]["kind"] == "oom" and r["errors"][0]["seq"] == 3
     assert r["same"] and set(r["rows_3"].values()) == {2}
+
+
+# ---------------------------------------------------------------------------- the same decisions
+
+def _decisions(out: Any) -> dict:
+    run = Run(out.run_dir)
+    return twin.decisions(run.events, run.tokens)
+
+
+@pytest.mark.parametrize("transport, processes", [("inproc", False), ("ws", True)], ids=["in_process", "processes"])
+def test_five_real_clock_runs_make_exactly_the_decisions_of_the_virtual_twin(transport: str, processes: bool,
+                                                                             tmp_path: Path) -> None:
+    """bandwidth_drop cut to 12 tokens with the drop before token 8 (the emergency re-plan
+    and its migrations at token 9, then 3 tokens): five real-clock runs at the calibrated
+    scale each make the twin's re-plans and move the same blocks at the same tokens, with
+    the stall of those tokens within 2 % (`twin.same_decisions`). Control messages and
+    decisions follow the emulated timeline, so which reports a decision sees is not the
+    host's to decide."""
+    prep = experiment.prepare(_short("bandwidth_drop", 12, 16))
+    alg = prep.scenario.controller.algorithm
+    want = _decisions(experiment.run(prep, alg, tmp_path / "virtual", clock="virtual"))
+    assert want["moved"], "the short form still migrates after the drop"
+    cal = calibrate(prep, [alg], transport, processes)
+    seen = []
+    for i in range(5):
+        real = experiment.run(prep, alg, tmp_path / f"real{i}", clock="real", time_scale=cal.time_scale,
+                              transport=transport, processes=processes, calibration=cal.to_dict())
+        assert real.summary["status"] == "completed", real.summary["status"]
+        c = twin.same_decisions(_decisions(real), want)
+        seen.append(c)
+        print(f"run {i} at K {cal.time_scale:g}: {c}")
+    assert all(c["same"] for c in seen), [c["problems"] for c in seen]
