@@ -98,3 +98,5 @@ class Stats:
     recover_ms: list[float] = field(default_factory=list)
     logit_diff: float = 0.0
     mismatches: int = 0
+    # one record per pre-copy migration switched (precopy.py); summary.json's migration_detail
+    migration_log: list[dict[str, Any]] = field(default_factory=list)
