@@ -236,7 +236,8 @@ class Controller:
             elif self._tel_task is None or self._tel_task.done():
                 self._tel_task = self.loop.create_task(self._telemetry_round())
             snap = self.beliefs.snapshot(n, interval, self.placement)
-        snap = snap.with_(devices=self.window.observe(self.k, snap.devices), frame_extra=self.opt.frame_extra)
+        snap = snap.with_(devices=self.window.observe(self.k, snap.devices), frame_extra=self.opt.frame_extra,
+                          migration=self.opt.migration)
         self._belief = snap
         return snap
 
