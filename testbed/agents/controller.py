@@ -396,7 +396,7 @@ class Controller:
                 self.stats.emergencies += 1
             m, b = await self.epoch(reason)
             charge.add(self.loop.time() - s0, m, b)
-        if self.precopy.moves:  # a token boundary: pre-copy stages advance, ready blocks switch
+        if self.precopy.moves or self.precopy.owed:  # a token boundary: pre-copy stages advance, ready blocks switch
             s0 = self.loop.time()
             m, b = await self.precopy.boundary()
             charge.add(self.loop.time() - s0, m, b)
@@ -474,6 +474,7 @@ class Controller:
         """After the last token: pre-copies still in flight are given up (their
         destinations free what they hold)."""
         await self.precopy.abandon("the run ended", unfinished=True)
+        await self.precopy.settle()
 
     async def stop(self) -> None:
         """Cancel background telemetry; answer nothing more (the agents stop after us: the

@@ -67,6 +67,9 @@ class PreCopier:
         self.rec, self.stats, self.at, self.mover = recorder, stats, progress, mover
         self.loop = requests.loop
         self.moves: dict[str, Move] = {}
+        # cancels owed to destinations that were unreachable at the rollback (cut off from
+        # the source): sent when they are back, so no partial copy outlives its move
+        self.owed: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------------ starting
 
@@ -74,6 +77,7 @@ class PreCopier:
         """A decision wants `moves` (block, from, to) against the placement in force: moves
         in flight to the same destination go on, the others roll back; new ones start
         (their reservations are sent; nothing is waited for)."""
+        await self.settle()
         want = {b.name: c for b, _, c in moves}
         back = [m for name, m in self.moves.items() if want.get(name) != m.dst]
         await self._rollback(back, "the controller re-planned")
@@ -101,7 +105,9 @@ class PreCopier:
         rate, lat = self.beliefs.rate[m.src, m.dst], self.beliefs.lat[m.src, m.dst]
         expected = xfer_time(nbytes + cost.FRAME_OVERHEAD, rate, lat)
         limit = self.requests.timeout_s
-        m.deadline = m.issued + (min(limit, 5.0 + 4.0 * expected + 8.0 * lat) if math.isfinite(expected) else limit)
+        # generous against the believed link (a stage far later has failed: its link went
+        # down or collapsed); a rollback costs only the copy, the block serves meanwhile
+        m.deadline = m.issued + (min(limit, 1.0 + 4.0 * expected + 8.0 * lat) if math.isfinite(expected) else limit)
 
     def _stage(self, m: Move, st: Stage, then: bool = True) -> None:
         names = self.beliefs.names
@@ -138,6 +144,7 @@ class PreCopier:
     async def boundary(self) -> tuple[int, int]:
         """At a token boundary (no attempt in flight): advance every move by the rule and
         switch the ready ones. Returns (migrations, bytes) switched now."""
+        await self.settle()
         if not self.moves:
             return 0, 0
         names, alive = self.beliefs.names, set(self.beliefs.alive_names())
@@ -253,6 +260,14 @@ class PreCopier:
                        f"from={names[m.src]} to={names[m.dst]} bytes={cost.block_bytes(self.model, m.block, self.at.seq_len())} "
                        "(no room at destination)")
 
+    async def settle(self) -> None:
+        """Send the cancels owed to destinations that are reachable again."""
+        alive = set(self.beliefs.alive_names())
+        due = {d: tuple(sorted(bl)) for d, bl in self.owed.items() if d in alive}
+        for d in due:
+            del self.owed[d]
+        await self.requests.ask({d: partial(P.Cancel, blocks=bl) for d, bl in due.items()}, "cancel")
+
     async def abandon(self, why: str, unfinished: bool = False) -> None:
         """Roll every move in flight back (a device lost, an urgent move by stop-and-copy;
         `unfinished`: the run ended, which is no failure)."""
@@ -265,10 +280,11 @@ class PreCopier:
             return
         names, alive = self.beliefs.names, set(self.beliefs.alive_names())
         cancel: dict[str, list[str]] = {}
+        now = self.loop.time()
         for m in moves:
             self.moves.pop(m.block.name, None)
-            if m.fut is not None and not m.fut.done():
-                m.fut.cancel()
+            if m.fut is not None and not m.fut.done() and now > m.deadline:
+                m.fut.cancel()  # lost; one still on its way is answered and ignored (`_issue`)
             if not unfinished:
                 self.stats.failed_migrations += 1
             stage = "reservation" if m.stage is None and not m.stages else f"stage {len(m.stages)}"
@@ -279,4 +295,6 @@ class PreCopier:
                            f"pre_copy {stage}: {reason}; rolled back, the block serves from {names[m.src]}")
             if names[m.dst] in alive:
                 cancel.setdefault(names[m.dst], []).append(m.block.name)
+            else:
+                self.owed.setdefault(names[m.dst], set()).add(m.block.name)
         await self.requests.ask({d: partial(P.Cancel, blocks=tuple(bl)) for d, bl in cancel.items()}, "cancel")

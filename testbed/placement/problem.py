@@ -412,7 +412,12 @@ def migration_cost(snap: Snapshot, moves: Sequence[tuple[Block, int, int]], save
     interference = sum(migration_delay(snap, [m for m in moves if (m[1], m[2]) == link])
                        for link in per_link if link in crossed)
     transfer = migration_delay(snap, moves)
-    lag = max(1.0, transfer / token_s) * max(0.0, saved_per_token) if math.isfinite(transfer) else math.inf
+    if not saved_per_token > 0:  # nothing to forgo (0, negative, or unknown)
+        lag = 0.0
+    elif not (math.isfinite(saved_per_token) and math.isfinite(token_s)):
+        lag = transfer  # the placement in force cannot serve (a dead link): tokens wait for the copy
+    else:
+        lag = max(1.0, transfer / token_s) * saved_per_token
     return stall + interference + lag
 
 
