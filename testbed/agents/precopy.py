@@ -58,6 +58,7 @@ class Move:
     sent: int = 0  # positions the finished stages carried: [0, sent)
     stages: list[tuple[int, int, int, float]] = field(default_factory=list)  # (since, upto, bytes, ms)
     ready: bool = False
+    pending_bytes: int = 0  # what its request in flight puts on its link
 
 
 class PreCopier:
@@ -95,15 +96,20 @@ class PreCopier:
         """Send a request of the move; `then`: its answer advances the move at once."""
         fut = m.fut = self.requests.request(dev, make)
         m.issued, m.done_at = self.loop.time(), math.nan
+        m.pending_bytes = nbytes if m.stage is not None else 0
 
         def answered(_: object) -> None:
             m.done_at = self.loop.time()
+            m.pending_bytes = 0
             if then and m.fut is fut and self.moves.get(m.block.name) is m:
                 self._advance(m)
 
         fut.add_done_callback(answered)
         rate, lat = self.beliefs.rate[m.src, m.dst], self.beliefs.lat[m.src, m.dst]
-        expected = xfer_time(nbytes + cost.FRAME_OVERHEAD, rate, lat)
+        # the stages queued on the same link go first (a link is FIFO)
+        queued = sum(o.pending_bytes + cost.FRAME_OVERHEAD for o in self.moves.values()
+                     if (o.src, o.dst) == (m.src, m.dst) and o is not m)
+        expected = xfer_time(queued + nbytes + cost.FRAME_OVERHEAD, rate, lat)
         limit = self.requests.timeout_s
         # generous against the believed link (a stage far later has failed: its link went
         # down or collapsed); a rollback costs only the copy, the block serves meanwhile
@@ -166,8 +172,9 @@ class PreCopier:
             elif m.stage is None:  # the reservation answered, and refused
                 self._refused(m)
         await self._rollback([m for m, _ in failed], None, dict((m.block.name, why) for m, why in failed))
-        # the moves switch together, once every one is ready: a block's last delta would
-        # otherwise queue behind another's stage on their link while generation waits
+        # the moves switch together, once every one is ready: a block's last delta, and the
+        # routing round, would otherwise queue behind another's stage on a link while
+        # generation waits
         if not self.moves or not all(m.ready for m in self.moves.values()):
             return 0, 0
         return await self._switch(list(self.moves.values()))

@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from ..model import cost
-from .problem import Infeasible, LatencyModel, Placement, Snapshot, migration_cost
+from .problem import Infeasible, LatencyModel, Placement, Snapshot, migration_cost, migration_delay
 
 
 class _Layout:
@@ -118,6 +118,8 @@ def plan(snap: Snapshot) -> Placement:
     # pre-copy's cost counts the tokens that run on the placement in force meanwhile
     token_s = model.token_time(snap.current, snap.n_mid) if snap.current is not None and \
         snap.migration == "pre_copy" else math.inf
+    chosen: list = []  # pre-copy: the moves taken so far (they cross and switch together)
+    chosen_saved = 0.0  # what they save per token once switched
     if current is not None:
         # a block on a device that is gone or may no longer host blocks has no position
         for i, j in enumerate(current):
@@ -151,8 +153,19 @@ def plan(snap: Snapshot) -> Placement:
             # interval pays for moving it
             delay = compute + comm
             saved = snap.interval * (delay[c] - delay[j])
-            if saved <= migration_cost(snap, [(s.blocks[i], c, j)], delay[c] - delay[j], token_s):
-                j = c
+            move = (s.blocks[i], c, j)
+            if snap.migration != "pre_copy":
+                if saved <= migration_delay(snap, [move]):
+                    j = c
+            else:  # what this move adds to the batch's cost (it delays every switch)
+                per_token = float(delay[c] - delay[j])
+                extra = migration_cost(snap, [*chosen, move], chosen_saved + per_token, token_s) - \
+                    migration_cost(snap, chosen, chosen_saved, token_s)
+                if saved <= extra:
+                    j = c
+                else:
+                    chosen.append(move)
+                    chosen_saved += per_token
         lay.pos[i] = j
         used[j] += mem[i]
         if is_head:
