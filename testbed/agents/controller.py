@@ -13,7 +13,8 @@ on an emergency it builds a snapshot (oracle: the emulator's truth; measured: th
 `Beliefs` built from reports), calls the placement algorithm and applies the moves with the
 two-phase migration: reserve at the destination, send the snapshot
 (weights + cache) over the emulated link, install and acknowledge, switch routing
-everywhere, free at the source. Emergencies: a refused cache append (oom), a device gone
+everywhere, free at the source; or, with `controller.migration: pre_copy`, in stages while
+generation goes on, switching at a token boundary (precopy.py). Emergencies: a refused cache append (oom), a device gone
 (its connection broke, or it stopped answering), a token that stalls (e.g. on a link that
 went down). A lost device's blocks are loaded again elsewhere from local weights and their
 caches rebuilt by replaying the token history through the pipeline, so the run continues
