@@ -132,6 +132,7 @@ network:
     # controller
     ("unknown_algorithm", _doc(rest="controller: {algorithm: magic}\n"), "controller.algorithm"),
     ("unknown_telemetry", _doc(rest="controller: {telemetry: psychic}\n"), "controller.telemetry"),
+    ("unknown_migration", _doc(rest="controller: {migration: live}\n"), "controller.migration"),
     # model
     ("unknown_preset", _doc(model="model: {preset: gpt-5}\n"), "model.preset"),
     ("d_model_not_multiple_of_heads", _doc(model="model: {preset: gpt-tiny, d_model: 66}\n"),

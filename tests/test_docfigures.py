@@ -50,7 +50,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
 
 @pytest.mark.parametrize("name", ["main_job", "plugin", "presets", "paper", "device_presets", "link_presets",
-                                  "validation", "edge_presets", "roofline_sweep", "kernel_burst"])
+                                  "validation", "edge_presets", "roofline_sweep", "kernel_burst", "migration"])
 def test_the_quoted_figures_are_current(name: str, runs: Runs) -> None:
     """Regenerate with `python -m tools.docs.figures` when this fails (after checking that the
     change in the figures is meant)."""
@@ -60,6 +60,7 @@ def test_the_quoted_figures_are_current(name: str, runs: Runs) -> None:
 @pytest.mark.skipif(not smollm2.available(), reason=f"needs the SmolLM2 weights: {smollm2.PIP_HINT}")
 def test_the_smollm2_figures_are_current(runs: Runs) -> None:
     assert stale("smollm2", SECTIONS["smollm2"].make(runs)) is None
+    assert stale("migration_smollm2", SECTIONS["migration_smollm2"].make(runs)) is None
 
 
 def test_check_mode_and_bad_names(capsys: pytest.CaptureFixture[str]) -> None:

@@ -585,3 +585,12 @@ def test_fuzz_texts_are_scenarios_or_one_line_refusals(text: str) -> None:
         sc.loads(text, "fuzz.yaml")
     except ScenarioError as e:
         assert "\n" not in str(e) and str(e).startswith("fuzz.yaml: "), str(e)
+
+
+def test_migration_mechanism_is_read_and_recorded_only_when_not_the_default():
+    s = sc.loads(VALID)
+    assert s.controller.migration == "stop_and_copy" and "migration" not in s.to_dict()["controller"]
+    pre = sc.loads(VALID.replace("controller:", "controller:\n  migration: pre_copy\n", 1)
+                   if "controller:" in VALID else VALID + "controller: {migration: pre_copy}\n")
+    assert pre.controller.migration == "pre_copy" and pre.to_dict()["controller"]["migration"] == "pre_copy"
+    _round_trip(pre)

@@ -13,7 +13,8 @@ on an emergency it builds a snapshot (oracle: the emulator's truth; measured: th
 `Beliefs` built from reports), calls the placement algorithm and applies the moves with the
 two-phase migration: reserve at the destination, send the snapshot
 (weights + cache) over the emulated link, install and acknowledge, switch routing
-everywhere, free at the source. Emergencies: a refused cache append (oom), a device gone
+everywhere, free at the source; or, with `controller.migration: pre_copy`, in stages while
+generation goes on, switching at a token boundary (precopy.py). Emergencies: a refused cache append (oom), a device gone
 (its connection broke, or it stopped answering), a token that stalls (e.g. on a link that
 went down). A lost device's blocks are loaded again elsewhere from local weights and their
 caches rebuilt by replaying the token history through the pipeline, so the run continues
@@ -49,6 +50,7 @@ from .beliefs import Beliefs
 from .errors import DeviceLost, OutOfMemory, RunFailed, Stalled
 from .migration import Migrator
 from .parts import Oracle, Port, Recorder, RunHooks, Stats
+from .precopy import PreCopier
 from .recovery import Recovery
 from .requests import Requests
 from .timeline import Timeline
@@ -72,6 +74,7 @@ class Options:
     max_attempts: int = P.MAX_ATTEMPTS  # per token, before the run fails (agents allow no more)
     frame_extra: int = 0  # bytes the transport adds to every frame (priced by the estimate)
     window: int = 1  # tokens of observations the planner's view of load covers (LoadWindow)
+    migration: str = "stop_and_copy"  # stop_and_copy | pre_copy (precopy.py)
 
 
 class Controller:
@@ -101,6 +104,7 @@ class Controller:
         self.timeline = Timeline(self.loop)  # the controller's emulated instant (timeline.py)
         self.requests = Requests(port, self.loop, options.request_timeout_s, self._device_lost, self.timeline)
         self.mover = Migrator(model, self.requests, self.beliefs, recorder, self.stats, self)
+        self.precopy = PreCopier(model, self.requests, self.beliefs, recorder, self.stats, self, self.mover)
         self.recovery = Recovery(scenario, port.source, self.beliefs, self.requests, self.mover, recorder,
                                  self.stats, self.policy, self)
         self._seq = 0
@@ -272,7 +276,8 @@ class Controller:
                 self._tel_task = self.loop.create_task(self._telemetry_round())
             self._take_reports()
             snap = self.beliefs.snapshot(n, interval, self.placement)
-        snap = snap.with_(devices=self.window.observe(self.k, snap.devices), frame_extra=self.opt.frame_extra)
+        snap = snap.with_(devices=self.window.observe(self.k, snap.devices), frame_extra=self.opt.frame_extra,
+                          migration=self.opt.migration)
         self._belief = snap
         return snap
 
@@ -367,13 +372,20 @@ class Controller:
             self.rec.event(self.now(), self.k, e.event, self.alg.name, e.detail)
         return RunFailed(e.message, e.record)
 
-    async def epoch(self, reason: str) -> tuple[int, int]:
-        """Re-plan and migrate; returns (migrations, bytes) applied."""
+    async def epoch(self, reason: str, urgent: bool = False) -> tuple[int, int]:
+        """Re-plan and migrate; returns (migrations, bytes) applied. With pre-copy the moves
+        start and switch at later token boundaries (`precopy`), except `urgent` ones (an
+        out-of-memory repair needs the room now): those go by stop-and-copy."""
         snap = await self.snapshot()
         await self.hooks.on_epoch(self.k)
         new = await self.plan(snap, reason)
         assert self.placement is not None
         moves = self.placement.moves(new)
+        if self.opt.migration == "pre_copy":
+            if not urgent:
+                await self.precopy.start(moves)
+                return 0, 0
+            await self.precopy.abandon("an urgent move goes by stop-and-copy")
         if not moves:
             return 0, 0
         return await self.mover.migrate(moves, self._belief)
@@ -440,7 +452,7 @@ class Controller:
         self._take_reports()
         await self.observe(k)
         if self.recovery.lost:
-            await self.recovery.recover()
+            await self._recover()
             charge.add(self.timeline.now() - t_start)
         if self.recovery.revive:
             await self.recovery.rejoin()
@@ -451,6 +463,10 @@ class Controller:
             if urgent:
                 self.stats.emergencies += 1
             m, b = await self.epoch(reason)
+            charge.add(self.timeline.now() - s0, m, b)
+        if self.precopy.moves or self.precopy.owed:  # a token boundary: pre-copy stages advance, ready blocks switch
+            s0 = self.timeline.now()
+            m, b = await self.precopy.boundary()
             charge.add(self.timeline.now() - s0, m, b)
         if k == 0:
             tokens, pos = list(self.prompt), 0
@@ -464,7 +480,7 @@ class Controller:
             if self.recovery.lost:  # lost while this token re-planned (with agents in processes,
                 # a failure is heard a little later): repair first, not after a stalled attempt
                 s0 = self.timeline.now()
-                await self.recovery.recover()
+                await self._recover()
                 charge.add(self.timeline.now() - s0)
                 guess = self._guess_ms(len(tokens), pos + len(tokens))
             try:
@@ -497,14 +513,14 @@ class Controller:
     async def _emergency(self, e: Exception) -> tuple[int, int]:
         """An attempt failed: abort it everywhere, repair, and let the caller retry."""
         if isinstance(e, DeviceLost):
-            await self.recovery.recover()
+            await self._recover()
             return 0, 0
         if isinstance(e, Stalled):
             self.stats.stalls += 1
             self.rec.event(self.now(), self.k, "stall", self.source_name, str(e))
         await self.abort()
         if self.recovery.lost:
-            await self.recovery.recover()
+            await self._recover()
             return 0, 0
         if isinstance(e, OutOfMemory):
             kind, devices, detail = "oom", [e.device], ""
@@ -512,9 +528,21 @@ class Controller:
             kind, devices, detail = "stall", [], str(e)
         reason = self.policy.emergency(kind, self.k, devices, detail)
         self.stats.emergencies += 1
-        m, b = await self.epoch(reason)
+        m, b = await self.epoch(reason, urgent=kind == "oom")
         self.policy.repaired(kind, self.k, m, devices)
         return m, b
+
+    async def _recover(self) -> None:
+        """Recover lost devices; pre-copies in flight roll back first (the blocks they move
+        serve from their sources, which recovery accounts for)."""
+        await self.precopy.abandon("a device is lost")
+        await self.recovery.recover()
+
+    async def finish(self) -> None:
+        """After the last token: pre-copies still in flight are given up (their
+        destinations free what they hold)."""
+        await self.precopy.abandon("the run ended", unfinished=True)
+        await self.precopy.settle()
 
     async def stop(self) -> None:
         """Cancel background telemetry; answer nothing more (the agents stop after us: the

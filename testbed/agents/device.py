@@ -100,6 +100,9 @@ class DeviceAgent:
         self.compute = ComputeUnit(spec.name, spec.flops, spec.bandwidth)
         self.blocks: dict[str, AnyBlock] = {}
         self.reserved: dict[str, int] = {}
+        # blocks arriving by pre-copy: installed and charged, not routed here until the
+        # switch (a `route` that places them here makes them `blocks`; `cancel` drops them)
+        self.incoming: dict[str, AnyBlock] = {}
         self.routing = Routing(model, spec.name)
         self.floor = -1  # attempts <= floor are stale
         self.join = ProjectionJoin(model.groups, model.q_per_group * model.d_head, self.quota)
@@ -404,17 +407,20 @@ class DeviceAgent:
         return block
 
     def kv_bytes(self) -> int:
-        return sum(b.cache.nbytes for b in self.blocks.values() if isinstance(b, HeadBlock))
+        return sum(b.cache.nbytes for b in (*self.blocks.values(), *self.incoming.values()) if isinstance(b, HeadBlock))
 
     def weight_bytes(self) -> int:
-        """Weights of the placeable blocks held here (the source's fixed share apart)."""
-        return sum(t.nbytes for b in self.blocks.values() for t in b.w.values())
+        """Weights of the placeable blocks held here (the source's fixed share apart), those
+        arriving by pre-copy included."""
+        return sum(t.nbytes for b in (*self.blocks.values(), *self.incoming.values()) for t in b.w.values())
 
     def cache_lengths(self) -> dict[str, int]:
         return {n: b.cache.n for n, b in self.blocks.items() if isinstance(b, HeadBlock)}
 
-    def _install(self, name: str, w: dict[str, torch.Tensor], cache: KVCache | None = None) -> int:
-        """Charge and install a block; MemoryRefused leaves nothing installed."""
+    def _install(self, name: str, w: dict[str, torch.Tensor], cache: KVCache | None = None,
+                 into: dict[str, AnyBlock] | None = None) -> int:
+        """Charge and install a block (into `blocks`, or `into`); MemoryRefused leaves
+        nothing installed."""
         block = make_block(self.model, name, w)
         if cache is not None and isinstance(block, HeadBlock):
             block.cache = cache
@@ -426,11 +432,11 @@ class DeviceAgent:
         except MemoryRefused:
             self.budget.release("weights", wbytes)
             raise
-        self.blocks[name] = block
+        (self.blocks if into is None else into)[name] = block
         return wbytes + kbytes
 
-    def _free(self, name: str) -> None:
-        block = self.blocks.pop(name)
+    def _free(self, name: str, where: dict[str, AnyBlock] | None = None) -> None:
+        block = (self.blocks if where is None else where).pop(name)
         self.budget.release("weights", sum(t.nbytes for t in block.w.values()))
         if isinstance(block, HeadBlock):
             self.budget.release("kv", block.cache.nbytes)
@@ -611,6 +617,8 @@ class DeviceAgent:
 
     def _on_route(self, sender: str, m: P.Route, at: float | None = None) -> None:
         self.routing.set(m.devices, m.assign, m.version)
+        for name in [n for n in self.incoming if self.routing.host(n) == self.name]:
+            self.blocks[name] = self.incoming.pop(name)  # a pre-copy's switch
         freed = []
         for b in self.model.blocks:
             if self.routing.host(b.name) != self.name and b.name in self.blocks:
@@ -621,7 +629,7 @@ class DeviceAgent:
     def _on_reserve(self, sender: str, m: P.Reserve, at: float | None = None) -> None:
         ok, refused = [], []
         for name, nbytes in m.blocks.items():
-            if name in self.reserved or name in self.blocks or not self.budget.fits(nbytes):
+            if name in self.reserved or name in self.blocks or name in self.incoming or not self.budget.fits(nbytes):
                 refused.append(name)
                 continue
             self.budget.charge("reserved", nbytes)
@@ -635,6 +643,8 @@ class DeviceAgent:
             nbytes = self.reserved.pop(name, 0)
             if nbytes:
                 self.budget.release("reserved", nbytes)
+            if name in self.incoming:  # a pre-copy rolled back
+                self._free(name, self.incoming)
         self._reply(m.rid, True)
 
     def _on_migrate(self, sender: str, m: P.Migrate, at: float | None = None) -> None:
@@ -644,13 +654,65 @@ class DeviceAgent:
             self._reply(m.rid, False, detail=f"{self.name} does not hold {name}" if block is None
                         else f"{name} is here already")
             return
+        if m.since is not None and m.upto is not None:
+            self._precopy_stage(m, block)
+            return
         snapshot = (P.BlockSnapshot(m.rid, name, MappingProxyType(block.w), block.cache.k, block.cache.v)
                     if isinstance(block, HeadBlock) else P.BlockSnapshot(m.rid, name, MappingProxyType(block.w)))
         nbytes = self.send(dst, snapshot.wire(), at)
         log.debug("%s: sent %s to %s (%d B)", self.name, name, dst, nbytes)
 
+    def _precopy_stage(self, m: P.Migrate, block: AnyBlock) -> None:
+        """Send one pre-copy stage: cache positions [since, upto), with the weights at stage 0."""
+        since, upto = m.since, m.upto
+        assert since is not None and upto is not None
+        w = MappingProxyType(block.w if since == 0 else {})
+        if isinstance(block, HeadBlock):
+            if block.cache.n < upto:
+                self._reply(m.rid, False, detail=f"{m.block} holds {block.cache.n} positions, not {upto}")
+                return
+            stage = P.BlockSnapshot(m.rid, m.block, w, block.cache.k[since:upto], block.cache.v[since:upto], since)
+        else:
+            stage = P.BlockSnapshot(m.rid, m.block, w, since=since)
+        self.send(m.to, stage.wire())
+
+    def _on_precopy_stage(self, m: P.BlockSnapshot) -> None:
+        """A pre-copy stage arrives: stage 0 installs the block among `incoming` (its
+        reservation becomes the block); a later one appends the entries it carries."""
+        name, since = m.block, m.since
+        assert since is not None
+        if since == 0:
+            nbytes = self.reserved.pop(name, None)
+            if nbytes is None:
+                self._reply(m.rid, False, block=name, detail=f"{self.name} has no reservation for {name}")
+                return
+            self.budget.release("reserved", nbytes)
+            cache = KVCache.from_state(m.k, m.v) if m.k is not None and m.v is not None else None
+            try:
+                installed = self._install(name, dict(m.w), cache, self.incoming)
+            except (MemoryRefused, KeyError, ValueError) as e:
+                self._reply(m.rid, False, block=name, detail=f"install failed: {e}")
+                return
+            self._reply(m.rid, True, block=name, bytes=installed)
+            return
+        block = self.incoming.get(name)
+        if block is None or m.k is None or m.v is None or not isinstance(block, HeadBlock) or since > block.cache.n:
+            self._reply(m.rid, False, block=name, detail=f"{self.name} has no pre-copy of {name} up to {since}")
+            return
+        grow = max(0, since + m.k.shape[0] - block.cache.n) * cost.cache_bytes_per_token(self.model)
+        try:
+            self.budget.charge("kv", grow)
+        except MemoryRefused as e:
+            self._reply(m.rid, False, block=name, detail=f"install failed: {e}")
+            return
+        block.cache.write(since, m.k, m.v)
+        self._reply(m.rid, True, block=name, bytes=grow)
+
     def _on_block_snapshot(self, sender: str, m: P.BlockSnapshot, at: float | None = None) -> None:
         name = m.block
+        if m.since is not None:
+            self._on_precopy_stage(m)
+            return
         nbytes = self.reserved.pop(name, None)
         if nbytes is None:
             self._reply(m.rid, False, block=name, detail=f"{self.name} has no reservation for {name}")

@@ -14,8 +14,9 @@ Control (controller -> device; every request has `rid` and is answered by an ACK
   route    {rid, version, devices, assign} routing table; frees blocks now routed elsewhere
   reserve  {rid, blocks: {name: bytes}}  reserve memory for incoming blocks
   cancel   {rid, blocks}                 drop reservations (a move that will not happen)
-  migrate  {rid, block, to}              send a snapshot of the block to `to`
-  block    {rid, block, w, k, v}         the snapshot (device -> device); the receiver ACKs
+  migrate  {rid, block, to, since?, upto?} send a snapshot of the block to `to` (a pre-copy
+                                         stage: cache positions [since, upto))
+  block    {rid, block, w, k, v, since?} the snapshot (device -> device); the receiver ACKs
   abort    {rid, seq}                    drop attempts <= seq, answer when idle
   tel      {rid, probe_bytes}            report telemetry; probe links idle since the last report
   probe    {pad, n?}                     measurement traffic, dropped on arrival
@@ -464,6 +465,10 @@ class Migrate(Message):
     rid: int
     block: str
     to: str
+    # a pre-copy stage (testbed/placement/precopy.py): send cache positions [since, upto)
+    # (and the weights when since is 0); both absent: the whole block (stop-and-copy)
+    since: int | None = None
+    upto: int | None = None
 
     def answered_by(self, device: str) -> frozenset[str]:
         """Its destination, once the block is installed; its source, when it cannot send."""
@@ -471,12 +476,18 @@ class Migrate(Message):
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> Migrate:
-        return cls(f.rid(), f.block("block", b), f.device("to", b))
+        since = upto = None
+        if "since" in f.m or "upto" in f.m:
+            upto = f.int_("upto", 0, b.max_rows)
+            since = f.int_("since", 0, upto)
+        return cls(f.rid(), f.block("block", b), f.device("to", b), since, upto)
 
 
 @dataclass(frozen=True, slots=True)
 class BlockSnapshot(Message):
-    """A migrated block: its weights and, for a head, its K/V cache."""
+    """A migrated block: its weights and, for a head, its K/V cache; a pre-copy stage
+    (`since` given) carries positions since.. of the cache, and the weights only when
+    `since` is 0."""
 
     KIND, FROM = BLOCK, "device"
     rid: int
@@ -484,13 +495,17 @@ class BlockSnapshot(Message):
     w: MappingProxyType
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    since: int | None = None
 
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> BlockSnapshot:
         name = f.block("block", b)
         kind = Block.parse(name).kind
         dt = TORCH_DTYPES[b.model.dtype]
+        since = f.int_("since", 0, b.max_rows) if "since" in f.m else None
         w, want = f.m.get("w"), block_shapes(b.model, kind)
+        if since:  # a later pre-copy stage: entries only
+            want = {}
         if not isinstance(w, dict) or set(w) != set(want):
             raise f.fail("w", f"{name} must carry exactly {sorted(want)}")
         weights = {k: f.tensor(k, shape, dt, src=w) for k, shape in want.items()}
@@ -498,9 +513,11 @@ class BlockSnapshot(Message):
         if kind == "head":
             k = f.tensor("k", (None, b.model.d_head), dt, (0, b.max_rows))
             v = f.tensor("v", (k.shape[0], b.model.d_head), dt)
+            if since is not None and since + k.shape[0] > b.max_rows:
+                raise f.fail("k", f"positions {since} to {since + k.shape[0]} are beyond the run's {b.max_rows}")
         elif "k" in f.m or "v" in f.m:
             raise f.fail("k", f"{name} has no cache")
-        return cls(f.rid(), name, MappingProxyType(weights), k, v)
+        return cls(f.rid(), name, MappingProxyType(weights), k, v, since)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,8 @@ the others only through what is declared here or passed to them:
 - `Requests` (requests.py): messages to devices with request ids, and their answers;
 - `Migrator` (migration.py): loading blocks, routing, the two-phase migration; it owns the
   placement in force and the routing version;
+- `PreCopier` (precopy.py): pre-copy migration; it owns the moves in flight and switches
+  routing through the `Migrator`;
 - `Recovery` (recovery.py): devices lost, joining, cut off and back; it owns the lists of
   devices to recover and to revive, and asks the controller (a `Driver`) for snapshots,
   decisions, aborts and replays.
@@ -103,3 +105,5 @@ class Stats:
     recover_ms: list[float] = field(default_factory=list)
     logit_diff: float = 0.0
     mismatches: int = 0
+    # one record per pre-copy migration switched (precopy.py); summary.json's migration_detail
+    migration_log: list[dict[str, Any]] = field(default_factory=list)

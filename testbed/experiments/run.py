@@ -111,7 +111,8 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         controller = Controller(scen, prep.model, alg, world.port(), (prep.ref_ids, prep.ref_logits),
                                 prep.prompt, writer, hooks,
                                 Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry,
-                                        frame_extra=world.frame_extra, window=ctl.window_tokens),
+                                        frame_extra=world.frame_extra, window=ctl.window_tokens,
+                                        migration=ctl.migration),
                                 world.oracle)
         controller.t0 = t0
         hooks.controller = controller
@@ -129,6 +130,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             row = await controller.produce(k)
             writer.token(row)
             await hooks.after_token(k)
+        await controller.finish()
         ctx.total_s = world.loop.time() - controller.t0
         ctx.frames = await world.frame_counts()
         ctx.frames["refused"] += controller.refusals.total

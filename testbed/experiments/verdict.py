@@ -17,7 +17,7 @@ from ..agents.controller import Controller
 from ..emulation import clock as clock_mod
 from ..harness.interface import World
 from ..harness.rows import LinkRow
-from ..results.write import RunWriter, summarize, windows
+from ..results.write import RunWriter, migration_detail, summarize, windows
 from . import hostload
 from .hooks import RunHooks
 from .hostload import HostMonitor
@@ -114,6 +114,8 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
         },
         "windows": windows(rows, cuts),
     }
+    if st and st.migration_log:  # pre-copy runs: one record per migration
+        extra["migration_detail"] = migration_detail(st.migration_log, rows)
     if prep.tokenizer is not None:
         extra["prompt_text"] = prep.prompt_text
         extra["generated_text"] = prep.tokenizer.decode(ids)

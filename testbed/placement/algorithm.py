@@ -59,7 +59,7 @@ class Algorithm(Protocol):
     the rules above, fails the run of a plug-in with its traceback in `meta.json`.
 
     Useful helpers in problem.py: `estimate_token_latency(snap, p)` (seconds per token),
-    `LatencyModel`, `memory_need`, `migration_delay`, `epoch_objective`; `model.cost` has
+    `LatencyModel`, `memory_need`, `migration_delay`, `migration_cost`, `epoch_objective`; `model.cost` has
     `block_bytes(spec, block, n)` and the FLOPs of each block.
     """
 

@@ -37,7 +37,7 @@ from typing import Any
 from ..model.spec import Block
 from .algorithm import Algorithm
 from .plugins import PluginFailed
-from .problem import Infeasible, LatencyModel, Placement, Snapshot, epoch_objective, migration_delay
+from .problem import Infeasible, LatencyModel, Placement, Snapshot, epoch_objective, migration_cost
 
 __all__ = ["DECISION_COST", "Decision", "Policy", "Stop", "TokenCharge", "decision_cost_s"]
 
@@ -109,8 +109,15 @@ class Decision:
         return epoch_objective(self.snap, cur, lm) - epoch_objective(self.snap, self.placement, lm)
 
     def migration_delay(self, world: Snapshot) -> float:
-        """Seconds to apply the moves over `world`'s links (the analytic stall)."""
-        return migration_delay(world, self.moves)
+        """Seconds the moves cost the tokens over `world`'s links (the analytic stall): the
+        transfer with stop-and-copy; with pre-copy its expected stall, interference and
+        the tokens still run on the placement in force (`problem.migration_cost`)."""
+        cur = self.snap.current
+        if world.migration != "pre_copy" or cur is None or not self.moves:
+            return migration_cost(world, self.moves)
+        lm = LatencyModel(world)
+        t0, t = lm.token_time(cur, world.n_mid), lm.token_time(self.placement, world.n_mid)
+        return migration_cost(world, self.moves, t0 - t, t0)
 
     def describe(self, decision_ms: float, cost_s: float | None = None) -> str:
         """The detail of its `replan` row in events.csv: `decision_ms` the host's time,

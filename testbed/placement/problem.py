@@ -88,6 +88,7 @@ class Snapshot:
     current: Placement | None = None
     context: dict = field(default_factory=dict, compare=False)  # free-form (e.g. memory in use)
     frame_extra: int = 0  # bytes the transport adds to every frame (websocket: its "due" entry)
+    migration: str = "stop_and_copy"  # how blocks move (stop_and_copy | pre_copy): `migration_cost`
 
     @property
     def n_devices(self) -> int:
@@ -364,8 +365,72 @@ def migration_delay(snap: Snapshot, moves: Sequence[tuple[Block, int, int]], n: 
                for (a, c), nbytes in per_link.items())
 
 
+def inference_links(p: Placement, source: int) -> set[tuple[int, int]]:
+    """The ordered device pairs a token's frames cross under `p` (the dataflow above)."""
+    out: set[tuple[int, int]] = set()
+    views = layer_views(p)
+    for l, v in enumerate(views):
+        up = source if l == 0 else views[l - 1].ffn
+        out.update((up, j) for j in (*v.heads, v.proj))
+        out.update((j, v.proj) for j in v.heads)
+        out.add((v.proj, v.ffn))
+    if views:
+        out.add((views[-1].ffn, source))
+    return {(a, b) for a, b in out if a != b}
+
+
+def migration_cost(snap: Snapshot, moves: Sequence[tuple[Block, int, int]], saved_per_token: float = 0.0,
+                   token_s: float = math.inf) -> float:
+    """What applying `moves` costs the tokens, by the snapshot's mechanism (the epoch
+    objective's migration term, and resource_aware's move rule).
+
+    stop_and_copy: generation waits for the whole transfer (`migration_delay`).
+    pre_copy: the expected stall (the last delta of `precopy.RULE.small_rows` positions per
+    moved head over its link, its request and answer, and the routing round from the
+    source) plus the interference with inference: each link that carries both the stages
+    and a token's frames (under the placement in force) delays one token by its whole
+    transfer (a link is FIFO), and the tokens produced while the stages cross still run on
+    the placement in force: the switch waits for the first token boundary after them, so
+    max(1, transfer / token_s) tokens forgo `saved_per_token` (what a token saves after
+    the switch; 0 when not known)."""
+    if snap.migration != "pre_copy" or not moves:
+        return migration_delay(snap, moves)
+    from .precopy import RULE  # the stage rule the controller executes
+
+    s = snap.spec
+    delta: dict[tuple[int, int], float] = {}
+    for b, a, c in moves:
+        rows = RULE.small_rows * cost.cache_bytes_per_token(s) if b.kind == "head" else 0
+        delta[(a, c)] = delta.get((a, c), 0.0) + rows + cost.FRAME_OVERHEAD
+    src = snap.source
+    lat = snap.latency
+    route = 2 * max(float(lat[src, j]) for j in range(snap.n_devices))
+    stall = max(xfer_time(nbytes, snap.rate[a, c], lat[a, c], snap.burst[a, c]) + lat[src, a] + lat[c, src]
+                for (a, c), nbytes in delta.items()) + route
+    crossed = inference_links(snap.current, snap.source) if snap.current is not None else set()
+    per_link = {(a, c) for _, a, c in moves}
+    interference = sum(migration_delay(snap, [m for m in moves if (m[1], m[2]) == link])
+                       for link in per_link if link in crossed)
+    transfer = migration_delay(snap, moves)
+    if not saved_per_token > 0:  # nothing to forgo (0, negative, or unknown)
+        lag = 0.0
+    elif not (math.isfinite(saved_per_token) and math.isfinite(token_s)):
+        lag = transfer  # the placement in force cannot serve (a dead link): tokens wait for the copy
+    else:
+        lag = max(1.0, transfer / token_s) * saved_per_token
+    return stall + interference + lag
+
+
 def epoch_objective(snap: Snapshot, p: Placement, model: LatencyModel | None = None) -> float:
-    """interval x per-token latency (at the interval's mean length) + migration delay."""
+    """interval x per-token latency (at the interval's mean length) + migration cost."""
     model = model or LatencyModel(snap)
-    mig = migration_delay(snap, snap.current.moves(p)) if snap.current is not None else 0.0
-    return snap.interval * model.token_time(p, snap.n_mid) + mig
+    t = model.token_time(p, snap.n_mid)
+    if snap.current is None:
+        return snap.interval * t
+    moves = snap.current.moves(p)
+    if snap.migration == "pre_copy" and moves:
+        t0 = model.token_time(snap.current, snap.n_mid)
+        mig = migration_cost(snap, moves, t0 - t, t0)
+    else:
+        mig = migration_delay(snap, moves)
+    return snap.interval * t + mig

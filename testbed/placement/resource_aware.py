@@ -20,8 +20,8 @@ Our reading of the open points (what the paper leaves open):
   its dataflow neighbours already placed (current positions when re-planning);
 - "the inference delay it saves" is the block's own delay, compute + transfer time (the
   time terms of its score), at its device versus the best-scoring one, over the coming
-  interval; the migration delay is `problem.migration_delay` (weights + cache over the
-  link). (The critical path of the whole token is what `resource_aware_ls` optimises.)
+  interval; the migration delay is `problem.migration_cost`: weights + cache over the
+  link with stop-and-copy, the expected stall, interference and lag of pre-copy. (The critical path of the whole token is what `resource_aware_ls` optimises.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from ..model import cost
-from .problem import Infeasible, LatencyModel, Placement, Snapshot, migration_delay
+from .problem import Infeasible, LatencyModel, Placement, Snapshot, migration_cost, migration_delay
 
 
 class _Layout:
@@ -115,6 +115,11 @@ def plan(snap: Snapshot) -> Placement:
     order = np.argsort(-demand, kind="stable")
 
     current = snap.current.assign if snap.current is not None else None
+    # pre-copy's cost counts the tokens that run on the placement in force meanwhile
+    token_s = model.token_time(snap.current, snap.n_mid) if snap.current is not None and \
+        snap.migration == "pre_copy" else math.inf
+    chosen: list = []  # pre-copy: the moves taken so far (they cross and switch together)
+    chosen_saved = 0.0  # what they save per token once switched
     if current is not None:
         # a block on a device that is gone or may no longer host blocks has no position
         for i, j in enumerate(current):
@@ -148,8 +153,19 @@ def plan(snap: Snapshot) -> Placement:
             # interval pays for moving it
             delay = compute + comm
             saved = snap.interval * (delay[c] - delay[j])
-            if saved <= migration_delay(snap, [(s.blocks[i], c, j)]):
-                j = c
+            move = (s.blocks[i], c, j)
+            if snap.migration != "pre_copy":
+                if saved <= migration_delay(snap, [move]):
+                    j = c
+            else:  # what this move adds to the batch's cost (it delays every switch)
+                per_token = float(delay[c] - delay[j])
+                extra = migration_cost(snap, [*chosen, move], chosen_saved + per_token, token_s) - \
+                    migration_cost(snap, chosen, chosen_saved, token_s)
+                if saved <= extra:
+                    j = c
+                else:
+                    chosen.append(move)
+                    chosen_saved += per_token
         lay.pos[i] = j
         used[j] += mem[i]
         if is_head:

@@ -188,6 +188,20 @@ def windows(rows: Sequence[dict[str, Any]], cuts: Sequence[int]) -> list[dict[st
     return out
 
 
+def migration_detail(log: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per migration (a controller's record: its first token, the token it switched at),
+    what the tokens it touched (from its start to its switch) paid: `extra_latency_ms`, the
+    sum of their latency beyond the estimate of their placement (its stall and the
+    interference of its stages with inference)."""
+    out = []
+    for m in log:
+        touched = [r for r in rows if m["first_token"] <= int(r["token"]) <= m["switch_token"]
+                   and r["predicted_ms"] == r["predicted_ms"]]
+        extra = sum(float(r["latency_ms"]) - float(r["predicted_ms"]) for r in touched)
+        out.append({**m, "tokens_touched": len(touched), "extra_latency_ms": round(extra, 6)})
+    return out
+
+
 def summarize(rows: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     dec = decode_rows(rows)
     lat = [float(r["latency_ms"]) for r in dec]

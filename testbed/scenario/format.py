@@ -68,7 +68,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "network": ("default", "links"),
     "network.default": ("preset", *LINK_KEYS),
     "network.links[]": ("between", "preset", *LINK_KEYS),
-    "controller": ("algorithm", "interval_tokens", "telemetry", "window_tokens"),
+    "controller": ("algorithm", "interval_tokens", "telemetry", "window_tokens", "migration"),
     "emulation": ("time_scale",),
     "events[]": ("at_token", "at_s", "action"),
     "events[].set_link": ("between", *LINK_KEYS),
@@ -92,6 +92,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "network.links[].preset": tuple(presets.LINKS),
     "controller.algorithm": ALGORITHM_NAMES,
     "controller.telemetry": ("measured", "oracle"),
+    "controller.migration": ("stop_and_copy", "pre_copy"),
     "events[].action": tuple(ACTIONS),
 }
 ACTION_REQUIRED: dict[str, tuple[str, ...]] = {

@@ -138,14 +138,20 @@ class ControllerSpec:
     # the planner sees each device's mean compute and least free memory over this many
     # tokens (testbed/placement/window.py); 1: the latest observation
     window_tokens: int = 1
+    # how a block moves: stop_and_copy (generation waits for weights and cache) or pre_copy
+    # (they cross in stages while the source keeps serving; testbed/agents/precopy.py)
+    migration: str = "stop_and_copy"
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "algorithm": self.algorithm,
             "interval_tokens": self.interval_tokens,
             "telemetry": self.telemetry,
             "window_tokens": self.window_tokens,
         }
+        if self.migration != "stop_and_copy":  # absent: stop_and_copy, as in every run before the key
+            out["migration"] = self.migration
+        return out
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,8 @@ def read_controller(r: FormatReader, value: object) -> ControllerSpec:
                            CHOICES["controller.telemetry"], "telemetry"),
         window_tokens=r.int_(c.get("window_tokens", d.window_tokens), "controller.window_tokens", ge=1,
                              le=MAX_INTERVAL),
+        migration=r.choice(c.get("migration", d.migration), "controller.migration",
+                           CHOICES["controller.migration"], "migration"),
     )
 
 

@@ -263,6 +263,32 @@ def roofline_sweep(runs: Runs) -> str:
     return "\n".join(out)
 
 
+def _migration(runs: Runs, paths: tuple[str, ...]) -> str:
+    from tools.bench import migration as bench
+
+    rows = [bench.run_one(p, m, runs.out / "migration") for p in paths for m in bench.MECHANISMS]
+    cmd = f"python -m tools.bench.migration --scenarios {','.join(paths)}"
+    return f"{_note(f'`{cmd}`, virtual clock, deterministic')}\n{bench.table(rows)}"
+
+
+def migration(runs: Runs) -> str:
+    """Pre-copy against stop-and-copy on bandwidth_drop and kv_growth."""
+    return _migration(runs, ("scenarios/bandwidth_drop.yaml", "scenarios/kv_growth.yaml"))
+
+
+def migration_smollm2(runs: Runs) -> str:
+    """Pre-copy against stop-and-copy on smollm2_bandwidth_drop (needs the weights)."""
+    if not _smollm2_available():
+        raise Missing("needs the SmolLM2 weights")
+    return _migration(runs, ("scenarios/smollm2_bandwidth_drop.yaml",))
+
+
+def _smollm2_available() -> bool:
+    from testbed.model import smollm2 as weights
+
+    return weights.available()
+
+
 @dataclass(frozen=True)
 class Section:
     file: str  # relative to the repository
@@ -281,6 +307,8 @@ SECTIONS: dict[str, Section] = {
     "edge_presets": Section("docs/devices.md", edge_presets),
     "roofline_sweep": Section("docs/devices.md", roofline_sweep),
     "kernel_burst": Section("docs/architecture.md", kernel_burst),
+    "migration": Section("docs/architecture.md", migration),
+    "migration_smollm2": Section("docs/architecture.md", migration_smollm2),
 }
 
 
