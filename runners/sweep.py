@@ -68,9 +68,11 @@ SCALE_LS_EVALS = 3000
 
 
 def _job(kind: str, devices: int, model: str, index: int, seed: int, tokens: int, interval: int,
-         algorithms: list[str], roofline: bool = False) -> list[dict[str, Any]]:
+         algorithms: list[str], roofline: bool = False, decision_cost: bool = False) -> list[dict[str, Any]]:
     """One instance, every algorithm (runs in a worker process); `roofline`: the devices
-    have a memory bandwidth too (the same instance otherwise)."""
+    have a memory bandwidth too (the same instance otherwise); `decision_cost`: a decision
+    stalls its token by its modelled cost (the paper's model, the default, leaves decisions
+    free: its latency is inference and migration)."""
     import torch  # noqa: F401  (imported by the registry anyway; keep threads low)
 
     torch.set_num_threads(1)
@@ -82,10 +84,11 @@ def _job(kind: str, devices: int, model: str, index: int, seed: int, tokens: int
         if name == "resource_aware_ls" and kind == "scale":
             alg.max_evals = SCALE_LS_EVALS
         t0 = time.perf_counter()
-        r = simulate(inst, alg, interval=interval)
+        r = simulate(inst, alg, interval=interval, decision_cost=decision_cost)
         rows.append({"experiment": kind, "mode": "analytic", "devices": devices, "instance": index,
                      "model": model, "bandwidth_class": inst.bandwidth_class, "prompt": inst.prompt,
                      "interval": interval, "seed": seed, **({"compute_model": "roofline"} if roofline else {}),
+                     **({"decision_cost": "modelled"} if decision_cost else {}),
                      **r.row(), "wall_s": time.perf_counter() - t0})
     return rows
 
@@ -182,7 +185,7 @@ def optimality(args: argparse.Namespace, ex: Executor,
     algs = args.algorithms.split(",") if args.algorithms else OPT_ALGS
     if "optimal" not in algs:
         algs = ["optimal", *algs]
-    jobs = [("optimality", d, OPT_MODELS[i % len(OPT_MODELS)], i, args.seed, args.tokens or 16, 1, algs, args.roofline)
+    jobs = [("optimality", d, OPT_MODELS[i % len(OPT_MODELS)], i, args.seed, args.tokens or 16, 1, algs, args.roofline, args.decision_cost)
             for d in (3, 4, 5) for i in range(args.instances or 50)]
     rows = run_jobs(jobs, ex, console, "optimality")
     add_ratios(rows)
@@ -191,7 +194,7 @@ def optimality(args: argparse.Namespace, ex: Executor,
 
 def scale(args: argparse.Namespace, ex: Executor, console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     algs = args.algorithms.split(",") if args.algorithms else SCALE_ALGS
-    jobs = [("scale", d, m, i, args.seed, args.tokens or 1000, 4, algs, args.roofline)
+    jobs = [("scale", d, m, i, args.seed, args.tokens or 1000, 4, algs, args.roofline, args.decision_cost)
             for d, m in SCALE_CASES for i in range(args.instances or 3)]
     rows = run_jobs(jobs, ex, console, "scale")
     return rows, scale_table(rows)
@@ -223,12 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--roofline", action="store_true",
                     help="devices also have a memory bandwidth (a job takes max(FLOPs / rate, bytes / bandwidth); "
                          "docs/devices.md); not with `paper`, whose experiments keep the FLOP model")
+    ap.add_argument("--decision-cost", action="store_true",
+                    help="a decision stalls its token by its modelled cost on the controller's device, as in the "
+                         "emulator (default: free, the paper's model; measured decision times go to timing.csv)")
     args = ap.parse_args(argv)
     if args.experiment not in PAPER_SWEEPS:
         return grid_main(args_in)
     if args.roofline and args.experiment == "paper":
         print("error: --roofline: the paper's experiments keep the FLOP model; run optimality or scale with it",
               file=sys.stderr)
+        return 2
+    if args.decision_cost and args.experiment == "paper":
+        print("error: --decision-cost: the paper's experiments keep the paper's model (decisions free); "
+              "run optimality or scale with it", file=sys.stderr)
         return 2
     if args.quick:
         args.instances = args.instances or 4

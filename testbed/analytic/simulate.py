@@ -178,12 +178,14 @@ def snapshot_at(inst: Instance, t: int, seq_len: int, interval: int, current: Pl
     return Snapshot.build(inst.spec, devices, (inst.rate, inst.latency), inst.source, seq_len, interval, current)
 
 
-def simulate(inst: Instance, algorithm: Any, interval: int = 1) -> RunResult:
+def simulate(inst: Instance, algorithm: Any, interval: int = 1, decision_cost: bool = True) -> RunResult:
     """Generate `inst.tokens` tokens with `algorithm` in analytic mode, under the
     controller's policy (`placement.policy`): the first placement before the prefill, then
     decisions on its schedule and out-of-memory emergencies. Generated token t is the
     controller's token k = t + 1 (token 0 is the prefill, not simulated: the prompt's
-    caches are there when token 1 starts)."""
+    caches are there when token 1 starts). `decision_cost`: a decision stalls its token by
+    its modelled cost, as in the emulator; off, decisions are free (the paper's model, whose
+    latency is inference and migration only)."""
     res = RunResult(algorithm.name)
     policy = Policy(algorithm, interval, inst.prompt)
     spec = inst.spec
@@ -213,7 +215,8 @@ def simulate(inst: Instance, algorithm: Any, interval: int = 1) -> RunResult:
                     reason = policy.emergency("oom", k, oom)
             if reason is not None:
                 d = _decide(policy, res, snap, reason)
-                charge.add(policy.cost_s(d))  # the decision's modelled cost, as the controller waits it out
+                if decision_cost:  # the decision's modelled cost, as the controller waits it out
+                    charge.add(policy.cost_s(d))
                 if d.moves:
                     charge.add(d.migration_delay(world), len(d.moves),
                                sum(cost.block_bytes(spec, b, n) for b, _, _ in d.moves))

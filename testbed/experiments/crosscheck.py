@@ -40,14 +40,17 @@ def compare(inst: Instance, algorithm: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         o = experiment.run(prep, algorithm, Path(tmp) / "run", clock="virtual")
         with open(o.run_dir / "tokens.csv", newline="") as f:
-            emu = [float(r["latency_ms"]) for r in csv.DictReader(f) if r["phase"] == "decode"]
+            decode = [r for r in csv.DictReader(f) if r["phase"] == "decode"]
+    emu = [float(r["latency_ms"]) for r in decode]
+    inference = [float(r["latency_ms"]) - float(r["stall_ms"]) for r in decode]  # without decisions and moves
     a = ana.latency_ms[: len(emu)]
     rel = [abs(x - y) / y for x, y in zip(a, emu, strict=False)]
     return {"instance": inst.ident, "model": inst.spec.name, "devices": inst.n_devices, "algorithm": algorithm,
             "tokens": len(emu), "interval": INTERVAL, "load_max": float(inst.load.max()),
             "analytic_ms": float(np.mean(a)) if a else math.nan, "emulated_ms": float(np.mean(emu)) if emu else math.nan,
-            # how much the load moves a token's latency: a check that it is applied at all
-            "emulated_spread": max(emu) / min(emu) if emu else math.nan,
+            # how much the load moves a token's inference (its stall, decisions and moves, left
+            # out): a check that the load is applied at all
+            "emulated_spread": max(inference) / min(inference) if inference else math.nan,
             "max_rel_diff": max(rel) if rel else math.nan, "per_token_rel_diff": rel,
             "analytic_status": ana.status, "emulated_status": o.status,
             "migrations": (ana.migrations, o.summary.get("migrations", 0)),
