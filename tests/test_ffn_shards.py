@@ -1,0 +1,136 @@
+"""FFN shards (`model.ffn_shards`): the blocks `ffn.L.S` are slices of the layer's FFN, any
+placement of any mix of blocks decodes the reference's tokens (logits within 1e-4), with
+migrations too, on every random preset up to gpt2-small and on SmolLM2's real weights; a
+shard count that does not divide d_ff is one clear error."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from testbed.experiments import run as experiment
+from testbed.model import cost
+from testbed.model.blocks import FfnBlock, RandomWeights, Reference, random_prompt, sum_partials
+from testbed.model.spec import Block, from_name
+from testbed.scenario import ScenarioError, parse
+
+from .conftest import fresh_dir, make_scenario, scenario_dict
+from .test_distributed import check_correct
+from .test_smollm2_partitioned import check_partitioned_run, needs_model, scripted_plans
+
+_PREPARED: dict[tuple, experiment.Prepared] = {}
+
+
+def prepared(preset: str, shards: int, n_devices: int, new_tokens: int, prompt: int) -> experiment.Prepared:
+    key = (preset, shards, n_devices, new_tokens, prompt)
+    if key not in _PREPARED:
+        scen = make_scenario(preset=preset, n_devices=n_devices, new_tokens=new_tokens, prompt=prompt,
+                             memory_mib=4096, ffn_shards=shards)
+        _PREPARED[key] = experiment.prepare(scen)
+    return _PREPARED[key]
+
+
+# ---------------------------------------------------------------------------- the blocks
+
+
+@pytest.mark.parametrize(("preset", "shards"), [("gpt-tiny", 4), ("gpt-mini", 8), ("smollm2-135m", 3)])
+def test_shards_are_slices_whose_partials_sum_to_the_ffn(preset: str, shards: int) -> None:
+    s = replace(from_name(preset), weights="random")
+    sh = replace(s, ffn_shards=shards)
+    whole, parts = RandomWeights(s, 3), RandomWeights(sh, 3)
+    x = torch.randn(5, s.d_model, generator=torch.Generator().manual_seed(1))
+    ffn = FfnBlock(s, whole.block("ffn.1"))
+    blocks = [FfnBlock(sh, parts.block(f"ffn.1.{k}")) for k in range(shards)]
+    y = x + sum_partials([b.partial(x) for b in blocks])
+    assert torch.allclose(y, ffn.forward(x), atol=1e-5)
+    # the down bias is on shard 0 only (GELU models): held twice, it would be added twice
+    assert ["b2" in b.w for b in blocks] == ([s.mlp != "swiglu"] + [False] * (shards - 1))
+    # each shard holds what the cost model says, exactly
+    for k, b in enumerate(blocks):
+        assert sum(t.nbytes for t in b.w.values()) == cost.weight_bytes(sh, Block.parse(f"ffn.1.{k}"))
+    assert cost.ffn_layer_weight_bytes(sh) == sum(t.nbytes for b in blocks for t in b.w.values())
+    assert cost.decode_flops(sh, "ffn", 1) * shards == cost.decode_flops(s, "ffn", 1)
+
+
+def test_a_sharded_reference_is_the_unsharded_model() -> None:
+    s = from_name("gpt-mini")
+    prompt = random_prompt(s, 0, 6)
+    ids, logits = Reference(RandomWeights(s, 0)).generate(prompt, 6)
+    ids4, logits4 = Reference(RandomWeights(replace(s, ffn_shards=4), 0)).generate(prompt, 6)
+    assert ids == ids4 and (logits - logits4).abs().max() <= 1e-4
+
+
+def test_block_layout_with_shards() -> None:
+    s = replace(from_name("gpt-tiny"), ffn_shards=4)
+    names = [b.name for b in s.blocks]
+    assert names[:9] == ["head.0.0", "head.0.1", "head.0.2", "head.0.3", "proj.0",
+                         "ffn.0.0", "ffn.0.1", "ffn.0.2", "ffn.0.3"]
+    assert len(names) == s.layers * s.per_layer and [names[i] for i in s.shard_range(1)] == [
+        f"ffn.1.{k}" for k in range(4)]
+    assert s.position("ffn", 1, 2) == names.index("ffn.1.2")
+    assert Block.parse("ffn.1.2") == Block("ffn", 1, 2) and str(Block.parse("ffn.1.2")) == "ffn.1.2"
+    assert [b.name for b in from_name("gpt-tiny").blocks][4:6] == ["proj.0", "ffn.0"]  # N = 1 unchanged
+
+
+@pytest.mark.parametrize("shards", [3, 0, 5000])
+def test_a_shard_count_that_does_not_divide_d_ff_is_one_clear_error(shards: int) -> None:
+    with pytest.raises(ScenarioError) as info:
+        parse(scenario_dict(ffn_shards=shards), "s.yaml")  # gpt-tiny: d_ff 256
+    msg = str(info.value)
+    assert "\n" not in msg and "model.ffn_shards" in msg and "s.yaml" in msg, msg
+
+
+# ---------------------------------------------------------------------------- any placement
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_placements_with_shards_gpt_tiny(data: st.DataObject, tmp_path: Path) -> None:
+    shards = data.draw(st.sampled_from([2, 4, 8]), label="shards")
+    n_dev = data.draw(st.integers(2, 4), label="devices")
+    prep = prepared("gpt-tiny", shards, n_dev, new_tokens=4, prompt=data.draw(st.sampled_from([1, 4])))
+    assign = data.draw(st.lists(st.integers(0, n_dev - 1), min_size=len(prep.model.blocks),
+                                max_size=len(prep.model.blocks)), label="placement")
+    check_correct(prep, assign, fresh_dir(tmp_path))
+
+
+@pytest.mark.parametrize(("preset", "shards"), [("gpt-mini", 4), ("paper-small", 8), ("paper-medium", 2)])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_placements_with_shards_other_presets(preset: str, shards: int, data: st.DataObject,
+                                                    tmp_path: Path) -> None:
+    prep = prepared(preset, shards, 3, new_tokens=3, prompt=4)
+    assign = data.draw(st.lists(st.integers(0, 2), min_size=len(prep.model.blocks),
+                                max_size=len(prep.model.blocks)), label="placement")
+    check_correct(prep, assign, fresh_dir(tmp_path))
+
+
+def test_random_placement_with_shards_gpt2_small(tmp_path: Path) -> None:
+    prep = prepared("gpt2-small", 4, 4, new_tokens=3, prompt=4)
+    rng = random.Random(7)
+    check_correct(prep, [rng.randrange(4) for _ in prep.model.blocks], tmp_path)
+
+
+def test_shards_migrate_with_the_reference_tokens(tmp_path: Path) -> None:
+    scen = make_scenario(preset="gpt-mini", n_devices=4, new_tokens=8, prompt=4, memory_mib=4096,
+                         ffn_shards=4, interval=2)
+    prep = experiment.prepare(scen)
+    plans = scripted_plans(prep.model, 4, epochs=3, seed=2, moves=12)
+    summary = check_partitioned_run(prep, plans, tmp_path / "run")
+    assert summary["migrations"] > 0
+
+
+@needs_model
+def test_smollm2_with_shards_and_migrations_equals_reference(tmp_path: Path) -> None:
+    d = scenario_dict(preset="smollm2-135m", n_devices=4, new_tokens=5, prompt=4, memory_mib=1024,
+                      interval=2, ffn_shards=4)
+    prep = experiment.prepare(parse(d, "<test>"))
+    assert prep.model.weights == "smollm2" and prep.model.ffn_shards == 4
+    plans = scripted_plans(prep.model, 4, epochs=3, seed=4, moves=20)
+    check_partitioned_run(prep, plans, tmp_path / "run")
