@@ -438,6 +438,9 @@ class Optimal:
 
     def place(self, snap: Snapshot) -> Placement:
         L, V = snap.spec.layers, snap.n_devices
+        if snap.spec.sharded:
+            raise TooLarge(f"optimal: the exact solver does not take ffn shards (model.ffn_shards = "
+                           f"{snap.spec.ffn_shards}); use 1, or another algorithm")
         if L * V * V > self.max_size or L > self.max_layers:
             raise TooLarge(f"optimal: {L} layers x {V} devices is too large: the limit is layers x "
                            f"devices^2 <= {self.max_size} (here {L * V * V}) and layers <= {self.max_layers}")
