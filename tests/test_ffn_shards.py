@@ -28,6 +28,7 @@ from testbed.placement.problem import (
     violations,
 )
 from testbed.placement.registry import get_algorithm
+from testbed.placement.tensor_parallel import tensor_parallel
 from testbed.scenario import ScenarioError, parse
 
 from .conftest import Fixed, fresh_dir, make_scenario, scenario_dict
@@ -209,3 +210,18 @@ def test_shards_spread_the_ffn_where_layers_cannot() -> None:
     t_shards = estimate_token_latency(snap, get_algorithm("resource_aware_ls").place(snap))
     # measured: 3.53 ms against 5.80 ms for layer_dp and for heads alone (their best plan is whole layers)
     assert t_shards < 0.65 * t_layers and t_shards < 0.85 * t_heads, (t_shards, t_heads, t_layers)
+
+
+def test_tensor_parallel_start_spreads_each_layer_from_a_hub() -> None:
+    """The search's tensor-parallel start (placement/tensor_parallel.py): proj and shard 0
+    together, the shards of a layer over several devices, memory respected, and an estimate
+    below the layer pipeline's on equal slow devices with fast links."""
+    spec = replace(from_name("gpt-mini"), d_ff=8 * 256, ffn_shards=8)
+    snap = _snapshot(spec, 6, (2, 2, 2, 2, 2, 2))
+    p = tensor_parallel(snap)
+    assert p is not None and violations(snap, p) == []
+    for l in range(spec.layers):
+        assert p.assign[spec.position("ffn", l)] == p.assign[spec.position("proj", l)]
+        assert len({p.assign[i] for i in spec.shard_range(l)}) >= 2
+    whole = snap.with_(spec=replace(spec, ffn_shards=1))
+    assert estimate_token_latency(snap, p) < estimate_token_latency(whole, get_algorithm("layer_dp").place(whole))

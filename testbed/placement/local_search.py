@@ -35,6 +35,7 @@ from .problem import (
     xfer_time,
 )
 from .resource_aware import plan
+from .tensor_parallel import tensor_parallel
 
 EPS = 1e-12
 # candidate steps priced per decision, over all starts (see ResourceAwareLS): a count, not a
@@ -252,6 +253,8 @@ class ResourceAwareLS:
         fast = sorted((j for j, d in enumerate(snap.devices) if d.usable and d.capacity >= need),
                       key=lambda j: (-snap.devices[j].flops, j))
         out += [Placement(snap.spec, (j,) * len(snap.spec.blocks)) for j in fast[: self.CONSOLIDATE]]
+        if snap.spec.sharded and (tp := tensor_parallel(snap)) is not None:
+            out.append(tp)  # fine-grained plans single moves from a pipeline do not reach
         return out
 
     def place(self, snap: Snapshot) -> Placement:
