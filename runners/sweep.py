@@ -293,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.algorithms:
         from testbed.placement import ALGORITHM_NAMES
 
-        bad = [a for a in args.algorithms.split(",") if a not in ALGORITHM_NAMES]
+        def known(a: str) -> bool:  # a built-in, or `ALG+ffnN` (ALG with the FFN in N shards)
+            base, sep, n = a.partition("+ffn")
+            return base in ALGORITHM_NAMES and (not sep or (n.isdigit() and int(n) > 0))
+
+        bad = [a for a in args.algorithms.split(",") if not known(a)]
         if bad:
             print(f"error: --algorithm: unknown {', '.join(bad)} (known: {', '.join(ALGORITHM_NAMES)})", file=sys.stderr)
             return 2
