@@ -5,6 +5,7 @@ shard count that does not divide d_ff is one clear error."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -19,9 +20,9 @@ from testbed.model import cost
 from testbed.model.blocks import FfnBlock, RandomWeights, Reference, random_prompt, sum_partials
 from testbed.model.spec import Block, ModelSpec, from_name
 from testbed.placement import ALGORITHM_NAMES
-from testbed.placement.optimal import TooLarge
 from testbed.placement.problem import (
     DeviceState,
+    Placement,
     Snapshot,
     estimate_token_latency,
     link_matrices,
@@ -33,6 +34,7 @@ from testbed.scenario import ScenarioError, parse
 
 from .conftest import Fixed, fresh_dir, make_scenario, scenario_dict
 from .test_distributed import _fidelity, check_correct
+from .test_optimal import check_against_exhaustive, instances
 from .test_smollm2_partitioned import check_partitioned_run, needs_model, scripted_plans
 
 _PREPARED: dict[tuple, experiment.Prepared] = {}
@@ -193,9 +195,20 @@ def test_every_algorithm_places_shards(alg: str, tmp_path: Path) -> None:
     check_correct(prep, list(get_algorithm(alg).place(four).assign), fresh_dir(tmp_path))
 
 
-def test_the_exact_solver_refuses_shards_in_one_line() -> None:
-    with pytest.raises(TooLarge, match=r"^optimal: the exact solver does not take ffn shards"):
-        get_algorithm("optimal").place(_snapshot(replace(from_name("gpt-tiny"), ffn_shards=2), 2))
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_optimal_counts_shards_and_equals_exhaustive(data: st.DataObject) -> None:
+    """The exact solver with shard counts per device: the minimum of the epoch objective over
+    every explicit assignment (tests/test_optimal.py's exhaustive check), migrations too."""
+    snap = data.draw(instances(devices=(2, 3), layers=(1, 1), groups=(1, 2), enum_limit=None))
+    shards = data.draw(st.sampled_from([2, 3]))
+    spec = replace(snap.spec, ffn_shards=shards, d_ff=shards * 16)
+    if len(spec.blocks) * math.log(snap.n_devices) > math.log(6561):
+        spec = replace(spec, heads=spec.heads // spec.kv_heads, kv_heads=1, d_model=spec.d_model // spec.kv_heads)
+    cur = snap.current
+    if cur is not None:
+        cur = Placement(spec, tuple(data.draw(st.integers(0, snap.n_devices - 1)) for _ in spec.blocks))
+    check_against_exhaustive(snap.with_(spec=spec, current=cur), record=False)
 
 
 def test_shards_spread_the_ffn_where_layers_cannot() -> None:
