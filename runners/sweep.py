@@ -251,7 +251,8 @@ def ffn(args: argparse.Namespace, ex: Executor, console: Console, out: Path, rev
     map_note = (f"{FFN_MAP_DEVICES} devices of the paper's tiers, every link at one latency, bandwidths drawn from one "
                 f"class; {map_instances} instances per cell, {map_tokens} tokens, re-planning every 4 tokens. "
                 "Columns: mean speed-up over layer_dp on the same instances.")
-    (out / "README.md").write_text(ffn_report.readme(table, mtable, argv, scale_note, map_note, revision))
+    (out / "README.md").write_text(ffn_report.readme(table, mtable, argv, scale_note, map_note, revision, rows,
+                                                     ffn_report.why_text()))
 
 
 PAPER_SWEEPS = ("optimality", "scale", "paper", "ffn")

@@ -76,8 +76,24 @@ def _f(v: float, nd: int = 2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
+def by_class(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (devices, model, bandwidth class): instances, and the mean speed-up over layer_dp
+    (same instance) of heads alone and of heads + shards, with their migration stalls."""
+    out = []
+    for d, m, bw in sorted({(r["devices"], r["model"], r["bandwidth_class"]) for r in rows}):
+        rs = [r for r in rows if (r["devices"], r["model"], r["bandwidth_class"]) == (d, m, bw)]
+        base = {r["instance"]: r["latency_mean_ms"] for r in rs if r["algorithm"] == "layer_dp" and r["status"] == "completed"}
+        row: dict[str, Any] = {"devices": d, "model": m, "bandwidth_class": bw, "instances": len(base)}
+        for alg in (HEADS, SHARDS):
+            done = [r for r in rs if r["algorithm"] == alg and r["status"] == "completed" and r["instance"] in base]
+            row[alg] = float(np.mean([base[r["instance"]] / r["latency_mean_ms"] for r in done])) if done else math.nan
+            row[f"{alg}_stall_ms"] = float(np.mean([r["stall_ms"] for r in done])) if done else math.nan
+        out.append(row)
+    return out
+
+
 def readme(scale: list[dict[str, Any]], table: list[dict[str, Any]], command: str, scale_note: str,
-           map_note: str, revision: str) -> str:
+           map_note: str, revision: str, rows: list[dict[str, Any]] | None = None, why: str = "") -> str:
     """The README: the scale table, the verdict at 48 and 25 devices, the map and where each
     approach wins."""
     lines = ["# FFN shards: where fine-grained partitioning beats layers", "",
@@ -106,6 +122,15 @@ def readme(scale: list[dict[str, Any]], table: list[dict[str, Any]], command: st
             lines.append(f"- {model} on {devices} devices: heads + FFN shards {_f(s['speedup_vs_layer_dp'])}x "
                          f"layer_dp (oom {s['oom']}), heads alone {_f(h['speedup_vs_layer_dp']) if h else 'n/a'}x: "
                          f"2x target **{'met' if met else 'not met'}**.")
+    if rows:
+        lines += ["", "By bandwidth class (mean over the instances of that class; stall = migration time per run):", "",
+                  "| devices | model | links | instances | heads (x) | heads + shards (x) | stall ms, heads | stall ms, heads + shards |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|"]
+        for r in by_class(rows):
+            lines.append(f"| {r['devices']} | {r['model']} | {r['bandwidth_class']} | {r['instances']} | {_f(r[HEADS])} | "
+                         f"{_f(r[SHARDS])} | {_f(r[f'{HEADS}_stall_ms'], 0)} | {_f(r[f'{SHARDS}_stall_ms'], 0)} |")
+    if why:
+        lines += ["", why]
     lines += ["", "## The speed-up map", "", map_note, "",
               "| model | links | latency ms | instances | layer_dp ms | heads (x) | heads + shards (x) | "
               "tensor-parallel (x) | winner |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -124,7 +149,31 @@ def readme(scale: list[dict[str, Any]], table: list[dict[str, Any]], command: st
                 continue
             above = [lat for lat, v in pts if v >= 2.0]
             wins = [lat for lat, v in pts if v > 1.0 + 1e-9]
-            lines.append(f"- {model}, {bw} links: heads + shards beat layer_dp at latencies "
-                         f"{', '.join(f'{x:g}' for x in wins) or 'none'} ms; 2x or more at "
-                         f"{', '.join(f'{x:g}' for x in above) or 'none'} ms.")
+            lines.append(f"- {model}, {bw} links: heads + shards faster than layer_dp at "
+                         f"{', '.join(f'{x:g}' for x in wins) + ' ms' if wins else 'no latency tested'}; 2x or more at "
+                         f"{', '.join(f'{x:g}' for x in above) + ' ms' if above else 'no latency tested'}.")
     return "\n".join(lines) + "\n"
+
+
+def why_text() -> str:
+    """What one hop costs against one layer's work, from the cost model and the sweep's
+    ranges (testbed/analytic/simulate.py): why splitting a layer pays on fast links only."""
+    from ..analytic.simulate import BANDWIDTH, COMPUTE_RANGE, LATENCY_RANGE
+    from ..model import cost
+    from ..model.spec import from_name
+
+    s = from_name("gpt-32x32")
+    frame = cost.hidden_bytes(s)
+    layer = s.groups * cost.decode_flops(s, "head", 64) + cost.decode_flops(s, "proj", 64) + cost.decode_flops(s, "ffn", 64)
+    mid = {k: (lo * hi) ** 0.5 / 8 for k, (lo, hi) in BANDWIDTH.items()}  # bytes/s, geometric middle
+    lat = sum(LATENCY_RANGE) / 2
+    hop = {k: frame / r + lat for k, r in mid.items()}
+    fast = layer / COMPUTE_RANGE[1]
+    return (f"Why: a gpt-32x32 layer is {layer / 1e6:.0f} MFLOP, {fast * 1e3:.1f} ms on the fastest device the "
+            f"instances draw ({COMPUTE_RANGE[1] / 1e9:.0f} GFLOP/s). Split over devices it crosses four hops per "
+            f"layer (x to the heads, their outputs to proj, y to the shards, their partial sums back), each a "
+            f"{frame / 1024:.0f} KiB frame: {hop['large'] * 1e3:.2f} ms on a large-class link and "
+            f"{hop['small'] * 1e3:.2f} ms on a small-class one (the classes' geometric middle rate, "
+            f"{lat * 1e3:.2f} ms mean latency). Four hops on small-class links: {4 * hop['small'] * 1e3:.2f} ms, "
+            f"{'more' if 4 * hop['small'] > fast else 'less'} than the whole layer on that device; on large-class "
+            f"links {4 * hop['large'] * 1e3:.2f} ms, most of it latency, which the map below varies.")
