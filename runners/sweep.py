@@ -218,13 +218,15 @@ FFN_MAP_ALGS = ["layer_dp", "resource_aware_ls", "resource_aware_ls+ffn16", "equ
 FFN_MAP_MODELS = ["gpt2-small", "gpt-32x32"]
 FFN_MAP_DEVICES = 25
 FFN_MAP_LATENCY_MS = [0.05, 0.2, 0.5, 1.0, 5.0]
+FFN_SCALE_RUNS = (3, 60)  # instances per case, tokens per run (the defaults)
+FFN_MAP_RUNS = (2, 12)  # instances per cell, tokens per run
 
 
 def ffn(args: argparse.Namespace, ex: Executor, console: Console, out: Path, revision: str) -> None:
     from testbed.experiments import ffn_report
 
-    instances, tokens = args.instances or 3, args.tokens or 60
-    map_instances, map_tokens = args.instances or 2, args.tokens or 12
+    instances, tokens = args.instances or FFN_SCALE_RUNS[0], args.tokens or FFN_SCALE_RUNS[1]
+    map_instances, map_tokens = args.instances or FFN_MAP_RUNS[0], args.tokens or FFN_MAP_RUNS[1]
     jobs: list[tuple] = [("scale", d, m, i, args.seed, tokens, 4, FFN_ALGS)
                          for d, m in FFN_SCALE_CASES for i in range(instances)]
     rows, timing = split_timing(run_jobs(jobs, ex, console, "ffn scale"))

@@ -238,3 +238,55 @@ def test_tensor_parallel_start_spreads_each_layer_from_a_hub() -> None:
         assert len({p.assign[i] for i in spec.shard_range(l)}) >= 2
     whole = snap.with_(spec=replace(spec, ffn_shards=1))
     assert estimate_token_latency(snap, p) < estimate_token_latency(whole, get_algorithm("layer_dp").place(whole))
+
+
+# ---------------------------------------------------------------------------- the committed sweep
+
+
+def test_the_committed_speedup_map_is_what_this_code_computes() -> None:
+    """results/paper/ffn/ (`python -m runners.sweep ffn`): the gpt2-small cells at 0.05 ms
+    are recomputed here (analytic mode is deterministic) and equal the committed rows, and
+    the summary and README are what the report code makes of the committed CSVs."""
+    import csv
+
+    from runners import sweep as cli
+    from testbed.experiments import ffn_report
+
+    out = Path(__file__).resolve().parents[1] / "results" / "paper" / "ffn"
+    committed = list(csv.DictReader(open(out / "map.csv")))
+    for bw in ("large", "small"):
+        want = [r for r in committed if (r["model"], r["bandwidth_class"], r["latency_ms"]) == ("gpt2-small", bw, "0.05")]
+        assert want
+        got = []
+        for i in sorted({int(r["instance"]) for r in want}):
+            got += cli._job("ffnmap", cli.FFN_MAP_DEVICES, "gpt2-small", i, 0, cli.FFN_MAP_RUNS[1], 4,
+                            cli.FFN_MAP_ALGS, False, 0.05, bw)
+        rows, _ = cli.split_timing(got)
+        rows.sort(key=lambda r: (r["instance"], r["algorithm"]))
+        want.sort(key=lambda r: (int(r["instance"]), r["algorithm"]))
+        for g, w in zip(rows, want, strict=True):
+            assert {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in g.items()} == w
+    summary = list(csv.DictReader(open(out / "map_summary.csv")))
+    typed = [{**r, "latency_ms": float(r["latency_ms"]), "instance": int(r["instance"]),
+              "latency_mean_ms": float(r["latency_mean_ms"]), "oom": int(r["oom"])} for r in committed]
+    again = ffn_report.map_table(typed)
+    assert [{k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in r.items()} for r in again] == summary
+
+
+def test_recovery_and_migration_with_shards(tmp_path: Path) -> None:
+    """device_failure.yaml with the FFN in 4 shards: the lost device's shards are re-placed,
+    the run recovers and decodes the reference's tokens; shards migrate like other blocks."""
+    import dataclasses
+
+    from testbed.scenario import load
+
+    from .conftest import read_csv
+
+    scen = load(Path(__file__).resolve().parents[1] / "scenarios" / "device_failure.yaml")
+    scen = dataclasses.replace(scen, model=dataclasses.replace(scen.model, ffn_shards=4))
+    o = experiment.run(experiment.prepare(scen), "resource_aware", tmp_path / "run", clock="virtual")
+    assert o.ok and o.summary["correctness"]["tokens_match"], o.status
+    events = read_csv(o.run_dir / "events.csv")
+    assert any(e["kind"] == "recovered" for e in events)
+    assert any(e["kind"] == "migration" and Block.parse(e["subject"]).kind == "ffn" and e["subject"].count(".") == 2
+               for e in events)
