@@ -11,7 +11,7 @@ leaves from there); the other shards are dealt one by one to the member where th
 finish first (its hops to and from the hub, plus its shards so far and this one at its
 FLOP/s), among those with room, and the heads either dealt likewise ("full": attention
 split too) or kept on the hub ("ffn": only the FFN split, two hops per layer instead of
-four). The candidate with the lowest per-token estimate
+four). A plan fills at most `HEADROOM` of each device's capacity. The candidate with the lowest per-token estimate
 (`LatencyModel`) is returned; None when none fits. Galaxy and TPI-LLM split attention and
 MLP this way; which S, k and variant win depends on compute against link latency, which
 the estimate weighs.
@@ -28,6 +28,9 @@ from .problem import LatencyModel, Placement, Snapshot, violations
 
 STAGES = (1, 2, 4)
 GROUP_SIZES = (2, 4, 8, 16)
+# the share of a device's capacity a plan fills: a hub packed to its limit is pushed over it by
+# the next rise of its co-tenants' load, and the forced re-plan then moves most of the model
+HEADROOM = 0.85
 
 
 def _groups(snap: Snapshot, model: LatencyModel, stages: int, k: int) -> list[list[int]] | None:
@@ -51,7 +54,7 @@ def _groups(snap: Snapshot, model: LatencyModel, stages: int, k: int) -> list[li
 def _plan(snap: Snapshot, model: LatencyModel, groups: list[list[int]], split_heads: bool) -> Placement | None:
     s = snap.spec
     need = {kind: cost.block_bytes(s, kind, snap.n_end) for kind in ("head", "proj", "ffn")}
-    free = {j: snap.devices[j].capacity for g in groups for j in g}
+    free = {j: HEADROOM * snap.devices[j].capacity for g in groups for j in g}
     unit = {"head": model.head_flops(snap.n_mid), "ffn": model.ffn_flops}
     assign: list[int] = []
 
