@@ -11,7 +11,9 @@ are kept; the same command resumes).
 The paper's sweeps (every algorithm on identical random instances): (the paper's claims): `optimality` (3, 4 and 5 devices; per-token latency of every
 algorithm divided by the exact optimum's), `scale` (25 and 48 devices, long generations:
 head-level algorithms against layer-based partitioning), `paper` (both, written to
-results/paper/ with tables and figures: the committed reference results). `--roofline`
+results/paper/ with tables and figures: the committed reference results), `ffn` (FFN
+shards: the scale cases and a speed-up map over link latency, bandwidth and model size,
+written to results/paper/ffn/). `--roofline`
 gives the devices a memory bandwidth too (optimality and scale only; docs/devices.md).
 Analytic mode (testbed/analytic/simulate.py): the shared estimator instead of emulated agents; every
 output says so. Instances and seeds are identical for every algorithm; jobs run in
@@ -56,6 +58,7 @@ from testbed.analytic.simulate import (
     scale_table,
     simulate,
     timing_table,
+    variant,
 )
 from testbed.placement.registry import get_algorithm
 
@@ -68,28 +71,37 @@ SCALE_LS_EVALS = 3000
 
 
 def _job(kind: str, devices: int, model: str, index: int, seed: int, tokens: int, interval: int,
-         algorithms: list[str], roofline: bool = False, decision_cost: bool = False) -> list[dict[str, Any]]:
+         algorithms: list[str], roofline: bool = False, latency_ms: float | None = None,
+         bandwidth_class: str | None = None, decision_cost: bool = False) -> list[dict[str, Any]]:
     """One instance, every algorithm (runs in a worker process); `roofline`: the devices
-    have a memory bandwidth too (the same instance otherwise); `decision_cost`: a decision
-    stalls its token by its modelled cost (the paper's model, the default, leaves decisions
-    free: its latency is inference and migration)."""
+    have a memory bandwidth too (the same instance otherwise); `latency_ms` and
+    `bandwidth_class` fix the links' latency and bandwidth class (the speed-up map);
+    `decision_cost`: a decision stalls its token by its modelled cost (the paper's model,
+    the default, leaves decisions free: its latency is inference and migration)."""
     import torch  # noqa: F401  (imported by the registry anyway; keep threads low)
 
     torch.set_num_threads(1)
     rng = np.random.default_rng([seed, devices, index, OPT_MODELS.index(model) if model in OPT_MODELS else 99])
-    inst = make_instance(model, devices, tokens, rng, ident=f"{kind}-{devices}-{index}", roofline=roofline)
+    fixed: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if latency_ms is not None:
+        fixed["latency"] = (latency_ms / 1e3, latency_ms / 1e3)
+        extra["latency_ms"] = latency_ms
+    inst = make_instance(model, devices, tokens, rng, ident=f"{kind}-{devices}-{index}", roofline=roofline,
+                         bandwidth_class=bandwidth_class, **fixed)
     rows = []
     for name in algorithms:
-        alg = get_algorithm(name)
-        if name == "resource_aware_ls" and kind == "scale":
+        run_inst, base = variant(inst, name)  # `ALG+ffnN`: the model's FFN in N shards
+        alg = get_algorithm(base)
+        if base == "resource_aware_ls" and kind in ("scale", "ffnmap"):
             alg.max_evals = SCALE_LS_EVALS
         t0 = time.perf_counter()
-        r = simulate(inst, alg, interval=interval, decision_cost=decision_cost)
+        r = simulate(run_inst, alg, interval=interval, decision_cost=decision_cost)
         rows.append({"experiment": kind, "mode": "analytic", "devices": devices, "instance": index,
                      "model": model, "bandwidth_class": inst.bandwidth_class, "prompt": inst.prompt,
                      "interval": interval, "seed": seed, **({"compute_model": "roofline"} if roofline else {}),
                      **({"decision_cost": "modelled"} if decision_cost else {}),
-                     **r.row(), "wall_s": time.perf_counter() - t0})
+                     **extra, **r.row(), "algorithm": name, "wall_s": time.perf_counter() - t0})
     return rows
 
 
@@ -185,7 +197,7 @@ def optimality(args: argparse.Namespace, ex: Executor,
     algs = args.algorithms.split(",") if args.algorithms else OPT_ALGS
     if "optimal" not in algs:
         algs = ["optimal", *algs]
-    jobs = [("optimality", d, OPT_MODELS[i % len(OPT_MODELS)], i, args.seed, args.tokens or 16, 1, algs, args.roofline, args.decision_cost)
+    jobs = [("optimality", d, OPT_MODELS[i % len(OPT_MODELS)], i, args.seed, args.tokens or 16, 1, algs, args.roofline, None, None, args.decision_cost)
             for d in (3, 4, 5) for i in range(args.instances or 50)]
     rows = run_jobs(jobs, ex, console, "optimality")
     add_ratios(rows)
@@ -194,13 +206,61 @@ def optimality(args: argparse.Namespace, ex: Executor,
 
 def scale(args: argparse.Namespace, ex: Executor, console: Console) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     algs = args.algorithms.split(",") if args.algorithms else SCALE_ALGS
-    jobs = [("scale", d, m, i, args.seed, args.tokens or 1000, 4, algs, args.roofline, args.decision_cost)
+    jobs = [("scale", d, m, i, args.seed, args.tokens or 1000, 4, algs, args.roofline, None, None, args.decision_cost)
             for d, m in SCALE_CASES for i in range(args.instances or 3)]
     rows = run_jobs(jobs, ex, console, "scale")
     return rows, scale_table(rows)
 
 
-PAPER_SWEEPS = ("optimality", "scale", "paper")
+# `ffn`: FFN shards against layers (results/paper/ffn/; testbed/experiments/ffn_report.py).
+# Sized for a shared 2-core host (a few minutes): at scale 3 instances of 60 tokens, in the
+# map 2 instances of 12 tokens per cell by default; --instances and --tokens set both larger.
+FFN_ALGS = ["layer_dp", "equal_split", "resource_aware_ls", "resource_aware_ls+ffn16", "equal_split+ffn16"]
+FFN_SCALE_CASES = [*SCALE_CASES, (25, "gpt-32x32")]
+FFN_MAP_ALGS = ["layer_dp", "resource_aware_ls", "resource_aware_ls+ffn16", "equal_split+ffn16"]
+FFN_MAP_MODELS = ["gpt2-small", "gpt-32x32"]
+FFN_MAP_DEVICES = 25
+FFN_MAP_LATENCY_MS = [0.05, 0.2, 0.5, 1.0, 5.0]
+FFN_SCALE_RUNS = (3, 60)  # instances per case, tokens per run (the defaults)
+FFN_MAP_RUNS = (2, 12)  # instances per cell, tokens per run
+
+
+def ffn(args: argparse.Namespace, ex: Executor, console: Console, out: Path, revision: str) -> None:
+    from testbed.experiments import ffn_report
+
+    instances, tokens = args.instances or FFN_SCALE_RUNS[0], args.tokens or FFN_SCALE_RUNS[1]
+    map_instances, map_tokens = args.instances or FFN_MAP_RUNS[0], args.tokens or FFN_MAP_RUNS[1]
+    jobs: list[tuple] = [("scale", d, m, i, args.seed, tokens, 4, FFN_ALGS)
+                         for d, m in FFN_SCALE_CASES for i in range(instances)]
+    rows, timing = split_timing(run_jobs(jobs, ex, console, "ffn scale"))
+    table = scale_table(rows)
+    write_csv(out / "scale.csv", rows)
+    write_csv(out / "scale_summary.csv", table)
+    print_table(console, "heads and FFN shards vs layers at scale (analytic mode)", table)
+    jobs = [("ffnmap", FFN_MAP_DEVICES, m, i, args.seed, map_tokens, 4, FFN_MAP_ALGS, False, lat, bw)
+            for m in FFN_MAP_MODELS for bw in ("large", "small") for lat in FFN_MAP_LATENCY_MS
+            for i in range(map_instances)]
+    mrows, mtiming = split_timing(run_jobs(jobs, ex, console, "ffn map"))
+    mrows.sort(key=lambda r: (r["model"], r["bandwidth_class"], r["latency_ms"], r["instance"], r["algorithm"]))
+    mtable = ffn_report.map_table(mrows)
+    write_csv(out / "map.csv", mrows)
+    write_csv(out / "map_summary.csv", mtable)
+    write_csv(out / "timing.csv", timing + mtiming)
+    ffn_report.fig_map(mtable, out / "fig_ffnmap.png")
+    argv = " ".join(["runners.sweep", "ffn", *(["--instances", str(args.instances)] if args.instances else []),
+                     *(["--tokens", str(args.tokens)] if args.tokens else [])])
+    scale_note = (f"{instances} instances per case ({', '.join(f'{m} on {d}' for d, m in FFN_SCALE_CASES)} devices), "
+                  f"{tokens} generated tokens per run, re-planning every 4 tokens; the paper's sweep uses "
+                  "3 instances and 1000 tokens (fewer here: the fine-grained search takes about a second per "
+                  "decision on 48 devices). Speed-up = layer_dp's mean latency over the algorithm's, same instance.")
+    map_note = (f"{FFN_MAP_DEVICES} devices of the paper's tiers, every link at one latency, bandwidths drawn from one "
+                f"class; {map_instances} instances per cell, {map_tokens} tokens, re-planning every 4 tokens. "
+                "Columns: mean speed-up over layer_dp on the same instances.")
+    (out / "README.md").write_text(ffn_report.readme(table, mtable, argv, scale_note, map_note, revision, rows,
+                                                     ffn_report.why_text()))
+
+
+PAPER_SWEEPS = ("optimality", "scale", "paper", "ffn")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if first is not None and first not in PAPER_SWEEPS and "-h" not in args_in and "--help" not in args_in:
         return grid_main(args_in)
     ap = argparse.ArgumentParser(prog="python -m runners.sweep", description=__doc__.split("\n")[0])
-    ap.add_argument("experiment", help="optimality, scale or paper; or an experiment file (EXPERIMENT.yaml, "
+    ap.add_argument("experiment", help="optimality, scale, paper or ffn; or an experiment file (EXPERIMENT.yaml, "
                     "docs/experiments.md; `python -m runners.sweep X.yaml --help` for its options)")
     ap.add_argument("--instances", type=int, help="instances per size (optimality: 50, scale: 3)")
     ap.add_argument("--tokens", type=int, help="tokens per run (optimality: 16, scale: 1000)")
@@ -246,12 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.algorithms:
         from testbed.placement import ALGORITHM_NAMES
 
-        bad = [a for a in args.algorithms.split(",") if a not in ALGORITHM_NAMES]
+        def known(a: str) -> bool:  # a built-in, or `ALG+ffnN` (ALG with the FFN in N shards)
+            base, sep, n = a.partition("+ffn")
+            return base in ALGORITHM_NAMES and (not sep or (n.isdigit() and int(n) > 0))
+
+        bad = [a for a in args.algorithms.split(",") if not known(a)]
         if bad:
             print(f"error: --algorithm: unknown {', '.join(bad)} (known: {', '.join(ALGORITHM_NAMES)})", file=sys.stderr)
             return 2
     console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=160)
     out = args.out or Path("results") / ("paper" if args.experiment == "paper" else
+                                         "paper/ffn" if args.experiment == "ffn" else
                                          "sweeps_roofline" if args.roofline else "sweeps")
     t0 = time.perf_counter()
     from testbed.experiments.run import git_revision
@@ -261,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     timing: list[dict[str, Any]] = []
     titles = {"optimality": "per-token latency / optimum's (analytic mode)",
               "scale": "head-level vs layer-based at scale (analytic mode)"}
+    if args.experiment == "ffn":
+        with pool(args.jobs, args.cluster) as ex:
+            ffn(args, ex, console, out, revision)
+        console.print(f"wrote {out} in {time.perf_counter() - t0:.0f} s", markup=False)
+        return 0
     try:
         with pool(args.jobs, args.cluster) as ex:  # one pool (or cluster) for every experiment
             for name, experiment in (("optimality", optimality), ("scale", scale)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ SCEN = load(ROOT / "scenarios" / "steady.yaml")
 B = P.Bounds.for_run(SCEN)
 S = SCEN.model
 SRC, PEER, ME = "gateway", "pi-a", "pi-b"
+# the same run with its FFN in 4 shards: the bounds that accept partial FFN sums (`f`)
+BS = replace(B, model=replace(S, ffn_shards=4))
 # examples per fuzz test: a few hundred keep CI fast; TESTBED_FUZZ_EXAMPLES=5000 searches longer
 EXAMPLES = int(os.environ.get("TESTBED_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -42,6 +45,7 @@ def _valid() -> dict[str, dict[str, Any]]:
         P.FFN_INPUT: {"t": P.FFN_INPUT, "seq": 4, "layer": 1, "pos": 16, "x": x},
         P.HEAD_OUTPUTS: {"t": P.HEAD_OUTPUTS, "seq": 4, "layer": 1, "pos": 16, "groups": [0, 2], "out": torch.zeros(3, 2 * q * d)},
         P.LAST_HIDDEN: {"t": P.LAST_HIDDEN, "seq": 4, "x": x},
+        P.FFN_PARTIAL: {"t": P.FFN_PARTIAL, "seq": 4, "layer": 1, "pos": 16, "shards": [1, 3], "x": x},
         P.LOGITS: {"t": P.LOGITS, "seq": 4, "logits": torch.zeros(S.vocab), "at": 1.5},
         P.LOAD: {"t": P.LOAD, "rid": 1, "blocks": ["head.0.0", "proj.3", "ffn.2"]},
         P.CANCEL: {"t": P.CANCEL, "rid": 1, "blocks": ["ffn.2"]},
@@ -71,6 +75,8 @@ def _accept(raw: dict[str, Any]) -> P.Message:
         return P.for_controller(raw, SRC, B)
     if t in P.TO_CONTROLLER:
         return P.for_controller(raw, raw["device"], B)
+    if t == P.FFN_PARTIAL:
+        return P.for_device(raw, PEER, ME, BS)
     if t in P.FROM_CONTROLLER:
         return P.for_device(raw, SRC, SRC if t == P.GEN else ME, B)
     return P.for_device(raw, PEER, SRC if t == P.LAST_HIDDEN else ME, B)
@@ -128,6 +134,27 @@ def test_a_record_sent_is_as_many_bytes_as_the_map_it_came_from(kind: str) -> No
 def test_hostile_messages_are_refused(raw: dict[str, Any], sender: str, me: str, why: str) -> None:
     with pytest.raises(P.ProtocolError, match=why):
         P.for_device(raw, sender, me, B)
+
+
+@pytest.mark.parametrize(("bounds", "shards", "why"), [
+    (B, [1], "shards"),  # an unsharded model has no partial sums
+    (BS, [0, 1], "shards"),  # shard 0's own sum never travels: it is summed where it is computed
+    (BS, [4], "shards"),  # no such shard
+    (BS, [1, 1], "shards"),  # one shard twice
+])
+def test_partial_ffn_sums_name_real_shards(bounds: P.Bounds, shards: list[int], why: str) -> None:
+    raw = {"t": P.FFN_PARTIAL, "seq": 1, "layer": 0, "pos": 0, "shards": shards, "x": torch.zeros(1, S.d_model)}
+    with pytest.raises(P.ProtocolError, match=why):
+        P.for_device(raw, PEER, ME, bounds)
+    assert isinstance(P.for_device({**raw, "shards": [2]}, PEER, ME, BS), P.FfnPartial)
+
+
+def test_block_names_follow_the_models_ffn_sharding() -> None:
+    load_ = {"t": P.LOAD, "rid": 1, "blocks": ["ffn.2.3"]}
+    assert P.for_device(load_, SRC, ME, BS).blocks == ("ffn.2.3",)  # type: ignore[attr-defined]
+    for raw, bounds in ((load_, B), ({**load_, "blocks": ["ffn.2"]}, BS), ({**load_, "blocks": ["ffn.2.4"]}, BS)):
+        with pytest.raises(P.ProtocolError, match="not a block"):
+            P.for_device(raw, SRC, ME, bounds)
 
 
 def test_an_answer_must_carry_what_its_request_needs() -> None:

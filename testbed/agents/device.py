@@ -9,6 +9,9 @@ Data path per token and layer (routing comes from the controller's `route` messa
 `x` -> the heads of the layer held here run as one job -> `h` to proj's device; proj's
 device waits for the residual and every group's output -> `y` to ffn's device -> `x` for
 the next layer to its head devices and proj device, or `z` back to the source.
+With ffn shards, `y` goes to every device holding a shard of the layer; each runs its
+shards as one job, and all but shard 0's device send the sum as `f` to shard 0's device,
+which adds the residual and every sum (`shards.ShardJoin`) and sends `x` or `z` on.
 Every data message carries `seq` (one attempt at one token); after an `abort` the agent
 drops anything at or below it, so a retried token never mixes with a stale attempt.
 
@@ -54,6 +57,7 @@ from ..model.blocks import (
     WeightSource,
     concat_heads,
     make_block,
+    sum_partials,
 )
 from ..model.spec import ModelSpec
 from ..scenario.records import DeviceSpec
@@ -62,6 +66,7 @@ from . import messages as P
 from .admission import Quota
 from .join import ProjectionJoin, ProjInputs
 from .routing import Routing
+from .shards import ShardJoin
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +111,7 @@ class DeviceAgent:
         self.routing = Routing(model, spec.name)
         self.floor = -1  # attempts <= floor are stale
         self.join = ProjectionJoin(model.groups, model.q_per_group * model.d_head, self.quota)
+        self.ffn_join = ShardJoin(model.ffn_shards, self.quota)  # sums of ffn shards (sharded models)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False  # after stop(): no new work (the run is over or interrupted)
         # on the source only: (sender, message, its emulated arrival or None)
@@ -312,7 +318,8 @@ class DeviceAgent:
                 targets = [(self.routing.proj(layer), P.HeadOutputs(seq, layer, pos, tuple(groups), out).wire())]
             elif kind == "p":
                 _, _, layer, pos = key
-                targets = [(self.routing.ffn(layer), P.FfnInput(seq, layer, pos, value).wire())]
+                msg = P.FfnInput(seq, layer, pos, value).wire()
+                targets = [(dst, msg) for dst in self.routing.ffn_targets(layer)]
             elif kind == "y":
                 _, _, layer, pos = key
                 if layer + 1 < self.model.layers:
@@ -556,6 +563,9 @@ class DeviceAgent:
     def _on_ffn_input(self, sender: str, m: P.FfnInput, at: float | None) -> None:
         if m.seq <= self.floor:
             return
+        if self.model.sharded:
+            self._on_ffn_shards_input(sender, m, at)
+            return
         if not self.routing.ffn_here(m.layer) or f"ffn.{m.layer}" not in self.blocks:
             raise P.ProtocolError(f"ffn.{m.layer} is not here")
         self._admit(sender)
@@ -576,11 +586,9 @@ class DeviceAgent:
 
         def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
             if kind == "proj":
-                return [(self.routing.ffn(layer), P.FfnInput(seq, layer, pos, y).wire())]
-            if layer + 1 < s.layers:
-                msg = P.LayerInput(seq, layer + 1, pos, y).wire()  # one map to every target: encoded once
-                return [(dst, msg) for dst in self.routing.layer_targets(layer + 1)]
-            return [(self.source, P.LastHidden(seq, y).wire())]
+                fmsg = P.FfnInput(seq, layer, pos, y).wire()
+                return [(dst, fmsg) for dst in self.routing.ffn_targets(layer)]
+            return self._layer_output(seq, layer, pos, y)
 
         early = (self._take_early(("y", seq, layer, pos), (block,), (x,)) if kind == "ffn" else
                  self._take_early(("p", seq, layer, pos), (block,), (x, *(outs[g] for g in range(s.groups))))
@@ -592,6 +600,66 @@ class DeviceAgent:
             return
         for dst, msg in outputs(y):
             self._forward(dst, msg, done)
+
+    def _layer_output(self, seq: int, layer: int, pos: int, y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
+        """Where a layer's output goes: the next layer's devices, or the source after the last."""
+        if layer + 1 < self.model.layers:
+            msg = P.LayerInput(seq, layer + 1, pos, y).wire()  # one map to every target: encoded once
+            return [(dst, msg) for dst in self.routing.layer_targets(layer + 1)]
+        return [(self.source, P.LastHidden(seq, y).wire())]
+
+    def _on_ffn_shards_input(self, sender: str, m: P.FfnInput, at: float | None) -> None:
+        """Proj's output reached a device holding ffn shards of the layer: run them; shard
+        0's device keeps the residual for the sum."""
+        shards = self.routing.my_shards(m.layer)
+        if not shards or any(self.model.ffn_name(m.layer, k) not in self.blocks for k in shards):
+            raise P.ProtocolError(f"the ffn shards of layer {m.layer} routed here are not loaded")
+        self._admit(sender)
+        if shards[0] == 0:
+            self.ffn_join.add_residual((m.seq, m.layer), sender, at, m.x)
+        self._spawn(self._shards(m.seq, m.layer, m.pos, m.x, shards, at), sender)
+
+    async def _shards(self, seq: int, layer: int, pos: int, x: torch.Tensor, shards: list[int],
+                      ready: float | None) -> None:
+        """This device's ffn shards of a layer as one job: the sum of their partial outputs,
+        to shard 0's device (ourselves included)."""
+        s = self.model
+        blocks = [self.blocks[s.ffn_name(layer, k)] for k in shards]
+
+        def work() -> torch.Tensor:
+            with torch.inference_mode():
+                return sum_partials([b.partial(x) for b in blocks if isinstance(b, FfnBlock)])
+
+        T = x.shape[0]
+        y, done = await self.compute.run(len(shards) * cost.span_flops(s, "ffn", pos, T), work, ready=ready,
+                                         nbytes=len(shards) * cost.span_bytes(s, "ffn", pos, T))
+        if seq <= self.floor:
+            return
+        if shards[0] == 0:
+            self._ffn_sum(self.name, seq, layer, pos, shards, y, done)
+        else:
+            self._forward(self.routing.ffn(layer), P.FfnPartial(seq, layer, pos, tuple(shards), y).wire(), done)
+
+    def _on_ffn_partial(self, sender: str, m: P.FfnPartial, at: float | None) -> None:
+        if m.seq <= self.floor:
+            return
+        if 0 not in self.routing.my_shards(m.layer):
+            raise P.ProtocolError(f"{self.model.ffn_name(m.layer)} is not routed here")
+        self._ffn_sum(sender, m.seq, m.layer, m.pos, m.shards, m.x, at)
+
+    def _ffn_sum(self, sender: str, seq: int, layer: int, pos: int, shards: Sequence[int], y: torch.Tensor,
+                 at: float | None) -> None:
+        """One partial sum in; when every shard's is here, the layer's output goes on (the
+        additions are not priced as compute: D values per shard)."""
+        key = (seq, layer)
+        self.ffn_join.add_partial(key, sender, at, shards, y)
+        if not self.ffn_join.ready(key):
+            return
+        entry = self.ffn_join.take(key)
+        with torch.inference_mode():
+            out = entry.output()
+        for dst, msg in self._layer_output(seq, layer, pos, out):
+            self._forward(dst, msg, entry.due)
 
     def _forward(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
         """Data onwards at emulated time `at`: to ourselves at once, else over the link."""
@@ -730,6 +798,7 @@ class DeviceAgent:
         self._admit(sender)
         self.floor = max(self.floor, m.seq)
         self.join.drop_through(self.floor)
+        self.ffn_join.drop_through(self.floor)
         self._drop_early(self.floor)
         self._acks.add(self._spawn(self._abort_ack(m), sender))
 
@@ -822,6 +891,7 @@ _HANDLERS: dict[type[P.Message], Callable[[DeviceAgent, str, Any, float | None],
     P.LayerInput: DeviceAgent._on_layer_input,
     P.HeadOutputs: DeviceAgent._on_head_outputs,
     P.FfnInput: DeviceAgent._on_ffn_input,
+    P.FfnPartial: DeviceAgent._on_ffn_partial,
     P.Load: DeviceAgent._on_load,
     P.Route: DeviceAgent._on_route,
     P.Reserve: DeviceAgent._on_reserve,

@@ -6,7 +6,10 @@ wire kind (one byte on the link, never renamed), its constant and record, and it
   gen    GEN / Gen                   {seq, tokens, pos}          controller -> source: embed, fan out
   x      LAYER_INPUT / LayerInput    {seq, layer, pos, x[T, D]}  upstream -> head devices and proj device
   h      HEAD_OUTPUTS / HeadOutputs  {seq, layer, pos, groups, out[T, k*q*d]}  head device -> proj device
-  y      FFN_INPUT / FfnInput        {seq, layer, pos, x[T, D]}  proj device -> ffn device
+  y      FFN_INPUT / FfnInput        {seq, layer, pos, x[T, D]}  proj device -> ffn device (each
+                                     device of an ffn shard of the layer, when sharded)
+  f      FFN_PARTIAL / FfnPartial    {seq, layer, pos, shards, x[T, D]}  device of ffn shards ->
+                                     device of shard 0: the sum of those shards' partial outputs
   z      LAST_HIDDEN / LastHidden    {seq, x[T, D]}              last ffn device -> source (LM head)
   logits LOGITS / Logits             {seq, logits[V], at}        source -> controller (last position)
 Control (controller -> device; every request has `rid` and is answered by an ACK with it):
@@ -63,12 +66,13 @@ from ..scenario.records import Scenario
 from .errors import ProtocolError
 
 GEN, LAYER_INPUT, HEAD_OUTPUTS, FFN_INPUT, LAST_HIDDEN, LOGITS = "gen", "x", "h", "y", "z", "logits"
+FFN_PARTIAL = "f"
 LOAD, ROUTE, RESERVE, CANCEL, MIGRATE, BLOCK, ABORT, TELEMETRY, PROBE = (
     "load", "route", "reserve", "cancel", "migrate", "block", "abort", "tel", "probe")
 ACK, ERROR, PRESSURE, LINK_CHANGE, DOWN, JOIN = "ack", "err", "press", "linkx", "down", "join"
 
 TO_CONTROLLER = frozenset((ACK, ERROR, PRESSURE, LINK_CHANGE, DOWN, JOIN, LOGITS))
-DATA = frozenset((GEN, LAYER_INPUT, HEAD_OUTPUTS, FFN_INPUT, LAST_HIDDEN))
+DATA = frozenset((GEN, LAYER_INPUT, HEAD_OUTPUTS, FFN_INPUT, FFN_PARTIAL, LAST_HIDDEN))
 FROM_CONTROLLER = frozenset((GEN, LOAD, ROUTE, RESERVE, CANCEL, MIGRATE, ABORT, TELEMETRY))
 
 MAX_ID = 1 << 62  # request ids and route versions
@@ -195,7 +199,7 @@ class _Fields:
         except ValueError:
             blk = None
         s = b.model
-        if blk is None or not 0 <= blk.layer < s.layers or not 0 <= blk.index < (s.groups if blk.kind == "head" else 1):
+        if blk is None or blk.name not in s.block_names:
             raise self.fail(key, f"not a block of this model: {show(v)}")
         return blk.name
 
@@ -380,6 +384,29 @@ class HeadOutputs(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class FfnPartial(Message):
+    KIND, FROM = FFN_PARTIAL, "device"
+    seq: int
+    layer: int
+    pos: int
+    shards: tuple[int, ...]
+    x: torch.Tensor
+
+    @classmethod
+    def parse(cls, f: _Fields, b: Bounds) -> FfnPartial:
+        s = b.model
+        shards = f.m.get("shards")
+        if (not s.sharded or not isinstance(shards, list) or not 0 < len(shards) < s.ffn_shards
+                or len(set(map(repr, shards))) != len(shards)):
+            raise f.fail("shards", f"must be distinct ffn shard indices from 1 to {s.ffn_shards - 1}")
+        for k in shards:
+            f.int_("shards[]", 1, s.ffn_shards - 1, k, True)
+        pos = f.int_("pos", 0, b.max_rows - 1)
+        x = f.tensor("x", (None, s.d_model), TORCH_DTYPES[s.dtype], _rows(f, b, pos))
+        return cls(f.seq(b), f.int_("layer", 0, s.layers - 1), pos, tuple(shards), x)
+
+
+@dataclass(frozen=True, slots=True)
 class LastHidden(Message):
     KIND, FROM = LAST_HIDDEN, "device"
     seq: int
@@ -500,10 +527,11 @@ class BlockSnapshot(Message):
     @classmethod
     def parse(cls, f: _Fields, b: Bounds) -> BlockSnapshot:
         name = f.block("block", b)
-        kind = Block.parse(name).kind
+        blk = Block.parse(name)
+        kind = blk.kind
         dt = TORCH_DTYPES[b.model.dtype]
         since = f.int_("since", 0, b.max_rows) if "since" in f.m else None
-        w, want = f.m.get("w"), block_shapes(b.model, kind)
+        w, want = f.m.get("w"), block_shapes(b.model, kind, blk.index)
         if since:  # a later pre-copy stage: entries only
             want = {}
         if not isinstance(w, dict) or set(w) != set(want):
@@ -735,7 +763,7 @@ class Join(Message):
 # ---------------------------------------------------------------------------------- the table
 
 TABLE: dict[str, type[Message]] = {c.KIND: c for c in (
-    Gen, LayerInput, FfnInput, HeadOutputs, LastHidden, Logits, Load, Cancel, Route, Reserve, Migrate, BlockSnapshot, Abort,
+    Gen, LayerInput, FfnInput, HeadOutputs, FfnPartial, LastHidden, Logits, Load, Cancel, Route, Reserve, Migrate, BlockSnapshot, Abort,
     Telemetry, Probe, Ack, Error, Pressure, LinkChange, Down, Join)}
 assert set(TABLE) == DATA | TO_CONTROLLER | FROM_CONTROLLER | {BLOCK, PROBE}
 

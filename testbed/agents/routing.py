@@ -21,7 +21,9 @@ class Routing:
         self._my_heads: dict[int, list[int]] = {}  # layer -> head groups here
         self._head_devs: dict[int, list[str]] = {}  # layer -> devices of its heads, in order
         self._proj: dict[int, str] = {}
-        self._ffn: dict[int, str] = {}
+        self._ffn: dict[int, str] = {}  # layer -> device of its ffn (shard 0 when sharded)
+        self._my_shards: dict[int, list[int]] = {}  # layer -> its ffn shards here
+        self._shard_devs: dict[int, list[str]] = {}  # layer -> devices of its ffn shards, in order
 
     def set(self, devices: Sequence[str], assign: Sequence[int], version: int) -> None:
         """Replace the table: block i of the model is on `devices[assign[i]]`."""
@@ -30,6 +32,8 @@ class Routing:
         head_devs: dict[int, list[str]] = {}
         proj: dict[int, str] = {}
         ffn: dict[int, str] = {}
+        my_shards: dict[int, list[int]] = {}
+        shard_devs: dict[int, list[str]] = {}
         for b, j in zip(self.model.blocks, assign, strict=True):
             dev = hosts[b.name] = devices[j]
             if b.kind == "head":
@@ -41,8 +45,15 @@ class Routing:
             elif b.kind == "proj":
                 proj[b.layer] = dev
             else:
-                ffn[b.layer] = dev
+                if b.index == 0:
+                    ffn[b.layer] = dev
+                if dev == self.me:
+                    my_shards.setdefault(b.layer, []).append(b.index)
+                sdevs = shard_devs.setdefault(b.layer, [])
+                if dev not in sdevs:
+                    sdevs.append(dev)
         self._hosts, self._my_heads, self._head_devs, self._proj, self._ffn = hosts, my_heads, head_devs, proj, ffn
+        self._my_shards, self._shard_devs = my_shards, shard_devs
         self.version = version
 
     @property
@@ -61,6 +72,15 @@ class Routing:
 
     def ffn(self, layer: int) -> str:
         return self._ffn[layer]
+
+    def ffn_targets(self, layer: int) -> list[str]:
+        """Devices that need proj's output of `layer`: those of its ffn shards, shard 0's
+        first (one device when the FFN is not sharded)."""
+        return list(self._shard_devs[layer])
+
+    def my_shards(self, layer: int) -> list[int]:
+        """The ffn shards of `layer` routed here, in order (none: [])."""
+        return self._my_shards.get(layer, [])
 
     def proj_here(self, layer: int) -> bool:
         return self._proj.get(layer) == self.me

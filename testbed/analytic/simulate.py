@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,9 @@ from ..scenario.presets import DEVICES as DEVICE_PRESETS
 GB = 1e9
 OPT_ALGS = ["optimal", "resource_aware", "resource_aware_ls", "static", "greedy", "round_robin",
             "layer_dp", "layer_dp_dynamic", "equal_split"]
-SCALE_ALGS = ["resource_aware", "resource_aware_ls", "layer_dp", "layer_dp_dynamic", "equal_split"]
+SCALE_ALGS = ["resource_aware", "resource_aware_ls", "layer_dp", "layer_dp_dynamic", "equal_split",
+              "resource_aware_ls+ffn16", "equal_split+ffn16"]
+SHARDED = "+ffn"  # `ALG+ffnN`: the algorithm on the same instance with the model's FFN in N shards
 TIERS = (("cloud", 0.1, 16 * GB, 1e11), ("regional", 0.3, 8 * GB, 4e10), ("edge", 0.6, 3 * GB, 1.5e10))
 BANDWIDTH = {"small": (0.1e9, 0.5e9), "large": (1e9, 40e9)}  # bit/s
 MEMORY_RANGE = (2 * GB, 16 * GB)  # bytes per device (log-normal around its tier, clipped)
@@ -87,9 +89,11 @@ class Instance:
 
 def make_instance(spec: ModelSpec | str, n_devices: int, tokens: int, rng: np.random.Generator,
                   ident: str = "", max_load: float = MAX_LOAD, bandwidth_class: str | None = None,
-                  prompt: tuple[int, int] = PROMPT_RANGE, roofline: bool = False) -> Instance:
+                  prompt: tuple[int, int] = PROMPT_RANGE, roofline: bool = False,
+                  latency: tuple[float, float] = LATENCY_RANGE) -> Instance:
     """A random instance; `roofline`: devices get a memory bandwidth too (drawn after
-    everything else, so the rest of the instance is the same either way)."""
+    everything else, so the rest of the instance is the same either way); `latency`: the
+    range link latencies are drawn from (s; (x, x) for every link at x)."""
     spec = from_name(spec) if isinstance(spec, str) else spec
     names = [t[0] for t in TIERS]
     probs, mems, flops = ([float(t[i]) for t in TIERS] for i in (1, 2, 3))
@@ -101,7 +105,7 @@ def make_instance(spec: ModelSpec | str, n_devices: int, tokens: int, rng: np.ra
     rate = rng.uniform(lo, hi, (n_devices, n_devices)) / 8
     rate = np.minimum(rate, rate.T)
     np.fill_diagonal(rate, np.inf)
-    lat = rng.uniform(*LATENCY_RANGE, (n_devices, n_devices))
+    lat = rng.uniform(*latency, (n_devices, n_devices))
     lat = np.minimum(lat, lat.T)
     np.fill_diagonal(lat, 0.0)
     p = int(rng.integers(prompt[0], prompt[1] + 1))
@@ -114,6 +118,15 @@ def make_instance(spec: ModelSpec | str, n_devices: int, tokens: int, rng: np.ra
         membw = compute / np.exp(rng.uniform(np.log(BALANCE_RANGE[0]), np.log(BALANCE_RANGE[1]), n_devices))
     return Instance(ident, spec, memory, compute, rate, lat, p, tokens, load, bw,
                     tuple(names[i] for i in tier), memory_bandwidth=membw)
+
+
+def variant(inst: Instance, name: str) -> tuple[Instance, str]:
+    """(the instance, the algorithm) an algorithm name of a sweep means: `ALG+ffnN` is ALG
+    on the same instance with the model's FFN in N shards (`model.ffn_shards`)."""
+    base, sep, shards = name.partition(SHARDED)
+    if not sep:
+        return inst, name
+    return replace(inst, spec=replace(inst.spec, ffn_shards=int(shards))), base
 
 
 @dataclass

@@ -17,8 +17,8 @@ import functools
 import hashlib
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -103,6 +103,8 @@ class RandomWeights:
             w["wo"] = mat(D, D)
             if s.proj_bias:
                 w["bo"] = normal(D)
+        elif s.sharded:  # a slice of the layer's whole FFN, drawn from that block's stream
+            return shard_ffn(s, RandomWeights(replace(s, ffn_shards=1), self.seed).block(f"ffn.{b.layer}"), b.index)
         else:
             w.update(self._norm(normal))
             if s.mlp == "swiglu":
@@ -270,9 +272,9 @@ class HeadBlock:
         return torch.matmul(att, V).transpose(0, 1).reshape(T, q * d), k, v  # [T, q*d]
 
 
-def block_shapes(spec: ModelSpec, kind: str) -> dict[str, tuple[int, ...]]:
-    """The tensors a live block of this kind holds, with their shapes (what a migrated
-    block's snapshot must carry)."""
+def block_shapes(spec: ModelSpec, kind: str, index: int = 0) -> dict[str, tuple[int, ...]]:
+    """The tensors a live block of this kind (an ffn shard: its `index`) holds, with their
+    shapes (what a migrated block's snapshot must carry)."""
     D, d, q, Fd = spec.d_model, spec.d_head, spec.q_per_group, spec.d_ff
     norm = {"norm.w": (D,), **({"norm.b": (D,)} if spec.norm == "layernorm" else {})}
     if kind == "head":
@@ -282,9 +284,30 @@ def block_shapes(spec: ModelSpec, kind: str) -> dict[str, tuple[int, ...]]:
         return out
     if kind == "proj":
         return {"wo": (D, D), **({"bo": (D,)} if spec.proj_bias else {})}
+    Fd = spec.d_shard  # an ffn shard (the whole FFN when unsharded); the down bias on shard 0
     if spec.mlp == "swiglu":
         return {**norm, "wg": (Fd, D), "wu": (Fd, D), "wd": (D, Fd)}
-    return {**norm, "w1": (Fd, D), "b1": (Fd,), "w2": (D, Fd), "b2": (D,)}
+    return {**norm, "w1": (Fd, D), "b1": (Fd,), "w2": (D, Fd), **({"b2": (D,)} if index == 0 else {})}
+
+
+def shard_ffn(spec: ModelSpec, w: Tensors, shard: int) -> Tensors:
+    """Shard `shard` of a layer's whole FFN weights `w` (the unsharded block's): the norm,
+    rows shard*F/N .. (shard+1)*F/N of the up (and gate) matrix and its bias, the same
+    columns of the down matrix; the down bias, added once per layer, only on shard 0."""
+    if not 0 <= shard < spec.ffn_shards:
+        raise KeyError(f"ffn shard {shard} out of range (the model has {spec.ffn_shards})")
+    f = spec.d_shard
+    rows = slice(shard * f, (shard + 1) * f)
+    out = {k: v for k, v in w.items() if k.startswith("norm.")}
+    for k in ("wg", "wu", "w1", "b1"):
+        if k in w:
+            out[k] = w[k][rows].clone()
+    for k in ("wd", "w2"):
+        if k in w:
+            out[k] = w[k][:, rows].contiguous()
+    if "b2" in w and shard == 0:
+        out["b2"] = w["b2"]
+    return out
 
 
 def fuse_qkv(w: Tensors) -> Tensors:
@@ -316,6 +339,15 @@ class FfnBlock:
 
     spec: ModelSpec
     w: Tensors
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """An ffn shard's share of the layer's FFN output (no residual): its hidden units'
+        contribution, plus the down bias on the shard that holds it (shard 0)."""
+        w = self.w
+        h = _norm(x, w, self.spec)
+        if self.spec.mlp == "swiglu":
+            return F.linear(F.silu(F.linear(h, w["wg"])) * F.linear(h, w["wu"]), w["wd"])
+        return _linear(F.gelu(_linear(h, w["w1"], w["b1"]), approximate="tanh"), w["w2"], w.get("b2"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w
@@ -353,6 +385,14 @@ def make_block(spec: ModelSpec, name: str, w: Tensors) -> HeadBlock | ProjBlock 
     return ProjBlock(spec, w) if kind == "proj" else FfnBlock(spec, w)
 
 
+def sum_partials(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The ffn shards' partial outputs of one layer, added in the order given."""
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = acc + p
+    return acc
+
+
 def concat_heads(outputs: dict[int, torch.Tensor], groups: int) -> torch.Tensor:
     """Head outputs keyed by group index -> [T, D] in head order (what W_o expects)."""
     return torch.cat([outputs[g] for g in range(groups)], dim=-1)
@@ -370,7 +410,10 @@ class Reference:
         self.heads = [[HeadBlock.create(s, weights.block(f"head.{l}.{g}")) for g in range(s.groups)]
                       for l in range(s.layers)]
         self.proj = [ProjBlock(s, weights.block(f"proj.{l}")) for l in range(s.layers)]
-        self.ffn = [FfnBlock(s, weights.block(f"ffn.{l}")) for l in range(s.layers)]
+        self.ffn = [FfnBlock(s, weights.block(f"ffn.{l}")) for l in range(s.layers)] if not s.sharded else []
+        # sharded: per layer its shards, whose partial outputs are summed in shard order
+        self.shards = [[FfnBlock(s, weights.block(s.ffn_name(l, k))) for k in range(s.ffn_shards)]
+                       for l in range(s.layers)] if s.sharded else []
         self.pos = 0
 
     def forward(self, tokens: list[int]) -> torch.Tensor:
@@ -380,7 +423,8 @@ class Reference:
         for l in range(self.spec.layers):
             outs = {g: h.forward(x, self.pos) for g, h in enumerate(self.heads[l])}
             x = self.proj[l].forward(concat_heads(outs, self.spec.groups), x)
-            x = self.ffn[l].forward(x)
+            x = self.ffn[l].forward(x) if not self.spec.sharded else x + sum_partials(
+                [f.partial(x) for f in self.shards[l]])
         self.pos += len(tokens)
         return self.source.logits(x[-1:])[0]
 

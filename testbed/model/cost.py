@@ -12,7 +12,11 @@ Extensions of the design formulas, so that the numbers equal the real tensors:
 - with grouped-query attention a head block holds q query slices and one K and one V
   slice, and its cache is one K/V pair per token;
 - models without biases (Llama style) drop the bias terms, Qwen2 keeps those of Q/K/V only;
-  SwiGLU has three matrices; an untied LM head is a second V x D matrix on the source.
+  SwiGLU has three matrices; an untied LM head is a second V x D matrix on the source;
+- with `ffn_shards` N > 1 an ffn block is one shard: F/N hidden units (its FLOPs and
+  matrices are 1/N of the FFN's), its own copy of the pre-FFN norm, and on shard 0 only the
+  down bias (D values, GELU models). Priced by kind ("ffn") a shard is shard 0, the largest;
+  `weight_bytes` of a `Block` is exact for every shard.
 """
 
 from __future__ import annotations
@@ -50,16 +54,27 @@ def block_weight_elems(spec: ModelSpec, kind: str) -> int:
         return _norm_elems(spec) + (q + 2) * (D * d + bias * d)
     if kind == "proj":
         return D * D + (D if spec.proj_bias else 0)
-    if kind == "ffn":
+    if kind == "ffn":  # one shard (shard 0) when sharded
+        F = spec.d_shard
         if spec.mlp == "swiglu":
             return _norm_elems(spec) + 3 * D * F
         return _norm_elems(spec) + 2 * D * F + F + D
     raise ValueError(f"unknown block kind {kind!r}")
 
 
+def _down_bias(spec: ModelSpec) -> int:
+    """Elements of the down projection's bias (on ffn shard 0 only)."""
+    return 0 if spec.mlp == "swiglu" else spec.d_model
+
+
 def weight_bytes(spec: ModelSpec, block: Block | str) -> int:
-    kind = block if isinstance(block, str) else block.kind
-    return block_weight_elems(spec, kind) * spec.bytes_per_elem
+    """A block's weights; a kind alone is priced as its largest block (ffn: shard 0)."""
+    if isinstance(block, str):
+        return block_weight_elems(spec, block) * spec.bytes_per_elem
+    elems = block_weight_elems(spec, block.kind)
+    if block.kind == "ffn" and block.index > 0:
+        elems -= _down_bias(spec)
+    return elems * spec.bytes_per_elem
 
 
 def cache_bytes(spec: ModelSpec, block: Block | str, n: int) -> int:
@@ -80,14 +95,14 @@ def block_bytes(spec: ModelSpec, block: Block | str, n: int) -> int:
 def decode_flops(spec: ModelSpec, block: Block | str, n: int) -> float:
     """FLOPs of one decode step for a block, the new token being position n (1-based)."""
     kind = block if isinstance(block, str) else block.kind
-    D, d, q, F = spec.d_model, spec.d_head, spec.q_per_group, spec.d_ff
+    D, d, q = spec.d_model, spec.d_head, spec.q_per_group
     if kind == "head":
         # Q/K/V projections (2*D*d each) + scores and weighted sum over n positions per query head
         return 2.0 * D * d * (q + 2) + 4.0 * n * d * q
     if kind == "proj":
         return 2.0 * D * D
-    if kind == "ffn":
-        return (6.0 if spec.mlp == "swiglu" else 4.0) * D * F
+    if kind == "ffn":  # one shard's when sharded
+        return (6.0 if spec.mlp == "swiglu" else 4.0) * D * spec.d_shard
     raise ValueError(f"unknown block kind {kind!r}")
 
 
@@ -240,10 +255,26 @@ def head_output_bytes(spec: ModelSpec, groups: int, tokens: int = 1, extra: int 
     return base + groups * per_group
 
 
+def partial_bytes(spec: ModelSpec, shards: int, tokens: int = 1, extra: int = 0) -> int:
+    """Frame carrying the summed partial outputs of `shards` ffn shards of one layer from
+    one device to the layer's shard 0 (`f`: {t, seq, layer, pos, shards[k], x[T, D]}), plus
+    `extra` bytes the transport adds. Shard indices are priced at N - 1 (exact, or up to
+    one byte per index over)."""
+    N = spec.ffn_shards
+    return (_fields(spec, 6, True, extra) + _str(6) + _container(shards) + shards * _uint(max(0, N - 1))
+            + _str(1) + _tensor_bytes(spec, tokens, spec.d_model))
+
+
+def ffn_layer_weight_bytes(spec: ModelSpec) -> int:
+    """Weights of one layer's whole FFN: every shard (each with its norm copy)."""
+    N = spec.ffn_shards
+    return N * weight_bytes(spec, "ffn") - (N - 1) * _down_bias(spec) * spec.bytes_per_elem
+
+
 def model_weight_bytes(spec: ModelSpec) -> int:
     """All placeable blocks' weights (not the source's share)."""
     L, G = spec.layers, spec.groups
-    return L * (G * weight_bytes(spec, "head") + weight_bytes(spec, "proj") + weight_bytes(spec, "ffn"))
+    return L * (G * weight_bytes(spec, "head") + weight_bytes(spec, "proj") + ffn_layer_weight_bytes(spec))
 
 
 def model_cache_bytes(spec: ModelSpec, n: int) -> int:

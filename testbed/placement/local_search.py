@@ -35,6 +35,7 @@ from .problem import (
     xfer_time,
 )
 from .resource_aware import plan
+from .tensor_parallel import tensor_parallel
 
 EPS = 1e-12
 # candidate steps priced per decision, over all starts (see ResourceAwareLS): a count, not a
@@ -80,7 +81,11 @@ class _State:
         for j in a[r.start:r.stop]:
             heads[j] = heads.get(j, 0) + 1
         u = self.snap.source if l == 0 else a[self._ffn(l - 1)]
-        return self.model.layer_time(u, heads, a[r.stop], a[r.stop + 1], self.n)  # proj, ffn
+        shards: dict[int, int] = {}
+        if self.spec.sharded:
+            for j in (a[i] for i in self.spec.shard_range(l)):
+                shards[j] = shards.get(j, 0) + 1
+        return self.model.layer_time(u, heads, a[r.stop], a[r.stop + 1], self.n, shards)  # proj, ffn
 
     def _mig(self, links: dict[tuple[int, int], float]) -> float:
         r, lat, b = self.snap.rate, self.snap.latency, self.snap.burst
@@ -94,7 +99,7 @@ class _State:
         for i in blocks:
             l, r = divmod(i, self.per)
             out.add(l)
-            if r == self.per - 1:  # an ffn feeds the next layer (or the tail)
+            if r == self.spec.groups + 1:  # an ffn (shard 0) feeds the next layer (or the tail)
                 out.add(l + 1)
         return sorted(out)
 
@@ -193,6 +198,10 @@ def _climb(st: _State, max_evals: int, max_rounds: int) -> Placement:
             heads = s.head_range(l)
             for a in sorted({st.a[i] for i in heads}):
                 improved |= _move_best(st, [i for i in heads if st.a[i] == a], devices)
+            if s.sharded:  # likewise the ffn shards of a layer on one device
+                shards = s.shard_range(l)
+                for a in sorted({st.a[i] for i in shards}):
+                    improved |= _move_best(st, [i for i in shards if st.a[i] == a], devices)
             # layer moves: every block of a layer to one device (consolidation, pipelines)
             improved |= _move_best(st, list(s.layer_range(l)), devices)
             if (p := done()) is not None:
@@ -244,6 +253,8 @@ class ResourceAwareLS:
         fast = sorted((j for j, d in enumerate(snap.devices) if d.usable and d.capacity >= need),
                       key=lambda j: (-snap.devices[j].flops, j))
         out += [Placement(snap.spec, (j,) * len(snap.spec.blocks)) for j in fast[: self.CONSOLIDATE]]
+        if snap.spec.sharded and (tp := tensor_parallel(snap)) is not None:
+            out.append(tp)  # fine-grained plans single moves from a pipeline do not reach
         return out
 
     def place(self, snap: Snapshot) -> Placement:

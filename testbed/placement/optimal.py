@@ -32,6 +32,11 @@ of a reference token time so the objective is of order 1):
   D >= (bytes - burst) / rate + latency t, and D >= latency t when the link has burst.
   Valid cuts (redundant for integers, they only tighten the LP): D >= each block's own
   transfer time wherever it goes.
+- ffn shards (model.ffn_shards N > 1): f[l,j] is shard 0's device; sc[l,j] integer in
+  [0, N-1] the other shards on j (interchangeable, flows like heads when migrating), ys a
+  binary for "any shard on j"; the term p -> f of T_l becomes Q_l >= sum_b hidden_t[b,j] p_b
+  + (sc_j + f_j) shard time on j (+ the partial-sum frame j -> c, a max of two lines in the
+  count, when c = f is another device), with big-Ms as for the heads (`_shards`).
 Objective: interval (sum_l T_l + tail) + D. Every max and product is exact at the optimum
 (minimised), so the MILP optimum is the minimum of `epoch_objective`; `place` converts the
 counts back (heads keep their device up to the new count, the rest follow the flows,
@@ -66,6 +71,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,7 +177,8 @@ class _Formulation:
         np.fill_diagonal(down, False)
         hf, pf, ff = model.head_flops(snap.n_mid), model.proj_flops, model.ffn_flops
         self.lm = model.lm_time
-        tau = self.tau = I * (L * (G * hf + pf + ff) / max(C[j] for j in U) + self.lm)
+        N = s.ffn_shards
+        tau = self.tau = I * (L * (G * hf + pf + N * ff) / max(C[j] for j in U) + self.lm)
         H = self.H = np.where(down, 0.0, link_times(model)) / tau  # only links that are up are used
         Ht = np.where(down, 0.0, link_times(model, model.tail_t)) / tau  # the last hidden state home
         # [V] each: a job's time on every device (the roofline where a device has a bandwidth)
@@ -197,13 +204,17 @@ class _Formulation:
                     ok_f &= not down[views[l].ffn, j]
                 tail = Ht[j, src] if l == L - 1 else 0.0
                 p[l, j] = P.var(0, int(ok_p), integer=True, cost=I * proj_t[j])
-                f[l, j] = P.var(0, int(ok_f), integer=True, cost=I * (ffn_t[j] + tail))
+                # sharded: f is shard 0 (its compute is priced in Q_l with the other shards)
+                f[l, j] = P.var(0, int(ok_f), integer=True, cost=I * ((ffn_t[j] if N == 1 else 0.0) + tail))
                 P.row([(h[l, j], 1.0), (y[l, j], -G)], hi=0)
                 P.row([(y[l, j], 1.0), (h[l, j], -1.0)], hi=0)
             P.row([(h[l, j], 1.0) for j in U], G, G)
             P.row([(p[l, j], 1.0) for j in U], 1, 1)
             P.row([(f[l, j], 1.0) for j in U], 1, 1)
         self.h, self.p, self.f = h, p, f
+        self.sc = np.full(shape, -1)  # sharded: shards 1..N-1 per device (interchangeable)
+        if N > 1:
+            self._shards(model, ffn_t, H)
 
         for l in range(L):
             # x -> proj(l) -> ffn(l): products of consecutive one-hot vectors with both
@@ -214,8 +225,9 @@ class _Formulation:
             else:
                 e = self._product(f[l - 1], p[l])
                 P.row([(R[l], 1.0), *((v, -H[a, b]) for (a, b), v in e.items() if H[a, b] > 0)], lo=0)
-            for (b, c), v in self._product(p[l], f[l]).items():
-                P.c[v] = I * H[b, c]
+            if N == 1:
+                for (b, c), v in self._product(p[l], f[l]).items():
+                    P.c[v] = I * H[b, c]
 
             # head devices: x arrives (A_j), h heads run, outputs go to proj; y = 0 forces h = 0,
             # so the big-M on y only has to cover A_j and an empty frame
@@ -264,15 +276,66 @@ class _Formulation:
                         lo -= M
                     P.row(terms, lo=lo)
 
-        # memory with caches at n_end
+        # memory with caches at n_end (sharded: f is shard 0, the largest; sc the others)
         nb = {k: float(cost.block_bytes(s, k, snap.n_end)) for k in ("head", "proj", "ffn")}
         for j in U:
-            P.row([(v[l, j], nb[k]) for l in range(L) for v, k in ((h, "head"), (p, "proj"), (f, "ffn"))],
+            P.row([(v[l, j], nb[k]) for l in range(L) for v, k in ((h, "head"), (p, "proj"), (f, "ffn"))]
+                  + [(int(self.sc[l, j]), float(nb["ffn"])) for l in range(L) if N > 1],
                   hi=float(snap.devices[j].capacity))
 
         self.m: dict[tuple[int, int, int], int] = {}
+        self.ms: dict[tuple[int, int, int], int] = {}  # shard flows (sharded models)
+        # a shard but 0 (no down bias): what it moves
+        self.shard_mb = float(cost.block_bytes(s, s.blocks[s.position("ffn", 0, 1)], snap.seq_len)
+                              + cost.FRAME_OVERHEAD) if s.sharded else 0.0
         if views is not None:
             self._migration(views)
+
+    def _shards(self, model: LatencyModel, ffn_t: np.ndarray, H: np.ndarray) -> None:
+        """Sharded models: per layer and device sc (shards 1..N-1 there, interchangeable) and
+        ys (any shard there, shard 0 included); Q_l >= the time from proj's output to the
+        layer's output on shard 0's device f: per device j its arrival sum_b H[b,j] p_b plus
+        its shards' job, plus (j not f) the frame of their partial sum to f, a max of two
+        lines in the shard count as for the head outputs (exact for N <= 16: the frame grows
+        by one byte per shard)."""
+        s, snap, P, U = self.spec, self.snap, self.P, self.U
+        L, N, I, tau = s.layers, s.ffn_shards, snap.interval, self.tau
+        rate, lat, burst, down = snap.rate, snap.latency, snap.burst, self.down
+        p, f, sc = self.p, self.f, self.sc
+        P0 = float(model.partial[0])
+        pb = float(model.partial[1] - model.partial[0])
+        for l in range(L):
+            ys = {}
+            for j in U:
+                sc[l, j] = P.var(0, N - 1, integer=True)
+                ys[j] = P.var(0, 1, integer=True)
+                P.row([(int(sc[l, j]), 1.0), (int(f[l, j]), 1.0), (ys[j], -N)], hi=0)
+                P.row([(ys[j], 1.0), (int(sc[l, j]), -1.0), (int(f[l, j]), -1.0)], hi=0)
+            P.row([(int(sc[l, j]), 1.0) for j in U], N - 1, N - 1)
+            Q = P.var(0.0, math.inf, cost=I)
+            for j in U:
+                for b in U:
+                    if b != j and down[b, j]:  # proj's output cannot reach j
+                        P.row([(int(p[l, b]), 1.0), (ys[j], 1.0)], hi=1)
+                A = [(int(p[l, b]), -H[b, j]) for b in U if b != j and H[b, j] > 0]
+                M1 = max([H[b, j] for b in U if b != j] + [0.0])
+                mine = [(int(sc[l, j]), -ffn_t[j]), (int(f[l, j]), -ffn_t[j])]
+                P.row([(Q, 1.0), *A, *mine, (ys[j], -M1)], lo=-M1)
+                for c in U:
+                    if c == j:
+                        continue
+                    if down[j, c]:
+                        P.row([(ys[j], 1.0), (int(f[l, c]), 1.0)], hi=1)
+                        continue
+                    per_k = pb / rate[j, c] / tau
+                    lines = [(ffn_t[j] + per_k, ((P0 - burst[j, c]) / rate[j, c] + lat[j, c]) / tau)]
+                    if burst[j, c] > P0:
+                        lines.append((ffn_t[j], lat[j, c] / tau))
+                    for slope, base in lines:
+                        My = max(0.0, M1 + base)
+                        Mf = M1 + N * slope + base
+                        P.row([(Q, 1.0), *A, (int(sc[l, j]), -slope), (int(f[l, j]), -slope), (ys[j], -My),
+                               (int(f[l, c]), -Mf)], lo=base - My - Mf)
 
     def _product(self, u: np.ndarray, v: np.ndarray) -> dict[tuple[int, int], int]:
         """e[a,b] = u[a] v[b] for one-hot u, v over the usable devices (pairs over a down
@@ -318,6 +381,8 @@ class _Formulation:
                 for c in U:
                     if c != a and not down[a, c]:
                         links.setdefault((a, c), []).append((int(var[l, c]), mb[kind], 1))
+            if s.sharded:  # shards 1..N-1 flow like heads
+                self._shard_flows(l, links)
         D = P.var(0.0, math.inf, cost=1.0)
         for (a, c), items in links.items():
             t = P.var(0, 1, integer=True)
@@ -339,6 +404,44 @@ class _Formulation:
             for a, k in v.heads.items():
                 P.row([(D, 1.0), *((self.m[l, a, c], -self._mig_t(a, c, mb["head"]) / k)
                                    for c in U if (l, a, c) in self.m)], lo=0)
+            for a, k in (self._cur_shards(l).items() if s.sharded else ()):
+                P.row([(D, 1.0), *((self.ms[l, a, c], -self._mig_t(a, c, self.shard_mb) / k)
+                                   for c in U if (l, a, c) in self.ms)], lo=0)
+
+    def _cur_shards(self, l: int) -> dict[int, int]:
+        """Device -> shards 1..N-1 of layer l there in the current placement."""
+        assert self.snap.current is not None
+        out: dict[int, int] = {}
+        for i in list(self.spec.shard_range(l))[1:]:
+            j = self.snap.current.assign[i]
+            out[j] = out.get(j, 0) + 1
+        return out
+
+    def _shard_flows(self, l: int, links: dict[tuple[int, int], list[tuple[int, float, int]]]) -> None:
+        """Flows ms[l,a,c] of shards 1..N-1 out of their current devices, as for heads."""
+        snap, P, U, down = self.snap, self.P, self.U, self.down
+        into: dict[int, list[int]] = {}
+        out: dict[int, list[int]] = {}
+        cur = self._cur_shards(l)
+        for a, k in cur.items():
+            for c in U:
+                if c != a and not down[a, c]:
+                    m = self.ms[l, a, c] = P.var(0, k, integer=True)
+                    links.setdefault((a, c), []).append((m, self.shard_mb, k))
+                    into.setdefault(c, []).append(m)
+                    out.setdefault(a, []).append(m)
+            if out.get(a):
+                P.row([(m, 1.0) for m in out[a]], hi=k)
+        for c in range(snap.n_devices):
+            k = cur.get(c, 0)
+            terms = [(m, -1.0) for m in into.get(c, [])] + [(m, 1.0) for m in out.get(c, [])]
+            if self.sc[l, c] >= 0:
+                terms.append((int(self.sc[l, c]), 1.0))
+            if terms:
+                P.row(terms, k, k)
+            elif k:
+                raise Infeasible(f"optimal: the ffn shards of layer {l} on {snap.devices[c].name} "
+                                 f"can go nowhere (no usable device over a link that is up)")
 
     def _mig_t(self, a: int, c: int, nbytes: float) -> float:
         snap = self.snap
@@ -348,7 +451,7 @@ class _Formulation:
         """The solution as a Placement: heads stay where they are up to the new count and
         the rest move along the flows (cycles cancelled), lowest group index first."""
         s, snap = self.spec, self.snap
-        L, G, V = s.layers, s.groups, snap.n_devices
+        L, V = s.layers, snap.n_devices
         val = np.rint(x).astype(np.int64)
         cur = snap.current
         assign: list[int] = []
@@ -356,30 +459,46 @@ class _Formulation:
             count = [int(val[self.h[l, j]]) if self.h[l, j] >= 0 else 0 for j in range(V)]
             proj = max(range(V), key=lambda j: val[self.p[l, j]] if self.p[l, j] >= 0 else -1)
             ffn = max(range(V), key=lambda j: val[self.f[l, j]] if self.f[l, j] >= 0 else -1)
-            heads = [-1] * G
-            if cur is None:
-                g = 0
-                for j in range(V):
-                    for _ in range(count[j]):
-                        heads[g] = j
-                        g += 1
-            else:
-                flow = np.zeros((V, V), dtype=np.int64)
-                for (ll, a, c), i in self.m.items():
-                    if ll == l:
-                        flow[a, c] = val[i]
-                _cancel_cycles(flow)
-                now = cur.assign[l * (G + 2): l * (G + 2) + G]
-                for a in range(V):
-                    mine = [g for g in range(G) if now[g] == a]
-                    stay = len(mine) - int(flow[a].sum())
-                    dest = [a] * stay + [c for c in range(V) for _ in range(flow[a, c])]
-                    for g, j in zip(mine, dest, strict=True):
-                        heads[g] = j
+            hr = s.head_range(l)
+            heads = _follow(count, self.m, l, val, None if cur is None else cur.assign[hr.start:hr.stop], V)
             if [heads.count(j) for j in range(V)] != count:
                 raise RuntimeError(f"optimal: head flows of layer {l} do not match the counts {count}")
             assign += [*heads, proj, ffn]
+            if s.sharded:
+                sc = [int(val[self.sc[l, j]]) if self.sc[l, j] >= 0 else 0 for j in range(V)]
+                sr = list(s.shard_range(l))[1:]
+                rest = _follow(sc, self.ms, l, val, None if cur is None else [cur.assign[i] for i in sr], V)
+                if [rest.count(j) for j in range(V)] != sc:
+                    raise RuntimeError(f"optimal: shard flows of layer {l} do not match the counts {sc}")
+                assign += rest
         return Placement(s, tuple(assign))
+
+
+def _follow(count: list[int], flows: dict[tuple[int, int, int], int], l: int, val: np.ndarray,
+            now: Sequence[int] | None, V: int) -> list[int]:
+    """Interchangeable blocks (a layer's heads, or its shards but 0) from per-device counts:
+    without a current placement in device order; else each stays where it is up to the new
+    count and the rest follow the flows (cycles cancelled), lowest index first."""
+    out = [-1] * sum(count)
+    if now is None:
+        g = 0
+        for j in range(V):
+            for _ in range(count[j]):
+                out[g] = j
+                g += 1
+        return out
+    flow = np.zeros((V, V), dtype=np.int64)
+    for (ll, a, c), i in flows.items():
+        if ll == l:
+            flow[a, c] = val[i]
+    _cancel_cycles(flow)
+    for a in range(V):
+        mine = [g for g in range(len(now)) if now[g] == a]
+        stay = len(mine) - int(flow[a].sum())
+        dest = [a] * stay + [c for c in range(V) for _ in range(flow[a, c])]
+        for g, j in zip(mine, dest, strict=True):
+            out[g] = j
+    return out
 
 
 def _cancel_cycles(flow: np.ndarray) -> None:

@@ -19,7 +19,11 @@ the last layer the hidden state returns to the source, which runs the LM head. C
 transfers are free; distinct ordered pairs are independent links, and each link is FIFO:
 when u holds heads of l and proj(l) is elsewhere, the head outputs from u queue on the link
 u -> proj(l) behind the residual x sent there before them (the one place in a token where
-two frames share a link; `LatencyModel.layer_time` prices it). Frame sizes are the encoded
+two frames share a link; `LatencyModel.layer_time` prices it). With ffn shards (N > 1) proj(l)
+sends its output to every device holding shards of l; each runs its shards as one job and
+(but shard 0's device) sends their summed partial output to shard 0's device, where the
+layer's output is ready when the last sum is in; shard 0's device is then u for l + 1.
+Frame sizes are the encoded
 messages (`cost.hidden_bytes`, `cost.output_bytes`, `cost.head_output_frame`) plus what the
 transport adds (`Snapshot.frame_extra`). Every link is assumed idle with full burst credit
 when a token starts.
@@ -184,7 +188,8 @@ class LayerView:
 
     heads: dict[int, int]  # device -> number of head blocks of this layer
     proj: int
-    ffn: int
+    ffn: int  # the device of the ffn (of shard 0 when sharded: where the output is summed)
+    shards: dict[int, int] = field(default_factory=dict)  # device -> ffn shards (sharded only)
 
 
 def layer_views(p: Placement) -> list[LayerView]:
@@ -195,7 +200,11 @@ def layer_views(p: Placement) -> list[LayerView]:
         heads: dict[int, int] = {}
         for j in a[r.start:r.stop]:
             heads[j] = heads.get(j, 0) + 1
-        out.append(LayerView(heads, a[r.stop], a[r.stop + 1]))  # proj and ffn follow the heads
+        shards: dict[int, int] = {}
+        if s.sharded:
+            for j in a[r.stop + 1:r.stop + 1 + s.ffn_shards]:
+                shards[j] = shards.get(j, 0) + 1
+        out.append(LayerView(heads, a[r.stop], a[r.stop + 1], shards))  # proj and ffn follow the heads
     return out
 
 
@@ -247,6 +256,9 @@ class LatencyModel:
         self.ffn_flops = cost.span_flops(s, "ffn", 0, tokens)
         self.proj_bytes = cost.span_bytes(s, "proj", 0, tokens)
         self.ffn_bytes = cost.span_bytes(s, "ffn", 0, tokens)
+        self.shards = s.ffn_shards
+        # the frame of the summed partial outputs of k shards (sharded models)
+        self.partial = [cost.partial_bytes(s, k, tokens, extra) for k in range(s.ffn_shards + 1)]
         self.src = snap.source
         self.lm_time = self.time(self.src, cost.source_flops(s), cost.source_bytes(s))
 
@@ -286,7 +298,8 @@ class LatencyModel:
         """Bytes one head block's job moves for the step that ends at sequence length n."""
         return cost.span_bytes(self.spec, "head", n - self.tokens, self.tokens)
 
-    def layer_time(self, u: int, heads: dict[int, int], proj: int, ffn: int, n: float) -> float:
+    def layer_time(self, u: int, heads: dict[int, int], proj: int, ffn: int, n: float,
+                   shards: dict[int, int] | None = None) -> float:
         """Time from x being ready on device u to the layer's output being ready on ffn.
 
         The head outputs of device j reach proj at x's arrival on j + their compute + their
@@ -294,7 +307,9 @@ class LatencyModel:
         proj just before, on the same link: the outputs cannot arrive before both frames
         have gone through that link's bucket back to back, i.e. before
         xfer(u, proj, x + h bytes) (with full credit at the start this is exact: the later
-        of the two bounds is when the outputs arrive)."""
+        of the two bounds is when the outputs arrive).
+        `shards` (device -> ffn shards, sharded models): the output is ready on `ffn` (shard
+        0's device) when the last device's summed partial output has arrived there."""
         hf, hb = self.head_flops(n), self.head_bytes_moved(n)
         ready = self.hidden_t[u, proj]  # the residual
         for j, k in heads.items():
@@ -303,8 +318,22 @@ class LatencyModel:
             ready = max(ready, done + self.xfer(j, proj, h))
             if j == u and u != proj:  # queued behind the residual on the link u -> proj
                 ready = max(ready, self.xfer(u, proj, self.hidden + h))
-        return (ready + self.time(proj, self.proj_flops, self.proj_bytes) + self.hidden_t[proj, ffn]
-                + self.time(ffn, self.ffn_flops, self.ffn_bytes))
+        done = ready + self.time(proj, self.proj_flops, self.proj_bytes)
+        if not shards:
+            return done + self.hidden_t[proj, ffn] + self.time(ffn, self.ffn_flops, self.ffn_bytes)
+        return done + self.shards_time(proj, ffn, shards)
+
+    def shards_time(self, proj: int, ffn: int, shards: dict[int, int]) -> float:
+        """From proj's output being ready to the layer's output being ready on `ffn`, the
+        device of shard 0: per device its shards' job, then (but on `ffn`) the frame of
+        their summed partial outputs."""
+        out = 0.0
+        for j, k in shards.items():
+            t = self.hidden_t[proj, j] + self.time(j, k * self.ffn_flops, k * self.ffn_bytes)
+            if j != ffn:
+                t += self.xfer(j, ffn, self.partial[k])
+            out = max(out, t)
+        return out
 
     def tail_time(self, last_ffn: int) -> float:
         """Last hidden state back to the source, then the LM head there."""
@@ -314,7 +343,7 @@ class LatencyModel:
         """Per-token latency (s) when the new token is position n (1-based)."""
         u, total = self.src, 0.0
         for v in layer_views(p):
-            total += self.layer_time(u, v.heads, v.proj, v.ffn, n)
+            total += self.layer_time(u, v.heads, v.proj, v.ffn, n, v.shards)
             u = v.ffn
         return total + self.tail_time(u)
 

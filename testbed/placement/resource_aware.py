@@ -46,6 +46,7 @@ class _Layout:
         cur = snap.current.assign if snap.current is not None else None
         self.pos = np.array(cur if cur is not None else [-1] * len(s.blocks), dtype=np.int64)
         self.out_t = model.xfer_matrix(model.head_bytes(1))  # one group's output j -> k
+        self.partial_t = model.xfer_matrix(model.partial[1])  # one ffn shard's partial output j -> k
         self.zero = np.zeros(V)
 
     def idx(self, kind: str, layer: int, g: int = 0) -> int:
@@ -81,7 +82,11 @@ class _Layout:
             p = self.pos[self.idx("proj", layer)]
             if p >= 0:
                 t += m.hidden_t[p, :]
-            if layer + 1 < s.layers:
+            if r > s.groups + 1:  # an ffn shard but 0: its partial output to shard 0's device
+                f = self.pos[self.idx("ffn", layer)]
+                if f >= 0:
+                    t += self.partial_t[:, f]
+            elif layer + 1 < s.layers:
                 hr = s.head_range(layer + 1)
                 nxt = self.pos[hr.start:hr.stop + 1]  # its heads and proj
                 placed = np.unique(nxt[nxt >= 0])
@@ -128,17 +133,23 @@ def plan(snap: Snapshot) -> Placement:
     used = np.zeros(V)
     layer_load = np.zeros((s.layers, V))
     layer_moved = np.zeros((s.layers, V))  # bytes of the heads of a layer on a device (one job)
+    shard_load = np.zeros((s.layers, V))  # likewise for the ffn shards of a layer (sharded models)
+    shard_moved = np.zeros((s.layers, V))
     for i in order:
         i = int(i)
         layer, r = divmod(i, s.per_layer)
         is_head = r < s.groups
+        is_shard = s.sharded and r > s.groups
         avail = capacity - used
         feasible = usable & (avail >= mem[i])
         if not feasible.any():
             raise Infeasible(f"{s.blocks[i].name} ({int(mem[i])} B) fits on no device "
                              f"(largest free: {int(avail[usable].max())} B)")
-        compute = model.times((layer_load[layer] if is_head else 0.0) + flops[i],
-                              (layer_moved[layer] if is_head else 0.0) + moved[i])
+        if is_shard:  # the shards of a layer on one device run as one job, as its heads do
+            compute = model.times(shard_load[layer] + flops[i], shard_moved[layer] + moved[i])
+        else:
+            compute = model.times((layer_load[layer] if is_head else 0.0) + flops[i],
+                                  (layer_moved[layer] if is_head else 0.0) + moved[i])
         comm = lay.comm(i)
         with np.errstate(divide="ignore"):
             memratio = np.where(avail > 0, mem[i] / avail, math.inf)
@@ -171,6 +182,9 @@ def plan(snap: Snapshot) -> Placement:
         if is_head:
             layer_load[layer, j] += flops[i]
             layer_moved[layer, j] += moved[i]
+        elif is_shard:
+            shard_load[layer, j] += flops[i]
+            shard_moved[layer, j] += moved[i]
     return Placement(s, tuple(int(x) for x in lay.pos))
 
 

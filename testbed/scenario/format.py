@@ -45,12 +45,12 @@ MAX_INTERVAL = 1_000_000  # controller.interval_tokens
 MAX_AT_S = 1e6  # events' at_s (about 11.6 days of emulated time)
 FACTOR_RANGE = (1e-3, 1e3)  # set_compute's factor
 MODEL_MAX = {"layers": 1024, "heads": 1024, "kv_heads": 1024, "d_model": 65_536, "d_ff": 1 << 18,
-             "vocab": 1 << 21, "context": 1 << 20}
+             "vocab": 1 << 21, "context": 1 << 20, "ffn_shards": 1 << 18}
 
 # ---------------------------------------------------------------------------------------------
 # the table of keys
 
-MODEL_FIELDS = ("layers", "heads", "d_model", "d_ff", "vocab", "dtype", "kv_heads", "context")
+MODEL_FIELDS = ("layers", "heads", "d_model", "d_ff", "vocab", "dtype", "kv_heads", "context", "ffn_shards")
 LINK_KEYS = ("bandwidth_mbps", "latency_ms", "burst_kib")
 
 # Every key the format accepts, per section: the one table behind the loader's unknown-key

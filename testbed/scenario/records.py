@@ -334,7 +334,8 @@ class Scenario:
         """The resolved scenario as plain data (defaults filled in, the model as explicit
         sizes plus its preset name) that `parse` reads back. Events that never fire (at a
         token past a run shortened by `with_overrides(new_tokens=...)`) are left out."""
-        model = {f: getattr(self.model, f) for f in MODEL_FIELDS}
+        model = {f: getattr(self.model, f) for f in MODEL_FIELDS
+                 if f != "ffn_shards" or self.model.sharded}  # unsharded: as before the key existed
         if self.model.weights == "gguf":
             model = {"gguf": self.model.gguf, **model}
         elif self.model.name in PRESETS:

@@ -89,7 +89,7 @@ def read_model(r: FormatReader, value: object) -> ModelSpec:
         named = PRESETS[preset]
         if named.weights != "random":
             for f, v in fields.items():
-                if getattr(named, f) != v:
+                if f != "ffn_shards" and getattr(named, f) != v:  # sharding changes no size
                     r.fail(f"model.{f}", f"preset {preset} has real weights ({named.weights}); "
                            f"its {f} is {getattr(named, f)} and cannot be overridden")
         # sizes that the preset derives (d_ff = 4*d_model, MHA kv_heads = heads) follow the
@@ -131,14 +131,14 @@ def read_gguf_model(r: FormatReader, m: dict, where: str, base: Path) -> ModelSp
         r.fail(key, str(e))
     fields = _model_fields(r, m, where)
     for f, v in fields.items():
-        if f in ("dtype", "context"):
+        if f in ("dtype", "context", "ffn_shards"):
             continue
         if getattr(spec, f) != v:
             r.fail(f"{where}.{f}", f"{path.name} gives {f} = {getattr(spec, f)}; a GGUF model's sizes "
                    "come from its file and cannot be overridden")
     if "context" in fields and not 0 < fields["context"] <= spec.context:
         r.fail(f"{where}.context", f"must be in 1..{spec.context} (the context of {path.name})")
-    chosen: dict[str, Any] = {f: fields[f] for f in ("dtype", "context") if f in fields}
+    chosen: dict[str, Any] = {f: fields[f] for f in ("dtype", "context", "ffn_shards") if f in fields}
     spec = replace(spec, **chosen)
     for f, msg in spec.problems():
         r.fail(f"{where}.{f}", msg)
