@@ -260,7 +260,7 @@ def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugi
 
             note("calibrating the time scale")
             try:
-                cal = calibrate(prep, algorithms, args.transport, args.processes)
+                cal = calibrate(prep, algorithms, args.transport, args.processes, early=args.links != "kernel")
             except RuntimeError as e:
                 err.print(f"error: {scen.file}: time scale calibration failed: {e} "
                           "(give --time-scale K to skip it)", markup=False)

@@ -373,6 +373,34 @@ def test_a_real_clock_run_computes_ahead_and_loses_nothing_across_migrations(tmp
     assert caches and set(caches.values()) == {n}, caches
 
 
+def test_over_websockets_content_goes_ahead_and_arrives_once(tmp_path: Path) -> None:
+    """bandwidth_drop on the real clock over websockets (K 10): data frames' content reaches
+    the receiver ahead of its emulated arrival, so most jobs compute early there too; the
+    re-plan moves blocks, every token equals the reference's, every cache holds exactly the
+    positions generated (no frame lost or acted on twice), and no frame is lost or refused."""
+    scen = _short("bandwidth_drop", 32, 0)
+    prep = experiment.prepare(scen)
+    jobs: dict[str, tuple[int, int]] = {}
+    caches: dict[str, int] = {}
+    frames: dict[str, int] = {}
+
+    async def finish(world: Any, controller: Any) -> None:
+        for name, agent in world.agents.items():
+            jobs[name] = (agent.compute.jobs, agent.compute.early_jobs)
+            caches.update(agent.cache_lengths())
+        frames.update(await world.frame_counts())
+        frames["pending"] = sum(len(ep._pending) for ep in world.endpoints.values())
+
+    out = experiment.run(prep, scen.controller.algorithm, tmp_path / "real", clock="real", time_scale=10,
+                         transport="ws", on_finish=finish)
+    assert out.ok and out.summary["correctness"]["tokens_match"], out.summary["correctness"]
+    assert out.summary["migrations"] > 0
+    assert sum(e for _, e in jobs.values()) > 0.5 * sum(j for j, _ in jobs.values()), jobs
+    n = len(prep.prompt) + 32 - 1
+    assert caches and set(caches.values()) == {n}, caches
+    assert frames == {"lost": 0, "refused": 0, "pending": 0}, frames
+
+
 def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps() -> None:
     """In process the scale is measured by real-clock pilots: from where the host only just
     keeps pace, doubling until a pilot's jobs and deliveries are on time; past twice the

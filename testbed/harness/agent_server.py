@@ -35,6 +35,7 @@ from .control import (  # by name: the class's `control` method hides the module
     Op,
     Send,
 )
+from .early import compute_early
 from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger("agent")
@@ -147,6 +148,7 @@ class AgentProcess:
         """The run's timeline: its time scale and epoch (before anything else)."""
         loop = asyncio.get_running_loop()
         loop.set_time_scale(float(m["time_scale"]), float(m["epoch"]))  # type: ignore[attr-defined]  # the agent's loop is the clock's (clock.run)
+        compute_early(self.agent, self.ep)  # agent processes run on the real clock
         self.lag.stop()
         self.lag = LagMonitor()
         self.lag.start()
