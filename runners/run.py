@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-scale", metavar="K|auto",
                    help="real clock: emulated time runs K times slower than the wall clock, so the "
                         "host's own work fits in the emulated windows; auto (default, or the "
-                        "scenario's emulation.time_scale) calibrates K on this host; 1 is wall-clock speed")
+                        "scenario's emulation.time_scale) calibrates K on this host; 1 is wall-clock speed, "
+                        "below 1 faster (0 < K)")
     p.add_argument("--transport", choices=("inproc", "ws"),
                    help="inproc (default): asyncio queues; ws: a websocket per agent pair on loopback")
     p.add_argument("--processes", action="store_true",

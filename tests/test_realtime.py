@@ -18,7 +18,7 @@ import torch
 from testbed.emulation import clock
 from testbed.experiments import hostload
 from testbed.experiments import run as experiment
-from testbed.experiments.timescale import Job, calibrate, fit_time_scale, late_fraction
+from testbed.experiments.timescale import Job, calibrate, fit_time_scale, late_fraction, round_up
 from testbed.experiments.twin import compare
 from testbed.scenario import Scenario, ScenarioError, load, parse
 
@@ -44,6 +44,20 @@ def test_scaled_loop_stretches_every_wait() -> None:
     assert wall < 25 * 0.008 + 1.0  # (a bound against waiting far longer than asked)
 
 
+def test_a_time_scale_below_one_runs_faster_than_the_wall_clock() -> None:
+    """K 0.25: 0.4 emulated seconds of waiting pass in 0.1 s of wall time."""
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        t0, w0 = loop.time(), time.perf_counter()
+        await asyncio.sleep(0.2)
+        await clock.sleep_until(loop.time() + 0.2)
+        return loop.time() - t0, time.perf_counter() - w0
+
+    emulated, wall = clock.run(main, "real", time_scale=0.25)
+    assert emulated >= 0.4
+    assert 0.25 * 0.4 * 0.99 <= wall < 0.25 * 0.4 + 0.2  # not 0.4 s: the wait shrank
+
+
 def test_one_epoch_one_timeline() -> None:
     """Two loops (as in two agent processes) given the same scale and epoch agree on the
     emulated time; the epoch is emulated time 0."""
@@ -65,7 +79,8 @@ def test_time_scale_is_adopted_later_and_checked() -> None:
 
     t, k, one = clock.run(main, "real")
     assert 0 <= t < 0.05 and k == 10 and one == pytest.approx(0.1)
-    for bad in (0.5, 0, -3, float("nan"), float("inf"), 1e9, True):
+    assert clock.ScaledEventLoop(0.5).time_scale == 0.5  # faster than the wall clock is allowed
+    for bad in (0, -3, float("nan"), float("inf"), 1e9, True):
         with pytest.raises(ValueError, match="time scale"):
             clock.ScaledEventLoop(bad)  # type: ignore[arg-type]
 
@@ -89,6 +104,10 @@ def test_replay_of_parallel_jobs_on_one_cpu() -> None:
     assert fit_time_scale(jobs, allowed=0.0) == pytest.approx(2e-3 / 1.05e-4, rel=0.02)
 
 
+def test_time_scales_round_up_to_whole_numbers_or_tenths() -> None:
+    assert [round_up(k) for k in (0.01, 0.1, 0.23, 0.9, 0.95, 1.0, 1.2, 7.0)] == [0.1, 0.1, 0.3, 0.9, 1.0, 1.0, 2.0, 7.0]
+
+
 def test_replay_of_a_pipeline() -> None:
     """Jobs one after another in emulated time overlap nowhere: the largest single ratio
     of host time to window decides."""
@@ -104,8 +123,9 @@ def test_scenario_time_scale() -> None:
     base = scenario_dict()
     assert parse(base, "<t>").emulation.time_scale is None  # auto by default
     assert parse({**base, "emulation": {"time_scale": 12.5}}, "<t>").emulation.time_scale == 12.5
+    assert parse({**base, "emulation": {"time_scale": 0.4}}, "<t>").emulation.time_scale == 0.4
     assert parse({**base, "emulation": {"time_scale": "auto"}}, "<t>").to_dict()["emulation"] == {"time_scale": "auto"}
-    for bad, why in ((0.5, ">= 1"), ("fast", "auto or a number"), (1e6, "at most"), (True, "a number")):
+    for bad, why in ((0, "> 0"), (-2, "> 0"), ("fast", "auto or a number"), (1e6, "at most"), (True, "a number")):
         with pytest.raises(ScenarioError, match=r"emulation\.time_scale: .*" + why):
             parse({**base, "emulation": {"time_scale": bad}}, "<t>")
     with pytest.raises(ScenarioError, match=r"emulation\.speed: unknown key"):
@@ -118,7 +138,7 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("args, key", [(("--clock", "virtual", "--time-scale", "4"), "--time-scale"),
-                                       (("--time-scale", "0.1"), "--time-scale"),
+                                       (("--time-scale", "0"), "--time-scale"),
                                        (("--time-scale", "quick"), "--time-scale")])
 def test_bad_time_scale_option(args: tuple[str, ...], key: str, tmp_path: Path) -> None:
     r = _cli("scenarios/steady.yaml", *args, "--out", str(tmp_path), timeout=60)

@@ -8,7 +8,8 @@ modes, and `loop.time()` is always the *emulated* time:
   Network Emulation", NSDI 2006): emulated time = (wall time - epoch) / K, and every wait
   of d emulated seconds lasts K*d on the wall clock. The host then has K times more room
   for each emulated microsecond, so its own speed (torch, asyncio, sockets) stops deciding
-  the latency. K = 1 is true wall-clock speed. The epoch is a Unix time, so agents in
+  the latency. K = 1 is true wall-clock speed; K below 1 runs the emulation faster than
+  the wall clock, for a host faster than the emulated devices. The epoch is a Unix time, so agents in
   other processes or on other hosts share one timeline: the runner hands them K and the
   epoch when it connects (`set_time_scale`). Waits use the monotonic clock; the epoch is
   converted to it once. It waits with `select()` rather than epoll: epoll's timeout has
@@ -129,8 +130,8 @@ class ScaledEventLoop(asyncio.SelectorEventLoop):
 
 def check_time_scale(k: float) -> float:
     if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) \
-            or not 1.0 <= k <= MAX_TIME_SCALE:
-        raise ValueError(f"time scale must be a number from 1 to {MAX_TIME_SCALE:g}, got {k!r}")
+            or not 0.0 < k <= MAX_TIME_SCALE:
+        raise ValueError(f"time scale must be a number above 0 and at most {MAX_TIME_SCALE:g}, got {k!r}")
     return float(k)
 
 

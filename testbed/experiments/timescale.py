@@ -185,7 +185,7 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
     if len(failed) == len(algorithms):
         raise RuntimeError("; ".join(f"{a}: {why}" for a, why in failed.items()))
     margin = EARLY_MARGIN if early else MARGIN
-    k = min(MAX_TIME_SCALE, float(math.ceil(fitted * margin)))
+    k = min(MAX_TIME_SCALE, round_up(fitted * margin))
     return Calibration(k, fitted, len(best), min(real_tokens, prep.scenario.generation.new_tokens), k_probe,
                        share, 1e3 * _median([j.host_s for j in best]),
                        1e3 * _median([j.finish - j.start for j in best]), 1e3 * hop, time.perf_counter() - w0,
@@ -194,12 +194,12 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
 
 def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, first: float,
                       transport: str = "inproc", processes: bool = False) -> float:
-    """Computing early: the smallest scale in floor, 2 floor, 4 floor, ... (whole
-    numbers, at least 1) at which a real-clock pilot keeps its jobs and deliveries on time;
+    """Computing early: the smallest scale in floor, 2 floor, 4 floor, ... (`round_up`:
+    below 1 where the host is faster than the emulated devices) at which a real-clock pilot keeps its jobs and deliveries on time;
     `floor` is where the host only just keeps pace with the emulated tokens (the virtual
     pilot's host time over its emulated time). Past PROBE_FACTOR x `first` (the replay's
     bound without computing early), that bound: a host too busy to say."""
-    k = max(1.0, float(math.ceil(floor)))
+    k = round_up(floor)
     cap = max(1.0, PROBE_FACTOR * first)
     while k < cap:
         with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
@@ -210,8 +210,13 @@ def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, 
         s = out.summary
         if s["overrun_fraction"] <= EARLY_ALLOWED and s["late_delivery_fraction"] <= EARLY_ALLOWED:
             return k
-        k = float(math.ceil(2 * k))
+        k = round_up(2 * k)
     return min(MAX_TIME_SCALE, cap)
+
+
+def round_up(k: float) -> float:
+    """A time scale rounded up: to a whole number from 1, to tenths below (at least 0.1)."""
+    return float(math.ceil(k)) if k >= 1 else max(0.1, math.ceil(10 * k - 1e-9) / 10)
 
 
 def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport: str, processes: bool) -> float:
