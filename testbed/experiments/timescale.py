@@ -204,7 +204,7 @@ def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, 
     while k < cap:
         with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
             out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k,
-                                 transport=transport, processes=processes)
+                                 transport=transport, processes=processes, adapt=False)
         if not out.ok:
             raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
         s = out.summary
@@ -231,7 +231,7 @@ def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport:
 
     with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
         out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k,
-                             transport=transport, processes=processes, on_finish=on_finish)
+                             transport=transport, processes=processes, on_finish=on_finish, adapt=False)
     if not out.ok:
         raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
     return max((r.host_share_p95 for r in rows), default=0.0)
