@@ -281,9 +281,13 @@ class WsEndpoint:
             return
         if msg.get("t") == ARRIVAL:
             n = msg.get("n")
-            content = self._pending.pop((peer, n), None) if isinstance(n, int) else None
-            if content is None:
-                self._refuse(peer, f"arrival of content never received ({n!r})")
+            if not isinstance(n, int) or isinstance(n, bool):
+                self._refuse(peer, f"an arrival marker without a number ({type(n).__name__})")
+                return
+            content = self._pending.pop((peer, n), None)
+            if content is None:  # its content was dropped here (beyond MAX_PENDING): the frame is lost
+                self.lost_frames += 1
+                log.info("%s->%s: arrival %d of content no longer held", peer, self.name, n)
                 return
             msg = content
         if not self.kernel_links and isinstance(due, float) and arrived - 1.0 <= due <= arrived:
@@ -303,9 +307,8 @@ class WsEndpoint:
             if not due.is_integer() or due < -2.0 ** 53:
                 self._refuse(peer, f"content early with a bad number {due!r}")
                 return
-            if len(self._pending) >= MAX_PENDING:  # bounded: the oldest is lost (as its frame would be)
+            if len(self._pending) >= MAX_PENDING:  # bounded: the oldest goes (its arrival, if it comes, is lost)
                 self._pending.pop(next(iter(self._pending)))
-                self.lost_frames += 1
             self._pending[(peer, int(-due))] = msg
         if self.previewer is not None:
             try:
