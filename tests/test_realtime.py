@@ -432,7 +432,9 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     tried: list[float] = []
 
     def fake(fits_at: float) -> Any:
-        def run(prep: Any, alg: Any, path: Path, clock: str, time_scale: float) -> Any:
+        def run(prep: Any, alg: Any, path: Path, clock: str, time_scale: float, adapt: bool = True,
+                **how: Any) -> Any:
+            assert not adapt  # a pilot measures one scale: it never changes it
             tried.append(time_scale)
             late = 0.0 if time_scale >= fits_at else 0.2
             return SimpleNamespace(ok=True, status="completed",
@@ -443,7 +445,10 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     assert tried == [2.0, 4.0, 8.0]
     tried.clear()
     assert timescale._smallest_on_time(fake(1000.0), None, "a", floor=0.2, first=5.0) == 10.0
-    assert tried == [1.0, 2.0, 4.0, 8.0]
+    assert tried == [0.2, 0.4, 0.8, 2.0, 4.0, 8.0]
+    tried.clear()  # a host faster than the emulated devices: a scale below 1
+    assert timescale._smallest_on_time(fake(0.5), None, "a", floor=0.2, first=5.0) == 0.8
+    assert tried == [0.2, 0.4, 0.8]
 
 
 def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) -> Any:
