@@ -151,16 +151,16 @@ def test_bad_time_scale_option(args: tuple[str, ...], key: str, tmp_path: Path) 
 
 
 def test_a_run_too_fast_for_its_host_says_so(tmp_path: Path) -> None:
-    """Devices at 200 GFLOP/s have jobs of a few microseconds: at wall-clock speed (K = 1)
-    torch cannot keep up, and the run must say that its results are distorted, record it
-    in meta.json and suggest a larger scale."""
+    """Devices at 200 GFLOP/s have jobs of a few microseconds: at wall-clock speed (K = 1,
+    kept for the whole run) torch cannot keep up, and the run must say that its results
+    are distorted, record it in meta.json and suggest a larger scale."""
     d = scenario_dict(n_devices=3, new_tokens=12, latency_ms=0.01, bandwidth_mbps=10_000)
     for dev in d["devices"]:
         dev["compute_gflops"] = 200.0
     d["name"] = "too_fast"
     f = tmp_path / "too_fast.yaml"
     f.write_text(json.dumps(d))  # JSON is YAML
-    r = _cli(str(f), "--time-scale", "1", "--out", str(tmp_path / "out"))
+    r = _cli(str(f), "--time-scale", "1", "--fixed-time-scale", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert "distorted" in r.stdout and "--time-scale" in r.stdout
     (run,) = (tmp_path / "out" / "too_fast").iterdir()
@@ -178,16 +178,16 @@ def test_a_distorted_runs_advice_is_enough(tmp_path: Path) -> None:
     that scale is not distorted. (On a host that other processes loaded meanwhile, the
     rerun's own advice gets one more try, as the twin tests do.)"""
     prep = experiment.prepare(_short("bandwidth_drop", 4))
-    first = experiment.run(prep, "resource_aware", tmp_path / "k1", clock="real", time_scale=1.0)
+    first = experiment.run(prep, "resource_aware", tmp_path / "k1", clock="real", time_scale=1.0, adapt=False)
     verdict = first.summary["fidelity"]
     assert verdict["distorted"], verdict
     assert verdict["needed_time_scale"] > 1, verdict  # the host needed more than its windows
     k = verdict["suggested_time_scale"]
     assert k >= verdict["needed_time_scale"]
-    again = experiment.run(prep, "resource_aware", tmp_path / "k2", clock="real", time_scale=k)
+    again = experiment.run(prep, "resource_aware", tmp_path / "k2", clock="real", time_scale=k, adapt=False)
     if again.summary["fidelity"]["distorted"] and _loaded(again.summary):
         k = again.summary["fidelity"]["suggested_time_scale"]
-        again = experiment.run(prep, "resource_aware", tmp_path / "k3", clock="real", time_scale=k)
+        again = experiment.run(prep, "resource_aware", tmp_path / "k3", clock="real", time_scale=k, adapt=False)
     assert not again.summary["fidelity"]["distorted"], (k, again.summary["fidelity"])
 
 
