@@ -66,7 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-scale", metavar="K|auto",
                    help="real clock: emulated time runs K times slower than the wall clock, so the "
                         "host's own work fits in the emulated windows; auto (default, or the "
-                        "scenario's emulation.time_scale) calibrates K on this host; 1 is wall-clock speed")
+                        "scenario's emulation.time_scale) calibrates K on this host; 1 is wall-clock speed, "
+                        "below 1 faster (0 < K)")
+    p.add_argument("--fixed-time-scale", action="store_true",
+                   help="real clock: keep the time scale for the whole run (by default it rises when "
+                        "the host falls behind; docs/fidelity.md)")
     p.add_argument("--transport", choices=("inproc", "ws"),
                    help="inproc (default): asyncio queues; ws: a websocket per agent pair on loopback")
     p.add_argument("--processes", action="store_true",
@@ -260,7 +264,7 @@ def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugi
 
             note("calibrating the time scale")
             try:
-                cal = calibrate(prep, algorithms, args.transport, args.processes)
+                cal = calibrate(prep, algorithms, args.transport, args.processes, early=args.links != "kernel")
             except RuntimeError as e:
                 err.print(f"error: {scen.file}: time scale calibration failed: {e} "
                           "(give --time-scale K to skip it)", markup=False)
@@ -279,7 +283,7 @@ def _main(args: argparse.Namespace, scen: Scenario, algorithms: list[str | Plugi
             with _progress(out, show, name_of(alg), scen.generation.new_tokens) as progress:
                 outcome = experiment.run(prep, alg, run_dir, clock=args.clock, transport=args.transport,
                                          processes=args.processes, attach=args.attach, progress=progress,
-                                         links=args.links,
+                                         links=args.links, adapt=not args.fixed_time_scale,
                                          time_scale=k, calibration=calibration,
                                          tap=live.tap(run_dir, name_of(alg)) if live is not None else None)
         except experiment.Interrupted as e:
@@ -352,7 +356,7 @@ def print_summary(out: Console, scen: Scenario, clock: str, o: experiment.Outcom
         out.print(f"  text          {s['prompt_text']!r} -> {s['generated_text']!r}", markup=False)
     if clock == "real":
         out.print(f"  time          {s['emulated_s']:.3f} s emulated in {s['wall_s']:.1f} s of wall time "
-                  f"(time scale {s['time_scale']:g}); overruns: {s['overrun_fraction']:.1%} of jobs, "
+                  f"(time scale {' -> '.join(f'{k:g}' for _, k in s.get('time_scales') or [[0, s['time_scale']]])}); overruns: {s['overrun_fraction']:.1%} of jobs, "
                   f"{s['late_delivery_fraction']:.1%} of deliveries")
         fid = s["fidelity"]
         if fid["distorted"]:

@@ -86,3 +86,20 @@ def test_block_names_round_trip() -> None:
     for bad in ("head.1", "ffn", "proj.x", "attn.0"):
         with pytest.raises(ValueError):
             Block.parse(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [2, 6, 8, 16, 64, 96, 576, 960, 2048])
+def test_rmsnorm_in_one_call_equals_the_formula_bit_for_bit(D: int, dtype: torch.dtype) -> None:
+    """The blocks' RMSNorm is one fused call (`F.rms_norm`); the runs' tokens and logits
+    must not move: it equals x * rsqrt(mean(x^2) + eps) * w, computed in float32."""
+    from testbed.model.blocks import _norm
+
+    spec = from_name("smollm2-135m")
+    g = torch.Generator().manual_seed(D)
+    for T in (1, 3, 17):
+        x = (4 * torch.randn(T, D, generator=g)).to(dtype)
+        w = {"norm.w": torch.randn(D, generator=g).to(dtype)}
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
+        assert torch.equal(_norm(x, w, spec), y.to(dtype) * w["norm.w"]), (D, dtype, T)

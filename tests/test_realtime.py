@@ -18,7 +18,7 @@ import torch
 from testbed.emulation import clock
 from testbed.experiments import hostload, twin
 from testbed.experiments import run as experiment
-from testbed.experiments.timescale import Job, calibrate, fit_time_scale, late_fraction
+from testbed.experiments.timescale import Job, calibrate, fit_time_scale, late_fraction, round_up
 from testbed.experiments.twin import compare
 from testbed.results.read import Run
 from testbed.scenario import Scenario, ScenarioError, load, parse
@@ -45,6 +45,20 @@ def test_scaled_loop_stretches_every_wait() -> None:
     assert wall < 25 * 0.008 + 1.0  # (a bound against waiting far longer than asked)
 
 
+def test_a_time_scale_below_one_runs_faster_than_the_wall_clock() -> None:
+    """K 0.25: 0.4 emulated seconds of waiting pass in 0.1 s of wall time."""
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        t0, w0 = loop.time(), time.perf_counter()
+        await asyncio.sleep(0.2)
+        await clock.sleep_until(loop.time() + 0.2)
+        return loop.time() - t0, time.perf_counter() - w0
+
+    emulated, wall = clock.run(main, "real", time_scale=0.25)
+    assert emulated >= 0.4
+    assert 0.25 * 0.4 * 0.99 <= wall < 0.25 * 0.4 + 0.2  # not 0.4 s: the wait shrank
+
+
 def test_one_epoch_one_timeline() -> None:
     """Two loops (as in two agent processes) given the same scale and epoch agree on the
     emulated time; the epoch is emulated time 0."""
@@ -66,7 +80,8 @@ def test_time_scale_is_adopted_later_and_checked() -> None:
 
     t, k, one = clock.run(main, "real")
     assert 0 <= t < 0.05 and k == 10 and one == pytest.approx(0.1)
-    for bad in (0.5, 0, -3, float("nan"), float("inf"), 1e9, True):
+    assert clock.ScaledEventLoop(0.5).time_scale == 0.5  # faster than the wall clock is allowed
+    for bad in (0, -3, float("nan"), float("inf"), 1e9, True):
         with pytest.raises(ValueError, match="time scale"):
             clock.ScaledEventLoop(bad)  # type: ignore[arg-type]
 
@@ -90,6 +105,10 @@ def test_replay_of_parallel_jobs_on_one_cpu() -> None:
     assert fit_time_scale(jobs, allowed=0.0) == pytest.approx(2e-3 / 1.05e-4, rel=0.02)
 
 
+def test_time_scales_round_up_to_whole_numbers_or_tenths() -> None:
+    assert [round_up(k) for k in (0.01, 0.1, 0.23, 0.9, 0.95, 1.0, 1.2, 7.0)] == [0.1, 0.1, 0.3, 0.9, 1.0, 1.0, 2.0, 7.0]
+
+
 def test_replay_of_a_pipeline() -> None:
     """Jobs one after another in emulated time overlap nowhere: the largest single ratio
     of host time to window decides."""
@@ -105,8 +124,9 @@ def test_scenario_time_scale() -> None:
     base = scenario_dict()
     assert parse(base, "<t>").emulation.time_scale is None  # auto by default
     assert parse({**base, "emulation": {"time_scale": 12.5}}, "<t>").emulation.time_scale == 12.5
+    assert parse({**base, "emulation": {"time_scale": 0.4}}, "<t>").emulation.time_scale == 0.4
     assert parse({**base, "emulation": {"time_scale": "auto"}}, "<t>").to_dict()["emulation"] == {"time_scale": "auto"}
-    for bad, why in ((0.5, ">= 1"), ("fast", "auto or a number"), (1e6, "at most"), (True, "a number")):
+    for bad, why in ((0, "> 0"), (-2, "> 0"), ("fast", "auto or a number"), (1e6, "at most"), (True, "a number")):
         with pytest.raises(ScenarioError, match=r"emulation\.time_scale: .*" + why):
             parse({**base, "emulation": {"time_scale": bad}}, "<t>")
     with pytest.raises(ScenarioError, match=r"emulation\.speed: unknown key"):
@@ -119,7 +139,7 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("args, key", [(("--clock", "virtual", "--time-scale", "4"), "--time-scale"),
-                                       (("--time-scale", "0.1"), "--time-scale"),
+                                       (("--time-scale", "0"), "--time-scale"),
                                        (("--time-scale", "quick"), "--time-scale")])
 def test_bad_time_scale_option(args: tuple[str, ...], key: str, tmp_path: Path) -> None:
     r = _cli("scenarios/steady.yaml", *args, "--out", str(tmp_path), timeout=60)
@@ -132,16 +152,16 @@ def test_bad_time_scale_option(args: tuple[str, ...], key: str, tmp_path: Path) 
 
 
 def test_a_run_too_fast_for_its_host_says_so(tmp_path: Path) -> None:
-    """Devices at 200 GFLOP/s have jobs of a few microseconds: at wall-clock speed (K = 1)
-    torch cannot keep up, and the run must say that its results are distorted, record it
-    in meta.json and suggest a larger scale."""
+    """Devices at 200 GFLOP/s have jobs of a few microseconds: at wall-clock speed (K = 1,
+    kept for the whole run) torch cannot keep up, and the run must say that its results
+    are distorted, record it in meta.json and suggest a larger scale."""
     d = scenario_dict(n_devices=3, new_tokens=12, latency_ms=0.01, bandwidth_mbps=10_000)
     for dev in d["devices"]:
         dev["compute_gflops"] = 200.0
     d["name"] = "too_fast"
     f = tmp_path / "too_fast.yaml"
     f.write_text(json.dumps(d))  # JSON is YAML
-    r = _cli(str(f), "--time-scale", "1", "--out", str(tmp_path / "out"))
+    r = _cli(str(f), "--time-scale", "1", "--fixed-time-scale", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert "distorted" in r.stdout and "--time-scale" in r.stdout
     (run,) = (tmp_path / "out" / "too_fast").iterdir()
@@ -159,16 +179,16 @@ def test_a_distorted_runs_advice_is_enough(tmp_path: Path) -> None:
     that scale is not distorted. (On a host that other processes loaded meanwhile, the
     rerun's own advice gets one more try, as the twin tests do.)"""
     prep = experiment.prepare(_short("bandwidth_drop", 4))
-    first = experiment.run(prep, "resource_aware", tmp_path / "k1", clock="real", time_scale=1.0)
+    first = experiment.run(prep, "resource_aware", tmp_path / "k1", clock="real", time_scale=1.0, adapt=False)
     verdict = first.summary["fidelity"]
     assert verdict["distorted"], verdict
     assert verdict["needed_time_scale"] > 1, verdict  # the host needed more than its windows
     k = verdict["suggested_time_scale"]
     assert k >= verdict["needed_time_scale"]
-    again = experiment.run(prep, "resource_aware", tmp_path / "k2", clock="real", time_scale=k)
+    again = experiment.run(prep, "resource_aware", tmp_path / "k2", clock="real", time_scale=k, adapt=False)
     if again.summary["fidelity"]["distorted"] and _loaded(again.summary):
         k = again.summary["fidelity"]["suggested_time_scale"]
-        again = experiment.run(prep, "resource_aware", tmp_path / "k3", clock="real", time_scale=k)
+        again = experiment.run(prep, "resource_aware", tmp_path / "k3", clock="real", time_scale=k, adapt=False)
     assert not again.summary["fidelity"]["distorted"], (k, again.summary["fidelity"])
 
 
@@ -374,6 +394,34 @@ def test_a_real_clock_run_computes_ahead_and_loses_nothing_across_migrations(tmp
     assert caches and set(caches.values()) == {n}, caches
 
 
+def test_over_websockets_content_goes_ahead_and_arrives_once(tmp_path: Path) -> None:
+    """bandwidth_drop on the real clock over websockets (K 10): data frames' content reaches
+    the receiver ahead of its emulated arrival, so most jobs compute early there too; the
+    re-plan moves blocks, every token equals the reference's, every cache holds exactly the
+    positions generated (no frame lost or acted on twice), and no frame is lost or refused."""
+    scen = _short("bandwidth_drop", 32, 0)
+    prep = experiment.prepare(scen)
+    jobs: dict[str, tuple[int, int]] = {}
+    caches: dict[str, int] = {}
+    frames: dict[str, int] = {}
+
+    async def finish(world: Any, controller: Any) -> None:
+        for name, agent in world.agents.items():
+            jobs[name] = (agent.compute.jobs, agent.compute.early_jobs)
+            caches.update(agent.cache_lengths())
+        frames.update(await world.frame_counts())
+        frames["pending"] = sum(len(ep._pending) for ep in world.endpoints.values())
+
+    out = experiment.run(prep, scen.controller.algorithm, tmp_path / "real", clock="real", time_scale=10,
+                         transport="ws", on_finish=finish)
+    assert out.ok and out.summary["correctness"]["tokens_match"], out.summary["correctness"]
+    assert out.summary["migrations"] > 0
+    assert sum(e for _, e in jobs.values()) > 0.5 * sum(j for j, _ in jobs.values()), jobs
+    n = len(prep.prompt) + 32 - 1
+    assert caches and set(caches.values()) == {n}, caches
+    assert frames == {"lost": 0, "refused": 0, "pending": 0}, frames
+
+
 def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps() -> None:
     """In process the scale is measured by real-clock pilots: from where the host only just
     keeps pace, doubling until a pilot's jobs and deliveries are on time; past twice the
@@ -385,7 +433,9 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     tried: list[float] = []
 
     def fake(fits_at: float) -> Any:
-        def run(prep: Any, alg: Any, path: Path, clock: str, time_scale: float) -> Any:
+        def run(prep: Any, alg: Any, path: Path, clock: str, time_scale: float, adapt: bool = True,
+                **how: Any) -> Any:
+            assert not adapt  # a pilot measures one scale: it never changes it
             tried.append(time_scale)
             late = 0.0 if time_scale >= fits_at else 0.2
             return SimpleNamespace(ok=True, status="completed",
@@ -396,7 +446,10 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     assert tried == [2.0, 4.0, 8.0]
     tried.clear()
     assert timescale._smallest_on_time(fake(1000.0), None, "a", floor=0.2, first=5.0) == 10.0
-    assert tried == [1.0, 2.0, 4.0, 8.0]
+    assert tried == [0.2, 0.4, 0.8, 2.0, 4.0, 8.0]
+    tried.clear()  # a host faster than the emulated devices: a scale below 1
+    assert timescale._smallest_on_time(fake(0.5), None, "a", floor=0.2, first=5.0) == 0.8
+    assert tried == [0.2, 0.4, 0.8]
 
 
 def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) -> Any:

@@ -254,3 +254,33 @@ def test_processes_refuse_without_token() -> None:
                         "--device", "pi-a"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "TESTBED_RUN_TOKEN" in r.stderr
     torch.manual_seed(0)  # (keep torch imported for the hypothesis test above)
+
+
+def test_content_sent_early_is_previewed_then_handled_once_at_its_arrival() -> None:
+    """A frame's content ahead of its arrival (due -n) goes to the previewer at once and
+    is handled only when its marker arrives, as of the marker's due time; content only
+    (due -inf) is previewed and never handled; a marker whose content is not held is a
+    lost frame, one without a number a refusal; what is held is bounded."""
+    from testbed.transport import ws as W
+
+    async def main() -> tuple[list[Any], list[Any], int, int, int]:
+        ep = WsEndpoint("b", "t")
+        seen: list[Any] = []
+        handled: list[Any] = []
+        ep.previewer = lambda peer, msg: seen.append((peer, msg["x"]))
+        ep.handler = lambda peer, msg, at: handled.append((peer, msg["x"], at))
+        now = 1.0  # when the frames arrive; the marker was due 0.99
+        ep._receive("a", encode({"due": -1.0, "t": "li", "x": 1}), now)
+        ep._receive("a", encode({"due": -float("inf"), "t": "li", "x": 2}), now)
+        assert handled == []
+        ep._receive("a", encode({"due": now - 0.01, "t": W.ARRIVAL, "n": 1}), now)
+        ep._receive("a", encode({"due": now, "t": W.ARRIVAL, "n": 1}), now)  # a second marker: nothing
+        ep._receive("a", encode({"due": now, "t": W.ARRIVAL, "n": "x"}), now)
+        for i in range(W.MAX_PENDING + 5):
+            ep._receive("a", encode({"due": -float(i + 2), "t": "li", "x": 0}), now)
+        return seen, handled, ep.lost_frames, ep.refused, len(ep._pending)
+
+    seen, handled, lost, refused, held = run_loop(main, "virtual")
+    assert seen[:2] == [("a", 1), ("a", 2)]
+    assert handled == [("a", 1, 0.99)]
+    assert (lost, refused, held) == (1, 1, W.MAX_PENDING)

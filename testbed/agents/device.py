@@ -883,6 +883,7 @@ def _or_now(work: Callable[[], T]) -> Callable[[T | None], T]:
 
 
 _EARLY_KINDS = frozenset((P.LAYER_INPUT, P.HEAD_OUTPUTS, P.FFN_INPUT, P.LAST_HIDDEN))
+EARLY_KINDS = _EARLY_KINDS  # the data frames whose content a transport may hand on early
 
 # the one dispatch table of a device: every record kind the agent acts on, by its type
 _HANDLERS: dict[type[P.Message], Callable[[DeviceAgent, str, Any, float | None], None]] = {

@@ -8,10 +8,13 @@ modes, and `loop.time()` is always the *emulated* time:
   Network Emulation", NSDI 2006): emulated time = (wall time - epoch) / K, and every wait
   of d emulated seconds lasts K*d on the wall clock. The host then has K times more room
   for each emulated microsecond, so its own speed (torch, asyncio, sockets) stops deciding
-  the latency. K = 1 is true wall-clock speed. The epoch is a Unix time, so agents in
-  other processes or on other hosts share one timeline: the runner hands them K and the
-  epoch when it connects (`set_time_scale`). Waits use the monotonic clock; the epoch is
-  converted to it once. It waits with `select()` rather than epoll: epoll's timeout has
+  the latency. K = 1 is true wall-clock speed; K below 1 runs the emulation faster than
+  the wall clock, for a host faster than the emulated devices. The epoch is a Unix time,
+  so agents in other processes or on other hosts share one timeline: the runner hands them
+  K and the epoch when it connects (`set_time_scale`). K may change during a run (the host
+  fell behind): every loop switches at one Unix instant `at` announced ahead, to K' and
+  the epoch' that keeps emulated time continuous there, (at - epoch) / K = (at - epoch')
+  / K'. Waits use the monotonic clock; the epoch is converted to it once. It waits with `select()` rather than epoll: epoll's timeout has
   millisecond granularity (rounded up, so timers fire up to 1 ms late), select's has
   microseconds (measured here: 0.84 ms vs 0.12 ms mean lateness). Its limit of 1024
   descriptors is far above what a run opens.
@@ -99,23 +102,47 @@ class ScaledEventLoop(asyncio.SelectorEventLoop):
         super().__init__(selector)
         self._real_select = selector.select
         selector.select = self._select  # type: ignore[method-assign]  # the loop waits here: waits stretch here
+        self._switch: tuple[float, float, float] | None = None  # (monotonic instant, K', epoch')
+        self.scales: list[tuple[float, float]] = []  # (emulated time, K) at every change
         self.set_time_scale(time_scale, time.time() if epoch is None else epoch)
 
-    def set_time_scale(self, time_scale: float, epoch: float) -> None:
-        """Adopt a scale and an epoch (before the emulation starts: timers already set keep
-        their emulated deadlines, which the new mapping moves on the wall clock)."""
+    def set_time_scale(self, time_scale: float, epoch: float, at: float | None = None) -> None:
+        """Adopt a scale and an epoch, now or at Unix time `at` (timers already set keep
+        their emulated deadlines, which the new mapping moves on the wall clock). A switch
+        during a run gives the epoch that keeps emulated time continuous at `at`
+        (`continuous_epoch`); a later call replaces a switch still pending."""
         check_time_scale(time_scale)
+        offset = time.time() - time.monotonic()
+        if at is not None and at > time.time():
+            self._switch = (at - offset, float(time_scale), float(epoch))
+            return
+        self._switch = None
         self.time_scale = float(time_scale)
         self.epoch = float(epoch)
-        self._mono0 = time.monotonic() - (time.time() - self.epoch)
+        self._mono0 = self.epoch - offset
+        self.scales.append((self.time(), self.time_scale))
+
+    def continuous_epoch(self, time_scale: float, at: float) -> float:
+        """The epoch that keeps emulated time continuous at Unix time `at` under `time_scale`."""
+        return at - (at - self.epoch) / self.time_scale * time_scale
 
     def time(self) -> float:
-        return (time.monotonic() - self._mono0) / self.time_scale
+        m = time.monotonic()
+        if self._switch is not None and m >= self._switch[0]:
+            ms, k, epoch = self._switch
+            self._switch = None
+            e = (ms - self._mono0) / self.time_scale  # the emulated time of the switch, exactly
+            self.time_scale, self.epoch = k, epoch
+            self._mono0 = ms - e * k
+            self.scales.append((e, k))
+        return (m - self._mono0) / self.time_scale
 
     def _select(self, timeout: float | None = None) -> list[Any]:
         if timeout is None or timeout <= 0:
             return self._real_select(timeout)
         wall = timeout * self.time_scale
+        if self._switch is not None:  # wake at a switch of scale: waits are recomputed after it
+            wall = max(0.0, min(wall, self._switch[0] - time.monotonic()))
         end = time.monotonic() + wall
         if wall > self.SPIN_S:
             events = self._real_select(wall - self.SPIN_S)
@@ -129,8 +156,8 @@ class ScaledEventLoop(asyncio.SelectorEventLoop):
 
 def check_time_scale(k: float) -> float:
     if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) \
-            or not 1.0 <= k <= MAX_TIME_SCALE:
-        raise ValueError(f"time scale must be a number from 1 to {MAX_TIME_SCALE:g}, got {k!r}")
+            or not 0.0 < k <= MAX_TIME_SCALE:
+        raise ValueError(f"time scale must be a number above 0 and at most {MAX_TIME_SCALE:g}, got {k!r}")
     return float(k)
 
 

@@ -32,6 +32,7 @@ from ..placement.plugins import Plugin, PluginFailed, safe_name
 from ..placement.registry import instantiate
 from ..results.write import RunWriter, Tap
 from ..scenario.records import Scenario
+from .adapt import Adapter
 from .hooks import RunHooks
 from .hostload import HostMonitor
 from .prepare import Prepared, prepare
@@ -80,10 +81,12 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
                      transport: str = "inproc", processes: bool = False,
                      setup: Callable[[Any], None] | None = None,
                      on_finish: Callable[[Any, Controller], object] | None = None,
-                     attach: dict[str, str] | None = None, links: str = "emulated") -> None:
+                     attach: dict[str, str] | None = None, links: str = "emulated",
+                     adapt: bool = False) -> None:
     scen = prep.scenario
     controller: Controller | None = None
     hooks: RunHooks | None = None
+    adapter: Adapter | None = None
 
     def on_fault(where: str, what: str) -> None:
         writer.event(hooks.now() if hooks else 0.0, hooks.k if hooks else 0, "fault", where, what)
@@ -125,11 +128,16 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         await hooks.load(0)
         await controller.deploy()
         await hooks.start()
+        if adapt and clock_mod.time_scale(world.loop) is not None:  # the real clock follows its host
+            adapter = ctx.adapter = Adapter(world, hooks, writer)
+            adapter.start()
         for k in range(scen.generation.new_tokens):
             await hooks.before_token(k)
             row = await controller.produce(k)
             writer.token(row)
             await hooks.after_token(k)
+        if adapter is not None:
+            await adapter.stop()
         await controller.finish()
         ctx.total_s = world.loop.time() - controller.t0
         ctx.frames = await world.frame_counts()
@@ -141,6 +149,8 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             if inspect.isawaitable(done):
                 await done
     finally:
+        if adapter is not None:
+            await adapter.stop()
         if hooks is not None:
             await hooks.stop()
         if controller is not None:
@@ -154,7 +164,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         setup: Callable[[Any], None] | None = None,
         on_finish: Callable[[Any, Controller], object] | None = None,
         time_scale: float = 1.0, calibration: dict[str, Any] | None = None,
-        tap: Tap | None = None, links: str = "emulated") -> Outcome:
+        tap: Tap | None = None, links: str = "emulated", adapt: bool = True) -> Outcome:
     """Run one algorithm (a registered name, a loaded `Plugin`, or any object with `name`,
     `dynamic` and `place`) on a prepared scenario; always leaves meta.json and summary.json.
     A plug-in that fails fails only this run: its reason and traceback go to meta.json's
@@ -162,7 +172,8 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     clock (`calibration`: how that scale was chosen, recorded in meta.json). `tap` sees every
     result row as it is written (the live view). `links="kernel"` (agent processes only):
     the links are veth pairs between network namespaces shaped by the kernel's tbf
-    (testbed/harness/kernelworld.py); meta.json's `kernel_links` says how."""
+    (testbed/harness/kernelworld.py); meta.json's `kernel_links` says how. `adapt`: on the
+    real clock, raise the time scale when the host falls behind (adapt.py)."""
     scen = prep.scenario
     alg_name = algorithm if isinstance(algorithm, str) else algorithm.name
     # per-head work is a few tiny matrix products: one thread avoids OpenMP spin and
@@ -194,7 +205,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     wall0 = time.perf_counter()
     try:
         clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, ctx, transport, processes,
-                                         setup, on_finish, attach, links), clock, time_scale)
+                                         setup, on_finish, attach, links, adapt), clock, time_scale)
     except RunFailed as e:
         status = f"failed: {e}"
         if e.error is not None:

@@ -22,8 +22,9 @@ algorithm of the command (the largest K wins, so algorithms are compared at one 
 
 K is the larger of the two, times MARGIN for the noise of a shared machine.
 
-In process, devices compute early on the real clock (a job's arithmetic starts when its
-input's content exists, long before its emulated arrival; see `agents/device.py`), so the
+Devices compute early on the real clock, in process and in agent processes alike (a job's
+arithmetic starts when its input's content exists, long before its emulated arrival; see
+`agents/device.py` and `transport/ws.py`), so the
 replay's constraint (each job's host work inside its own window) is only an upper bound:
 what counts is that the arithmetic is done by the window's end and that the host keeps
 pace with the emulated tokens. That is measured directly: real-clock pilots at falling
@@ -118,7 +119,7 @@ class Calibration:
     expected_wall_s: float  # of one run at this scale (extrapolated from the virtual pilot)
     skipped: dict[str, str] = field(default_factory=dict)  # algorithms whose pilot failed, and why
     margin: float = MARGIN
-    early: bool = False  # in process: devices compute early, and real pilots found the scale
+    early: bool = False  # devices compute early, and real pilots found the scale
 
     def line(self) -> str:
         head = (f"time scale {self.time_scale:g} (auto): this host needs {self.host_ms_median:.3f} ms per job "
@@ -146,10 +147,11 @@ def _median(xs: Sequence[float]) -> float:
 
 
 def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", processes: bool = False,
-              tokens: int = PILOT_TOKENS, real_tokens: int = REAL_PILOT_TOKENS) -> Calibration:
+              tokens: int = PILOT_TOKENS, real_tokens: int = REAL_PILOT_TOKENS, early: bool = True) -> Calibration:
     """The time scale for running `prep`'s scenario with each of `algorithms` over `transport`
     (agents in `processes` or not): the largest any of them needs, so that they are compared
-    at one scale."""
+    at one scale. `early`: the devices compute early (every real-clock run but one whose
+    links the kernel shapes)."""
     from . import run as experiment
 
     w0 = time.perf_counter()
@@ -166,9 +168,10 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
             # transport, agents in processes if asked): a host that sleeps between jobs pays
             # more per job (cold caches, timer wake-ups, sockets). The share of its window the
             # host needed, at the 95th percentile, says which scale would be just enough.
-            if transport == "inproc" and not processes:
+            if early:
                 floor = summary["wall_s"] / max(1e-9, summary["emulated_s"])
-                probe = _smallest_on_time(experiment, _shorter(prep, real_tokens), alg, floor, first)
+                probe = _smallest_on_time(experiment, _shorter(prep, real_tokens), alg, floor, first,
+                                          transport, processes)
                 s = 1.0
             else:
                 probe = min(MAX_TIME_SCALE, max(2.0, float(math.ceil(PROBE_FACTOR * first))))
@@ -176,38 +179,44 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
         except RuntimeError as e:  # this algorithm fails anyway: its own run will say why
             failed[_name(alg)] = str(e)
             continue
-        k = probe if transport == "inproc" and not processes else max(first, probe * s)
+        k = probe if early else max(first, probe * s)
         if k >= fitted:
             fitted, best, k_probe, share = k, jobs, probe, s
     if len(failed) == len(algorithms):
         raise RuntimeError("; ".join(f"{a}: {why}" for a, why in failed.items()))
-    margin = EARLY_MARGIN if transport == "inproc" and not processes else MARGIN
-    k = min(MAX_TIME_SCALE, float(math.ceil(fitted * margin)))
+    margin = EARLY_MARGIN if early else MARGIN
+    k = min(MAX_TIME_SCALE, round_up(fitted * margin))
     return Calibration(k, fitted, len(best), min(real_tokens, prep.scenario.generation.new_tokens), k_probe,
                        share, 1e3 * _median([j.host_s for j in best]),
                        1e3 * _median([j.finish - j.start for j in best]), 1e3 * hop, time.perf_counter() - w0,
-                       k * per_token * prep.scenario.generation.new_tokens, failed, margin,
-                       transport == "inproc" and not processes)
+                       k * per_token * prep.scenario.generation.new_tokens, failed, margin, early)
 
 
-def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, first: float) -> float:
-    """In process, computing early: the smallest scale in floor, 2 floor, 4 floor, ... (whole
-    numbers, at least 1) at which a real-clock pilot keeps its jobs and deliveries on time;
+def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, first: float,
+                      transport: str = "inproc", processes: bool = False) -> float:
+    """Computing early: the smallest scale in floor, 2 floor, 4 floor, ... (`round_up`:
+    below 1 where the host is faster than the emulated devices) at which a real-clock pilot keeps its jobs and deliveries on time;
     `floor` is where the host only just keeps pace with the emulated tokens (the virtual
     pilot's host time over its emulated time). Past PROBE_FACTOR x `first` (the replay's
     bound without computing early), that bound: a host too busy to say."""
-    k = max(1.0, float(math.ceil(floor)))
+    k = round_up(floor)
     cap = max(1.0, PROBE_FACTOR * first)
     while k < cap:
         with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
-            out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k)
+            out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k,
+                                 transport=transport, processes=processes, adapt=False)
         if not out.ok:
             raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
         s = out.summary
         if s["overrun_fraction"] <= EARLY_ALLOWED and s["late_delivery_fraction"] <= EARLY_ALLOWED:
             return k
-        k = float(math.ceil(2 * k))
+        k = round_up(2 * k)
     return min(MAX_TIME_SCALE, cap)
+
+
+def round_up(k: float) -> float:
+    """A time scale rounded up: to a whole number from 1, to tenths below (at least 0.1)."""
+    return float(math.ceil(k)) if k >= 1 else max(0.1, math.ceil(10 * k - 1e-9) / 10)
 
 
 def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport: str, processes: bool) -> float:
@@ -222,7 +231,7 @@ def _real_share(experiment: Any, prep: Any, algorithm: Any, k: float, transport:
 
     with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
         out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k,
-                             transport=transport, processes=processes, on_finish=on_finish)
+                             transport=transport, processes=processes, on_finish=on_finish, adapt=False)
     if not out.ok:
         raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
     return max((r.host_share_p95 for r in rows), default=0.0)

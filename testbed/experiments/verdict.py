@@ -39,6 +39,7 @@ class RunContext:
     link_rows: list[LinkRow] = field(default_factory=list)
     host: dict[str, Any] = field(default_factory=dict)  # HostMonitor's record
     wall_s: float = math.nan
+    adapter: Any = None  # real clock: the time scale's watcher (adapt.Adapter), if it ran
 
 
 def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: float,
@@ -82,6 +83,8 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
     peak = {name: r.memory.peak for name, r in last.items()}
     ids = [int(r["token_id"]) for r in rows]
     cuts = sorted({e.at_token for e in prep.scenario.events if e.at_token is not None})
+    changes = ctx.adapter.changes if ctx.adapter is not None else []
+    k_end = changes[-1][1] if changes else time_scale  # the run's time scale at its end
     extra: dict[str, Any] = {
         "status": status,
         "total_s": ctx.total_s,
@@ -102,7 +105,7 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
         "recover_ms": st.recover_ms if st else [],
         "overrun_fraction": overruns / jobs if jobs else 0.0,
         "late_delivery_fraction": late / delivered if delivered else 0.0,
-        "fidelity": fidelity(clock, time_scale, overruns / jobs if jobs else 0.0,
+        "fidelity": fidelity(clock, k_end, overruns / jobs if jobs else 0.0,
                              late / delivered if delivered else 0.0, share, ctx.host),
         "host": ctx.host,
         "peak_memory_bytes": peak,
@@ -116,6 +119,9 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
     }
     if st and st.migration_log:  # pre-copy runs: one record per migration
         extra["migration_detail"] = migration_detail(st.migration_log, rows)
+    if clock == "real":  # the scale over time (it rises when the host falls behind) and how busy the host was
+        extra["time_scales"] = [[0.0, time_scale], *([round(t, 9), k] for t, k in changes)]
+        extra["host_busy_share"] = (ctx.host or {}).get("busy_fraction")
     if prep.tokenizer is not None:
         extra["prompt_text"] = prep.prompt_text
         extra["generated_text"] = prep.tokenizer.decode(ids)

@@ -292,7 +292,7 @@ def _parse(r: _Reader, data: object, file: str) -> Experiment:
     if "time_scale" in top:
         if clock != "real":
             r.fail("time_scale", "applies to the real clock only (clock: real)")
-        time_scale = r.number(top["time_scale"], "time_scale", ge=1.0, le=MAX_TIME_SCALE)
+        time_scale = r.number(top["time_scale"], "time_scale", gt=0.0, le=MAX_TIME_SCALE)
     elif clock == "real":
         r.fail("time_scale", "is required with clock: real (runs in parallel cannot each calibrate one)")
     report_raw = r.list_(top.get("report", list(DEFAULT_REPORT)), "report")

@@ -35,6 +35,7 @@ from .control import (  # by name: the class's `control` method hides the module
     Op,
     Send,
 )
+from .early import compute_early
 from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger("agent")
@@ -144,9 +145,13 @@ class AgentProcess:
     # ---- the operations (control.OPS checked their fields); each returns what its answer adds
 
     async def _clock(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:
-        """The run's timeline: its time scale and epoch (before anything else)."""
+        """The run's timeline: its time scale and epoch (before anything else), or a change
+        of scale at Unix time `at` (the host fell behind)."""
         loop = asyncio.get_running_loop()
-        loop.set_time_scale(float(m["time_scale"]), float(m["epoch"]))  # type: ignore[attr-defined]  # the agent's loop is the clock's (clock.run)
+        loop.set_time_scale(float(m["time_scale"]), float(m["epoch"]), m.get("at"))  # type: ignore[attr-defined]  # the agent's loop is the clock's (clock.run)
+        compute_early(self.agent, self.ep)  # agent processes run on the real clock
+        if m.get("at") is not None:
+            return  # a change of scale during the run: the lag monitor goes on
         self.lag.stop()
         self.lag = LagMonitor()
         self.lag.start()

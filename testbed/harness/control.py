@@ -96,7 +96,11 @@ class Op:
 
 
 def _clock(m: dict[str, Any], c: Context) -> dict[str, Any]:
-    return {"time_scale": _num(m, "time_scale", 1.0, MAX_TIME_SCALE), "epoch": _num(m, "epoch", 0.0, 1e11)}
+    """The run's time scale and epoch, from now or (`at`, a Unix time) from that instant."""
+    k = _num(m, "time_scale", 0.0, MAX_TIME_SCALE)
+    if not k:
+        raise ControlError("time_scale must be above 0")
+    return {"time_scale": k, "epoch": _num(m, "epoch", -1e11, 1e11), "at": _num(m, "at", 0.0, 1e11, optional=True)}
 
 
 def _peers(m: dict[str, Any], c: Context) -> dict[str, Any]:

@@ -335,6 +335,10 @@ class ProcessCluster:
         """The background load for this token: device -> (memory share, compute share)."""
         await self._each("background", {n: {"memory": m, "compute": c} for n, (m, c) in loads.items()})
 
+    async def rescale(self, time_scale: float, epoch: float, at: float) -> None:
+        """Every live agent switches to `time_scale` and `epoch` at Unix time `at`."""
+        await self._each("clock", {n: {"time_scale": time_scale, "epoch": epoch, "at": at} for n in self.names})
+
     async def _each(self, op: str, fields: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """One request to each live agent named in `fields`; an agent that cannot answer is
         lost (and left out of the answers)."""

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Callable
 
 from ..agents.device import DeviceAgent
+from ..emulation.clock import time_scale
 from ..emulation.link import EmulatedLink
 from ..model.blocks import WeightSource
 from ..model.spec import ModelSpec
@@ -20,6 +21,7 @@ from ..scenario.records import LinkSpec, Scenario
 from ..transport.codec import MAX_FRAME
 from ..transport.ws import FRAME_EXTRA, WsEndpoint
 from .cluster import Cluster
+from .early import compute_early
 from .world import retimed
 
 
@@ -40,6 +42,8 @@ class WsCluster(Cluster):
         ep.on_fault = self.on_fault
         ep.retimed = retimed
         self.endpoints[agent.name] = ep
+        if time_scale(self.loop) is not None:  # real clock: compute as soon as content arrives
+            compute_early(agent, ep)
 
     def _sender(self, name: str) -> Callable[..., int]:
         return lambda dst, msg, at=None: self.endpoints[name].send(dst, msg, at)

@@ -130,10 +130,10 @@ class RandomWeights:
 
 
 def _norm(x: torch.Tensor, w: Tensors, spec: ModelSpec, prefix: str = "norm") -> torch.Tensor:
-    if spec.norm == "rmsnorm":
-        xf = x if x.dtype == torch.float32 else x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
-        return (y if y.dtype == x.dtype else y.to(x.dtype)) * w[f"{prefix}.w"]
+    if spec.norm == "rmsnorm":  # x * rsqrt(mean(x^2) + eps) * w, one fused call (the same bits)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w[f"{prefix}.w"], spec.norm_eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), None, spec.norm_eps).to(x.dtype) * w[f"{prefix}.w"]
     return F.layer_norm(x, (spec.d_model,), w[f"{prefix}.w"], w[f"{prefix}.b"], spec.norm_eps)
 
 

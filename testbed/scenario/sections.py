@@ -322,8 +322,9 @@ def read_emulation(r: FormatReader, value: object) -> EmulationSpec:
 
 
 def parse_time_scale(value: object, file: str, path: str) -> float | None:
-    """`auto` (None: calibrate on this host) or a number K from 1 to MAX_TIME_SCALE: emulated
-    time runs K times slower than the wall clock. ScenarioError naming `file` and `path`."""
+    """`auto` (None: calibrate on this host) or a number 0 < K <= MAX_TIME_SCALE: emulated
+    time runs K times slower than the wall clock (below 1: faster, where the host is faster
+    than the emulated devices). ScenarioError naming `file` and `path`."""
     r = FormatReader(file)
     if value == "auto":
         return None
@@ -331,8 +332,8 @@ def parse_time_scale(value: object, file: str, path: str) -> float | None:
         try:
             value = float(value)
         except ValueError:
-            r.fail(path, f"must be auto or a number from 1 to {MAX_TIME_SCALE:g}, got {value!r}")
-    k = r.number(value, path, ge=1.0)
+            r.fail(path, f"must be auto or a number above 0 and at most {MAX_TIME_SCALE:g}, got {value!r}")
+    k = r.number(value, path, gt=0.0)
     if k > MAX_TIME_SCALE:
         r.fail(path, f"must be at most {MAX_TIME_SCALE:g}, got {k:g}")
     return k

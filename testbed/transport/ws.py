@@ -23,6 +23,17 @@ adds a few tens of microseconds). Each frame carries the time it was due (`due`,
 into a fixed-width field when the link delivers it), so the receiver counts the socket hop
 and its own decoding as host time, not as the emulated network's; a stamp from another
 host's clock is not plausible and the arrival time is used instead.
+
+Content early (real clock, when the agents compute early: `early` says which messages):
+such a frame is written to the socket at once, its `due` field holding -n (n a number of
+the sender's), and the emulated link carries it as before, charging the same bytes; when
+the link delivers it, only a small arrival marker (`t` "arr", `n`, and the due time) is
+written. The receiver keeps the content (at most `MAX_PENDING` per endpoint), hands it to
+`previewer` (the agent starts the arithmetic), and passes it to the handler when its
+marker arrives, as of the marker's due time. A rate or latency change that moves the
+arrival moves the marker, so the link model is exactly as without it; one connection per
+pair keeps every content ahead of its marker. A frame whose `due` is -inf is content only
+(`send_early`: a result known before its job's window ends; the frame follows as usual).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -52,6 +64,8 @@ LOOPBACK = "127.0.0.1"
 HEARTBEAT_S = 5.0  # wall seconds between pings (a busy host must still answer within half)
 HANDSHAKE_S = 10.0  # wall seconds a connection may take to send its request
 MAX_QUEUED = 256 * 1024 * 1024  # bytes waiting for one peer's socket
+MAX_PENDING = 4096  # contents received early whose arrival is still ahead (per endpoint)
+ARRIVAL = "arr"  # the marker that a frame sent early has arrived (never reaches the agent)
 # frames start with the map entry "due": <float64>: header byte, key, type byte, 8 bytes
 _DUE_PREFIX, _DUE_AT = b"\xa3due\xcb", 6
 # bytes every frame carries beyond the encoded message (the "due" entry); the cost model
@@ -104,6 +118,12 @@ class WsEndpoint:
         # the receiver takes a frame's real arrival, not the time the emulation says it is due
         self.kernel_links = False
         self._kernel_last: dict[str, float] = {}  # per peer: the last frame's write time (FIFO)
+        # content early (see the module's doc): which messages go ahead of their frames (None:
+        # none), who gets their content on receipt, and the contents waiting for their markers
+        self.early: Callable[[dict[str, Any]], bool] | None = None
+        self.previewer: Callable[[str, dict[str, Any]], None] | None = None
+        self._early_n = 0
+        self._pending: dict[tuple[str, int], dict[str, Any]] = {}
 
     @property
     def refused(self) -> int:
@@ -256,6 +276,20 @@ class WsEndpoint:
             self._refuse(peer, str(e))
             return
         due = msg.pop("due", None)
+        if isinstance(due, float) and due < 0:
+            self._content(peer, msg, due)
+            return
+        if msg.get("t") == ARRIVAL:
+            n = msg.get("n")
+            if not isinstance(n, int) or isinstance(n, bool):
+                self._refuse(peer, f"an arrival marker without a number ({type(n).__name__})")
+                return
+            content = self._pending.pop((peer, n), None)
+            if content is None:  # its content was dropped here (beyond MAX_PENDING): the frame is lost
+                self.lost_frames += 1
+                log.info("%s->%s: arrival %d of content no longer held", peer, self.name, n)
+                return
+            msg = content
         if not self.kernel_links and isinstance(due, float) and arrived - 1.0 <= due <= arrived:
             arrived = due  # the socket hop and the decoding are the host's, not the link's
         if self.handler is None:
@@ -265,6 +299,22 @@ class WsEndpoint:
         except Exception as e:  # a bug in the agent: it must surface, and the agent go on
             log.exception("%s: handling %r from %s failed", self.name, msg.get("t"), peer)
             self.on_fault(f"{peer}->{self.name}", f"handling {msg.get('t')!r} failed: {type(e).__name__}: {e}")
+
+    def _content(self, peer: str, msg: dict[str, Any], due: float) -> None:
+        """A frame's content ahead of its arrival: kept for its marker (unless it is
+        content only), and previewed."""
+        if due != -math.inf:
+            if not due.is_integer() or due < -2.0 ** 53:
+                self._refuse(peer, f"content early with a bad number {due!r}")
+                return
+            if len(self._pending) >= MAX_PENDING:  # bounded: the oldest goes (its arrival, if it comes, is lost)
+                self._pending.pop(next(iter(self._pending)))
+            self._pending[(peer, int(-due))] = msg
+        if self.previewer is not None:
+            try:
+                self.previewer(peer, msg)
+            except Exception:  # the arithmetic early is an optimisation: its frame still arrives
+                log.exception("%s: previewing %r from %s failed", self.name, msg.get("t"), peer)
 
     async def _write_loop(self, peer: str, ws: Any, queue: asyncio.Queue[bytes]) -> None:
         while True:
@@ -298,8 +348,27 @@ class WsEndpoint:
             self._kernel_last[dst] = write
             self.loop.call_at(write, self._put, dst, frame, write)
             return len(frame)
+        if self.early is not None and self.early(msg) and self._room(dst, len(frame)):
+            self._early_n += 1
+            n = self._early_n
+            self._put(dst, bytearray(frame), -float(n))  # the content now; the link carries the frame
+            link.send(frame, lambda f: self._arrived(dst, n, link.due), at, self.retimed(msg))  # type: ignore[arg-type]  # as below
+            return len(frame)
         link.send(frame, lambda f: self._put(dst, f, link.due), at, self.retimed(msg))  # type: ignore[arg-type]  # link.due is set by the send that calls back
         return len(frame)
+
+    def send_early(self, dst: str, msg: dict[str, Any]) -> None:
+        """Content only, to dst's previewer at once (no link, no arrival): a result known
+        before its job's window ends, whose frame is sent when it ends."""
+        if dst != self.name and dst in self.links and self._room(dst, 0):
+            self._put(dst, bytearray(self._encode(msg)), -math.inf)
+
+    def _arrived(self, dst: str, n: int, due: float) -> None:
+        """The link delivered a frame whose content went ahead: its arrival marker."""
+        self._put(dst, bytearray(encode({"due": 0.0, "t": ARRIVAL, "n": n})), due)
+
+    def _room(self, dst: str, size: int) -> bool:
+        return dst in self._ws and dst in self._queues and self._queued.get(dst, 0) + size <= MAX_QUEUED
 
     def _local(self, msg: dict[str, Any], at: float | None) -> None:
         if self.handler is not None:

@@ -130,7 +130,8 @@ def _scenarios(names: list[str], tokens: int, calibrate_only: frozenset[str] | s
                 d = twin.same_decisions(_decisions(real.run_dir), _decisions(virtual.run_dir))
                 c = {**c, "same_decisions": d["same"], "decision_problems": d["problems"]}
                 out.append({"scenario": name, "mode": label, "tokens": scen.generation.new_tokens,
-                            "calibration_s": cal.seconds, **c})
+                            "calibration_s": cal.seconds, **c, "time_scales": real.summary.get("time_scales"),
+                            "load_avg_1m": (real.summary.get("host") or {}).get("load_avg_1m")})
                 print(f"  {name}, {label}: {'faithful' if c['faithful'] else '; '.join(c['problems'])}; "
                       f"{'the same decisions' if d['same'] else '; '.join(d['problems'])}", flush=True)
                 on_row(out)
@@ -154,13 +155,20 @@ def scenarios_table(rows: list[dict[str, Any]]) -> str:
                          f"| {r['skipped']} |")
             continue
         lines.append(
-            f"| {r['scenario']} | {r['mode']} | {r['tokens']} | {r['time_scale']:g} | {r['wall_s']:.0f} "
+            f"| {r['scenario']} | {r['mode']} | {r['tokens']} | {_scales(r)} | {r['wall_s']:.0f} "
             f"| {r['mean_ms']:.2f} ({r['twin_mean_ms']:.2f}) | {r['mean_error']:+.1%} "
             f"| {r['p95_ms']:.2f} ({r['twin_p95_ms']:.2f}) | {r['p95_error']:+.1%} "
             f"| {r['migrations']} ({r['twin_migrations']}) | {r['overrun_fraction']:.1%} "
             f"| {'faithful' if r['faithful'] else '; '.join(r['problems'])}"
             f"{'' if r.get('same_decisions', True) else '; other decisions: ' + '; '.join(r['decision_problems'])} |")
     return "\n".join(lines)
+
+
+def _scales(r: dict[str, Any]) -> str:
+    """The row's time scale, and where it rose during the run (the host fell behind) what it
+    rose to: 8 -> 16."""
+    ks = [k for _, k in r.get("time_scales") or []] or [r["time_scale"]]
+    return " -> ".join(f"{k:g}" for k in ks)
 
 
 def _after(summary: dict[str, Any], token: int) -> float:
@@ -190,7 +198,10 @@ def _main_job() -> dict[str, Any]:
     return {"time_scale": cal.time_scale, "cut": cut, "ratio": ratio, "migrations": mig,
             "after_ms": {k: _after(v, cut) for k, v in res.items()},
             "wall_s": {k: v["wall_s"] for k, v in res.items()},
-            "overrun": {k: v["overrun_fraction"] for k, v in res.items() if k.startswith("real")}, "pass": ok}
+            "overrun": {k: v["overrun_fraction"] for k, v in res.items() if k.startswith("real")},
+            "time_scales": {k: v.get("time_scales") for k, v in res.items() if k.startswith("real")},
+            "load_avg_1m": {k: (v.get("host") or {}).get("load_avg_1m") for k, v in res.items() if k.startswith("real")},
+            "pass": ok}
 
 
 # ---------------------------------------------------------------------------- host work

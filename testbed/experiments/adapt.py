@@ -1,0 +1,115 @@
+"""A time scale that follows the host during a real-clock run (issue: real time at the
+host's speed): when the host falls behind, the run raises K rather than overrun.
+
+Every `PERIOD_S` of wall time the runner reads what the devices did since the last look
+(jobs and overruns, `World.device_rows`) and what the links delivered late (control frames,
+`World.link_rows`); `decide` (pure) says whether to raise K and to what. A raise takes
+effect at one Unix instant announced `LEAD_S` ahead to every loop of the run (the runner's,
+and each agent process's over its control channel, attached hosts included: the `clock`
+operation with `at`), with the epoch that keeps emulated time continuous there
+(`ScaledEventLoop.set_time_scale`). `events.csv` records each change (kind `time_scale`),
+`summary.json` the scale over time (`time_scales`: [emulated s, K] from the run's start,
+each change as of the first look after it took effect)
+and the host's busy share. K is only raised: a host that becomes quiet again is not
+followed down (a lower K would have to be proven on time first, as the calibration does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..emulation.clock import from_wall
+from ..scenario.format import MAX_TIME_SCALE
+
+PERIOD_S = 0.2  # wall seconds between looks
+LEAD_S = 0.15  # wall seconds between deciding and switching (agent processes must hear of it)
+FACTOR = 2.0  # a raise multiplies K by this
+# a look at which more than this share of the jobs done since the last look overran raises
+# K (a single one in a short look does not: the run's own limit is 1 %, and one wake-up
+# delayed by another process is not a trend) ...
+LATE_SHARE = 0.004
+MIN_JOBS = 20  # fewer jobs than this since the last raise: wait for more
+# ... as does one at which more than this share of at least MIN_FRAMES control frames were
+# delivered late (they are few, and timed by the host: a looser bound)
+LATE_FRAMES = 0.1
+MIN_FRAMES = 8
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What the devices and links did since the run's start (monotone counters)."""
+
+    jobs: int
+    overruns: int
+    delivered: int
+    late: int
+
+
+def decide(k: float, since: Totals, now: Totals) -> float | None:
+    """The new time scale, or None: raise by FACTOR when the jobs since `since` overran
+    more than LATE_SHARE of the time (at least MIN_JOBS of them), or the control frames
+    were late more than LATE_FRAMES of the time (at least MIN_FRAMES of them)."""
+    jobs, over = now.jobs - since.jobs, now.overruns - since.overruns
+    sent, late = now.delivered - since.delivered, now.late - since.late
+    if k >= MAX_TIME_SCALE:
+        return None
+    if (jobs >= MIN_JOBS and over > LATE_SHARE * jobs) or (sent >= MIN_FRAMES and late > LATE_FRAMES * sent):
+        return min(MAX_TIME_SCALE, k * FACTOR)
+    return None
+
+
+class Adapter:
+    """The run's watcher of its host: a task on the runner's loop (real clock only)."""
+
+    def __init__(self, world: Any, hooks: Any, writer: Any) -> None:
+        self.world, self.hooks, self.writer = world, hooks, writer
+        self.loop = world.loop
+        self.changes: list[tuple[float, float]] = []  # (emulated time from the run's start, K)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = self.loop.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _totals(self) -> Totals:
+        rows = await self.world.device_rows()
+        links = await self.world.link_rows()
+        return Totals(sum(r.jobs for r in rows), sum(r.overruns for r in rows),
+                      sum(r.checked for r in links), sum(r.late for r in links))
+
+    async def _watch(self) -> None:
+        since = await self._totals()
+        while True:
+            await asyncio.sleep(from_wall(PERIOD_S, self.loop))
+            now = await self._totals()
+            k = self.loop.time_scale
+            new = decide(k, since, now)
+            if new is None:
+                continue
+            old = k
+            await self.switch(new)
+            # counted afresh from the switch: what was late before it is not news after it
+            await asyncio.sleep(from_wall(LEAD_S, self.loop))
+            t = self.hooks.now()  # recorded once in effect, in the token then in progress
+            self.changes.append((t, new))
+            self.writer.event(t, self.hooks.k, "time_scale", "host",
+                              f"{old:g} -> {new:g}: {now.overruns - since.overruns} of {now.jobs - since.jobs} "
+                              f"jobs overran and {now.late - since.late} of {now.delivered - since.delivered} "
+                              "control frames were late since the last look")
+            since = await self._totals()
+
+    async def switch(self, k: float) -> None:
+        """Every loop of the run moves to scale `k` at one instant LEAD_S ahead."""
+        at = time.time() + LEAD_S
+        epoch = self.loop.continuous_epoch(k, at)
+        self.loop.set_time_scale(k, epoch, at)
+        rescale = getattr(self.world, "rescale", None)
+        if rescale is not None:
+            await rescale(k, epoch, at)

@@ -1,0 +1,114 @@
+"""A time scale that follows the host: the clock's switch of scale at an announced instant
+(emulated time continuous), the rule that raises K, and real-clock runs with a CPU hog
+started half-way, with the adaptation on and off."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.emulation import clock
+from testbed.experiments import run as experiment
+from testbed.experiments.adapt import FACTOR, MIN_FRAMES, MIN_JOBS, Totals, decide
+from testbed.experiments.twin import compare
+from testbed.scenario import load
+from testbed.scenario.format import MAX_TIME_SCALE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_switch_of_scale_keeps_emulated_time_continuous() -> None:
+    """K 2, then 8 from a Unix instant 0.1 s ahead: 0.05 emulated seconds by the switch,
+    0.025 more in the next 0.2 s of wall time; emulated time never goes back."""
+    async def main() -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        loop = asyncio.get_running_loop()
+        at = time.time() + 0.1
+        loop.set_time_scale(8, loop.continuous_epoch(8, at), at)  # type: ignore[attr-defined]
+        w0, e0, samples = time.time(), loop.time(), []
+        while time.time() < w0 + 0.3:
+            samples.append((time.time() - w0, loop.time() - e0))
+            await asyncio.sleep(0.001)
+        return samples, loop.scales  # type: ignore[attr-defined]
+
+    samples, scales = clock.run(main, "real", time_scale=2)
+    assert [k for _, k in scales] == [2.0, 8.0]
+    assert all(b[1] >= a[1] for a, b in zip(samples, samples[1:], strict=False))
+    wall, emulated = samples[-1]
+    assert emulated == pytest.approx(0.05 + (wall - 0.1) / 8, abs=0.004)
+
+
+def test_the_scale_rises_when_jobs_or_control_frames_fall_behind() -> None:
+    zero = Totals(0, 0, 0, 0)
+    assert decide(4.0, zero, Totals(1000, 0, 100, 0)) is None  # on time
+    assert decide(4.0, zero, Totals(1000, 3, 100, 9)) is None  # a few late: not a trend
+    assert decide(4.0, zero, Totals(1000, 6, 100, 0)) == 4.0 * FACTOR
+    assert decide(4.0, zero, Totals(1000, 0, 100, 11)) == 4.0 * FACTOR
+    assert decide(4.0, zero, Totals(MIN_JOBS - 1, MIN_JOBS - 1, MIN_FRAMES - 1, MIN_FRAMES - 1)) is None  # too few
+    assert decide(4.0, Totals(1000, 6, 100, 11), Totals(2000, 6, 200, 11)) is None  # counts since the last look
+    assert decide(MAX_TIME_SCALE, zero, Totals(1000, 1000, 0, 0)) is None  # no higher
+
+
+_HOG = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
+
+
+def _short(name: str, tokens: int) -> Any:
+    from testbed.scenario import parse
+
+    doc = load(ROOT / "scenarios" / f"{name}.yaml").to_dict()
+    doc["generation"]["new_tokens"] = tokens
+    doc["events"] = [e for e in doc["events"] if e.get("at_token", 0) < tokens]
+    return parse(doc, f"{name}.yaml")
+
+
+def _with_hog(prep: Any, k: float, adapt: bool, out: Path, tokens: int) -> dict[str, Any]:
+    """A real-clock run at scale k; half-way (its token tokens / 2 written) CPU hogs start,
+    one more busy process than the host has CPUs, each bounded to 120 s and killed at the
+    run's end."""
+    hogs: list[subprocess.Popen[bytes]] = []
+
+    def tap(name: str, row: dict[str, Any]) -> None:
+        if name == "tokens.csv" and int(row["token"]) == tokens // 2 and not hogs:
+            hogs.extend(subprocess.Popen([sys.executable, "-c", _HOG, "120"]) for _ in range((os.cpu_count() or 1) + 1))
+
+    try:
+        real = experiment.run(prep, prep.scenario.controller.algorithm, out, clock="real", time_scale=k,
+                              adapt=adapt, tap=tap)
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait(timeout=10)
+    assert hogs, "the run never reached its half-way token"
+    return real.summary
+
+
+def test_a_cpu_hog_half_way_raises_the_scale_and_the_run_stays_faithful(tmp_path: Path) -> None:
+    """bandwidth_drop (48 tokens, in process) at the smallest scale a pilot kept on time (the
+    calibration's, without its margin): with CPU hogs from token 24 on, the adapting run
+    raises K at least once (events.csv, summary.json) and stays within the twin criteria;
+    the same run at a fixed scale reports itself distorted."""
+    from testbed.experiments.timescale import calibrate
+
+    tokens = 48
+    scen = _short("bandwidth_drop", tokens)
+    prep = experiment.prepare(scen)
+    virtual = experiment.run(prep, scen.controller.algorithm, tmp_path / "virtual", clock="virtual")
+    k = calibrate(prep, [scen.controller.algorithm]).fitted
+    on = _with_hog(prep, k, True, tmp_path / "on", tokens)
+    changes = on["time_scales"][1:]
+    assert changes and all(b[1] > a[1] for a, b in zip(on["time_scales"], changes, strict=False)), on["time_scales"]
+    events = (tmp_path / "on" / "events.csv").read_text().splitlines()
+    assert sum(",time_scale,host," in e for e in events) == len(changes)
+    c = compare(on, virtual.summary)
+    print(f"K {k:g}; adapting: {on['time_scales']}, overruns {on['overrun_fraction']:.2%}, {c['problems']}")
+    assert c["faithful"], (c["problems"], on["time_scales"])
+    off = _with_hog(prep, k, False, tmp_path / "off", tokens)
+    assert off["time_scales"] == [[0.0, k]]
+    print(f"fixed: overruns {off['overrun_fraction']:.2%}, {off['fidelity'].get('reason')}")
+    assert off["fidelity"]["distorted"], off["fidelity"]
