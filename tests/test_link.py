@@ -347,3 +347,40 @@ def test_random_changes_lose_nothing_and_keep_fifo(ops):
         assert all(t <= loop.time() for t in times)
 
     run(main, "virtual")
+
+
+# ------------------------------------------------------------------ late deliveries
+
+
+def test_a_frame_handed_over_as_of_an_earlier_instant_is_not_late_when_delivered_at_once():
+    """A control frame sent as of an earlier emulated instant (`at`: its receiver acts as of
+    its due time) and delivered as soon as it is handed over is not late: the sender's
+    delay is not the link's. The same frame without `at` is due later and on time too."""
+    async def main():
+        link = EmulatedLink("a", "b", 100.0, 1.0)
+        rx = Receiver()
+        await asyncio.sleep(0.05)
+        link.send(b"x" * 100, rx, at=0.0)  # due at about 0.001, handed over at 0.05
+        await drain(link)
+        assert rx.at(b"x" * 100) == pytest.approx(0.05, abs=TOL)
+        assert (link.checked, link.late) == (1, 0)
+
+    run(main, "virtual")
+
+
+def test_a_delivery_the_host_runs_late_is_counted_late():
+    """Real clock: the loop is blocked past a frame's due time by more than its time on the
+    link (1 ms due, 30 ms blocked): counted late; a data frame (`retimed`) is not checked."""
+    async def main():
+        import time as wall
+
+        link = EmulatedLink("a", "b", 100.0, 1.0)
+        rx = Receiver()
+        link.send(b"c", rx)
+        link.send(b"d", rx, retimed=True)
+        wall.sleep(0.03)  # the host busy elsewhere: the timers fire late
+        await drain(link)
+        assert rx.frames == [b"c", b"d"]
+        assert (link.checked, link.late) == (1, 1)
+
+    run(main, "real")

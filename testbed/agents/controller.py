@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 REPORT_LOOKAHEAD_WALL_S = 0.01  # real clock: wall time the host may take to carry a report to the
 # controller (socket and relay hops measured at p99 1-2.4 ms, at most 8.5 ms: docs/fidelity.md)
+INPROC_LOOKAHEAD_WALL_S = 5e-4  # the same when every agent shares the controller's loop (a few
+# callbacks, no socket): every wall second waited here is 1/K emulated seconds of slack the
+# devices lose (the token is handed over as of the controller's instant), which a low K feels
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Options:
     stall_min_s: float = 1.0  # ... and longer than this
     max_attempts: int = P.MAX_ATTEMPTS  # per token, before the run fails (agents allow no more)
     frame_extra: int = 0  # bytes the transport adds to every frame (priced by the estimate)
+    report_lookahead_wall_s: float = REPORT_LOOKAHEAD_WALL_S  # real clock: see the constant
     window: int = 1  # tokens of observations the planner's view of load covers (LoadWindow)
     migration: str = "stop_and_copy"  # stop_and_copy | pre_copy (precopy.py)
 
@@ -443,12 +447,12 @@ class Controller:
         t_start = self.timeline.now()
         charge = TokenCharge()  # its latency below is measured from t_start: stalls included
         # take in the signals due before this token starts: on the real clock, once the host
-        # has had `REPORT_LOOKAHEAD_WALL_S` to carry them (a websocket, the relay between
+        # has had `report_lookahead_wall_s` to carry them (a websocket, the relay between
         # processes); those due later wait for the controller's instant (`_in_order`)
         if self.timeline.virtual:
             await asyncio.sleep(0)
         else:
-            await clock.sleep_until(self.timeline.now() + clock.from_wall(REPORT_LOOKAHEAD_WALL_S, self.loop))
+            await clock.sleep_until(self.timeline.now() + clock.from_wall(self.opt.report_lookahead_wall_s, self.loop))
         self._take_reports()
         await self.observe(k)
         if self.recovery.lost:

@@ -107,7 +107,8 @@ class EmulatedLink:
         not counted as late."""
         now = self.loop.time() if at is None else min(at, self.loop.time())
         mid, done = self.bucket.enqueue(now, self.wire_bytes(len(frame)))
-        self._pending[mid] = [frame, deliver, now, None, retimed]  # before recording: it may be done
+        # before recording: it may be done; the host's own time of the hand-over last (lateness)
+        self._pending[mid] = [frame, deliver, now, None, retimed, self.loop.time()]
         self._record_sent(done)
         self.bytes_sent += len(frame)
         self.frames_sent += 1
@@ -186,17 +187,21 @@ class EmulatedLink:
         now = self.loop.time()
         while self._pending:
             first = next(iter(self._pending))
-            frame, deliver, enqueued, handle, retimed = self._pending.pop(first)
+            frame, deliver, enqueued, handle, retimed, handed = self._pending.pop(first)
             if first != mid and handle is not None:
                 handle.cancel()
-            due.append((first, frame, deliver, enqueued, handle.when() if handle is not None else now, retimed))
+            due.append((first, frame, deliver, enqueued, handle.when() if handle is not None else now, retimed,
+                        handed))
             if first == mid:
                 break
-        for i, frame, deliver, enqueued, when, retimed in due:
+        for i, frame, deliver, enqueued, when, retimed, handed in due:
             self.delivered += 1
             if not retimed:
                 self.checked += 1
-                if now - when > self.LATE_SHARE * (when - enqueued):
+                # late from when it was due or, if the sender handed it over only after that
+                # (as of an earlier emulated instant: its receiver acts as of the due time), from
+                # the hand-over: the delivery's own delay, not the sender's
+                if now - max(when, handed) > self.LATE_SHARE * (when - enqueued):
                     self.late += 1
             s = self._sent.pop(i, None)
             if s is not None:
