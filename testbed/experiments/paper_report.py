@@ -414,7 +414,7 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
             L += ["", f"With each layer's FFN in 16 shards too (`resource_aware_ls+ffn16`, the same instances): "
                   f"speed-ups {', '.join(_fmt(x, 2) for x in sp)}, oom {ooms}: "
                   f"**{'met' if min(sp) >= 2 and ooms == 0 else 'not met'}**; where shards win, over link latency "
-                  "and bandwidth: [ffn/](ffn/README.md)."]
+                  "and bandwidth: `results/paper/ffn/`."]
         head_level = [r for r in sc if r["algorithm"] in HEAD_LEVEL and not math.isnan(r["speedup_vs_layer_dp"])]
         if head_level:
             top = max(head_level, key=lambda r: r["speedup_vs_layer_dp"])
