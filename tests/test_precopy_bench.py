@@ -1,4 +1,4 @@
-"""The pre-copy benchmark's committed figure (results/precopy/link_flap.csv, drawn in
+"""The pre-copy benchmark's committed figure (results/reference/precopy/link_flap.csv, drawn in
 link_flap.png) is current, and says what docs/architecture.md#migration says of it."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_link_flap_figure_is_current_and_shows_the_stall_against_the_cache(tmp_path: Path) -> None:
     points, (stop, pre) = bench.figure_rows(tmp_path)
-    with open(ROOT / "results" / "precopy" / "link_flap.csv", newline="") as f:
+    with open(ROOT / "results" / "reference" / "precopy" / "link_flap.csv", newline="") as f:
         committed = list(csv.DictReader(f))
     assert [{k: str(v) for k, v in p.items()} for p in points] == committed, \
         "regenerate with python -m tools.bench.migration --figure"

@@ -9,7 +9,7 @@ after the first event (stalls and interference included; every decode token when
 scenario has no event), and whether the tokens equal the reference. The default scenarios
 are the three of docs/architecture.md#migration. `--figure` runs scenarios/link_flap.yaml
 (768 tokens; the heads move again every 128 tokens) and writes, under `--out` (default
-results/precopy), `link_flap.csv` (per switching token: cache positions, migrations, stall
+results/reference/precopy), `link_flap.csv` (per switching token: cache positions, migrations, stall
 per migration, per mechanism) and `link_flap.png`: stop-and-copy's stall grows with the
 cache, pre-copy's stays flat. Runs go to a temporary directory.
 """
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenario files")
     ap.add_argument("--figure", action="store_true", help="run scenarios/link_flap.yaml and write its figure")
-    ap.add_argument("--out", default="results/precopy", help="where --figure writes (default results/precopy)")
+    ap.add_argument("--out", default="results/reference/precopy", help="where --figure writes (default results/reference/precopy)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-migration-") as tmp:
         if args.figure:
