@@ -411,10 +411,10 @@ def write_report(out: Path, summary: dict[str, list[dict[str, Any]]] | None = No
             L.append(f"| {r['devices']} | {r['model']} | {r['algorithm']} | {r['completed']}/{r['instances']} | "
                      f"{r['tokens_mean']:.0f} | {_fmt(r['latency_mean_ms'], 2)} | {_fmt(r['speedup_vs_layer_dp'], 2)} | "
                      f"{_fmt(r['peak_device_memory_gb'], 2)} | {r['oom']} | {_fmt(r['migrations_mean'], 1)} |")
-        best = _against_target(sc, "resource_aware_ls")
-        if best:
+        verdict = _against_target(sc, "resource_aware_ls")
+        if verdict:
             L += ["", f"Target for our best head-level algorithm: at least 2x lower mean latency than layer_dp "
-                  f"and no oom. {best}. The paper's secondary summary "
+                  f"and no oom. {verdict}. The paper's secondary summary "
                   "quotes up to 9-10x and about 6 GB vs over 7 GB of peak memory (unverified)."]
         sharded = _against_target(sc, "resource_aware_ls+ffn16")
         if sharded:
