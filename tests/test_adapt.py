@@ -16,7 +16,7 @@ import pytest
 
 from testbed.emulation import clock
 from testbed.experiments import run as experiment
-from testbed.experiments.adapt import FACTOR, MIN_FRAMES, MIN_JOBS, Totals, decide
+from testbed.experiments.adapt import FACTOR, MIN_JOBS, Totals, decide
 from testbed.experiments.twin import compare
 from testbed.scenario import load
 from testbed.scenario.format import MAX_TIME_SCALE
@@ -44,14 +44,18 @@ def test_a_switch_of_scale_keeps_emulated_time_continuous() -> None:
     assert emulated == pytest.approx(0.05 + (wall - 0.1) / 8, abs=0.004)
 
 
-def test_the_scale_rises_when_jobs_or_control_frames_fall_behind() -> None:
+def test_the_scale_rises_when_jobs_fall_behind_or_a_report_misses_a_decision() -> None:
     zero = Totals(0, 0, 0, 0)
     assert decide(4.0, zero, Totals(1000, 0, 100, 0)) is None  # on time
-    assert decide(4.0, zero, Totals(1000, 3, 100, 9)) is None  # a few late: not a trend
+    assert decide(4.0, zero, Totals(1000, 3, 100, 9)) is None  # a few jobs late: not a trend
     assert decide(4.0, zero, Totals(1000, 6, 100, 0)) == 4.0 * FACTOR
-    assert decide(4.0, zero, Totals(1000, 0, 100, 11)) == 4.0 * FACTOR
-    assert decide(4.0, zero, Totals(MIN_JOBS - 1, MIN_JOBS - 1, MIN_FRAMES - 1, MIN_FRAMES - 1)) is None  # too few
-    assert decide(4.0, Totals(1000, 6, 100, 11), Totals(2000, 6, 200, 11)) is None  # counts since the last look
+    assert decide(4.0, zero, Totals(1000, 51, 100, 0)) == 4.0 * FACTOR * FACTOR  # most of the host gone at once
+    # control frames delivered late are acted on as of their due time: no reason to rise ...
+    assert decide(4.0, zero, Totals(1000, 0, 100, 90)) is None
+    # ... a report the controller acted without is
+    assert decide(4.0, zero, Totals(1000, 0, 100, 0, missed=1)) == 4.0 * FACTOR
+    assert decide(4.0, zero, Totals(MIN_JOBS - 1, MIN_JOBS - 1, 0, 0)) is None  # too few
+    assert decide(4.0, Totals(1000, 6, 100, 11, 1), Totals(2000, 6, 200, 11, 1)) is None  # counts since the last look
     assert decide(MAX_TIME_SCALE, zero, Totals(1000, 1000, 0, 0)) is None  # no higher
 
 
@@ -69,13 +73,13 @@ def _short(name: str, tokens: int) -> Any:
 
 def _with_hog(prep: Any, k: float, adapt: bool, out: Path, tokens: int) -> dict[str, Any]:
     """A real-clock run at scale k; half-way (its token tokens / 2 written) CPU hogs start,
-    one more busy process than the host has CPUs, each bounded to 120 s and killed at the
+    twice as many busy processes as the host has CPUs and one more, each bounded to 120 s and killed at the
     run's end."""
     hogs: list[subprocess.Popen[bytes]] = []
 
     def tap(name: str, row: dict[str, Any]) -> None:
         if name == "tokens.csv" and int(row["token"]) == tokens // 2 and not hogs:
-            hogs.extend(subprocess.Popen([sys.executable, "-c", _HOG, "120"]) for _ in range((os.cpu_count() or 1) + 1))
+            hogs.extend(subprocess.Popen([sys.executable, "-c", _HOG, "120"]) for _ in range(2 * (os.cpu_count() or 1) + 1))
 
     try:
         real = experiment.run(prep, prep.scenario.controller.algorithm, out, clock="real", time_scale=k,
@@ -89,17 +93,17 @@ def _with_hog(prep: Any, k: float, adapt: bool, out: Path, tokens: int) -> dict[
 
 
 def test_a_cpu_hog_half_way_raises_the_scale_and_the_run_stays_faithful(tmp_path: Path) -> None:
-    """bandwidth_drop (48 tokens, in process) at the smallest scale a pilot kept on time (the
-    calibration's, without its margin): with CPU hogs from token 24 on, the adapting run
+    """bandwidth_drop (96 tokens, in process) at the scale `--time-scale auto` picks (a
+    pilot's, times the calibration's margin): with CPU hogs from token 48 on, the adapting run
     raises K at least once (events.csv, summary.json) and stays within the twin criteria;
     the same run at a fixed scale reports itself distorted."""
     from testbed.experiments.timescale import calibrate
 
-    tokens = 48
+    tokens = 96
     scen = _short("bandwidth_drop", tokens)
     prep = experiment.prepare(scen)
     virtual = experiment.run(prep, scen.controller.algorithm, tmp_path / "virtual", clock="virtual")
-    k = calibrate(prep, [scen.controller.algorithm]).fitted
+    k = calibrate(prep, [scen.controller.algorithm]).time_scale
     on = _with_hog(prep, k, True, tmp_path / "on", tokens)
     changes = on["time_scales"][1:]
     assert changes and all(b[1] > a[1] for a, b in zip(on["time_scales"], changes, strict=False)), on["time_scales"]

@@ -33,6 +33,9 @@ class Port:
     def attach(self, handler: Any) -> None:
         pass
 
+    async def settle(self, t: float) -> None:
+        pass
+
 
 def _ack(rid: int, device: str) -> P.Ack:
     return P.Ack(rid, True, device, MappingProxyType({}))

@@ -268,6 +268,9 @@ class _Port:
     def attach(self, handler: Any) -> None:
         pass
 
+    async def settle(self, t: float) -> None:
+        pass
+
 
 class _Recorder:
     def __init__(self) -> None:

@@ -424,7 +424,7 @@ def test_over_websockets_content_goes_ahead_and_arrives_once(tmp_path: Path) -> 
 
 def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps() -> None:
     """In process the scale is measured by real-clock pilots: from where the host only just
-    keeps pace, doubling until a pilot's jobs and deliveries are on time; past twice the
+    keeps pace, doubling until a pilot's jobs are on time; past twice the
     replay's bound (a host too busy to say), that bound."""
     from types import SimpleNamespace
 

@@ -137,17 +137,17 @@ def test_virtual_runs_are_never_distorted() -> None:
     assert v["distorted"] is False and "virtual clock" in v["reason"]
 
 
-@pytest.mark.parametrize("which", ["overrun", "late"])
-def test_distortion_just_inside_and_just_outside(which: str) -> None:
-    """More than DISTORTED of jobs or of deliveries overran: the run says its results are
-    distorted and suggests a scale; at the limit it does not."""
-    at = fidelity("real", 8.0, **{which: DISTORTED}, **{o: 0.0 for o in ("overrun", "late") if o != which},
-                  share=0.5)
+def test_distortion_just_inside_and_just_outside() -> None:
+    """More than DISTORTED of jobs overran, or one report missed a decision: the run says
+    its results are distorted and suggests a scale; at the limit, and with every control
+    frame delivered late (each is acted on as of its due time), it does not."""
+    at = fidelity("real", 8.0, overrun=DISTORTED, late=1.0, share=0.5)
     assert at["distorted"] is False and "suggested_time_scale" not in at
     assert at["needed_time_scale"] == 4.0
-    over = fidelity("real", 8.0, **{which: DISTORTED + EPS / 10},
-                    **{o: 0.0 for o in ("overrun", "late") if o != which}, share=0.5)
+    over = fidelity("real", 8.0, overrun=DISTORTED + EPS / 10, late=0.0, share=0.5)
     assert over["distorted"] is True and "host's speed entered the results" in over["reason"]
+    missed = fidelity("real", 8.0, overrun=0.0, late=0.0, share=0.5, missed=1)
+    assert missed["distorted"] is True and "1 report(s) reached the controller after" in missed["reason"]
 
 
 def test_the_suggested_scale_is_at_least_twice_the_one_used() -> None:

@@ -59,12 +59,6 @@ __all__ = ["Algorithm", "Controller", "Options", "RunFailed", "OutOfMemory", "De
 
 log = logging.getLogger(__name__)
 
-REPORT_LOOKAHEAD_WALL_S = 0.01  # real clock: wall time the host may take to carry a report to the
-# controller (socket and relay hops measured at p99 1-2.4 ms, at most 8.5 ms: docs/fidelity.md)
-INPROC_LOOKAHEAD_WALL_S = 5e-4  # the same when every agent shares the controller's loop (a few
-# callbacks, no socket): every wall second waited here is 1/K emulated seconds of slack the
-# devices lose (the token is handed over as of the controller's instant), which a low K feels
-
 
 @dataclass
 class Options:
@@ -76,7 +70,6 @@ class Options:
     stall_min_s: float = 1.0  # ... and longer than this
     max_attempts: int = P.MAX_ATTEMPTS  # per token, before the run fails (agents allow no more)
     frame_extra: int = 0  # bytes the transport adds to every frame (priced by the estimate)
-    report_lookahead_wall_s: float = REPORT_LOOKAHEAD_WALL_S  # real clock: see the constant
     window: int = 1  # tokens of observations the planner's view of load covers (LoadWindow)
     migration: str = "stop_and_copy"  # stop_and_copy | pre_copy (precopy.py)
 
@@ -130,6 +123,7 @@ class Controller:
         # due order: on the real clock the host may hand them over before the controller
         # has reached their emulated arrival (`_in_order`)
         self._later: list[tuple[float, int, Callable[[], None]]] = []
+        self._settled = -math.inf  # real clock: the last instant the transport was settled to
         self._n = itertools.count()
 
     @property
@@ -188,6 +182,8 @@ class Controller:
         """Apply a report (or a telemetry round) due at emulated time `due` once the
         controller's instant has reached it, after those due before it. On the virtual
         clock everything arrives at its due time: applied at once, as it comes."""
+        if not self.timeline.virtual and due is not None and due < self._settled:
+            self.stats.missed_reports += 1  # the controller has acted as of later without it
         if self.timeline.virtual or due is None or due <= self.timeline.now():
             self._take_reports()
             apply()
@@ -446,13 +442,15 @@ class Controller:
             raise RunFailed(self._fault)
         t_start = self.timeline.now()
         charge = TokenCharge()  # its latency below is measured from t_start: stalls included
-        # take in the signals due before this token starts: on the real clock, once the host
-        # has had `report_lookahead_wall_s` to carry them (a websocket, the relay between
-        # processes); those due later wait for the controller's instant (`_in_order`)
+        # take in the signals due before this token starts: on the real clock, once the
+        # transport has carried them (`Port.settle`); those due later wait for the
+        # controller's instant (`_in_order`)
         if self.timeline.virtual:
             await asyncio.sleep(0)
         else:
-            await clock.sleep_until(self.timeline.now() + clock.from_wall(self.opt.report_lookahead_wall_s, self.loop))
+            settle_to = self.timeline.now()
+            await self.port.settle(settle_to)
+            self._settled = settle_to
         self._take_reports()
         await self.observe(k)
         if self.recovery.lost:

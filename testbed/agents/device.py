@@ -130,6 +130,16 @@ class DeviceAgent:
         self._loop: asyncio.AbstractEventLoop | None = None  # where the worker's results are handed on
         # hands a message's content to another device ahead of its frame (set by the world)
         self.early_send: Callable[[str, dict[str, Any]], None] | None = None
+        # on the source: the attempt under way and the position its next token would take
+        # (the next token's content is known as soon as this attempt's logits are)
+        self._next_pos: tuple[int, int] | None = None
+        # layer inputs seen early whose heads here lack the previous position's K/V rows
+        # (committed at that job's window), or are not routed here yet: tried again when the
+        # rows are committed or the routing changes, latest per layer
+        self._pending: dict[int, tuple[str, dict[str, Any]]] = {}
+        # on the source: the next token's content handed on early (`_next_token_early`),
+        # handed on again to layer 0's devices when a re-plan routes them elsewhere
+        self._guess: dict[str, Any] | None = None
         self._due: float | None = None  # the emulated arrival of the message being handled
 
     # ------------------------------------------------------------------ plumbing
@@ -272,6 +282,9 @@ class DeviceAgent:
             found = [self.blocks.get(f"head.{m.layer}.{g}") for g in groups]
             heads = [h for h in found if isinstance(h, HeadBlock)]
             if not heads or len(heads) != len(found) or not all(h.cache.n >= m.pos for h in heads):
+                # the rows before it are not committed yet, or the heads are not routed here
+                # yet (the content of a token's start can arrive before its routing)
+                self._pending[m.layer] = (sender, msg)
                 return
             key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups)), tuple(heads), (m.x,)
             work: Callable[[], Any] = _attend(heads, m.x, m.pos)
@@ -303,7 +316,10 @@ class DeviceAgent:
 
         def done(f: Future[Ahead]) -> None:
             if not f.cancelled() and f.exception() is None and f.result().value is not None:
-                loop.call_soon_threadsafe(self._early_outputs, key, f.result().value)
+                try:
+                    loop.call_soon_threadsafe(self._early_outputs, key, f.result().value)
+                except RuntimeError:  # the loop has closed: the run is over, nobody waits for it
+                    pass
         fut.add_done_callback(done)
 
     def _early_outputs(self, key: tuple[Any, ...], value: Any) -> None:
@@ -327,6 +343,9 @@ class DeviceAgent:
                     targets = [(dst, msg) for dst in self.routing.layer_targets(layer + 1)]
                 else:
                     targets = [(self.source, P.LastHidden(seq, value).wire())]
+            elif kind == "z":
+                self._next_token_early(seq, value)
+                return
             else:
                 return
         except KeyError:  # routed elsewhere since: the job itself will find out
@@ -340,6 +359,35 @@ class DeviceAgent:
                 self.preview(self.name, msg)
             elif self.early_send is not None:
                 self.early_send(dst, msg)
+
+    def _next_token_early(self, seq: int, logits: torch.Tensor) -> None:
+        """On the source: the next token's layer input, as soon as this attempt's logits are
+        known. The controller takes the most likely token (`Controller._produce`) and, unless
+        something intervenes, asks for it as the next attempt at the next position; its
+        content goes to layer 0's previews now, so the next token's first jobs run ahead
+        like every other job instead of starting from nothing at each token's start. A
+        guess that turns out wrong (a replay, an abort, a new routing) is dropped where its
+        job would use it (`_take_early` compares blocks and content)."""
+        nxt = self._next_pos
+        src = self.source_block
+        if nxt is None or nxt[0] != seq or src is None or self._stopped or seq <= self.floor:
+            return
+        pos = nxt[1]
+        if seq + 1 > self.bounds.max_seq or pos >= self.bounds.max_rows:
+            return  # past the run: there is no next token
+        with torch.inference_mode():
+            x = src.embed([int(logits.argmax())], pos)
+        self._guess = P.LayerInput(seq + 1, 0, pos, x).wire()
+        self._hand_on_guess()
+
+    def _hand_on_guess(self) -> None:
+        if self._guess is None or self._guess["seq"] <= self.floor:
+            return
+        try:
+            targets = [(dst, self._guess) for dst in self.routing.layer_targets(0)]
+        except KeyError:
+            return
+        self._hand_on_early(targets)
 
     def _ahead(self, seq: int, outputs: Callable[[torch.Tensor], list[tuple[str, dict[str, Any]]]]
                ) -> Callable[[torch.Tensor], None] | None:
@@ -461,6 +509,7 @@ class DeviceAgent:
             raise P.ProtocolError("no routing yet")
         with torch.inference_mode():
             x = self.source_block.embed(list(m.tokens), m.pos)
+        self._next_pos = (m.seq, m.pos + len(m.tokens))
         msg = P.LayerInput(m.seq, 0, m.pos, x).wire()
         if self._pool is not None and self.name in self.routing.layer_targets(0):
             self.preview(self.name, msg)  # computing early: on the worker, like any other input
@@ -480,8 +529,10 @@ class DeviceAgent:
 
         work = _logits(src, x)
         early = self._take_early(("z", seq), (src,), (x,))
+        ahead = (lambda logits: self._next_token_early(seq, logits)) if self._pool is not None else None
         logits, done = await self.compute.run(cost.source_flops(self.model), _or_now(work) if early else work,
-                                              ready=ready, early=early, nbytes=cost.source_bytes(self.model))
+                                              ready=ready, early=early, on_result=ahead,
+                                              nbytes=cost.source_bytes(self.model))
         if seq > self.floor and self.controller is not None:
             self.controller(self.name, P.Logits(seq, logits, done).wire(), done)
 
@@ -526,6 +577,8 @@ class DeviceAgent:
             with torch.inference_mode():
                 for h, (_, k, v) in zip(heads, parts, strict=True):
                     h.cache.write(pos, k, v)
+                if self._pending.get(layer) is not None:
+                    self.preview(*self._pending.pop(layer))  # its rows are there now
                 return parts[0][0] if len(parts) == 1 else torch.cat([o for o, _, _ in parts], dim=-1)
 
         def outputs(out: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
@@ -693,6 +746,10 @@ class DeviceAgent:
                 self._free(b.name)
                 freed.append(b.name)
         self._reply(m.rid, True, freed=freed)
+        if self._pool is not None:  # computing early: content that waited for this routing
+            for layer in list(self._pending):
+                self.preview(*self._pending.pop(layer))
+            self._hand_on_guess()  # on the source: the next token's content, to its new devices
 
     def _on_reserve(self, sender: str, m: P.Reserve, at: float | None = None) -> None:
         ok, refused = [], []

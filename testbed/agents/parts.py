@@ -35,6 +35,11 @@ class Port(Protocol):
         """`handler(sender, message, due)`: every message for the controller, with its
         emulated arrival at the source (None: now)."""
 
+    async def settle(self, t: float) -> None:
+        """Real clock: return once the messages due at the source by emulated time `t` have
+        reached the controller, as far as the transport can tell (in process exactly; across
+        sockets and processes after a little wall time for the hops)."""
+
 
 class Recorder(Protocol):
     """Where a run's rows go (results.RunWriter)."""
@@ -98,6 +103,10 @@ class Stats:
     refused_migrations: int = 0
     replans: int = 0
     late_decisions: int = 0  # real clock: the host's decision took longer than its modelled cost
+    # real clock: reports (and telemetry rounds) that reached the controller only after it
+    # had acted as of a later instant without them (`Port.settle` did not see them coming):
+    # a decision may then differ from the virtual twin's
+    missed_reports: int = 0
     emergencies: int = 0
     oom: int = 0
     stalls: int = 0

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..common.units import KIB, mbps_to_bytes
+from ..common.units import KIB, mbps_to_bytes, measured
 from .bucket import Sent, TokenBucket
 
 
@@ -88,6 +88,13 @@ class EmulatedLink:
     def latency_ms(self) -> float:
         return self.latency * 1e3
 
+    def due_by(self, t: float) -> bool:
+        """Whether a frame due by loop time `t` has not been delivered yet (its timer has
+        not run). Arrivals never decrease along the queue: the first frame tells."""
+        for entry in self._pending.values():
+            return entry[3] is not None and entry[3].when() <= t
+        return False
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)
@@ -123,9 +130,11 @@ class EmulatedLink:
         return size + round(self.header_bytes * size / self.MSS)
 
     def set(self, bandwidth_mbps: float | None = None, latency_ms: float | None = None,
-            burst_kib: float | None = None) -> None:
-        """Apply a rate/latency/burst change from now on (scenario `set_link`)."""
-        now = self.loop.time()
+            burst_kib: float | None = None, at: float | None = None) -> None:
+        """Apply a rate/latency/burst change from now on (scenario `set_link`), or from `at`
+        if that is earlier (a token's start, which the host reaches a little later on the
+        real clock; the bucket never goes back before what it has already sent)."""
+        now = self.loop.time() if at is None else min(at, self.loop.time())
         was_down = self.down
         rate = None if bandwidth_mbps is None else mbps_to_bytes(bandwidth_mbps)
         burst = None if burst_kib is None else burst_kib * KIB
@@ -223,7 +232,7 @@ class EmulatedLink:
     def _watch(self, t: Transfer) -> None:
         if t.tx_time <= 0 or t.streamed <= 0:
             return
-        rate = t.streamed / t.tx_time
+        rate = measured(t.streamed / t.tx_time)
         seen, self._seen_rate = self._seen_rate, rate
         if seen is not None and not (seen / self.CHANGE_FACTOR < rate < seen * self.CHANGE_FACTOR):
             self._regime_from = t.start
@@ -241,11 +250,11 @@ class EmulatedLink:
             if t.finish > since and t.scheduled <= until and t.start >= self._regime_from and t.tx_time > 0:
                 streamed += t.streamed
                 tx += t.tx_time
-        return streamed / tx if tx > 0 else None
+        return measured(streamed / tx) if tx > 0 else None
 
     def observed_latency(self, since: float = -math.inf, until: float = math.inf) -> float | None:
         """The smallest delay seen from a frame's last byte to its emulated arrival (the
         propagation latency; a delivery the host ran late does not count against the link),
         of frames finished after `since` and due by `until`."""
         lat = [t.scheduled - t.finish for t in self.history if t.finish > since and t.scheduled <= until]
-        return min(lat) if lat else None
+        return measured(min(lat)) if lat else None

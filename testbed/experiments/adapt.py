@@ -2,9 +2,11 @@
 host's speed): when the host falls behind, the run raises K rather than overrun.
 
 Every `PERIOD_S` of wall time the runner reads what the devices did since the last look
-(jobs and overruns, `World.device_rows`) and what the links delivered late (control frames,
-`World.link_rows`); `decide` (pure) says whether to raise K and to what. A raise takes
-effect at one Unix instant announced `LEAD_S` ahead to every loop of the run (the runner's,
+(jobs and overruns, `World.device_rows`), what the links delivered late (control frames,
+`World.link_rows`) and the reports that reached the controller after it had acted without
+them (`Stats.missed_reports`); `decide` (pure) says whether to raise K and to what. A raise takes
+effect at one Unix instant announced `LEAD_S` ahead (`LOCAL_LEAD_S` when every agent shares
+the runner's loop) to every loop of the run (the runner's,
 and each agent process's over its control channel, attached hosts included: the `clock`
 operation with `at`), with the epoch that keeps emulated time continuous there
 (`ScaledEventLoop.set_time_scale`). `events.csv` records each change (kind `time_scale`),
@@ -24,18 +26,20 @@ from typing import Any
 from ..emulation.clock import from_wall
 from ..scenario.format import MAX_TIME_SCALE
 
-PERIOD_S = 0.2  # wall seconds between looks
+PERIOD_S = 0.05  # wall seconds between looks (a token at a small K takes about that)
 LEAD_S = 0.15  # wall seconds between deciding and switching (agent processes must hear of it)
-FACTOR = 2.0  # a raise multiplies K by this
+LOCAL_LEAD_S = 0.01  # the same when every loop of the run is the runner's (in process)
+FACTOR = 2.0  # a raise multiplies K by this ...
+SEVERE = 0.05  # ... or by its square when more than this share of the jobs overran (a host
+# that lost most of its CPU at once: doubling twice, a look apart, would let more overrun)
 # a look at which more than this share of the jobs done since the last look overran raises
 # K (a single one in a short look does not: the run's own limit is 1 %, and one wake-up
 # delayed by another process is not a trend) ...
 LATE_SHARE = 0.004
 MIN_JOBS = 20  # fewer jobs than this since the last raise: wait for more
-# ... as does one at which more than this share of at least MIN_FRAMES control frames were
-# delivered late (they are few, and timed by the host: a looser bound)
-LATE_FRAMES = 0.1
-MIN_FRAMES = 8
+# ... as does one at which a report reached the controller after it had acted without it
+# (a decision may differ from the virtual twin's). Control frames delivered late are
+# counted for the record only: each is acted on as of its due time.
 
 
 @dataclass(frozen=True)
@@ -46,17 +50,19 @@ class Totals:
     overruns: int
     delivered: int
     late: int
+    missed: int = 0  # reports the controller acted without (Stats.missed_reports)
 
 
 def decide(k: float, since: Totals, now: Totals) -> float | None:
     """The new time scale, or None: raise by FACTOR when the jobs since `since` overran
-    more than LATE_SHARE of the time (at least MIN_JOBS of them), or the control frames
-    were late more than LATE_FRAMES of the time (at least MIN_FRAMES of them)."""
+    more than LATE_SHARE of the time (at least MIN_JOBS of them; by FACTOR squared when
+    more than SEVERE), or a report reached the controller after it had acted without it."""
     jobs, over = now.jobs - since.jobs, now.overruns - since.overruns
-    sent, late = now.delivered - since.delivered, now.late - since.late
     if k >= MAX_TIME_SCALE:
         return None
-    if (jobs >= MIN_JOBS and over > LATE_SHARE * jobs) or (sent >= MIN_FRAMES and late > LATE_FRAMES * sent):
+    if jobs >= MIN_JOBS and over > SEVERE * jobs:
+        return min(MAX_TIME_SCALE, k * FACTOR * FACTOR)
+    if (jobs >= MIN_JOBS and over > LATE_SHARE * jobs) or now.missed > since.missed:
         return min(MAX_TIME_SCALE, k * FACTOR)
     return None
 
@@ -69,6 +75,8 @@ class Adapter:
         self.loop = world.loop
         self.changes: list[tuple[float, float]] = []  # (emulated time from the run's start, K)
         self._task: asyncio.Task[None] | None = None
+        # agent processes (attached hosts) hear of a switch over their control channels
+        self.lead_s = LEAD_S if getattr(world, "rescale", None) is not None else LOCAL_LEAD_S
 
     def start(self) -> None:
         self._task = self.loop.create_task(self._watch())
@@ -81,8 +89,10 @@ class Adapter:
     async def _totals(self) -> Totals:
         rows = await self.world.device_rows()
         links = await self.world.link_rows()
+        ctl = getattr(self.hooks, "controller", None)
         return Totals(sum(r.jobs for r in rows), sum(r.overruns for r in rows),
-                      sum(r.checked for r in links), sum(r.late for r in links))
+                      sum(r.checked for r in links), sum(r.late for r in links),
+                      ctl.stats.missed_reports if ctl is not None else 0)
 
     async def _watch(self) -> None:
         since = await self._totals()
@@ -96,18 +106,19 @@ class Adapter:
             old = k
             await self.switch(new)
             # counted afresh from the switch: what was late before it is not news after it
-            await asyncio.sleep(from_wall(LEAD_S, self.loop))
+            await asyncio.sleep(from_wall(self.lead_s, self.loop))
             t = self.hooks.now()  # recorded once in effect, in the token then in progress
             self.changes.append((t, new))
             self.writer.event(t, self.hooks.k, "time_scale", "host",
                               f"{old:g} -> {new:g}: {now.overruns - since.overruns} of {now.jobs - since.jobs} "
-                              f"jobs overran and {now.late - since.late} of {now.delivered - since.delivered} "
-                              "control frames were late since the last look")
+                              f"jobs overran and {now.missed - since.missed} report(s) reached the controller "
+                              f"after it had acted without them since the last look ({now.late - since.late} of "
+                              f"{now.delivered - since.delivered} control frames delivered late)")
             since = await self._totals()
 
     async def switch(self, k: float) -> None:
-        """Every loop of the run moves to scale `k` at one instant LEAD_S ahead."""
-        at = time.time() + LEAD_S
+        """Every loop of the run moves to scale `k` at one instant `lead_s` ahead."""
+        at = time.time() + self.lead_s
         epoch = self.loop.continuous_epoch(k, at)
         self.loop.set_time_scale(k, epoch, at)
         rescale = getattr(self.world, "rescale", None)

@@ -63,13 +63,15 @@ class RunHooks:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _apply(self, e: Event) -> None:
+    async def _apply(self, e: Event, at: float | None = None) -> None:
+        """Apply `e` as of loop time `at` (default now)."""
+        t = self.now() if at is None else min(at, self.loop.time()) - self._t0
         if e.action == "fail_device":  # its consequences (the controller noticing) come after
-            self.w.event(self.now(), self.k, e.action, e.subject, "the device stops abruptly")
-            await self.world.apply(e)
+            self.w.event(t, self.k, e.action, e.subject, "the device stops abruptly")
+            await self.world.apply(e, at)
             return
-        detail = await self.world.apply(e)
-        self.w.event(self.now(), self.k, e.action, e.subject, detail)
+        detail = await self.world.apply(e, at)
+        self.w.event(t, self.k, e.action, e.subject, detail)
         if e.action == "set_link":
             await self.links()
 
@@ -81,10 +83,14 @@ class RunHooks:
                                          for n, t in self.background.items()})
 
     async def before_token(self, k: int) -> None:
+        """Token k is about to start: its background load and its events, as of the
+        controller's instant (where token k starts; the host gets here a little later on
+        the real clock)."""
         self.k = k
         await self.load(k)
+        at = self.controller.timeline.now() if self.controller is not None else None
         for e in self.at_token.get(k, []):
-            await self._apply(e)
+            await self._apply(e, at)
 
     async def after_token(self, k: int) -> None:
         await self.telemetry()

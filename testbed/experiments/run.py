@@ -25,13 +25,7 @@ from typing import Any
 
 import torch
 
-from ..agents.controller import (
-    INPROC_LOOKAHEAD_WALL_S,
-    REPORT_LOOKAHEAD_WALL_S,
-    Controller,
-    Options,
-    RunFailed,
-)
+from ..agents.controller import Controller, Options, RunFailed
 from ..emulation import clock as clock_mod
 from ..model.blocks import TORCH_THREADS
 from ..placement.plugins import Plugin, PluginFailed, safe_name
@@ -121,10 +115,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
                                 prep.prompt, writer, hooks,
                                 Options(interval=ctl.interval_tokens, telemetry=ctl.telemetry,
                                         frame_extra=world.frame_extra, window=ctl.window_tokens,
-                                        migration=ctl.migration,
-                                        report_lookahead_wall_s=INPROC_LOOKAHEAD_WALL_S
-                                        if transport == "inproc" and not processes and not attach
-                                        else REPORT_LOOKAHEAD_WALL_S),
+                                        migration=ctl.migration),
                                 world.oracle)
         controller.t0 = t0
         hooks.controller = controller

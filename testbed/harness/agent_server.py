@@ -171,7 +171,9 @@ class AgentProcess:
     async def _event(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> dict[str, Any]:
         if m["action"] == SetLink.ACTION:
             change = SetLink((self.spec.name, m["peer"]), **m["fields"])
-            return {"detail": apply_to_link(self.ep.links[m["peer"]], change)}
+            at = m.get("at")  # the run's emulated time, shared by every loop of the run
+            return {"detail": apply_to_link(self.ep.links[m["peer"]], change,
+                                            float(at) if isinstance(at, int | float) else None)}
         return {"detail": apply_to_device(self.agent, device_change(self.spec.name, m["action"], m["fields"]))}
 
     async def _background(self, m: dict[str, Any], out: asyncio.Queue[bytes]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,14 @@ from ..scenario.records import (
 )
 from ..transport.inproc import InprocNetwork
 from .rows import DeviceRow, LinkRow
-from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
+from .world import (
+    apply_background,
+    apply_to_device,
+    apply_to_link,
+    device_row,
+    link_row,
+    retimed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +57,15 @@ class UnsupportedEvent(Exception):
 
 
 class AgentPort:
-    """The controller's port on an in-process source agent."""
+    """The controller's port on an in-process source agent; `settle` is the network's."""
 
-    def __init__(self, agent: DeviceAgent) -> None:
+    def __init__(self, agent: DeviceAgent, settle: Callable[[float], Awaitable[None]]) -> None:
         self.agent = agent
         self.source = agent.name
+        self._settle = settle
+
+    async def settle(self, t: float) -> None:
+        await self._settle(t)
 
     def send(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
         self.agent.send(dst, msg, at)
@@ -129,7 +140,11 @@ class Cluster:
                         if src == name and dst not in self.failed}
 
     def port(self) -> AgentPort:
-        return AgentPort(self.agents[self.source])
+        return AgentPort(self.agents[self.source], self._settle)
+
+    async def _settle(self, t: float) -> None:
+        """In process the network sees every frame in flight (the websocket cluster overrides this)."""
+        await self.net.settle(t)
 
     def link(self, a: str, b: str) -> EmulatedLink:
         return self.links()[(a, b)]
@@ -143,12 +158,13 @@ class Cluster:
 
     # ------------------------------------------------------------------ events
 
-    async def apply(self, e: Event) -> str:
-        """Apply a scenario event to the world; returns a short description for events.csv."""
+    async def apply(self, e: Event, at: float | None = None) -> str:
+        """Apply a scenario event to the world (links as of `at`); returns a short
+        description for events.csv."""
         match e.change:
             case SetLink(between=(a, b)) as c:
-                apply_to_link(self.link(b, a), c)
-                return apply_to_link(self.link(a, b), c)
+                apply_to_link(self.link(b, a), c, at)
+                return apply_to_link(self.link(a, b), c, at)
             case JoinDevice(spec=spec, links=links):
                 agent = self._add(spec, links)
                 await self._bring_up(agent)

@@ -35,8 +35,10 @@ class World(Protocol):
     async def oracle(self, seq_len: int, interval: int, current: Placement | None) -> Snapshot:
         """The emulator's truth as a snapshot (oracle telemetry)."""
 
-    async def apply(self, e: Event) -> str:
-        """Apply a scenario event; a short description for events.csv."""
+    async def apply(self, e: Event, at: float | None = None) -> str:
+        """Apply a scenario event; a short description for events.csv. `at`: the emulated
+        instant it takes effect as of, when that lies a little in the past (a token's
+        start, which the host reaches later on the real clock); links honour it."""
 
     async def background(self, loads: dict[str, tuple[float, float]]) -> None:
         """This token's background load: device -> (memory share, compute share)."""

@@ -50,6 +50,7 @@ from ..transport.ws import FRAME_EXTRA
 from .control import TOKEN_ENV
 from .kernelworld import KernelWorld
 from .rows import DeviceRow, LinkRow
+from .world import settle_by_wall
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class RelayPort:
 
     def attach(self, handler: Callable[[str, dict[str, Any], float | None], None]) -> None:
         self.cluster.on_relay(handler)
+
+    async def settle(self, t: float) -> None:
+        """The frames are in other processes: a little wall time for the hops and the relay."""
+        await settle_by_wall(t)
 
 
 class _Control:
@@ -299,15 +304,15 @@ class ProcessCluster:
 
     # ------------------------------------------------------------------ events
 
-    async def apply(self, e: Event) -> str:
+    async def apply(self, e: Event, at: float | None = None) -> str:
         c = e.change
         gone = [d for d in (c.between if isinstance(c, SetLink) else (c.device,)) if d in self.failed]
         if gone and not isinstance(c, JoinDevice):
             return f"not applied: {', '.join(gone)} is gone"
         if isinstance(c, SetLink):
             a, b = c.between
-            await self._control[b].request("event", action=c.ACTION, peer=a, fields=c.fields())
-            r = await self._control[a].request("event", action=c.ACTION, peer=b, fields=c.fields())
+            await self._control[b].request("event", action=c.ACTION, peer=a, fields=c.fields(), at=at)
+            r = await self._control[a].request("event", action=c.ACTION, peer=b, fields=c.fields(), at=at)
             if self.kernel is not None:
                 return f"{r['detail']}; {await self.kernel.set_link(c)}"
             return r["detail"]

@@ -8,6 +8,7 @@ call these on their agents directly; an agent process calls them when its runner
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Collection
 from typing import Any
@@ -16,6 +17,7 @@ from ..agents import messages as P
 from ..agents.device import DeviceAgent
 from ..common.stats import percentile
 from ..common.units import MIB, bytes_to_mbps
+from ..emulation.clock import from_wall, sleep_until
 from ..emulation.link import EmulatedLink
 from ..scenario.records import DeviceChange, MemoryPressure, MemoryRelease, SetCompute, SetLink
 from .rows import DeviceRow, LinkRow, MemoryRow
@@ -46,10 +48,23 @@ def apply_background(agent: DeviceAgent, memory: float, compute: float) -> None:
     agent.compute.load = compute
 
 
-def apply_to_link(link: EmulatedLink, change: SetLink) -> str:
-    """set_link on one direction of a link; returns a description."""
-    link.set(change.bandwidth_mbps, change.latency_ms, change.burst_kib)
+def apply_to_link(link: EmulatedLink, change: SetLink, at: float | None = None) -> str:
+    """set_link on one direction of a link, as of emulated time `at` (default now); returns
+    a description."""
+    link.set(change.bandwidth_mbps, change.latency_ms, change.burst_kib, at)
     return f"bandwidth_mbps={link.bandwidth_mbps:g} latency_ms={link.latency_ms:g}"
+
+
+# real clock, across sockets: the wall time the host may take to carry a report to the
+# controller (socket and relay hops measured at p99 1-2.4 ms, at most 8.5 ms:
+# docs/fidelity.md); every wall second waited is 1/K emulated seconds the devices lose
+SOCKET_SETTLE_WALL_S = 0.01
+
+
+async def settle_by_wall(t: float, wall_s: float = SOCKET_SETTLE_WALL_S) -> None:
+    """`Port.settle` where the transport cannot see the frames in flight (websockets, agent
+    processes): give the host `wall_s` of wall time past emulated time `t` to carry them."""
+    await sleep_until(t + from_wall(wall_s, asyncio.get_running_loop()))
 
 
 def retimed(msg: dict[str, Any]) -> bool:

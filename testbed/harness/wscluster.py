@@ -22,7 +22,7 @@ from ..transport.codec import MAX_FRAME
 from ..transport.ws import FRAME_EXTRA, WsEndpoint
 from .cluster import Cluster
 from .early import compute_early
-from .world import retimed
+from .world import retimed, settle_by_wall
 
 
 class WsCluster(Cluster):
@@ -47,6 +47,10 @@ class WsCluster(Cluster):
 
     def _sender(self, name: str) -> Callable[..., int]:
         return lambda dst, msg, at=None: self.endpoints[name].send(dst, msg, at)
+
+    async def _settle(self, t: float) -> None:
+        """Frames cross sockets: a little wall time for the hops."""
+        await settle_by_wall(t)
 
     def _add_link(self, a: str, b: str, spec: LinkSpec) -> EmulatedLink:
         self.endpoints[a].add_peer(b, "", spec)  # the address is known once b listens

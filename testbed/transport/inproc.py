@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..emulation.clock import from_wall
 from ..emulation.link import EmulatedLink
 from ..scenario.records import LinkSpec
 from .codec import EncodeOnce, FrameError, decode
@@ -85,6 +86,26 @@ class InprocNetwork:
         self.preview(src, dst, msg)
         return len(frame)
 
+    SETTLE_LIMIT_WALL_S = 1.0  # a loop that cannot catch up within this is left to the lateness counts
+
+    async def settle(self, t: float) -> None:
+        """Return once every frame due by emulated time `t` has been delivered and handled,
+        and what those handlers sent that was due by `t` too (real clock: the loop runs
+        behind emulated time while the host works; the controller calls this before it acts
+        as of `t`, so it sees what its virtual twin would see). Every timer due by `t` runs
+        before one set for `t` itself (asyncio runs due timers in time order), so each round
+        waits for one: the windows that ended by then, the deliveries due by then; rounds go
+        on while a link still holds a frame due by `t` (sent by those handlers)."""
+        deadline = self.loop.time() + from_wall(self.SETTLE_LIMIT_WALL_S, self.loop)
+        while True:
+            fut = self.loop.create_future()
+            self.loop.call_at(t, _done, fut)
+            await fut
+            if not any(link.due_by(t) for link in self.links.values()) or self.loop.time() > deadline:
+                break
+        for _ in range(3):  # what those handlers started: a message to the agent itself (the
+            await asyncio.sleep(0)  # controller's port) is a call_soon, an answer wakes a task
+
     def preview(self, src: str, dst: str, msg: dict[str, Any]) -> None:
         """Hand msg's content to dst ahead of its frame (when dst computes early)."""
         preview = self.previews.get(dst)
@@ -112,3 +133,8 @@ class InprocNetwork:
         except Exception as e:  # an agent bug must surface, not vanish in a loop callback
             log.exception("handler of %s failed on %r", dst, msg.get("t"))
             self.on_fault(dst, f"failed handling {msg.get('t')!r} from {src}: {type(e).__name__}: {e}")
+
+
+def _done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
