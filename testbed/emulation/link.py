@@ -186,8 +186,13 @@ class EmulatedLink:
 
     def _deliver(self, mid: int) -> None:
         # advance first: a frame's own finish may only be seen now, and it is recorded only
-        # while it is still pending
-        self._record_sent(self.bucket.advance(self.loop.time()))
+        # while it is still pending. Only as far as its last byte's departure (its arrival
+        # less the latency), not to the loop's time: on the real clock a delivery the host
+        # runs late would otherwise move the bucket past instants a sender may still hand
+        # frames over as of (the end of a job, a token's start), and delay them
+        entry = self._pending.get(mid)
+        sent_by = entry[3].when() - self.latency if entry is not None and entry[3] is not None else math.inf
+        self._record_sent(self.bucket.advance(min(self.loop.time(), sent_by)))
         # Timers due at the same instant do not fire in scheduling order (asyncio's timer
         # heap is not stable), and FIFO often makes arrivals equal (a frame held behind one
         # still on the wire). Arrivals never decrease along the queue, so every frame sent
