@@ -99,6 +99,12 @@ class Adapter:
         while True:
             await asyncio.sleep(from_wall(PERIOD_S, self.loop))
             now = await self._totals()
+            if self.hooks.k < 1:
+                # the prefill is not watched: its first jobs start with nothing computed
+                # ahead and on cold caches, a one-off no scale would be raised for (its
+                # overruns still count in the run's own check)
+                since = now
+                continue
             k = self.loop.time_scale
             new = decide(k, since, now)
             if new is None:
