@@ -254,9 +254,10 @@ def test_a_loaded_host_is_told_apart_from_a_quiet_one() -> None:
     assert not _loaded({"host": None}) and not _loaded({})
 
 
-# steady cut to 16 tokens; device_failure cut to 12 with its failure at token 8 (not 24): 7
-# tokens before it, the recovery, 4 after (on three devices a token costs 4x: these dominate)
-TWINS = [("steady", 16, 0), ("device_failure", 12, 16)]
+# steady cut to 16 tokens; device_failure cut to 20 with its failure at token 8 (not 24): 7
+# tokens before it, the recovery, 12 after (the recovery's replay is a one-off whose jobs start
+# with nothing computed ahead: in a shorter run its few overruns are over 1 % of all jobs)
+TWINS = [("steady", 16, 0), ("device_failure", 20, 16)]
 
 
 @pytest.mark.parametrize("name, tokens, shift", TWINS)

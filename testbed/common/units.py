@@ -8,8 +8,6 @@ defaults to 90 % of its hard limit. Pure arithmetic.
 
 from __future__ import annotations
 
-import math
-
 KIB = 1024
 MIB = 1024 * 1024
 DEFAULT_HIGH_SHARE = 0.9  # memory.high as a share of memory.max when a scenario gives none
@@ -23,16 +21,3 @@ def mbps_to_bytes(mbps: float) -> float:
 def bytes_to_mbps(rate: float) -> float:
     """Bytes per second to Mbit/s."""
     return rate * 8 / 1e6
-
-
-MEASURED_DIGITS = 9  # significant digits an emulated measurement keeps
-
-
-def measured(x: float) -> float:
-    """An emulated measurement (a rate, a latency) to MEASURED_DIGITS significant digits.
-    It is computed from differences of loop times, whose rounding depends on the clock's
-    absolute values (the virtual clock counts from 0, the real one from the host's
-    monotonic clock): the digits beyond are float noise, and a decision that compares two
-    measurements must not hinge on them (a real-clock run would then break a tie
-    differently from its virtual twin)."""
-    return float(f"{x:.{MEASURED_DIGITS}g}") if math.isfinite(x) else x

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..common.units import KIB, mbps_to_bytes, measured
+from ..common.units import KIB, mbps_to_bytes
 from .bucket import Sent, TokenBucket
 
 
@@ -38,6 +38,19 @@ class Transfer:
     @property
     def tx_time(self) -> float:
         return self.finish - self.start
+
+
+MEASURED_DIGITS = 9  # significant digits a link's measurement keeps
+
+
+def measured(x: float) -> float:
+    """A measurement of the link (a rate, a latency) to MEASURED_DIGITS significant digits.
+    It is computed from differences of loop times, whose rounding depends on the clock's
+    absolute values (the virtual clock counts from 0, the real one from the host's
+    monotonic clock): the digits beyond are float noise, and a decision that compares two
+    measurements must not hinge on them (a real-clock run would then break a tie
+    differently from its virtual twin)."""
+    return float(f"{x:.{MEASURED_DIGITS}g}") if math.isfinite(x) else x
 
 
 class EmulatedLink:
