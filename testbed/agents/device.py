@@ -372,6 +372,8 @@ class DeviceAgent:
         src = self.source_block
         if nxt is None or nxt[0] != seq or src is None or self._stopped or seq <= self.floor:
             return
+        if self._guess is not None and self._guess["seq"] == seq + 1:
+            return  # handed on already (the early result, then the window's)
         pos = nxt[1]
         if seq + 1 > self.bounds.max_seq or pos >= self.bounds.max_rows:
             return  # past the run: there is no next token
