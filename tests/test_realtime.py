@@ -425,7 +425,7 @@ def test_over_websockets_content_goes_ahead_and_arrives_once(tmp_path: Path) -> 
 
 def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps() -> None:
     """In process the scale is measured by real-clock pilots: from where the host only just
-    keeps pace, doubling until a pilot's jobs are on time; past twice the
+    keeps pace, up by half each time until a pilot's jobs are on time; past twice the
     replay's bound (a host too busy to say), that bound."""
     from types import SimpleNamespace
 
@@ -443,14 +443,15 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
                                    summary={"overrun_fraction": late, "late_delivery_fraction": 0.0})
         return SimpleNamespace(run=run)
 
+    assert timescale.STEP == 1.5
     assert timescale._smallest_on_time(fake(6.0), None, "a", floor=1.3, first=40.0) == 8.0
-    assert tried == [2.0, 4.0, 8.0]
+    assert tried == [2.0, 3.0, 5.0, 8.0]  # each 1.5 x the last, rounded up
     tried.clear()
     assert timescale._smallest_on_time(fake(1000.0), None, "a", floor=0.2, first=5.0) == 10.0
-    assert tried == [0.2, 0.4, 0.8, 2.0, 4.0, 8.0]
+    assert tried == [0.2, 0.3, 0.5, 0.8, 2.0, 3.0, 5.0, 8.0]
     tried.clear()  # a host faster than the emulated devices: a scale below 1
-    assert timescale._smallest_on_time(fake(0.5), None, "a", floor=0.2, first=5.0) == 0.8
-    assert tried == [0.2, 0.4, 0.8]
+    assert timescale._smallest_on_time(fake(0.5), None, "a", floor=0.2, first=5.0) == 0.5
+    assert tried == [0.2, 0.3, 0.5]
 
 
 def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +28,17 @@ from ..emulation.clock import from_wall
 from ..scenario.format import MAX_TIME_SCALE
 
 PERIOD_S = 0.05  # wall seconds between looks (a token at a small K takes about that)
+WINDOW_LOOKS = 4  # a look judges the jobs since the 4th look before it (or the last raise)
 LEAD_S = 0.15  # wall seconds between deciding and switching (agent processes must hear of it)
 LOCAL_LEAD_S = 0.01  # the same when every loop of the run is the runner's (in process)
 FACTOR = 2.0  # a raise multiplies K by this ...
 SEVERE = 0.05  # ... or by its square when more than this share of the jobs overran (a host
 # that lost most of its CPU at once: doubling twice, a look apart, would let more overrun)
-# a look at which more than this share of the jobs done since the last look overran raises
-# K (a single one in a short look does not: the run's own limit is 1 %, and one wake-up
-# delayed by another process is not a trend) ...
+# a look at which more than this share of the jobs done in the last looks (WINDOW_LOOKS) overran raises
+# K, if more than one did (a single one is not a trend: one wake-up delayed by another
+# process, the first job of heads that just moved; the run's own limit is 1 %) ...
 LATE_SHARE = 0.004
-MIN_JOBS = 20  # fewer jobs than this since the last raise: wait for more
+MIN_JOBS = 20  # fewer jobs than this in those looks: wait for more
 # ... as does one at which a report reached the controller after it had acted without it
 # (a decision may differ from the virtual twin's). Control frames delivered late are
 # counted for the record only: each is acted on as of its due time.
@@ -60,9 +62,9 @@ def decide(k: float, since: Totals, now: Totals) -> float | None:
     jobs, over = now.jobs - since.jobs, now.overruns - since.overruns
     if k >= MAX_TIME_SCALE:
         return None
-    if jobs >= MIN_JOBS and over > SEVERE * jobs:
+    if jobs >= MIN_JOBS and over > max(1, SEVERE * jobs):
         return min(MAX_TIME_SCALE, k * FACTOR * FACTOR)
-    if (jobs >= MIN_JOBS and over > LATE_SHARE * jobs) or now.missed > since.missed:
+    if (jobs >= MIN_JOBS and over > max(1, LATE_SHARE * jobs)) or now.missed > since.missed:
         return min(MAX_TIME_SCALE, k * FACTOR)
     return None
 
@@ -95,7 +97,10 @@ class Adapter:
                       ctl.stats.missed_reports if ctl is not None else 0)
 
     async def _watch(self) -> None:
-        since = await self._totals()
+        # the totals at the last WINDOW_LOOKS looks since the last raise: each look judges
+        # what happened since the oldest, so a host that falls behind late in a long run is
+        # not diluted by everything that went well before
+        looks: deque[Totals] = deque([await self._totals()], maxlen=WINDOW_LOOKS)
         while True:
             await asyncio.sleep(from_wall(PERIOD_S, self.loop))
             now = await self._totals()
@@ -103,11 +108,14 @@ class Adapter:
                 # the prefill is not watched: its first jobs start with nothing computed
                 # ahead and on cold caches, a one-off no scale would be raised for (its
                 # overruns still count in the run's own check)
-                since = now
+                looks.clear()
+                looks.append(now)
                 continue
+            since = looks[0]
             k = self.loop.time_scale
             new = decide(k, since, now)
             if new is None:
+                looks.append(now)
                 continue
             old = k
             await self.switch(new)
@@ -118,9 +126,10 @@ class Adapter:
             self.writer.event(t, self.hooks.k, "time_scale", "host",
                               f"{old:g} -> {new:g}: {now.overruns - since.overruns} of {now.jobs - since.jobs} "
                               f"jobs overran and {now.missed - since.missed} report(s) reached the controller "
-                              f"after it had acted without them since the last look ({now.late - since.late} of "
+                              f"after it had acted without them in the last looks ({now.late - since.late} of "
                               f"{now.delivered - since.delivered} control frames delivered late)")
-            since = await self._totals()
+            looks.clear()
+            looks.append(await self._totals())
 
     async def switch(self, k: float) -> None:
         """Every loop of the run moves to scale `k` at one instant `lead_s` ahead."""

@@ -29,7 +29,7 @@ replay's constraint (each job's host work inside its own window) is only an uppe
 what counts is that the arithmetic is done by the window's end and that the host keeps
 pace with the emulated tokens. That is measured directly: real-clock pilots at falling
 scales from where the host only just keeps pace (the virtual pilot's host time over its
-emulated time) up by doubling, until a pilot keeps its jobs on time (at most
+emulated time) up by STEP, until a pilot keeps its jobs on time (at most
 EARLY_ALLOWED of them overran) and no report reached its controller after it had acted
 without it; that scale, times EARLY_MARGIN, is K. Every run checks the result:
 `summary.json` reports the jobs that still overran and the reports that missed a decision
@@ -57,6 +57,10 @@ LATE_SHARE = ComputeUnit.LATE_SHARE  # as the runs count overruns
 PILOT_TOKENS = 16  # virtual pilot, prefill included
 REAL_PILOT_TOKENS = 8  # real-clock pilot, prefill included
 PROBE_FACTOR = 2.0  # the real pilot runs at this multiple of the virtual pilot's fit
+# computing early: each real-clock pilot that fell behind is followed by one at this multiple
+# of its scale (1.5, not 2: a pilot that fails at 2 and would keep up at 3 then gives 3, not
+# 4, before the margin; SmolLM2 with agent processes is faithful at 3)
+STEP = 1.5
 MARGIN = 3.0
 ALLOWED_LATE = 0.002  # fraction of replayed jobs that may miss their window at the fitted K
 # the share of a pilot's jobs that may overrun: twice a run's own limit
@@ -198,8 +202,9 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
 
 def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, first: float,
                       transport: str = "inproc", processes: bool = False) -> float:
-    """Computing early: the smallest scale in floor, 2 floor, 4 floor, ... (`round_up`:
-    below 1 where the host is faster than the emulated devices) at which a real-clock pilot keeps its jobs on time and misses no report;
+    """Computing early: the smallest scale in floor, STEP floor, STEP^2 floor, ... (each
+    `round_up`: whole numbers from 1, tenths below it, where the host is faster than the
+    emulated devices) at which a real-clock pilot keeps its jobs on time and misses no report;
     `floor` is where the host only just keeps pace with the emulated tokens (the virtual
     pilot's host time over its emulated time). Past PROBE_FACTOR x `first` (the replay's
     bound without computing early), that bound: a host too busy to say."""
@@ -214,7 +219,7 @@ def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, 
         s = out.summary
         if s["overrun_fraction"] <= EARLY_ALLOWED and not s.get("missed_reports"):
             return k
-        k = round_up(2 * k)
+        k = round_up(STEP * k)
     return min(MAX_TIME_SCALE, cap)
 
 
