@@ -40,14 +40,7 @@ from ..scenario.records import (
 )
 from ..transport.inproc import InprocNetwork
 from .rows import DeviceRow, LinkRow
-from .world import (
-    apply_background,
-    apply_to_device,
-    apply_to_link,
-    device_row,
-    link_row,
-    retimed,
-)
+from .world import apply_background, apply_to_device, apply_to_link, device_row, link_row, retimed
 
 log = logging.getLogger(__name__)
 
