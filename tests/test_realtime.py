@@ -454,9 +454,9 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     assert tried == [0.2, 0.3, 0.5]
 
 
-def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) -> Any:
+def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]], route: bool = True) -> Any:
     """A device holding layer 0's heads of gpt-tiny, computing early, with room for the
-    heads and `memory_positions` positions of their caches."""
+    heads and `memory_positions` positions of their caches (`route`: and routed to it)."""
     from testbed.agents import messages as P
     from testbed.agents.device import DeviceAgent
     from testbed.model import cost
@@ -472,9 +472,60 @@ def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]]) 
                         source="src")
     agent.compute_early()
     agent.handle("src", {"t": P.LOAD, "rid": 1, "blocks": heads})
-    assign = [0 if b.name in heads else 1 for b in spec.blocks]
-    agent.handle("src", {"t": P.ROUTE, "rid": 2, "version": 1, "devices": ["d", "other"], "assign": assign})
+    if route:
+        _route_heads_here(agent)
     return agent
+
+
+def _route_heads_here(agent: Any) -> None:
+    from testbed.agents import messages as P
+
+    assign = [0 if b.name.startswith("head.0.") else 1 for b in agent.model.blocks]
+    agent.handle("src", {"t": P.ROUTE, "rid": 2, "version": 1, "devices": ["d", "other"], "assign": assign})
+
+
+def test_content_ahead_of_its_rows_or_its_routing_waits_for_them_then_runs_ahead() -> None:
+    """The next token's content can reach a device before the previous position's K/V rows
+    are committed (the source hands it on as soon as it has the logits), or before the
+    routing that puts its heads there: nothing is computed on rows or heads that are not
+    there yet, and it is computed ahead as soon as they are, so its job commits a result
+    computed early (`early_jobs`) that equals the one computed in the window."""
+    from testbed.agents import messages as P
+    from testbed.model.blocks import RandomWeights, Reference
+    from testbed.model.spec import from_name
+
+    spec = from_name("gpt-tiny")
+    xs = [torch.randn(1, spec.d_model, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def frame(seq: int, pos: int) -> dict[str, Any]:
+        return {"t": P.LAYER_INPUT, "seq": seq, "layer": 0, "pos": pos, "x": xs[pos]}
+
+    async def main() -> tuple[int, int, int, list[torch.Tensor]]:
+        sent: list[tuple[str, dict[str, Any]]] = []
+        agent = _early_agent(2, sent, route=False)
+        agent.preview("src", frame(1, 0))  # before the routing: waits
+        await asyncio.sleep(0.05)
+        _route_heads_here(agent)  # ... and runs ahead once it is here
+        agent.preview("src", frame(2, 1))  # position 1 before position 0's rows: waits
+        await asyncio.sleep(0.05)
+        rows_before = min(agent.cache_lengths().values())
+        agent.handle("src", frame(1, 0))  # commits position 0's rows: position 1 starts ahead
+        await asyncio.sleep(0.05)
+        early_after_0 = agent.compute.early_jobs
+        agent.handle("src", frame(2, 1))
+        await asyncio.sleep(0.05)
+        outs = [m["out"] for d, m in sent if m.get("t") == P.HEAD_OUTPUTS]
+        early = agent.compute.early_jobs
+        await agent.stop()
+        return rows_before, early_after_0, early, outs
+
+    rows_before, early_after_0, early, outs = clock.run(main, "real")
+    assert rows_before == 0  # nothing was written ahead of its window
+    assert early_after_0 == 1 and early == 2  # both jobs committed results computed ahead
+    ref = Reference(RandomWeights(spec, 0))
+    with torch.inference_mode():
+        want = [torch.cat([h.forward(xs[p], p) for h in ref.heads[0]], dim=-1) for p in range(2)]
+    assert len(outs) == 2 and all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
 
 
 def test_early_results_commit_at_arrival_only_for_the_blocks_that_computed_them() -> None:
