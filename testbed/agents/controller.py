@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..emulation import clock
+from ..model.blocks import next_token
 from ..model.spec import ModelSpec
 from ..placement.algorithm import Algorithm  # re-exported: what the controller's caller passes
 from ..placement.policy import Policy, Stop, TokenCharge
@@ -496,7 +497,7 @@ class Controller:
         else:
             raise RunFailed(f"token {k} failed {self.opt.max_attempts} times in a row")
         latency = max(done, t_start) - t_start
-        tok = int(logits.argmax())
+        tok = next_token(logits)
         self.ids.append(tok)
         predicted = await self.predicted_ms(len(tokens), pos + len(tokens))
         ref = self.ref_ids[k] if k < len(self.ref_ids) else -1

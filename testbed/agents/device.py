@@ -57,6 +57,7 @@ from ..model.blocks import (
     WeightSource,
     concat_heads,
     make_block,
+    next_token,
     sum_partials,
 )
 from ..model.spec import ModelSpec
@@ -378,7 +379,7 @@ class DeviceAgent:
         if seq + 1 > self.bounds.max_seq or pos >= self.bounds.max_rows:
             return  # past the run: there is no next token
         with torch.inference_mode():
-            x = src.embed([int(logits.argmax())], pos)
+            x = src.embed([next_token(logits)], pos)
         self._guess = P.LayerInput(seq + 1, 0, pos, x).wire()
         self._hand_on_guess()
 
@@ -455,6 +456,10 @@ class DeviceAgent:
             self._early.pop(key)[2].cancel()
         for pkey in [k for k in self._pview if k[0] <= floor]:
             del self._pview[pkey]
+        for layer in [n for n, (_, msg) in self._pending.items() if msg["seq"] <= floor]:
+            del self._pending[layer]
+        if self._guess is not None and self._guess["seq"] <= floor:
+            self._guess = None
 
     # ------------------------------------------------------------------ state
 

@@ -71,7 +71,7 @@ EARLY_ALLOWED = 2 * OVERRUN_LIMIT
 # replayed): a whole run meets more (re-plans, migrations) than a pilot, and the scale
 # rises during the run when the host falls behind (adapt.py). Measured on the main job
 # (docs/fidelity.md): a pilot keeps up at 2x, 2x itself has 0.3-1.1 % of jobs overrun
-# over a whole run, 3x none
+# over a whole run, 3x 0-0.14 %
 EARLY_MARGIN = 1.5
 
 

@@ -435,11 +435,18 @@ class Reference:
         if len(prompt) + new_tokens > self.spec.context:
             raise ValueError(f"prompt + new tokens exceed the context of {self.spec.context}")
         rows = [self.forward(prompt)]
-        ids = [int(rows[-1].argmax())]
+        ids = [next_token(rows[-1])]
         while len(ids) < new_tokens:
             rows.append(self.forward([ids[-1]]))
-            ids.append(int(rows[-1].argmax()))
+            ids.append(next_token(rows[-1]))
         return ids, torch.stack(rows)
+
+
+def next_token(logits: torch.Tensor) -> int:
+    """Greedy decoding: the most likely token of a [V] row of logits. The reference, the
+    controller and the source device's guess of the next attempt (computing early) all
+    take it, so they agree."""
+    return int(logits.argmax())
 
 
 def random_prompt(spec: ModelSpec, seed: int, length: int) -> list[int]:
