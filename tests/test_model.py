@@ -63,6 +63,10 @@ def test_rope_from_the_shared_table_equals_the_per_call_formula_bit_for_bit(d: i
         x = torch.randn(T, 3, d, generator=g)
         for f in ((), freqs):
             assert torch.equal(rope(x, pos0, 10000.0, f), _rope_per_call(x, pos0, 10000.0, f)), (d, pos0, T, f)
+        for dtype in (torch.bfloat16, torch.float16):  # rotated in float32, then cast back
+            xh = (8 * x).to(dtype)
+            want = _rope_per_call(xh.float(), pos0, 10000.0, freqs).to(dtype)
+            assert torch.equal(rope(xh, pos0, 10000.0, freqs), want), (d, pos0, T, dtype)
 
 
 def test_reference_is_deterministic_and_bounded_by_context() -> None:

@@ -146,28 +146,32 @@ ROPE_ROWS = 256  # the smallest rotary table; tables grow by doubling to cover a
 
 @functools.lru_cache(maxsize=32)
 def _rope_table(d: int, base: float, freqs: tuple[float, ...], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [rows, 1, d/2] of positions 0 .. rows-1: built once per process for a
-    head size, base and scaling, and sliced by every call (elementwise the same products
-    as computing them for the call's own positions, so the same bits)."""
+    """The rotation of positions 0 .. rows-1 as two [rows, 1, d] factors, cos and sin laid
+    out per pair as the rotation uses them: (cos_i, cos_i) and (-sin_i, sin_i). Built once per
+    process for a head size, base and scaling, and sliced by every call (elementwise the same
+    products as computing them for the call's own positions, so the same bits)."""
     inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
     if freqs:
         inv = inv / torch.tensor(freqs, dtype=torch.float32)
     ang = torch.arange(0, rows, dtype=torch.float32)[:, None] * inv[None, :]  # [rows, d/2]
-    return ang.cos()[:, None, :], ang.sin()[:, None, :]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    return (torch.stack((cos, cos), dim=-1).flatten(-2).contiguous(),
+            torch.stack((-sin, sin), dim=-1).flatten(-2).contiguous())
 
 
 def rope(x: torch.Tensor, pos0: int, base: float, freqs: tuple[float, ...] = ()) -> torch.Tensor:
     """Rotary embedding on interleaved pairs (x0,x1), (x2,x3), ... as llama.cpp lays out
     Q/K rows. x: [T, heads, d]; positions pos0 .. pos0+T-1. `freqs`, when given, divides
-    pair i's frequency by freqs[i] (llama.cpp's rope_freqs: Llama 3's long-context scaling)."""
+    pair i's frequency by freqs[i] (llama.cpp's rope_freqs: Llama 3's long-context scaling).
+    Each pair becomes (x0 cos - x1 sin, x1 cos + x0 sin), computed as x * (cos, cos) +
+    swapped(x) * (-sin, sin): IEEE negation is exact and addition commutes, so these are the
+    bits of the formula written out, in four torch calls instead of nine."""
     T, _, d = x.shape
     rows = max(ROPE_ROWS, 1 << (pos0 + T - 1).bit_length())
     cos_t, sin_t = _rope_table(d, float(base), tuple(freqs), rows)
-    cos, sin = cos_t[pos0:pos0 + T], sin_t[pos0:pos0 + T]  # [T, 1, d/2]
     xf = x if x.dtype == torch.float32 else x.float()
-    x0, x1 = xf[..., 0::2], xf[..., 1::2]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [T, h, d/2, 2]
-    out = out.flatten(-2)
+    swapped = xf.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    out = xf * cos_t[pos0:pos0 + T] + swapped * sin_t[pos0:pos0 + T]
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -191,6 +195,10 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def before(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V rows of positions 0 .. pos-1 (pos <= n), as views."""
+        return self._k[:pos], self._v[:pos]
 
     def write(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store rows for positions pos..pos+T-1. Writing a position again (a retried
@@ -259,8 +267,9 @@ class HeadBlock:
             qs, k = qk[:, :q], qk[:, q]
         else:
             qs, k = qkv[:, : q * d].view(T, q, d), qkv[:, q * d:(q + 1) * d]
-        K = torch.cat((self.cache.k[:pos], k))  # [pos + T, d]
-        V = torch.cat((self.cache.v[:pos], v))
+        held_k, held_v = self.cache.before(pos)
+        K = torch.cat((held_k, k))  # [pos + T, d]
+        V = torch.cat((held_v, v))
         att = torch.matmul(qs.transpose(0, 1), K.t()) / math.sqrt(d)  # [q, T, n]
         if T > 1:  # causal: query t (position pos+t) sees keys 0..pos+t
             mask = torch.arange(pos + T)[None, :] > (pos + torch.arange(T))[:, None]
