@@ -88,7 +88,7 @@ def _tensor(d: dict[str, Any]) -> torch.Tensor:
     if not isinstance(data, bytes):
         raise FrameError("tensor data must be bytes")
     tdtype = WIRE_DTYPES[dtype][0]
-    itemsize = torch.empty((), dtype=tdtype).element_size()
+    itemsize = tdtype.itemsize
     if math.prod(shape) * itemsize != len(data):
         raise FrameError(f"tensor of shape {shape} and dtype {dtype} needs "
                          f"{math.prod(shape) * itemsize} B, got {len(data)} B")
