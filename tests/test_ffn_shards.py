@@ -294,3 +294,43 @@ def test_recovery_and_migration_with_shards(tmp_path: Path) -> None:
     assert any(e["kind"] == "recovered" for e in events)
     assert any(e["kind"] == "migration" and Block.parse(e["subject"]).kind == "ffn" and e["subject"].count(".") == 2
                for e in events)
+
+
+# ---------------------------------------------------------------------------- computing early
+
+
+def test_early_sums_are_the_joins_sums_once_per_content() -> None:
+    """`EarlySums` (shard 0's device, content ahead of its frames): complete when the residual
+    and every shard's partial are in, with exactly the bits of the sum `ShardJoin` makes at
+    arrival; the same content again (handed on when computed, then when its window opens)
+    completes nothing; other content for shards that are in replaces theirs (a regrouping
+    counts no shard twice) and completes again; bounded, dropped at a floor or once summed."""
+    from testbed.agents.shards import EarlySums, ShardJoin
+
+    g = torch.Generator().manual_seed(0)
+    x, a, b, c = (torch.randn(3, 8, generator=g) for _ in range(4))
+    join = ShardJoin(4, 8)
+    join.add_residual((1, 0), "d0", None, x)
+    join.add_partial((1, 0), "d0", None, (0,), a)
+    join.add_partial((1, 0), "d1", None, (1, 2), b)
+    join.add_partial((1, 0), "d2", None, (3,), c)
+    want = join.take((1, 0)).output()
+
+    sums = EarlySums(4, limit=3)
+    assert sums.add_partial((1, 0), (3,), c) is None and sums.add_partial((1, 0), (1, 2), b) is None
+    assert sums.add_residual((1, 0), x) is None and sums.add_residual((1, 0), x.clone()) is None
+    got = sums.add_partial((1, 0), (0,), a)
+    assert got is not None and torch.equal(got.output(), want)  # the same bits
+    assert sums.add_partial((1, 0), (1, 2), b.clone()) is None  # the same content twice: once
+    again = sums.add_partial((1, 0), (1, 2), b + 1)  # computed again, other content: replaced
+    assert again is not None and torch.equal(again.output(), x + sum_partials([a, b + 1, c]))
+    # regrouped: (2, 3) replaces both the (1, 2) and the (3,) sums; shard 1 is missing now
+    assert sums.add_partial((1, 0), (2, 3), c) is None
+    regrouped = sums.add_partial((1, 0), (1,), b)
+    assert regrouped is not None and torch.equal(regrouped.output(), x + sum_partials([a, b, c]))
+    for seq in (2, 3, 4):  # bounded: the oldest goes
+        sums.add_residual((seq, 0), x)
+    assert len(sums) == 3 and sums.add_partial((1, 0), (0, 1, 2, 3), a) is None  # (1, 0) is new again
+    sums.forget((1, 0))
+    sums.drop_through(3)
+    assert len(sums) == 1

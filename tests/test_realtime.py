@@ -423,6 +423,67 @@ def test_over_websockets_content_goes_ahead_and_arrives_once(tmp_path: Path) -> 
     assert frames == {"lost": 0, "refused": 0, "pending": 0}, frames
 
 
+def test_ffn_shard_jobs_compute_ahead_and_their_sums_go_on_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """ffn_shards.yaml on the real clock (in process, K 10, 24 tokens): the jobs of ffn
+    shards commit results computed as soon as their input's content existed, like every other
+    job kind, and shard 0's device has each layer's sum as soon as the content of the
+    residual and the partial sums is there, so the next layer computes ahead too. Every token
+    equals the reference's, every cache holds exactly the positions generated, and no more
+    jobs overrun than the twin allows (without it the chain stalls at every sharded FFN:
+    the calibration asked for K 45-90)."""
+    from testbed.agents.device import DeviceAgent
+    from testbed.agents.shards import EarlySums
+    from testbed.experiments.twin import OVERRUN_LIMIT
+
+    taken: dict[str, list[bool]] = {}
+    summed: set[tuple[int, int]] = set()
+    take, residual, partial = DeviceAgent._take_early, EarlySums.add_residual, EarlySums.add_partial
+
+    def took(agent: DeviceAgent, key: tuple[Any, ...], *args: Any) -> Any:
+        fut = take(agent, key, *args)
+        taken.setdefault(key[0], []).append(fut is not None)
+        return fut
+
+    def seen(add: Any) -> Any:
+        def run(sums: EarlySums, key: tuple[int, int], *args: Any) -> Any:
+            entry = add(sums, key, *args)
+            if entry is not None:
+                summed.add(key)
+            return entry
+        return run
+
+    monkeypatch.setattr(DeviceAgent, "_take_early", took)
+    monkeypatch.setattr(EarlySums, "add_residual", seen(residual))
+    monkeypatch.setattr(EarlySums, "add_partial", seen(partial))
+    # each device's first job overruns (its worker's first arithmetic: 6 jobs, 0.7 % of 16
+    # tokens' jobs), and so does each one's first after a decision that blocks the loop longer
+    # than its cost (in process, resource_aware_ls here takes about 1 s): no re-plan in the run
+    tokens = 24
+    doc = _short("ffn_shards", tokens).to_dict()
+    doc["controller"]["interval_tokens"] = tokens
+    scen = parse(doc, "ffn_shards.yaml")
+    prep = experiment.prepare(scen)
+    caches: dict[str, int] = {}
+
+    async def finish(world: Any, controller: Any) -> None:
+        for agent in world.agents.values():
+            caches.update(agent.cache_lengths())
+
+    out = experiment.run(prep, scen.controller.algorithm, tmp_path / "real", clock="real", time_scale=10,
+                         on_finish=finish)
+    counts = {k: (sum(v), len(v)) for k, v in taken.items()}
+    print(f"early results taken per job kind: {counts}; sums early {len(summed)}; "
+          f"overruns {out.summary['overrun_fraction']:.2%}")
+    assert out.ok and out.summary["correctness"]["tokens_match"], out.summary["correctness"]
+    assert prep.model.sharded and "s" in taken
+    assert sum(taken["s"]) >= 0.9 * len(taken["s"]), counts  # the shard jobs computed ahead
+    assert len(summed) >= 0.9 * tokens * prep.model.layers, len(summed)  # every layer's sum, early
+    assert out.summary["overrun_fraction"] <= OVERRUN_LIMIT, out.summary["overrun_fraction"]
+    n = len(prep.prompt) + tokens - 1
+    assert caches and set(caches.values()) == {n}, caches
+
+
 def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps() -> None:
     """In process the scale is measured by real-clock pilots: from where the host only just
     keeps pace, up by half each time until a pilot's jobs are on time; past twice the

@@ -29,7 +29,10 @@ instead of writing them). The frame still arrives at its emulated time, and its 
 window commits the result then: rows appended, memory charged, the result released at the
 window's end, so every emulated figure is what it would have been. A result computed for
 blocks that are no longer the ones here (moved, lost, replaced) is dropped, as are those of
-aborted attempts; a job whose early result is missing computes it in its window.
+aborted attempts; a job whose early result is missing computes it in its window. With ffn
+shards, each device's shards of a layer compute early like any job, and shard 0's device
+adds the content of the residual and of the partial sums as it arrives (`shards.EarlySums`:
+the sum made at arrival, so the same bits), handing the layer's output on early.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ from . import messages as P
 from .admission import Quota
 from .join import ProjectionJoin, ProjInputs
 from .routing import Routing
-from .shards import ShardJoin
+from .shards import EarlySums, ShardJoin
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,7 @@ class DeviceAgent:
         self._early: dict[tuple[Any, ...], tuple[tuple[object, ...], tuple[torch.Tensor, ...], Future[Ahead]]] = {}
         self._early_max = 2 * len(model.blocks) + 8  # a token's jobs here, twice over
         self._pview: dict[tuple[int, int], ProjInputs] = {}  # proj's inputs seen early
+        self._sums = EarlySums(model.ffn_shards, self.quota)  # ffn shards' sums seen early (shard 0 here)
         self._loop: asyncio.AbstractEventLoop | None = None  # where the worker's results are handed on
         # hands a message's content to another device ahead of its frame (set by the world)
         self.early_send: Callable[[str, dict[str, Any]], None] | None = None
@@ -276,6 +280,9 @@ class DeviceAgent:
         if isinstance(m, P.HeadOutputs):
             self._preview_proj(m.seq, m.layer, m.pos, None, m.groups, m.out)
             return
+        if isinstance(m, P.FfnPartial):
+            self._preview_sum(m.seq, m.layer, m.pos, m.shards, m.x)
+            return
         if type(m) is P.LayerInput and self.routing.proj_here(m.layer):  # (FfnInput is a LayerInput too)
             self._preview_proj(m.seq, m.layer, m.pos, m.x)
         if type(m) is P.LayerInput:
@@ -289,6 +296,16 @@ class DeviceAgent:
                 return
             key, blocks, inputs = ("x", m.seq, m.layer, m.pos, tuple(groups)), tuple(heads), (m.x,)
             work: Callable[[], Any] = _attend(heads, m.x, m.pos)
+        elif isinstance(m, P.FfnInput) and self.model.sharded:
+            shards = self.routing.my_shards(m.layer)
+            found = [self.blocks.get(self.model.ffn_name(m.layer, k)) for k in shards]
+            ffns = [b for b in found if isinstance(b, FfnBlock)]
+            if not ffns or len(ffns) != len(found):
+                return  # not routed or not loaded here: left to its arrival
+            if shards[0] == 0:
+                self._preview_sum(m.seq, m.layer, m.pos, None, m.x)  # the residual, for the sum
+            key, blocks, inputs = ("s", m.seq, m.layer, m.pos, tuple(shards)), tuple(ffns), (m.x,)
+            work = _partials(ffns, m.x)
         elif isinstance(m, P.FfnInput):
             ffn = self.blocks.get(f"ffn.{m.layer}")
             if not isinstance(ffn, FfnBlock):
@@ -339,11 +356,10 @@ class DeviceAgent:
                 targets = [(dst, msg) for dst in self.routing.ffn_targets(layer)]
             elif kind == "y":
                 _, _, layer, pos = key
-                if layer + 1 < self.model.layers:
-                    msg = P.LayerInput(seq, layer + 1, pos, value).wire()
-                    targets = [(dst, msg) for dst in self.routing.layer_targets(layer + 1)]
-                else:
-                    targets = [(self.source, P.LastHidden(seq, value).wire())]
+                targets = self._layer_output(seq, layer, pos, value)
+            elif kind == "s":
+                _, _, layer, pos, shards = key
+                targets = self._shard_result(seq, layer, pos, shards, value, early=True)
             elif kind == "z":
                 self._next_token_early(seq, value)
                 return
@@ -435,6 +451,24 @@ class DeviceAgent:
                 return block.forward(concat_heads(outs, groups_n), bx)
             self._submit(("p", seq, layer, pos), (block,), (bx, *(outs[g] for g in range(groups_n))), work)
 
+    def _preview_sum(self, seq: int, layer: int, pos: int, shards: Sequence[int] | None, x: torch.Tensor) -> None:
+        """On the device of a layer's ffn shard 0: collect the residual (`shards` None) and
+        the partial sums as their content arrives early; once all are there, the layer's
+        output goes on early. The sum costs no emulated compute (as `_ffn_sum`): no job."""
+        if 0 not in self.routing.my_shards(layer):
+            return
+        key = (seq, layer)
+        entry = self._sums.add_residual(key, x) if shards is None else self._sums.add_partial(key, shards, x)
+        if entry is None:
+            return
+        with torch.inference_mode():
+            out = entry.output()
+        try:
+            targets = self._layer_output(seq, layer, pos, out)
+        except KeyError:  # routed elsewhere since: the sum at arrival will find out
+            return
+        self._hand_on_early(targets)
+
     def _take_early(self, key: tuple[Any, ...], blocks: Sequence[object],
                     inputs: Sequence[torch.Tensor]) -> Future[Ahead] | None:
         """The arithmetic started early for this job, if it used exactly these blocks and
@@ -456,6 +490,7 @@ class DeviceAgent:
             self._early.pop(key)[2].cancel()
         for pkey in [k for k in self._pview if k[0] <= floor]:
             del self._pview[pkey]
+        self._sums.drop_through(floor)
         for layer in [n for n, (_, msg) in self._pending.items() if msg["seq"] <= floor]:
             del self._pending[layer]
         if self._guess is not None and self._guess["seq"] <= floor:
@@ -685,20 +720,35 @@ class DeviceAgent:
         to shard 0's device (ourselves included)."""
         s = self.model
         blocks = [self.blocks[s.ffn_name(layer, k)] for k in shards]
+        work = _partials([b for b in blocks if isinstance(b, FfnBlock)], x)
 
-        def work() -> torch.Tensor:
-            with torch.inference_mode():
-                return sum_partials([b.partial(x) for b in blocks if isinstance(b, FfnBlock)])
+        def outputs(y: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
+            return self._shard_result(seq, layer, pos, shards, y, early=True)
 
+        early = self._take_early(("s", seq, layer, pos, tuple(shards)), blocks, (x,))
         T = x.shape[0]
-        y, done = await self.compute.run(len(shards) * cost.span_flops(s, "ffn", pos, T), work, ready=ready,
+        y, done = await self.compute.run(len(shards) * cost.span_flops(s, "ffn", pos, T),
+                                         _or_now(work) if early else work, ready=ready, early=early,
+                                         on_result=self._ahead(seq, outputs),
                                          nbytes=len(shards) * cost.span_bytes(s, "ffn", pos, T))
         if seq <= self.floor:
             return
+        for dst, msg in self._shard_result(seq, layer, pos, shards, y, done):
+            self._forward(dst, msg, done)
+
+    def _shard_result(self, seq: int, layer: int, pos: int, shards: Sequence[int], y: torch.Tensor,
+                      at: float | None = None, early: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """Where the sum of this device's ffn shards of a layer (a `_shards` job's result)
+        goes. Shard 0 here: into the layer's sum here (`_ffn_sum`, as of `at`; `early`: its
+        content, `_preview_sum`), nothing to send. Else: an FfnPartial to shard 0's device,
+        returned (the job sends it; `early`: its content is handed on)."""
         if shards[0] == 0:
-            self._ffn_sum(self.name, seq, layer, pos, shards, y, done)
-        else:
-            self._forward(self.routing.ffn(layer), P.FfnPartial(seq, layer, pos, tuple(shards), y).wire(), done)
+            if early:
+                self._preview_sum(seq, layer, pos, shards, y)
+            else:
+                self._ffn_sum(self.name, seq, layer, pos, shards, y, at)
+            return []
+        return [(self.routing.ffn(layer), P.FfnPartial(seq, layer, pos, tuple(shards), y).wire())]
 
     def _on_ffn_partial(self, sender: str, m: P.FfnPartial, at: float | None) -> None:
         if m.seq <= self.floor:
@@ -716,6 +766,7 @@ class DeviceAgent:
         if not self.ffn_join.ready(key):
             return
         entry = self.ffn_join.take(key)
+        self._sums.forget(key)
         with torch.inference_mode():
             out = entry.output()
         for dst, msg in self._layer_output(seq, layer, pos, out):
@@ -934,6 +985,14 @@ def _ffn(block: FfnBlock, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return run
 
 
+def _partials(blocks: list[FfnBlock], x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The sum of ffn shards' partial outputs (a `_shards` job's arithmetic)."""
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return sum_partials([b.partial(x) for b in blocks])
+    return run
+
+
 def _logits(src: SourceBlock, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         with torch.inference_mode():
@@ -946,7 +1005,7 @@ def _or_now(work: Callable[[], T]) -> Callable[[T | None], T]:
     return lambda value: work() if value is None else value
 
 
-_EARLY_KINDS = frozenset((P.LAYER_INPUT, P.HEAD_OUTPUTS, P.FFN_INPUT, P.LAST_HIDDEN))
+_EARLY_KINDS = frozenset((P.LAYER_INPUT, P.HEAD_OUTPUTS, P.FFN_INPUT, P.FFN_PARTIAL, P.LAST_HIDDEN))
 EARLY_KINDS = _EARLY_KINDS  # the data frames whose content a transport may hand on early
 
 # the one dispatch table of a device: every record kind the agent acts on, by its type

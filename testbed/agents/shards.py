@@ -1,7 +1,8 @@
 """The FFN-shard join: per attempt and layer, what the device of a layer's ffn shard 0 waits
 for before the layer's output goes on: the FFN input (the residual), and the partial
 output of every shard, as sums over the shards each device holds. Entries are bounded per
-contributing peer. Pure: no IO, no asyncio (tensors are only kept and added).
+contributing peer. `EarlySums`: the same sums from content that arrived ahead of its frames
+(computing early, real clock). Pure: no IO, no asyncio (tensors are only kept and added).
 
 The layer's output is residual + the partial sums in the order of their first shard, so a
 placement decides only how the shards' contributions are grouped, not which arithmetic
@@ -86,3 +87,75 @@ class ShardJoin:
     def drop_through(self, floor: float = math.inf) -> None:
         for key in [k for k in self._pending if k[0] <= floor]:
             self.take(key)
+
+
+@dataclass
+class _Early:
+    inputs: ShardInputs = field(default_factory=ShardInputs)
+    groups: dict[int, frozenset[int]] = field(default_factory=dict)  # first shard -> the shards its sum covers
+
+
+class EarlySums:
+    """The same sums as `ShardJoin`, from content that arrived ahead of its frames (a device
+    computing early, holding a layer's shard 0): the residual and the partial sums per
+    (attempt, layer), and the complete `ShardInputs` as soon as they are all there (its
+    `output()` is the arithmetic the sum at arrival runs, so the same bits).
+
+    Content only: nothing is committed from it (whoever uses the sum compares it with the
+    frames that arrive), so no peer is held to a quota; at most `limit` sums are kept, the
+    oldest dropped first. The same content twice (a result handed on when its arithmetic is
+    done, then when its window opens) completes a sum once; other content for shards that
+    are in (computed again, or grouped otherwise since) replaces theirs, and a complete sum
+    whose content changes is complete again."""
+
+    def __init__(self, shards: int, limit: int) -> None:
+        self.shards, self.limit = shards, limit
+        self._sums: dict[Key, _Early] = {}
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def _entry(self, key: Key) -> _Early:
+        entry = self._sums.get(key)
+        if entry is None:
+            if len(self._sums) >= self.limit:
+                del self._sums[next(iter(self._sums))]
+            entry = self._sums[key] = _Early()
+        return entry
+
+    def add_residual(self, key: Key, x: torch.Tensor) -> ShardInputs | None:
+        """The layer's FFN input; the sum if this completes it (or changes a complete one)."""
+        entry = self._entry(key)
+        if entry.inputs.residual is not None and _same(entry.inputs.residual, x):
+            return None
+        entry.inputs.residual = x
+        return self._complete(entry)
+
+    def add_partial(self, key: Key, shards: Sequence[int], x: torch.Tensor) -> ShardInputs | None:
+        """The sum of the partial outputs of `shards`; the sum if this completes it (or
+        changes a complete one)."""
+        entry, mine = self._entry(key), frozenset(shards)
+        first = min(mine)
+        if entry.groups.get(first) == mine and _same(entry.inputs.parts[first], x):
+            return None
+        for k in [k for k, g in entry.groups.items() if g & mine]:
+            del entry.groups[k], entry.inputs.parts[k]
+        entry.groups[first] = mine
+        entry.inputs.parts[first] = x
+        entry.inputs.covered = set().union(*entry.groups.values())
+        return self._complete(entry)
+
+    def _complete(self, entry: _Early) -> ShardInputs | None:
+        return entry.inputs if entry.inputs.complete(self.shards) else None
+
+    def forget(self, key: Key) -> None:
+        """The sum was made from the frames (`ShardJoin`): no content for it is to come."""
+        self._sums.pop(key, None)
+
+    def drop_through(self, floor: float = math.inf) -> None:
+        for key in [k for k in self._sums if k[0] <= floor]:
+            del self._sums[key]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
