@@ -357,7 +357,8 @@ def print_summary(out: Console, scen: Scenario, clock: str, o: experiment.Outcom
     if clock == "real":
         out.print(f"  time          {s['emulated_s']:.3f} s emulated in {s['wall_s']:.1f} s of wall time "
                   f"(time scale {' -> '.join(f'{k:g}' for _, k in s.get('time_scales') or [[0, s['time_scale']]])}); overruns: {s['overrun_fraction']:.1%} of jobs, "
-                  f"{s.get('missed_reports', 0)} report(s) missed a decision")
+                  f"{s.get('missed_reports', 0)} report(s) missed a decision, "
+                  f"{s.get('late_decisions', 0)} re-plan(s) later than their modelled cost")
         fid = s["fidelity"]
         if fid["distorted"]:
             out.print(f"  [red]distorted[/]     {fid['reason']}", soft_wrap=True)

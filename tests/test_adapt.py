@@ -44,7 +44,7 @@ def test_a_switch_of_scale_keeps_emulated_time_continuous() -> None:
     assert emulated == pytest.approx(0.05 + (wall - 0.1) / 8, abs=0.004)
 
 
-def test_the_scale_rises_when_jobs_fall_behind_or_a_report_misses_a_decision() -> None:
+def test_the_scale_rises_when_jobs_fall_behind_or_a_report_misses_a_decision_or_a_replan_is_late() -> None:
     zero = Totals(0, 0, 0, 0)
     assert decide(4.0, zero, Totals(1000, 0, 100, 0)) is None  # on time
     assert decide(4.0, zero, Totals(1000, 4, 100, 9)) is None  # a few jobs late: not a trend
@@ -54,6 +54,9 @@ def test_the_scale_rises_when_jobs_fall_behind_or_a_report_misses_a_decision() -
     assert decide(4.0, zero, Totals(1000, 0, 100, 90)) is None
     # ... a report the controller acted without is
     assert decide(4.0, zero, Totals(1000, 0, 100, 0, missed=1)) == 4.0 * FACTOR
+    # ... and so is a re-plan whose host time did not fit its modelled cost (the next would not)
+    assert decide(4.0, zero, Totals(1000, 0, 100, 0, late_decisions=1)) == 4.0 * FACTOR
+    assert decide(4.0, Totals(0, 0, 0, 0, late_decisions=1), Totals(1000, 0, 100, 0, late_decisions=1)) is None
     assert decide(4.0, zero, Totals(MIN_JOBS - 1, MIN_JOBS - 1, 0, 0)) is None  # too few
     assert decide(4.0, zero, Totals(MIN_JOBS, 1, 0, 0)) is None  # a single overrun is not a trend
     assert decide(4.0, zero, Totals(MIN_JOBS, 2, 0, 0)) == 4.0 * FACTOR * FACTOR

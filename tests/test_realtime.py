@@ -484,6 +484,56 @@ def test_ffn_shard_jobs_compute_ahead_and_their_sums_go_on_early(tmp_path: Path,
     assert caches and set(caches.values()) == {n}, caches
 
 
+class _Deliberate:
+    """resource_aware, with 20 ms of host time per decision against a declared cost of 1 ms."""
+
+    name = "deliberate"
+    decision_cost = (1e-3, 0.0)
+
+    def __init__(self, dynamic: bool = True) -> None:
+        from testbed.placement.registry import get_algorithm
+
+        self.dynamic = dynamic
+        self.inner = get_algorithm("resource_aware")
+
+    def place(self, snap: Any) -> Any:
+        time.sleep(0.02)
+        return self.inner.place(snap)
+
+
+def test_the_calibration_times_the_replans_and_a_late_one_is_counted_raises_the_scale_and_distorts(
+        tmp_path: Path) -> None:
+    """A re-plan is host work that must fit its modelled cost: the calibration's pilot times
+    warm decisions at its end (20 ms of host time over a 1 ms cost: a scale of at least 20;
+    none for an algorithm that never re-plans). On the real clock at K 2 each re-plan takes
+    10 ms of emulated time against its 1 ms: counted with the time beyond its cost, the
+    watcher raises K, and as they add up to more than 1 % of the run it says it is distorted.
+    The deployment's decision is as slow but not counted: nothing runs while it is made."""
+    from testbed.experiments.timescale import decision_scale
+
+    doc = _short("bandwidth_drop", 8).to_dict()
+    doc["controller"]["interval_tokens"] = 2
+    scen = parse(doc, "bandwidth_drop.yaml")
+    prep = experiment.prepare(scen)
+    scales: dict[bool, float] = {}
+    for dynamic in (True, False):
+        async def finish(world: Any, controller: Any, dynamic: bool = dynamic) -> None:
+            scales[dynamic] = await decision_scale(controller)
+        out = experiment.run(prep, _Deliberate(dynamic), tmp_path / f"virtual-{dynamic}", clock="virtual",
+                             on_finish=finish)
+        assert out.ok and out.summary["late_decisions"] == 0  # the virtual clock does not see the host
+    assert 20.0 <= scales[True] < 200.0 and scales[False] == 0.0, scales
+
+    real = experiment.run(prep, _Deliberate(), tmp_path / "real", clock="real", time_scale=2)
+    s = real.summary
+    assert real.ok and s["replans"] == 4, s["replans"]  # the deployment and tokens 2, 4, 6
+    assert s["late_decisions"] >= 2 and s["late_decision_ms"] >= 2 * 4.0, (s["late_decisions"], s["late_decision_ms"])
+    assert s["decision_time_scale"] >= 20.0
+    assert s["fidelity"]["distorted"] and "re-plans took" in s["fidelity"]["reason"], s["fidelity"]
+    raised = [e for e in Run(real.run_dir).events if e["kind"] == "time_scale"]
+    assert any("re-plan(s) took longer than their modelled cost" in e["detail"] for e in raised), raised
+
+
 def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps() -> None:
     """In process the scale is measured by real-clock pilots: from where the host only just
     keeps pace, up by half each time until a pilot's jobs are on time; past twice the
@@ -513,6 +563,23 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     tried.clear()  # a host faster than the emulated devices: a scale below 1
     assert timescale._smallest_on_time(fake(0.5), None, "a", floor=0.2, first=5.0) == 0.5
     assert tried == [0.2, 0.3, 0.5]
+
+
+def test_the_calibrated_scale_fits_the_replans_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K is the margin times the larger of the scale the pilots kept up at and the one the
+    re-plans need; the calibration's line says which decided."""
+    from testbed.experiments import timescale
+
+    prep = experiment.prepare(_short("bandwidth_drop", 4))
+    jobs = [Job(0.0, 1e-3, 1e-4)]
+    for decisions, want in ((30.0, 45.0), (1.2, 5.0)):
+        monkeypatch.setattr(timescale, "_pilot", lambda *a, d=decisions: (jobs, {"wall_s": 1.0, "emulated_s": 1.0,
+                                                                              "tokens": 4}, d))
+        monkeypatch.setattr(timescale, "_smallest_on_time", lambda *a, **k: 3.0)
+        c = timescale.calibrate(prep, ["resource_aware"])
+        assert c.time_scale == want and c.decision_scale == decisions, c
+        assert ("a re-plan needs 30x its modelled cost in host time, which decides" in c.line()) == (decisions > 3), c.line()
+        assert c.to_dict()["decision_scale"] == decisions
 
 
 def _early_agent(memory_positions: int, sent: list[tuple[str, dict[str, Any]]], route: bool = True) -> Any:

@@ -150,6 +150,21 @@ def test_distortion_just_inside_and_just_outside() -> None:
     assert missed["distorted"] is True and "1 report(s) reached the controller after" in missed["reason"]
 
 
+def test_replans_later_than_their_cost_distort_a_run_when_they_add_up_to_its_limit() -> None:
+    """Re-plans whose host time did not fit their modelled cost shift everything after them;
+    when together more than DISTORTED of the run's emulated time, the run says so and
+    suggests a scale that fits the slowest one (1.5 x its host time over its cost)."""
+    ok = fidelity("real", 8.0, 0.0, 0.0, share=0.5, late_decision_s=DISTORTED * 2.0, emulated_s=2.0,
+                  decision_scale=30.0)
+    assert ok["distorted"] is False
+    bad = fidelity("real", 8.0, 0.0, 0.0, share=0.5, late_decision_s=DISTORTED * 2.0 + 1e-6, emulated_s=2.0,
+                   decision_scale=30.0)
+    assert bad["distorted"] is True and bad["suggested_time_scale"] == 45
+    assert "re-plans took 20.0 ms of emulated time beyond their modelled cost" in bad["reason"], bad["reason"]
+    # no emulated time known (a run that failed before its first token): not judged on this
+    assert fidelity("real", 8.0, 0.0, 0.0, share=0.5, late_decision_s=1.0)["distorted"] is False
+
+
 def test_the_suggested_scale_is_at_least_twice_the_one_used() -> None:
     # needed 8 x 0.5 = 4: 1.5 x 4 = 6 < 2 x 8 = 16
     assert fidelity("real", 8.0, 0.05, 0.0, share=0.5)["suggested_time_scale"] == 16

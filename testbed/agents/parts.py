@@ -102,7 +102,16 @@ class Stats:
     failed_migrations: int = 0
     refused_migrations: int = 0
     replans: int = 0
-    late_decisions: int = 0  # real clock: the host's decision took longer than its modelled cost
+    # real clock: re-plans during generation whose host time (wall / K) exceeded their
+    # modelled cost by more than 5 % of it, and the emulated seconds they took beyond it (the
+    # timeline after them is that much later than the virtual twin's); the deployment's
+    # decision is not counted: nothing runs while it is made, so its lateness delays only
+    # the start
+    late_decisions: int = 0
+    late_decision_s: float = 0.0
+    # real clock: the largest host time / modelled cost of a re-plan (the time scale at which
+    # the slowest one would just have fitted)
+    decision_scale: float = 0.0
     # real clock: reports (and telemetry rounds) that reached the controller only after it
     # had acted as of a later instant without them (`Port.settle` did not see them coming):
     # a decision may then differ from the virtual twin's

@@ -40,7 +40,8 @@ SEVERE = 0.05  # ... or by its square when more than this share of the jobs over
 LATE_SHARE = 0.004
 MIN_JOBS = 20  # fewer jobs than this in those looks: wait for more
 # ... as does one at which a report reached the controller after it had acted without it
-# (a decision may differ from the virtual twin's). Control frames delivered late are
+# (a decision may differ from the virtual twin's), or a re-plan took longer than its
+# modelled cost (Controller.plan: the next one, as large, would too). Control frames delivered late are
 # counted for the record only: each is acted on as of its due time.
 
 
@@ -53,18 +54,21 @@ class Totals:
     delivered: int
     late: int
     missed: int = 0  # reports the controller acted without (Stats.missed_reports)
+    late_decisions: int = 0  # re-plans whose host time did not fit their cost (Stats.late_decisions)
 
 
 def decide(k: float, since: Totals, now: Totals) -> float | None:
     """The new time scale, or None: raise by FACTOR when the jobs since `since` overran
     more than LATE_SHARE of the time (at least MIN_JOBS of them; by FACTOR squared when
-    more than SEVERE), or a report reached the controller after it had acted without it."""
+    more than SEVERE), or a report reached the controller after it had acted without it, or
+    a re-plan's host time did not fit its modelled cost (the next one would not either)."""
     jobs, over = now.jobs - since.jobs, now.overruns - since.overruns
     if k >= MAX_TIME_SCALE:
         return None
     if jobs >= MIN_JOBS and over > max(1, SEVERE * jobs):
         return min(MAX_TIME_SCALE, k * FACTOR * FACTOR)
-    if (jobs >= MIN_JOBS and over > max(1, LATE_SHARE * jobs)) or now.missed > since.missed:
+    if ((jobs >= MIN_JOBS and over > max(1, LATE_SHARE * jobs)) or now.missed > since.missed
+            or now.late_decisions > since.late_decisions):
         return min(MAX_TIME_SCALE, k * FACTOR)
     return None
 
@@ -94,7 +98,8 @@ class Adapter:
         ctl = getattr(self.hooks, "controller", None)
         return Totals(sum(r.jobs for r in rows), sum(r.overruns for r in rows),
                       sum(r.checked for r in links), sum(r.late for r in links),
-                      ctl.stats.missed_reports if ctl is not None else 0)
+                      ctl.stats.missed_reports if ctl is not None else 0,
+                      ctl.stats.late_decisions if ctl is not None else 0)
 
     async def _watch(self) -> None:
         # the totals at the last WINDOW_LOOKS looks since the last raise: each look judges
@@ -118,6 +123,7 @@ class Adapter:
                 looks.append(now)
                 continue
             old = k
+            plans = now.late_decisions - since.late_decisions
             await self.switch(new)
             # counted afresh from the switch: what was late before it is not news after it
             await asyncio.sleep(from_wall(self.lead_s, self.loop))
@@ -127,7 +133,8 @@ class Adapter:
                               f"{old:g} -> {new:g}: {now.overruns - since.overruns} of {now.jobs - since.jobs} "
                               f"jobs overran and {now.missed - since.missed} report(s) reached the controller "
                               f"after it had acted without them in the last looks ({now.late - since.late} of "
-                              f"{now.delivered - since.delivered} control frames delivered late)")
+                              f"{now.delivered - since.delivered} control frames delivered late)"
+                              + (f"; {plans} re-plan(s) took longer than their modelled cost" if plans else ""))
             looks.clear()
             looks.append(await self._totals())
 

@@ -22,6 +22,13 @@ algorithm of the command (the largest K wins, so algorithms are compared at one 
 
 K is the larger of the two, times MARGIN for the noise of a shared machine.
 
+A re-plan is host work too: it must be done within its modelled cost on the controller's
+device (`placement.policy.decision_cost_s`), or everything after it runs late. At the end of
+the virtual pilot the controller decides DECISION_REPEAT more times on its current view
+(warm, as the run's re-plans are); the median of their host times over their cost is the
+scale the decisions need, and K is at least that times the margin (an algorithm that
+never re-plans needs none: its one decision is made before anything runs).
+
 Devices compute early on the real clock, in process and in agent processes alike (a job's
 arithmetic starts when its input's content exists, long before its emulated arrival; see
 `agents/device.py` and `transport/ws.py`), so the
@@ -49,6 +56,7 @@ from typing import Any
 
 from ..emulation.compute import ComputeUnit
 from ..harness.rows import DeviceRow
+from ..placement.policy import Stop
 from ..scenario.format import MAX_TIME_SCALE
 from .twin import OVERRUN_LIMIT
 
@@ -73,6 +81,7 @@ EARLY_ALLOWED = 2 * OVERRUN_LIMIT
 # (docs/fidelity.md): a pilot keeps up at 2x, 2x itself has 0.3-1.1 % of jobs overrun
 # over a whole run, 3x 0-0.14 %
 EARLY_MARGIN = 1.5
+DECISION_REPEAT = 3  # timed decisions at the end of the virtual pilot
 
 
 @dataclass(frozen=True)
@@ -128,12 +137,16 @@ class Calibration:
     skipped: dict[str, str] = field(default_factory=dict)  # algorithms whose pilot failed, and why
     margin: float = MARGIN
     early: bool = False  # devices compute early, and real pilots found the scale
+    decision_scale: float = 0.0  # a re-plan's host time over its modelled cost (median of the pilot's timed ones)
 
     def line(self) -> str:
         head = (f"time scale {self.time_scale:g} (auto): this host needs {self.host_ms_median:.3f} ms per job "
                 f"against emulated windows of {self.window_ms_median:.3f} ms (medians of a virtual pilot); ")
         tail = (f"x{self.margin:g} margin; calibrated in {self.seconds:.1f} s; "
                 f"expect about {self.expected_wall_s:.0f} s of wall time per run")
+        if self.decision_scale > self.fitted:
+            tail = (f"a re-plan needs {self.decision_scale:.3g}x its modelled cost in host time, which decides; "
+                    + tail)
         if self.early:
             return (head + f"computing early, a {self.tokens}-token real-clock pilot kept its jobs on time "
                     f"at {self.fitted:.3g}x; " + tail)
@@ -146,7 +159,8 @@ class Calibration:
                 "probe_host_share_p95": round(self.probe_share, 4), "jobs": self.jobs,
                 "host_ms_median": round(self.host_ms_median, 4), "window_ms_median": round(self.window_ms_median, 4),
                 "hop_ms": round(self.hop_ms, 4), "seconds": round(self.seconds, 2),
-                "expected_wall_s": round(self.expected_wall_s, 1), "skipped": self.skipped}
+                "expected_wall_s": round(self.expected_wall_s, 1), "skipped": self.skipped,
+                "decision_scale": round(self.decision_scale, 3)}
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -164,12 +178,13 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
 
     w0 = time.perf_counter()
     hop = ws_hop_seconds(prep.model) if transport == "ws" else 0.0
-    fitted, best, k_probe, share, per_token = 1.0, [], 1.0, 0.0, 0.0
+    fitted, best, k_probe, share, per_token, decisions = 1.0, [], 1.0, 0.0, 0.0, 0.0
     failed: dict[str, str] = {}
     for alg in algorithms:
         try:
             # a first guess from the virtual clock, where the host works back to back ...
-            jobs, summary = _pilot(experiment, _shorter(prep, tokens), alg, hop)
+            jobs, summary, dec = _pilot(experiment, _shorter(prep, tokens), alg, hop)
+            decisions = max(decisions, dec)
             per_token = max(per_token, summary["emulated_s"] / max(1, summary["tokens"]))
             first = fit_time_scale(jobs)
             # ... then a real-clock pilot at a few times that scale, as the run will be (same
@@ -193,11 +208,11 @@ def calibrate(prep: Any, algorithms: Sequence[Any], transport: str = "inproc", p
     if len(failed) == len(algorithms):
         raise RuntimeError("; ".join(f"{a}: {why}" for a, why in failed.items()))
     margin = EARLY_MARGIN if early else MARGIN
-    k = min(MAX_TIME_SCALE, round_up(fitted * margin))
+    k = min(MAX_TIME_SCALE, round_up(max(fitted, decisions) * margin))
     return Calibration(k, fitted, len(best), min(real_tokens, prep.scenario.generation.new_tokens), k_probe,
                        share, 1e3 * _median([j.host_s for j in best]),
                        1e3 * _median([j.finish - j.start for j in best]), 1e3 * hop, time.perf_counter() - w0,
-                       k * per_token * prep.scenario.generation.new_tokens, failed, margin, early)
+                       k * per_token * prep.scenario.generation.new_tokens, failed, margin, early, decisions)
 
 
 def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, first: float,
@@ -258,11 +273,12 @@ def _shorter(prep: Any, tokens: int) -> Any:
     return replace(prep, scenario=replace(scen, generation=replace(scen.generation, new_tokens=n)))
 
 
-def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float) -> tuple[list[Job], dict[str, Any]]:
+def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float) -> tuple[list[Job], dict[str, Any], float]:
     """Run a pilot in process on the virtual clock, tracing every job; returns the jobs of the tokens after the
     prefill's (its one-off costs, like torch's first calls, are not the steady state), each
     charged its torch time plus an equal share of the host's other CPU time during those
-    tokens, plus `hop_s` per frame sent."""
+    tokens, plus `hop_s` per frame sent; the summary; and the scale the re-plans need
+    (`decision_scale` at the pilot's end)."""
     traces: list[list[tuple[float, float, float]]] = []
     marks: list[tuple[float, int]] = []  # (CPU time, frames sent so far) after each token
     world_ref: list[Any] = []
@@ -283,11 +299,17 @@ def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float) -> tuple[li
         for tr in traces:  # token boundary marker; a job's record is (start, finish, seconds)
             tr.append((math.nan, float(k), 0.0))
 
+    scales: list[float] = []
+
+    async def on_finish(world: Any, controller: Any) -> None:
+        scales.append(await decision_scale(controller))
+
     with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
         out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="virtual", setup=setup,
-                             progress=progress)
+                             progress=progress, on_finish=on_finish)
     if not out.ok or len(marks) < 2:
         raise RuntimeError(f"the calibration pilot did not complete: {out.status}")
+    dec = scales[0] if scales else 0.0
     # the jobs of tokens 1..n-1 (after the first boundary marker of each device)
     mine: list[tuple[float, float, float]] = []
     for tr in traces:
@@ -298,12 +320,34 @@ def _pilot(experiment: Any, prep: Any, algorithm: Any, hop_s: float) -> tuple[li
             elif seen_first:
                 mine.append((start, finish, wall))
     if not mine:
-        return [], out.summary
+        return [], out.summary, dec
     cpu = marks[-1][0] - marks[0][0]  # this process's CPU time during tokens 1..n-1
     frames = marks[-1][1] - marks[0][1]
     torch_s = sum(w for _, _, w in mine)
     share = max(0.0, cpu - torch_s) / len(mine) + hop_s * frames / len(mine)
-    return [Job(s, f, w + share) for s, f, w in mine], out.summary
+    return [Job(s, f, w + share) for s, f, w in mine], out.summary, dec
+
+
+async def decision_scale(controller: Any, repeat: int = DECISION_REPEAT) -> float:
+    """The time scale at which this host's re-plans just fit their modelled cost: the
+    controller decides `repeat` times on its current view (warm, as a run's re-plans are;
+    nothing is applied), and the median host time over the cost is returned. 0 for an
+    algorithm that never re-plans."""
+    policy = controller.policy
+    if not policy.algorithm.dynamic:
+        return 0.0
+    snap = await controller.snapshot()
+    ratios = []
+    for _ in range(repeat):
+        w0 = time.perf_counter()
+        try:
+            d = policy.decide(snap, "calibration")
+        except Stop:  # no placement on this view: the run's own decisions will say why
+            return 0.0
+        host_s = time.perf_counter() - w0
+        cost = policy.cost_s(d)
+        ratios.append(host_s / cost if cost > 0 else 0.0)
+    return _median(ratios)
 
 
 def ws_hop_seconds(model: Any, frames: int = 200) -> float:

@@ -43,12 +43,17 @@ class RunContext:
 
 
 def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: float,
-             host: dict[str, Any] | None = None, missed: int = 0) -> dict[str, Any]:
+             host: dict[str, Any] | None = None, missed: int = 0, late_decision_s: float = 0.0,
+             emulated_s: float = math.nan, decision_scale: float = 0.0) -> dict[str, Any]:
     """The run's check of itself: on the real clock, did the host keep up with the emulated
     system? Two things let the host's speed into the results: a job whose arithmetic was
     not done by its emulated finish (`overrun`, a share of the jobs), and a report that
     reached the controller only after it had acted as of a later instant without it
-    (`missed`, a count: a decision may then differ). A control frame merely delivered late
+    (`missed`, a count: a decision may then differ); and re-plans whose host time did not
+    fit their modelled cost, when together they took more than OVERRUN_LIMIT of the run's
+    emulated time (`late_decision_s` of `emulated_s`: everything after a late re-plan is
+    that much later than on the virtual clock; `decision_scale`, the host time over the
+    cost of the slowest re-plan, is the scale that would have fitted it). A control frame merely delivered late
     (`late`, a share of them) is acted on as of its due time and changes nothing by itself;
     it is reported, as the host's delay on the control path. `share` is the 99th percentile,
     over recent jobs of every device, of the share of its emulated window the host needed:
@@ -59,19 +64,23 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
     if clock != "real":
         return {"distorted": False, "reason": "virtual clock: the host's speed does not enter"}
     needed = round(time_scale * share, 2)
-    if overrun <= OVERRUN_LIMIT and not missed:
+    slow_plans = late_decision_s > OVERRUN_LIMIT * emulated_s  # False when emulated_s is nan
+    if overrun <= OVERRUN_LIMIT and not missed and not slow_plans:
         return {"distorted": False, "needed_time_scale": needed,
                 "reason": f"{overrun:.1%} of jobs overran (limit {OVERRUN_LIMIT:.0%}), no report missed a decision "
                           f"({late:.1%} of control frames delivered late, each acted on as of its due time)"}
-    suggest = math.ceil(min(clock_mod.MAX_TIME_SCALE, max(2.0 * time_scale, 1.5 * needed)))
+    suggest = math.ceil(min(clock_mod.MAX_TIME_SCALE, max(2.0 * time_scale, 1.5 * needed,
+                                                          1.5 * decision_scale if slow_plans else 0.0)))
     busy = ""
     if hostload.loaded(host):
         busy = (f"; other processes took {hostload.other_share(host):.1f} of the host's "
                 f"{host['cpus']} CPUs meanwhile")  # type: ignore[index]  # loaded() holds only for HostMonitor's record
     missed_text = f" and {missed} report(s) reached the controller after it had acted without them" if missed else ""
+    plans_text = (f"; re-plans took {1e3 * late_decision_s:.1f} ms of emulated time beyond their modelled cost "
+                  f"(the slowest needed time scale {decision_scale:.3g})") if slow_plans else ""
     return {"distorted": True, "needed_time_scale": needed, "suggested_time_scale": suggest,
             "reason": f"{overrun:.1%} of jobs overran their emulated windows{missed_text} at time scale "
-                      f"{time_scale:g} (limit {OVERRUN_LIMIT:.0%} of jobs, no report): the host's speed "
+                      f"{time_scale:g} (limit {OVERRUN_LIMIT:.0%} of jobs, no report){plans_text}: the host's speed "
                       f"entered the results; about --time-scale {suggest} would fit{busy}"}
 
 
@@ -106,6 +115,8 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
         "decision_ms": {"mean": sum(st.decision_ms) / len(st.decision_ms) if st and st.decision_ms else math.nan,
                         "max": max(st.decision_ms) if st and st.decision_ms else math.nan},
         "late_decisions": st.late_decisions if st else 0,  # real clock: host time beyond the modelled cost
+        "late_decision_ms": 1e3 * st.late_decision_s if st else 0.0,  # ... and the emulated time beyond it
+        "decision_time_scale": st.decision_scale if st else 0.0,  # real clock: the slowest re-plan's host/cost
         "stalls": st.stalls if st else 0,
         "frames_lost": ctx.frames.get("lost", 0),  # to or from failed devices
         "frames_refused": ctx.frames.get("refused", 0),  # malformed, from the wire
@@ -115,7 +126,8 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
         "missed_reports": st.missed_reports if st else 0,
         "fidelity": fidelity(clock, k_end, overruns / jobs if jobs else 0.0,
                              late / delivered if delivered else 0.0, share, ctx.host,
-                             st.missed_reports if st else 0),
+                             st.missed_reports if st else 0, st.late_decision_s if st else 0.0,
+                             ctx.total_s, st.decision_scale if st else 0.0),
         "host": ctx.host,
         "peak_memory_bytes": peak,
         "correctness": {
