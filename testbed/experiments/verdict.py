@@ -46,10 +46,10 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
              host: dict[str, Any] | None = None, missed: int = 0, late_decision_s: float = 0.0,
              emulated_s: float = math.nan, decision_scale: float = 0.0) -> dict[str, Any]:
     """The run's check of itself: on the real clock, did the host keep up with the emulated
-    system? Two things let the host's speed into the results: a job whose arithmetic was
+    system? Three things let the host's speed into the results: a job whose arithmetic was
     not done by its emulated finish (`overrun`, a share of the jobs), and a report that
     reached the controller only after it had acted as of a later instant without it
-    (`missed`, a count: a decision may then differ); and re-plans whose host time did not
+    (`missed`, a count: a decision may then differ), and re-plans whose host time did not
     fit their modelled cost, when together they took more than OVERRUN_LIMIT of the run's
     emulated time (`late_decision_s` of `emulated_s`: everything after a late re-plan is
     that much later than on the virtual clock; `decision_scale`, the host time over the
