@@ -565,6 +565,41 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     assert tried == [0.2, 0.3, 0.5]
 
 
+def test_a_pilot_in_process_is_judged_after_its_prefill() -> None:
+    """In process a real-clock pilot's overruns count from the end of its prefill (whose
+    first jobs start with nothing computed ahead), as the virtual pilot's and the watcher's
+    do: a pilot whose only overruns were two prefill jobs keeps up; with agent processes,
+    whose counters are not at hand, the pilot's own total decides."""
+    from types import SimpleNamespace
+
+    from testbed.experiments import timescale
+
+    def fake(prefill_overruns: int, later_overruns: int) -> Any:
+        def run(prep: Any, alg: Any, path: Path, clock: str, time_scale: float, adapt: bool = True,
+                setup: Any = None, progress: Any = None, on_finish: Any = None, **how: Any) -> Any:
+            unit = SimpleNamespace(jobs=0, overruns=0)
+            world = SimpleNamespace(agents={"d": SimpleNamespace(compute=unit)})
+            if setup is not None:
+                setup(world)
+            unit.jobs, unit.overruns = 20, prefill_overruns
+            if progress is not None:
+                progress(0)
+            unit.jobs, unit.overruns = 120, prefill_overruns + later_overruns
+            if on_finish is not None:
+                asyncio.run(on_finish(world, None))
+            return SimpleNamespace(ok=True, status="completed",
+                                   summary={"overrun_fraction": unit.overruns / unit.jobs})
+        return SimpleNamespace(run=run)
+
+    # 3 of 120 jobs overran (2.5 %, over the 2 % allowed): kept up only when the prefill's
+    # are left out (0 or 1 of the 100 after it); 3 of the 100 after it never keep up (the
+    # cap, twice `first`, is returned)
+    assert timescale._smallest_on_time(fake(3, 0), None, "a", floor=2.0, first=40.0) == 2.0
+    assert timescale._smallest_on_time(fake(2, 1), None, "a", floor=2.0, first=40.0) == 2.0
+    assert timescale._smallest_on_time(fake(0, 3), None, "a", floor=2.0, first=1.5) == 3.0
+    assert timescale._smallest_on_time(fake(3, 0), None, "a", floor=2.0, first=1.5, processes=True) == 3.0
+
+
 def test_the_calibrated_scale_fits_the_replans_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """K is the margin times the larger of the scale the pilots kept up at and the one the
     re-plans need; the calibration's line says which decided."""

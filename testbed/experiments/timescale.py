@@ -222,20 +222,58 @@ def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, 
     emulated devices) at which a real-clock pilot keeps its jobs on time and misses no report;
     `floor` is where the host only just keeps pace with the emulated tokens (the virtual
     pilot's host time over its emulated time). Past PROBE_FACTOR x `first` (the replay's
-    bound without computing early), that bound: a host too busy to say."""
+    bound without computing early), that bound: a host too busy to say. In process a
+    pilot's jobs are judged after its prefill, as the virtual pilot's and the watcher's are
+    (the prefill's first jobs start with nothing computed ahead: on an 8-token pilot its one
+    or two overruns alone are most of the allowance); agents in processes count them all."""
     k = round_up(floor)
     cap = max(1.0, PROBE_FACTOR * first)
     while k < cap:
+        seen = _AfterPrefill()
+        how: dict[str, Any] = {} if processes else {"setup": seen.setup, "progress": seen.progress,
+                                                     "on_finish": seen.finish}
         with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
             out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k,
-                                 transport=transport, processes=processes, adapt=False)
+                                 transport=transport, processes=processes, adapt=False, **how)
         if not out.ok:
             raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
         s = out.summary
-        if s["overrun_fraction"] <= EARLY_ALLOWED and not s.get("missed_reports"):
+        late = seen.fraction()
+        if (s["overrun_fraction"] if late is None else late) <= EARLY_ALLOWED and not s.get("missed_reports"):
             return k
         k = round_up(STEP * k)
     return min(MAX_TIME_SCALE, cap)
+
+
+class _AfterPrefill:
+    """A pilot's jobs and overruns after its prefill (in process, where the devices' counters
+    are at hand: `setup`, `progress` and `finish` are the run's hooks)."""
+
+    def __init__(self) -> None:
+        self._world: Any = None
+        self._at: list[tuple[int, int]] = []  # (jobs, overruns) after the prefill, and at the end
+
+    def _counts(self) -> tuple[int, int]:
+        units = [a.compute for a in self._world.agents.values()]
+        return sum(u.jobs for u in units), sum(u.overruns for u in units)
+
+    def setup(self, world: Any) -> None:
+        self._world = world
+
+    def progress(self, k: int) -> None:
+        if k == 0 and self._world is not None:
+            self._at.append(self._counts())
+
+    async def finish(self, world: Any, controller: Any) -> None:
+        if self._at:
+            self._at.append(self._counts())
+
+    def fraction(self) -> float | None:
+        """Overruns over jobs after the prefill; None when not known (or no job after it)."""
+        if len(self._at) != 2 or self._at[1][0] <= self._at[0][0]:
+            return None
+        (j0, o0), (j1, o1) = self._at
+        return (o1 - o0) / (j1 - j0)
 
 
 def round_up(k: float) -> float:
