@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..emulation import clock
+from ..emulation.compute import ComputeUnit
 from ..model.blocks import next_token
 from ..model.spec import ModelSpec
 from ..placement.algorithm import Algorithm  # re-exported: what the controller's caller passes
@@ -61,8 +62,8 @@ __all__ = ["Algorithm", "Controller", "Options", "RunFailed", "OutOfMemory", "De
 log = logging.getLogger(__name__)
 
 # real clock: a re-plan whose host time (wall / K) exceeds its modelled cost by more than this
-# share of it is late (as a job is, compute.ComputeUnit.LATE_SHARE)
-LATE_DECISION_SHARE = 0.05
+# share of it is late, as a job is
+LATE_DECISION_SHARE = ComputeUnit.LATE_SHARE
 
 
 @dataclass
