@@ -73,7 +73,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
     try:
         run_loop(lambda: serve(scen, args.device, token, args.host, args.port, args.allow_remote,
-                                   args.links == "kernel"), "real")
+                                   args.links == "kernel"), "real",
+                 precise=args.links == "kernel")  # otherwise the agent computes early
     except ValueError as e:  # e.g. a non-loopback address without --allow-remote
         print(f"error: {e}", file=sys.stderr)
         return 2

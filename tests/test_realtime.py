@@ -59,6 +59,37 @@ def test_a_time_scale_below_one_runs_faster_than_the_wall_clock() -> None:
     assert 0.25 * 0.4 * 0.99 <= wall < 0.25 * 0.4 + 0.2  # not 0.4 s: the wait shrank
 
 
+@pytest.mark.parametrize("precise", [True, False])
+def test_a_precise_loop_polls_before_its_deadlines_and_a_relaxed_one_sleeps(precise: bool) -> None:
+    """Ten waits of 5 ms (K 1): a precise loop polls the last SPIN_S (1 ms) of each, many
+    select() calls; a relaxed one sleeps through each wait in one call (beside asyncio's own
+    calls without a timeout, about one per wait), and still waits long enough."""
+    calls: list[float | None] = []
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        real = loop._real_select  # type: ignore[attr-defined]
+
+        def counted(timeout: float | None = None) -> list[Any]:
+            calls.append(timeout)
+            return real(timeout)  # type: ignore[no-any-return]
+        loop._real_select = counted  # type: ignore[attr-defined]
+        t0 = loop.time()
+        for _ in range(10):
+            await asyncio.sleep(0.005)
+        return loop.time() - t0
+
+    waited = asyncio.Runner(loop_factory=lambda: clock.new_loop("real", 1.0, precise=precise)).run(main())
+    assert waited >= 0.05
+    sleeps = [t for t in calls if t]
+    polls = len(calls) - len(sleeps)
+    assert len(sleeps) >= 10
+    if precise:
+        assert polls > 100 and all(t < 0.005 - 0.0009 for t in sleeps), (polls, sleeps)
+    else:
+        assert polls <= 20 and all(t > 0.004 for t in sleeps), (polls, sleeps)
+
+
 def test_one_epoch_one_timeline() -> None:
     """Two loops (as in two agent processes) given the same scale and epoch agree on the
     emulated time; the epoch is emulated time 0."""
@@ -385,9 +416,11 @@ def test_a_real_clock_run_computes_ahead_and_loses_nothing_across_migrations(tmp
         for name, agent in world.agents.items():
             jobs[name] = (agent.compute.jobs, agent.compute.early_jobs)
             caches.update(agent.cache_lengths())
+        caches["spin"] = world.loop.spin_s
 
     out = experiment.run(prep, scen.controller.algorithm, tmp_path / "real", clock="real", time_scale=10,
                          on_finish=finish)
+    assert caches.pop("spin") == 0.0  # computing early: the loop does not poll before its deadlines
     assert out.ok and out.summary["correctness"]["tokens_match"], out.summary["correctness"]
     assert out.summary["migrations"] > 0
     assert sum(e for _, e in jobs.values()) > 0.5 * sum(j for j, _ in jobs.values()), jobs

@@ -205,7 +205,8 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     wall0 = time.perf_counter()
     try:
         clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, ctx, transport, processes,
-                                         setup, on_finish, attach, links, adapt), clock, time_scale)
+                                         setup, on_finish, attach, links, adapt), clock, time_scale,
+                      precise=links == "kernel")  # otherwise the devices compute early
     except RunFailed as e:
         status = f"failed: {e}"
         if e.error is not None:
