@@ -826,3 +826,32 @@ def test_five_real_clock_runs_make_exactly_the_decisions_of_the_virtual_twin(tra
         seen.append(c)
         print(f"run {i} at K {cal.time_scale:g}: {c}")
     assert all(c["same"] for c in seen), [c["problems"] for c in seen]
+
+
+def test_a_lost_device_is_noticed_as_of_its_emulated_instant_not_when_the_host_gets_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """device_failure cut to 12 tokens with pi-b failing before token 8, where the controller
+    also re-plans on its interval: on the virtual clock the interval re-plan comes first (the
+    connection breaks one link latency after the token's start) and the emergency after it.
+    On the real clock the host is made slow right after the failure (2 ms of wall time, 0.4
+    ms emulated at K 5, eight times the latency): the notice must still wait for the
+    controller's instant, so the re-plans come in the twin's order."""
+    from testbed.harness.cluster import Cluster
+
+    prep = experiment.prepare(_short("device_failure", 12, 16))
+    alg = prep.scenario.controller.algorithm
+    want = _decisions(experiment.run(prep, alg, tmp_path / "virtual", clock="virtual"))
+    assert [r[:2] for r in want["replans"] if r[0] == 8] == [(8, "interval"), (8, "emergency:lost@pi-b")], want
+
+    fail = Cluster.fail
+
+    def slow_fail(self: Any, *args: Any) -> None:
+        fail(self, *args)
+        end = time.perf_counter() + 0.002
+        while time.perf_counter() < end:  # the host busy elsewhere as the notice comes due
+            pass
+    monkeypatch.setattr(Cluster, "fail", slow_fail)
+    out = experiment.run(prep, alg, tmp_path / "real", clock="real", time_scale=5, adapt=False)
+    assert out.ok, out.status
+    got = _decisions(out)
+    assert got["replans"] == want["replans"], (got["replans"], want["replans"])

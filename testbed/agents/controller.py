@@ -131,6 +131,10 @@ class Controller:
         self._later: list[tuple[float, int, Callable[[], None]]] = []
         self._settled = -math.inf  # real clock: the last instant the transport was settled to
         self._n = itertools.count()
+        # real clock: the controller is settling the transport to its instant, and the
+        # notices of lost devices due after that instant which came in meanwhile (`_on_report`)
+        self._settling = False
+        self._held_downs: list[tuple[float, P.Down]] = []
 
     @property
     def devices(self) -> list[str]:
@@ -182,7 +186,24 @@ class Controller:
             return
         if isinstance(m, P.Error) and m.kind == "oom" and due is not None:
             self.timeline.reach(due)  # the attempt the controller waits for fails as of then
+        if isinstance(m, P.Down) and self._settling and due is not None and due > self.timeline.now():
+            # the host got here before the controller acted as of its instant (a token's
+            # start, where it may re-plan): as on the virtual clock, that comes first
+            self._held_downs.append((due, m))
+            return
         _REPORTS[type(m)](self, m)
+
+    def _release_downs(self) -> None:
+        """After settling: the notices held back are taken in at their due time, at the
+        controller's first wait from then on (at once if they are due already), as on the
+        virtual clock: not before it acts as of its instant, never held while it waits."""
+        held, self._held_downs = self._held_downs, []
+        for due, m in held:
+            self.loop.call_at(due, self._down_unless_over, m)
+
+    def _down_unless_over(self, m: P.Down) -> None:
+        if not self._over:
+            self._down(m)
 
     def _in_order(self, due: float | None, apply: Callable[[], None]) -> None:
         """Apply a report (or a telemetry round) due at emulated time `due` once the
@@ -461,8 +482,13 @@ class Controller:
             await asyncio.sleep(0)
         else:
             settle_to = self.timeline.now()
-            await self.port.settle(settle_to)
+            self._settling = True
+            try:
+                await self.port.settle(settle_to)
+            finally:
+                self._settling = False
             self._settled = settle_to
+            self._release_downs()
         self._take_reports()
         await self.observe(k)
         if self.recovery.lost:

@@ -200,10 +200,11 @@ class DeviceAgent:
         """A link of ours streams at a very different rate than before: tell the controller."""
         self.send(self.source, P.LinkChange(self.name, peer, rate, latency, asyncio.get_running_loop().time()).wire())
 
-    def peer_down(self, peer: str) -> None:
-        """The transport lost its connection to a peer; the source tells the controller."""
+    def peer_down(self, peer: str, at: float | None = None) -> None:
+        """The transport lost its connection to a peer (as of loop time `at`, when known;
+        otherwise now); the source tells the controller."""
         if self.source_block is not None and self.controller is not None:
-            self.controller(self.name, P.Down(peer).wire(), None)
+            self.controller(self.name, P.Down(peer).wire(), at)
 
     def announce(self) -> None:
         """A joining device introduces itself to the controller (via the source)."""

@@ -163,7 +163,7 @@ class Cluster:
                 await self._bring_up(agent)
                 return f"compute_gflops={spec.compute_gflops:g} memory_mib={spec.memory_mib:g}"
             case FailDevice(device=name):
-                self.fail(name)
+                self.fail(name, at)
                 return "the device stopped: its blocks and caches are gone"
             case SetCompute() | MemoryPressure() | MemoryRelease() as c:
                 return apply_to_device(self.agents[c.device], c)
@@ -179,22 +179,25 @@ class Cluster:
         """A joined agent is reachable: it introduces itself to the controller."""
         agent.announce()
 
-    def fail(self, name: str) -> None:
-        """The device dies abruptly: its state is gone, frames to and from it are lost, and
-        its peers see their connections break after the link latency."""
+    def fail(self, name: str, at: float | None = None) -> None:
+        """The device dies abruptly as of loop time `at` (default now): its state is gone,
+        frames to and from it are lost, and its peers see their connections break after the
+        link latency."""
         if name == self.source:
             raise UnsupportedEvent("the source device runs the controller and cannot fail")
         agent = self.agents[name]
         self.failed.add(name)
         self._kill(name)
         agent.halt()
-        self._announce_down(name)
+        self._announce_down(name, at)
 
-    def _announce_down(self, name: str) -> None:
-        """In process nothing breaks by itself: the source sees the connection reset after
-        the link latency, as TCP would show it."""
+    def _announce_down(self, name: str, at: float | None = None) -> None:
+        """In process nothing breaks by itself: the source sees the connection reset the
+        link latency after the failure (as of `at`), as TCP would show it, and tells the
+        controller when that was due."""
         src = self.agents[self.source]
-        self.loop.call_later(self.link(name, self.source).latency, src.peer_down, name)
+        due = (self.loop.time() if at is None else at) + self.link(name, self.source).latency
+        self.loop.call_at(due, src.peer_down, name, due)
 
     # ------------------------------------------------------------------ truth
 

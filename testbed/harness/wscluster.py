@@ -82,7 +82,7 @@ class WsCluster(Cluster):
     def _kill(self, name: str) -> None:
         self.loop.create_task(self.endpoints[name].close())
 
-    def _announce_down(self, name: str) -> None:
+    def _announce_down(self, name: str, at: float | None = None) -> None:
         """Nothing to fake: the closed sockets tell the peers."""
 
     async def _bring_up(self, agent: DeviceAgent) -> None:
