@@ -79,7 +79,8 @@ def test_a_precise_loop_polls_before_its_deadlines_and_a_relaxed_one_sleeps(prec
             await asyncio.sleep(0.005)
         return loop.time() - t0
 
-    waited = asyncio.Runner(loop_factory=lambda: clock.new_loop("real", 1.0, precise=precise)).run(main())
+    with asyncio.Runner(loop_factory=lambda: clock.new_loop("real", 1.0, precise=precise)) as runner:
+        waited = runner.run(main())
     assert waited >= 0.05
     sleeps = [t for t in calls if t]
     polls = len(calls) - len(sleeps)

@@ -487,8 +487,8 @@ class Controller:
                 await self.port.settle(settle_to)
             finally:
                 self._settling = False
+                self._release_downs()
             self._settled = settle_to
-            self._release_downs()
         self._take_reports()
         await self.observe(k)
         if self.recovery.lost:
