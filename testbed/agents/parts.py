@@ -103,10 +103,10 @@ class Stats:
     refused_migrations: int = 0
     replans: int = 0
     # real clock: re-plans during generation whose host time (wall / K) exceeded their
-    # modelled cost by more than 5 % of it, and the emulated seconds they took beyond it (the
-    # timeline after them is that much later than the virtual twin's); the deployment's
-    # decision is not counted: nothing runs while it is made, so its lateness delays only
-    # the start
+    # modelled cost by more than LATE_DECISION_SHARE of it (controller.py, a job's share), and
+    # the emulated seconds they took beyond it (the timeline after them is that much later
+    # than the virtual twin's); the deployment's decision is not counted: nothing runs while
+    # it is made, so its lateness delays only the start
     late_decisions: int = 0
     late_decision_s: float = 0.0
     # real clock: the largest host time / modelled cost of a re-plan (the time scale at which
