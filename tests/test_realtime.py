@@ -295,6 +295,25 @@ def _twin(name: str, tokens: int, shift: int, tmp: Path, transport: str = "inpro
     return c
 
 
+def test_a_pause_of_the_host_mid_run_makes_the_run_say_it_is_distorted(tmp_path: Path) -> None:
+    """The loop's thread held for 0.4 s of wall time (what a full garbage collection of a
+    large heap did) 150 ms into steady's emulated run at K 20: only the few jobs in flight
+    overrun, each by most of the 20 emulated ms: well under 1 % of the jobs, which alone
+    would pass. The run's own check says its results are distorted, naming how far past
+    their finish the overruns ended."""
+    prep = experiment.prepare(_short("steady", 24))
+
+    def pause(world: Any) -> None:
+        world.loop.call_at(world.loop.time() + 0.15, time.sleep, 0.4)
+
+    s = experiment.run(prep, "resource_aware", tmp_path / "r", clock="real", time_scale=20,
+                       setup=pause, adapt=False).summary
+    print(s["overrun_fraction"], s["overrun_ms"], s["fidelity"])
+    assert s["overrun_ms"] >= 10.0 and s["overrun_fraction"] <= twin.OVERRUN_LIMIT
+    assert s["fidelity"]["distorted"] is True
+    assert "ms of emulated time past their finish in all" in s["fidelity"]["reason"]
+
+
 def test_a_loaded_host_is_told_apart_from_a_quiet_one() -> None:
     """The retry above is for a loaded host only: a quiet one never qualifies."""
     assert _loaded({"host": {"wall_s": 10.0, "other_cpu_s": 5.0, "cpus": 2}})

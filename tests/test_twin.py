@@ -165,6 +165,19 @@ def test_replans_later_than_their_cost_distort_a_run_when_they_add_up_to_its_lim
     assert fidelity("real", 8.0, 0.0, 0.0, share=0.5, late_decision_s=1.0)["distorted"] is False
 
 
+def test_few_overruns_that_ended_far_past_their_finish_distort_a_run() -> None:
+    """A pause of the host (a garbage collection, say) holds up only the jobs in flight: a
+    small share of the jobs, each late by the whole pause. When the overruns ended more
+    than DISTORTED of the run's emulated time past their finish in all, the run says so."""
+    ok = fidelity("real", 8.0, 0.006, 0.0, share=0.5, emulated_s=0.4, overrun_s=DISTORTED * 0.4)
+    assert ok["distorted"] is False and "4.0 ms past their emulated finish" in ok["reason"], ok["reason"]
+    bad = fidelity("real", 8.0, 0.006, 0.0, share=0.5, emulated_s=0.4, overrun_s=DISTORTED * 0.4 + 1e-6)
+    assert bad["distorted"] is True and bad["suggested_time_scale"] == 16
+    assert "(4.0 ms of emulated time past their finish in all, more than 1%" in bad["reason"], bad["reason"]
+    # no emulated time known (a run that failed before its first token): not judged on this
+    assert fidelity("real", 8.0, 0.0, 0.0, share=0.5, overrun_s=1.0)["distorted"] is False
+
+
 def test_the_suggested_scale_is_at_least_twice_the_one_used() -> None:
     # needed 8 x 0.5 = 4: 1.5 x 4 = 6 < 2 x 8 = 16
     assert fidelity("real", 8.0, 0.05, 0.0, share=0.5)["suggested_time_scale"] == 16

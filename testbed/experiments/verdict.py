@@ -44,10 +44,15 @@ class RunContext:
 
 def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: float,
              host: dict[str, Any] | None = None, missed: int = 0, late_decision_s: float = 0.0,
-             emulated_s: float = math.nan, decision_scale: float = 0.0) -> dict[str, Any]:
+             emulated_s: float = math.nan, decision_scale: float = 0.0,
+             overrun_s: float = 0.0) -> dict[str, Any]:
     """The run's check of itself: on the real clock, did the host keep up with the emulated
-    system? Three things let the host's speed into the results: a job whose arithmetic was
-    not done by its emulated finish (`overrun`, a share of the jobs), and a report that
+    system? Three things let the host's speed into the results: jobs whose arithmetic was
+    not done by their emulated finish (`overrun`, a share of the jobs; `overrun_s`, the
+    emulated seconds they ended past it in all, over every device: a few jobs held up by a
+    pause of the host, a garbage collection say, are a small share of the jobs but may each
+    add milliseconds to a token, so more than OVERRUN_LIMIT of the run's emulated time
+    distorts it too), and a report that
     reached the controller only after it had acted as of a later instant without it
     (`missed`, a count: a decision may then differ), and re-plans whose host time did not
     fit their modelled cost, when together they took more than OVERRUN_LIMIT of the run's
@@ -65,9 +70,11 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
         return {"distorted": False, "reason": "virtual clock: the host's speed does not enter"}
     needed = round(time_scale * share, 2)
     slow_plans = late_decision_s > OVERRUN_LIMIT * emulated_s  # False when emulated_s is nan
-    if overrun <= OVERRUN_LIMIT and not missed and not slow_plans:
+    late_jobs = overrun_s > OVERRUN_LIMIT * emulated_s
+    if overrun <= OVERRUN_LIMIT and not late_jobs and not missed and not slow_plans:
         return {"distorted": False, "needed_time_scale": needed,
-                "reason": f"{overrun:.1%} of jobs overran (limit {OVERRUN_LIMIT:.0%}), no report missed a decision "
+                "reason": f"{overrun:.1%} of jobs overran (limit {OVERRUN_LIMIT:.0%}), {1e3 * overrun_s:.1f} ms past "
+                          f"their emulated finish in all, no report missed a decision "
                           f"({late:.1%} of control frames delivered late, each acted on as of its due time)"}
     suggest = math.ceil(min(clock_mod.MAX_TIME_SCALE, max(2.0 * time_scale, 1.5 * needed,
                                                           1.5 * decision_scale if slow_plans else 0.0)))
@@ -76,10 +83,12 @@ def fidelity(clock: str, time_scale: float, overrun: float, late: float, share: 
         busy = (f"; other processes took {hostload.other_share(host):.1f} of the host's "
                 f"{host['cpus']} CPUs meanwhile")  # type: ignore[index]  # loaded() holds only for HostMonitor's record
     missed_text = f" and {missed} report(s) reached the controller after it had acted without them" if missed else ""
+    jobs_text = (f" ({1e3 * overrun_s:.1f} ms of emulated time past their finish in all, more than "
+                 f"{OVERRUN_LIMIT:.0%} of the run's)") if late_jobs else ""
     plans_text = (f"; re-plans took {1e3 * late_decision_s:.1f} ms of emulated time beyond their modelled cost "
                   f"(the slowest needed time scale {decision_scale:.3g})") if slow_plans else ""
     return {"distorted": True, "needed_time_scale": needed, "suggested_time_scale": suggest,
-            "reason": f"{overrun:.1%} of jobs overran their emulated windows{missed_text} at time scale "
+            "reason": f"{overrun:.1%} of jobs overran their emulated windows{jobs_text}{missed_text} at time scale "
                       f"{time_scale:g} (limit {OVERRUN_LIMIT:.0%} of jobs, no report){plans_text}: the host's speed "
                       f"entered the results; about --time-scale {suggest} would fit{busy}"}
 
@@ -92,6 +101,7 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
     last = hooks.last if hooks is not None else {}
     jobs = sum(r.jobs for r in last.values())
     overruns = sum(r.overruns for r in last.values())
+    overrun_s = sum(r.overrun_s for r in last.values())
     links = ctx.link_rows
     delivered = sum(r.checked for r in links)  # frames that are not re-timed
     late = sum(r.late for r in links)
@@ -127,7 +137,7 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
         "fidelity": fidelity(clock, k_end, overruns / jobs if jobs else 0.0,
                              late / delivered if delivered else 0.0, share, ctx.host,
                              st.missed_reports if st else 0, st.late_decision_s if st else 0.0,
-                             ctx.total_s, st.decision_scale if st else 0.0),
+                             ctx.total_s, st.decision_scale if st else 0.0, overrun_s),
         "host": ctx.host,
         "peak_memory_bytes": peak,
         "correctness": {
@@ -142,6 +152,7 @@ def summarize_run(prep: Prepared, w: RunWriter, ctx: RunContext,
         extra["migration_detail"] = migration_detail(st.migration_log, rows)
     if clock == "real":  # the scale over time (it rises when the host falls behind) and how busy the host was
         extra["time_scales"] = [[0.0, time_scale], *([round(t, 9), k] for t, k in changes)]
+        extra["overrun_ms"] = 1e3 * overrun_s  # how far past their emulated finish the overruns ended, in all
         extra["host_busy_share"] = (ctx.host or {}).get("busy_fraction")
     if prep.tokenizer is not None:
         extra["prompt_text"] = prep.prompt_text

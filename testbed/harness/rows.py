@@ -60,8 +60,9 @@ class MemoryRow:
 @dataclass(frozen=True)
 class DeviceRow:
     """A device's truth: memory, caches, weights, compute rate (FLOP/s, slowdowns and
-    background load included) and memory bandwidth likewise (0 without one), the jobs it ran and how many overran their emulated window,
-    and the share of its window the host needed (95th and 99th percentiles of recent jobs)."""
+    background load included) and memory bandwidth likewise (0 without one), the jobs it ran,
+    how many overran their emulated window and how far past it they ended in all, and the
+    share of its window the host needed (95th and 99th percentiles of recent jobs)."""
 
     device: str
     memory: MemoryRow
@@ -74,6 +75,7 @@ class DeviceRow:
     host_share_p99: float
     host_blocks: bool
     memory_bandwidth: float = 0.0  # bytes/s, scaled as compute_flops; 0: none (the FLOP model)
+    overrun_s: float = 0.0  # emulated seconds its overrun jobs ended past their emulated finish
 
     def wire(self) -> dict[str, Any]:
         return asdict(self)

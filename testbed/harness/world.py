@@ -83,7 +83,7 @@ def device_row(agent: DeviceAgent) -> DeviceRow:
     c = agent.compute
     return DeviceRow(agent.name, MemoryRow(**agent.budget.counters()), agent.kv_bytes(), agent.weight_bytes(),
                      c.rate, c.jobs, c.overruns, share(c.host_shares, 95), share(c.host_shares, 99),
-                     agent.spec.host_blocks, c.bandwidth if math.isfinite(c.bandwidth) else 0.0)
+                     agent.spec.host_blocks, c.bandwidth if math.isfinite(c.bandwidth) else 0.0, c.overrun_s)
 
 
 def share(xs: Collection[float], q: float) -> float:
