@@ -81,6 +81,8 @@ class Adapter:
         self.loop = world.loop
         self.changes: list[tuple[float, float]] = []  # (emulated time from the run's start, K)
         self._task: asyncio.Task[None] | None = None
+        self._moves = 0  # blocks moved and recoveries seen so far (Controller.stats)
+        self._calm_from = 1  # the first token judged: the prefill, and a token that moved blocks, are not
         # agent processes (attached hosts) hear of a switch over their control channels
         self.lead_s = LEAD_S if getattr(world, "rescale", None) is not None else LOCAL_LEAD_S
 
@@ -91,6 +93,11 @@ class Adapter:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    def _moved(self) -> int:
+        """Blocks moved and recoveries made so far."""
+        ctl = getattr(self.hooks, "controller", None)
+        return ctl.stats.migrations + len(ctl.stats.recover_ms) if ctl is not None else 0
 
     async def _totals(self) -> Totals:
         rows = await self.world.device_rows()
@@ -109,10 +116,15 @@ class Adapter:
         while True:
             await asyncio.sleep(from_wall(PERIOD_S, self.loop))
             now = await self._totals()
-            if self.hooks.k < 1:
+            moves = self._moved()
+            if moves != self._moves:
+                self._moves, self._calm_from = moves, self.hooks.k + 1
+            if self.hooks.k < self._calm_from:
                 # the prefill is not watched: its first jobs start with nothing computed
-                # ahead and on cold caches, a one-off no scale would be raised for (its
-                # overruns still count in the run's own check)
+                # ahead and on cold caches, a one-off no scale would be raised for; nor is
+                # a token that moved blocks or recovered a lost device's, whose first jobs
+                # on their new devices start likewise, after the host copied their weights
+                # and caches (the overruns of both still count in the run's own check)
                 looks.clear()
                 looks.append(now)
                 continue
