@@ -197,7 +197,7 @@ def steady_heap(on: bool = True) -> Iterator[None]:
     """Python's full garbage collection scans every object alive, and holds the loop's
     thread while it does: on the real clock that pause is emulated time (a process holding a
     model, its reference run and a test suite's objects, about 200,000 of them, paused
-    130-150 ms, which at K 8 put 17-63 ms into one token). The objects alive when a run
+    130-150 ms, which at K 8 put 16-63 ms into one token). The objects alive when a run
     starts (the model, its weights, imported modules: nothing the run frees) are set aside
     for its duration (`gc.freeze`), so collections during the run scan only what the run
     itself made; at its end they rejoin the collector's oldest generation."""
