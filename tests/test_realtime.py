@@ -314,6 +314,39 @@ def test_a_pause_of_the_host_mid_run_makes_the_run_say_it_is_distorted(tmp_path:
     assert "ms of emulated time past their finish in all" in s["fidelity"]["reason"]
 
 
+class _SlowBlocks:
+    """A weight source whose blocks take host time to build, as dequantising them from a
+    GGUF file does in a fresh agent process."""
+
+    def __init__(self, inner: Any, seconds: float) -> None:
+        self.inner, self.seconds = inner, seconds
+
+    def block(self, name: str) -> Any:
+        time.sleep(self.seconds)
+        return self.inner.block(name)
+
+
+def test_the_deployments_host_work_is_not_emulated_time(tmp_path: Path) -> None:
+    """The agents take 0.5 s of wall time in all to build their blocks for the deployment
+    (10 ms per block): 25 emulated ms at K 20, which the virtual clock does not have. The
+    run's clock starts after it: the prefill starts and ends where its virtual twin's does,
+    and no job is late for it."""
+    prep = experiment.prepare(_short("steady", 6))
+    slow = 0.5 / len(prep.model.block_names)
+
+    def slow_loads(world: Any) -> None:
+        for agent in world.agents.values():
+            agent.weights = _SlowBlocks(agent.weights, slow)
+
+    r = experiment.run(prep, "resource_aware", tmp_path / "r", clock="real", time_scale=20,
+                       setup=slow_loads, adapt=False)
+    v = experiment.run(prep, "resource_aware", tmp_path / "v", clock="virtual")
+    real, virtual = Run(r.run_dir).tokens[0], Run(v.run_dir).tokens[0]
+    print(real, virtual, r.summary["overrun_ms"])
+    assert abs(real["t_start_s"] - virtual["t_start_s"]) < 2e-3
+    assert abs(real["latency_ms"] - virtual["latency_ms"]) < 0.02 * virtual["latency_ms"]
+    assert r.summary["overrun_ms"] < 5.0
+
 def test_a_loaded_host_is_told_apart_from_a_quiet_one() -> None:
     """The retry above is for a loaded host only: a quiet one never qualifies."""
     assert _loaded({"host": {"wall_s": 10.0, "other_cpu_s": 5.0, "cpus": 2}})

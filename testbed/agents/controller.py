@@ -372,6 +372,17 @@ class Controller:
         await self.mover.route(placement)
         self.rec.placement(0, [(b.name, self.devices[j]) for b, j in placement.items()])
 
+    def skip_deployment_host_time(self) -> float:
+        """After `deploy`, on the real clock: the host's time for the deployment beyond its
+        emulated instants (agents in fresh processes building their blocks from the weight
+        file take seconds) is not the emulated system's, as the agents' start-up before
+        `t0` is not. The run's start moves forward by it, so every later time in the result
+        files and the first token's start are where the virtual clock has them, and the
+        prefill's jobs are not late by it. Returns the seconds skipped (0 virtual)."""
+        gap = self.timeline.catch_up()
+        self.t0 += gap
+        return gap
+
     async def plan(self, snap: Snapshot, reason: str) -> Placement:
         """Decide on `snap` under the policy; record the decision. It takes its modelled
         cost on the controller's device (`Policy.cost_s`), the same on both clocks: the

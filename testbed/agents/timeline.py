@@ -35,3 +35,11 @@ class Timeline:
         t = self.loop.time() if due is None else min(due, self.loop.time())
         self._at = max(self._at, t)
         return self.now()
+
+    def catch_up(self) -> float:
+        """Move the instant to the loop's time; returns how far it moved (0 on the virtual
+        clock). For host work that the emulated system does not do, such as the agents
+        building the blocks of the deployment: the run's times then count from here."""
+        gap = max(0.0, self.loop.time() - self._at) if not self.virtual else 0.0
+        self._at += gap
+        return gap

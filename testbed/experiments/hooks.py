@@ -48,6 +48,10 @@ class RunHooks:
     def now(self) -> float:
         return self.loop.time() - self._t0
 
+    def skip(self, seconds: float) -> None:
+        """The run's start moves forward (`Controller.skip_deployment_host_time`)."""
+        self._t0 += seconds
+
     async def start(self) -> None:
         """Generation begins: schedule the `at_s` events (emulated seconds after the first
         token started, as the scenario format says) and take the first rows."""

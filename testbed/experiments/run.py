@@ -127,6 +127,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
             await controller.observe(k)
         await hooks.load(0)
         await controller.deploy()
+        hooks.skip(controller.skip_deployment_host_time())
         await hooks.start()
         if adapt and clock_mod.time_scale(world.loop) is not None:  # the real clock follows its host
             adapter = ctx.adapter = Adapter(world, hooks, writer)
