@@ -27,6 +27,7 @@ Our reading of the open points (what the paper leaves open):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,67 +35,99 @@ from ..model import cost
 from .problem import Infeasible, LatencyModel, Placement, Snapshot, migration_cost, migration_delay
 
 
+def _div(a: float, b: float) -> float:
+    """a / b as numpy divides doubles: a zero divisor gives inf, -inf or nan, not an error."""
+    if b != 0.0:
+        return a / b
+    return math.nan if a == 0.0 or a != a else math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _max(a: float, b: float) -> float:
+    """`np.maximum` of two doubles: nan when either is nan."""
+    return a if a >= b else b if b > a else math.nan
+
+
+def _argmin(xs: list[float]) -> int:
+    """`np.argmin`: the first minimum, or the first nan."""
+    best = 0
+    for j, x in enumerate(xs):
+        if x != x:
+            return j
+        if x < xs[best]:
+            best = j
+    return best
+
+
 class _Layout:
-    """Tentative positions (-1: not placed) with per-layer neighbourhood queries."""
+    """Tentative positions (-1: not placed) with per-layer neighbourhood queries. Per device
+    the figures are Python lists: with a few devices, one block's arithmetic in Python takes
+    a fraction of the time of the same arithmetic as numpy calls on arrays of a few elements
+    (a decision is host work that must fit its modelled cost on the real clock), and doubles
+    give the same bits either way."""
 
     def __init__(self, snap: Snapshot, model: LatencyModel) -> None:
         s = self.spec = snap.spec
-        self.per = s.per_layer
-        self.model = model
+        self.per, self.groups, self.layers = s.per_layer, s.groups, s.layers
         self.src = snap.source
-        V = snap.n_devices
+        self.V = range(snap.n_devices)
         cur = snap.current.assign if snap.current is not None else None
-        self.pos = np.array(cur if cur is not None else [-1] * len(s.blocks), dtype=np.int64)
-        self.out_t = model.xfer_matrix(model.head_bytes(1))  # one group's output j -> k
-        self.partial_t = model.xfer_matrix(model.partial[1])  # one ffn shard's partial output j -> k
-        self.zero = np.zeros(V)
-
-    def idx(self, kind: str, layer: int, g: int = 0) -> int:
-        return self.spec.position(kind, layer, g)
+        self.pos: list[int] = list(cur) if cur is not None else [-1] * len(s.blocks)
+        self.hidden_t: list[list[float]] = model.hidden_t.tolist()  # hidden state j -> k
+        self.out_t: list[list[float]] = model.xfer_matrix(model.head_bytes(1)).tolist()  # one group's output
+        self.partial_t: list[list[float]] = model.xfer_matrix(model.partial[1]).tolist()  # one shard's partial
+        self.tail_t: list[list[float]] = model.tail_t.tolist()
+        # the largest of a few transfer times: the builtin unless a table holds nan, where
+        # numpy's max (which these lists replace) gives nan and the builtin depends on order
+        tables = (model.hidden_t, model.tail_t, self.out_t, self.partial_t)
+        self.top: Callable[[list[float]], float] = \
+            _maxof if any(np.isnan(np.asarray(t)).any() for t in tables) else max
 
     def upstream(self, layer: int) -> int:
-        """Device holding x before the layer (-1 unknown)."""
-        return self.src if layer == 0 else int(self.pos[self.idx("ffn", layer - 1)])
+        """Device holding x before the layer (-1 unknown): the source, or the previous
+        layer's ffn (shard 0)."""
+        return self.src if layer == 0 else self.pos[layer * self.per - self.per + self.groups + 1]
 
-    def comm(self, i: int) -> np.ndarray:
+    def comm(self, i: int) -> list[float]:
         """comm_time_ij for every device j, from the neighbours already placed."""
-        s, m = self.spec, self.model
-        layer, r = divmod(i, self.per)
-        t = self.zero.copy()
-        if r < s.groups:  # a head: x in, its output to proj
-            u, p = self.upstream(layer), self.pos[self.idx("proj", layer)]
-            if u >= 0:
-                t += m.hidden_t[u, :]
+        per, G = self.per, self.groups
+        layer, r = divmod(i, per)
+        base, pos, top = layer * per, self.pos, self.top
+        hidden_t = self.hidden_t
+        if r < G:  # a head: x in, its output to proj
+            u, p = self.upstream(layer), pos[base + G]
+            t = [0.0 + x for x in hidden_t[u]] if u >= 0 else [0.0 for _ in self.V]
             if p >= 0:
-                t += self.out_t[:, p]
-        elif r == s.groups:  # proj: residual in, head outputs in, hidden out to ffn
-            u, f = self.upstream(layer), self.pos[self.idx("ffn", layer)]
-            if u >= 0:
-                t += m.hidden_t[u, :]
-            hr = s.head_range(layer)
-            heads = self.pos[hr.start:hr.stop]
-            placed = np.unique(heads[heads >= 0])
-            if placed.size:
-                t += self.out_t[placed, :].max(axis=0)
+                t = [a + row[p] for a, row in zip(t, self.out_t, strict=True)]
+        elif r == G:  # proj: residual in, head outputs in, hidden out to ffn
+            u, f = self.upstream(layer), pos[base + G + 1]
+            t = [0.0 + x for x in hidden_t[u]] if u >= 0 else [0.0 for _ in self.V]
+            placed = sorted({h for h in pos[base:base + G] if h >= 0})
+            if placed:
+                t = [a + top([self.out_t[h][j] for h in placed]) for j, a in enumerate(t)]
             if f >= 0:
-                t += m.hidden_t[:, f]
+                t = [a + row[f] for a, row in zip(t, hidden_t, strict=True)]
         else:  # ffn: hidden in from proj, out to the next layer's heads and proj (or source)
-            p = self.pos[self.idx("proj", layer)]
-            if p >= 0:
-                t += m.hidden_t[p, :]
-            if r > s.groups + 1:  # an ffn shard but 0: its partial output to shard 0's device
-                f = self.pos[self.idx("ffn", layer)]
+            p = pos[base + G]
+            t = [0.0 + x for x in hidden_t[p]] if p >= 0 else [0.0 for _ in self.V]
+            if r > G + 1:  # an ffn shard but 0: its partial output to shard 0's device
+                f = pos[base + G + 1]
                 if f >= 0:
-                    t += self.partial_t[:, f]
-            elif layer + 1 < s.layers:
-                hr = s.head_range(layer + 1)
-                nxt = self.pos[hr.start:hr.stop + 1]  # its heads and proj
-                placed = np.unique(nxt[nxt >= 0])
-                if placed.size:
-                    t += m.hidden_t[:, placed].max(axis=1)
+                    t = [a + row[f] for a, row in zip(t, self.partial_t, strict=True)]
+            elif layer + 1 < self.layers:
+                placed = sorted({h for h in pos[base + per:base + per + G + 1] if h >= 0})  # its heads and proj
+                if placed:
+                    t = [a + top([row[h] for h in placed]) for a, row in zip(t, hidden_t, strict=True)]
             else:
-                t += m.tail_t[:, self.src]
+                t = [a + row[self.src] for a, row in zip(t, self.tail_t, strict=True)]
         return t
+
+
+def _maxof(xs: list[float]) -> float:
+    """The largest of xs, nan when any is (numpy's max)."""
+    out = -math.inf
+    for x in xs:
+        out = _max(out, x)
+    return out
 
 
 def plan(snap: Snapshot) -> Placement:
@@ -103,21 +136,29 @@ def plan(snap: Snapshot) -> Placement:
     s = snap.spec
     model = LatencyModel(snap)
     lay = _Layout(snap, model)
-    V = snap.n_devices
-    usable = np.array([d.usable for d in snap.devices])
-    if not usable.any():
+    V = lay.V
+    usable = [d.usable for d in snap.devices]
+    if not any(usable):
         raise Infeasible("no device may host blocks")
-    capacity = np.array([d.capacity for d in snap.devices], dtype=float)
-    rate = model.flops
+    capacity = [float(d.capacity) for d in snap.devices]
+    rate: list[float] = model.flops.tolist()
+    bandwidth: list[float] = model.bandwidth.tolist()
     kinds = [b.kind for b in s.blocks]
     mem_of = {k: float(cost.block_bytes(s, k, snap.n_end)) for k in ("head", "proj", "ffn")}
     flops_of = {"head": model.head_flops(snap.n_mid), "proj": model.proj_flops, "ffn": model.ffn_flops}
     mem = np.array([mem_of[k] for k in kinds])
     flops = np.array([flops_of[k] for k in kinds])
     bytes_of = {"head": model.head_bytes_moved(snap.n_mid), "proj": model.proj_bytes, "ffn": model.ffn_bytes}
-    moved = np.array([bytes_of[k] for k in kinds])
-    demand = mem / capacity[usable].max() + flops / rate[usable].max()
-    order = np.argsort(-demand, kind="stable")
+    moved = [float(bytes_of[k]) for k in kinds]
+    cap_max = max(c for c, u in zip(capacity, usable, strict=True) if u)
+    rate_max = max(r for r, u in zip(rate, usable, strict=True) if u)
+    demand = mem / cap_max + flops / rate_max
+    order = np.argsort(-demand, kind="stable").tolist()
+
+    def times(f: float, b: float) -> list[float]:  # `LatencyModel.times`, one block on every device
+        if not model.bound:
+            return [_div(f, r) for r in rate]
+        return [_max(_div(f, r), _div(b, w)) for r, w in zip(rate, bandwidth, strict=True)]
 
     current = snap.current.assign if snap.current is not None else None
     # pre-copy's cost counts the tokens that run on the placement in force meanwhile
@@ -130,46 +171,48 @@ def plan(snap: Snapshot) -> Placement:
         for i, j in enumerate(current):
             if not usable[j]:
                 lay.pos[i] = -1
-    used = np.zeros(V)
-    layer_load = np.zeros((s.layers, V))
-    layer_moved = np.zeros((s.layers, V))  # bytes of the heads of a layer on a device (one job)
-    shard_load = np.zeros((s.layers, V))  # likewise for the ffn shards of a layer (sharded models)
-    shard_moved = np.zeros((s.layers, V))
+    used = [0.0 for _ in V]
+    layer_load = [[0.0 for _ in V] for _ in range(s.layers)]
+    layer_moved = [[0.0 for _ in V] for _ in range(s.layers)]  # bytes of a layer's heads on a device (one job)
+    shard_load = [[0.0 for _ in V] for _ in range(s.layers)]  # likewise for the ffn shards of a layer
+    shard_moved = [[0.0 for _ in V] for _ in range(s.layers)]
     for i in order:
-        i = int(i)
         layer, r = divmod(i, s.per_layer)
         is_head = r < s.groups
         is_shard = s.sharded and r > s.groups
-        avail = capacity - used
-        feasible = usable & (avail >= mem[i])
-        if not feasible.any():
-            raise Infeasible(f"{s.blocks[i].name} ({int(mem[i])} B) fits on no device "
-                             f"(largest free: {int(avail[usable].max())} B)")
+        mem_i, flops_i, moved_i = float(mem[i]), float(flops[i]), moved[i]
+        avail = [c - u for c, u in zip(capacity, used, strict=True)]
+        feasible = [ok and a >= mem_i for ok, a in zip(usable, avail, strict=True)]
+        if not any(feasible):
+            largest = max(a for a, ok in zip(avail, usable, strict=True) if ok)
+            raise Infeasible(f"{s.blocks[i].name} ({int(mem_i)} B) fits on no device "
+                             f"(largest free: {int(largest)} B)")
         if is_shard:  # the shards of a layer on one device run as one job, as its heads do
-            compute = model.times(shard_load[layer] + flops[i], shard_moved[layer] + moved[i])
+            compute = [_max(_div(f + flops_i, r), _div(b + moved_i, w)) if model.bound else _div(f + flops_i, r)
+                       for f, b, r, w in zip(shard_load[layer], shard_moved[layer], rate, bandwidth, strict=True)]
+        elif is_head:
+            compute = [_max(_div(f + flops_i, r), _div(b + moved_i, w)) if model.bound else _div(f + flops_i, r)
+                       for f, b, r, w in zip(layer_load[layer], layer_moved[layer], rate, bandwidth, strict=True)]
         else:
-            compute = model.times((layer_load[layer] if is_head else 0.0) + flops[i],
-                                  (layer_moved[layer] if is_head else 0.0) + moved[i])
+            compute = times(0.0 + flops_i, 0.0 + moved_i)
         comm = lay.comm(i)
-        with np.errstate(divide="ignore"):
-            memratio = np.where(avail > 0, mem[i] / avail, math.inf)
-        score = np.maximum(np.maximum(compute, memratio), comm)
-        score[~feasible] = math.inf
-        j = int(np.argmin(score))
+        memratio = [mem_i / a if a > 0 else math.inf for a in avail]
+        score = [_max(_max(c, m), t) if ok else math.inf
+                 for c, m, t, ok in zip(compute, memratio, comm, feasible, strict=True)]
+        j = _argmin(score)
         if not feasible[j]:  # every feasible device scores inf (links down): least memory ratio
-            j = int(np.argmin(np.where(feasible, memratio, math.inf)))
-        c = int(lay.pos[i]) if current is not None else -1
+            j = _argmin([m if ok else math.inf for m, ok in zip(memratio, feasible, strict=True)])
+        c = lay.pos[i] if current is not None else -1
         if c >= 0 and j != c and feasible[c]:
             # stay unless the block's own delay (compute + transfers) saved over the
             # interval pays for moving it
-            delay = compute + comm
-            saved = snap.interval * (delay[c] - delay[j])
+            saved = snap.interval * ((compute[c] + comm[c]) - (compute[j] + comm[j]))
             move = (s.blocks[i], c, j)
             if snap.migration != "pre_copy":
                 if saved <= migration_delay(snap, [move]):
                     j = c
             else:  # what this move adds to the batch's cost (it delays every switch)
-                per_token = float(delay[c] - delay[j])
+                per_token = (compute[c] + comm[c]) - (compute[j] + comm[j])
                 extra = migration_cost(snap, [*chosen, move], chosen_saved + per_token, token_s) - \
                     migration_cost(snap, chosen, chosen_saved, token_s)
                 if saved <= extra:
@@ -178,14 +221,14 @@ def plan(snap: Snapshot) -> Placement:
                     chosen.append(move)
                     chosen_saved += per_token
         lay.pos[i] = j
-        used[j] += mem[i]
+        used[j] += mem_i
         if is_head:
-            layer_load[layer, j] += flops[i]
-            layer_moved[layer, j] += moved[i]
+            layer_load[layer][j] += flops_i
+            layer_moved[layer][j] += moved_i
         elif is_shard:
-            shard_load[layer, j] += flops[i]
-            shard_moved[layer, j] += moved[i]
-    return Placement(s, tuple(int(x) for x in lay.pos))
+            shard_load[layer][j] += flops_i
+            shard_moved[layer][j] += moved_i
+    return Placement(s, tuple(lay.pos))
 
 
 class ResourceAware:

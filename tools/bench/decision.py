@@ -2,12 +2,13 @@
 
 `python -m tools.bench.decision [--repeat N] [--json PATH]`
 
-For 25 devices with gpt2-small (12 layers x 12 heads, 168 blocks) and 48 devices with a
-32-layer, 32-head model (1088 blocks), on random clusters in the paper's style (log-normal
+For 4 devices with SmolLM2 (30 layers x 3 K/V groups, 150 blocks), 25 devices with
+gpt2-small (12 layers x 12 heads, 168 blocks) and 48 devices with a 32-layer, 32-head model
+(1088 blocks), on random clusters in the paper's style (log-normal
 memory and compute in tiers, links 0.1-1 Gbit/s), it times one `resource_aware` decision:
 the initial placement and a re-plan (current placement given, caches grown by 64 tokens,
 a tenth of the links slowed down). It prints the median and maximum over `--repeat`
-instances against the targets (20 ms and 200 ms), and `resource_aware_ls` for comparison.
+instances against the targets (the modelled cost, 1.25 ms; 20 ms and 200 ms), and `resource_aware_ls` for comparison.
 Times are wall-clock on this machine; run it on an idle machine.
 """
 
@@ -27,7 +28,10 @@ from testbed.placement.local_search import ResourceAwareLS
 from testbed.placement.problem import DeviceState, Snapshot, link_matrices
 from testbed.placement.resource_aware import plan
 
-CASES = [("gpt2-small", 25, 20.0), ("gpt-32x32", 48, 200.0)]
+# (model, devices, target ms). SmolLM2 on four devices is the shipped scenarios' size: its
+# target is the decision's modelled cost (`DECISION_COST`: 0.8 ms + 0.75 us x 150 blocks x
+# 4 devices), which a re-plan's host time must fit on the real clock at K 1
+CASES = [("smollm2-135m", 4, 1.25), ("gpt2-small", 25, 20.0), ("gpt-32x32", 48, 200.0)]
 
 
 def random_cluster(spec_name: str, V: int, rng: np.random.Generator) -> Snapshot:
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= passed
         nb = len(from_name(name).blocks)
         print(f"{name:12s} {V:7d} {nb:6d}  {statistics.median(init):11.1f} / {max(init):9.1f}  "
-              f"{statistics.median(replan):11.1f} / {max(replan):9.1f}  {target:5.0f} ms  "
+              f"{statistics.median(replan):11.1f} / {max(replan):9.1f}  {target:5.4g} ms  "
               f"{statistics.median(lsr):13.1f}  {'PASS' if passed else 'FAIL'}")
         results.append({"model": name, "devices": V, "blocks": nb, "target_ms": target,
                         "initial_ms": init, "replan_ms": replan, "ls_replan_ms": lsr, "pass": passed})
