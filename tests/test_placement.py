@@ -174,3 +174,27 @@ def test_link_matrices_and_the_snapshot_builder() -> None:
                           (rate, lat), 1, 5, 2)
     assert snap.burst.shape == (3, 3) and not snap.burst.any() and isinstance(snap.devices, tuple)
     assert (snap.source, snap.seq_len, snap.interval, snap.current) == (1, 5, 2, None)
+
+
+_doubles = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan])
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal, or both nan. The sign of a zero is not compared: numpy's maximum of 0.0 and
+    -0.0 may be either, and zeros of either sign compare and add alike in a plan."""
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+@settings(max_examples=400, deadline=None)
+@given(_doubles, _doubles, st.lists(_doubles, min_size=1, max_size=6))
+def test_resource_awares_scalar_arithmetic_is_numpys(a: float, b: float, xs: list[float]) -> None:
+    """`resource_aware.plan` works on Python lists of per-device figures; its division,
+    maximum and argmin give numpy's answers (the placements depend on them, down to nan),
+    up to the sign of a zero."""
+    from testbed.placement import resource_aware as ra
+
+    with np.errstate(all="ignore"):
+        assert _same(ra._div(a, b), float(np.float64(a) / np.float64(b)))
+        assert _same(ra._max(a, b), float(np.maximum(a, b)))
+        assert ra._argmin(xs) == int(np.argmin(np.array(xs)))
+        assert _same(ra._maxof(xs), float(np.array(xs).max()))
