@@ -21,6 +21,7 @@ from testbed.experiments import hostload, twin
 from testbed.experiments import run as experiment
 from testbed.experiments.timescale import Job, calibrate, fit_time_scale, late_fraction, round_up
 from testbed.experiments.twin import compare
+from testbed.experiments.worlds import twin_framing
 from testbed.results.read import Run
 from testbed.scenario import Scenario, ScenarioError, load, parse
 
@@ -279,7 +280,7 @@ def _twin(name: str, tokens: int, shift: int, tmp: Path, transport: str = "inpro
     scen = _short(name, tokens, shift)
     prep = experiment.prepare(scen)
     alg = scen.controller.algorithm
-    virtual = experiment.run(prep, alg, tmp / "virtual", clock="virtual")
+    virtual = experiment.run(prep, alg, tmp / "virtual", clock="virtual", framing=twin_framing(transport, processes))
     cal = calibrate(prep, [alg], transport, processes)
 
     def attempt(n: int, k: float) -> dict:
@@ -883,7 +884,8 @@ def test_five_real_clock_runs_make_exactly_the_decisions_of_the_virtual_twin(tra
     host's to decide."""
     prep = experiment.prepare(_short("bandwidth_drop", 12, 16))
     alg = prep.scenario.controller.algorithm
-    want = _decisions(experiment.run(prep, alg, tmp_path / "virtual", clock="virtual"))
+    want = _decisions(experiment.run(prep, alg, tmp_path / "virtual", clock="virtual",
+                                     framing=twin_framing(transport, processes)))
     assert want["moved"], "the short form still migrates after the drop"
     cal = calibrate(prep, [alg], transport, processes)
     seen = []

@@ -4,6 +4,7 @@ their limits: `twin.compare` (a real-clock run against its virtual twin) and
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,34 @@ def test_other_decisions_are_named(real: tuple[list[dict[str, Any]], list[dict[s
 def test_decision_stall_just_inside(sign: int) -> None:
     real = rows(stall=90.0 * (1 + sign * (twin.DECISION_STALL_TOLERANCE - EPS)))
     assert twin.same_decisions(twin.decisions(*real), twin.decisions(*rows()))["same"]
+
+
+def test_the_twin_of_a_websocket_run_charges_its_framing_on_every_frame(tmp_path: Path) -> None:
+    """A run over websockets sends every frame with its `due` entry (13 bytes); its virtual
+    twin, in process, charges the same bytes on every frame of every link, and nothing
+    else changes: the same frames, each 13 bytes more, on the same links."""
+    from testbed.experiments import run as experiment
+    from testbed.experiments.worlds import twin_framing
+    from testbed.scenario import parse
+    from testbed.transport.ws import FRAME_EXTRA
+
+    from .conftest import scenario_dict
+
+    assert twin_framing("inproc", False) == 0
+    assert twin_framing("ws", False) == twin_framing("ws", True) == FRAME_EXTRA == 13
+    prep = experiment.prepare(parse(scenario_dict(new_tokens=4)))
+    sent: dict[int, dict[tuple[str, str], tuple[int, int]]] = {}
+    for framing in (0, FRAME_EXTRA):
+
+        def record(world: Any, controller: Any, framing: int = framing) -> None:
+            sent[framing] = {k: (l.frames_sent, l.bytes_sent) for k, l in world.net.links.items()}
+        out = experiment.run(prep, "resource_aware", tmp_path / str(framing), clock="virtual",
+                             framing=framing, on_finish=record)
+        assert out.ok
+        meta = json.loads((out.run_dir / "meta.json").read_text())
+        assert meta.get("charged_framing") == (framing or None)
+    assert any(frames for frames, _ in sent[0].values())
+    for link, (frames, nbytes) in sent[0].items():
+        assert sent[FRAME_EXTRA][link] == (frames, nbytes + FRAME_EXTRA * frames), link
+    with pytest.raises(ValueError, match="in process only"):
+        experiment.run(prep, "resource_aware", tmp_path / "ws", transport="ws", framing=FRAME_EXTRA)

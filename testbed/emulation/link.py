@@ -95,6 +95,9 @@ class EmulatedLink:
         # benchmarks: when set, every delivered transfer is appended here (unbounded)
         self.record: list[Transfer] | None = None
         self.due = math.nan  # during a delivery callback: when the frame was due
+        # bytes charged beyond every frame's own: a transport's framing that the frames
+        # handed to this link do not carry (the virtual twin of a run over websockets)
+        self.frame_extra = 0
         self.history: deque[Transfer] = deque(maxlen=self.HISTORY)
 
     @property
@@ -126,11 +129,12 @@ class EmulatedLink:
         time (data frames), so a late delivery does not delay the emulated system and is
         not counted as late."""
         now = self.loop.time() if at is None else min(at, self.loop.time())
-        mid, done = self.bucket.enqueue(now, self.wire_bytes(len(frame)))
+        size = len(frame) + self.frame_extra
+        mid, done = self.bucket.enqueue(now, self.wire_bytes(size))
         # before recording: it may be done; the host's own time of the hand-over last (lateness)
         self._pending[mid] = [frame, deliver, now, None, retimed, self.loop.time()]
         self._record_sent(done)
-        self.bytes_sent += len(frame)
+        self.bytes_sent += size
         self.frames_sent += 1
         # a frame covered by burst credit (or empty) has already left: it is not queued
         finish = next((s.finish for s in done if s.id == mid), None)

@@ -82,7 +82,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
                      setup: Callable[[Any], None] | None = None,
                      on_finish: Callable[[Any, Controller], object] | None = None,
                      attach: dict[str, str] | None = None, links: str = "emulated",
-                     adapt: bool = False) -> None:
+                     adapt: bool = False, framing: int = 0) -> None:
     scen = prep.scenario
     controller: Controller | None = None
     hooks: RunHooks | None = None
@@ -101,7 +101,7 @@ async def _run_async(prep: Prepared, algorithm: str | Any, writer: RunWriter,
         else:
             controller.recovery.device_lost(device, why)
 
-    world = make_world(prep, transport, processes, on_fault, attach, on_lost, links)
+    world = make_world(prep, transport, processes, on_fault, attach, on_lost, links, framing)
     ctx.world = world
     try:
         await world.start()
@@ -165,7 +165,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
         setup: Callable[[Any], None] | None = None,
         on_finish: Callable[[Any, Controller], object] | None = None,
         time_scale: float = 1.0, calibration: dict[str, Any] | None = None,
-        tap: Tap | None = None, links: str = "emulated", adapt: bool = True) -> Outcome:
+        tap: Tap | None = None, links: str = "emulated", adapt: bool = True, framing: int = 0) -> Outcome:
     """Run one algorithm (a registered name, a loaded `Plugin`, or any object with `name`,
     `dynamic` and `place`) on a prepared scenario; always leaves meta.json and summary.json.
     A plug-in that fails fails only this run: its reason and traceback go to meta.json's
@@ -174,7 +174,12 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     result row as it is written (the live view). `links="kernel"` (agent processes only):
     the links are veth pairs between network namespaces shaped by the kernel's tbf
     (testbed/harness/kernelworld.py); meta.json's `kernel_links` says how. `adapt`: on the
-    real clock, raise the time scale when the host falls behind (adapt.py)."""
+    real clock, raise the time scale when the host falls behind (adapt.py). `framing`: in
+    process, every frame is charged this many bytes more, the framing of the websocket
+    transport (`twin.framing`): the virtual twin of a run over websockets (meta.json's
+    `charged_framing`)."""
+    if framing and (transport != "inproc" or processes or attach):
+        raise ValueError("framing is charged in process only: websocket frames carry their own")
     scen = prep.scenario
     alg_name = algorithm if isinstance(algorithm, str) else algorithm.name
     # per-head work is a few tiny matrix products: one thread avoids OpenMP spin and
@@ -200,13 +205,15 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     }
     if isinstance(algorithm, Plugin):
         meta["plugin"] = algorithm.origin
+    if framing:
+        meta["charged_framing"] = framing
     writer.meta(meta)
     ctx = RunContext(HostMonitor())
     status = "completed"
     wall0 = time.perf_counter()
     try:
         clock_mod.run(lambda: _run_async(prep, algorithm, writer, progress, ctx, transport, processes,
-                                         setup, on_finish, attach, links, adapt), clock, time_scale,
+                                         setup, on_finish, attach, links, adapt, framing), clock, time_scale,
                       precise=links == "kernel")  # otherwise the devices compute early
     except RunFailed as e:
         status = f"failed: {e}"

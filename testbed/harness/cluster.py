@@ -73,12 +73,17 @@ class Cluster:
     frame_extra = 0  # bytes the transport adds to every frame: the in-process one sends the message
 
     def __init__(self, scenario: Scenario, model: ModelSpec, weights: WeightSource,
-                 on_fault: Callable[[str, str], None]) -> None:
+                 on_fault: Callable[[str, str], None], framing: int = 0) -> None:
+        """`framing`: bytes every link charges on every frame beyond its own, a transport's
+        framing that in-process frames lack (the websocket transport's `due` entry: the
+        virtual twin of a run over websockets); the estimate prices them too."""
         self.scenario = scenario
         self.model = model
         self.weights = weights
         self.loop = asyncio.get_running_loop()
-        self.net = InprocNetwork(self.loop, on_fault)
+        if framing:
+            self.frame_extra = framing
+        self.net = InprocNetwork(self.loop, on_fault, framing)
         self.net.retimed = retimed
         self.names: list[str] = []
         self.source = scenario.source

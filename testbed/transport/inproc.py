@@ -27,8 +27,9 @@ Handler = Callable[[str, dict[str, Any], float | None], None]  # (sender, messag
 
 class InprocNetwork:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None,
-                 on_fault: Callable[[str, str], None] | None = None) -> None:
+                 on_fault: Callable[[str, str], None] | None = None, frame_extra: int = 0) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.frame_extra = frame_extra  # bytes every link charges beyond a frame's own (`EmulatedLink`)
         self.links: dict[tuple[str, str], EmulatedLink] = {}
         self.handlers: dict[str, Handler] = {}
         self.on_fault = on_fault or (lambda where, what: log.warning("%s: %s", where, what))
@@ -45,6 +46,7 @@ class InprocNetwork:
 
     def add_link(self, src: str, dst: str, spec: LinkSpec) -> EmulatedLink:
         link = EmulatedLink(src, dst, spec.bandwidth_mbps, spec.latency_ms, spec.burst_kib, self.loop)
+        link.frame_extra = self.frame_extra
         self.links[(src, dst)] = link
         return link
 

@@ -61,6 +61,7 @@ from testbed.emulation.clock import LagMonitor
 from testbed.emulation.clock import run as run_loop
 from testbed.experiments import run as experiment
 from testbed.experiments import timescale, twin
+from testbed.experiments.worlds import twin_framing
 from testbed.harness.remote import ProcessCluster
 from testbed.model.blocks import TORCH_DTYPES, HeadBlock, ProjBlock, Reference, make_block
 from testbed.results.read import Run
@@ -120,8 +121,13 @@ def _scenarios(names: list[str], tokens: int, calibrate_only: frozenset[str] | s
                                        f"{cal.expected_wall_s:.0f} s of wall time per run in process"})
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            virtual = experiment.run(prep, alg, Path(tmp) / "virtual", clock="virtual")
+            twins: dict[int, Any] = {}  # the virtual twin per framing charged (worlds.twin_framing)
             for label, transport, processes in modes:
+                framing = twin_framing(transport, processes)
+                if framing not in twins:
+                    twins[framing] = experiment.run(prep, alg, Path(tmp) / f"virtual{framing}", clock="virtual",
+                                                    framing=framing)
+                virtual = twins[framing]
                 cal = timescale.calibrate(prep, [alg], transport, processes)
                 print(f"  {name}, {label}: {cal.line()}", flush=True)
                 real = experiment.run(prep, alg, Path(tmp) / transport, clock="real", transport=transport,
