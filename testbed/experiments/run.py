@@ -176,7 +176,7 @@ def run(prep: Prepared, algorithm: str | Any, run_dir: Path, clock: str = "real"
     (testbed/harness/kernelworld.py); meta.json's `kernel_links` says how. `adapt`: on the
     real clock, raise the time scale when the host falls behind (adapt.py). `framing`: in
     process, every frame is charged this many bytes more, the framing of the websocket
-    transport (`twin.framing`): the virtual twin of a run over websockets (meta.json's
+    transport (`worlds.twin_framing`): the virtual twin of a run over websockets (meta.json's
     `charged_framing`)."""
     if framing and (transport != "inproc" or processes or attach):
         raise ValueError("framing is charged in process only: websocket frames carry their own")
