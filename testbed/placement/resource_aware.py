@@ -73,15 +73,13 @@ class _Layout:
         self.V = range(snap.n_devices)
         cur = snap.current.assign if snap.current is not None else None
         self.pos: list[int] = list(cur) if cur is not None else [-1] * len(s.blocks)
-        self.hidden_t: list[list[float]] = model.hidden_t.tolist()  # hidden state j -> k
-        self.out_t: list[list[float]] = model.xfer_matrix(model.head_bytes(1)).tolist()  # one group's output
-        self.partial_t: list[list[float]] = model.xfer_matrix(model.partial[1]).tolist()  # one shard's partial
-        self.tail_t: list[list[float]] = model.tail_t.tolist()
+        # transfer times j -> k: a hidden state, one group's output, one shard's partial, the last one home
+        tables = (model.hidden_t, model.xfer_matrix(model.head_bytes(1)), model.xfer_matrix(model.partial[1]),
+                  model.tail_t)
+        self.hidden_t, self.out_t, self.partial_t, self.tail_t = (t.tolist() for t in tables)
         # the largest of a few transfer times: the builtin max, unless a table holds nan:
         # then `_maxof`, nan as an array's max would be (the builtin's answer depends on order)
-        tables = (model.hidden_t, model.tail_t, self.out_t, self.partial_t)
-        self.top: Callable[[list[float]], float] = \
-            _maxof if any(np.isnan(np.asarray(t)).any() for t in tables) else max
+        self.top: Callable[[list[float]], float] = _maxof if any(np.isnan(t).any() for t in tables) else max
 
     def upstream(self, layer: int) -> int:
         """Device holding x before the layer (-1 unknown): the source, or the previous
@@ -156,10 +154,10 @@ def plan(snap: Snapshot) -> Placement:
     demand = mem / cap_max + flops / rate_max
     order = np.argsort(-demand, kind="stable").tolist()
 
-    def times(f: float, b: float) -> list[float]:  # `LatencyModel.times`, one block on every device
+    def times(flops: list[float], nbytes: list[float]) -> list[float]:  # `LatencyModel.times`, per device
         if not model.bound:
-            return [_div(f, r) for r in rate]
-        return [_max(_div(f, r), _div(b, w)) for r, w in zip(rate, bandwidth, strict=True)]
+            return [_div(f, r) for f, r in zip(flops, rate, strict=True)]
+        return [_max(_div(f, r), _div(b, w)) for f, b, r, w in zip(flops, nbytes, rate, bandwidth, strict=True)]
 
     current = snap.current.assign if snap.current is not None else None
     # pre-copy's cost counts the tokens that run on the placement in force meanwhile
@@ -177,6 +175,7 @@ def plan(snap: Snapshot) -> Placement:
     layer_moved = [[0.0 for _ in V] for _ in range(s.layers)]  # bytes of a layer's heads on a device (one job)
     shard_load = [[0.0 for _ in V] for _ in range(s.layers)]  # likewise for the ffn shards of a layer
     shard_moved = [[0.0 for _ in V] for _ in range(s.layers)]
+    alone = [0.0 for _ in V]  # a proj or an unsharded ffn runs as a job of its own
     for i in order:
         layer, r = divmod(i, s.per_layer)
         is_head = r < s.groups
@@ -188,14 +187,10 @@ def plan(snap: Snapshot) -> Placement:
             largest = max(a for a, ok in zip(avail, usable, strict=True) if ok)
             raise Infeasible(f"{s.blocks[i].name} ({int(mem_i)} B) fits on no device "
                              f"(largest free: {int(largest)} B)")
-        if is_shard:  # the shards of a layer on one device run as one job, as its heads do
-            compute = [_max(_div(f + flops_i, r), _div(b + moved_i, w)) if model.bound else _div(f + flops_i, r)
-                       for f, b, r, w in zip(shard_load[layer], shard_moved[layer], rate, bandwidth, strict=True)]
-        elif is_head:
-            compute = [_max(_div(f + flops_i, r), _div(b + moved_i, w)) if model.bound else _div(f + flops_i, r)
-                       for f, b, r, w in zip(layer_load[layer], layer_moved[layer], rate, bandwidth, strict=True)]
-        else:
-            compute = times(0.0 + flops_i, 0.0 + moved_i)
+        # the shards of a layer on one device run as one job, as its heads do
+        load, load_moved = ((shard_load[layer], shard_moved[layer]) if is_shard else
+                            (layer_load[layer], layer_moved[layer]) if is_head else (alone, alone))
+        compute = times([f + flops_i for f in load], [b + moved_i for b in load_moved])
         comm = lay.comm(i)
         memratio = [mem_i / a if a > 0 else math.inf for a in avail]
         score = [_max(_max(c, m), t) if ok else math.inf
