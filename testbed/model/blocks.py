@@ -130,11 +130,13 @@ class RandomWeights:
 
 
 def _norm(x: torch.Tensor, w: Tensors, spec: ModelSpec, prefix: str = "norm") -> torch.Tensor:
+    # torch.rms_norm and torch.layer_norm: the ops F.rms_norm and F.layer_norm call, without
+    # their Python wrappers (a few microseconds per call, on every block job)
     if spec.norm == "rmsnorm":  # x * rsqrt(mean(x^2) + eps) * w, one fused call (the same bits)
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), w[f"{prefix}.w"], spec.norm_eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), None, spec.norm_eps).to(x.dtype) * w[f"{prefix}.w"]
-    return F.layer_norm(x, (spec.d_model,), w[f"{prefix}.w"], w[f"{prefix}.b"], spec.norm_eps)
+            return torch.rms_norm(x, (x.shape[-1],), w[f"{prefix}.w"], spec.norm_eps)
+        return torch.rms_norm(x.float(), (x.shape[-1],), None, spec.norm_eps).to(x.dtype) * w[f"{prefix}.w"]
+    return torch.layer_norm(x, (spec.d_model,), w[f"{prefix}.w"], w[f"{prefix}.b"], spec.norm_eps)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -146,8 +148,8 @@ ROPE_ROWS = 256  # the smallest rotary table; tables grow by doubling to cover a
 
 @functools.lru_cache(maxsize=32)
 def _rope_table(d: int, base: float, freqs: tuple[float, ...], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotation of positions 0 .. rows-1 as two [rows, 1, d] factors, cos and sin laid
-    out per pair as the rotation uses them: (cos_i, cos_i) and (-sin_i, sin_i). Built once per
+    """The rotation of positions 0 .. rows-1 as two [rows, 1, d/2, 2] factors, cos and sin
+    laid out per pair as the rotation uses them: (cos_i, cos_i) and (-sin_i, sin_i). Built once per
     process for a head size, base and scaling, and sliced by every call (elementwise the same
     products as computing them for the call's own positions, so the same bits)."""
     inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
@@ -155,8 +157,7 @@ def _rope_table(d: int, base: float, freqs: tuple[float, ...], rows: int) -> tup
         inv = inv / torch.tensor(freqs, dtype=torch.float32)
     ang = torch.arange(0, rows, dtype=torch.float32)[:, None] * inv[None, :]  # [rows, d/2]
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-    return (torch.stack((cos, cos), dim=-1).flatten(-2).contiguous(),
-            torch.stack((-sin, sin), dim=-1).flatten(-2).contiguous())
+    return torch.stack((cos, cos), dim=-1).contiguous(), torch.stack((-sin, sin), dim=-1).contiguous()
 
 
 def rope(x: torch.Tensor, pos0: int, base: float, freqs: tuple[float, ...] = ()) -> torch.Tensor:
@@ -165,13 +166,13 @@ def rope(x: torch.Tensor, pos0: int, base: float, freqs: tuple[float, ...] = ())
     pair i's frequency by freqs[i] (llama.cpp's rope_freqs: Llama 3's long-context scaling).
     Each pair becomes (x0 cos - x1 sin, x1 cos + x0 sin), computed as x * (cos, cos) +
     swapped(x) * (-sin, sin): IEEE negation is exact and addition commutes, so these are the
-    bits of the formula written out, in four torch calls instead of nine."""
-    T, _, d = x.shape
+    bits of the formula written out, in four torch calls instead of nine (on [T, heads, d/2, 2]
+    views: no reshaping copies)."""
+    T, h, d = x.shape
     rows = max(ROPE_ROWS, 1 << (pos0 + T - 1).bit_length())
     cos_t, sin_t = _rope_table(d, float(base), tuple(freqs), rows)
-    xf = x if x.dtype == torch.float32 else x.float()
-    swapped = xf.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
-    out = xf * cos_t[pos0:pos0 + T] + swapped * sin_t[pos0:pos0 + T]
+    xf = (x if x.dtype == torch.float32 else x.float()).view(T, h, d // 2, 2)
+    out = (xf * cos_t[pos0:pos0 + T] + xf.flip(-1) * sin_t[pos0:pos0 + T]).view(T, h, d)  # flip: (x1, x0)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
