@@ -198,3 +198,65 @@ def test_resource_awares_scalar_arithmetic_is_numpys(a: float, b: float, xs: lis
         assert _same(ra._max(a, b), float(np.maximum(a, b)))
         assert ra._argmin(xs) == int(np.argmin(np.array(xs)))
         assert _same(ra._maxof(xs), float(np.array(xs).max()))
+
+
+def _price_steps(snap: Snapshot, start: Placement, steps: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Random steps from `start`, each priced by the local search's state and checked against
+    the state rebuilt with it; about a third applied. Returns (priced, refused)."""
+    from testbed.placement import local_search as ls
+
+    spec, V = snap.spec, snap.n_devices
+    state = ls._State(snap, start)
+    priced = refused = 0
+    for _ in range(steps):
+        n = len(spec.blocks)
+        changes = {int(i): int(rng.integers(0, V)) for i in rng.choice(n, size=int(rng.integers(1, 4)), replace=False)}
+        d = state.delta(changes)
+        after = list(state.a)
+        for i, j in changes.items():
+            after[i] = j
+        fresh = ls._State(snap, Placement(spec, tuple(after)))
+        if d is None:
+            refused += 1
+            assert fresh.over, changes  # refused: the step leaves some device over its memory
+            continue
+        priced += 1
+        assert not fresh.over
+        assert d == pytest.approx(fresh.objective() - state.objective(), rel=1e-9, abs=1e-12)
+        if rng.random() < 0.3:
+            state.apply(changes)
+            again = ls._State(snap, Placement(spec, tuple(state.a)))
+            assert state.used == pytest.approx(again.used) and state.over == again.over
+            assert state.mig == pytest.approx(again.mig) and state.layer_t == pytest.approx(again.layer_t)
+            assert {k: t for t, k in state._slowest} == pytest.approx({k: t for t, k in again._slowest})
+    return priced, refused
+
+
+@pytest.mark.parametrize("name", ["gpt-mini", "smollm2-135m"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_local_searchs_incremental_step_prices_agree_with_a_fresh_state(name: str, sharded: bool) -> None:
+    """`resource_aware_ls` prices a candidate step incrementally (the layers it touches, the
+    links whose migration bytes it changes, the devices whose memory it changes). Each
+    priced step must equal the objective of the state rebuilt with the step applied, minus
+    the objective before, and be refused exactly when that state is over some device's
+    memory (from a feasible start, and from one already over); after `apply`, the state must
+    be the one rebuilt from its assignment."""
+    from dataclasses import replace
+
+    spec = from_name(name)
+    if sharded:
+        spec = replace(spec, ffn_shards=3)
+    rng = np.random.default_rng(3)
+    V, n = 4, len(spec.blocks)
+    total = sum(cost.block_bytes(spec, b, 64) for b in spec.blocks)
+    devs = [DeviceState(f"d{i}", float(rng.uniform(2e9, 2e10)), int(total * rng.uniform(0.26, 0.3))) for i in range(V)]
+    rate, lat, _ = link_matrices(V, rate=50e6, latency=2e-3)
+    current = Placement(spec, tuple(int(x) for x in rng.integers(0, V, n)))
+    snap = Snapshot.build(spec, devs, (rate * rng.uniform(0.2, 1.0, (V, V)), lat), 0, 32, 16, current)
+    # a start over d1's memory (half the blocks), which a few moves do not mend: a step that
+    # moves other blocks between other devices is refused too
+    over = Placement(spec, tuple(1 if i % 2 == 0 else (0, 2, 3)[i % 3] for i in range(n)))
+    assert violations(snap, over)
+    p1, r1 = _price_steps(snap, get_algorithm("resource_aware").place(snap), 300, rng)
+    p2, r2 = _price_steps(snap, over, 100, rng)
+    assert p1 > 20 and r1 > 5 and r2 > 5, (p1, r1, p2, r2)  # both outcomes met

@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import numpy as np
-
 from ..model import cost
 from .layer_based import LayerDP
 from .problem import (
@@ -32,7 +30,6 @@ from .problem import (
     epoch_objective,
     memory_need,
     violations,
-    xfer_time,
 )
 from .resource_aware import plan
 from .tensor_parallel import tensor_parallel
@@ -53,15 +50,24 @@ class _State:
         self.a = list(start.assign)
         self.cur = list(snap.current.assign) if snap.current is not None else None
         self.usable = [d.usable for d in snap.devices]
-        self.cap = np.array([d.capacity for d in snap.devices], dtype=float)
+        # per device and per block as lists of floats, not arrays: `delta` runs thousands of
+        # times per decision on a few entries each, where numpy's per-element cost dominates
+        self.cap = [float(d.capacity) + 0.5 for d in snap.devices]  # over this a device is full
         kinds = [b.kind for b in s.blocks]
         self.kind = kinds
-        self.mem = np.array([float(cost.block_bytes(s, k, snap.n_end)) for k in kinds])
-        self.mig_bytes = np.array([float(cost.block_bytes(s, k, snap.seq_len) + cost.FRAME_OVERHEAD) for k in kinds])
-        self.used = np.zeros(snap.n_devices)
+        self.mem = [float(cost.block_bytes(s, k, snap.n_end)) for k in kinds]
+        self.mig_bytes = [float(cost.block_bytes(s, k, snap.seq_len) + cost.FRAME_OVERHEAD) for k in kinds]
+        self.used = [0.0] * snap.n_devices
         for i, j in enumerate(self.a):
             self.used[j] += self.mem[i]
+        self.over = {j for j, u in enumerate(self.used) if u > self.cap[j]}  # devices over capacity
         self.n = snap.n_mid
+        # per layer: its head indices [h0, h1) (proj at h1, ffn shard 0 at h1 + 1), the index
+        # of the block whose device feeds it (the previous ffn; -1: the source), its ffn
+        # shards' indices when the FFN is sharded (else none)
+        self._at = [(s.head_range(l).start, s.head_range(l).stop, self._ffn(l - 1) if l else -1,
+                     tuple(s.shard_range(l)) if s.sharded else ()) for l in range(s.layers)]
+        self._ffn_role = s.groups + 1  # a block's index within its layer that makes it ffn (shard 0)
         self.evals = 0  # candidate steps priced so far (the search's budget counts these)
         self.layer_t = [self._layer(l) for l in range(s.layers)]
         self.tail = self.model.tail_time(self.a[self._ffn(s.layers - 1)])
@@ -70,70 +76,99 @@ class _State:
             for i, (c, j) in enumerate(zip(self.cur, self.a, strict=True)):
                 if c != j:
                     self.links[(c, j)] = self.links.get((c, j), 0.0) + self.mig_bytes[i]
+        self.mig = self._mig(self.links)  # the migration delay of the placement as it stands
+        self._index_links()
 
     def _ffn(self, l: int) -> int:
         return self.spec.position("ffn", l)
 
-    def _layer(self, l: int, a: list[int] | None = None) -> float:
-        a = a or self.a
-        r = self.spec.head_range(l)
+    def _layer(self, l: int) -> float:
+        """Layer l's time under the assignment `self.a`."""
+        a = self.a
+        h0, h1, prev, shard_idx = self._at[l]
         heads: dict[int, int] = {}
-        for j in a[r.start:r.stop]:
+        for j in a[h0:h1]:
             heads[j] = heads.get(j, 0) + 1
-        u = self.snap.source if l == 0 else a[self._ffn(l - 1)]
+        u = self.snap.source if prev < 0 else a[prev]
         shards: dict[int, int] = {}
-        if self.spec.sharded:
-            for j in (a[i] for i in self.spec.shard_range(l)):
-                shards[j] = shards.get(j, 0) + 1
-        return self.model.layer_time(u, heads, a[r.stop], a[r.stop + 1], self.n, shards)  # proj, ffn
+        for i in shard_idx:
+            j = a[i]
+            shards[j] = shards.get(j, 0) + 1
+        return self.model.layer_time(u, heads, a[h1], a[h1 + 1], self.n, shards)  # proj, ffn
 
     def _mig(self, links: dict[tuple[int, int], float]) -> float:
-        r, lat, b = self.snap.rate, self.snap.latency, self.snap.burst
-        return max((xfer_time(v, r[a, c], lat[a, c], b[a, c]) for (a, c), v in links.items() if v > 0), default=0.0)
+        xfer = self.model.xfer  # the links carry no loops: c != j
+        return max((xfer(a, c, v) for (a, c), v in links.items() if v > 0), default=0.0)
+
+    def _index_links(self) -> None:
+        """Each carrying link's transfer time under the current assignment, slowest first
+        (for `_mig_after`), and whether any is nan (whose max depends on the order)."""
+        times = [(self.model.xfer(a, c, v), (a, c)) for (a, c), v in self.links.items() if v > 0]
+        self._nan = any(math.isnan(t) for t, _ in times)
+        self._slowest = sorted(times, key=lambda tk: -tk[0]) if not self._nan else []
+
+    def _mig_after(self, touched: dict[tuple[int, int], float]) -> float:
+        """`_mig` of the links with `touched`'s bytes in place of theirs: the slowest link the
+        step leaves alone (the first of `_slowest` not touched) against the touched ones."""
+        xfer = self.model.xfer
+        mine = [xfer(a, c, v) for (a, c), v in touched.items() if v > 0]
+        if self._nan or any(math.isnan(t) for t in mine):  # `_mig`'s own order decides
+            return self._mig({**self.links, **touched})
+        out = max(mine, default=0.0)
+        for t, k in self._slowest:
+            if k not in touched:
+                return max(out, t)
+        return out
 
     def objective(self) -> float:
-        return self.snap.interval * (sum(self.layer_t) + self.tail) + self._mig(self.links)
+        return self.snap.interval * (sum(self.layer_t) + self.tail) + self.mig
 
     def _affected(self, blocks: Iterable[int]) -> list[int]:
         out: set[int] = set()
         for i in blocks:
             l, r = divmod(i, self.per)
             out.add(l)
-            if r == self.spec.groups + 1:  # an ffn (shard 0) feeds the next layer (or the tail)
+            if r == self._ffn_role:  # an ffn (shard 0) feeds the next layer (or the tail)
                 out.add(l + 1)
         return sorted(out)
 
     def delta(self, changes: dict[int, int]) -> float | None:
         """Objective change if blocks move as `changes` says; None if infeasible."""
         self.evals += 1
-        used = self.used.copy()
+        used: dict[int, float] = {}  # the devices the step touches, with their memory after it
         for i, j in changes.items():
             if not self.usable[j]:
                 return None
-            used[self.a[i]] -= self.mem[i]
-            used[j] += self.mem[i]
-        if (used > self.cap + 0.5).any():
+            o = self.a[i]
+            used[o] = used.get(o, self.used[o]) - self.mem[i]
+            used[j] = used.get(j, self.used[j]) + self.mem[i]
+        if any(u > self.cap[j] for j, u in used.items()) or any(j not in used for j in self.over):
             return None
-        a = self.a.copy()
-        for i, j in changes.items():
-            a[i] = j
+        a = self.a  # the step applied in place while it is priced, then undone
+        was = {i: a[i] for i in changes}
         d_time = 0.0
         L = self.spec.layers
-        for l in self._affected(changes):
-            new, old = (self._layer(l, a), self.layer_t[l]) if l < L else (
-                self.model.tail_time(a[self._ffn(L - 1)]), self.tail)
-            d_time += 0.0 if new == old else new - old
+        try:
+            for i, j in changes.items():
+                a[i] = j
+            for l in self._affected(changes):
+                new, old = (self._layer(l), self.layer_t[l]) if l < L else (
+                    self.model.tail_time(a[self._ffn(L - 1)]), self.tail)
+                d_time += 0.0 if new == old else new - old
+        finally:
+            for i, c in was.items():
+                a[i] = c
         d_mig = 0.0
         if self.cur is not None:
-            links = dict(self.links)
+            touched: dict[tuple[int, int], float] = {}  # the links whose bytes the step changes
             for i, j in changes.items():
-                c = self.cur[i]
-                if c != self.a[i]:
-                    links[(c, self.a[i])] -= self.mig_bytes[i]
+                c, o = self.cur[i], self.a[i]
+                if c != o:
+                    touched[(c, o)] = touched.get((c, o), self.links[(c, o)]) - self.mig_bytes[i]
                 if c != j:
-                    links[(c, j)] = links.get((c, j), 0.0) + self.mig_bytes[i]
-            after, before = self._mig(links), self._mig(self.links)
-            d_mig = 0.0 if after == before else after - before
+                    touched[(c, j)] = touched.get((c, j), self.links.get((c, j), 0.0)) + self.mig_bytes[i]
+            after = self._mig_after(touched)
+            d_mig = 0.0 if after == self.mig else after - self.mig
         d = self.snap.interval * d_time + d_mig
         return None if math.isnan(d) else d
 
@@ -142,6 +177,11 @@ class _State:
             old = self.a[i]
             self.used[old] -= self.mem[i]
             self.used[j] += self.mem[i]
+            for d in (old, j):
+                if self.used[d] > self.cap[d]:
+                    self.over.add(d)
+                else:
+                    self.over.discard(d)
             if self.cur is not None:
                 c = self.cur[i]
                 if c != old:
@@ -149,6 +189,8 @@ class _State:
                 if c != j:
                     self.links[(c, j)] = self.links.get((c, j), 0.0) + self.mig_bytes[i]
             self.a[i] = j
+        self.mig = self._mig(self.links)
+        self._index_links()
         L = self.spec.layers
         for l in self._affected(changes):
             if l < L:

@@ -260,11 +260,21 @@ class LatencyModel:
         # the frame of the summed partial outputs of k shards (sharded models)
         self.partial = [cost.partial_bytes(s, k, tokens, extra) for k in range(s.ffn_shards + 1)]
         self.src = snap.source
+        # the same figures as Python floats, for the per-layer arithmetic below: the local
+        # search prices thousands of candidate steps per decision, and numpy's indexing of one
+        # element costs more than the arithmetic on it (the values, and so the results, are
+        # the same doubles)
+        self._flops, self._bw = self.flops.tolist(), self.bandwidth.tolist()
+        self._hid = self.hidden_t.tolist()
+        self._rate, self._lat, self._burst = snap.rate.tolist(), snap.latency.tolist(), snap.burst.tolist()
+        self._proj_t = [self.time(j, self.proj_flops, self.proj_bytes) for j in range(len(self._flops))]
+        self._ffn_t = [self.time(j, self.ffn_flops, self.ffn_bytes) for j in range(len(self._flops))]
+        self._head_job: dict[float, tuple[float, float]] = {}  # n -> (FLOPs, bytes) of one head block
         self.lm_time = self.time(self.src, cost.source_flops(s), cost.source_bytes(s))
 
     def time(self, j: int, flops: float, nbytes: float) -> float:
         """Seconds of a job on device j (`cost.roofline_time`: flops / rate without a bandwidth)."""
-        return cost.roofline_time(flops, nbytes, float(self.flops[j]), float(self.bandwidth[j]))
+        return cost.roofline_time(flops, nbytes, self._flops[j], self._bw[j])
 
     def times(self, flops: float | np.ndarray, nbytes: float | np.ndarray) -> np.ndarray:
         """`time` of a job on every device at once ([V]; flops and nbytes scalars or [V])."""
@@ -284,7 +294,7 @@ class LatencyModel:
     def xfer(self, a: int, b: int, nbytes: float) -> float:
         if a == b:
             return 0.0
-        return xfer_time(nbytes, self.rate[a, b], self.lat[a, b], self.burst[a, b])
+        return xfer_time(nbytes, self._rate[a][b], self._lat[a][b], self._burst[a][b])
 
     def head_bytes(self, k: int) -> int:
         """Bytes of the frame carrying k head blocks' outputs of one layer."""
@@ -310,17 +320,21 @@ class LatencyModel:
         of the two bounds is when the outputs arrive).
         `shards` (device -> ffn shards, sharded models): the output is ready on `ffn` (shard
         0's device) when the last device's summed partial output has arrived there."""
-        hf, hb = self.head_flops(n), self.head_bytes_moved(n)
-        ready = self.hidden_t[u, proj]  # the residual
+        job = self._head_job.get(n)
+        if job is None:
+            job = self._head_job[n] = (self.head_flops(n), self.head_bytes_moved(n))
+        hf, hb = job
+        hid = self._hid
+        ready = hid[u][proj]  # the residual
         for j, k in heads.items():
-            done = self.hidden_t[u, j] + self.time(j, k * hf, k * hb)
+            done = hid[u][j] + self.time(j, k * hf, k * hb)
             h = self.head_bytes(k)
             ready = max(ready, done + self.xfer(j, proj, h))
             if j == u and u != proj:  # queued behind the residual on the link u -> proj
                 ready = max(ready, self.xfer(u, proj, self.hidden + h))
-        done = ready + self.time(proj, self.proj_flops, self.proj_bytes)
+        done = ready + self._proj_t[proj]
         if not shards:
-            return done + self.hidden_t[proj, ffn] + self.time(ffn, self.ffn_flops, self.ffn_bytes)
+            return done + hid[proj][ffn] + self._ffn_t[ffn]
         return done + self.shards_time(proj, ffn, shards)
 
     def shards_time(self, proj: int, ffn: int, shards: dict[int, int]) -> float:
@@ -329,7 +343,7 @@ class LatencyModel:
         their summed partial outputs."""
         out = 0.0
         for j, k in shards.items():
-            t = self.hidden_t[proj, j] + self.time(j, k * self.ffn_flops, k * self.ffn_bytes)
+            t = self._hid[proj][j] + self.time(j, k * self.ffn_flops, k * self.ffn_bytes)
             if j != ffn:
                 t += self.xfer(j, ffn, self.partial[k])
             out = max(out, t)
