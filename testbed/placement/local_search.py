@@ -42,7 +42,9 @@ MAX_EVALS = 20000
 
 
 class _State:
-    def __init__(self, snap: Snapshot, start: Placement) -> None:
+    def __init__(self, snap: Snapshot, start: Placement, layouts: dict[tuple[int, ...], float] | None = None) -> None:
+        """The search's state from `start`; `layouts`: the layer times already priced on this
+        snapshot (by other starts of one decision), shared."""
         s = self.spec = snap.spec
         self.snap = snap
         self.model = LatencyModel(snap)
@@ -68,6 +70,8 @@ class _State:
         self._at = [(s.head_range(l).start, s.head_range(l).stop, self._ffn(l - 1) if l else -1,
                      tuple(s.shard_range(l)) if s.sharded else ()) for l in range(s.layers)]
         self._ffn_role = s.groups + 1  # a block's index within its layer that makes it ffn (shard 0)
+        self._shards = s.ffn_shards  # the ffn blocks after each layer's proj (1 when not sharded)
+        self._layouts: dict[tuple[int, ...], float] = {} if layouts is None else layouts
         self.evals = 0  # candidate steps priced so far (the search's budget counts these)
         self.layer_t = [self._layer(l) for l in range(s.layers)]
         self.tail = self.model.tail_time(self.a[self._ffn(s.layers - 1)])
@@ -83,7 +87,17 @@ class _State:
         return self.spec.position("ffn", l)
 
     def _layer(self, l: int) -> float:
-        """Layer l's time under the assignment `self.a`."""
+        """Layer l's time under the assignment `self.a` (remembered per layer and the devices
+        of its blocks and of its input: the search prices the same layouts again and again)."""
+        a = self.a
+        h0, h1, prev, shard_idx = self._at[l]
+        key = (l, a[prev] if prev >= 0 else -1, *a[h0:h1 + 1 + self._shards])
+        t = self._layouts.get(key)
+        if t is None:
+            t = self._layouts[key] = self._layer_time(l)
+        return t
+
+    def _layer_time(self, l: int) -> float:
         a = self.a
         h0, h1, prev, shard_idx = self._at[l]
         heads: dict[int, int] = {}
@@ -303,8 +317,9 @@ class ResourceAwareLS:
         starts = self.starts(snap)
         best, best_obj = None, math.inf
         left = self.max_evals
+        layouts: dict[tuple[int, ...], float] = {}
         for k, start in enumerate(starts):
-            st = _State(snap, start)
+            st = _State(snap, start, layouts)
             p = _climb(st, max(0, left) // (len(starts) - k), max_rounds=50)
             left -= st.evals
             obj = epoch_objective(snap, p)
