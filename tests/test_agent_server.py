@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from testbed.agents import messages as P
 from testbed.emulation.clock import run as run_loop
 from testbed.harness.agent_server import AgentProcess
+from testbed.harness.remote import ProcessCluster, _Control
 from testbed.scenario import load
 from testbed.transport import ws as ws_mod
 from testbed.transport.codec import encode
@@ -147,6 +148,56 @@ def test_reports_for_the_controller_over_peer_are_checked_before_relaying() -> N
         assert relayed == [], relayed
         assert lv.agent.refusals.total == 3
         await lv.legit()
+
+    live(SOURCE, body)
+
+
+def test_the_controllers_messages_of_one_step_leave_the_source_agent_in_their_order() -> None:
+    """The controller sends in one step a request to pi-a, a migration of a head from the
+    source itself to pi-a, and another request to pi-a. Through the port of agents in other
+    processes (`ProcessCluster`'s relay) they take pi-a's link in the order a source in the
+    controller's process puts them there: both requests, then the snapshot, which the
+    source sends when it handles its own request, after them. Ahead of the second request,
+    the snapshot's transfer would delay it (a migration's stall longer than its virtual
+    twin's). A relayed "send" frame with one bad request sends none of them."""
+
+    async def body(lv: Live) -> None:
+        acks: dict[int, dict[str, Any]] = {}
+        world = ProcessCluster(SCEN, S, lambda who, why: None)
+        try:
+            ctl = _Control(SOURCE, await lv.control(), lambda sender, msg, at: acks.setdefault(msg["rid"], msg),
+                           lambda name: None)
+            world._control[SOURCE] = ctl
+            await ctl.request("attach", timeout=10)
+            port = world.port()
+            port.send(SOURCE, P.Load(1, ("head.0.0",)).wire())
+            for _ in range(100):
+                if 1 in acks:
+                    break
+                await asyncio.sleep(0.05)
+            assert acks.get(1, {}).get("ok"), acks
+            link, sizes = lv.ep.links["pi-a"], []
+            send = link.send
+            link.send = lambda frame, *a: (sizes.append(len(frame)), send(frame, *a))  # type: ignore[method-assign]
+
+            port.send("pi-a", P.Telemetry(2, 0).wire())
+            port.send(SOURCE, P.Migrate(3, "head.0.0", "pi-a").wire())
+            port.send("pi-a", P.Telemetry(4, 0).wire())
+            for _ in range(100):
+                if len(sizes) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(sizes) == 3 and sizes[2] > 10 * max(sizes[:2]), sizes
+
+            refused = lv.ep.refusals.total
+            await ctl.ws.send_bytes(encode({"t": "send", "sends": [
+                {"dst": "pi-a", "msg": P.Telemetry(5, 0).wire()}, {"dst": "pi-a", "msg": {"t": P.ACK}}]}))
+            await ctl.request("probe_log", timeout=10, on=False)  # answered after the frame before it
+            assert lv.ep.refusals.total == refused + 1 and len(sizes) == 3, sizes
+        finally:
+            for c in world._control.values():
+                await c.close()
+            world._dir.cleanup()
 
     live(SOURCE, body)
 
@@ -317,7 +368,7 @@ KINDS = sorted(P.DATA | P.TO_CONTROLLER | {P.LOAD, P.ROUTE, P.RESERVE, P.CANCEL,
 FRAMES = st.lists(st.one_of(
     st.binary(max_size=256),
     st.builds(lambda v: msgpack.packb(v, use_bin_type=True), st.dictionaries(
-        st.sampled_from(["t", "seq", "rid", "layer", "pos", "x", "blocks", "op", "dst", "msg", "device"]),
+        st.sampled_from(["t", "seq", "rid", "layer", "pos", "x", "blocks", "op", "dst", "msg", "device", "sends"]),
         st.one_of(st.sampled_from(KINDS), st.integers(-(2**63), 2**64 - 1), st.floats(),
                   st.text(max_size=10), st.lists(st.integers(-3, 300), max_size=4)), max_size=6)),
     st.builds(lambda k, cut: encode({"t": k, "seq": 1, "rid": 1, "layer": 0, "pos": 0,

@@ -135,9 +135,12 @@ class AgentProcess:
     def _refuse(self, what: str, why: str) -> None:
         self.ep.refusals.refuse("control", what, why, asyncio.get_running_loop().time())
 
-    async def _op(self, o: Send | Op, out: asyncio.Queue[bytes]) -> dict[str, Any] | None:
-        if isinstance(o, control.Send):  # the controller's message, leaving from this (source) device
-            self.agent.send(o.dst, o.msg, o.at)
+    async def _op(self, o: tuple[Send, ...] | Op, out: asyncio.Queue[bytes]) -> dict[str, Any] | None:
+        if isinstance(o, tuple):  # the controller's messages, leaving from this (source) device
+            # in one go, as from a source in the controller's process: what the device sends
+            # itself among them is handled after all of them (`WsEndpoint.send`)
+            for s in o:
+                self.agent.send(s.dst, s.msg, s.at)
             return None
         detail = await _OPS[o.op](self, o.fields, out)
         return {"t": "re", "rid": o.rid, "ok": True, **(detail or {})}

@@ -5,7 +5,9 @@ The runner (`remote.py`) sends `{"t": "op", "op": NAME, "rid": N, ...}` and gets
 `{"t": "re", "rid": N, "ok": ..., ...}` back; `{"t": "send", "dst": D, "msg": M, "at": T}` carries a
 controller request that leaves from the source agent as of emulated time T (optional: the
 controller's instant, not when the relay reached the agent; its content is checked by the
-device that receives it, as every message is: `agents/messages.py`). `decode` turns a
+device that receives it, as every message is: `agents/messages.py`), and `{"t": "send",
+"sends": [{"dst": D, "msg": M, "at": T}, ...]}` several, which the agent hands to its
+device in one go, in order (the requests the controller sent in one step). `decode` turns a
 frame's map into its record or raises ControlError: unknown operations, missing fields,
 devices and links that the scenario does not have, and numbers outside the scenario's
 own ranges (a compute factor is finite and within FACTOR_RANGE, an amount of memory
@@ -84,6 +86,11 @@ class Send:
     dst: str
     msg: dict[str, Any]
     at: float | None = None  # the emulated time it is handed over (default: when it arrives)
+
+
+# controller requests in one "send" frame (a step of the controller sends at most a few per
+# block or device; the frame's size bounds them too)
+MAX_SENDS = 65536
 
 
 @dataclass(frozen=True)
@@ -168,16 +175,29 @@ OPS: dict[str, Callable[[dict[str, Any], Context], dict[str, Any]]] = {
 }
 
 
-def decode(m: dict[str, Any], c: Context) -> Send | Op:
-    """A control frame's map as its record; ControlError when it may not be carried out."""
+def _send(m: Any, c: Context) -> Send:
+    if not isinstance(m, dict):
+        raise ControlError(f"send: a request must be a map, got {P.show(m)}")
+    dst, msg = m.get("dst"), m.get("msg")
+    if dst not in c.devices:
+        raise ControlError(f"send: {P.show(dst)} is not a device of this run")
+    if not isinstance(msg, dict) or msg.get("t") not in P.FROM_CONTROLLER:
+        raise ControlError(f"send: only controller requests leave this way, not {P.show(P.kind_of(msg))}")
+    return Send(dst, msg, _num(m, "at", 0.0, 1e11, optional=True))
+
+
+def decode(m: dict[str, Any], c: Context) -> tuple[Send, ...] | Op:
+    """A control frame's map as its record (a "send" frame: its requests, in order);
+    ControlError when it may not be carried out (a "send" frame with one bad request: none
+    of them)."""
     t = m.get("t")
     if t == "send":
-        dst, msg = m.get("dst"), m.get("msg")
-        if dst not in c.devices:
-            raise ControlError(f"send: {P.show(dst)} is not a device of this run")
-        if not isinstance(msg, dict) or msg.get("t") not in P.FROM_CONTROLLER:
-            raise ControlError(f"send: only controller requests leave this way, not {P.show(P.kind_of(msg))}")
-        return Send(dst, msg, _num(m, "at", 0.0, 1e11, optional=True))
+        if "sends" not in m:
+            return (_send(m, c),)
+        sends = m["sends"]
+        if not isinstance(sends, list) or not 0 < len(sends) <= MAX_SENDS:
+            raise ControlError(f"send: sends must be a list of 1 to {MAX_SENDS} requests")
+        return tuple(_send(x, c) for x in sends)
     if t != "op":
         raise ControlError(f"unknown control frame {P.show(t)}")
     rid, op = _int(m, "rid", 0, P.MAX_ID), m.get("op")

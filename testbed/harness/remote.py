@@ -93,12 +93,31 @@ class _Control:
         self._rid = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._out: asyncio.Queue[bytes] = asyncio.Queue()
+        self._sends: list[dict[str, Any]] = []  # controller messages for the next "send" frame
         self.on_relay, self.on_close = on_relay, on_close
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read()), loop.create_task(self._write())]
+        self.loop = asyncio.get_running_loop()
+        self._tasks = [self.loop.create_task(self._read()), self.loop.create_task(self._write())]
 
     def send(self, msg: dict[str, Any]) -> None:
+        self._flush()  # controller messages queued before keep their place
         self._out.put_nowait(encode(msg))
+
+    def relay(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
+        """A controller message to `dst`, leaving from this (source) agent as of emulated
+        time `at`. The messages the controller sends in one step of the loop go in one frame,
+        which the agent hands to its device in one go: what the device sends itself among
+        them (a migration from the source) is handled after all of them, as with a source in
+        the controller's process (`AgentPort`). In a frame each, the agent would handle it
+        between two frames and put what it sends (the migration's snapshot) on a link ahead
+        of the controller's later messages to the same peer, delaying them by its transfer."""
+        if not self._sends:
+            self.loop.call_soon(self._flush)
+        self._sends.append({"dst": dst, "msg": msg, **({"at": at} if at is not None else {})})
+
+    def _flush(self) -> None:
+        sends, self._sends = self._sends, []
+        if sends:
+            self._out.put_nowait(encode({"t": "send", "sends": sends}))
 
     async def request(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
         """One request to the agent, answered within `timeout` seconds of wall-clock time
@@ -247,7 +266,7 @@ class ProcessCluster:
     def relay(self, dst: str, msg: dict[str, Any], at: float | None = None) -> None:
         """A controller message to `dst`, leaving from the source agent's process as of
         emulated time `at` (the controller's instant; None: when it gets there)."""
-        self._control[self.source].send({"t": "send", "dst": dst, "msg": msg, **({"at": at} if at is not None else {})})
+        self._control[self.source].relay(dst, msg, at)
 
     def on_relay(self, handler: Callable[[str, dict[str, Any], float | None], None]) -> None:
         """Where messages the source agent relays for the controller go."""
