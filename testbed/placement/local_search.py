@@ -18,7 +18,7 @@ clock: the same snapshot gives the same plan on any machine, loaded or not.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection
 
 from ..model import cost
 from .layer_based import LayerDP
@@ -124,11 +124,18 @@ class _State:
     def _mig_after(self, touched: dict[tuple[int, int], float]) -> float:
         """`_mig` of the links with `touched`'s bytes in place of theirs: the slowest link the
         step leaves alone (the first of `_slowest` not touched) against the touched ones."""
-        xfer = self.model.xfer
-        mine = [xfer(a, c, v) for (a, c), v in touched.items() if v > 0]
-        if self._nan or any(math.isnan(t) for t in mine):  # `_mig`'s own order decides
+        if self._nan:  # with a nan, `_mig`'s own order decides
             return self._mig({**self.links, **touched})
-        out = max(mine, default=0.0)
+        xfer = self.model.xfer
+        out = 0.0
+        first = True
+        for (a, c), v in touched.items():
+            if v > 0:
+                t = xfer(a, c, v)
+                if t != t:
+                    return self._mig({**self.links, **touched})
+                if first or t > out:
+                    out, first = t, False
         for t, k in self._slowest:
             if k not in touched:
                 return max(out, t)
@@ -137,7 +144,11 @@ class _State:
     def objective(self) -> float:
         return self.snap.interval * (sum(self.layer_t) + self.tail) + self.mig
 
-    def _affected(self, blocks: Iterable[int]) -> list[int]:
+    def _affected(self, blocks: Collection[int]) -> list[int]:
+        if len(blocks) == 1:  # most steps: one block, its layer (and the next, for an ffn)
+            (i,) = blocks
+            l, r = divmod(i, self.per)
+            return [l, l + 1] if r == self._ffn_role else [l]
         out: set[int] = set()
         for i in blocks:
             l, r = divmod(i, self.per)
@@ -156,7 +167,11 @@ class _State:
             o = self.a[i]
             used[o] = used.get(o, self.used[o]) - self.mem[i]
             used[j] = used.get(j, self.used[j]) + self.mem[i]
-        if any(u > self.cap[j] for j, u in used.items()) or any(j not in used for j in self.over):
+        cap = self.cap
+        for j, u in used.items():
+            if u > cap[j]:
+                return None
+        if self.over and not self.over <= used.keys():  # a device over capacity the step leaves alone
             return None
         a = self.a  # the step applied in place while it is priced, then undone
         was = {i: a[i] for i in changes}

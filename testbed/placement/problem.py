@@ -324,14 +324,15 @@ class LatencyModel:
         if job is None:
             job = self._head_job[n] = (self.head_flops(n), self.head_bytes_moved(n))
         hf, hb = job
-        hid = self._hid
-        ready = hid[u][proj]  # the residual
+        hid, time, xfer = self._hid, self.time, self.xfer
+        from_u = hid[u]
+        ready = from_u[proj]  # the residual
         for j, k in heads.items():
-            done = hid[u][j] + self.time(j, k * hf, k * hb)
-            h = self.head_bytes(k)
-            ready = max(ready, done + self.xfer(j, proj, h))
+            done = from_u[j] + time(j, k * hf, k * hb)
+            h = self.head_base + k * self.head_per_group  # head_bytes(k)
+            ready = max(ready, done + xfer(j, proj, h))
             if j == u and u != proj:  # queued behind the residual on the link u -> proj
-                ready = max(ready, self.xfer(u, proj, self.hidden + h))
+                ready = max(ready, xfer(u, proj, self.hidden + h))
         done = ready + self._proj_t[proj]
         if not shards:
             return done + hid[proj][ffn] + self._ffn_t[ffn]
@@ -342,10 +343,11 @@ class LatencyModel:
         device of shard 0: per device its shards' job, then (but on `ffn`) the frame of
         their summed partial outputs."""
         out = 0.0
+        from_proj, time, xfer = self._hid[proj], self.time, self.xfer
         for j, k in shards.items():
-            t = self._hid[proj][j] + self.time(j, k * self.ffn_flops, k * self.ffn_bytes)
+            t = from_proj[j] + time(j, k * self.ffn_flops, k * self.ffn_bytes)
             if j != ffn:
-                t += self.xfer(j, ffn, self.partial[k])
+                t += xfer(j, ffn, self.partial[k])
             out = max(out, t)
         return out
 
