@@ -136,7 +136,8 @@ def _scenarios(names: list[str], tokens: int, calibrate_only: frozenset[str] | s
                 d = twin.same_decisions(_decisions(real.run_dir), _decisions(virtual.run_dir))
                 c = {**c, "same_decisions": d["same"], "decision_problems": d["problems"]}
                 out.append({"scenario": name, "mode": label, "tokens": scen.generation.new_tokens,
-                            "calibration_s": cal.seconds, **c, "time_scales": real.summary.get("time_scales"),
+                            "calibration_s": cal.seconds, "calibration": cal.to_dict(), **c,
+                            "time_scales": real.summary.get("time_scales"),
                             "load_avg_1m": (real.summary.get("host") or {}).get("load_avg_1m")})
                 print(f"  {name}, {label}: {'faithful' if c['faithful'] else '; '.join(c['problems'])}; "
                       f"{'the same decisions' if d['same'] else '; '.join(d['problems'])}", flush=True)
