@@ -228,21 +228,20 @@ def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, 
     emulated devices) at which a real-clock pilot keeps its jobs on time and misses no report;
     `floor` is where the host only just keeps pace with the emulated tokens (the virtual
     pilot's host time over its emulated time). Past PROBE_FACTOR x `first` (the replay's
-    bound without computing early), that bound: a host too busy to say. In process a
-    pilot's jobs are judged after its prefill, as the virtual pilot's and the watcher's are
-    (the prefill's first jobs start with nothing computed ahead: on an 8-token pilot its one
-    or two overruns alone are most of the allowance), and the prefill's overruns must stay
-    within PREFILL_SHARE of the jobs of a run of `run_tokens` tokens (the decode's jobs per
-    token as in the pilot); agents in processes count them all."""
+    bound without computing early), that bound: a host too busy to say. A pilot's jobs are
+    judged after its prefill, as the virtual pilot's and the watcher's are (the prefill's
+    first jobs start with nothing computed ahead: on an 8-token pilot its one or two
+    overruns alone are most of the allowance), and the prefill's overruns must stay within
+    PREFILL_SHARE of the jobs of a run of `run_tokens` tokens (the decode's jobs per token as
+    in the pilot), in process and with agent processes alike."""
     k = round_up(floor)
     cap = max(1.0, PROBE_FACTOR * first)
     while k < cap:
         seen = _AfterPrefill()
-        how: dict[str, Any] = {} if processes else {"setup": seen.setup, "progress": seen.progress,
-                                                     "on_finish": seen.finish}
         with tempfile.TemporaryDirectory(prefix="testbed-calibration-") as tmp:
             out = experiment.run(prep, algorithm, Path(tmp) / "pilot", clock="real", time_scale=k,
-                                 transport=transport, processes=processes, adapt=False, **how)
+                                 transport=transport, processes=processes, adapt=False,
+                                 setup=seen.setup, progress=seen.progress, on_finish=seen.finish)
         if not out.ok:
             raise RuntimeError(f"the real-clock calibration pilot did not complete: {out.status}")
         s = out.summary
@@ -256,27 +255,32 @@ def _smallest_on_time(experiment: Any, prep: Any, algorithm: Any, floor: float, 
 
 
 class _AfterPrefill:
-    """A pilot's jobs and overruns after its prefill (in process, where the devices' counters
-    are at hand: `setup`, `progress` and `finish` are the run's hooks)."""
+    """A pilot's jobs and overruns after its prefill, from the world's device rows (the
+    interface every world has: in process, and agent processes through their control
+    channels): `setup`, `progress` and `finish` are the run's hooks. The counts after the
+    prefill are asked for when its token is written and arrive a moment later (at once in
+    process, after a control round trip with agent processes), so the first jobs of the
+    next token may count as the prefill's."""
 
     def __init__(self) -> None:
         self._world: Any = None
+        self._after: asyncio.Task[tuple[int, int]] | None = None
         self._at: list[tuple[int, int]] = []  # (jobs, overruns) after the prefill, and at the end
 
-    def _counts(self) -> tuple[int, int]:
-        units = [a.compute for a in self._world.agents.values()]
-        return sum(u.jobs for u in units), sum(u.overruns for u in units)
+    async def _counts(self) -> tuple[int, int]:
+        rows = await self._world.device_rows()
+        return sum(r.jobs for r in rows), sum(r.overruns for r in rows)
 
     def setup(self, world: Any) -> None:
         self._world = world
 
     def progress(self, k: int) -> None:
-        if k == 0 and self._world is not None:
-            self._at.append(self._counts())
+        if k == 0 and self._world is not None and self._after is None:
+            self._after = asyncio.get_running_loop().create_task(self._counts())
 
     async def finish(self, world: Any, controller: Any) -> None:
-        if self._at:
-            self._at.append(self._counts())
+        if self._after is not None:
+            self._at = [await self._after, await self._counts()]
 
     def fraction(self) -> float | None:
         """Overruns over jobs after the prefill; None when not known (or no job after it)."""
