@@ -668,12 +668,12 @@ def test_calibration_when_computing_early_doubles_from_the_pace_the_host_keeps()
     assert tried == [0.2, 0.3, 0.5]
 
 
-def test_a_pilot_in_process_is_judged_after_its_prefill() -> None:
-    """In process a real-clock pilot's overruns count from the end of its prefill (whose
-    first jobs start with nothing computed ahead), as the virtual pilot's and the watcher's
-    do: a pilot whose only overruns were two prefill jobs keeps up, as long as they are few
-    among the jobs of the whole run; with agent processes, whose counters are not at hand,
-    the pilot's own total decides."""
+def test_a_pilot_is_judged_after_its_prefill() -> None:
+    """A real-clock pilot's overruns count from the end of its prefill (whose first jobs
+    start with nothing computed ahead), as the virtual pilot's and the watcher's do: a pilot
+    whose only overruns were two prefill jobs keeps up, as long as they are few among the
+    jobs of the whole run. The counts come from the world's device rows, asked for when the
+    prefill's token is written (in process and with agent processes alike)."""
     from types import SimpleNamespace
 
     from testbed.experiments import timescale
@@ -682,15 +682,22 @@ def test_a_pilot_in_process_is_judged_after_its_prefill() -> None:
         def run(prep: Any, alg: Any, path: Path, clock: str, time_scale: float, adapt: bool = True,
                 setup: Any = None, progress: Any = None, on_finish: Any = None, **how: Any) -> Any:
             unit = SimpleNamespace(jobs=0, overruns=0)
-            world = SimpleNamespace(agents={"d": SimpleNamespace(compute=unit)})
-            if setup is not None:
+
+            async def device_rows() -> list[Any]:
+                await asyncio.sleep(0)  # an answer that takes a round trip
+                return [SimpleNamespace(jobs=unit.jobs, overruns=unit.overruns)]
+
+            async def main() -> None:
+                world = SimpleNamespace(device_rows=device_rows)
                 setup(world)
-            unit.jobs, unit.overruns = 20, prefill_overruns
-            if progress is not None:
+                unit.jobs, unit.overruns = 20, prefill_overruns
                 progress(0)
-            unit.jobs, unit.overruns = 120, prefill_overruns + later_overruns
-            if on_finish is not None:
-                asyncio.run(on_finish(world, None))
+                for _ in range(3):  # the answer arrives before the next token's jobs end
+                    await asyncio.sleep(0)
+                unit.jobs, unit.overruns = 120, prefill_overruns + later_overruns
+                await on_finish(world, None)
+
+            asyncio.run(main())
             return SimpleNamespace(ok=True, status="completed",
                                    summary={"overrun_fraction": unit.overruns / unit.jobs})
         return SimpleNamespace(run=run)
@@ -702,7 +709,8 @@ def test_a_pilot_in_process_is_judged_after_its_prefill() -> None:
     assert timescale._smallest_on_time(fake(3, 0), None, "a", floor=2.0, first=40.0, run_tokens=128) == 2.0
     assert timescale._smallest_on_time(fake(2, 1), None, "a", floor=2.0, first=40.0, run_tokens=128) == 2.0
     assert timescale._smallest_on_time(fake(0, 3), None, "a", floor=2.0, first=1.5, run_tokens=128) == 3.0
-    assert timescale._smallest_on_time(fake(3, 0), None, "a", floor=2.0, first=1.5, processes=True) == 3.0
+    assert timescale._smallest_on_time(fake(3, 0), None, "a", floor=2.0, first=1.5, run_tokens=128,
+                                       processes=True) == 2.0
     # ... but a run as short as the pilot counts the prefill's 3 of its 120 jobs (2.5 %), and
     # one of 32 tokens its 3 of 463 (0.65 %, over the half of 1 % the prefill may take)
     for tokens in (8, 32):
