@@ -70,7 +70,6 @@ class AgentPort:
 class Cluster:
     """Agents in this process, over `InprocNetwork` (or `WsNetwork` when transport="ws")."""
 
-    frame_extra = 0  # bytes the transport adds to every frame: the in-process one sends the message
 
     def __init__(self, scenario: Scenario, model: ModelSpec, weights: WeightSource,
                  on_fault: Callable[[str, str], None], framing: int = 0) -> None:
@@ -81,8 +80,9 @@ class Cluster:
         self.model = model
         self.weights = weights
         self.loop = asyncio.get_running_loop()
-        if framing:
-            self.frame_extra = framing
+        # bytes the links charge on every frame beyond its own: none for the in-process
+        # transport (it sends the message itself), `framing` for a websocket run's twin
+        self.frame_extra = framing
         self.net = InprocNetwork(self.loop, on_fault, framing)
         self.net.retimed = retimed
         self.names: list[str] = []
